@@ -1,0 +1,77 @@
+// Input validation shared by the CPU and CUDA implementations: every op checks its
+// arguments here first, so both devices reject bad input with the same message.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace cltrace {
+
+inline void check_floating(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor (float32, float64, bfloat16 or float16), got ",
+              t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                       const char* ref_name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
+              "; convert them to one dtype");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
+inline void check_index(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                        const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but the data is on ", ref.device());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+// x [N, d_in], W_enc [d_in, d_sae], b_enc [d_sae] (and threshold [d_sae] when defined).
+inline void check_encode_inputs(const at::Tensor& x, const at::Tensor& W_enc,
+                                const at::Tensor& b_enc, const at::Tensor* threshold,
+                                const char* op) {
+  check_floating(x, "x", op);
+  check_dim(x, 2, "x [N, d_in]", op);
+  check_dim(W_enc, 2, "W_enc [d_in, d_sae]", op);
+  check_dim(b_enc, 1, "b_enc [d_sae]", op);
+  check_same(W_enc, x, "W_enc", "x", op);
+  check_same(b_enc, x, "b_enc", "x", op);
+  TORCH_CHECK(W_enc.size(0) == x.size(1), op, ": x has d_in = ", x.size(1),
+              " but W_enc is [", W_enc.size(0), ", ", W_enc.size(1),
+              "] (expected [d_in, d_sae]; a transcoder for another model, or W_enc stored "
+              "transposed?)");
+  TORCH_CHECK(b_enc.size(0) == W_enc.size(1), op, ": b_enc has ", b_enc.size(0),
+              " entries but W_enc has d_sae = ", W_enc.size(1));
+  if (threshold != nullptr) {
+    check_dim(*threshold, 1, "threshold [d_sae]", op);
+    check_same(*threshold, x, "threshold", "x", op);
+    TORCH_CHECK(threshold->size(0) == W_enc.size(1), op, ": threshold has ",
+                threshold->size(0), " entries but W_enc has d_sae = ", W_enc.size(1));
+  }
+}
+
+// row_offsets [N+1], feat_idx [nnz], values [nnz] describing a CSR over N rows.
+inline void check_csr(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+                      const at::Tensor& values, int64_t n_rows, const char* values_name,
+                      const char* op) {
+  check_index(row_offsets, values, "row_offsets", op);
+  check_index(feat_idx, values, "feat_idx", op);
+  check_dim(values, 1, values_name, op);
+  if (n_rows >= 0) {
+    TORCH_CHECK(row_offsets.size(0) == n_rows + 1, op, ": row_offsets must have N + 1 = ",
+                n_rows + 1, " entries, got ", row_offsets.size(0));
+  } else {
+    TORCH_CHECK(row_offsets.size(0) >= 1, op, ": row_offsets must have N + 1 >= 1 entries");
+  }
+  TORCH_CHECK(feat_idx.size(0) == values.size(0), op, ": feat_idx has ", feat_idx.size(0),
+              " entries but ", values_name, " has ", values.size(0));
+}
+
+}  // namespace cltrace

@@ -1,0 +1,104 @@
+// CPU attribution contraction and encoder-column gather (the hot path of graph building).
+//
+// edges[b, s] = acts[s] * <W_dec[feat_idx[s]], grad[b, pos[s]]>: parallel over sources, each
+// decoder row is loaded once and dotted against the B gradient rows at its position, so the
+// decoder is read once per batch of targets (bytes ~ S * d_model + B * n_pos * d_model).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/vec.h"
+
+namespace cltrace::cpu {
+namespace {
+
+void check_contract_inputs(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
+                           const at::Tensor& feat_idx, const at::Tensor& acts) {
+  const char* op = "attribution_contract";
+  check_floating(grad, "grad", op);
+  check_dim(grad, 3, "grad [B, n_pos, d_model]", op);
+  check_dim(W_dec, 2, "W_dec [n_rows, d_model]", op);
+  check_same(W_dec, grad, "W_dec", "grad", op);
+  check_same(acts, grad, "acts", "grad", op);
+  check_index(pos, grad, "pos", op);
+  check_index(feat_idx, grad, "feat_idx", op);
+  check_dim(acts, 1, "acts [S]", op);
+  TORCH_CHECK(W_dec.size(1) == grad.size(2), op, ": grad has d_model = ", grad.size(2),
+              " but W_dec rows have ", W_dec.size(1));
+  TORCH_CHECK(pos.size(0) == feat_idx.size(0) && acts.size(0) == feat_idx.size(0), op,
+              ": pos, feat_idx and acts must have one entry per source, got ", pos.size(0), ", ",
+              feat_idx.size(0), " and ", acts.size(0));
+}
+
+at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& pos_,
+                                    const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
+                                    const at::Tensor& acts_) {
+  check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
+  const auto grad = grad_.contiguous();
+  const auto pos = pos_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const auto acts = acts_.contiguous();
+  // Rows may be strided (a CLT slice W_dec[:, o, :]); elements within a row must not be.
+  const auto W = W_dec_.stride(1) == 1 ? W_dec_ : W_dec_.contiguous();
+  const int64_t B = grad.size(0), n_pos = grad.size(1), d = grad.size(2), S = fi.size(0);
+  const int64_t n_rows = W.size(0), ld = W.stride(0);
+  auto edges = at::empty({B, S}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "attribution_contract", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* a = acts.data_ptr<scalar_t>();
+    const int64_t* p = pos.data_ptr<int64_t>();
+    const int64_t* f = fi.data_ptr<int64_t>();
+    scalar_t* e = edges.data_ptr<scalar_t>();
+    at::parallel_for(0, S, 16, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        TORCH_CHECK(f[s] >= 0 && f[s] < n_rows, "attribution_contract: feat_idx[", s, "] = ", f[s],
+                    " is out of range for W_dec with ", n_rows, " rows");
+        TORCH_CHECK(p[s] >= 0 && p[s] < n_pos, "attribution_contract: pos[", s, "] = ", p[s],
+                    " is out of range for grad with n_pos = ", n_pos);
+        const scalar_t* w = wp + f[s] * ld;
+        const acc_t as = static_cast<acc_t>(a[s]);
+        for (int64_t b = 0; b < B; ++b)
+          e[b * S + s] = static_cast<scalar_t>(as * dot<scalar_t>(w, gp + (b * n_pos + p[s]) * d, d));
+      }
+    });
+  });
+  return edges;
+}
+
+at::Tensor gather_columns_cpu(const at::Tensor& W_enc_, const at::Tensor& feat_idx_) {
+  const char* op = "gather_columns";
+  check_floating(W_enc_, "W_enc", op);
+  check_dim(W_enc_, 2, "W_enc [d_in, d_sae]", op);
+  check_index(feat_idx_, W_enc_, "feat_idx", op);
+  const auto W = W_enc_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const int64_t d_in = W.size(0), d_sae = W.size(1), T = fi.size(0);
+  const int64_t* f = fi.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(f[t] >= 0 && f[t] < d_sae, op, ": feat_idx[", t, "] = ", f[t],
+                " is out of range for W_enc with d_sae = ", d_sae);
+  auto out = at::empty({T, d_in}, W.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "gather_columns", [&] {
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Parallel over rows of W_enc: each thread streams its own contiguous rows.
+    at::parallel_for(0, d_in, 8, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t t = 0; t < T; ++t) o[t * d_in + k] = wp[k * d_sae + f[t]];
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cltrace, CPU, m) {
+  m.impl("attribution_contract", &attribution_contract_cpu);
+  m.impl("gather_columns", &gather_columns_cpu);
+}
+
+}  // namespace cltrace::cpu

@@ -1,0 +1,123 @@
+// CPU sparse decode (per-layer and cross-layer transcoders) and its backward.
+//
+// Forward: out[i] = sum_{j in row i} acts[j] * W_dec[feat_idx[j]] over the flattened
+// n_out * d_model output row, parallel over rows; work O(nnz * n_out * d_model).
+// Backward: grad_acts is a dot per entry (parallel over entries); grad_W_dec is accumulated
+// parallel over column slices of the flattened decoder row, so threads never collide even
+// when a feature repeats, and only the decoder rows of active features are written.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu/vec.h"
+
+namespace cltrace::cpu {
+namespace {
+
+void check_decode_inputs(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+                         const at::Tensor& acts, const at::Tensor& W_dec, const char* op) {
+  check_floating(W_dec, "W_dec", op);
+  check_dim(W_dec, 3, "W_dec [d_sae, n_out, d_model]", op);
+  check_same(acts, W_dec, "acts", "W_dec", op);
+  check_csr(row_offsets, feat_idx, acts, -1, "acts", op);
+}
+
+// Row index of each CSR entry.
+std::vector<int64_t> rows_of(const int64_t* off, int64_t n_rows) {
+  std::vector<int64_t> rows(off[n_rows]);
+  for (int64_t i = 0; i < n_rows; ++i)
+    for (int64_t j = off[i]; j < off[i + 1]; ++j) rows[j] = i;
+  return rows;
+}
+
+at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
+                             const at::Tensor& acts_, const at::Tensor& W_dec_) {
+  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, "sparse_decode");
+  const auto ro = row_offsets_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const auto acts = acts_.contiguous();
+  const auto W = W_dec_.contiguous();
+  const int64_t n = ro.size(0) - 1, d_sae = W.size(0), D = W.size(1) * W.size(2);
+  auto out = at::empty({n, W.size(1), W.size(2)}, W.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* off = ro.data_ptr<int64_t>();
+    const int64_t* f = fi.data_ptr<int64_t>();
+    const scalar_t* a = acts.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    TORCH_CHECK(n == 0 || off[n] == fi.size(0), "sparse_decode: row_offsets[-1] = ", off[n],
+                " but feat_idx has ", fi.size(0), " entries");
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(D);
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = off[i]; j < off[i + 1]; ++j) {
+          TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
+                      " is out of range for W_dec with d_sae = ", d_sae);
+          axpy<scalar_t>(static_cast<acc_t>(a[j]), wp + f[j] * D, acc.data(), D);
+        }
+        for (int64_t c = 0; c < D; ++c) op[i * D + c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
+    const at::Tensor& acts_, const at::Tensor& W_dec_) {
+  const char* opname = "sparse_decode_backward";
+  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, opname);
+  check_same(grad_out_, W_dec_, "grad_out", "W_dec", opname);
+  const int64_t n = row_offsets_.size(0) - 1;
+  TORCH_CHECK(grad_out_.dim() == 3 && grad_out_.size(0) == n &&
+                  grad_out_.size(1) == W_dec_.size(1) && grad_out_.size(2) == W_dec_.size(2),
+              opname, ": grad_out must be [N, n_out, d_model] = [", n, ", ", W_dec_.size(1), ", ",
+              W_dec_.size(2), "], got ", grad_out_.sizes());
+  const auto g = grad_out_.contiguous();
+  const auto ro = row_offsets_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const auto acts = acts_.contiguous();
+  const auto W = W_dec_.contiguous();
+  const int64_t nnz = fi.size(0), d_sae = W.size(0), D = W.size(1) * W.size(2);
+  auto grad_acts = at::empty({nnz}, acts.options());
+  auto grad_W = at::zeros(W.sizes(), W.options().dtype(at::toOpMathType(W.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* off = ro.data_ptr<int64_t>();
+    const int64_t* f = fi.data_ptr<int64_t>();
+    for (int64_t j = 0; j < nnz; ++j)
+      TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, opname, ": feat_idx[", j, "] = ", f[j],
+                  " is out of range for W_dec with d_sae = ", d_sae);
+    const auto rows = rows_of(off, n);
+    const scalar_t* a = acts.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* ga = grad_acts.data_ptr<scalar_t>();
+    acc_t* gw = grad_W.data_ptr<acc_t>();
+    at::parallel_for(0, nnz, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j)
+        ga[j] = static_cast<scalar_t>(dot<scalar_t>(wp + f[j] * D, gp + rows[j] * D, D));
+    });
+    // Column slices of at least 64 elements; each thread owns its slice for every entry.
+    at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t j = 0; j < nnz; ++j)
+        axpy<scalar_t>(static_cast<acc_t>(a[j]), gp + rows[j] * D + c0, gw + f[j] * D + c0, c1 - c0);
+    });
+  });
+  return {grad_acts, grad_W.to(W.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cltrace, CPU, m) {
+  m.impl("sparse_decode", &sparse_decode_cpu);
+  m.impl("sparse_decode_backward", &sparse_decode_backward_cpu);
+}
+
+}  // namespace cltrace::cpu

@@ -1,0 +1,71 @@
+// The cltrace op library: one schema per op. Implementations register themselves from
+// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA). Pure-torch twins of every op live in
+// python/cltrace/reference.py; typed wrappers, fake (meta) and autograd registration in
+// python/cltrace/ops.py.
+//
+// Sparse activations are CSR over rows: row_offsets [N+1] int64, feat_idx [nnz] int64
+// (ascending within a row for the encoders), values [nnz].
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(cltrace, m) {
+  // JumpReLU encode, never holding the dense [N, d_sae] activations: z = x @ W_enc + b_enc,
+  // keep (i, f) with z > threshold[f] (or z > threshold[f] - bandwidth/2 when bandwidth > 0,
+  // so the threshold's straight-through band is visible to backward).
+  // x [N, d_in], W_enc [d_in, d_sae], b_enc [d_sae], threshold [d_sae]
+  //   -> row_offsets [N+1], feat_idx [nnz], acts [nnz] = z * (z > threshold), pre_acts [nnz] = z
+  m.def("jumprelu_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor threshold, float bandwidth=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of jumprelu_encode w.r.t. acts: d acts/dz = 1[z > threshold];
+  // d acts/d threshold = -(threshold/bandwidth) * 1[|z - threshold| < bandwidth/2] (rectangle STE).
+  //   -> grad_x [N, d_in], grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_threshold [d_sae]
+  m.def("jumprelu_encode_backward(Tensor grad_acts, Tensor x, Tensor W_enc, Tensor threshold, Tensor row_offsets, Tensor feat_idx, Tensor pre_acts, float bandwidth) -> (Tensor, Tensor, Tensor, Tensor)");
+  // TopK encode: per row the k largest z = x @ W_enc + b_enc, then ReLU; CSR with k entries a row.
+  //   -> row_offsets [N+1], feat_idx [N*k], acts [N*k]
+  m.def("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, int k) -> (Tensor, Tensor, Tensor)");
+  // Backward of topk_encode w.r.t. acts (the selection is held fixed; ReLU mask acts > 0).
+  //   -> grad_x [N, d_in], grad_W_enc [d_in, d_sae], grad_b_enc [d_sae]
+  m.def("topk_encode_backward(Tensor grad_acts, Tensor x, Tensor W_enc, Tensor row_offsets, Tensor feat_idx, Tensor acts) -> (Tensor, Tensor, Tensor)");
+  // Sparse decode: out[i, o, :] = sum_{j in row i} acts[j] * W_dec[feat_idx[j], o, :].
+  // W_dec [d_sae, n_out, d_model] (n_out = 1: per-layer transcoder; n_out > 1: cross-layer)
+  //   -> out [N, n_out, d_model]; cost O(nnz * n_out * d_model), independent of d_sae.
+  m.def("sparse_decode(Tensor row_offsets, Tensor feat_idx, Tensor acts, Tensor W_dec) -> Tensor");
+  // Backward of sparse_decode: grad_acts[j] = <W_dec[feat_idx[j]], grad_out[i]>,
+  // grad_W_dec[f] = sum_{j: feat_idx[j] = f} acts[j] * grad_out[i]  (only active rows touched).
+  //   -> grad_acts [nnz], grad_W_dec [d_sae, n_out, d_model]
+  m.def("sparse_decode_backward(Tensor grad_out, Tensor row_offsets, Tensor feat_idx, Tensor acts, Tensor W_dec) -> (Tensor, Tensor)");
+  // Attribution contraction (edge weights for a batch of targets):
+  // edges[b, s] = acts[s] * <W_dec[feat_idx[s]], grad[b, pos[s]]>.
+  // grad [B, n_pos, d_model], pos [S], W_dec [n_rows, d_model] (row stride free: a CLT slice
+  // W_dec[:, o, :] is fine), feat_idx [S], acts [S] -> edges [B, S]. Each decoder row is read
+  // once per batch of targets.
+  m.def("attribution_contract(Tensor grad, Tensor pos, Tensor W_dec, Tensor feat_idx, Tensor acts) -> Tensor");
+  // Gather columns of an encoder: out[t, :] = W_enc[:, feat_idx[t]].
+  // W_enc [d_in, d_sae], feat_idx [T] -> [T, d_in] (the gradient seeds of feature targets).
+  m.def("gather_columns(Tensor W_enc, Tensor feat_idx) -> Tensor");
+}
+
+namespace {
+// Python module stub: `import cltrace._C` loads this library, whose static initialisers
+// register the ops above with the dispatcher.
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cltrace compiled ops", -1, nullptr};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef CLTRACE_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(mod, "torch_cuda_version", CLTRACE_TORCH_CUDA);
+  PyModule_AddStringConstant(mod, "compiler", __VERSION__);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "openmp", _OPENMP);
+#else
+  PyModule_AddIntConstant(mod, "openmp", 0);
+#endif
+  return mod;
+}
