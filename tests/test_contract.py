@@ -1,0 +1,70 @@
+"""Attribution contraction and encoder-column gather against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltrace import ops, reference as ref
+
+
+def contract_inputs(B, n_pos, d_model, d_sae, S, *, dtype=torch.float64, device="cpu"):
+    grad = torch.randn(B, n_pos, d_model, dtype=torch.float64)
+    W = torch.randn(d_sae, d_model, dtype=torch.float64)
+    pos = torch.randint(0, n_pos, (S,))
+    idx = torch.randint(0, d_sae, (S,))  # duplicates allowed: the same feature at two positions
+    acts = torch.rand(S, dtype=torch.float64) + 0.1
+    cast = dict(dtype=dtype, device=device)
+    return grad.to(**cast), pos.to(device), W.to(**cast), idx.to(device), acts.to(**cast)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4),
+                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("B,n_pos,d_model,d_sae,S", [
+    (1, 1, 8, 4, 1), (16, 9, 37, 50, 120), (3, 40, 640, 300, 64)])
+def test_contract_matches_reference(device, dtype, tol, B, n_pos, d_model, d_sae, S):
+    args = contract_inputs(B, n_pos, d_model, d_sae, S, dtype=dtype, device=device)
+    out = ops.attribution_contract(*args)
+    expected = ref.attribution_contract(*[a.double() if a.is_floating_point() else a for a in args])
+    scale = expected.abs().max().clamp_min(1)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
+    assert out.shape == (B, S) and out.dtype == dtype
+
+
+def test_contract_strided_clt_slice_and_empty(device):
+    grad, pos, _, idx, acts = contract_inputs(4, 6, 10, 30, 25, device=device)
+    W3 = torch.randn(30, 5, 10, dtype=torch.float64, device=device)  # CLT decoder [d_sae, n_out, d]
+    for o in range(5):
+        W = W3[:, o, :]  # rows strided by n_out * d_model
+        assert not W.is_contiguous()
+        torch.testing.assert_close(ops.attribution_contract(grad, pos, W, idx, acts),
+                                   ref.attribution_contract(grad, pos, W, idx, acts))
+    none = ops.attribution_contract(grad, pos[:0], W3[:, 0], idx[:0], acts[:0])
+    assert none.shape == (4, 0)
+
+
+def test_contract_bad_input_messages(device):
+    grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6, device=device)
+    with pytest.raises(RuntimeError, match="grad has d_model = 8 but W_dec rows have 7"):
+        ops.attribution_contract(grad, pos, W[:, :7], idx, acts)
+    with pytest.raises(RuntimeError, match="pos\\[0\\] = 5 is out of range for grad with n_pos = 5"):
+        ops.attribution_contract(grad, torch.full_like(pos, 5), W, idx, acts)
+    with pytest.raises(RuntimeError, match="out of range for W_dec with 10 rows"):
+        ops.attribution_contract(grad, pos, W, torch.full_like(idx, 10), acts)
+    with pytest.raises(RuntimeError, match="one entry per source"):
+        ops.attribution_contract(grad, pos[:-1], W, idx, acts)
+
+
+def test_contract_opcheck(device):
+    args = contract_inputs(3, 4, 6, 9, 7, device=device)
+    torch.library.opcheck(torch.ops.cltrace.attribution_contract.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gather_columns(device, dtype):
+    W = torch.randn(37, 100, dtype=torch.float64).to(dtype=dtype, device=device)
+    idx = torch.tensor([5, 0, 99, 5, 42], device=device)
+    assert torch.equal(ops.gather_columns(W, idx), ref.gather_columns(W, idx))
+    assert ops.gather_columns(W, idx[:0]).shape == (0, 37)
+    with pytest.raises(RuntimeError, match="feat_idx\\[0\\] = 100 is out of range"):
+        ops.gather_columns(W, torch.tensor([100], device=device))
+    torch.library.opcheck(torch.ops.cltrace.gather_columns.default, (W, idx))
