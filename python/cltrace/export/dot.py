@@ -1,0 +1,99 @@
+"""Graphviz rendering of a pruned attribution graph.
+
+Layers are ranks (tokens at the bottom, then layer 0 ... n_layers-1, logits at the top);
+labels give the feature id, position/token and activation; edges are coloured by sign
+(blue positive, red negative) with width growing with |weight|. ``render`` calls the ``dot``
+binary (Debian package ``graphviz``) for SVG/PNG.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from ..graph import Graph, NodeKind, atomic_write_text
+from ..prune import PruneResult, prune
+
+POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
+FILL = {NodeKind.FEATURE: "#fdf6e3", NodeKind.ERROR: "#e0e0e0", NodeKind.TOKEN: "#d9f0d3",
+        NodeKind.LOGIT: "#fde0ef"}
+
+
+def _quote(text: str) -> str:
+    """Token text shown safely inside a label (newlines and control characters escaped)."""
+    shown = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return f"“{shown}”" if shown else "“”"
+
+
+def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+           result: Optional[PruneResult] = None):
+    """A ``graphviz.Digraph`` of the pruned graph."""
+    import graphviz
+
+    result = result if result is not None else prune(graph, node_threshold, edge_threshold)
+    table, ids = graph.nodes(), graph.node_ids()
+    rows, cols = result.edge_mask.nonzero(as_tuple=True)
+    weights = graph.edges[rows, cols]
+    targets = graph.edge_targets[rows]
+    used = set(targets.tolist()) | set(cols.tolist())
+    keep = [i for i in result.node_mask.nonzero().flatten().tolist()
+            if i in used or table.kind[i] in (NodeKind.TOKEN, NodeKind.LOGIT)]
+    dot = graphviz.Digraph(name="attribution", graph_attr={
+        "rankdir": "BT", "ranksep": "0.6", "nodesep": "0.15", "fontname": "Helvetica",
+        "label": f"{graph.prompt!r} — {graph.model_name}", "labelloc": "t"},
+        node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
+        edge_attr={"arrowsize": "0.4"})
+    by_rank: dict[int, list[int]] = {}
+    for i in keep:
+        kind = NodeKind(int(table.kind[i]))
+        layer, pos = int(table.layer[i]), int(table.pos[i])
+        tok = _quote(graph.token_strs[pos])
+        if kind == NodeKind.FEATURE:
+            label = f"L{layer} #{int(table.feature[i])}\n@{pos} {tok}\na={float(table.activation[i]):.3g}"
+        elif kind == NodeKind.ERROR:
+            label = f"error L{layer}\n@{pos} {tok}"
+        elif kind == NodeKind.TOKEN:
+            label = f"{tok}\n@{pos}"
+        else:
+            j = i - graph.logit_start
+            label = f"→ {_quote(graph.logit_labels[j])}\np={float(graph.logit_probs[j]):.3f}"
+        dot.node(ids[i], label=label, fillcolor=FILL[kind],
+                 shape="ellipse" if kind in (NodeKind.TOKEN, NodeKind.LOGIT) else "box")
+        by_rank.setdefault(layer, []).append(i)
+    for layer in sorted(by_rank):
+        with dot.subgraph() as s:
+            s.attr(rank="min" if layer == -1 else "max" if layer == graph.n_layers else "same")
+            for i in by_rank[layer]:
+                s.node(ids[i])
+    scale = float(weights.abs().max()) if weights.numel() else 1.0
+    kept = set(keep)
+    for t, s, w in zip(targets.tolist(), cols.tolist(), weights.tolist()):
+        if s in kept and t in kept:
+            width = 0.3 + 3.7 * abs(w) / scale
+            dot.edge(ids[s], ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
+                     penwidth=f"{width:.2f}", tooltip=f"{w:.4g}")
+    return dot
+
+
+def render(graph: Graph, path: str | Path, fmt: str = "svg", **kwargs) -> Path:
+    """Write the DOT source (``fmt='dot'``) or a picture rendered by Graphviz's ``dot``."""
+    path = Path(path)
+    source = to_dot(graph, **kwargs).source
+    if fmt == "dot":
+        atomic_write_text(path, source)
+        return path
+    if fmt not in ("svg", "png", "pdf"):
+        raise ValueError(f"unknown format {fmt!r}: use dot, svg, png or pdf")
+    exe = shutil.which("dot")
+    if exe is None:
+        raise RuntimeError(f"cannot render {path.name}: the Graphviz 'dot' program is not installed "
+                           "(Debian/Ubuntu: apt-get install graphviz); the .dot source can still be written")
+    import subprocess
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    proc = subprocess.run([exe, f"-T{fmt}", "-o", str(tmp)], input=source.encode(), capture_output=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"dot failed to render {path}: {proc.stderr.decode(errors='replace')}")
+    tmp.replace(path)
+    return path

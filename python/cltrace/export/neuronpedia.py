@@ -1,0 +1,111 @@
+"""The graph JSON read by Neuronpedia and circuit-tracer's local viewer, and graph-metadata.json.
+
+Only what pruning kept is written: the kept nodes that have a kept edge (tokens and logits
+always), and the kept edges, ordered by (target, source) node index. Output is a pure
+function of the graph and the settings, so identical inputs give byte-identical files.
+Schema: ``graph_schema.json`` beside this file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from ..graph import Graph, NodeKind, atomic_write_text
+from ..prune import PruneResult, prune
+
+SCHEMA_VERSION = 1
+GRAPH_SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")
+FEATURE_TYPE = {NodeKind.FEATURE: "cross layer transcoder", NodeKind.ERROR: "mlp reconstruction error",
+                NodeKind.TOKEN: "embedding", NodeKind.LOGIT: "logit"}
+
+
+def _nodes(graph: Graph, result: PruneResult) -> list[dict[str, Any]]:
+    table, ids = graph.nodes(), graph.node_ids()
+    kinds, layers, poss = table.kind.tolist(), table.layer.tolist(), table.pos.tolist()
+    feats, toks, acts = table.feature.tolist(), table.token_id.tolist(), table.activation.tolist()
+    cumulative = result.cumulative_scores.tolist()
+    out = []
+    for i in result.node_mask.nonzero().flatten().tolist():
+        kind, layer, pos = NodeKind(kinds[i]), layers[i], poss[i]
+        node = {"node_id": ids[i], "feature": feats[i], "layer": str(layer), "ctx_idx": pos,
+                "feature_type": FEATURE_TYPE[kind], "jsNodeId": "", "clerp": "", "token_prob": 0.0,
+                "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                "influence": cumulative[i], "activation": None}
+        if kind == NodeKind.FEATURE:
+            node["jsNodeId"] = f"{layer}_{feats[i]}-0"
+            node["activation"] = acts[i]
+        elif kind == NodeKind.ERROR:
+            node["jsNodeId"] = f"{layer}_-1_{pos}-0"
+        elif kind == NodeKind.TOKEN:
+            node.update(feature=pos, layer="E", jsNodeId=f"E_{toks[i]}-{pos}",
+                        clerp=f'Emb: "{graph.token_strs[pos]}"')
+        else:
+            j = i - graph.logit_start
+            prob = float(graph.logit_probs[j])
+            node.update(feature=toks[i], layer=str(graph.n_layers + 1), jsNodeId=f"L_{toks[i]}-{pos}",
+                        token_prob=prob, is_target_logit=j == 0, influence=None,
+                        clerp=f'Output "{graph.logit_labels[j]}" (p={prob:.3f})')
+        out.append(node)
+    return out
+
+
+def _links(graph: Graph, result: PruneResult, ids: list[str]) -> list[dict[str, Any]]:
+    rows, cols = result.edge_mask.nonzero(as_tuple=True)  # row-major: by target, then source
+    weights = graph.edges[rows, cols].tolist()
+    targets = graph.edge_targets[rows].tolist()
+    return [{"source": ids[s], "target": ids[t], "weight": w}
+            for t, s, w in zip(targets, cols.tolist(), weights)]
+
+
+def to_neuronpedia(graph: Graph, slug: str, *, node_threshold: float = 0.8,
+                   edge_threshold: float = 0.98, result: Optional[PruneResult] = None) -> dict[str, Any]:
+    """The viewer JSON of ``graph`` pruned at the given thresholds, as a dict."""
+    if not slug or any(c in slug for c in '/\\\0'):
+        raise ValueError(f"slug {slug!r} must be a non-empty file-name-safe string")
+    result = result if result is not None else prune(graph, node_threshold, edge_threshold)
+    ids = graph.node_ids()
+    links = _links(graph, result, ids)
+    connected = {l["source"] for l in links} | {l["target"] for l in links}
+    nodes = [n for n in _nodes(graph, result)
+             if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
+    metadata = {
+        "slug": slug,
+        "scan": graph.scan or graph.model_name or "unknown",
+        "transcoder_list": list(graph.transcoder_list),
+        "prompt_tokens": list(graph.token_strs),
+        "prompt": graph.prompt,
+        "node_threshold": node_threshold,
+        "schema_version": SCHEMA_VERSION,
+        "info": {"generator": {"name": "cltrace", "version": __version__,
+                               "url": "https://github.com/cltrace/cltrace"},
+                 **({"model": graph.model_name} if graph.model_name else {}),
+                 **graph.info},
+        "generation_settings": dict(graph.settings),
+        "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+    }
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str, *, node_threshold: float = 0.8,
+                      edge_threshold: float = 0.98, result: Optional[PruneResult] = None) -> Path:
+    """Write ``out_dir/{slug}.json`` and add/replace its entry in ``out_dir/graph-metadata.json``."""
+    data = to_neuronpedia(graph, slug, node_threshold=node_threshold,
+                          edge_threshold=edge_threshold, result=result)
+    out_dir = Path(out_dir)
+    path = out_dir / f"{slug}.json"
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    index_path = out_dir / "graph-metadata.json"
+    index = {"graphs": []}
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index_path} is not valid JSON ({e}); move it away to start a new index") from e
+    graphs = [g for g in index.get("graphs", []) if g.get("slug") != slug]
+    graphs.append(data["metadata"])
+    graphs.sort(key=lambda g: g.get("slug", ""))
+    atomic_write_text(index_path, json.dumps({"graphs": graphs}, indent=1, allow_nan=False) + "\n")
+    return path

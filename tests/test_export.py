@@ -1,0 +1,79 @@
+"""Neuronpedia JSON (schema, determinism, text survival, index) and Graphviz exports."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jsonschema
+import pytest
+
+from cltrace.export import GRAPH_SCHEMA_PATH, render, to_dot, to_neuronpedia, write_neuronpedia
+from cltrace.prune import prune
+from graph_fixtures import random_graph
+
+NASTY = ['"quoted"', "new\nline", "ünï 😀", "", "tab\t\\"]
+
+
+@pytest.fixture
+def graph():
+    g = random_graph(n_layers=3, n_pos=5, n_features=40, token_strs=NASTY)
+    g.prompt = "".join(NASTY)
+    g.model_name, g.scan = "tiny-test", "tiny-test-plt"
+    g.logit_labels = ['"x"', "\n", "ü"]
+    g.settings = {"max_n_logits": 3, "batch_size": 8}
+    return g
+
+
+def test_json_validates_and_is_consistent(graph, tmp_path):
+    path = write_neuronpedia(graph, tmp_path, "my-graph")
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, json.loads(GRAPH_SCHEMA_PATH.read_text()))
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert len(ids) == len(data["nodes"]), "node ids unique"
+    assert all(l["source"] in ids and l["target"] in ids for l in data["links"])
+    kinds = [n["feature_type"] for n in data["nodes"]]
+    assert kinds.count("embedding") == graph.n_pos and kinds.count("logit") == graph.n_logits
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    assert data["metadata"]["prompt_tokens"] == NASTY and data["metadata"]["prompt"] == graph.prompt
+    assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    # Every link is an edge of the graph with its weight.
+    dense, node_ids = graph.to_dense(), graph.node_ids()
+    for l in data["links"][:50]:
+        w = float(dense[node_ids.index(l["target"]), node_ids.index(l["source"])])
+        assert l["weight"] == pytest.approx(w)
+    errors = [n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"]
+    assert all(n["node_id"].split("_")[1] == "-1" for n in errors)
+
+
+def test_json_is_byte_identical_and_index_updates(graph, tmp_path):
+    a = write_neuronpedia(graph, tmp_path / "a", "g1").read_bytes()
+    b = write_neuronpedia(graph, tmp_path / "b", "g1").read_bytes()
+    assert a == b
+    write_neuronpedia(graph, tmp_path / "a", "g2", node_threshold=0.5)
+    write_neuronpedia(graph, tmp_path / "a", "g1", node_threshold=0.6)
+    index = json.loads((tmp_path / "a" / "graph-metadata.json").read_text())
+    assert [(g["slug"], g["node_threshold"]) for g in index["graphs"]] == [("g1", 0.6), ("g2", 0.5)]
+    with pytest.raises(ValueError, match="slug"):
+        to_neuronpedia(graph, "a/b")
+
+
+def test_dot_structure_and_render(graph, tmp_path):
+    result = prune(graph)
+    src = to_dot(graph, result=result).source
+    assert "rankdir=BT" in src and "rank=min" in src and "rank=max" in src
+    assert "#2166ac" in src or "#b2182b" in src
+    assert "\\n" in src  # multi-line labels
+    render(graph, tmp_path / "g.dot", fmt="dot", result=result)
+    assert (tmp_path / "g.dot").read_text() == src
+    if shutil.which("dot"):
+        svg = render(graph, tmp_path / "g.svg", result=result).read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    with pytest.raises(ValueError, match="unknown format"):
+        render(graph, tmp_path / "g.gif", fmt="gif")
+
+
+def test_render_without_dot_binary_says_what_to_install(graph, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install graphviz"):
+        render(graph, tmp_path / "g.svg")
+    assert not (tmp_path / "g.svg").exists()
