@@ -1,0 +1,230 @@
+"""The frozen linear model of one prompt: its forward and its hand-written linearised backward.
+
+With the attention patterns and normalisation denominators frozen at their values on the
+prompt (Ameisen et al. 2025, https://transformer-circuits.pub/2025/attribution-graphs/methods.html
+§ "Building the local replacement model"), the map from the token embeddings ``e`` and the
+*sources* written into each layer's MLP output ``s_L`` (transcoder feature decodes, ``b_dec``
+and error vectors: constants of the linearisation) to the residual stream and the logits is
+linear. Per layer L, with frozen scales ``k_* = scale_* (1 + w_*)`` ([n_pos, d_model]):
+
+    r_0   = e
+    v     = (r_L * k_in) @ W_V^T                 # [n_pos, n_kv * head_dim]
+    z_h   = P_h @ v_{kv(h)}                      # frozen pattern P_h [n_pos, n_pos], GQA
+    h_L   = r_L + (z @ W_O^T) * k_attn
+    x_L   = h_L * k_pre                          # the MLP input (what transcoders read)
+    m_L   = s_L + mask * (x_L @ W_skip_L)        # affine skip of a transcoder, if any
+    r_L+1 = h_L + m_L
+    logits = (r_n * k_final) @ W_U^T
+
+:meth:`FrozenLinearModel.iter_backward` is the vector-Jacobian product of that map for a batch
+of B seeds at once (no autograd, no replicated forward): a seed is a direction at one position,
+either at the final-norm input (a logit direction, through the frozen final norm) or at a
+layer's MLP input (a feature's encoder column, through the frozen pre-FF norm). Going down, it
+yields for every layer L the gradient w.r.t. ``m_L`` ([B, n_pos, d_model]) and finally the
+gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .capture import Capture, TextParts
+
+EMBED = -1  # the `layer` of the last backward step: the gradient w.r.t. the token embeddings
+
+
+class Seeds(NamedTuple):
+    """B gradient seeds. ``layer[b] == n_layers`` means the final-norm input (a logit seed)."""
+
+    layer: Tensor  # [B] int64  layer whose MLP input x_L receives the seed, or n_layers
+    pos: Tensor  # [B] int64  position of the seed
+    vec: Tensor  # [B, d_model]  direction after the norm (encoder column / logit direction)
+
+    @property
+    def n(self) -> int:
+        return self.layer.numel()
+
+
+class LayerGrad(NamedTuple):
+    """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
+
+    layer: int
+    grad: Tensor  # [B, n_pos, d_model]
+
+
+class FrozenOutput(NamedTuple):
+    logits: Tensor  # [n_pos, vocab]
+    resid_final: Tensor  # [n_pos, d_model]  input of the final norm
+    mlp_in: Tensor  # [n_layers, n_pos, d_model]  x_L of every layer
+
+
+@dataclass
+class FrozenLayer:
+    """The frozen linear pieces of one decoder layer on one prompt."""
+
+    W_V: Tensor  # [n_kv * head_dim, d_model]
+    W_O: Tensor  # [d_model, n_heads * head_dim]
+    b_V: Optional[Tensor]  # [n_kv * head_dim] (None in Gemma 3)
+    b_O: Optional[Tensor]  # [d_model] (None in Gemma 3)
+    pattern: Tensor  # [n_heads, n_pos, n_pos]
+    k_in: Tensor  # [n_pos, d_model]  scale_in (1 + w_in)
+    k_attn: Tensor  # [n_pos, d_model]  scale_attn (1 + w_attn)
+    k_pre: Tensor  # [n_pos, d_model]  scale_pre (1 + w_pre)
+    W_skip: Optional[Tensor] = None  # [d_model, d_model] applied as x @ W_skip
+    skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
+
+
+def _gain(norm: torch.nn.Module) -> Tensor:
+    return 1.0 + norm.weight.detach().float()  # [d_model] fp32, as Gemma3RMSNorm
+
+
+def _k(scale: Tensor, gain: Tensor, dtype: torch.dtype) -> Tensor:
+    # Gemma3RMSNorm computes (x * scale) * (1 + w) in fp32; here the factor is folded first.
+    return (scale[:, None] * gain[None, :]).to(dtype)
+
+
+class FrozenLinearModel:
+    """The linear map (embeddings, MLP-output sources) -> logits of one prompt, and its VJP."""
+
+    def __init__(self, parts: TextParts, cap: Capture, dtype: torch.dtype,
+                 W_skip: Optional[list[Optional[Tensor]]] = None, skip_mask: Optional[Tensor] = None):
+        cfg = parts.config
+        self.n_layers, self.d_model, self.n_pos = parts.n_layers, parts.d_model, cap.n_pos
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = dtype
+        W_skip = W_skip or [None] * self.n_layers
+        mask = None if skip_mask is None else skip_mask.to(dtype)[:, None]
+        self.layers: list[FrozenLayer] = []
+        for L, (layer, c) in enumerate(zip(parts.layers, cap.layers)):
+            attn = layer.self_attn
+            bias = lambda lin: None if lin.bias is None else lin.bias.detach().to(dtype)  # noqa: E731
+            self.layers.append(FrozenLayer(
+                W_V=attn.v_proj.weight.detach().to(dtype), W_O=attn.o_proj.weight.detach().to(dtype),
+                b_V=bias(attn.v_proj), b_O=bias(attn.o_proj), pattern=c.pattern.to(dtype),
+                k_in=_k(c.scale_in, _gain(layer.input_layernorm), dtype),
+                k_attn=_k(c.scale_attn, _gain(layer.post_attention_layernorm), dtype),
+                k_pre=_k(c.scale_pre, _gain(layer.pre_feedforward_layernorm), dtype),
+                W_skip=None if W_skip[L] is None else W_skip[L].to(dtype),
+                skip_mask=None if W_skip[L] is None else mask))
+        self.k_final = _k(cap.scale_final, _gain(parts.norm), dtype)  # [n_pos, d_model]
+        self.W_U = parts.lm_head.weight.detach()  # [vocab, d_model] (kept in the model dtype)
+        self._W_U_mean: Optional[Tensor] = None
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _attn(self, fl: FrozenLayer, r: Tensor) -> Tensor:
+        """Frozen attention of the residual ``r [n_pos, d]``, before post-attention scaling."""
+        n = r.shape[0]
+        v = (r * fl.k_in) @ fl.W_V.T  # [n_pos, n_kv * hd]
+        if fl.b_V is not None:
+            v = v + fl.b_V
+        v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # [n_kv, n_pos, hd]
+        P = fl.pattern.view(self.n_kv, self.n_heads // self.n_kv, n, n)
+        z = P @ v[:, None]  # [n_kv, rep, n_pos, hd]
+        o = z.reshape(self.n_heads, n, self.head_dim).transpose(0, 1).reshape(n, -1) @ fl.W_O.T
+        return o if fl.b_O is None else o + fl.b_O  # [n_pos, d_model]
+
+    def forward(self, embed: Tensor, sources: Tensor) -> FrozenOutput:
+        """Logits from ``embed [n_pos, d]`` and ``sources [n_layers, n_pos, d]`` (differentiable)."""
+        r = embed.to(self.dtype)
+        mlp_in = []
+        for L, fl in enumerate(self.layers):
+            h = r + self._attn(fl, r) * fl.k_attn
+            x = h * fl.k_pre
+            m = sources[L].to(self.dtype)
+            if fl.W_skip is not None:
+                m = m + (x @ fl.W_skip) * fl.skip_mask
+            mlp_in.append(x)
+            r = h + m
+        logits = (r * self.k_final) @ self.W_U.to(self.dtype).T
+        return FrozenOutput(logits, r, torch.stack(mlp_in))
+
+    __call__ = forward
+
+    # --- seeds -----------------------------------------------------------------------------
+
+    def logit_direction(self, token_ids: Tensor) -> Tensor:
+        """Unembedding columns minus their vocabulary mean: [T, d_model]."""
+        if self._W_U_mean is None:
+            self._W_U_mean = self.W_U.float().mean(0)  # [d_model]
+        return (self.W_U[token_ids].float() - self._W_U_mean).to(self.dtype)
+
+    def logit_seeds(self, token_ids: Tensor, pos: int | Tensor = -1) -> Seeds:
+        """Seeds of the logit directions of ``token_ids [T]`` at ``pos`` (default: last)."""
+        token_ids = torch.as_tensor(token_ids, device=self.W_U.device).reshape(-1)
+        pos = torch.as_tensor(pos, device=token_ids.device).expand(token_ids.shape) % self.n_pos
+        layer = torch.full_like(token_ids, self.n_layers)
+        return Seeds(layer, pos.long(), self.logit_direction(token_ids))
+
+    # --- the linearised backward -----------------------------------------------------------
+
+    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
+        """VJP of ``r -> post-scaled attention`` for ``grad_h [B, n_pos, d]`` -> [B, n_pos, d]."""
+        B, n, _ = grad_h.shape
+        grad_z = (grad_h * fl.k_attn) @ fl.W_O  # [B, n_pos, n_heads * hd]
+        grad_z = grad_z.view(B, n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        grad_z = grad_z.permute(0, 2, 3, 1, 4)  # [B, n_kv, rep, n_pos(q), hd]
+        P = fl.pattern.view(self.n_kv, self.n_heads // self.n_kv, n, n)
+        grad_v = (P.transpose(-1, -2) @ grad_z).sum(2)  # [B, n_kv, n_pos(k), hd]
+        grad_v = grad_v.permute(0, 2, 1, 3).reshape(B, n, -1)  # [B, n_pos, n_kv * hd]
+        return (grad_v @ fl.W_V) * fl.k_in
+
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Tensor) -> bool:
+        """Add the seeds of ``layer`` (scaled by the frozen norm ``k``) to ``grad`` in place."""
+        sel = (seeds.layer == layer).nonzero().flatten()
+        if sel.numel() == 0:
+            return False
+        pos = seeds.pos[sel]
+        grad.index_put_((sel, pos), seeds.vec[sel].to(self.dtype) * k[pos], accumulate=True)
+        return True
+
+    def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
+        """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
+
+        Each yielded ``grad [B, n_pos, d_model]`` is a fresh tensor the caller may keep.
+        Transcoder features and error nodes are constants: only the residual stream, the
+        frozen attention (OV with frozen patterns) and the affine skip carry gradient.
+        """
+        B = seeds.n
+        if seeds.vec.shape != (B, self.d_model):
+            raise ValueError(f"seed vectors must be [B, {self.d_model}], got {tuple(seeds.vec.shape)}")
+        if B and (seeds.layer.min() < 0 or seeds.layer.max() > self.n_layers):
+            raise ValueError(f"seed layers must lie in [0, {self.n_layers}]")
+        if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
+            raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
+        g = torch.zeros(B, self.n_pos, self.d_model, dtype=self.dtype, device=self.k_final.device)
+        live = self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        for L in range(self.n_layers - 1, -1, -1):
+            fl = self.layers[L]
+            yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            grad_x = torch.zeros_like(g)
+            seeded = self._inject(grad_x, seeds, L, torch.ones_like(fl.k_pre))
+            if not (live or seeded):
+                g = torch.zeros_like(g)
+                continue
+            if fl.W_skip is not None and live:
+                grad_x = grad_x + (g @ fl.W_skip.T) * fl.skip_mask
+            grad_h = g + grad_x * fl.k_pre
+            g = grad_h + self._attn_backward(fl, grad_h)
+            live = True
+        yield LayerGrad(EMBED, g)
+
+    def backward(self, seeds: Seeds) -> "FrozenGrads":
+        """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""
+        mlp_out: list[Optional[Tensor]] = [None] * self.n_layers
+        embed = None
+        for step in self.iter_backward(seeds):
+            if step.layer == EMBED:
+                embed = step.grad
+            else:
+                mlp_out[step.layer] = step.grad
+        return FrozenGrads(torch.stack(mlp_out), embed)
+
+
+class FrozenGrads(NamedTuple):
+    mlp_out: Tensor  # [n_layers, B, n_pos, d_model]  d(seeds)/d(m_L)
+    embed: Tensor  # [B, n_pos, d_model]  d(seeds)/d(e)
