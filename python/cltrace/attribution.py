@@ -1,0 +1,189 @@
+"""Attribution graphs: the direct effects between features, errors, tokens and logits.
+
+For a batch of B targets (logit directions or feature pre-activations) the linearised backward
+of the frozen replacement model (:mod:`.frozen`) yields, layer by layer, the gradient of every
+target w.r.t. that layer's MLP output; the compiled ``attribution_contract`` turns it into the
+edges from every feature decoding into the layer (each decoder row read once per batch), error
+nodes are a dot with the error vector, and token nodes with the embedding. So
+
+    A[t, s] = a_s · Σ_{ℓ_s ≤ ℓ < ℓ_t} W_dec[s→ℓ] · J(ℓ→t) · W_enc[t]
+
+(Ameisen et al. 2025, https://transformer-circuits.pub/2025/attribution-graphs/methods.html),
+without replicating the forward pass and with memory of one row block per batch. With
+``max_feature_nodes`` smaller than the number of active features, features are visited in
+order of their estimated influence on the logits, refreshed as rows arrive (as circuit-tracer).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .frozen import EMBED, Seeds
+from .graph import Graph
+from .ops import attribution_contract
+from .prune import compute_influence, normalize_rows
+from .replacement import ReplacementModel, ReplacementState
+from .targets import LogitTarget, TargetSpec, default_targets
+
+
+class EdgeRows:
+    """Computes rows of direct effects for batches of seeds on one replacement state.
+
+    Columns: [active features (state order), errors (layer-major), tokens]."""
+
+    def __init__(self, state: ReplacementState):
+        self.state = state
+        self.n_layers, self.n_pos = state.n_layers, state.n_pos
+        tcs = state.transcoders
+        counts = [a.feat_idx.numel() for a in state.acts]
+        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
+        self.n_features = starts[-1]
+        self.feature_cols = {S: slice(starts[S], starts[S + 1]) for S in range(self.n_layers)}
+        self.rows_of = [a.rows() for a in state.acts]  # positions of each layer's entries
+        self.writers = {L: [S for S in tcs.sources_writing_to(L) if counts[S]] for L in range(self.n_layers)}
+        self.error_start = self.n_features
+        self.token_start = self.n_features + self.n_layers * self.n_pos
+        self.n_cols = self.token_start + self.n_pos
+
+    def __call__(self, seeds: Seeds) -> Tensor:
+        """[B, n_cols] direct effects of every source on each seed's target."""
+        st, B = self.state, seeds.n
+        out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
+        top = int(seeds.layer.max())  # gradients at MLP outputs of layers >= top are zero
+        for step in st.frozen.iter_backward(seeds):
+            g = step.grad  # [B, n_pos, d_model]
+            if step.layer == EMBED:
+                out[:, self.token_start:] = torch.einsum("bpd,pd->bp", g, st.embed.to(g.dtype))
+                continue
+            L = step.layer
+            if L >= top:
+                continue
+            for S in self.writers[L]:
+                a = st.acts[S]
+                W = st.transcoders.decoder_slice(S, L)  # [d_sae, d_model], rows strided for a CLT
+                out[:, self.feature_cols[S]] += attribution_contract(g, self.rows_of[S], W, a.feat_idx, a.acts)
+            err = slice(self.error_start + L * self.n_pos, self.error_start + (L + 1) * self.n_pos)
+            out[:, err] = torch.einsum("bpd,pd->bp", g, st.errors[L].to(g.dtype))
+        return out
+
+
+def _check_args(max_n_logits: int, desired_logit_prob: float, batch_size: int,
+                max_feature_nodes: Optional[int]) -> None:
+    if max_n_logits < 1:
+        raise ValueError(f"max_n_logits must be >= 1, got {max_n_logits}")
+    if not 0 < desired_logit_prob <= 1:
+        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+
+
+def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
+              desired_logit_prob: float = 0.95, max_feature_nodes: Optional[int] = None,
+              batch_size: int = 64, targets: Optional[Sequence[TargetSpec]] = None,
+              update_interval: int = 4, verbose: bool = False,
+              timings: Optional[dict] = None) -> Graph:
+    """The unpruned attribution graph of ``prompt`` (text or token ids) for ``model``.
+
+    ``targets``: token ids/texts, ``(a, b)`` logit differences or :class:`LogitTarget`s;
+    by default the salient next-token logits. ``timings`` (a dict), if given, receives the
+    seconds spent per phase."""
+    _check_args(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes)
+    times = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    state = model.run(prompt)
+    times["forward"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decode = _decoder(model)
+    logit_targets = default_targets(state.logits[-1], max_n_logits=max_n_logits,
+                                    desired_logit_prob=desired_logit_prob,
+                                    direction=state.frozen.logit_direction, decode=decode,
+                                    targets=targets, tokenizer=model.tokenizer)
+    rows_fn = EdgeRows(state)
+    af = state.active_features()
+    n_feat, n_logits = rows_fn.n_features, len(logit_targets)
+    n_visit = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    logit_start = rows_fn.n_cols  # logit nodes follow tokens in the full node order
+    n_nodes = logit_start + n_logits
+    rows = torch.zeros(n_logits + n_visit, n_nodes, dtype=torch.float32)
+    row_nodes = torch.zeros(n_logits + n_visit, dtype=torch.int64)
+    last = state.n_pos - 1
+    for i in range(0, n_logits, batch_size):
+        batch = logit_targets[i:i + batch_size]
+        seeds = Seeds(torch.full((len(batch),), state.n_layers), torch.full((len(batch),), last),
+                      torch.stack([t.vec for t in batch]).to(state.frozen.dtype))
+        rows[i:i + len(batch), :logit_start] = rows_fn(seeds).float().cpu()
+        row_nodes[i:i + len(batch)] = torch.arange(i, i + len(batch)) + logit_start
+    times["logits"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    weights = torch.zeros(n_nodes, dtype=torch.float64)
+    weights[logit_start:] = torch.tensor([t.weight for t in logit_targets], dtype=torch.float64)
+    visited = torch.zeros(n_feat, dtype=torch.bool)
+    filled = n_logits
+    bar = tqdm(total=n_visit, desc="feature rows", unit="feat", disable=not verbose)
+    while filled - n_logits < n_visit:
+        if n_visit == n_feat:
+            pending = torch.arange(n_feat)
+        else:
+            infl = compute_influence(normalize_rows(rows[:filled]), row_nodes[:filled], weights)
+            rank = infl[:n_feat].argsort(descending=True, stable=True)
+            pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
+        for idx in pending.split(batch_size):
+            seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
+            rows[filled:filled + len(idx), :logit_start] = rows_fn(seeds).float().cpu()
+            row_nodes[filled:filled + len(idx)] = idx
+            visited[idx] = True
+            filled += len(idx)
+            bar.update(len(idx))
+    bar.close()
+    times["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    graph = _assemble(state, model, prompt, af, logit_targets, rows, row_nodes, visited, decode)
+    graph.settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
+                      "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
+                      "n_active_features": n_feat, "skip_positions": state.skip_positions}
+    times["assemble"] = time.perf_counter() - t0
+    return graph
+
+
+def _decoder(model: ReplacementModel):
+    tok = model.tokenizer
+    if tok is None:
+        return lambda t: f"<{int(t)}>"
+    return lambda t: tok.decode([int(t)])
+
+
+def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,
+              rows: Tensor, row_nodes: Tensor, visited: Tensor, decode) -> Graph:
+    """Keep the visited features' columns, order rows as nodes (features, then logits)."""
+    n_feat, n_logits = int(visited.numel()), len(logit_targets)
+    selected = visited.nonzero().flatten()  # ascending active-feature index
+    cols = torch.cat([selected, torch.arange(n_feat, rows.shape[1])])
+    order = row_nodes.argsort()  # feature rows by feature index, then the logit rows
+    edges = rows[order][:, cols]
+    n_sel = selected.numel()
+    logit_start = n_sel + (state.n_layers + 1) * state.n_pos
+    tokens = state.tokens.cpu()
+    tcs = state.transcoders
+    return Graph(
+        prompt=prompt if isinstance(prompt, str) else "".join(decode(t) for t in tokens),
+        tokens=tokens, token_strs=[decode(t) for t in tokens], n_layers=state.n_layers,
+        features=torch.stack([af.layer[selected], af.pos[selected], af.feature[selected]], 1).cpu(),
+        activations=af.value[selected].float().cpu(),
+        logit_tokens=torch.tensor([t.token_id for t in logit_targets], dtype=torch.int64),
+        logit_labels=[t.label for t in logit_targets],
+        logit_probs=torch.tensor([t.weight for t in logit_targets], dtype=torch.float32),
+        edges=edges, edge_targets=torch.cat([torch.arange(n_sel), torch.arange(logit_start, logit_start + n_logits)]),
+        model_name=getattr(model.model.config, "name_or_path", "") or tcs.model_name,
+        scan=tcs.info.get("scan", tcs.model_name or tcs.source),
+        transcoder_list=[tcs.source] if tcs.source else [],
+        info=dict(tcs.info.get("graph_info", {})),
+    )

@@ -1,0 +1,126 @@
+"""Attribution graphs on a tiny random Gemma 3: completeness identity, interventions, targets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltrace.attribution import attribute
+from cltrace.capture import capture, text_parts
+from cltrace.replacement import ReplacementModel
+from tiny_gemma import random_transcoders, tiny_gemma
+
+TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]
+
+
+@pytest.fixture(scope="module", params=["plt", "plt+skip", "clt"])
+def replacement(request):
+    torch.manual_seed(0)
+    model = tiny_gemma(n_layers=4, dtype=torch.float64)
+    cap = capture(text_parts(model), torch.tensor(TOKENS))
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers]).double()
+    kind = "clt" if request.param == "clt" else "plt"
+    tcs = random_transcoders(mlp_in, kind=kind, skip=request.param.endswith("skip"), d_sae=48)
+    return ReplacementModel(model, tcs, dtype=torch.float64)
+
+
+def target_values(state, graph):
+    """Each target row's value (feature pre-activation or logit-direction value) and the part
+    of it that comes from bias terms (b_enc, and b_dec through the frozen linear model)."""
+    fz = state.frozen
+    full = fz(state.embed, state.sources())
+    bias_only = fz(torch.zeros_like(state.embed), state.recon.bias)
+    values, biases = [], []
+    for l, p, f in graph.features.tolist():
+        tc = state.transcoders.layers[l]
+        w = tc.W_enc[:, f]
+        values.append(full.mlp_in[l, p] @ w + tc.b_enc[f])
+        biases.append(bias_only.mlp_in[l, p] @ w + tc.b_enc[f])
+    last = state.n_pos - 1
+    for i in range(graph.n_logits):
+        d = state.frozen.logit_direction(graph.logit_tokens[i:i + 1])[0]
+        values.append((full.resid_final[last] * fz.k_final[last]) @ d)
+        biases.append((bias_only.resid_final[last] * fz.k_final[last]) @ d)
+    return torch.stack(values), torch.stack(biases)
+
+
+@pytest.fixture(scope="module")
+def full_graph(replacement):
+    return attribute(TOKENS, replacement, batch_size=7)
+
+
+def test_completeness_identity(replacement, full_graph):
+    graph = full_graph
+    state = replacement.run(TOKENS)
+    assert graph.n_features == state.active_features().layer.numel() > 20
+    values, biases = target_values(state, graph)
+    # The pre-activation of each feature target equals its recorded pre-activation, too.
+    pre = torch.cat([a.pre_acts for a in state.acts])
+    torch.testing.assert_close(values[:graph.n_features], pre.double(), rtol=1e-5, atol=1e-6)  # norms run in fp32
+    total = graph.edges.double().sum(1) + biases
+    rel = ((total - values).abs() / values.abs().clamp_min(1e-3)).max()
+    assert rel <= 1e-4, f"completeness identity off by {rel:.2e}"
+
+
+def test_edges_equal_interventions(replacement, full_graph):
+    graph = full_graph
+    state = replacement.run(TOKENS)
+    values, _ = target_values(state, graph)
+    gen = torch.Generator().manual_seed(0)
+    has_out = (graph.edges[:, :graph.n_features] != 0).any(0).nonzero().flatten()
+    assert has_out.numel() > 10
+    for s in has_out[torch.randperm(has_out.numel(), generator=gen)[:5]].tolist():
+        layer, pos, feat = graph.features[s].tolist()
+        act = float(graph.activations[s])
+        tc = state.transcoders.layers[layer]
+        sources = state.sources().clone()
+        n_out = tc.n_out
+        sources[layer:layer + n_out, pos] -= act * tc.W_dec[feat, :n_out]  # remove the feature
+        saved = state.recon
+        state.recon = saved._replace(features=saved.features - (state.sources() - sources))
+        after, _ = target_values(state, graph)
+        state.recon = saved
+        change = values - after  # = edge weight of s into every target (features held fixed)
+        torch.testing.assert_close(change.float(), graph.edges[:, s], rtol=1e-4, atol=1e-6)
+
+
+def test_partial_visit_keeps_exact_rows(replacement, full_graph):
+    full = full_graph
+    part = attribute(TOKENS, replacement, batch_size=4, max_feature_nodes=10, update_interval=1)
+    assert part.n_features == 10
+    # Each visited feature's row equals the full graph's row, on the kept columns.
+    keys = {tuple(r): i for i, r in enumerate(full.features.tolist())}
+    idx = torch.tensor([keys[tuple(r)] for r in part.features.tolist()])
+    cols = torch.cat([idx, torch.arange(full.n_features, full.n_nodes)])
+    rows = torch.cat([idx, torch.arange(full.n_features, full.n_features + full.n_logits)])
+    torch.testing.assert_close(part.edges, full.edges[rows][:, cols])
+    # The first features visited are those the logits depend on most.
+    from cltrace.prune import compute_influence, normalize_rows
+    logit_rows = full.edges[full.n_features:]
+    infl = compute_influence(normalize_rows(logit_rows), full.edge_targets[full.n_features:],
+                             full.logit_weights())
+    top = set(infl[:full.n_features].argsort(descending=True)[:4].tolist())
+    assert top <= set(idx.tolist())
+
+
+def test_targets_tokens_and_differences(replacement):
+    g = attribute(TOKENS, replacement, targets=[5, (7, 9), (11, 3, 0.5)], max_feature_nodes=4)
+    vocab = replacement.parts.config.vocab_size
+    assert g.logit_tokens.tolist() == [5, vocab, vocab + 1]
+    probs = torch.softmax(replacement.run(TOKENS).logits[-1].float(), -1)
+    assert g.logit_probs[0] == pytest.approx(float(probs[5]))
+    assert g.logit_probs[1:].tolist() == [1.0, 0.5]
+    # A difference target's row is the difference of the two token rows.
+    d = attribute(TOKENS, replacement, targets=[(7, 9)], max_feature_nodes=0)
+    a = attribute(TOKENS, replacement, targets=[7, 9], max_feature_nodes=0)
+    end = a.logit_start
+    torch.testing.assert_close(d.edges[-1, :end], a.edges[-2, :end] - a.edges[-1, :end], rtol=1e-5, atol=1e-7)
+
+
+def test_salient_logits_and_bad_arguments(replacement):
+    g = attribute(TOKENS, replacement, max_n_logits=3, desired_logit_prob=0.99, max_feature_nodes=0)
+    assert g.n_logits <= 3 and g.n_features == 0
+    assert (g.logit_probs[:-1] >= g.logit_probs[1:]).all()
+    for kw, msg in [({"max_n_logits": 0}, "max_n_logits"), ({"desired_logit_prob": 1.5}, "desired_logit_prob"),
+                    ({"batch_size": 0}, "batch_size"), ({"targets": [10**9]}, "outside the vocabulary")]:
+        with pytest.raises(ValueError, match=msg):
+            attribute(TOKENS, replacement, **kw)
