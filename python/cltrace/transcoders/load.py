@@ -25,7 +25,7 @@ from .resolve import Plan, parse_hub_ref, resolve_hub, resolve_local
 
 def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[int]] = None,
                      device: Union[str, torch.device, None] = None,
-                     dtype: Optional[torch.dtype] = None, model_config: Any = None,
+                     dtype: Union[str, torch.dtype, None] = None, model_config: Any = None,
                      verify: Verify = "encoder") -> TranscoderSet:
     """Load a transcoder set.
 
@@ -33,8 +33,8 @@ def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[
         Gemma Scope 2 ``transcoder_all`` folder is narrowed with a variant 'subfolder' such as
         ``.../transcoder_all/width_16k_l0_small``.
     layers: source layers to load (default: all; then every layer of the model must be there).
-    device, dtype: move/convert the weights (this copies them); default: leave them memory-mapped
-        on the CPU in the file's dtype.
+    device, dtype: move/convert the weights (this copies them; dtype may be a name like
+        "bf16"); default: leave them memory-mapped on the CPU in the file's dtype.
     model_config: a transformers model or config the set must fit (d_model, layers).
     verify: NaN/inf scan: "encoder" (all but decoders, default), "all", or "none".
     """
@@ -60,7 +60,13 @@ def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[
     for layer, tc in ts.layers.items():
         check_finite(tc, verify, f"{where} layer {layer}")
     ts.info.update(_describe(ts, folder, p))
-    return ts.to(device=device, dtype=dtype) if device is not None or dtype is not None else ts
+    if device is None and dtype is None:
+        return ts
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        from ..models import resolve_dtype
+
+        dtype = resolve_dtype(dtype, torch.device("cpu"))
+    return ts.to(device=device, dtype=dtype)
 
 
 def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> TranscoderSet:
