@@ -273,6 +273,15 @@ def test_inspect_cli(tmp_path, capsys):
     assert "neither a local folder" in capsys.readouterr().err
 
 
+def test_inspect_cli_checks_the_model(tmp_path, capsys):
+    from transformers import Gemma3TextConfig
+
+    folder = S.write_gemmascope_plt(tmp_path / "plt", S.random_set("plt", n_layers=2, seed=18))
+    Gemma3TextConfig(hidden_size=64, num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(folder), "--model", str(tmp_path / "model")]) == 2
+    assert "d_model 16 but the model" in capsys.readouterr().err
+
+
 def test_cli_help(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--help"])
