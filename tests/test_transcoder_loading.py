@@ -288,3 +288,48 @@ def test_cli_help(capsys):
     out = capsys.readouterr().out
     assert "google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small" in out
     assert "--verify" in out
+
+
+def test_circuit_tracer_config_yaml(tmp_path, monkeypatch):
+    """A circuit-tracer config.yaml listing Gemma Scope 2 files by hf:// URI (from the cache,
+    offline) and circuit-tracer files by relative path."""
+    import huggingface_hub.constants as hc
+
+    repo, commit = "google/gemma-scope-2-270m-pt", "89abcdef0123456789abcdef0123456789abcdef"
+    store = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (store / "refs").mkdir(parents=True)
+    (store / "refs" / "main").write_text(commit)
+    ts = S.random_set("plt", n_layers=3, skip=True, seed=19)
+    S.write_gemmascope_plt(store / "snapshots" / commit / "transcoder_all", ts)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    uris = [f"hf://{repo}/transcoder_all/layer_{i}_width_16k_l0_small_affine/params.safetensors"
+            for i in range(3)]
+    yaml_dir = tmp_path / "ct-set"
+    yaml_dir.mkdir()
+    (yaml_dir / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: mlp.hook_out\ntranscoders:\n" + "".join(f"  - {u}\n" for u in uris))
+    S.assert_sets_equal(ts, _load(yaml_dir))
+    assert sorted(load_transcoders(yaml_dir, layers=[2]).layers) == [2]
+    S.write_circuit_tracer_plt(yaml_dir / "files", ts)
+    (yaml_dir / "config.yaml").write_text(
+        "model_kind: transcoder_set\ntranscoders:\n"
+        + "".join(f"  - files/layer_{i}.safetensors\n" for i in range(3)))
+    got = _load(yaml_dir)
+    S.assert_sets_equal(ts, got)
+    assert got.info["layout"] == "circuit_tracer_yaml" and got.info["bytes"] > 0
+
+
+def test_dtype_and_device_conversion(tmp_path):
+    ts = S.random_set("clt", n_layers=2, seed=20)
+    folder = S.write_circuit_tracer_clt(tmp_path, ts)
+    got = load_transcoders(folder, device="cpu", dtype="bf16")
+    assert got.dtype == torch.bfloat16 and got.layers[0].W_dec.dtype == torch.bfloat16
+    torch.testing.assert_close(got.layers[1].W_enc, ts.layers[1].W_enc.bfloat16())
+    ts.layers[0].W_enc[0, 0] = 1e6  # finite in float32, inf in float16
+    S.write_circuit_tracer_clt(tmp_path / "big", ts)
+    load_transcoders(tmp_path / "big")
+    with pytest.raises(TranscoderLoadError, match="layer 0: W_enc contains NaN or inf"):
+        load_transcoders(tmp_path / "big", dtype=torch.float16)

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from . import circuit_tracer as ct
+from . import ct_config
 from . import gemmascope as gs
 from .base import LayerTranscoder, TranscoderSet
 from .checks import (TranscoderLoadError, Verify, check_complete, check_finite, check_hooks,
@@ -57,16 +58,16 @@ def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[
     if model_config is not None:
         check_model(ts, model_config, where)
     check_complete(ts, sorted(ts.layers) if p.single else layers, where)
-    for layer, tc in ts.layers.items():
-        check_finite(tc, verify, f"{where} layer {layer}")
     ts.info.update(_describe(ts, folder, p))
-    if device is None and dtype is None:
-        return ts
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        from ..models import resolve_dtype
+    if device is not None or dtype is not None:
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            from ..models import resolve_dtype
 
-        dtype = resolve_dtype(dtype, torch.device("cpu"))
-    return ts.to(device=device, dtype=dtype)
+            dtype = resolve_dtype(dtype, torch.device("cpu"))
+        ts = ts.to(device=device, dtype=dtype)  # verified after: on the GPU, and catching
+    for layer, tc in ts.layers.items():         # overflow of a narrower dtype
+        check_finite(tc, verify, f"{where} layer {layer}")
+    return ts
 
 
 def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> TranscoderSet:
@@ -80,6 +81,8 @@ def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> T
                   for i, f in p.files.items()}
         return TranscoderSet("clt", n_layers, layers, model_name=config.get("model_name", ""),
                              info={"l0": config["l0"]} if "l0" in config else {})
+    if p.layout == "circuit_tracer_yaml":
+        return ct_config.load_yaml_set(folder, p.layers, model_n_layers, where)
     if p.layout == "circuit_tracer_plt":
         layers, acts = {}, set()
         for i, f in p.files.items():
@@ -128,6 +131,7 @@ def _layer_from_config(config: dict, where: str) -> int:
 
 def _describe(ts: TranscoderSet, folder: Path, p: Plan) -> dict:
     files = [folder / f for fs in p.files.values() for f in fs]
+    files += [Path(f) for f in ts.info.pop("files", [])]
     nbytes = sum(f.stat().st_size for f in files if f.suffix == ".safetensors" and f.is_file())
     info = {"layout": p.layout, "folder": str(folder), "bytes": nbytes,
             "skip": any(tc.W_skip is not None for tc in ts.layers.values())}

@@ -2,8 +2,9 @@
 
 A reference is a local folder or a Hugging Face reference ``owner/repo/sub/folder[@revision]``.
 Both are planned the same way, from the list of file names under the folder (two levels
-deep): Gemma Scope 2 PLT folder(s) or CLT, or circuit-tracer PLT or CLT (see
-:mod:`.gemmascope` and :mod:`.circuit_tracer`). A folder of many Gemma Scope 2 variants
+deep): Gemma Scope 2 PLT folder(s) or CLT, circuit-tracer PLT or CLT, or circuit-tracer's
+config.yaml listing the files (see :mod:`.gemmascope`, :mod:`.circuit_tracer`,
+:mod:`.ct_config`). A folder of many Gemma Scope 2 variants
 (``transcoder_all/``) is narrowed by naming the variant as if it were a subfolder:
 ``.../transcoder_all/width_16k_l0_small`` selects every ``layer_{L}_width_16k_l0_small/``.
 
@@ -22,7 +23,8 @@ from . import circuit_tracer as ct
 from . import gemmascope as gs
 from .checks import TranscoderLoadError
 
-LAYOUTS = ("gemmascope_plt", "gemmascope_clt", "circuit_tracer_plt", "circuit_tracer_clt")
+LAYOUTS = ("gemmascope_plt", "gemmascope_clt", "circuit_tracer_plt", "circuit_tracer_clt",
+           "circuit_tracer_yaml")
 _HUB_REF = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)((?:/[^@]+)?)(?:@(.+))?$")
 
 
@@ -36,6 +38,7 @@ class Plan:
     shared: list[str] = field(default_factory=list)  # config.json of a CLT
     variant: str = ""  # Gemma Scope 2 width/L0 variant, e.g. "width_16k_l0_small"
     single: bool = False  # one Gemma Scope 2 layer folder: a set of just that layer
+    layers: Optional[list[int]] = None  # asked-for layers, for layouts listing files later
 
     def all_files(self) -> list[str]:
         return sorted({f for fs in self.files.values() for f in fs} | set(self.shared))
@@ -65,6 +68,9 @@ def plan(files: Iterable[str], name: str, layers: Optional[Sequence[int]],
             shared = ["config.json"] if "config.json" in top else []
             return _narrow(Plan(layout, {i: needs(i) for i in found}, found, shared), layers,
                            where)
+    if "config.yaml" in top:  # circuit-tracer's list of files (often hf:// URIs)
+        return Plan("circuit_tracer_yaml", {}, [], shared=["config.yaml"],
+                    layers=None if layers is None else sorted(set(layers)))
     variants = sorted({m.group(2) for f in files if "/" in f
                        if (m := gs.PLT_FOLDER.match(f.split("/")[0]))})
     if len(variants) == 1:
@@ -77,7 +83,7 @@ def plan(files: Iterable[str], name: str, layers: Optional[Sequence[int]],
     raise TranscoderLoadError(
         f"no transcoders found in {where}: expected Gemma Scope 2 (params.safetensors, "
         "layer_*_width_*/ folders or params_layer_*.safetensors) or circuit-tracer "
-        "(layer_*.safetensors or W_enc_*/W_dec_*.safetensors) files"
+        "(layer_*.safetensors, W_enc_*/W_dec_*.safetensors or config.yaml) files"
         + (f"; subfolders: {', '.join(sub[:20])}" if sub else ""))
 
 
