@@ -333,3 +333,51 @@ def test_dtype_and_device_conversion(tmp_path):
     load_transcoders(tmp_path / "big")
     with pytest.raises(TranscoderLoadError, match="layer 0: W_enc contains NaN or inf"):
         load_transcoders(tmp_path / "big", dtype=torch.float16)
+
+
+def test_hub_download_fetches_only_the_asked_files(tmp_path, monkeypatch):
+    """Online: the repository listing is planned, and only the asked layers' files are
+    requested from snapshot_download (a fake Hub here, serving a local folder)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub as hf
+    import huggingface_hub.constants as hc
+
+    remote = tmp_path / "remote"
+    S.write_gemmascope_plt(remote / "transcoder_all", S.random_set("plt", n_layers=3, seed=21))
+    S.write_gemmascope_plt(remote / "transcoder_all", S.random_set("plt", n_layers=3, seed=22),
+                           variant="width_262k_l0_big")
+    S.write_gemmascope_clt(remote / "clt" / "width_16k_l0_small",
+                           S.random_set("clt", n_layers=3, seed=23))
+    listing = [p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()]
+    asked = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None,
+                               local_files_only=False, **kw):
+        assert not local_files_only and repo_id == "google/gemma-scope-2-270m-pt"
+        asked.append(sorted(allow_patterns))
+        root = tmp_path / "cache" / (revision or "main")
+        for f in listing:
+            if any(fnmatch.fnmatch(f, pat) for pat in allow_patterns):
+                (root / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(remote / f, root / f)
+        return str(root)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "list_repo_files", lambda repo_id, revision=None: listing)
+    monkeypatch.setattr(hf, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    ref = "google/gemma-scope-2-270m-pt/transcoder_all/width_262k_l0_big"
+    got = load_transcoders(ref + "@v1", layers=[0, 2])
+    assert sorted(got.layers) == [0, 2] and got.source == ref + "@v1"
+    assert asked[-1] == [f"transcoder_all/layer_{i}_width_262k_l0_big/{f}"
+                         for i in (0, 2) for f in ("config.json", "params.safetensors")]
+    clt = load_transcoders("google/gemma-scope-2-270m-pt/clt/width_16k_l0_small")
+    assert clt.kind == "clt" and sorted(clt.layers) == [0, 1, 2]
+    assert len(asked[-1]) == 4  # 3 params_layer files + config.json
+    with pytest.raises(TranscoderLoadError, match="2 widths/L0s"):
+        load_transcoders("google/gemma-scope-2-270m-pt/transcoder_all")
+    with pytest.raises(FileNotFoundError, match="no files under transcoder/"):
+        load_transcoders("google/gemma-scope-2-270m-pt/transcoder/width_16k_l0_small")
