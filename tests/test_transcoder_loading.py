@@ -377,6 +377,10 @@ def test_hub_download_fetches_only_the_asked_files(tmp_path, monkeypatch):
     clt = load_transcoders("google/gemma-scope-2-270m-pt/clt/width_16k_l0_small")
     assert clt.kind == "clt" and sorted(clt.layers) == [0, 1, 2]
     assert len(asked[-1]) == 4  # 3 params_layer files + config.json
+    one = load_transcoders("google/gemma-scope-2-270m-pt/clt/width_16k_l0_small@r2", layers=[1])
+    assert asked[-1] == ["clt/width_16k_l0_small/config.json",
+                         "clt/width_16k_l0_small/params_layer_1.safetensors"]
+    assert one.n_layers == 3 and one.layers[1].n_out == 2  # known from the listing
     with pytest.raises(TranscoderLoadError, match="2 widths/L0s"):
         load_transcoders("google/gemma-scope-2-270m-pt/transcoder_all")
     with pytest.raises(FileNotFoundError, match="no files under transcoder/"):

@@ -22,6 +22,7 @@ from .base import LayerTranscoder, TranscoderSet
 from .checks import (TranscoderLoadError, Verify, check_complete, check_finite, check_hooks,
                      check_layer, check_model, check_set, gemma3_size, model_dims)
 from .resolve import Plan, parse_hub_ref, resolve_hub, resolve_local
+from .safetensors_mmap import SafetensorsFile
 
 
 def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[int]] = None,
@@ -76,7 +77,8 @@ def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> T
     if p.layout == "gemmascope_clt":
         config = gs.read_config(folder)
         check_hooks(config, None, where)
-        n_layers = len(p.available) if model_n_layers is None else model_n_layers
+        size = gemma3_size(config.get("model_name", ""))
+        n_layers = model_n_layers or (size[0] if size else max(p.available) + 1)
         layers = {i: gs.load_clt_layer(folder / f[0], i, n_layers, config, f"{where} layer {i}")
                   for i, f in p.files.items()}
         return TranscoderSet("clt", n_layers, layers, model_name=config.get("model_name", ""),
@@ -91,7 +93,9 @@ def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> T
         n_layers = model_n_layers or max(p.available) + 1
         return TranscoderSet("plt", n_layers, layers, info={"activation": "/".join(sorted(acts))})
     if p.layout == "circuit_tracer_clt":
-        n_layers = model_n_layers or max(p.available) + 1
+        first = min(p.files)  # W_dec_{i} is [d_sae, n_layers - i, d_model]
+        dec = SafetensorsFile(folder / f"W_dec_{first}.safetensors")
+        n_layers = model_n_layers or dec.shape(f"W_dec_{first}")[1] + first
         layers, acts = {}, set()
         for i in p.files:
             layers[i], act = ct.load_clt_layer(folder, i, n_layers, f"{where} layer {i}")

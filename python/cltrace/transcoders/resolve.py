@@ -177,17 +177,23 @@ def resolve_hub(ref: str, layers) -> tuple[Path, Plan]:
             f"cannot get {ref} from the Hugging Face Hub"
             + (" (offline: HF_HUB_OFFLINE is set or the Hub cannot be reached, and it is not in "
                "the cache)" if listing is None else "") + f": {e}") from e
-    return resolve_local(Path(root) / sub, layers, where=ref)
+    folder, local = resolve_local(Path(root) / sub, layers, where=ref)
+    if listing is not None:
+        local.available = p.available  # the repository's layers, not just those downloaded
+    return folder, local
 
 
 def _hub_listing(repo_id: str, sub: str, revision: Optional[str]) -> Optional[list[str]]:
     """Every file path in the repository (None when the Hub cannot be reached)."""
     import huggingface_hub as hf
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return list(hf.list_repo_files(repo_id, revision=revision))
-    except (hf.errors.RepositoryNotFoundError, hf.errors.RevisionNotFoundError):
-        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # includes gated repos
+        raise FileNotFoundError(
+            f"{repo_id}{'@' + revision if revision else ''}: not found on the Hugging Face Hub, "
+            f"or gated (accept its licence on the Hub and log in / set HF_TOKEN): {e}") from e
     except Exception:  # no network: fall back to the cache
         return None
 
