@@ -1,10 +1,9 @@
-"""Loading transcoders: every layout round-trips, layouts agree, loading is lazy, errors are clear."""
+"""Loading transcoders: layouts round-trip and agree, loading is lazy, errors are clear."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -262,7 +261,8 @@ def test_inspect_cli(tmp_path, capsys):
     assert main(["inspect", str(folder), "--per-layer"]) == 0
     out = capsys.readouterr().out
     for text in ("CLT (cross-layer transcoder)", "gemmascope_clt", "layers:     3 of 3: 0-2",
-                 "d_model:    16", "32 features", "W_skip [16, 16]", "float32", "0-2", "10 (config)"):
+                 "d_model:    16", "32 features", "W_skip [16, 16]", "float32", "0-2",
+                 "10 (config)"):
         assert text in out, (text, out)
     assert main(["inspect", str(folder), "--json", "--layers", "1-2", "--verify", "all"]) == 0
     summary = json.loads(capsys.readouterr().out)

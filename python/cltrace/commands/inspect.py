@@ -104,7 +104,8 @@ def format_summary(s: dict, per_layer: bool = False) -> str:
     ]
     out = [f"{k + ':':<12}{v}" for k, v in filter(None, rows)]
     if per_layer:
-        out.append(f"{'layer':>5} {'d_sae':>8} {'writes to':>10} {'L0':>6} {'skip':>5} {'bytes':>12}")
+        out.append(f"{'layer':>5} {'d_sae':>8} {'writes to':>10} {'L0':>6} {'skip':>5} "
+                   f"{'bytes':>12}")
         for x in s["per_layer"]:
             lo, hi = x["writes_to"]
             out.append(f"{x['layer']:>5} {x['d_sae']:>8} {f'{lo}-{hi}' if hi > lo else str(lo):>10}"

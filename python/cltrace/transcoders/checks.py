@@ -86,7 +86,8 @@ def check_finite(tc: LayerTranscoder, level: Verify, where: str) -> None:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
     if level == "none":
         return
-    names = ["b_enc", "threshold", "b_dec", "W_skip", "W_enc"] + (["W_dec"] if level == "all" else [])
+    names = ["b_enc", "threshold", "b_dec", "W_skip", "W_enc"]
+    names += ["W_dec"] if level == "all" else []
     for name in names:
         t = getattr(tc, name)
         if t is not None and not _all_finite(t):

@@ -76,7 +76,8 @@ class SafetensorsFile:
         return self.infos[key]
 
     def __repr__(self) -> str:
-        return f"SafetensorsFile({str(self.path)!r}, {len(self.infos)} tensors, {self.nbytes} bytes)"
+        return (f"SafetensorsFile({str(self.path)!r}, {len(self.infos)} tensors, "
+                f"{self.nbytes} bytes)")
 
 
 def _read_header(path: Path, nbytes: int) -> tuple[dict[str, TensorInfo], dict]:
