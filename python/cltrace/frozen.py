@@ -149,9 +149,10 @@ class FrozenLinearModel:
 
     def logit_direction(self, token_ids: Tensor) -> Tensor:
         """Unembedding columns minus their vocabulary mean: [T, d_model]."""
+        acc = torch.promote_types(self.dtype, torch.float32)
         if self._W_U_mean is None:
-            self._W_U_mean = self.W_U.float().mean(0)  # [d_model]
-        return (self.W_U[token_ids].float() - self._W_U_mean).to(self.dtype)
+            self._W_U_mean = self.W_U.mean(0, dtype=acc)  # [d_model]
+        return (self.W_U[token_ids].to(acc) - self._W_U_mean).to(self.dtype)
 
     def logit_seeds(self, token_ids: Tensor, pos: int | Tensor = -1) -> Seeds:
         """Seeds of the logit directions of ``token_ids [T]`` at ``pos`` (default: last)."""
