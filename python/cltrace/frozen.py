@@ -149,9 +149,10 @@ class FrozenLinearModel:
 
     def logit_direction(self, token_ids: Tensor) -> Tensor:
         """Unembedding columns minus their vocabulary mean: [T, d_model]."""
+        acc = torch.promote_types(self.dtype, torch.float32)
         if self._W_U_mean is None:
-            self._W_U_mean = self.W_U.float().mean(0)  # [d_model]
-        return (self.W_U[token_ids].float() - self._W_U_mean).to(self.dtype)
+            self._W_U_mean = self.W_U.mean(0, dtype=acc)  # [d_model]
+        return (self.W_U[token_ids].to(acc) - self._W_U_mean).to(self.dtype)
 
     def logit_seeds(self, token_ids: Tensor, pos: int | Tensor = -1) -> Seeds:
         """Seeds of the logit directions of ``token_ids [T]`` at ``pos`` (default: last)."""
@@ -179,13 +180,15 @@ class FrozenLinearModel:
         if sel.numel() == 0:
             return False
         pos = seeds.pos[sel]
-        grad.index_put_((sel, pos), seeds.vec[sel].to(self.dtype) * k[pos], accumulate=True)
+        k = k[pos] if k.ndim == 2 else k  # [n_sel, d_model] frozen norm at the seeds' positions
+        grad.index_put_((sel, pos), seeds.vec[sel].to(self.dtype) * k, accumulate=True)
         return True
 
     def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
 
-        Each yielded ``grad [B, n_pos, d_model]`` is a fresh tensor the caller may keep.
+        A yielded ``grad [B, n_pos, d_model]`` is never modified afterwards (the caller may keep
+        it, and must not modify it in place: layers above every seed share one zero tensor).
         Transcoder features and error nodes are constants: only the residual stream, the
         frozen attention (OV with frozen patterns) and the affine skip carry gradient.
         """
@@ -201,16 +204,18 @@ class FrozenLinearModel:
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
             yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
-            grad_x = torch.zeros_like(g)
-            seeded = self._inject(grad_x, seeds, L, torch.ones_like(fl.k_pre))
-            if not (live or seeded):
-                g = torch.zeros_like(g)
-                continue
+            # d/d(x_L): seeds of features read at L, plus the skip's share of d/d(m_L)
+            grad_x = None
             if fl.W_skip is not None and live:
-                grad_x = grad_x + (g @ fl.W_skip.T) * fl.skip_mask
-            grad_h = g + grad_x * fl.k_pre
+                grad_x = (g @ fl.W_skip.T) * fl.skip_mask
+            if (seeds.layer == L).any():
+                grad_x = torch.zeros_like(g) if grad_x is None else grad_x
+                self._inject(grad_x, seeds, L, torch.ones_like(fl.k_pre[0]))
+                live = True
+            if not live:
+                continue  # nothing seeded at or above this layer yet: g stays zero
+            grad_h = g if grad_x is None else g + grad_x * fl.k_pre
             g = grad_h + self._attn_backward(fl, grad_h)
-            live = True
         yield LayerGrad(EMBED, g)
 
     def backward(self, seeds: Seeds) -> "FrozenGrads":
