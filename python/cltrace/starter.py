@@ -1,0 +1,140 @@
+"""Synthetic starter transcoders for a model, for use until trained ones are available offline.
+
+NOT trained transcoders: encoders are random directions; each feature's JumpReLU threshold is
+calibrated on the model's real MLP inputs so that about ``l0`` features fire per token; the
+affine skip and ``b_dec`` are a least-squares fit of the MLP output on its input, and the
+decoders a ridge fit of what remains on the feature activations (for a CLT, each source
+layer's decoder into its own layer; decoders into later layers are small random vectors).
+The replacement model built on them is exact (error nodes hold the rest), so graphs are
+correct attributions of *these* features; the features themselves carry no learned meaning.
+Calibration text: docstrings of Python standard-library modules (on every machine).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .capture import capture, text_parts
+from .transcoders.base import LayerTranscoder, TranscoderSet
+
+CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
+                       "re", "string", "textwrap", "datetime", "random", "statistics", "csv",
+                       "logging", "shutil", "subprocess", "tempfile", "typing", "dataclasses", "heapq"]
+
+
+def calibration_texts() -> list[str]:
+    """Docstrings of standard-library modules and their public functions/classes, deduplicated."""
+    seen, out = set(), []
+    for name in CALIBRATION_MODULES:
+        mod = importlib.import_module(name)
+        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in objs:
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
+                                          or inspect.isfunction(obj)) else None
+            if doc and len(doc) > 80 and doc not in seen:
+                seen.add(doc)
+                out.append(doc)
+    return out
+
+
+@torch.no_grad()
+def collect_mlp_io(model, tokenizer, n_tokens: int, chunk: int = 128,
+                   progress: Optional[Callable[[int], None]] = None) -> tuple[Tensor, Tensor]:
+    """MLP inputs and outputs of every layer on ``n_tokens`` calibration tokens (BOS excluded):
+    ``[n_layers, n_tokens, d_model]`` each, float32."""
+    parts = text_parts(model)
+    device = parts.lm_head.weight.device
+    xs, ys, total = [], [], 0
+    for text in calibration_texts():
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:chunk].to(device)
+        cap = capture(parts, ids)
+        xs.append(torch.stack([c.mlp_in[1:] for c in cap.layers]).float().cpu())
+        ys.append(torch.stack([c.mlp_out[1:] for c in cap.layers]).float().cpu())
+        total += ids.numel() - 1
+        if progress:
+            progress(min(total, n_tokens))
+        if total >= n_tokens:
+            break
+    return torch.cat(xs, 1)[:, :n_tokens], torch.cat(ys, 1)[:, :n_tokens]
+
+
+def _ridge(A: Tensor, B: Tensor, lam: float) -> Tensor:
+    """argmin_W |A W - B|² + lam·tr(A^T A)/n |W|²  (float64 solve)."""
+    A, B = A.double(), B.double()
+    gram = A.T @ A
+    gram.diagonal().add_(lam * gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram, A.T @ B).float()
+
+
+def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 4096, l0: int = 32,
+                    affine: bool = True, seed: int = 0, model_name: str = "",
+                    progress: Optional[Callable[[int], None]] = None) -> TranscoderSet:
+    """Build the synthetic set from MLP inputs/outputs ``X, Y [n_layers, T, d_model]``."""
+    if kind not in ("plt", "clt"):
+        raise ValueError(f"kind must be 'plt' or 'clt', got {kind!r}")
+    if not 0 < l0 < width:
+        raise ValueError(f"l0 must be in (0, width={width}), got {l0}")
+    n_layers, T, d = X.shape
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for L in range(n_layers):
+        x, y = X[L], Y[L]
+        W_enc = torch.randn(d, width, generator=g)
+        W_enc /= W_enc.norm(dim=0, keepdim=True)
+        z = x @ W_enc  # [T, width]
+        threshold = torch.quantile(z, 1.0 - l0 / width, dim=0).clamp_min(1e-3)
+        ones = torch.ones(T, 1)
+        if affine:
+            coef = _ridge(torch.cat([x, ones], 1), y, 1e-3)  # [d + 1, d]
+            W_skip, b_dec = coef[:d], coef[d]
+        else:
+            W_skip, b_dec = None, y.mean(0)
+        rest = y - b_dec - (x @ W_skip if W_skip is not None else 0)
+        acts = z * (z > threshold)
+        n_out = 1 if kind == "plt" else n_layers - L
+        W_dec = 0.01 * torch.randn(width, n_out, d, generator=g) / width ** 0.5
+        W_dec[:, 0] = _ridge(acts, rest, 1e-2)
+        layers[L] = LayerTranscoder(W_enc, torch.zeros(width), threshold, W_dec, b_dec, W_skip)
+        if progress:
+            progress(L + 1)
+    info = {"synthetic": True, "trained": False,
+            "description": ("SYNTHETIC, NOT TRAINED: random encoders, thresholds calibrated on "
+                            f"{T} real tokens for L0~{l0}, skip/decoders fitted by least squares")}
+    return TranscoderSet(kind=kind, n_layers=n_layers, layers=layers, model_name=model_name,
+                         source="", info={**info, "graph_info": {"transcoders": info["description"]}})
+
+
+def starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,
+                        affine: bool = True, n_tokens: int = 4096, progress=print) -> TranscoderSet:
+    """The cached synthetic starter set of a loaded model (built on first use, then reused).
+
+    Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily."""
+    from .models import cache_root
+    from .transcoders import load_transcoders
+    from .transcoders.write import save_gemmascope
+
+    name = getattr(loaded, "name", "") or "model"
+    tag = f"{_safe(name)}-synthetic-{kind}-w{width}-l0_{l0}{'-affine' if affine else ''}-t{n_tokens}"
+    folder = cache_root() / "starter" / tag
+    if not folder.exists():
+        progress(f"building the synthetic starter transcoders {tag} (once; cached in {folder}) ...")
+        X, Y = collect_mlp_io(loaded.model, loaded.tokenizer, n_tokens)
+        ts = fit_starter_set(X, Y, kind=kind, width=width, l0=l0, affine=affine, model_name=name)
+        try:
+            save_gemmascope(ts, folder, l0=l0)
+        except FileExistsError:  # another process finished first: use its copy
+            pass
+    ts = load_transcoders(folder)
+    info = ts.info or {}
+    if not info.get("synthetic"):  # the loaders keep config fields; restore the provenance
+        ts.info = {**info, "synthetic": True, "trained": False,
+                   "graph_info": {"transcoders": f"SYNTHETIC, NOT TRAINED starter set {tag}"}}
+    return ts
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[-64:]

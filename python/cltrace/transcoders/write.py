@@ -1,0 +1,64 @@
+"""Writers of transcoder sets in the Gemma Scope 2 layout (what cltrace's loaders read back).
+
+PLT: ``{root}/layer_{L}_width_{W}_l0_{l0}[_affine]/{config.json, params.safetensors}``;
+CLT: ``{root}/params_layer_{i}.safetensors`` (``w_dec [d_sae, n_layers - i, d_model]``) plus a
+shared ``config.json``. Keys ``w_enc [d_in, d_sae]``, ``w_dec``, ``b_enc``, ``b_dec``,
+``threshold`` and optionally ``affine_skip_connection [d_in, d_out]``. Every file is written
+to a temporary name and renamed, and the whole set is built in a temporary folder that is
+renamed onto ``root`` last, so a failure leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .base import HOOK_IN, HOOK_OUT, TranscoderSet
+
+
+def _width_name(d_sae: int) -> str:
+    return f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
+
+
+def _config(ts: TranscoderSet, layer: Optional[int], l0, affine: bool) -> dict:
+    L = "{L}" if layer is None else layer
+    return {"hf_hook_point_in": HOOK_IN.format(L=L), "hf_hook_point_out": HOOK_OUT.format(L=L),
+            "width": ts.d_sae, "model_name": ts.model_name, "architecture": "jump_relu",
+            "l0": l0, "affine_connection": affine, "type": "clt" if ts.kind == "clt" else "transcoder",
+            **({"cltrace_info": ts.info} if ts.info else {})}
+
+
+def save_gemmascope(ts: TranscoderSet, root: str | os.PathLike, *, l0="custom") -> Path:
+    """Write ``ts`` under ``root`` (which must not exist yet) in the Gemma Scope 2 layout."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    if root.exists():
+        raise FileExistsError(f"{root} already exists; choose a new folder or remove it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        affine = any(tc.W_skip is not None for tc in ts.layers.values())
+        for L, tc in sorted(ts.layers.items()):
+            params = {"w_enc": tc.W_enc, "b_enc": tc.b_enc, "threshold": tc.threshold, "b_dec": tc.b_dec,
+                      "w_dec": tc.W_dec[:, 0] if ts.kind == "plt" else tc.W_dec}
+            if tc.W_skip is not None:
+                params["affine_skip_connection"] = tc.W_skip
+            params = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+            if ts.kind == "plt":
+                folder = tmp / f"layer_{L}_width_{_width_name(tc.d_sae)}_l0_{l0}{'_affine' if affine else ''}"
+                folder.mkdir()
+                save_file(params, folder / "params.safetensors")
+                (folder / "config.json").write_text(json.dumps(_config(ts, L, l0, affine), indent=1))
+            else:
+                save_file(params, tmp / f"params_layer_{L}.safetensors")
+        if ts.kind == "clt":
+            (tmp / "config.json").write_text(json.dumps(_config(ts, None, l0, affine), indent=1))
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
