@@ -59,14 +59,16 @@ __global__ void compact_tile_kernel(const scalar_t* __restrict__ z, int64_t cols
     typename Scan::TempStorage scan;
   } tmp;
   __shared__ long long base;
+  __shared__ int total;
   const int64_t r = blockIdx.x;
   const scalar_t* zr = z + r * cols;
   int cnt = 0;
   for (int64_t c = threadIdx.x; c < cols; c += kScanThreads)
     cnt += static_cast<acc_t>(zr[c]) > static_cast<acc_t>(keep[c0 + c]);
-  const int total = Reduce(tmp.reduce).Sum(cnt);
+  const int sum = Reduce(tmp.reduce).Sum(cnt);  // valid in thread 0 only
   if (threadIdx.x == 0) {
-    base = static_cast<long long>(atomicAdd(cursor, static_cast<unsigned long long>(total)));
+    total = sum;
+    base = static_cast<long long>(atomicAdd(cursor, static_cast<unsigned long long>(sum)));
     counts[tile_base + row0 + r] = total;
     seg_start[tile_base + row0 + r] = base;
   }
@@ -146,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_cuda(
   TORCH_CHECK(W_enc_.size(1) < (int64_t{1} << 31), op, ": d_sae must be < 2^31");
   c10::cuda::CUDAGuard guard(x_.device());
   const auto x = x_.contiguous();
-  const auto W_enc = W_enc_.contiguous();
-  const auto b_enc = b_enc_.contiguous();
+  const auto& W_enc = W_enc_;  // at::mm takes any strides (e.g. a transposed [d_sae, d_in])
+  const auto& b_enc = b_enc_;
   const auto threshold = threshold_.contiguous();
   const int64_t n = x.size(0), d_sae = W_enc.size(1);
   const int64_t n_tiles = ceil_div(d_sae, kColTile);
