@@ -144,6 +144,22 @@ def test_jumprelu_encode_tiles(n, d_in, d_sae, dtype):
         assert torch.equal(got[1].cpu(), cpu[1]) and torch.equal(got[0].cpu(), cpu[0])
 
 
+def test_encoders_accept_a_transposed_W_enc():
+    # circuit-tracer stores W_enc as [d_sae, d_in]; its transpose is a strided [d_in, d_sae] view.
+    x, W, b, thr = _cuda(*_encoder(6, 20, 70, F64, seed=12))
+    Wt = W.t().contiguous().t()
+    assert not Wt.is_contiguous()
+    for got, want in zip(_C.jumprelu_encode(x, Wt, b, thr, 0.0), _C.jumprelu_encode(x, W, b, thr, 0.0)):
+        _close(got, want, F64)
+    for got, want in zip(_C.topk_encode(x, Wt, b, 5), _C.topk_encode(x, W, b, 5)):
+        _close(got, want, F64)
+    ro, fi, _acts, pre = _C.jumprelu_encode(x, W, b, thr, 0.0)
+    grad = torch.randn_like(pre)
+    for got, want in zip(_C.jumprelu_encode_backward(grad, x, Wt, thr, ro, fi, pre, 0.0),
+                         _C.jumprelu_encode_backward(grad, x, W, thr, ro, fi, pre, 0.0)):
+        _close(got, want, F64)
+
+
 def test_jumprelu_encode_no_active_feature():
     x, W, b, thr = _cuda(*_encoder(5, 16, 40, F64))
     ro, fi, acts, pre = _C.jumprelu_encode(x, W, b, thr + 1e6, 0.0)

@@ -295,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward(
   auto grad_x = at::empty({n, d_in}, x.options());
   auto grad_W = at::zeros({d_in, d_sae}, x.options());
   auto grad_b = at::zeros({d_sae}, x.options());
-  if (n == 0 || d_in == 0) return {grad_x.zero_(), grad_W, grad_b};
+  if (n == 0) return {grad_x, grad_W, grad_b};  // then nnz == 0 (row_offsets == [0])
   // Entries sorted by feature (stable: row order kept within a feature, as the CPU sums).
   const auto sorted = at::sort(fi, /*stable=*/true, 0, false);
   const at::Tensor& sorted_f = std::get<0>(sorted);
@@ -307,13 +307,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward(
       rows_kernel<<<n, 128, 0, stream()>>>(ro.data_ptr<int64_t>(), rows.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    grad_x_kernel<scalar_t><<<n, 128, 0, stream()>>>(
-        ro.data_ptr<int64_t>(), fi.data_ptr<int64_t>(), grad_z.data_ptr<scalar_t>(),
-        W.data_ptr<scalar_t>(), d_in, d_sae, grad_x.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d_in > 0) {
+      grad_x_kernel<scalar_t><<<n, 128, 0, stream()>>>(
+          ro.data_ptr<int64_t>(), fi.data_ptr<int64_t>(), grad_z.data_ptr<scalar_t>(),
+          W.data_ptr<scalar_t>(), d_in, d_sae, grad_x.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (nnz > 0 && d_sae > 0) {
       const dim3 threads(32, 8);
-      const dim3 blocks(ceil_div(d_sae, 32), std::min<int64_t>(ceil_div(d_in, 8), 16));
+      // y-blocks split d_in (at least one, which also sums grad_b when d_in == 0).
+      const int64_t k_blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(d_in, 8), 16));
+      const dim3 blocks(ceil_div(d_sae, 32), k_blocks);
       grad_w_kernel<scalar_t><<<blocks, threads, 0, stream()>>>(
           col_off.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
           grad_z.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), d_in, d_sae,
