@@ -42,6 +42,19 @@ class LayerTranscoder:
     def n_out(self) -> int:
         return self.W_dec.shape[1]
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The weights by name (W_skip only when present)."""
+        out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold,
+               "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.W_skip is not None:
+            out["W_skip"] = self.W_skip
+        return out
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LayerTranscoder":
+        """A copy on ``device`` in ``dtype``; tensors already there are kept (not copied)."""
+        moved = {k: t.to(device=device, dtype=dtype) for k, t in self.tensors().items()}
+        return LayerTranscoder(**moved)
+
 
 @dataclass
 class TranscoderSet:
@@ -65,6 +78,18 @@ class TranscoderSet:
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.layers.values())).W_enc.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all weights (a view counts only the elements it shows)."""
+        return sum(t.numel() * t.element_size()
+                   for tc in self.layers.values() for t in tc.tensors().values())
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "TranscoderSet":
+        """The set on ``device`` in ``dtype`` (copies only the tensors that change)."""
+        layers = {i: tc.to(device=device, dtype=dtype) for i, tc in self.layers.items()}
+        return TranscoderSet(self.kind, self.n_layers, layers, self.model_name, self.source,
+                             dict(self.info))
 
     def decoder_slice(self, source: int, target: int) -> Tensor:
         """Decoder rows of source-layer features into target layer: [d_sae, d_model] (a view)."""

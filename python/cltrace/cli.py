@@ -1,0 +1,46 @@
+"""The ``cltrace`` command line: ``cltrace <command> ...``.
+
+Each command lives in its own module under :mod:`cltrace.commands` and provides ``NAME``,
+``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``; list it in
+``COMMANDS`` below to add it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ["inspect"]  # modules of cltrace.commands, in --help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cltrace",
+        description="Attribution graphs (circuit tracing) for Gemma 3 with Gemma Scope 2 "
+                    "transcoders.",
+        epilog="Run 'cltrace <command> --help' for a command's options.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cltrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMANDS:
+        mod = importlib.import_module(f"cltrace.commands.{name}")
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (OSError, ValueError) as e:  # user errors: one clear line, no traceback
+        print(f"cltrace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

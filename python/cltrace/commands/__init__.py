@@ -1,0 +1,1 @@
+"""One module per ``cltrace`` subcommand (see :mod:`cltrace.cli`)."""

@@ -1,0 +1,162 @@
+"""Validation of transcoder weights: shapes, finiteness, hook points, and fit to a model.
+
+Every error names the file and layer and says what to do. Finiteness is checked without
+reading more than asked: ``verify="encoder"`` (the default of the loaders) scans every tensor
+except the decoders, which are read by rows only when features fire; ``verify="all"`` scans the
+decoders too, in chunks; ``verify="none"`` checks shapes only.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import HOOK_IN, HOOK_OUT, LayerTranscoder, TranscoderSet
+
+Verify = Literal["none", "encoder", "all"]
+VERIFY_LEVELS = ("none", "encoder", "all")
+
+# Layers and d_model of the Gemma 3 sizes (for transcoders whose config names their model).
+GEMMA3_SIZES = {"270m": (18, 640), "1b": (26, 1152), "4b": (34, 2560), "12b": (48, 3840),
+                "27b": (62, 5376)}
+_GEMMA3_NAME = re.compile(r"gemma-3-(\d+[mb])\b", re.IGNORECASE)
+_CHUNK_ELEMS = 1 << 24  # 16M elements per finiteness chunk
+
+
+class TranscoderLoadError(ValueError):
+    """Transcoder files that cannot be used as asked (wrong shapes, layers, model, NaNs...)."""
+
+
+def gemma3_size(model_name: str) -> Optional[tuple[int, int]]:
+    """(n_layers, d_model) of a Gemma 3 model named like ``google/gemma-3-270m-pt``."""
+    m = _GEMMA3_NAME.search(model_name or "")
+    return GEMMA3_SIZES.get(m.group(1).lower()) if m else None
+
+
+def expect_shape(t: Tensor, shape: Sequence[Optional[int]], what: str) -> None:
+    """Raise unless ``t.shape`` matches ``shape`` (``None`` matches any size)."""
+    ok = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise TranscoderLoadError(f"{what} has shape {list(t.shape)}, expected {want}")
+
+
+def check_layer(tc: LayerTranscoder, where: str) -> None:
+    """Shapes of one source layer's transcoder agree with each other."""
+    d_model, d_sae = tc.W_enc.shape
+    expect_shape(tc.b_enc, [d_sae], f"{where}: b_enc")
+    expect_shape(tc.threshold, [d_sae], f"{where}: threshold")
+    expect_shape(tc.W_dec, [d_sae, None, d_model], f"{where}: W_dec")
+    expect_shape(tc.b_dec, [d_model], f"{where}: b_dec")
+    if tc.W_skip is not None:
+        expect_shape(tc.W_skip, [d_model, d_model], f"{where}: W_skip")
+    if tc.W_dec.shape[1] < 1:
+        raise TranscoderLoadError(f"{where}: W_dec writes to no layer")
+
+
+def check_hooks(config: dict, layer: Optional[int], where: str) -> None:
+    """Gemma Scope 2 config.json hook points must be the MLP input and output of ``layer``
+    (any layer when ``layer`` is None, as in a CLT's shared config)."""
+    for key, template, what in (("hf_hook_point_in", HOOK_IN, "MLP input"),
+                                ("hf_hook_point_out", HOOK_OUT, "MLP output")):
+        got = config.get(key)
+        if got is None:
+            continue
+        pattern = re.escape(template).replace(re.escape("{L}"), r"(\d+|\{L\}|\*)")
+        m = re.fullmatch(pattern, got)
+        if m is None or (layer is not None and m.group(1) != str(layer)):
+            want = template.format(L=layer if layer is not None else "{L}")
+            raise TranscoderLoadError(
+                f"{where}: {key} is {got!r}, not the {what} {want!r}; cltrace needs MLP "
+                "transcoders (Gemma Scope 2 'transcoder_all'/'clt'), not SAEs on other hooks")
+    kind = config.get("type")
+    if kind is not None and kind not in ("transcoder", "clt", "crosscoder"):
+        raise TranscoderLoadError(f"{where}: config type is {kind!r}, not a transcoder")
+    arch = config.get("architecture")
+    if arch is not None and arch != "jump_relu":
+        raise TranscoderLoadError(f"{where}: architecture {arch!r} is not supported "
+                                  "(cltrace reads JumpReLU transcoders)")
+
+
+def check_finite(tc: LayerTranscoder, level: Verify, where: str) -> None:
+    """Raise if a weight holds NaN or inf; ``level`` says which tensors are scanned."""
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
+    if level == "none":
+        return
+    names = ["b_enc", "threshold", "b_dec", "W_skip", "W_enc"]
+    names += ["W_dec"] if level == "all" else []
+    for name in names:
+        t = getattr(tc, name)
+        if t is not None and not _all_finite(t):
+            raise TranscoderLoadError(f"{where}: {name} contains NaN or inf values "
+                                      "(corrupt or diverged weights)")
+
+
+def _all_finite(t: Tensor) -> bool:
+    if t.numel() <= _CHUNK_ELEMS or t.dim() == 0:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, _CHUNK_ELEMS // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
+def check_set(ts: TranscoderSet, where: str) -> None:
+    """All layers share d_model and d_sae, sit inside the model, and do not write past it."""
+    if not ts.layers:
+        raise TranscoderLoadError(f"{where}: no layers loaded")
+    first = min(ts.layers)
+    d_model, d_sae = ts.layers[first].W_enc.shape
+    for layer, tc in sorted(ts.layers.items()):
+        if tc.W_enc.shape[0] != d_model:
+            raise TranscoderLoadError(f"{where}: layer {layer} has d_model {tc.W_enc.shape[0]} "
+                                      f"but layer {first} has {d_model}")
+        if tc.d_sae != d_sae:
+            raise TranscoderLoadError(f"{where}: inconsistent widths: layer {layer} has "
+                                      f"{tc.d_sae} features, layer {first} has {d_sae}")
+        if not 0 <= layer < ts.n_layers:
+            raise TranscoderLoadError(f"{where}: layer {layer} outside the model's "
+                                      f"{ts.n_layers} layers")
+        if layer + tc.n_out > ts.n_layers:
+            raise TranscoderLoadError(f"{where}: layer {layer} writes to {tc.n_out} layers, "
+                                      f"past the model's {ts.n_layers}")
+    size = gemma3_size(ts.model_name)
+    if size is not None and size[1] != d_model:
+        raise TranscoderLoadError(f"{where}: config says model {ts.model_name!r} (d_model "
+                                  f"{size[1]}) but the weights have d_model {d_model}")
+
+
+def check_complete(ts: TranscoderSet, layers: Optional[Sequence[int]], where: str) -> None:
+    """Every requested layer (all of the model's layers when ``layers`` is None) is present."""
+    want = set(range(ts.n_layers)) if layers is None else set(layers)
+    missing = sorted(want - set(ts.layers))
+    if missing:
+        hint = "" if layers is not None else "; pass layers=[...] to load a subset"
+        raise TranscoderLoadError(f"{where}: missing transcoders for layers {missing} of the "
+                                  f"model's {ts.n_layers}{hint}")
+
+
+def model_dims(model_or_config: Any) -> tuple[int, int, str]:
+    """(n_layers, d_model, name) of a transformers model or config (text tower if multimodal)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    try:
+        return int(cfg.num_hidden_layers), int(cfg.hidden_size), str(
+            getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "model"))
+    except AttributeError:
+        raise TypeError("model_config must be a transformers model or config with "
+                        "num_hidden_layers and hidden_size") from None
+
+
+def check_model(ts: TranscoderSet, model_config: Any, where: str) -> None:
+    """The set was trained for this model: same d_model and number of layers."""
+    n_layers, d_model, name = model_dims(model_config)
+    if ts.d_model != d_model:
+        extra = f" (config.json model_name: {ts.model_name})" if ts.model_name else ""
+        raise TranscoderLoadError(
+            f"{where}: transcoders have d_model {ts.d_model} but the model {name!r} has "
+            f"hidden_size {d_model}: they were trained for another model{extra}")
+    if ts.n_layers != n_layers:
+        raise TranscoderLoadError(f"{where}: transcoders are for a {ts.n_layers}-layer model "
+                                  f"but {name!r} has {n_layers} layers")
