@@ -341,3 +341,21 @@ def test_real_gemma_270m_logits(kind, skip):
     assert all(a.feat_idx.numel() > 0 for a in st.acts)
     paris = loaded.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     assert paris in st.logits[-1].topk(5).indices.tolist()
+
+
+def test_backward_early_positions_only(setup):
+    """Seeds all at early positions: the causal truncation still equals autograd."""
+    *_, dtype = setup
+    _, st = build(setup, "clt", True, skip_positions=1)
+    seeds = Seeds(*(torch.cat(t) for t in zip(
+        st.logit_seeds([9], pos=2), st.feature_seeds(torch.tensor([4, 2]), torch.tensor([0, 3]),
+                                                     torch.tensor([5, 6])))))
+    grads = st.frozen.backward(seeds)
+    embed = st.embed.clone().requires_grad_()
+    sources = st.sources().clone().requires_grad_()
+    objs = seed_objectives(st, st.frozen(embed, sources), seeds)
+    for b in range(seeds.n):
+        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+        torch.testing.assert_close(grads.embed[b], g_emb, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads.mlp_out[:, b], g_src, rtol=1e-4, atol=1e-6)
+    assert grads.embed.shape == (3, N_POS, 64) and (grads.embed[:, 4:] == 0).all()

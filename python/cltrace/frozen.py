@@ -96,6 +96,7 @@ class FrozenLinearModel:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dtype = dtype
+        self.causal = not getattr(cfg, "use_bidirectional_attention", False)
         W_skip = W_skip or [None] * self.n_layers
         mask = None if skip_mask is None else skip_mask.to(dtype)[:, None]
         self.layers: list[FrozenLayer] = []
@@ -164,15 +165,18 @@ class FrozenLinearModel:
     # --- the linearised backward -----------------------------------------------------------
 
     def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
-        """VJP of ``r -> post-scaled attention`` for ``grad_h [B, n_pos, d]`` -> [B, n_pos, d]."""
+        """VJP of ``r -> post-scaled attention`` on the first n positions: [B, n, d] -> [B, n, d]."""
         B, n, _ = grad_h.shape
-        grad_z = (grad_h * fl.k_attn) @ fl.W_O  # [B, n_pos, n_heads * hd]
-        grad_z = grad_z.view(B, n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        grad_z = grad_z.permute(0, 2, 3, 1, 4)  # [B, n_kv, rep, n_pos(q), hd]
-        P = fl.pattern.view(self.n_kv, self.n_heads // self.n_kv, n, n)
-        grad_v = (P.transpose(-1, -2) @ grad_z).sum(2)  # [B, n_kv, n_pos(k), hd]
-        grad_v = grad_v.permute(0, 2, 1, 3).reshape(B, n, -1)  # [B, n_pos, n_kv * hd]
-        return (grad_v @ fl.W_V) * fl.k_in
+        rep, hd = self.n_heads // self.n_kv, self.head_dim
+        grad_z = (grad_h * fl.k_attn[:n]) @ fl.W_O  # [B, n, n_heads * hd]
+        # the heads sharing a KV head stacked along queries, the batch folded into columns (so
+        # the frozen pattern is never broadcast over B): [n_kv, rep * n(q), B * hd]
+        grad_z = grad_z.view(B, n, self.n_kv, rep, hd).permute(2, 3, 1, 0, 4)
+        grad_z = grad_z.reshape(self.n_kv, rep * n, B * hd)
+        P = fl.pattern[:, :n, :n].reshape(self.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
+        grad_v = P.transpose(1, 2) @ grad_z  # [n_kv, n(k), B * hd]: sums over the group's heads
+        grad_v = grad_v.view(self.n_kv, n, B, hd).permute(2, 1, 0, 3).reshape(B, n, -1)
+        return (grad_v @ fl.W_V) * fl.k_in[:n]  # [B, n, d_model]
 
     def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Tensor) -> bool:
         """Add the seeds of ``layer`` (scaled by the frozen norm ``k``) to ``grad`` in place."""
@@ -184,14 +188,7 @@ class FrozenLinearModel:
         grad.index_put_((sel, pos), seeds.vec[sel].to(self.dtype) * k, accumulate=True)
         return True
 
-    def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
-        """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
-
-        A yielded ``grad [B, n_pos, d_model]`` is never modified afterwards (the caller may keep
-        it, and must not modify it in place: layers above every seed share one zero tensor).
-        Transcoder features and error nodes are constants: only the residual stream, the
-        frozen attention (OV with frozen patterns) and the affine skip carry gradient.
-        """
+    def _check(self, seeds: Seeds) -> None:
         B = seeds.n
         if seeds.vec.shape != (B, self.d_model):
             raise ValueError(f"seed vectors must be [B, {self.d_model}], got {tuple(seeds.vec.shape)}")
@@ -199,24 +196,40 @@ class FrozenLinearModel:
             raise ValueError(f"seed layers must lie in [0, {self.n_layers}]")
         if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
             raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
-        g = torch.zeros(B, self.n_pos, self.d_model, dtype=self.dtype, device=self.k_final.device)
+
+    def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
+        """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
+
+        A yielded ``grad [B, n_pos, d_model]`` is never modified afterwards (the caller may keep
+        it, and must not modify it in place: layers above every seed share one zero tensor).
+        Transcoder features and error nodes are constants: only the residual stream, the
+        frozen attention (OV with frozen patterns) and the affine skip carry gradient.
+        Attention is causal, so only positions up to the last seed's are computed (the rest
+        of every yielded gradient is zero): batch seeds of nearby positions together.
+        """
+        self._check(seeds)
+        B, N = seeds.n, self.n_pos
+        n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
+        pad = (lambda t: t) if n == N else (lambda t: torch.nn.functional.pad(t, (0, 0, 0, N - n)))
+        g = torch.zeros(B, n, self.d_model, dtype=self.dtype, device=self.k_final.device)
         live = self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        zero = None if live else pad(g)
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
-            yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            yield LayerGrad(L, pad(g) if live else zero)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
             # d/d(x_L): seeds of features read at L, plus the skip's share of d/d(m_L)
             grad_x = None
             if fl.W_skip is not None and live:
-                grad_x = (g @ fl.W_skip.T) * fl.skip_mask
+                grad_x = (g @ fl.W_skip.T) * fl.skip_mask[:n]
             if (seeds.layer == L).any():
                 grad_x = torch.zeros_like(g) if grad_x is None else grad_x
                 self._inject(grad_x, seeds, L, torch.ones_like(fl.k_pre[0]))
                 live = True
             if not live:
                 continue  # nothing seeded at or above this layer yet: g stays zero
-            grad_h = g if grad_x is None else g + grad_x * fl.k_pre
+            grad_h = g if grad_x is None else g + grad_x * fl.k_pre[:n]
             g = grad_h + self._attn_backward(fl, grad_h)
-        yield LayerGrad(EMBED, g)
+        yield LayerGrad(EMBED, pad(g))
 
     def backward(self, seeds: Seeds) -> "FrozenGrads":
         """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""

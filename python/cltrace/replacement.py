@@ -34,7 +34,7 @@ class ActiveFeatures(NamedTuple):
     value: Tensor  # [n_active]  activation
 
 
-@dataclass
+@dataclass(repr=False)
 class ReplacementState:
     """The replacement model on one prompt: what the real model did and its linearisation."""
 
@@ -51,6 +51,13 @@ class ReplacementState:
     @property
     def n_pos(self) -> int:
         return self.tokens.numel()
+
+    def __repr__(self) -> str:
+        n_active = sum(a.feat_idx.numel() for a in self.acts)
+        err = (self.errors.norm() / self.mlp_out.to(self.errors.dtype).norm()).item()
+        return (f"ReplacementState(n_pos={self.n_pos}, n_layers={self.n_layers}, "
+                f"active_features={n_active}, skip_positions={self.skip_positions}, "
+                f"relative_error_norm={err:.3g})")
 
     @property
     def n_layers(self) -> int:
