@@ -104,7 +104,7 @@ def mixed_seeds(st, gen):
 def seed_objectives(st, out, seeds):
     """The scalar each seed differentiates, computed from the frozen forward's outputs."""
     objs = []
-    y = out.resid_final * st.frozen.k_final  # output of the frozen final norm
+    y = st.frozen.k_final(out.resid_final)  # output of the frozen final norm
     for L, p, v in zip(seeds.layer.tolist(), seeds.pos.tolist(), seeds.vec):
         objs.append(y[p] @ v if L == st.n_layers else out.mlp_in[L, p] @ v)
     return torch.stack(objs)
