@@ -359,3 +359,31 @@ def test_backward_early_positions_only(setup):
         torch.testing.assert_close(grads.embed[b], g_emb, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads.mlp_out[:, b], g_src, rtol=1e-4, atol=1e-6)
     assert grads.embed.shape == (3, N_POS, 64) and (grads.embed[:, 4:] == 0).all()
+
+
+def test_from_pretrained_by_name(setup, monkeypatch):
+    """Names are handed to cltrace.models.load_model / cltrace.transcoders.load_transcoders."""
+    import types
+
+    import cltrace.transcoders
+
+    model, tokens, mlp_in, dtype = setup
+    tcs = random_transcoders(mlp_in, "plt")
+    calls = []
+
+    def load_model(name, device=None, dtype=None):
+        calls.append(("model", name, device, dtype))
+        return types.SimpleNamespace(model=model, tokenizer=_StubTokenizer())
+
+    def load_transcoders(ref, device=None, dtype=None):
+        calls.append(("transcoders", ref, device, dtype))
+        return tcs
+
+    monkeypatch.setitem(sys.modules, "cltrace.models", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr(cltrace.transcoders, "load_transcoders", load_transcoders, raising=False)
+    rm = ReplacementModel.from_pretrained("tiny-it", "tiny-plt", device="cpu", dtype=dtype)
+    assert calls == [("model", "tiny-it", "cpu", dtype), ("transcoders", "tiny-plt", "cpu", dtype)]
+    assert isinstance(rm.tokenizer, _StubTokenizer) and rm.dtype == dtype
+    st = rm.run(tokens)
+    assert st.skip_positions == 4  # an -it model by name
+    assert rel_err(st.replacement_forward().logits, st.logits) <= TOL[dtype]

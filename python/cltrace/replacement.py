@@ -116,8 +116,10 @@ class ReplacementModel:
     """A Gemma 3 model with a transcoder set: ``run(prompt)`` builds the replacement state."""
 
     def __init__(self, model: nn.Module, transcoders: TranscoderSet, tokenizer=None,
-                 dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto"):
+                 dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto",
+                 model_name: str = ""):
         self.parts: TextParts = text_parts(model)
+        self.model_name = model_name or getattr(model.config, "name_or_path", "") or ""
         self.model = model
         self.tokenizer = tokenizer
         self.device = self.parts.lm_head.weight.device
@@ -134,6 +136,7 @@ class ReplacementModel:
                         skip_positions: Union[int, str] = "auto") -> "ReplacementModel":
         """Build from a transformers Gemma 3 model (or a name for ``cltrace.models.load_model``)
         and a TranscoderSet (or a reference for ``cltrace.transcoders.load_transcoders``)."""
+        name = model if isinstance(model, str) else ""
         if isinstance(model, str):
             from .models import load_model  # lazily: loading needs transformers and weights
 
@@ -146,7 +149,8 @@ class ReplacementModel:
 
             transcoders = load_transcoders(transcoders, device=device, dtype=dtype)
         model.eval()
-        return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype, skip_positions=skip_positions)
+        return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype,
+                   skip_positions=skip_positions, model_name=name)
 
     # --- prompt handling -------------------------------------------------------------------
 
@@ -168,8 +172,8 @@ class ReplacementModel:
         return ids.long().to(self.device)
 
     def is_instruction_tuned(self) -> bool:
-        names = (getattr(self.model.config, "name_or_path", "") or "",
-                 self.transcoders.model_name or "")
+        """An ``-it`` model, by the model's or the transcoders' name."""
+        names = (self.model_name, self.transcoders.model_name or "")
         return any(n.rstrip("/").endswith("-it") for n in names)
 
     def n_skip(self, tokens: Tensor) -> int:
