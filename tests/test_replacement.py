@@ -297,6 +297,10 @@ def test_incompatible_transcoders(setup):
         ReplacementModel(model, random_transcoders(mlp_in, "plt")).run("hello")
     with pytest.raises(ValueError, match="token ids"):
         ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([1, 2, 300])
+    with pytest.raises(ValueError, match="at most 256"):
+        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run(torch.zeros(257, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tokens"):
+        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([])
 
 
 def test_gqa_single_kv_head_and_partial_set():

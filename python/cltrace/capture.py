@@ -142,7 +142,7 @@ def capture(parts: TextParts, tokens: Tensor) -> Capture:
     def keep(name: str, idx: int, want_input: bool):
         def hook(_mod, args, out):
             rec[(name, idx)] = (_first(args) if want_input else _first(out))[0].detach()
-            if name in ("ln_in", "ln_attn", "ln_pre", "ln_post", "final") and want_input:
+            if name in ("ln_pre", "ln_post"):  # the MLP input and output, too
                 rec[(name + "_out", idx)] = _first(out)[0].detach()
         return hook
 

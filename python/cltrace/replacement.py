@@ -166,6 +166,9 @@ class ReplacementModel:
             ids = torch.as_tensor(prompt).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt has no tokens")
+        limit = getattr(self.parts.config, "max_position_embeddings", None)
+        if limit is not None and ids.numel() > limit:
+            raise ValueError(f"the prompt has {ids.numel()} tokens; the model takes at most {limit}")
         vocab = self.parts.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
