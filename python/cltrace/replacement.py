@@ -221,8 +221,9 @@ def _check_compatible(parts: TextParts, tcs: TranscoderSet) -> None:
                          f"d_model={parts.d_model}: transcoders for another model? "
                          f"(transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
     if tcs.n_layers != parts.n_layers:
+        name = tcs.model_name or tcs.source or "unnamed"
         raise ValueError(f"transcoders are for a {tcs.n_layers}-layer model but the model has "
-                         f"{parts.n_layers} layers (transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
+                         f"{parts.n_layers} layers (transcoders: {name})")
     for L, tc in tcs.layers.items():
         if not 0 <= L < parts.n_layers:
             raise ValueError(f"transcoder for layer {L} but the model has {parts.n_layers} layers")
