@@ -1,0 +1,185 @@
+"""One forward pass of a Gemma 3 model that records what the local replacement model freezes.
+
+The local replacement model of Ameisen et al. (2025), "Circuit Tracing"
+(https://transformer-circuits.pub/2025/attribution-graphs/methods.html#building-replacement-model)
+freezes the attention patterns and every normalisation denominator at their values on the
+prompt. This module runs the real model once (eager attention, so that the patterns exist)
+with forward hooks and keeps, per layer L (Gemma 3 block, transformers ``modeling_gemma3``):
+
+    a_L   = input_layernorm(r_L)                       scale_in[L]   = 1/rms(r_L)
+    h_L   = r_L + post_attention_layernorm(attn(a_L))  scale_attn[L] = 1/rms(attn(a_L))
+    x_L   = pre_feedforward_layernorm(h_L)             scale_pre[L]  = 1/rms(h_L)     (MLP input)
+    m_L   = post_feedforward_layernorm(mlp(x_L))       scale_post[L] = 1/rms(mlp(x_L)) (MLP output)
+    r_L+1 = h_L + m_L
+    logits = norm(r_n) @ W_U^T                         scale_final   = 1/rms(r_n)
+
+An RMSNorm here is ``y = x * scale * (1 + w)`` with ``scale = rsqrt(mean(x^2) + eps)`` in fp32;
+the scales are stored in fp32. QK-norm does not matter once the patterns are frozen.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TextParts:
+    """The pieces of a Gemma 3 causal LM the replacement model reads (no copies)."""
+
+    model: nn.Module  # the whole model (called for the forward pass)
+    layers: nn.ModuleList  # Gemma3DecoderLayer x n_layers
+    embed: nn.Module  # Gemma3TextScaledWordEmbedding (multiplies by sqrt(d_model))
+    norm: nn.Module  # final RMSNorm
+    lm_head: nn.Module  # unembedding (tied to the embedding in Gemma 3)
+    config: object  # Gemma3TextConfig
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+
+def text_parts(model: nn.Module) -> TextParts:
+    """Find the decoder stack of a Gemma3ForCausalLM or Gemma3ForConditionalGeneration."""
+    inner = getattr(model, "model", None)
+    text = getattr(inner, "language_model", inner)  # multimodal wrapper holds the text model
+    lm_head = getattr(model, "lm_head", None)
+    if text is None or not hasattr(text, "layers") or lm_head is None:
+        raise TypeError(f"expected a transformers Gemma 3 causal LM (Gemma3ForCausalLM or "
+                        f"Gemma3ForConditionalGeneration), got {type(model).__name__}")
+    config = getattr(text, "config", None)
+    config = model.config if config is None else config
+    config = getattr(config, "text_config", config)
+    layer = text.layers[0]
+    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm", "self_attn", "mlp"):
+        if not hasattr(layer, name):
+            raise TypeError(f"{type(layer).__name__} has no `{name}`: not a Gemma 3 decoder layer")
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError("final logit softcapping is set: the logits would not be linear in the "
+                         "residual stream (Gemma 3 has none; is this a Gemma 2 model?)")
+    return TextParts(model, text.layers, text.embed_tokens, text.norm, lm_head, config)
+
+
+@dataclass(repr=False)
+class LayerCapture:
+    """What one decoder layer computed on the prompt (batch dimension dropped)."""
+
+    resid_in: Tensor  # [n_pos, d_model]  r_L, the residual stream entering the layer
+    attn_out: Tensor  # [n_pos, d_model]  attn(a_L), before post_attention_layernorm
+    resid_mid: Tensor  # [n_pos, d_model]  h_L = r_L + post_attention_layernorm(attn_out)
+    mlp_in: Tensor  # [n_pos, d_model]  x_L = pre_feedforward_layernorm(h_L)  (transcoder input)
+    mlp_out: Tensor  # [n_pos, d_model]  m_L = post_feedforward_layernorm(mlp(x_L))  (target)
+    pattern: Tensor  # [n_heads, n_pos, n_pos]  attention probabilities (query, key)
+    scale_in: Tensor  # [n_pos] fp32  1/rms of r_L            (input_layernorm)
+    scale_attn: Tensor  # [n_pos] fp32  1/rms of attn_out     (post_attention_layernorm)
+    scale_pre: Tensor  # [n_pos] fp32  1/rms of h_L           (pre_feedforward_layernorm)
+    scale_post: Tensor  # [n_pos] fp32  1/rms of mlp(x_L)     (post_feedforward_layernorm)
+
+
+@dataclass(repr=False)
+class Capture:
+    """Everything recorded by :func:`capture` on one prompt."""
+
+    tokens: Tensor  # [n_pos] int64
+    embed: Tensor  # [n_pos, d_model]  token embeddings, already scaled by sqrt(d_model)
+    layers: list[LayerCapture]  # n_layers
+    resid_final: Tensor  # [n_pos, d_model]  input of the final norm
+    scale_final: Tensor  # [n_pos] fp32  1/rms of resid_final
+    logits: Tensor  # [n_pos, vocab]  the real model's logits
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.numel()
+
+    def __repr__(self) -> str:
+        return (f"Capture(n_pos={self.n_pos}, n_layers={len(self.layers)}, "
+                f"d_model={self.embed.shape[-1]}, dtype={self.embed.dtype})")
+
+
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dimension, in fp32, as Gemma3RMSNorm does."""
+    x = x.float()
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run with the eager attention implementation (the only one returning patterns)."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            model.set_attn_implementation(previous)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def capture(parts: TextParts, tokens: Tensor) -> Capture:
+    """Run the model once on ``tokens [n_pos]`` and record the frozen quantities per layer."""
+    if tokens.ndim != 1 or tokens.numel() == 0:
+        raise ValueError(f"expected a non-empty 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
+    eps = parts.config.rms_norm_eps
+    rec: dict[tuple[str, int], Tensor] = {}
+    handles = []
+
+    def keep(name: str, idx: int, want_input: bool):
+        def hook(_mod, args, out):
+            rec[(name, idx)] = (_first(args) if want_input else _first(out))[0].detach()
+            if name in ("ln_pre", "ln_post"):  # the MLP input and output, too
+                rec[(name + "_out", idx)] = _first(out)[0].detach()
+        return hook
+
+    def keep_pattern(idx: int):
+        def hook(_mod, _args, out):
+            if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+                raise RuntimeError("the attention module returned no pattern; eager attention is needed")
+            rec[("pattern", idx)] = out[1][0].detach()
+        return hook
+
+    try:
+        handles.append(parts.embed.register_forward_hook(keep("embed", 0, False)))
+        for i, layer in enumerate(parts.layers):
+            handles += [
+                layer.input_layernorm.register_forward_hook(keep("ln_in", i, True)),
+                layer.self_attn.register_forward_hook(keep_pattern(i)),
+                layer.post_attention_layernorm.register_forward_hook(keep("ln_attn", i, True)),
+                layer.pre_feedforward_layernorm.register_forward_hook(keep("ln_pre", i, True)),
+                layer.post_feedforward_layernorm.register_forward_hook(keep("ln_post", i, True)),
+            ]
+        handles.append(parts.norm.register_forward_hook(keep("final", 0, True)))
+        device = parts.lm_head.weight.device
+        with eager_attention(parts.model):
+            out = parts.model(input_ids=tokens.to(device)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    layers = []
+    for i in range(parts.n_layers):
+        r, h = rec[("ln_in", i)], rec[("ln_pre", i)]
+        layers.append(LayerCapture(
+            resid_in=r, attn_out=rec[("ln_attn", i)], resid_mid=h,
+            mlp_in=rec[("ln_pre_out", i)], mlp_out=rec[("ln_post_out", i)],
+            pattern=rec[("pattern", i)],
+            scale_in=rms_scale(r, eps), scale_attn=rms_scale(rec[("ln_attn", i)], eps),
+            scale_pre=rms_scale(h, eps), scale_post=rms_scale(rec[("ln_post", i)], eps)))
+    return Capture(tokens=tokens.detach().to(device), embed=rec[("embed", 0)], layers=layers,
+                   resid_final=rec[("final", 0)], scale_final=rms_scale(rec[("final", 0)], eps),
+                   logits=out.logits[0].detach())

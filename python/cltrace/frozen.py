@@ -1,0 +1,259 @@
+"""The frozen linear model of one prompt: its forward and its hand-written linearised backward.
+
+With the attention patterns and normalisation denominators frozen at their values on the
+prompt (Ameisen et al. 2025, https://transformer-circuits.pub/2025/attribution-graphs/methods.html
+§ "Building the local replacement model"), the map from the token embeddings ``e`` and the
+*sources* written into each layer's MLP output ``s_L`` (transcoder feature decodes, ``b_dec``
+and error vectors: constants of the linearisation) to the residual stream and the logits is
+linear. Per layer L, with frozen norms ``k_*(y) = (y * scale_*) * (1 + w_*)`` (scale [n_pos]):
+
+    r_0   = e
+    v     = k_in(r_L) @ W_V^T                    # [n_pos, n_kv * head_dim]
+    z_h   = P_h @ v_{kv(h)}                      # frozen pattern P_h [n_pos, n_pos], GQA
+    h_L   = r_L + k_attn(z @ W_O^T)
+    x_L   = k_pre(h_L)                           # the MLP input (what transcoders read)
+    m_L   = s_L + mask * (x_L @ W_skip_L)        # affine skip of a transcoder, if any
+    r_L+1 = h_L + m_L
+    logits = k_final(r_n) @ W_U^T
+
+:meth:`FrozenLinearModel.iter_backward` is the vector-Jacobian product of that map for a batch
+of B seeds at once (no autograd, no replicated forward): a seed is a direction at one position,
+either at the final-norm input (a logit direction, through the frozen final norm) or at a
+layer's MLP input (a feature's encoder column, through the frozen pre-FF norm). Going down, it
+yields for every layer L the gradient w.r.t. ``m_L`` ([B, n_pos, d_model]) and finally the
+gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .capture import Capture, TextParts
+
+EMBED = -1  # the `layer` of the last backward step: the gradient w.r.t. the token embeddings
+
+
+class Seeds(NamedTuple):
+    """B gradient seeds. ``layer[b] == n_layers`` means the final-norm input (a logit seed)."""
+
+    layer: Tensor  # [B] int64  layer whose MLP input x_L receives the seed, or n_layers
+    pos: Tensor  # [B] int64  position of the seed
+    vec: Tensor  # [B, d_model]  direction after the norm (encoder column / logit direction)
+
+    @property
+    def n(self) -> int:
+        return self.layer.numel()
+
+
+class LayerGrad(NamedTuple):
+    """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
+
+    layer: int
+    grad: Tensor  # [B, n_pos, d_model]
+
+
+class FrozenOutput(NamedTuple):
+    logits: Tensor  # [n_pos, vocab]
+    resid_final: Tensor  # [n_pos, d_model]  input of the final norm
+    mlp_in: Tensor  # [n_layers, n_pos, d_model]  x_L of every layer
+
+
+@dataclass
+class FrozenLayer:
+    """The frozen linear pieces of one decoder layer on one prompt."""
+
+    W_V: Tensor  # [n_kv * head_dim, d_model]
+    W_O: Tensor  # [d_model, n_heads * head_dim]
+    b_V: Optional[Tensor]  # [n_kv * head_dim] (None in Gemma 3)
+    b_O: Optional[Tensor]  # [d_model] (None in Gemma 3)
+    pattern: Tensor  # [n_heads, n_pos, n_pos]
+    k_in: "FrozenNorm"  # input_layernorm
+    k_attn: "FrozenNorm"  # post_attention_layernorm
+    k_pre: "FrozenNorm"  # pre_feedforward_layernorm
+    W_skip: Optional[Tensor] = None  # [d_model, d_model] applied as x @ W_skip
+    skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
+
+
+class FrozenNorm(NamedTuple):
+    """An RMSNorm with its denominator frozen: ``x -> (x * scale) * gain``, a linear map."""
+
+    scale: Tensor  # [n_pos, 1]  1/rms of the input on the prompt
+    gain: Tensor  # [d_model]  1 + w
+
+    def __call__(self, x: Tensor, n: Optional[int] = None) -> Tensor:
+        """Apply to ``x [..., n, d_model]`` at the first ``n`` positions (all by default)."""
+        return x * (self.scale if n is None else self.scale[:n]) * self.gain
+
+    def at(self, pos: Tensor) -> Tensor:
+        """The diagonal factors at positions ``pos [k]``: [k, d_model]."""
+        return self.scale[pos] * self.gain
+
+
+def _norm(scale: Tensor, norm: torch.nn.Module, dtype: torch.dtype) -> FrozenNorm:
+    # as Gemma3RMSNorm: (x * rsqrt(mean(x^2) + eps)) * (1 + w)
+    return FrozenNorm(scale[:, None].to(dtype), (1.0 + norm.weight.detach().float()).to(dtype))
+
+
+class FrozenLinearModel:
+    """The linear map (embeddings, MLP-output sources) -> logits of one prompt, and its VJP."""
+
+    def __init__(self, parts: TextParts, cap: Capture, dtype: torch.dtype,
+                 W_skip: Optional[list[Optional[Tensor]]] = None, skip_mask: Optional[Tensor] = None):
+        cfg = parts.config
+        self.n_layers, self.d_model, self.n_pos = parts.n_layers, parts.d_model, cap.n_pos
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = dtype
+        self.causal = not getattr(cfg, "use_bidirectional_attention", False)
+        W_skip = W_skip or [None] * self.n_layers
+        mask = None if skip_mask is None else skip_mask.to(dtype)[:, None]
+        self.layers: list[FrozenLayer] = []
+        for L, (layer, c) in enumerate(zip(parts.layers, cap.layers)):
+            attn = layer.self_attn
+            bias = lambda lin: None if lin.bias is None else lin.bias.detach().to(dtype)  # noqa: E731
+            self.layers.append(FrozenLayer(
+                W_V=attn.v_proj.weight.detach().to(dtype), W_O=attn.o_proj.weight.detach().to(dtype),
+                b_V=bias(attn.v_proj), b_O=bias(attn.o_proj), pattern=c.pattern.to(dtype),
+                k_in=_norm(c.scale_in, layer.input_layernorm, dtype),
+                k_attn=_norm(c.scale_attn, layer.post_attention_layernorm, dtype),
+                k_pre=_norm(c.scale_pre, layer.pre_feedforward_layernorm, dtype),
+                W_skip=None if W_skip[L] is None else W_skip[L].to(dtype),
+                skip_mask=None if W_skip[L] is None else mask))
+        self.k_final = _norm(cap.scale_final, parts.norm, dtype)
+        self.W_U = parts.lm_head.weight.detach()  # [vocab, d_model] (kept in the model dtype)
+        self._W_U_mean: Optional[Tensor] = None
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _attn(self, fl: FrozenLayer, r: Tensor) -> Tensor:
+        """Frozen attention of the residual ``r [n_pos, d]``, before post-attention scaling."""
+        n = r.shape[0]
+        v = fl.k_in(r) @ fl.W_V.T  # [n_pos, n_kv * hd]
+        if fl.b_V is not None:
+            v = v + fl.b_V
+        v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # [n_kv, n_pos, hd]
+        P = fl.pattern.reshape(self.n_kv, self.n_heads // self.n_kv, n, n)
+        z = P @ v[:, None]  # [n_kv, rep, n_pos, hd]
+        o = z.reshape(self.n_heads, n, self.head_dim).transpose(0, 1).reshape(n, -1) @ fl.W_O.T
+        return o if fl.b_O is None else o + fl.b_O  # [n_pos, d_model]
+
+    def forward(self, embed: Tensor, sources: Tensor) -> FrozenOutput:
+        """Logits from ``embed [n_pos, d]`` and ``sources [n_layers, n_pos, d]`` (differentiable)."""
+        r = embed.to(self.dtype)
+        mlp_in = []
+        for L, fl in enumerate(self.layers):
+            h = r + fl.k_attn(self._attn(fl, r))
+            x = fl.k_pre(h)
+            m = sources[L].to(self.dtype)
+            if fl.W_skip is not None:
+                m = m + (x @ fl.W_skip) * fl.skip_mask
+            mlp_in.append(x)
+            r = h + m
+        logits = self.k_final(r) @ self.W_U.to(self.dtype).T
+        return FrozenOutput(logits, r, torch.stack(mlp_in))
+
+    __call__ = forward
+
+    # --- seeds -----------------------------------------------------------------------------
+
+    def logit_direction(self, token_ids: Tensor) -> Tensor:
+        """Unembedding columns minus their vocabulary mean: [T, d_model]."""
+        acc = torch.promote_types(self.dtype, torch.float32)
+        if self._W_U_mean is None:
+            self._W_U_mean = self.W_U.mean(0, dtype=acc)  # [d_model]
+        return (self.W_U[token_ids].to(acc) - self._W_U_mean).to(self.dtype)
+
+    def logit_seeds(self, token_ids: Tensor, pos: int | Tensor = -1) -> Seeds:
+        """Seeds of the logit directions of ``token_ids [T]`` at ``pos`` (default: last)."""
+        token_ids = torch.as_tensor(token_ids, device=self.W_U.device).reshape(-1)
+        pos = torch.as_tensor(pos, device=token_ids.device).expand(token_ids.shape) % self.n_pos
+        layer = torch.full_like(token_ids, self.n_layers)
+        return Seeds(layer, pos.long(), self.logit_direction(token_ids))
+
+    # --- the linearised backward -----------------------------------------------------------
+
+    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
+        """VJP of ``r -> post-scaled attention`` on the first n positions: [B, n, d] -> [B, n, d]."""
+        B, n, _ = grad_h.shape
+        rep, hd = self.n_heads // self.n_kv, self.head_dim
+        grad_z = fl.k_attn(grad_h, n) @ fl.W_O  # [B, n, n_heads * hd]
+        # the heads sharing a KV head stacked along queries, the batch folded into columns (so
+        # the frozen pattern is never broadcast over B): [n_kv, rep * n(q), B * hd]
+        grad_z = grad_z.view(B, n, self.n_kv, rep, hd).permute(2, 3, 1, 0, 4)
+        grad_z = grad_z.reshape(self.n_kv, rep * n, B * hd)
+        P = fl.pattern[:, :n, :n].reshape(self.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
+        grad_v = P.transpose(1, 2) @ grad_z  # [n_kv, n(k), B * hd]: sums over the group's heads
+        grad_v = grad_v.view(self.n_kv, n, B, hd).permute(2, 1, 0, 3).reshape(B, n, -1)
+        return fl.k_in(grad_v @ fl.W_V, n)  # [B, n, d_model]
+
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> bool:
+        """Add the seeds of ``layer`` (through the frozen norm ``k``, if any) to ``grad`` in place."""
+        sel = (seeds.layer == layer).nonzero().flatten()
+        if sel.numel() == 0:
+            return False
+        pos = seeds.pos[sel]
+        vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
+        grad.index_put_((sel, pos), vec if k is None else vec * k.at(pos), accumulate=True)
+        return True
+
+    def _check(self, seeds: Seeds) -> None:
+        B = seeds.n
+        if seeds.vec.shape != (B, self.d_model):
+            raise ValueError(f"seed vectors must be [B, {self.d_model}], got {tuple(seeds.vec.shape)}")
+        if B and (seeds.layer.min() < 0 or seeds.layer.max() > self.n_layers):
+            raise ValueError(f"seed layers must lie in [0, {self.n_layers}]")
+        if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
+            raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
+
+    def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
+        """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
+
+        A yielded ``grad [B, n_pos, d_model]`` is never modified afterwards (the caller may keep
+        it, and must not modify it in place: layers above every seed share one zero tensor).
+        Transcoder features and error nodes are constants: only the residual stream, the
+        frozen attention (OV with frozen patterns) and the affine skip carry gradient.
+        Attention is causal, so only positions up to the last seed's are computed (the rest
+        of every yielded gradient is zero): batch seeds of nearby positions together.
+        """
+        self._check(seeds)
+        B, N = seeds.n, self.n_pos
+        n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
+        pad = (lambda t: t) if n == N else (lambda t: torch.nn.functional.pad(t, (0, 0, 0, N - n)))
+        g = torch.zeros(B, n, self.d_model, dtype=self.dtype, device=self.W_U.device)
+        live = self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        zero = None if live else pad(g)
+        for L in range(self.n_layers - 1, -1, -1):
+            fl = self.layers[L]
+            yield LayerGrad(L, pad(g) if live else zero)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            # d/d(x_L): seeds of features read at L, plus the skip's share of d/d(m_L)
+            grad_x = None
+            if fl.W_skip is not None and live:
+                grad_x = (g @ fl.W_skip.T) * fl.skip_mask[:n]
+            if (seeds.layer == L).any():
+                grad_x = torch.zeros_like(g) if grad_x is None else grad_x
+                self._inject(grad_x, seeds, L, None)
+                live = True
+            if not live:
+                continue  # nothing seeded at or above this layer yet: g stays zero
+            grad_h = g if grad_x is None else g + fl.k_pre(grad_x, n)
+            g = grad_h + self._attn_backward(fl, grad_h)
+        yield LayerGrad(EMBED, pad(g))
+
+    def backward(self, seeds: Seeds) -> "FrozenGrads":
+        """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""
+        mlp_out: list[Optional[Tensor]] = [None] * self.n_layers
+        embed = None
+        for step in self.iter_backward(seeds):
+            if step.layer == EMBED:
+                embed = step.grad
+            else:
+                mlp_out[step.layer] = step.grad
+        return FrozenGrads(torch.stack(mlp_out), embed)
+
+
+class FrozenGrads(NamedTuple):
+    mlp_out: Tensor  # [n_layers, B, n_pos, d_model]  d(seeds)/d(m_L)
+    embed: Tensor  # [B, n_pos, d_model]  d(seeds)/d(e)

@@ -1,0 +1,241 @@
+"""The local replacement model of a Gemma 3 model and a transcoder set, on one prompt at a time.
+
+``ReplacementModel.run(prompt)`` does one forward pass of the real model (:mod:`.capture`),
+encodes every layer's MLP input with the transcoders, reconstructs the MLP outputs and keeps
+the error vectors (:mod:`.transcode`), and freezes attention patterns and norm denominators
+into the linear model of :mod:`.frozen`. With the error nodes added back, that linear model
+reproduces the real logits; its linearised backward gives the gradients from which the
+attribution graph's edges are contracted. Method: Ameisen et al. (2025), "Circuit Tracing",
+https://transformer-circuits.pub/2025/attribution-graphs/methods.html
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture, TextParts, capture, text_parts
+from .frozen import FrozenLinearModel, FrozenOutput, Seeds
+from .ops import SparseActs, gather_columns
+from .transcode import Reconstruction, encode, reconstruct, skip_matrices, transcoders_to
+from .transcoders.base import TranscoderSet
+
+CHAT_PREFIX_LEN = 4  # <bos><start_of_turn>user\n  (Gemma chat template)
+
+
+class ActiveFeatures(NamedTuple):
+    """All active features of a prompt as flat tensors, ordered by (layer, pos, feature)."""
+
+    layer: Tensor  # [n_active] int64
+    pos: Tensor  # [n_active] int64
+    feature: Tensor  # [n_active] int64
+    value: Tensor  # [n_active]  activation
+
+
+@dataclass(repr=False)
+class ReplacementState:
+    """The replacement model on one prompt: what the real model did and its linearisation."""
+
+    tokens: Tensor  # [n_pos] int64
+    logits: Tensor  # [n_pos, vocab]  the real model's logits
+    capture: Capture  # per-layer residuals, MLP in/out, patterns, norm scales
+    acts: list[SparseActs]  # per layer: CSR over positions of the active features
+    recon: Reconstruction  # [n_layers, n_pos, d_model] each: features, b_dec, skip
+    errors: Tensor  # [n_layers, n_pos, d_model]  true MLP output - reconstruction
+    skip_positions: int  # leading positions without features
+    frozen: FrozenLinearModel  # the frozen linear model (forward and linearised backward)
+    transcoders: TranscoderSet
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.numel()
+
+    def __repr__(self) -> str:
+        n_active = sum(a.feat_idx.numel() for a in self.acts)
+        err = (self.errors.norm() / self.mlp_out.to(self.errors.dtype).norm()).item()
+        return (f"ReplacementState(n_pos={self.n_pos}, n_layers={self.n_layers}, "
+                f"active_features={n_active}, skip_positions={self.skip_positions}, "
+                f"relative_error_norm={err:.3g})")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.acts)
+
+    @property
+    def embed(self) -> Tensor:
+        return self.capture.embed  # [n_pos, d_model]  scaled token embeddings
+
+    @property
+    def mlp_in(self) -> Tensor:
+        return torch.stack([c.mlp_in for c in self.capture.layers])  # [n_layers, n_pos, d_model]
+
+    @property
+    def mlp_out(self) -> Tensor:
+        return torch.stack([c.mlp_out for c in self.capture.layers])  # [n_layers, n_pos, d_model]
+
+    @property
+    def patterns(self) -> list[Tensor]:
+        return [c.pattern for c in self.capture.layers]  # n_layers x [n_heads, n_pos, n_pos]
+
+    def active_features(self) -> ActiveFeatures:
+        """Every active (layer, pos, feature, value)."""
+        parts = [(torch.full_like(a.feat_idx, L), a.rows(), a.feat_idx, a.acts)
+                 for L, a in enumerate(self.acts)]
+        return ActiveFeatures(*(torch.cat(t) for t in zip(*parts)))
+
+    def sources(self) -> Tensor:
+        """What each layer's MLP output receives from constants of the linearisation:
+        feature decodes + b_dec + error vectors. [n_layers, n_pos, d_model]"""
+        return self.recon.features + self.recon.bias + self.errors.to(self.recon.features.dtype)
+
+    def replacement_forward(self, include_errors: bool = True) -> FrozenOutput:
+        """The frozen linear model on the prompt (with errors: reproduces ``logits``)."""
+        src = self.sources() if include_errors else self.recon.features + self.recon.bias
+        return self.frozen(self.embed, src)
+
+    def logit_seeds(self, token_ids: Union[Tensor, Sequence[int]], pos: int = -1) -> Seeds:
+        """Backward seeds of logit directions (unembedding minus vocabulary mean) at ``pos``."""
+        return self.frozen.logit_seeds(torch.as_tensor(token_ids), pos)
+
+    def feature_seeds(self, layer: Tensor, pos: Tensor, feature: Tensor) -> Seeds:
+        """Backward seeds of feature pre-activations: encoder columns at their MLP input."""
+        layer, pos, feature = (torch.as_tensor(t, device=self.tokens.device).reshape(-1).long()
+                               for t in (layer, pos, feature))
+        vec = torch.empty(layer.numel(), self.frozen.d_model, dtype=self.frozen.dtype,
+                          device=self.tokens.device)
+        for L in layer.unique().tolist():
+            sel = (layer == L).nonzero().flatten()
+            W_enc = self.transcoders.layers[L].W_enc  # [d_model, d_sae]
+            vec[sel] = gather_columns(W_enc, feature[sel].to(W_enc.device)).to(vec)
+        return Seeds(layer, pos % self.n_pos, vec)
+
+
+class ReplacementModel:
+    """A Gemma 3 model with a transcoder set: ``run(prompt)`` builds the replacement state."""
+
+    def __init__(self, model: nn.Module, transcoders: TranscoderSet, tokenizer=None,
+                 dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto",
+                 model_name: str = ""):
+        self.parts: TextParts = text_parts(model)
+        self.model_name = model_name or getattr(model.config, "name_or_path", "") or ""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = self.parts.lm_head.weight.device
+        self.dtype = dtype or self.parts.lm_head.weight.dtype
+        _check_compatible(self.parts, transcoders)
+        self.transcoders = transcoders_to(transcoders, device=self.device, dtype=self.dtype)
+        if not (skip_positions == "auto" or (isinstance(skip_positions, int) and skip_positions >= 0)):
+            raise ValueError(f"skip_positions must be 'auto' or an int >= 0, got {skip_positions!r}")
+        self.skip_positions = skip_positions
+
+    @classmethod
+    def from_pretrained(cls, model: Union[str, nn.Module], transcoders: Union[str, TranscoderSet],
+                        device=None, dtype: Optional[torch.dtype] = None, tokenizer=None,
+                        skip_positions: Union[int, str] = "auto") -> "ReplacementModel":
+        """Build from a transformers Gemma 3 model (or a name for ``cltrace.models.load_model``)
+        and a TranscoderSet (or a reference for ``cltrace.transcoders.load_transcoders``)."""
+        name = model if isinstance(model, str) else ""
+        if isinstance(model, str):
+            from .models import load_model  # lazily: loading needs transformers and weights
+
+            loaded = load_model(model, device=device, dtype=dtype)
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+        elif device is not None:
+            model = model.to(device)
+        if isinstance(transcoders, str):
+            from .transcoders import load_transcoders
+
+            transcoders = load_transcoders(transcoders, device=device, dtype=dtype)
+        model.eval()
+        return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype,
+                   skip_positions=skip_positions, model_name=name)
+
+    # --- prompt handling -------------------------------------------------------------------
+
+    def tokenize(self, prompt: Union[str, Tensor, Sequence[int]]) -> Tensor:
+        """Token ids [n_pos] of a string (tokenizer adds <bos>) or of given ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer: pass tokenizer= or token ids")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+        else:
+            ids = torch.as_tensor(prompt).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the prompt has no tokens")
+        limit = getattr(self.parts.config, "max_position_embeddings", None)
+        if limit is not None and ids.numel() > limit:
+            raise ValueError(f"the prompt has {ids.numel()} tokens; the model takes at most {limit}")
+        vocab = self.parts.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+        return ids.long().to(self.device)
+
+    def is_instruction_tuned(self) -> bool:
+        """An ``-it`` model, by the model's or the transcoders' name."""
+        names = (self.model_name, self.transcoders.model_name or "")
+        return any(n.rstrip("/").endswith("-it") for n in names)
+
+    def n_skip(self, tokens: Tensor) -> int:
+        """Leading positions that get no features (``skip_positions``, or 4 for -it prompts)."""
+        if self.skip_positions != "auto":
+            return min(int(self.skip_positions), tokens.numel())
+        start = None
+        if self.tokenizer is not None:
+            start = self.tokenizer.convert_tokens_to_ids("<start_of_turn>")
+        chat = tokens.numel() > 1 and start is not None and int(tokens[1]) == start
+        return min(CHAT_PREFIX_LEN, tokens.numel()) if (self.is_instruction_tuned() or chat) else 0
+
+    # --- the replacement state -------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, prompt: Union[str, Tensor, Sequence[int]]) -> ReplacementState:
+        """One forward pass: capture, encode, reconstruct, errors, frozen linear model."""
+        tokens = self.tokenize(prompt)
+        cap = capture(self.parts, tokens)
+        n_skip = self.n_skip(tokens)
+        mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
+        mlp_out = torch.stack([c.mlp_out for c in cap.layers])
+        acts = encode(self.transcoders, mlp_in, n_skip)
+        recon = reconstruct(self.transcoders, acts, mlp_in, n_skip)
+        errors = mlp_out.to(self.dtype) - recon.total
+        mask = torch.ones(tokens.numel(), device=self.device)
+        mask[:n_skip] = 0
+        frozen = FrozenLinearModel(self.parts, cap, self.dtype,
+                                   W_skip=skip_matrices(self.transcoders, self.parts.n_layers),
+                                   skip_mask=mask)
+        return ReplacementState(tokens=tokens, logits=cap.logits, capture=cap, acts=acts,
+                                recon=recon, errors=errors, skip_positions=n_skip, frozen=frozen,
+                                transcoders=self.transcoders)
+
+
+def _check_compatible(parts: TextParts, tcs: TranscoderSet) -> None:
+    """Clear errors when a transcoder set does not fit the model."""
+    if not tcs.layers:
+        raise ValueError("the transcoder set has no layers")
+    if tcs.d_model != parts.d_model:
+        raise ValueError(f"transcoders read d_model={tcs.d_model} but the model has "
+                         f"d_model={parts.d_model}: transcoders for another model? "
+                         f"(transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
+    if tcs.n_layers != parts.n_layers:
+        name = tcs.model_name or tcs.source or "unnamed"
+        raise ValueError(f"transcoders are for a {tcs.n_layers}-layer model but the model has "
+                         f"{parts.n_layers} layers (transcoders: {name})")
+    for L, tc in tcs.layers.items():
+        if not 0 <= L < parts.n_layers:
+            raise ValueError(f"transcoder for layer {L} but the model has {parts.n_layers} layers")
+        d = parts.d_model
+        if tc.W_dec.ndim != 3 or tc.n_out < 1 or L + tc.n_out > parts.n_layers:
+            raise ValueError(f"layer {L}: W_dec must be [d_sae, n_out, d_model] with "
+                             f"layer + n_out <= {parts.n_layers}, got {tuple(tc.W_dec.shape)}")
+        shapes = {"W_enc": (tc.W_enc.shape, (d, tc.d_sae)), "b_enc": (tc.b_enc.shape, (tc.d_sae,)),
+                  "threshold": (tc.threshold.shape, (tc.d_sae,)), "b_dec": (tc.b_dec.shape, (d,)),
+                  "W_dec": (tc.W_dec.shape[::2], (tc.d_sae, d))}
+        if tc.W_skip is not None:
+            shapes["W_skip"] = (tc.W_skip.shape, (d, d))
+        for name, (got, want) in shapes.items():
+            if tuple(got) != tuple(want):
+                raise ValueError(f"layer {L}: {name} has shape {tuple(got)}, expected {tuple(want)}")
