@@ -1,7 +1,7 @@
 // Input validation shared by the CPU and CUDA implementations: every op checks its
 // arguments here first, so both devices reject bad input with the same message.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace cltrace {
 

@@ -104,7 +104,7 @@ def mixed_seeds(st, gen):
 def seed_objectives(st, out, seeds):
     """The scalar each seed differentiates, computed from the frozen forward's outputs."""
     objs = []
-    y = out.resid_final * st.frozen.k_final  # output of the frozen final norm
+    y = st.frozen.k_final(out.resid_final)  # output of the frozen final norm
     for L, p, v in zip(seeds.layer.tolist(), seeds.pos.tolist(), seeds.vec):
         objs.append(y[p] @ v if L == st.n_layers else out.mlp_in[L, p] @ v)
     return torch.stack(objs)
@@ -297,6 +297,10 @@ def test_incompatible_transcoders(setup):
         ReplacementModel(model, random_transcoders(mlp_in, "plt")).run("hello")
     with pytest.raises(ValueError, match="token ids"):
         ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([1, 2, 300])
+    with pytest.raises(ValueError, match="at most 256"):
+        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run(torch.zeros(257, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tokens"):
+        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([])
 
 
 def test_gqa_single_kv_head_and_partial_set():
@@ -341,3 +345,49 @@ def test_real_gemma_270m_logits(kind, skip):
     assert all(a.feat_idx.numel() > 0 for a in st.acts)
     paris = loaded.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     assert paris in st.logits[-1].topk(5).indices.tolist()
+
+
+def test_backward_early_positions_only(setup):
+    """Seeds all at early positions: the causal truncation still equals autograd."""
+    *_, dtype = setup
+    _, st = build(setup, "clt", True, skip_positions=1)
+    seeds = Seeds(*(torch.cat(t) for t in zip(
+        st.logit_seeds([9], pos=2), st.feature_seeds(torch.tensor([4, 2]), torch.tensor([0, 3]),
+                                                     torch.tensor([5, 6])))))
+    grads = st.frozen.backward(seeds)
+    embed = st.embed.clone().requires_grad_()
+    sources = st.sources().clone().requires_grad_()
+    objs = seed_objectives(st, st.frozen(embed, sources), seeds)
+    for b in range(seeds.n):
+        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+        torch.testing.assert_close(grads.embed[b], g_emb, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads.mlp_out[:, b], g_src, rtol=1e-4, atol=1e-6)
+    assert grads.embed.shape == (3, N_POS, 64) and (grads.embed[:, 4:] == 0).all()
+
+
+def test_from_pretrained_by_name(setup, monkeypatch):
+    """Names are handed to cltrace.models.load_model / cltrace.transcoders.load_transcoders."""
+    import types
+
+    import cltrace.transcoders
+
+    model, tokens, mlp_in, dtype = setup
+    tcs = random_transcoders(mlp_in, "plt")
+    calls = []
+
+    def load_model(name, device=None, dtype=None):
+        calls.append(("model", name, device, dtype))
+        return types.SimpleNamespace(model=model, tokenizer=_StubTokenizer())
+
+    def load_transcoders(ref, device=None, dtype=None):
+        calls.append(("transcoders", ref, device, dtype))
+        return tcs
+
+    monkeypatch.setitem(sys.modules, "cltrace.models", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr(cltrace.transcoders, "load_transcoders", load_transcoders, raising=False)
+    rm = ReplacementModel.from_pretrained("tiny-it", "tiny-plt", device="cpu", dtype=dtype)
+    assert calls == [("model", "tiny-it", "cpu", dtype), ("transcoders", "tiny-plt", "cpu", dtype)]
+    assert isinstance(rm.tokenizer, _StubTokenizer) and rm.dtype == dtype
+    st = rm.run(tokens)
+    assert st.skip_positions == 4  # an -it model by name
+    assert rel_err(st.replacement_forward().logits, st.logits) <= TOL[dtype]

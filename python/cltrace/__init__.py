@@ -11,6 +11,7 @@ import torch
 
 from . import _C, ops  # noqa: F401  (importing _C registers torch.ops.cltrace.*)
 from .ops import SparseActs
+from .frozen import FrozenLinearModel, Seeds
 from .replacement import ActiveFeatures, ReplacementModel, ReplacementState
 
 __version__ = "0.1.0"
@@ -43,5 +44,5 @@ def build_info() -> BuildInfo:
     )
 
 
-__all__ = ["ActiveFeatures", "BuildInfo", "ReplacementModel", "ReplacementState", "SparseActs",
-           "build_info", "ops"]
+__all__ = ["ActiveFeatures", "BuildInfo", "FrozenLinearModel", "ReplacementModel",
+           "ReplacementState", "Seeds", "SparseActs", "build_info", "ops"]

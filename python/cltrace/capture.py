@@ -54,7 +54,8 @@ def text_parts(model: nn.Module) -> TextParts:
     if text is None or not hasattr(text, "layers") or lm_head is None:
         raise TypeError(f"expected a transformers Gemma 3 causal LM (Gemma3ForCausalLM or "
                         f"Gemma3ForConditionalGeneration), got {type(model).__name__}")
-    config = getattr(text, "config", None) or model.config
+    config = getattr(text, "config", None)
+    config = model.config if config is None else config
     config = getattr(config, "text_config", config)
     layer = text.layers[0]
     for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -67,7 +68,7 @@ def text_parts(model: nn.Module) -> TextParts:
     return TextParts(model, text.layers, text.embed_tokens, text.norm, lm_head, config)
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerCapture:
     """What one decoder layer computed on the prompt (batch dimension dropped)."""
 
@@ -83,7 +84,7 @@ class LayerCapture:
     scale_post: Tensor  # [n_pos] fp32  1/rms of mlp(x_L)     (post_feedforward_layernorm)
 
 
-@dataclass
+@dataclass(repr=False)
 class Capture:
     """Everything recorded by :func:`capture` on one prompt."""
 
@@ -97,6 +98,10 @@ class Capture:
     @property
     def n_pos(self) -> int:
         return self.tokens.numel()
+
+    def __repr__(self) -> str:
+        return (f"Capture(n_pos={self.n_pos}, n_layers={len(self.layers)}, "
+                f"d_model={self.embed.shape[-1]}, dtype={self.embed.dtype})")
 
 
 def rms_scale(x: Tensor, eps: float) -> Tensor:
@@ -137,7 +142,7 @@ def capture(parts: TextParts, tokens: Tensor) -> Capture:
     def keep(name: str, idx: int, want_input: bool):
         def hook(_mod, args, out):
             rec[(name, idx)] = (_first(args) if want_input else _first(out))[0].detach()
-            if name in ("ln_in", "ln_attn", "ln_pre", "ln_post", "final") and want_input:
+            if name in ("ln_pre", "ln_post"):  # the MLP input and output, too
                 rec[(name + "_out", idx)] = _first(out)[0].detach()
         return hook
 

@@ -5,16 +5,16 @@ prompt (Ameisen et al. 2025, https://transformer-circuits.pub/2025/attribution-g
 § "Building the local replacement model"), the map from the token embeddings ``e`` and the
 *sources* written into each layer's MLP output ``s_L`` (transcoder feature decodes, ``b_dec``
 and error vectors: constants of the linearisation) to the residual stream and the logits is
-linear. Per layer L, with frozen scales ``k_* = scale_* (1 + w_*)`` ([n_pos, d_model]):
+linear. Per layer L, with frozen norms ``k_*(y) = (y * scale_*) * (1 + w_*)`` (scale [n_pos]):
 
     r_0   = e
-    v     = (r_L * k_in) @ W_V^T                 # [n_pos, n_kv * head_dim]
+    v     = k_in(r_L) @ W_V^T                    # [n_pos, n_kv * head_dim]
     z_h   = P_h @ v_{kv(h)}                      # frozen pattern P_h [n_pos, n_pos], GQA
-    h_L   = r_L + (z @ W_O^T) * k_attn
-    x_L   = h_L * k_pre                          # the MLP input (what transcoders read)
+    h_L   = r_L + k_attn(z @ W_O^T)
+    x_L   = k_pre(h_L)                           # the MLP input (what transcoders read)
     m_L   = s_L + mask * (x_L @ W_skip_L)        # affine skip of a transcoder, if any
     r_L+1 = h_L + m_L
-    logits = (r_n * k_final) @ W_U^T
+    logits = k_final(r_n) @ W_U^T
 
 :meth:`FrozenLinearModel.iter_backward` is the vector-Jacobian product of that map for a batch
 of B seeds at once (no autograd, no replicated forward): a seed is a direction at one position,
@@ -70,20 +70,31 @@ class FrozenLayer:
     b_V: Optional[Tensor]  # [n_kv * head_dim] (None in Gemma 3)
     b_O: Optional[Tensor]  # [d_model] (None in Gemma 3)
     pattern: Tensor  # [n_heads, n_pos, n_pos]
-    k_in: Tensor  # [n_pos, d_model]  scale_in (1 + w_in)
-    k_attn: Tensor  # [n_pos, d_model]  scale_attn (1 + w_attn)
-    k_pre: Tensor  # [n_pos, d_model]  scale_pre (1 + w_pre)
+    k_in: "FrozenNorm"  # input_layernorm
+    k_attn: "FrozenNorm"  # post_attention_layernorm
+    k_pre: "FrozenNorm"  # pre_feedforward_layernorm
     W_skip: Optional[Tensor] = None  # [d_model, d_model] applied as x @ W_skip
     skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
 
 
-def _gain(norm: torch.nn.Module) -> Tensor:
-    return 1.0 + norm.weight.detach().float()  # [d_model] fp32, as Gemma3RMSNorm
+class FrozenNorm(NamedTuple):
+    """An RMSNorm with its denominator frozen: ``x -> (x * scale) * gain``, a linear map."""
+
+    scale: Tensor  # [n_pos, 1]  1/rms of the input on the prompt
+    gain: Tensor  # [d_model]  1 + w
+
+    def __call__(self, x: Tensor, n: Optional[int] = None) -> Tensor:
+        """Apply to ``x [..., n, d_model]`` at the first ``n`` positions (all by default)."""
+        return x * (self.scale if n is None else self.scale[:n]) * self.gain
+
+    def at(self, pos: Tensor) -> Tensor:
+        """The diagonal factors at positions ``pos [k]``: [k, d_model]."""
+        return self.scale[pos] * self.gain
 
 
-def _k(scale: Tensor, gain: Tensor, dtype: torch.dtype) -> Tensor:
-    # Gemma3RMSNorm computes (x * scale) * (1 + w) in fp32; here the factor is folded first.
-    return (scale[:, None] * gain[None, :]).to(dtype)
+def _norm(scale: Tensor, norm: torch.nn.Module, dtype: torch.dtype) -> FrozenNorm:
+    # as Gemma3RMSNorm: (x * rsqrt(mean(x^2) + eps)) * (1 + w)
+    return FrozenNorm(scale[:, None].to(dtype), (1.0 + norm.weight.detach().float()).to(dtype))
 
 
 class FrozenLinearModel:
@@ -96,6 +107,7 @@ class FrozenLinearModel:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dtype = dtype
+        self.causal = not getattr(cfg, "use_bidirectional_attention", False)
         W_skip = W_skip or [None] * self.n_layers
         mask = None if skip_mask is None else skip_mask.to(dtype)[:, None]
         self.layers: list[FrozenLayer] = []
@@ -105,12 +117,12 @@ class FrozenLinearModel:
             self.layers.append(FrozenLayer(
                 W_V=attn.v_proj.weight.detach().to(dtype), W_O=attn.o_proj.weight.detach().to(dtype),
                 b_V=bias(attn.v_proj), b_O=bias(attn.o_proj), pattern=c.pattern.to(dtype),
-                k_in=_k(c.scale_in, _gain(layer.input_layernorm), dtype),
-                k_attn=_k(c.scale_attn, _gain(layer.post_attention_layernorm), dtype),
-                k_pre=_k(c.scale_pre, _gain(layer.pre_feedforward_layernorm), dtype),
+                k_in=_norm(c.scale_in, layer.input_layernorm, dtype),
+                k_attn=_norm(c.scale_attn, layer.post_attention_layernorm, dtype),
+                k_pre=_norm(c.scale_pre, layer.pre_feedforward_layernorm, dtype),
                 W_skip=None if W_skip[L] is None else W_skip[L].to(dtype),
                 skip_mask=None if W_skip[L] is None else mask))
-        self.k_final = _k(cap.scale_final, _gain(parts.norm), dtype)  # [n_pos, d_model]
+        self.k_final = _norm(cap.scale_final, parts.norm, dtype)
         self.W_U = parts.lm_head.weight.detach()  # [vocab, d_model] (kept in the model dtype)
         self._W_U_mean: Optional[Tensor] = None
 
@@ -119,11 +131,11 @@ class FrozenLinearModel:
     def _attn(self, fl: FrozenLayer, r: Tensor) -> Tensor:
         """Frozen attention of the residual ``r [n_pos, d]``, before post-attention scaling."""
         n = r.shape[0]
-        v = (r * fl.k_in) @ fl.W_V.T  # [n_pos, n_kv * hd]
+        v = fl.k_in(r) @ fl.W_V.T  # [n_pos, n_kv * hd]
         if fl.b_V is not None:
             v = v + fl.b_V
         v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # [n_kv, n_pos, hd]
-        P = fl.pattern.view(self.n_kv, self.n_heads // self.n_kv, n, n)
+        P = fl.pattern.reshape(self.n_kv, self.n_heads // self.n_kv, n, n)
         z = P @ v[:, None]  # [n_kv, rep, n_pos, hd]
         o = z.reshape(self.n_heads, n, self.head_dim).transpose(0, 1).reshape(n, -1) @ fl.W_O.T
         return o if fl.b_O is None else o + fl.b_O  # [n_pos, d_model]
@@ -133,14 +145,14 @@ class FrozenLinearModel:
         r = embed.to(self.dtype)
         mlp_in = []
         for L, fl in enumerate(self.layers):
-            h = r + self._attn(fl, r) * fl.k_attn
-            x = h * fl.k_pre
+            h = r + fl.k_attn(self._attn(fl, r))
+            x = fl.k_pre(h)
             m = sources[L].to(self.dtype)
             if fl.W_skip is not None:
                 m = m + (x @ fl.W_skip) * fl.skip_mask
             mlp_in.append(x)
             r = h + m
-        logits = (r * self.k_final) @ self.W_U.to(self.dtype).T
+        logits = self.k_final(r) @ self.W_U.to(self.dtype).T
         return FrozenOutput(logits, r, torch.stack(mlp_in))
 
     __call__ = forward
@@ -164,25 +176,37 @@ class FrozenLinearModel:
     # --- the linearised backward -----------------------------------------------------------
 
     def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
-        """VJP of ``r -> post-scaled attention`` for ``grad_h [B, n_pos, d]`` -> [B, n_pos, d]."""
+        """VJP of ``r -> post-scaled attention`` on the first n positions: [B, n, d] -> [B, n, d]."""
         B, n, _ = grad_h.shape
-        grad_z = (grad_h * fl.k_attn) @ fl.W_O  # [B, n_pos, n_heads * hd]
-        grad_z = grad_z.view(B, n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        grad_z = grad_z.permute(0, 2, 3, 1, 4)  # [B, n_kv, rep, n_pos(q), hd]
-        P = fl.pattern.view(self.n_kv, self.n_heads // self.n_kv, n, n)
-        grad_v = (P.transpose(-1, -2) @ grad_z).sum(2)  # [B, n_kv, n_pos(k), hd]
-        grad_v = grad_v.permute(0, 2, 1, 3).reshape(B, n, -1)  # [B, n_pos, n_kv * hd]
-        return (grad_v @ fl.W_V) * fl.k_in
+        rep, hd = self.n_heads // self.n_kv, self.head_dim
+        grad_z = fl.k_attn(grad_h, n) @ fl.W_O  # [B, n, n_heads * hd]
+        # the heads sharing a KV head stacked along queries, the batch folded into columns (so
+        # the frozen pattern is never broadcast over B): [n_kv, rep * n(q), B * hd]
+        grad_z = grad_z.view(B, n, self.n_kv, rep, hd).permute(2, 3, 1, 0, 4)
+        grad_z = grad_z.reshape(self.n_kv, rep * n, B * hd)
+        P = fl.pattern[:, :n, :n].reshape(self.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
+        grad_v = P.transpose(1, 2) @ grad_z  # [n_kv, n(k), B * hd]: sums over the group's heads
+        grad_v = grad_v.view(self.n_kv, n, B, hd).permute(2, 1, 0, 3).reshape(B, n, -1)
+        return fl.k_in(grad_v @ fl.W_V, n)  # [B, n, d_model]
 
-    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Tensor) -> bool:
-        """Add the seeds of ``layer`` (scaled by the frozen norm ``k``) to ``grad`` in place."""
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> bool:
+        """Add the seeds of ``layer`` (through the frozen norm ``k``, if any) to ``grad`` in place."""
         sel = (seeds.layer == layer).nonzero().flatten()
         if sel.numel() == 0:
             return False
         pos = seeds.pos[sel]
-        k = k[pos] if k.ndim == 2 else k  # [n_sel, d_model] frozen norm at the seeds' positions
-        grad.index_put_((sel, pos), seeds.vec[sel].to(self.dtype) * k, accumulate=True)
+        vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
+        grad.index_put_((sel, pos), vec if k is None else vec * k.at(pos), accumulate=True)
         return True
+
+    def _check(self, seeds: Seeds) -> None:
+        B = seeds.n
+        if seeds.vec.shape != (B, self.d_model):
+            raise ValueError(f"seed vectors must be [B, {self.d_model}], got {tuple(seeds.vec.shape)}")
+        if B and (seeds.layer.min() < 0 or seeds.layer.max() > self.n_layers):
+            raise ValueError(f"seed layers must lie in [0, {self.n_layers}]")
+        if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
+            raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
 
     def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
@@ -191,32 +215,32 @@ class FrozenLinearModel:
         it, and must not modify it in place: layers above every seed share one zero tensor).
         Transcoder features and error nodes are constants: only the residual stream, the
         frozen attention (OV with frozen patterns) and the affine skip carry gradient.
+        Attention is causal, so only positions up to the last seed's are computed (the rest
+        of every yielded gradient is zero): batch seeds of nearby positions together.
         """
-        B = seeds.n
-        if seeds.vec.shape != (B, self.d_model):
-            raise ValueError(f"seed vectors must be [B, {self.d_model}], got {tuple(seeds.vec.shape)}")
-        if B and (seeds.layer.min() < 0 or seeds.layer.max() > self.n_layers):
-            raise ValueError(f"seed layers must lie in [0, {self.n_layers}]")
-        if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
-            raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
-        g = torch.zeros(B, self.n_pos, self.d_model, dtype=self.dtype, device=self.k_final.device)
+        self._check(seeds)
+        B, N = seeds.n, self.n_pos
+        n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
+        pad = (lambda t: t) if n == N else (lambda t: torch.nn.functional.pad(t, (0, 0, 0, N - n)))
+        g = torch.zeros(B, n, self.d_model, dtype=self.dtype, device=self.W_U.device)
         live = self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        zero = None if live else pad(g)
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
-            yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            yield LayerGrad(L, pad(g) if live else zero)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
             # d/d(x_L): seeds of features read at L, plus the skip's share of d/d(m_L)
             grad_x = None
             if fl.W_skip is not None and live:
-                grad_x = (g @ fl.W_skip.T) * fl.skip_mask
+                grad_x = (g @ fl.W_skip.T) * fl.skip_mask[:n]
             if (seeds.layer == L).any():
                 grad_x = torch.zeros_like(g) if grad_x is None else grad_x
-                self._inject(grad_x, seeds, L, torch.ones_like(fl.k_pre[0]))
+                self._inject(grad_x, seeds, L, None)
                 live = True
             if not live:
                 continue  # nothing seeded at or above this layer yet: g stays zero
-            grad_h = g if grad_x is None else g + grad_x * fl.k_pre
+            grad_h = g if grad_x is None else g + fl.k_pre(grad_x, n)
             g = grad_h + self._attn_backward(fl, grad_h)
-        yield LayerGrad(EMBED, g)
+        yield LayerGrad(EMBED, pad(g))
 
     def backward(self, seeds: Seeds) -> "FrozenGrads":
         """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""

@@ -34,7 +34,7 @@ class ActiveFeatures(NamedTuple):
     value: Tensor  # [n_active]  activation
 
 
-@dataclass
+@dataclass(repr=False)
 class ReplacementState:
     """The replacement model on one prompt: what the real model did and its linearisation."""
 
@@ -51,6 +51,13 @@ class ReplacementState:
     @property
     def n_pos(self) -> int:
         return self.tokens.numel()
+
+    def __repr__(self) -> str:
+        n_active = sum(a.feat_idx.numel() for a in self.acts)
+        err = (self.errors.norm() / self.mlp_out.to(self.errors.dtype).norm()).item()
+        return (f"ReplacementState(n_pos={self.n_pos}, n_layers={self.n_layers}, "
+                f"active_features={n_active}, skip_positions={self.skip_positions}, "
+                f"relative_error_norm={err:.3g})")
 
     @property
     def n_layers(self) -> int:
@@ -109,8 +116,10 @@ class ReplacementModel:
     """A Gemma 3 model with a transcoder set: ``run(prompt)`` builds the replacement state."""
 
     def __init__(self, model: nn.Module, transcoders: TranscoderSet, tokenizer=None,
-                 dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto"):
+                 dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto",
+                 model_name: str = ""):
         self.parts: TextParts = text_parts(model)
+        self.model_name = model_name or getattr(model.config, "name_or_path", "") or ""
         self.model = model
         self.tokenizer = tokenizer
         self.device = self.parts.lm_head.weight.device
@@ -127,6 +136,7 @@ class ReplacementModel:
                         skip_positions: Union[int, str] = "auto") -> "ReplacementModel":
         """Build from a transformers Gemma 3 model (or a name for ``cltrace.models.load_model``)
         and a TranscoderSet (or a reference for ``cltrace.transcoders.load_transcoders``)."""
+        name = model if isinstance(model, str) else ""
         if isinstance(model, str):
             from .models import load_model  # lazily: loading needs transformers and weights
 
@@ -139,7 +149,8 @@ class ReplacementModel:
 
             transcoders = load_transcoders(transcoders, device=device, dtype=dtype)
         model.eval()
-        return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype, skip_positions=skip_positions)
+        return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype,
+                   skip_positions=skip_positions, model_name=name)
 
     # --- prompt handling -------------------------------------------------------------------
 
@@ -155,14 +166,17 @@ class ReplacementModel:
             ids = torch.as_tensor(prompt).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt has no tokens")
+        limit = getattr(self.parts.config, "max_position_embeddings", None)
+        if limit is not None and ids.numel() > limit:
+            raise ValueError(f"the prompt has {ids.numel()} tokens; the model takes at most {limit}")
         vocab = self.parts.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
         return ids.long().to(self.device)
 
     def is_instruction_tuned(self) -> bool:
-        names = (getattr(self.model.config, "name_or_path", "") or "",
-                 self.transcoders.model_name or "")
+        """An ``-it`` model, by the model's or the transcoders' name."""
+        names = (self.model_name, self.transcoders.model_name or "")
         return any(n.rstrip("/").endswith("-it") for n in names)
 
     def n_skip(self, tokens: Tensor) -> int:
@@ -207,8 +221,9 @@ def _check_compatible(parts: TextParts, tcs: TranscoderSet) -> None:
                          f"d_model={parts.d_model}: transcoders for another model? "
                          f"(transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
     if tcs.n_layers != parts.n_layers:
+        name = tcs.model_name or tcs.source or "unnamed"
         raise ValueError(f"transcoders are for a {tcs.n_layers}-layer model but the model has "
-                         f"{parts.n_layers} layers (transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
+                         f"{parts.n_layers} layers (transcoders: {name})")
     for L, tc in tcs.layers.items():
         if not 0 <= L < parts.n_layers:
             raise ValueError(f"transcoder for layer {L} but the model has {parts.n_layers} layers")

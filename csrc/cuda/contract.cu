@@ -1,0 +1,184 @@
+// CUDA attribution contraction and encoder-column gather (the hot path of graph building);
+// mirrors csrc/cpu/contract.cpp.
+//
+// edges[b, s] = acts[s] * <W_dec[feat_idx[s]], grad[b, pos[s]]>: one block per source s
+// loads its decoder row once into shared memory (16-byte loads where aligned), then its warps
+// loop over the B targets, each a coalesced dot against grad[b, pos[s]] reduced with shuffles.
+// Decoder bytes are read once per batch of targets (S * d_model); grad rows at one position
+// are shared by the sources there and stay in L2 (sources come in position order from the
+// CSR). W_dec rows may be strided (a CLT slice W_dec[:, o, :]): only stride(1) == 1 is needed.
+//
+// gather_columns: out[t, :] = W_enc[:, feat_idx[t]] through a 32x32 shared-memory transpose,
+// so the writes of out are coalesced.
+// Method: Ameisen et al. 2025, "Circuit Tracing" (edge weights = activation x gradient).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "cuda/common.cuh"
+
+namespace cltrace::cuda {
+namespace {
+
+constexpr int64_t kMaxSmemBytes = 48 * 1024;
+
+void check_contract_inputs(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
+                           const at::Tensor& feat_idx, const at::Tensor& acts) {
+  const char* op = "attribution_contract";
+  check_floating(grad, "grad", op);
+  check_dim(grad, 3, "grad [B, n_pos, d_model]", op);
+  check_dim(W_dec, 2, "W_dec [n_rows, d_model]", op);
+  check_same(W_dec, grad, "W_dec", "grad", op);
+  check_same(acts, grad, "acts", "grad", op);
+  check_index(pos, grad, "pos", op);
+  check_index(feat_idx, grad, "feat_idx", op);
+  check_dim(acts, 1, "acts [S]", op);
+  check_cuda(grad, "grad", op);
+  TORCH_CHECK(W_dec.size(1) == grad.size(2), op, ": grad has d_model = ", grad.size(2),
+              " but W_dec rows have ", W_dec.size(1));
+  TORCH_CHECK(pos.size(0) == feat_idx.size(0) && acts.size(0) == feat_idx.size(0), op,
+              ": pos, feat_idx and acts must have one entry per source, got ", pos.size(0), ", ",
+              feat_idx.size(0), " and ", acts.size(0));
+  // Index values (one host sync).
+  const auto b = index_bounds({feat_idx, pos});
+  check_range(b.data(), W_dec.size(0), "feat_idx", "W_dec with n_rows", op);
+  check_range(b.data() + 2, grad.size(1), "pos", "grad with n_pos", op);
+}
+
+// Block per source s; warps over targets b. grad [B, n_pos, d], W rows at f * ld, edges [B, S].
+// SMEM: cache the decoder row in shared memory (d * sizeof(scalar_t) bytes, dynamic).
+// VEC > 1 requires d % VEC == 0, ld % VEC == 0 and aligned grad / W pointers.
+template <typename scalar_t, int VEC, bool SMEM>
+__global__ void contract_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ pos,
+                                const scalar_t* __restrict__ W, int64_t ld,
+                                const int64_t* __restrict__ f, const scalar_t* __restrict__ a,
+                                int64_t B, int64_t n_pos, int64_t d, int64_t S,
+                                scalar_t* __restrict__ edges) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t s = blockIdx.x;
+  const scalar_t* w = W + f[s] * ld;
+  if constexpr (SMEM) {
+    scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < d; c += blockDim.x * VEC)
+      *reinterpret_cast<V*>(w_s + c) = load_vec<scalar_t, VEC>(w + c);
+    __syncthreads();
+    w = w_s;
+  }
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  const int64_t p = pos[s];
+  const acc_t as = static_cast<acc_t>(a[s]);
+  for (int64_t b = warp; b < B; b += n_warps) {
+    const scalar_t* gr = grad + (b * n_pos + p) * d;
+    acc_t sum = 0;
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < d; c += kWarp * VEC) {
+      const V gv = load_vec<scalar_t, VEC>(gr + c);
+      const V wv = load_vec<scalar_t, VEC>(w + c);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) sum += static_cast<acc_t>(wv.v[q]) * static_cast<acc_t>(gv.v[q]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) edges[b * S + s] = static_cast<scalar_t>(as * sum);
+  }
+}
+
+template <typename scalar_t, int VEC, bool SMEM>
+void launch_contract_kernel(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W,
+                            const at::Tensor& fi, const at::Tensor& acts, at::Tensor& edges) {
+  const int64_t B = grad.size(0), n_pos = grad.size(1), d = grad.size(2), S = fi.size(0);
+  const int threads = static_cast<int>(std::min<int64_t>(8, B)) * kWarp;
+  const size_t smem = SMEM ? d * sizeof(scalar_t) : 0;
+  contract_kernel<scalar_t, VEC, SMEM><<<S, threads, smem, stream()>>>(
+      grad.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), W.data_ptr<scalar_t>(), W.stride(0),
+      fi.data_ptr<int64_t>(), acts.data_ptr<scalar_t>(), B, n_pos, d, S,
+      edges.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The decoder row goes to shared memory when it fits in the default 48 KiB.
+template <typename scalar_t, int VEC>
+void launch_contract(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W,
+                     const at::Tensor& fi, const at::Tensor& acts, at::Tensor& edges) {
+  if (grad.size(2) * static_cast<int64_t>(sizeof(scalar_t)) <= kMaxSmemBytes)
+    launch_contract_kernel<scalar_t, VEC, true>(grad, pos, W, fi, acts, edges);
+  else
+    launch_contract_kernel<scalar_t, VEC, false>(grad, pos, W, fi, acts, edges);
+}
+
+at::Tensor attribution_contract_cuda(const at::Tensor& grad_, const at::Tensor& pos_,
+                                     const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
+                                     const at::Tensor& acts_) {
+  check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
+  c10::cuda::CUDAGuard guard(grad_.device());
+  const auto grad = grad_.contiguous();
+  const auto pos = pos_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const auto acts = acts_.contiguous();
+  // Rows may be strided (a CLT slice W_dec[:, o, :]); elements within a row must not be.
+  const auto W = W_dec_.stride(1) == 1 ? W_dec_ : W_dec_.contiguous();
+  const int64_t B = grad.size(0), d = grad.size(2), S = fi.size(0);
+  auto edges = at::empty({B, S}, grad.options());
+  if (B == 0 || S == 0) return edges;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "attribution_contract", [&] {
+    constexpr int V = vec_size<scalar_t>();
+    const bool vec = aligned_rows<scalar_t>(grad.data_ptr(), d, V) &&
+                     aligned_rows<scalar_t>(W.data_ptr(), W.stride(0), V) && d % V == 0;
+    if (vec)
+      launch_contract<scalar_t, V>(grad, pos, W, fi, acts, edges);
+    else
+      launch_contract<scalar_t, 1>(grad, pos, W, fi, acts, edges);
+  });
+  return edges;
+}
+
+// Block (32 targets t, 32 input dims k): read W[k, f[t]] into a tile, write out[t, k] coalesced.
+// W [d_in, d_sae] contiguous, out [T, d_in].
+template <typename scalar_t>
+__global__ void gather_columns_kernel(const scalar_t* __restrict__ W, const int64_t* __restrict__ f,
+                                      int64_t d_in, int64_t d_sae, int64_t T,
+                                      scalar_t* __restrict__ out) {
+  __shared__ scalar_t tile[32][33];
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 32, k0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  if (t0 + tx < T) {
+    const int64_t ft = f[t0 + tx];
+    for (int kk = ty; kk < 32; kk += blockDim.y)
+      if (k0 + kk < d_in) tile[kk][tx] = W[(k0 + kk) * d_sae + ft];
+  }
+  __syncthreads();
+  for (int tt = ty; tt < 32; tt += blockDim.y)
+    if (t0 + tt < T && k0 + tx < d_in) out[(t0 + tt) * d_in + k0 + tx] = tile[tx][tt];
+}
+
+at::Tensor gather_columns_cuda(const at::Tensor& W_enc_, const at::Tensor& feat_idx_) {
+  const char* op = "gather_columns";
+  check_floating(W_enc_, "W_enc", op);
+  check_dim(W_enc_, 2, "W_enc [d_in, d_sae]", op);
+  check_index(feat_idx_, W_enc_, "feat_idx", op);
+  check_cuda(W_enc_, "W_enc", op);
+  const auto b = index_bounds({feat_idx_});
+  check_range(b.data(), W_enc_.size(1), "feat_idx", "W_enc with d_sae", op);
+  c10::cuda::CUDAGuard guard(W_enc_.device());
+  const auto W = W_enc_.contiguous();
+  const auto fi = feat_idx_.contiguous();
+  const int64_t d_in = W.size(0), d_sae = W.size(1), T = fi.size(0);
+  auto out = at::empty({T, d_in}, W.options());
+  if (T == 0 || d_in == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "gather_columns", [&] {
+    const dim3 grid(ceil_div(T, 32), ceil_div(d_in, 32));
+    gather_columns_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream()>>>(
+        W.data_ptr<scalar_t>(), fi.data_ptr<int64_t>(), d_in, d_sae, T, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cltrace, CUDA, m) {
+  m.impl("attribution_contract", &attribution_contract_cuda);
+  m.impl("gather_columns", &gather_columns_cuda);
+}
+
+}  // namespace cltrace::cuda
