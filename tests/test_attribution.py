@@ -38,8 +38,8 @@ def target_values(state, graph):
     last = state.n_pos - 1
     for i in range(graph.n_logits):
         d = state.frozen.logit_direction(graph.logit_tokens[i:i + 1])[0]
-        values.append((full.resid_final[last] * fz.k_final[last]) @ d)
-        biases.append((bias_only.resid_final[last] * fz.k_final[last]) @ d)
+        values.append(fz.k_final(full.resid_final)[last] @ d)
+        biases.append(fz.k_final(bias_only.resid_final)[last] @ d)
     return torch.stack(values), torch.stack(biases)
 
 
