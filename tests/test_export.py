@@ -72,6 +72,29 @@ def test_dot_structure_and_render(graph, tmp_path):
         render(graph, tmp_path / "g.gif", fmt="gif")
 
 
+def test_dot_is_capped_to_the_most_influential_nodes(graph):
+    result = prune(graph, 1.0, 1.0)
+    src = to_dot(graph, result=result, max_nodes=graph.n_pos + graph.n_logits + 3).source
+    ids = graph.node_ids()
+    drawn = [i for i in range(graph.token_start) if f'"{ids[i]}" [' in src or f"{ids[i]} [" in src]
+    assert len(drawn) == 3
+    best = sorted((i for i in range(graph.token_start) if result.node_mask[i]),
+                  key=lambda i: -float(result.influence[i]))[:3]
+    assert sorted(drawn) == sorted(best)
+    assert "top" in src
+
+
+def test_written_files_are_readable_by_others(graph, tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        path = write_neuronpedia(graph, tmp_path, "perm")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_render_without_dot_binary_says_what_to_install(graph, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install graphviz"):

@@ -2,8 +2,10 @@
 
 Layers are ranks (tokens at the bottom, then layer 0 ... n_layers-1, logits at the top);
 labels give the feature id, position/token and activation; edges are coloured by sign
-(blue positive, red negative) with width growing with |weight|. ``render`` calls the ``dot``
-binary (Debian package ``graphviz``) for SVG/PNG.
+(blue positive, red negative) with width growing with |weight|. Pictures of thousands of
+nodes are unreadable (and slow to lay out), so at most ``max_nodes`` nodes are drawn: the
+tokens and logits, then the pruned graph's features and errors of highest influence.
+``render`` calls the ``dot`` binary (Debian package ``graphviz``) for SVG/PNG.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def _quote(text: str) -> str:
 
 
 def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-           result: Optional[PruneResult] = None):
-    """A ``graphviz.Digraph`` of the pruned graph."""
+           result: Optional[PruneResult] = None, max_nodes: int = 120):
+    """A ``graphviz.Digraph`` of the pruned graph (at most ``max_nodes`` nodes, see module doc)."""
     import graphviz
 
     result = result if result is not None else prune(graph, node_threshold, edge_threshold)
@@ -38,9 +40,15 @@ def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
     used = set(targets.tolist()) | set(cols.tolist())
     keep = [i for i in result.node_mask.nonzero().flatten().tolist()
             if i in used or table.kind[i] in (NodeKind.TOKEN, NodeKind.LOGIT)]
+    inner = [i for i in keep if i < graph.token_start]  # features and errors
+    room = max(max_nodes - (len(keep) - len(inner)), 0)
+    if len(inner) > room:
+        chosen = set(sorted(inner, key=lambda i: -float(result.influence[i]))[:room])
+        keep = [i for i in keep if i >= graph.token_start or i in chosen]
     dot = graphviz.Digraph(name="attribution", graph_attr={
         "rankdir": "BT", "ranksep": "0.6", "nodesep": "0.15", "fontname": "Helvetica",
-        "label": f"{graph.prompt!r} — {graph.model_name}", "labelloc": "t"},
+        "label": f"{graph.prompt!r} — {graph.model_name}"
+                 + (f" (top {max_nodes} nodes)" if len(inner) > room else ""), "labelloc": "t"},
         node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
         edge_attr={"arrowsize": "0.4"})
     by_rank: dict[int, list[int]] = {}
