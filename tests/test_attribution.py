@@ -124,3 +124,24 @@ def test_salient_logits_and_bad_arguments(replacement):
                     ({"batch_size": 0}, "batch_size"), ({"targets": [10**9]}, "outside the vocabulary")]:
         with pytest.raises(ValueError, match=msg):
             attribute(TOKENS, replacement, **kw)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_same_graph_from_gemmascope_and_circuit_tracer_files(tmp_path, skip):
+    """A PLT set written in the Gemma Scope 2 layout and in circuit-tracer's layout (the same
+    weights) loads to the same transcoders and gives the same graph, edge for edge."""
+    from cltrace.transcoders import load_transcoders
+    from synthetic import write_circuit_tracer_plt, write_gemmascope_plt
+
+    model = tiny_gemma(n_layers=3, dtype=torch.float32)
+    cap = capture(text_parts(model), torch.tensor(TOKENS))
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers])
+    ts = random_transcoders(mlp_in, kind="plt", skip=skip, d_sae=40)
+    gs = load_transcoders(write_gemmascope_plt(tmp_path / "gs", ts))
+    ct = load_transcoders(write_circuit_tracer_plt(tmp_path / "ct", ts))
+    graphs = [attribute(TOKENS, ReplacementModel(model, t), batch_size=16) for t in (ts, gs, ct)]
+    for g in graphs[1:]:
+        assert torch.equal(g.features, graphs[0].features)
+        assert torch.equal(g.logit_tokens, graphs[0].logit_tokens)
+        torch.testing.assert_close(g.edges, graphs[0].edges, rtol=1e-6, atol=1e-7)
+    assert graphs[0].n_features > 20
