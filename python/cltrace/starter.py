@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -29,15 +30,17 @@ CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools"
 def calibration_texts() -> list[str]:
     """Docstrings of standard-library modules and their public functions/classes, deduplicated."""
     seen, out = set(), []
-    for name in CALIBRATION_MODULES:
-        mod = importlib.import_module(name)
-        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
-        for obj in objs:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                          or inspect.isfunction(obj)) else None
-            if doc and len(doc) > 80 and doc not in seen:
-                seen.add(doc)
-                out.append(doc)
+    with warnings.catch_warnings():  # some attributes (typing.io, ...) warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CALIBRATION_MODULES:
+            mod = importlib.import_module(name)
+            objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+            for obj in objs:
+                doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
+                                              or inspect.isfunction(obj)) else None
+                if doc and len(doc) > 80 and doc not in seen:
+                    seen.add(doc)
+                    out.append(doc)
     return out
 
 

@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt
     if args.chat:
-        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      tokenize=False, add_generation_prompt=True)
+        from ..chat import chat_prompt
+
+        prompt = chat_prompt(loaded.tokenizer, prompt)
         ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     else:
         ids = prompt
