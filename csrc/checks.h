@@ -74,4 +74,33 @@ inline void check_csr(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
               " entries but ", values_name, " has ", values.size(0));
 }
 
+// attribution_contract: grad [B, n_pos, d_model], pos / feat_idx / acts [S], W_dec [n_rows,
+// d_model]. Shapes, dtypes and devices; each device checks the index values itself.
+inline void check_contract_inputs(const at::Tensor& grad, const at::Tensor& pos,
+                                  const at::Tensor& W_dec, const at::Tensor& feat_idx,
+                                  const at::Tensor& acts) {
+  const char* op = "attribution_contract";
+  check_floating(grad, "grad", op);
+  check_dim(grad, 3, "grad [B, n_pos, d_model]", op);
+  check_dim(W_dec, 2, "W_dec [n_rows, d_model]", op);
+  check_same(W_dec, grad, "W_dec", "grad", op);
+  check_same(acts, grad, "acts", "grad", op);
+  check_index(pos, grad, "pos", op);
+  check_index(feat_idx, grad, "feat_idx", op);
+  check_dim(acts, 1, "acts [S]", op);
+  TORCH_CHECK(W_dec.size(1) == grad.size(2), op, ": grad has d_model = ", grad.size(2),
+              " but W_dec rows have ", W_dec.size(1));
+  TORCH_CHECK(pos.size(0) == feat_idx.size(0) && acts.size(0) == feat_idx.size(0), op,
+              ": pos, feat_idx and acts must have one entry per source, got ", pos.size(0), ", ",
+              feat_idx.size(0), " and ", acts.size(0));
+}
+
+// gather_columns: W_enc [d_in, d_sae] (any strides), feat_idx [T].
+inline void check_gather_inputs(const at::Tensor& W_enc, const at::Tensor& feat_idx) {
+  const char* op = "gather_columns";
+  check_floating(W_enc, "W_enc", op);
+  check_dim(W_enc, 2, "W_enc [d_in, d_sae]", op);
+  check_index(feat_idx, W_enc, "feat_idx", op);
+}
+
 }  // namespace cltrace

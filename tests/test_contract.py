@@ -68,3 +68,12 @@ def test_gather_columns(device, dtype):
     with pytest.raises(RuntimeError, match="feat_idx\\[0\\] = 100 is out of range"):
         ops.gather_columns(W, torch.tensor([100], device=device))
     torch.library.opcheck(torch.ops.cltrace.gather_columns.default, (W, idx))
+
+
+def test_gather_columns_reads_strided_encoders_in_place(device):
+    # circuit-tracer stores W_enc as [d_sae, d_in]: its transpose is a [d_in, d_sae] view.
+    W_t = torch.randn(100, 37, dtype=torch.float64, device=device)
+    idx = torch.tensor([3, 99, 0, 3], device=device)
+    assert torch.equal(ops.gather_columns(W_t.T, idx), W_t[idx])
+    W3 = torch.randn(37, 2, 100, dtype=torch.float64, device=device)  # both strides non-unit
+    assert torch.equal(ops.gather_columns(W3[:, 1, :], idx), ref.gather_columns(W3[:, 1, :], idx))

@@ -14,24 +14,6 @@
 namespace cltrace::cpu {
 namespace {
 
-void check_contract_inputs(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
-                           const at::Tensor& feat_idx, const at::Tensor& acts) {
-  const char* op = "attribution_contract";
-  check_floating(grad, "grad", op);
-  check_dim(grad, 3, "grad [B, n_pos, d_model]", op);
-  check_dim(W_dec, 2, "W_dec [n_rows, d_model]", op);
-  check_same(W_dec, grad, "W_dec", "grad", op);
-  check_same(acts, grad, "acts", "grad", op);
-  check_index(pos, grad, "pos", op);
-  check_index(feat_idx, grad, "feat_idx", op);
-  check_dim(acts, 1, "acts [S]", op);
-  TORCH_CHECK(W_dec.size(1) == grad.size(2), op, ": grad has d_model = ", grad.size(2),
-              " but W_dec rows have ", W_dec.size(1));
-  TORCH_CHECK(pos.size(0) == feat_idx.size(0) && acts.size(0) == feat_idx.size(0), op,
-              ": pos, feat_idx and acts must have one entry per source, got ", pos.size(0), ", ",
-              feat_idx.size(0), " and ", acts.size(0));
-}
-
 at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& pos_,
                                     const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
                                     const at::Tensor& acts_) {
@@ -69,14 +51,14 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
   return edges;
 }
 
-at::Tensor gather_columns_cpu(const at::Tensor& W_enc_, const at::Tensor& feat_idx_) {
+// Any strides: a memory-mapped or transposed encoder (circuit-tracer stores W_enc [d_sae, d_in])
+// is read in place, touching only the requested columns.
+at::Tensor gather_columns_cpu(const at::Tensor& W, const at::Tensor& feat_idx_) {
   const char* op = "gather_columns";
-  check_floating(W_enc_, "W_enc", op);
-  check_dim(W_enc_, 2, "W_enc [d_in, d_sae]", op);
-  check_index(feat_idx_, W_enc_, "feat_idx", op);
-  const auto W = W_enc_.contiguous();
+  check_gather_inputs(W, feat_idx_);
   const auto fi = feat_idx_.contiguous();
   const int64_t d_in = W.size(0), d_sae = W.size(1), T = fi.size(0);
+  const int64_t s0 = W.stride(0), s1 = W.stride(1);
   const int64_t* f = fi.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(f[t] >= 0 && f[t] < d_sae, op, ": feat_idx[", t, "] = ", f[t],
@@ -85,11 +67,17 @@ at::Tensor gather_columns_cpu(const at::Tensor& W_enc_, const at::Tensor& feat_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "gather_columns", [&] {
     const scalar_t* wp = W.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // Parallel over rows of W_enc: each thread streams its own contiguous rows.
-    at::parallel_for(0, d_in, 8, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t t = 0; t < T; ++t) o[t * d_in + k] = wp[k * d_sae + f[t]];
-    });
+    if (s1 == 1) {  // [d_in, d_sae] rows: parallel over rows, each thread streams its own
+      at::parallel_for(0, d_in, 8, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t t = 0; t < T; ++t) o[t * d_in + k] = wp[k * s0 + f[t]];
+      });
+    } else {  // columns are contiguous or strided: one column per target
+      at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t k = 0; k < d_in; ++k) o[t * d_in + k] = wp[k * s0 + f[t] * s1];
+      });
+    }
   });
   return out;
 }

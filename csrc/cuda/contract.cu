@@ -22,23 +22,11 @@ namespace {
 
 constexpr int64_t kMaxSmemBytes = 48 * 1024;
 
-void check_contract_inputs(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
+void check_contract_values(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
                            const at::Tensor& feat_idx, const at::Tensor& acts) {
   const char* op = "attribution_contract";
-  check_floating(grad, "grad", op);
-  check_dim(grad, 3, "grad [B, n_pos, d_model]", op);
-  check_dim(W_dec, 2, "W_dec [n_rows, d_model]", op);
-  check_same(W_dec, grad, "W_dec", "grad", op);
-  check_same(acts, grad, "acts", "grad", op);
-  check_index(pos, grad, "pos", op);
-  check_index(feat_idx, grad, "feat_idx", op);
-  check_dim(acts, 1, "acts [S]", op);
+  check_contract_inputs(grad, pos, W_dec, feat_idx, acts);
   check_cuda(grad, "grad", op);
-  TORCH_CHECK(W_dec.size(1) == grad.size(2), op, ": grad has d_model = ", grad.size(2),
-              " but W_dec rows have ", W_dec.size(1));
-  TORCH_CHECK(pos.size(0) == feat_idx.size(0) && acts.size(0) == feat_idx.size(0), op,
-              ": pos, feat_idx and acts must have one entry per source, got ", pos.size(0), ", ",
-              feat_idx.size(0), " and ", acts.size(0));
   // Index values (one host sync).
   const auto b = index_bounds({feat_idx, pos});
   check_range(b.data(), W_dec.size(0), "feat_idx", "W_dec with n_rows", op);
@@ -109,7 +97,7 @@ void launch_contract(const at::Tensor& grad, const at::Tensor& pos, const at::Te
 at::Tensor attribution_contract_cuda(const at::Tensor& grad_, const at::Tensor& pos_,
                                      const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
                                      const at::Tensor& acts_) {
-  check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
+  check_contract_values(grad_, pos_, W_dec_, feat_idx_, acts_);
   c10::cuda::CUDAGuard guard(grad_.device());
   const auto grad = grad_.contiguous();
   const auto pos = pos_.contiguous();
@@ -133,10 +121,10 @@ at::Tensor attribution_contract_cuda(const at::Tensor& grad_, const at::Tensor& 
 }
 
 // Block (32 targets t, 32 input dims k): read W[k, f[t]] into a tile, write out[t, k] coalesced.
-// W [d_in, d_sae] contiguous, out [T, d_in].
+// W [d_in, d_sae] with strides (s0, s1), out [T, d_in].
 template <typename scalar_t>
 __global__ void gather_columns_kernel(const scalar_t* __restrict__ W, const int64_t* __restrict__ f,
-                                      int64_t d_in, int64_t d_sae, int64_t T,
+                                      int64_t d_in, int64_t s0, int64_t s1, int64_t T,
                                       scalar_t* __restrict__ out) {
   __shared__ scalar_t tile[32][33];
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 32, k0 = static_cast<int64_t>(blockIdx.y) * 32;
@@ -144,7 +132,7 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ W, const int6
   if (t0 + tx < T) {
     const int64_t ft = f[t0 + tx];
     for (int kk = ty; kk < 32; kk += blockDim.y)
-      if (k0 + kk < d_in) tile[kk][tx] = W[(k0 + kk) * d_sae + ft];
+      if (k0 + kk < d_in) tile[kk][tx] = W[(k0 + kk) * s0 + ft * s1];
   }
   __syncthreads();
   for (int tt = ty; tt < 32; tt += blockDim.y)
@@ -153,22 +141,21 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ W, const int6
 
 at::Tensor gather_columns_cuda(const at::Tensor& W_enc_, const at::Tensor& feat_idx_) {
   const char* op = "gather_columns";
-  check_floating(W_enc_, "W_enc", op);
-  check_dim(W_enc_, 2, "W_enc [d_in, d_sae]", op);
-  check_index(feat_idx_, W_enc_, "feat_idx", op);
+  check_gather_inputs(W_enc_, feat_idx_);
   check_cuda(W_enc_, "W_enc", op);
   const auto b = index_bounds({feat_idx_});
   check_range(b.data(), W_enc_.size(1), "feat_idx", "W_enc with d_sae", op);
   c10::cuda::CUDAGuard guard(W_enc_.device());
-  const auto W = W_enc_.contiguous();
+  const auto& W = W_enc_;  // any strides (a transposed circuit-tracer W_enc is read in place)
   const auto fi = feat_idx_.contiguous();
-  const int64_t d_in = W.size(0), d_sae = W.size(1), T = fi.size(0);
+  const int64_t d_in = W.size(0), T = fi.size(0);
   auto out = at::empty({T, d_in}, W.options());
   if (T == 0 || d_in == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "gather_columns", [&] {
     const dim3 grid(ceil_div(T, 32), ceil_div(d_in, 32));
     gather_columns_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream()>>>(
-        W.data_ptr<scalar_t>(), fi.data_ptr<int64_t>(), d_in, d_sae, T, out.data_ptr<scalar_t>());
+        W.data_ptr<scalar_t>(), fi.data_ptr<int64_t>(), d_in, W.stride(0), W.stride(1), T,
+        out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
