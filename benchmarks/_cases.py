@@ -287,7 +287,8 @@ CASES = [
     _c("encode_backward", d_model=640, d_sae=16384, N=1024, L0=64),
     _c("encode_backward", d_model=2304, d_sae=16384, N=1024, L0=64),
     _c("encode_backward", d_model=640, d_sae=262144, N=128, L0=64),
-    _c("contract", True, d_model=640, d_sae=16384, n_pos=128, B=64, L0=64),
+    _c("contract", True, d_model=640, d_sae=16384, n_pos=64, B=32, L0=64),
+    _c("contract", d_model=640, d_sae=16384, n_pos=128, B=64, L0=64),
     _c("contract", d_model=2304, d_sae=16384, n_pos=128, B=32, L0=64),
     _c("contract", d_model=640, d_sae=16384, n_out=18, n_pos=512, B=32, L0=64),
 ]

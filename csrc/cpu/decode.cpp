@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
@@ -52,15 +53,27 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
     scalar_t* op = out.data_ptr<scalar_t>();
     TORCH_CHECK(n == 0 || off[n] == fi.size(0), "sparse_decode: row_offsets[-1] = ", off[n],
                 " but feat_idx has ", fi.size(0), " entries");
+    const int64_t nnz = fi.size(0);
+    for (int64_t j = 0; j < nnz; ++j)
+      TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
+                  " is out of range for W_dec with d_sae = ", d_sae);
+    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> acc(D);
+      // Entries in groups of four (axpy4), prefetching the next group's decoder rows.
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = off[i]; j < off[i + 1]; ++j) {
-          TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
-                      " is out of range for W_dec with d_sae = ", d_sae);
-          axpy<scalar_t>(static_cast<acc_t>(a[j]), wp + f[j] * D, acc.data(), D);
+        const int64_t e = off[i + 1];
+        int64_t j = off[i];
+        for (; j + 4 <= e; j += 4) {
+          for (int64_t q = j + 4; q < std::min(j + 8, nnz); ++q) prefetch_row(wp + f[q] * D, row_bytes);
+          const acc_t a4[4] = {static_cast<acc_t>(a[j]), static_cast<acc_t>(a[j + 1]),
+                               static_cast<acc_t>(a[j + 2]), static_cast<acc_t>(a[j + 3])};
+          const scalar_t* rows4[4] = {wp + f[j] * D, wp + f[j + 1] * D, wp + f[j + 2] * D,
+                                      wp + f[j + 3] * D};
+          axpy4<scalar_t>(a4, rows4, acc.data(), D);
         }
+        for (; j < e; ++j) axpy<scalar_t>(static_cast<acc_t>(a[j]), wp + f[j] * D, acc.data(), D);
         for (int64_t c = 0; c < D; ++c) op[i * D + c] = static_cast<scalar_t>(acc[c]);
       }
     });
