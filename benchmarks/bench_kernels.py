@@ -49,7 +49,7 @@ def run_case(case: dict, device: str, budget_s: float) -> dict:
         [lambda im=im, st=st: im.run(st) for im, st in zip(impls, states)], device, budget_s)
     del states
     # After the timings: peak_bytes switches glibc to mmap-per-large-tensor.
-    peaks = [_harness.peak_bytes(lambda im=im: im.run(im.prepare()), device) for im in impls]
+    peaks = [_harness.peak_bytes_min(lambda im=im: im.run(im.prepare()), device) for im in impls]
     return {"op": case["op"], "params": case["params"],
             "label": _cases.case_label(case["op"], case["params"]),
             "bytes": built.bytes, "flops": built.flops, "info": built.info,
