@@ -141,12 +141,12 @@ def main() -> None:
     ap.add_argument("--ops", default="", help="comma-separated op filter")
     ap.add_argument("--json", default=str(HERE / "out" / "kernels.json"))
     ap.add_argument("--budget", type=float, default=None,
-                    help="timing seconds per case (default 1.5 quick, 5 full)")
+                    help="timing seconds per case (default 1.5 quick, 3 full)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
-    budget = args.budget if args.budget is not None else (1.5 if args.quick else 5.0)
+    budget = args.budget if args.budget is not None else (1.5 if args.quick else 3.0)
     if args._worker:
         print(json.dumps(run_case(json.loads(args._worker), args.device, budget)))
         return

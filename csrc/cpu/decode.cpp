@@ -38,8 +38,11 @@ std::vector<int64_t> rows_of(const int64_t* off, int64_t n_rows) {
   return rows;
 }
 
-constexpr int64_t kBlockBytes = int64_t{4} << 20;  // W_dec block of the cache-blocked path
-constexpr int64_t kTileRows = 256;                   // token rows per tile of that path
+// Cache-blocked path: a W_dec block of kBlockBytes meets kTileRows token rows at a time, so
+// a decoder row is fetched from DRAM once per tile and reused ~ kTileRows * L0 / d_sae times
+// from L3 while the output tile (kTileRows rows) streams through once per block.
+constexpr int64_t kBlockBytes = int64_t{8} << 20;
+constexpr int64_t kTileRows = 2048;
 
 // acc[0:D] += sum_{j in [j0, j1), lo <= f[j] < hi} a[j] * W[f[j]], four rows per pass
 // (axpy4). With pf_end > 0, the decoder row of entry j + 4 (< pf_end) is prefetched.
