@@ -1,7 +1,9 @@
 // CPU sparse decode (per-layer and cross-layer transcoders) and its backward.
 //
 // Forward: out[i] = sum_{j in row i} acts[j] * W_dec[feat_idx[j]] over the flattened
-// n_out * d_model output row, parallel over rows; work O(nnz * n_out * d_model).
+// n_out * d_model output row, parallel over rows; work O(nnz * n_out * d_model). Decoder
+// rows are added four at a time with prefetch; when rows repeat often (nnz >= 2 d_sae) the
+// loop is cache-blocked over W_dec so each row is fetched from DRAM about once per tile.
 // Backward: grad_acts is a dot per entry (parallel over entries); grad_W_dec is accumulated
 // parallel over column slices of the flattened decoder row, so threads never collide even
 // when a feature repeats, and only the decoder rows of active features are written.
@@ -10,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -34,6 +38,33 @@ std::vector<int64_t> rows_of(const int64_t* off, int64_t n_rows) {
   return rows;
 }
 
+// Cache-blocked path: a W_dec block of kBlockBytes meets kTileRows token rows at a time, so
+// a decoder row is fetched from DRAM once per tile and reused ~ kTileRows * L0 / d_sae times
+// from L3 while the output tile (kTileRows rows) streams through once per block.
+constexpr int64_t kBlockBytes = int64_t{8} << 20;
+constexpr int64_t kTileRows = 2048;
+
+// acc[0:D] += sum_{j in [j0, j1), lo <= f[j] < hi} a[j] * W[f[j]], four rows per pass
+// (axpy4). With pf_end > 0, the decoder row of entry j + 4 (< pf_end) is prefetched.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void accumulate_entries(const int64_t* f, const scalar_t* a, int64_t j0, int64_t j1, int64_t lo,
+                        int64_t hi, int64_t pf_end, const scalar_t* wp, int64_t D, acc_t* acc) {
+  const scalar_t* rows4[4];
+  acc_t a4[4];
+  int k = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (f[j] < lo || f[j] >= hi) continue;
+    if (j + 4 < pf_end) prefetch_row(wp + f[j + 4] * D, D * int64_t(sizeof(scalar_t)));
+    rows4[k] = wp + f[j] * D;
+    a4[k] = static_cast<acc_t>(a[j]);
+    if (++k == 4) {
+      axpy4<scalar_t>(a4, rows4, acc, D);
+      k = 0;
+    }
+  }
+  for (int q = 0; q < k; ++q) axpy<scalar_t>(a4[q], rows4[q], acc, D);
+}
+
 at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                              const at::Tensor& acts_, const at::Tensor& W_dec_) {
   check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, "sparse_decode");
@@ -52,15 +83,33 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
     scalar_t* op = out.data_ptr<scalar_t>();
     TORCH_CHECK(n == 0 || off[n] == fi.size(0), "sparse_decode: row_offsets[-1] = ", off[n],
                 " but feat_idx has ", fi.size(0), " entries");
+    const int64_t nnz = fi.size(0);
+    for (int64_t j = 0; j < nnz; ++j)
+      TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
+                  " is out of range for W_dec with d_sae = ", d_sae);
+    const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / (D * int64_t(sizeof(scalar_t))));
+    // Cache-blocked when decoder rows repeat (nnz >= 2 * d_sae) and fp32/fp64 (accumulate
+    // in the output): rows of a tile of tokens meet one L3-sized block of W_dec at a time,
+    // so each decoder row comes from DRAM about once per tile instead of once per use.
+    const bool blocked = std::is_same_v<scalar_t, acc_t> && nnz >= 2 * d_sae && d_sae > block_rows;
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (blocked) {
+          std::fill(op + i0 * D, op + i1 * D, scalar_t(0));
+          for (int64_t t0 = i0; t0 < i1; t0 += kTileRows) {
+            const int64_t t1 = std::min(t0 + kTileRows, i1);
+            for (int64_t lo = 0; lo < d_sae; lo += block_rows)
+              for (int64_t i = t0; i < t1; ++i)
+                accumulate_entries<scalar_t>(f, a, off[i], off[i + 1], lo, lo + block_rows, 0,
+                                             wp, D, op + i * D);
+          }
+          return;
+        }
+      }
       std::vector<acc_t> acc(D);
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = off[i]; j < off[i + 1]; ++j) {
-          TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
-                      " is out of range for W_dec with d_sae = ", d_sae);
-          axpy<scalar_t>(static_cast<acc_t>(a[j]), wp + f[j] * D, acc.data(), D);
-        }
+        accumulate_entries<scalar_t>(f, a, off[i], off[i + 1], 0, d_sae, nnz, wp, D, acc.data());
         for (int64_t c = 0; c < D; ++c) op[i * D + c] = static_cast<scalar_t>(acc[c]);
       }
     });
