@@ -306,7 +306,7 @@ def intervene_frozen(state, interventions: Sequence[Intervention],
         clean, tc = state.acts[L], tcs.layers.get(L)
         a = clean
         if tc is not None:
-            if not freeze_features:
+            if not freeze_features and dx.any():  # (unchanged input: the clean features)
                 a = encode_layer(tc, x, state.skip_positions)
                 if _same(a, clean):
                     a = clean
