@@ -183,6 +183,7 @@ class InterventionResult:
     def activation(self, layer: int, pos: int, feature: int) -> float:
         """A feature's activation after the interventions (0 when inactive)."""
         a = self.acts[layer]
+        pos = pos % a.n_rows  # negative: from the end
         lo, hi = a.row_offsets[pos].item(), a.row_offsets[pos + 1].item()
         hit = (a.feat_idx[lo:hi] == feature).nonzero()
         return float(a.acts[lo + hit[0, 0]]) if hit.numel() else 0.0
