@@ -13,6 +13,8 @@ from . import _C, ops  # noqa: F401  (importing _C registers torch.ops.cltrace.*
 from .ops import SparseActs
 from .frozen import FrozenLinearModel, Seeds
 from .replacement import ActiveFeatures, ReplacementModel, ReplacementState
+from .intervene import Intervention, InterventionResult
+from .generate import Generation
 
 __version__ = "0.1.0"
 
@@ -44,5 +46,5 @@ def build_info() -> BuildInfo:
     )
 
 
-__all__ = ["ActiveFeatures", "BuildInfo", "FrozenLinearModel", "ReplacementModel",
-           "ReplacementState", "Seeds", "SparseActs", "build_info", "ops"]
+__all__ = ["ActiveFeatures", "BuildInfo", "FrozenLinearModel", "Generation", "Intervention",
+           "InterventionResult", "ReplacementModel", "ReplacementState", "Seeds", "SparseActs", "build_info", "ops"]

@@ -1,0 +1,179 @@
+"""``cltrace steer PROMPT --feature L:F[@POS]=V ...``: intervene on features, compare before/after."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+NAME = "steer"
+HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
+DESCRIPTION = """\
+Intervene on transcoder features and show what changes: the top next tokens after the
+prompt and the generated continuation, before and after the intervention.
+
+A feature is given as LAYER:FEATURE, optionally @POS, then one operation:
+  L:F=VALUE      set the activation to VALUE (0 ablates the feature)
+  L:F*SCALE      multiply the activation by SCALE (quote it: '*' is a shell wildcard)
+  L:F+ADD        add ADD to the activation (activates an inactive feature)
+POS is a token position (negative counts from the end: -1 is the last prompt token) or a
+slice START:STOP (either end may be left out, e.g. 3:7, 4:, :-1); without @POS, every
+position with features.
+
+--mode free (default): the real model, with (new - old activation) x decoder added to the
+MLP output of every layer the feature writes to; everything downstream is recomputed.
+--mode frozen: the local replacement model of the attribution graph: attention patterns,
+norm denominators and error nodes frozen, downstream features re-encoded (--freeze-features
+holds them fixed too). Generation always uses free mode.
+
+With no --transcoders, a SYNTHETIC starter set for the model is used (not trained: its
+features have no learned meaning).
+
+Examples:
+  cltrace steer "The capital of France is" --feature 8:1234@-1=0
+  cltrace steer "The capital of France is" --feature '12:77*4' --feature 3:10@2:5+20 \\
+      --max-new-tokens 30 --steer-generated
+  cltrace steer "Fact: Paris is in" --feature 5:42=0 --mode frozen --max-new-tokens 0
+"""
+
+_SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*([^=*+\s]*))?\s*([=*+])\s*(\S.*?)\s*$")
+
+
+def parse_pos(text: str):
+    """``'5'``, ``'-1'`` -> int; ``'3:7'``, ``':-1'``, ``'4:'`` -> slice."""
+    def num(t: str):
+        t = t.strip()
+        return None if t == "" else int(t)
+
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 2:
+                raise ValueError
+            return slice(num(parts[0]), num(parts[1]))
+        return int(text)
+    except ValueError:
+        raise ValueError(f"position {text!r} is not an int or a START:STOP slice") from None
+
+
+def parse_feature(text: str):
+    """``L:F[@POS]=V`` / ``*S`` / ``+A`` -> :class:`~cltrace.intervene.Intervention`."""
+    from ..intervene import Intervention
+
+    m = _SPEC.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected LAYER:FEATURE[@POS]=VALUE, *SCALE or +ADD (e.g. 8:1234@-1=0)")
+    layer, feature, pos, op, value = m.groups()
+    try:
+        number = float(value)
+        kw = {"=": "set", "*": "scale", "+": "add"}[op]
+        return Intervention(int(layer), int(feature), pos=None if not pos else parse_pos(pos),
+                            **{kw: number})
+    except ValueError as e:
+        msg = str(e) if "could not convert" not in str(e) else f"{value!r} is not a number"
+        raise argparse.ArgumentTypeError(f"{text!r}: {msg}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
+                   required=True, metavar="L:F[@POS]{=V|*S|+A}",
+                   help="an intervention (repeatable; applied in the order given)")
+    p.add_argument("--model", default="gemma-3-270m",
+                   help="model: 'gemma-3-270m' (embedded, default), a hub id, a folder or a .gguf")
+    p.add_argument("--transcoders", default=None, metavar="T",
+                   help="transcoder folder or hub reference (default: the synthetic starter set)")
+    p.add_argument("--mode", choices=("free", "frozen"), default="free",
+                   help="free: the real model (default); frozen: the replacement model of the graph")
+    p.add_argument("--freeze-features", action="store_true",
+                   help="frozen mode: also hold every other feature at its clean value")
+    p.add_argument("--top-k", type=int, default=10, metavar="K", help="next tokens to list (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=20, metavar="N",
+                   help="tokens to generate before and after (default 20; 0: no generation)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--steer-generated", action="store_true",
+                   help="apply the interventions to generated tokens too (POS resolved against "
+                        "the growing text: no @POS or an open slice covers new tokens)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in Gemma's chat template (for -it models)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def top_table(before, after, decode, k: int) -> list[str]:
+    """Rows 'rank  token p  |  token p' of the k most likely next tokens before and after."""
+    import torch
+
+    pb, pa = torch.softmax(before.float(), -1), torch.softmax(after.float(), -1)
+    tb, ta = pb.topk(k), pa.topk(k)
+    width = 28
+    rows = [f"{'':>3}  {'before':<{width}}  {'after':<{width}}"]
+    for i in range(k):
+        cells = []
+        for top in (tb, ta):
+            tok = int(top.indices[i])
+            cells.append(f"{decode(tok)!r:<18} p={float(top.values[i]):.4f}"[:width].ljust(width))
+        rows.append(f"{i + 1:>3}  {cells[0]}  {cells[1]}")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from ..replacement import ReplacementModel
+    from ..starter import starter_transcoders
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.freeze_features and args.mode != "frozen":
+        raise ValueError("--freeze-features needs --mode frozen")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.transcoders is None:
+        transcoders = starter_transcoders(loaded, progress=say)
+    else:
+        from ..transcoders import load_transcoders
+
+        say(f"loading transcoders {args.transcoders} ...")
+        transcoders = load_transcoders(args.transcoders)
+    rm = ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer)
+    tok = loaded.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    else:
+        ids = prompt
+
+    state = rm.run(ids)
+    res = rm.intervene(None, args.features, mode=args.mode, freeze_features=args.freeze_features,
+                       state=state)
+    decode = lambda t: tok.decode([t])  # noqa: E731
+    k = min(args.top_k, res.logits.shape[-1])
+    print(f"prompt: {prompt!r} ({state.n_pos} tokens)")
+    print(f"interventions ({args.mode} mode): " + ", ".join(str(iv) for iv in res.interventions))
+    print(f"top {k} next tokens:")
+    print("\n".join(top_table(res.clean_logits[-1], res.logits[-1], decode, k)))
+    top = int(res.clean_logits[-1].argmax())
+    lb, la = float(res.clean_logits[-1, top]), float(res.logits[-1, top])
+    pb = float(res.clean_logits[-1].float().softmax(-1)[top])
+    pa = float(res.logits[-1].float().softmax(-1)[top])
+    print(f"top token before, {decode(top)!r}: p {pb:.4f} -> {pa:.4f}, logit {lb:.3f} -> {la:.3f}")
+    if args.max_new_tokens:
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        before = rm.generate(ids, [], **kw)
+        after = rm.generate(ids, args.features, steer_generated=args.steer_generated, **kw)
+        print(f"generated before: {before.text!r}")
+        print(f"generated after:  {after.text!r}")
+    if transcoders.info.get("synthetic"):
+        print("note: SYNTHETIC starter transcoders (not trained): their features have no learned meaning")
+    return 0

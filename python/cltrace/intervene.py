@@ -1,0 +1,443 @@
+"""Feature interventions: set, scale or add to transcoder features and see what the model does.
+
+An :class:`Intervention` names a feature ``(layer, feature)``, the positions it acts on and one
+operation on its activation ``a``: ``set`` (a -> v), ``scale`` (a -> s * a) or ``add``
+(a -> a + v). :func:`intervene` runs a prompt with a list of them, in one of two modes:
+
+* ``"frozen"`` — the local replacement model's view (Ameisen et al. 2025, "Circuit Tracing",
+  https://transformer-circuits.pub/2025/attribution-graphs/methods.html § interventions):
+  attention patterns and norm denominators stay frozen at their values on the prompt, error
+  nodes stay fixed, and downstream features are recomputed with the JumpReLU encoder from
+  the new MLP inputs (``freeze_features=True`` holds them fixed too: then the change of every
+  target is exactly the graph's edge weight times the change of the source). As the frozen
+  model is linear, it is run on the *change* only (per layer L, with ``Δ`` the difference
+  from the clean run):
+
+      Δr_0 = 0
+      Δh_L = Δr_L + k_attn(attn_P(Δr_L))         frozen pattern P and norms
+      Δx_L = k_pre(Δh_L);   x_L = x_L^clean + Δx_L
+      a_L  = JumpReLU(x_L W_enc + b_enc), then the interventions of layer L
+      Δm_L = Σ_{S ≤ L} decode(a_S − a_S^clean)[S→L] + mask * (Δx_L @ W_skip_L)
+      Δr_L+1 = Δh_L + Δm_L;     logits = logits^clean + k_final(Δr_n) @ W_U^T
+
+  so without interventions the real logits come back exactly.
+* ``"free"`` — the real model with every norm and attention pattern recomputed: a hook on
+  layer L's MLP input computes the intervened features' activations there, and
+  ``(new − old) * W_dec[f]`` is added to the MLP output of every layer the feature decodes to
+  (one layer for a PLT, L..L+n_out−1 for a CLT). Everything downstream is the real model.
+
+Interventions on the same feature and position compose in list order. Positions in the
+skipped chat-template prefix of ``-it`` prompts have no features and are never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .capture import eager_attention
+from .ops import SparseActs, gather_columns, jumprelu_encode, sparse_decode
+from .transcode import empty_acts
+
+Pos = Union[None, int, slice]
+MODES = ("frozen", "free")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Set, scale or add to feature ``feature`` of the transcoder reading at ``layer``.
+
+    ``pos``: None (every position with features), an int (negative counts from the end) or a
+    slice of positions. Give exactly one of ``set``, ``scale``, ``add``."""
+
+    layer: int
+    feature: int
+    pos: Pos = None
+    set: Optional[float] = None
+    scale: Optional[float] = None
+    add: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("layer", "feature"):
+            try:
+                v = operator.index(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}") from None
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+            object.__setattr__(self, name, v)
+        given = [k for k in ("set", "scale", "add") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of set=, scale=, add= per intervention"
+                             + (f" (got {' and '.join(given)})" if given else " (got none)"))
+        op = given[0]
+        try:
+            value = float(getattr(self, op))
+        except (TypeError, ValueError):
+            raise ValueError(f"{op} must be a number, got {getattr(self, op)!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{op} must be a finite number, got {value}")
+        object.__setattr__(self, op, value)
+        if isinstance(self.pos, slice):
+            for part in ("start", "stop", "step"):
+                v = getattr(self.pos, part)
+                if v is not None and not isinstance(v, int):
+                    raise ValueError(f"pos slice {part} must be an int or None, got {v!r}")
+            if self.pos.step is not None and self.pos.step <= 0:
+                raise ValueError(f"pos slice step must be positive, got {self.pos.step}")
+        elif self.pos is not None:
+            try:
+                object.__setattr__(self, "pos", operator.index(self.pos))
+            except TypeError:
+                raise ValueError(f"pos must be None, an int or a slice, got {self.pos!r}") from None
+
+    @property
+    def op(self) -> str:
+        return "set" if self.set is not None else "scale" if self.scale is not None else "add"
+
+    def apply(self, a: Tensor) -> Tensor:
+        """The new activations from the old ones ``a [k]``."""
+        if self.set is not None:
+            return torch.full_like(a, self.set)
+        if self.scale is not None:
+            return a * self.scale
+        return a + self.add
+
+    def positions(self, n_pos: int, n_skip: int = 0, device=None) -> Tensor:
+        """The positions [k] (ascending, >= n_skip) this acts on in a sequence of ``n_pos``."""
+        if self.pos is None:
+            idx = range(n_skip, n_pos)
+        elif isinstance(self.pos, slice):
+            idx = [p for p in range(*self.pos.indices(n_pos)) if p >= n_skip]
+            if not idx:
+                raise ValueError(f"pos {_fmt_pos(self.pos)} selects no position with features "
+                                 f"(sequence of {n_pos} tokens, first {n_skip} without features)")
+        else:
+            if not -n_pos <= self.pos < n_pos:
+                raise ValueError(f"pos {self.pos} is out of range for a sequence of {n_pos} tokens")
+            p = self.pos % n_pos
+            if p < n_skip:
+                raise ValueError(f"pos {self.pos} lies in the first {n_skip} positions, which have "
+                                 f"no features (chat-template prefix)")
+            idx = [p]
+        return torch.tensor(list(idx), dtype=torch.int64, device=device)
+
+    def __str__(self) -> str:
+        where = "" if self.pos is None else f"@{_fmt_pos(self.pos)}"
+        sym = {"set": "=", "scale": "*", "add": "+"}[self.op]
+        return f"{self.layer}:{self.feature}{where}{sym}{getattr(self, self.op):g}"
+
+
+def _fmt_pos(pos: Pos) -> str:
+    if isinstance(pos, slice):
+        return f"{'' if pos.start is None else pos.start}:{'' if pos.stop is None else pos.stop}" + \
+            ("" if pos.step is None else f":{pos.step}")
+    return str(pos)
+
+
+def check_interventions(interventions: Sequence[Intervention], tcs, n_pos: int,
+                        n_skip: int) -> list[Intervention]:
+    """Validate against a transcoder set and a sequence length; clear ValueErrors."""
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    out = list(interventions)
+    for iv in out:
+        if not isinstance(iv, Intervention):
+            raise ValueError(f"interventions must be Intervention objects, got {type(iv).__name__}")
+        if iv.layer >= tcs.n_layers:
+            raise ValueError(f"layer {iv.layer} is out of range: the model has {tcs.n_layers} layers")
+        if iv.layer not in tcs.layers:
+            raise ValueError(f"layer {iv.layer} has no transcoder (layers with one: "
+                             f"{sorted(tcs.layers)})")
+        d_sae = tcs.layers[iv.layer].d_sae
+        if iv.feature >= d_sae:
+            raise ValueError(f"feature {iv.feature} is out of range: layer {iv.layer}'s "
+                             f"transcoder has {d_sae} features")
+        iv.positions(n_pos, n_skip)  # raises for a bad position
+    return out
+
+
+@dataclass(repr=False)
+class InterventionResult:
+    """What the model does on a prompt under interventions."""
+
+    mode: str  # "frozen" or "free"
+    tokens: Tensor  # [n_pos] int64
+    logits: Tensor  # [n_pos, vocab]  under the interventions
+    clean_logits: Tensor  # [n_pos, vocab]  the real model's, without interventions
+    acts: list[SparseActs]  # per layer, the features after interventions (pre_acts: encoder z)
+    mlp_in: Tensor  # [n_layers, n_pos, d_model]  every layer's MLP input under the interventions
+    resid_final: Tensor  # [n_pos, d_model]  the final norm's input under the interventions
+    interventions: list[Intervention]
+
+    def __repr__(self) -> str:
+        d = (self.logits[-1].float() - self.clean_logits[-1].float()).abs().max().item()
+        return (f"InterventionResult(mode={self.mode!r}, n_pos={self.tokens.numel()}, "
+                f"interventions={len(self.interventions)}, max_last_logit_change={d:.3g})")
+
+    def activation(self, layer: int, pos: int, feature: int) -> float:
+        """A feature's activation after the interventions (0 when inactive)."""
+        a = self.acts[layer]
+        pos = pos % a.n_rows  # negative: from the end
+        lo, hi = a.row_offsets[pos].item(), a.row_offsets[pos + 1].item()
+        hit = (a.feat_idx[lo:hi] == feature).nonzero()
+        return float(a.acts[lo + hit[0, 0]]) if hit.numel() else 0.0
+
+
+def pre_activations(tcs, mlp_in: Tensor, layer: Tensor, pos: Tensor, feature: Tensor) -> Tensor:
+    """Encoder pre-activations ``z = x_L[pos] · W_enc[:, f] + b_enc[f]`` of the given features
+    ([k] each) from MLP inputs ``mlp_in [n_layers, n_pos, d_model]``: [k]."""
+    layer, pos, feature = (torch.as_tensor(t).reshape(-1).long() for t in (layer, pos, feature))
+    out = torch.empty(layer.numel(), dtype=tcs.dtype, device=mlp_in.device)
+    for L in layer.unique().tolist():
+        sel = (layer == L).nonzero().flatten()
+        tc = tcs.layers[L]
+        cols = gather_columns(tc.W_enc, feature[sel].to(tc.W_enc.device))  # [k, d_model]
+        x = mlp_in[L, pos[sel].to(mlp_in.device)].to(cols.dtype)
+        out[sel] = (x * cols).sum(-1) + tc.b_enc[feature[sel]]
+    return out
+
+
+# --- sparse activation edits --------------------------------------------------------------
+
+def column(a: SparseActs, feature: int, n_pos: int) -> Tensor:
+    """Dense activations [n_pos] of one feature (0 where inactive)."""
+    hit = a.feat_idx == feature
+    out = a.acts.new_zeros(n_pos)
+    out[a.rows()[hit]] = a.acts[hit]
+    return out
+
+
+def with_columns(a: SparseActs, new: dict[int, Tensor], d_sae: int) -> SparseActs:
+    """``a`` with the activations of some features replaced: ``new[f] [n_pos]`` (0 = inactive).
+    ``pre_acts`` are dropped (see :func:`with_pre_acts`)."""
+    if not new:
+        return a
+    rows, feats, vals = a.rows(), a.feat_idx, a.acts
+    keep = ~torch.isin(feats, torch.tensor(list(new), dtype=feats.dtype, device=feats.device))
+    rows, feats, vals = [rows[keep]], [feats[keep]], [vals[keep]]
+    for f, v in new.items():
+        nz = (v != 0).nonzero().flatten()
+        rows.append(nz)
+        feats.append(torch.full_like(nz, f))
+        vals.append(v[nz].to(a.acts.dtype))
+    rows, feats, vals = torch.cat(rows), torch.cat(feats), torch.cat(vals)
+    order = (rows * d_sae + feats).argsort()
+    counts = torch.bincount(rows, minlength=a.n_rows)
+    offsets = torch.zeros(a.n_rows + 1, dtype=torch.int64, device=rows.device)
+    offsets[1:] = counts.cumsum(0)
+    return SparseActs(offsets, feats[order], vals[order], None)
+
+
+def with_pre_acts(a: SparseActs, tc, x: Tensor) -> SparseActs:
+    """``a`` with ``pre_acts`` = encoder pre-activations of its entries at ``x [n_pos, d]``."""
+    if a.pre_acts is not None:
+        return a
+    if a.feat_idx.numel() == 0:
+        return a._replace(pre_acts=a.acts.new_zeros(0))
+    cols = gather_columns(tc.W_enc, a.feat_idx)  # [nnz, d_model]
+    z = (x[a.rows()].to(cols.dtype) * cols).sum(-1) + tc.b_enc[a.feat_idx]
+    return a._replace(pre_acts=z.to(a.acts.dtype))
+
+
+def encode_layer(tc, x: Tensor, n_skip: int) -> SparseActs:
+    """JumpReLU features of ``x [n_pos, d_model]``; the first ``n_skip`` rows stay empty."""
+    n_pos = x.shape[0]
+    if n_skip >= n_pos:
+        return empty_acts(n_pos, x.new_zeros(0, dtype=tc.W_enc.dtype))
+    a = jumprelu_encode(x[n_skip:].to(tc.W_enc.dtype), tc.W_enc, tc.b_enc, tc.threshold)
+    offsets = torch.cat([a.row_offsets.new_zeros(n_skip), a.row_offsets])
+    return SparseActs(offsets, a.feat_idx, a.acts, a.pre_acts)
+
+
+def new_values(ivs: Sequence[Intervention], old_of: Callable[[int], Tensor], n_ref: int,
+               n_skip: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """Apply one layer's interventions in order: feature -> (old [n], new [n]) activations.
+    Positions are resolved against a sequence of ``n_ref`` tokens."""
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for iv in ivs:
+        if iv.feature not in out:
+            old = old_of(iv.feature)
+            out[iv.feature] = (old, old.clone())
+        old, new = out[iv.feature]
+        pos = iv.positions(n_ref, n_skip, device=new.device)
+        new[pos] = iv.apply(new[pos])
+    return out
+
+
+def by_layer(interventions: Sequence[Intervention]) -> dict[int, list[Intervention]]:
+    groups: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        groups.setdefault(iv.layer, []).append(iv)
+    return groups
+
+
+# --- frozen mode --------------------------------------------------------------------------
+
+def _attn_linear(fz, fl, r: Tensor) -> Tensor:
+    """The linear part of the frozen attention (no biases) of ``r [n_pos, d]``."""
+    out = fz._attn(fl, r)
+    if fl.b_V is not None or fl.b_O is not None:
+        out = out - fz._attn(fl, torch.zeros_like(r))
+    return out
+
+
+@torch.no_grad()
+def intervene_frozen(state, interventions: Sequence[Intervention],
+                     freeze_features: bool = False) -> InterventionResult:
+    """Frozen-mode interventions on a :class:`~cltrace.replacement.ReplacementState`."""
+    fz, tcs, n = state.frozen, state.transcoders, state.n_pos
+    ivs = check_interventions(interventions, tcs, n, state.skip_positions)
+    groups = by_layer(ivs)
+    dtype = fz.dtype
+    clean_in = state.mlp_in.to(dtype)  # [n_layers, n_pos, d_model]
+    dm = torch.zeros_like(clean_in)  # Δ(feature decodes) into each layer's MLP output
+    dr = torch.zeros_like(clean_in[0])  # Δr, the change of the residual stream
+    acts, mlp_in = [], []
+    for L, fl in enumerate(fz.layers):
+        dh = dr + fl.k_attn(_attn_linear(fz, fl, dr))
+        dx = fl.k_pre(dh)
+        x = clean_in[L] + dx  # [n_pos, d_model]
+        mlp_in.append(x)
+        clean, tc = state.acts[L], tcs.layers.get(L)
+        a = clean
+        if tc is not None:
+            if not freeze_features and dx.any():  # (unchanged input: the clean features)
+                a = encode_layer(tc, x, state.skip_positions)
+                if _same(a, clean):
+                    a = clean
+            vals = new_values(groups.get(L, ()), lambda f: column(a, f, n), n, state.skip_positions)
+            a = with_columns(a, {f: new for f, (_, new) in vals.items()}, tc.d_sae)
+            if a is not clean:
+                n_out = min(tc.n_out, fz.n_layers - L)
+                dec = _decode(a, tc.W_dec) - _decode(clean, tc.W_dec)  # [n_pos, n_out, d]
+                dm[L:L + n_out] += dec[:, :n_out].transpose(0, 1).to(dtype)
+            a = with_pre_acts(a, tc, x)
+        acts.append(a)
+        m = dm[L]
+        if fl.W_skip is not None:
+            m = m + (dx @ fl.W_skip) * fl.skip_mask
+        dr = dh + m
+    dlogits = fz.k_final(dr) @ fz.W_U.to(dtype).T  # [n_pos, vocab]
+    logits = (state.logits.to(dtype) + dlogits).to(state.logits.dtype)
+    resid = state.capture.resid_final.to(dtype) + dr
+    return InterventionResult("frozen", state.tokens, logits, state.logits, acts,
+                              torch.stack(mlp_in), resid, ivs)
+
+
+def _same(a: SparseActs, b: SparseActs) -> bool:
+    return (torch.equal(a.row_offsets, b.row_offsets) and torch.equal(a.feat_idx, b.feat_idx)
+            and torch.equal(a.acts, b.acts))
+
+
+def _decode(a: SparseActs, W_dec: Tensor) -> Tensor:
+    return sparse_decode(a.row_offsets, a.feat_idx, a.acts, W_dec)  # [n_pos, n_out, d_model]
+
+
+# --- free mode ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def steering_hooks(rm, interventions: Sequence[Intervention], n_skip: int,
+                   n_ref: Optional[int] = None) -> Iterator[dict]:
+    """Hooks on the real model adding ``(new − old) W_dec`` to MLP outputs (free mode).
+
+    Positions are resolved against ``n_ref`` tokens (default: the length of each forward
+    pass). Batch size 1, no KV cache. Yields a dict that, after each forward pass, holds
+    ``mlp_in`` (per layer [n_pos, d_model]), ``resid_final`` ([n_pos, d_model], the final
+    norm's input) and ``values`` ({(layer, feature): new [n_pos]})."""
+    parts, tcs = rm.parts, rm.transcoders
+    groups = by_layer(interventions)
+    record: dict = {"mlp_in": [None] * parts.n_layers, "values": {}, "resid_final": None}
+    pending: dict[int, Tensor] = {}
+
+    def on_mlp_in(L: int):
+        def hook(_mod, _args, out):
+            x = out[0]  # [n_pos, d_model]
+            if L == 0:
+                pending.clear()
+                record["values"] = {}
+            record["mlp_in"][L] = x.detach()
+            if L not in groups:
+                return None
+            tc, n = tcs.layers[L], x.shape[0]
+            xe = x.to(tc.W_enc.dtype)
+
+            def old(f: int) -> Tensor:
+                z = xe @ tc.W_enc[:, f] + tc.b_enc[f]  # [n_pos]
+                z = z * (z > tc.threshold[f])
+                z[:n_skip] = 0
+                return z
+
+            vals = new_values(groups[L], old, n_ref or n, n_skip)
+            for o in range(min(tc.n_out, parts.n_layers - L)):
+                add = pending.setdefault(L + o, x.new_zeros(n, x.shape[1], dtype=tc.W_dec.dtype))
+                for f, (a0, a1) in vals.items():
+                    add += (a1 - a0)[:, None] * tc.W_dec[f, o]
+            record["values"].update({(L, f): a1 for f, (_, a1) in vals.items()})
+            return None
+        return hook
+
+    def on_mlp_out(L: int):
+        def hook(_mod, _args, out):
+            add = pending.get(L)
+            return None if add is None else out + add[None].to(out.dtype)
+        return hook
+
+    def on_final(_mod, args, _out):
+        record["resid_final"] = args[0][0].detach()
+
+    handles = [parts.norm.register_forward_hook(on_final)]
+    try:
+        for L, layer in enumerate(parts.layers):
+            handles.append(layer.pre_feedforward_layernorm.register_forward_hook(on_mlp_in(L)))
+            handles.append(layer.post_feedforward_layernorm.register_forward_hook(on_mlp_out(L)))
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def intervene_free(rm, state, interventions: Sequence[Intervention]) -> InterventionResult:
+    """Free-mode interventions: the real model with decoder deltas added at its MLP outputs."""
+    tcs, n, n_skip = rm.transcoders, state.n_pos, state.skip_positions
+    ivs = check_interventions(interventions, tcs, n, n_skip)
+    with steering_hooks(rm, ivs, n_skip) as rec, eager_attention(rm.model):
+        out = rm.model(input_ids=state.tokens[None], use_cache=False)
+    mlp_in = torch.stack(rec["mlp_in"]).to(rm.dtype)  # [n_layers, n_pos, d_model]
+    acts = []
+    for L in range(rm.parts.n_layers):
+        tc = tcs.layers.get(L)
+        if tc is None:
+            acts.append(state.acts[L])
+            continue
+        a = encode_layer(tc, mlp_in[L], n_skip)
+        new = {f: v for (S, f), v in rec["values"].items() if S == L}
+        acts.append(with_pre_acts(with_columns(a, new, tc.d_sae), tc, mlp_in[L]))
+    return InterventionResult("free", state.tokens, out.logits[0], state.logits, acts, mlp_in,
+                              rec["resid_final"], ivs)
+
+
+def intervene(rm, prompt, interventions: Sequence[Intervention], mode: str = "frozen",
+              freeze_features: bool = False, state=None) -> InterventionResult:
+    """Run ``prompt`` (text, ids, or None with ``state``) under ``interventions``.
+
+    ``mode``: "frozen" (replacement model, see module doc) or "free" (the real model).
+    ``freeze_features`` (frozen mode only): hold every non-intervened feature at its clean
+    value. ``state``: a :class:`ReplacementState` of the prompt from ``rm.run`` to reuse."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if freeze_features and mode != "frozen":
+        raise ValueError("freeze_features=True needs mode='frozen'")
+    if state is None:
+        if prompt is None:
+            raise ValueError("give a prompt or a state")
+        state = rm.run(prompt)
+    if mode == "frozen":
+        return intervene_frozen(state, interventions, freeze_features)
+    return intervene_free(rm, state, interventions)
