@@ -82,6 +82,8 @@ def test_dot_is_capped_to_the_most_influential_nodes(graph):
                   key=lambda i: -float(result.influence[i]))[:3]
     assert sorted(drawn) == sorted(best)
     assert "top" in src
+    few = to_dot(graph, result=result, max_edges=5).source
+    assert few.count(" -> ") == 5
 
 
 def test_written_files_are_readable_by_others(graph, tmp_path):
@@ -90,9 +92,11 @@ def test_written_files_are_readable_by_others(graph, tmp_path):
     old = os.umask(0o022)
     try:
         path = write_neuronpedia(graph, tmp_path, "perm")
+        graph.save(tmp_path / "g.safetensors")
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "g.safetensors").stat().st_mode) == 0o644
 
 
 def test_render_without_dot_binary_says_what_to_install(graph, tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 Layers are ranks (tokens at the bottom, then layer 0 ... n_layers-1, logits at the top);
 labels give the feature id, position/token and activation; edges are coloured by sign
 (blue positive, red negative) with width growing with |weight|. Pictures of thousands of
-nodes are unreadable (and slow to lay out), so at most ``max_nodes`` nodes are drawn: the
-tokens and logits, then the pruned graph's features and errors of highest influence.
+nodes are unreadable (and slow to lay out), so at most ``max_nodes`` nodes are drawn (the
+tokens and logits, then the pruned graph's features and errors of highest influence) and at
+most ``max_edges`` edges among them, the strongest by |weight|.
 ``render`` calls the ``dot`` binary (Debian package ``graphviz``) for SVG/PNG.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _quote(text: str) -> str:
 
 
 def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-           result: Optional[PruneResult] = None, max_nodes: int = 120):
+           result: Optional[PruneResult] = None, max_nodes: int = 120, max_edges: int = 400):
     """A ``graphviz.Digraph`` of the pruned graph (at most ``max_nodes`` nodes, see module doc)."""
     import graphviz
 
@@ -73,13 +74,15 @@ def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
             s.attr(rank="min" if layer == -1 else "max" if layer == graph.n_layers else "same")
             for i in by_rank[layer]:
                 s.node(ids[i])
-    scale = float(weights.abs().max()) if weights.numel() else 1.0
     kept = set(keep)
-    for t, s, w in zip(targets.tolist(), cols.tolist(), weights.tolist()):
-        if s in kept and t in kept:
-            width = 0.3 + 3.7 * abs(w) / scale
-            dot.edge(ids[s], ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
-                     penwidth=f"{width:.2f}", tooltip=f"{w:.4g}")
+    drawn = [(t, s, w) for t, s, w in zip(targets.tolist(), cols.tolist(), weights.tolist())
+             if s in kept and t in kept]
+    drawn = sorted(drawn, key=lambda e: -abs(e[2]))[:max_edges]
+    scale = max((abs(w) for _, _, w in drawn), default=1.0)
+    for t, s, w in drawn:
+        width = 0.3 + 3.7 * abs(w) / scale
+        dot.edge(ids[s], ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
+                 penwidth=f"{width:.2f}", tooltip=f"{w:.4g}")
     return dot
 
 
