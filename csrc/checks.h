@@ -103,4 +103,45 @@ inline void check_gather_inputs(const at::Tensor& W_enc, const at::Tensor& feat_
   check_index(feat_idx, W_enc, "feat_idx", op);
 }
 
+// sparse_decode(_backward): CSR (row_offsets, feat_idx, acts) and W_dec [d_sae, n_out, d_model].
+inline void check_decode_inputs(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+                                const at::Tensor& acts, const at::Tensor& W_dec, const char* op) {
+  check_floating(W_dec, "W_dec", op);
+  check_dim(W_dec, 3, "W_dec [d_sae, n_out, d_model]", op);
+  check_same(acts, W_dec, "acts", "W_dec", op);
+  check_csr(row_offsets, feat_idx, acts, -1, "acts", op);
+}
+
+// Encoder backward: grad_acts [nnz] over the CSR of x [N, d_in], W_enc [d_in, d_sae].
+inline void check_encoder_backward_inputs(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& W_enc, const at::Tensor& row_offsets,
+                                          const at::Tensor& feat_idx, const char* op) {
+  check_floating(x, "x", op);
+  check_dim(x, 2, "x [N, d_in]", op);
+  check_dim(W_enc, 2, "W_enc [d_in, d_sae]", op);
+  check_same(W_enc, x, "W_enc", "x", op);
+  check_same(grad, x, "grad_acts", "x", op);
+  TORCH_CHECK(W_enc.size(0) == x.size(1), op, ": x has d_in = ", x.size(1), " but W_enc is ",
+              W_enc.sizes());
+  check_csr(row_offsets, feat_idx, grad, x.size(0), "grad_acts", op);
+}
+
+// Index values of a CPU CSR: row_offsets start at 0, never decrease and end at nnz; every
+// feat_idx lies in [0, n_cols). (CUDA checks the same bounds with one host sync.)
+inline void check_csr_values_cpu(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+                                 int64_t n_cols, const char* cols_name, const char* op) {
+  const auto ro = row_offsets.contiguous();
+  const auto fi = feat_idx.contiguous();
+  const int64_t* off = ro.data_ptr<int64_t>();
+  const int64_t* f = fi.data_ptr<int64_t>();
+  const int64_t n = ro.size(0) - 1, nnz = fi.size(0);
+  TORCH_CHECK(off[0] == 0 && off[n] == nnz, op, ": row_offsets must run from 0 to nnz = ", nnz,
+              ", got ", off[0], " .. ", off[n]);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(off[i + 1] >= off[i], op, ": row_offsets decrease at row ", i);
+  for (int64_t j = 0; j < nnz; ++j)
+    TORCH_CHECK(f[j] >= 0 && f[j] < n_cols, op, ": feat_idx[", j, "] = ", f[j],
+                " is out of range for ", cols_name, " = ", n_cols);
+}
+
 }  // namespace cltrace

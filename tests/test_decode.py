@@ -79,3 +79,29 @@ def test_decode_bad_input_messages(device):
         ops.sparse_decode(off.int(), idx, acts, W)
     with pytest.raises(RuntimeError, match="acts has dtype Float but W_dec has Double"):
         ops.sparse_decode(off, idx, acts.float(), W)
+
+
+def test_decode_reads_clt_slices_in_place(device):
+    # A Gemma Scope 2 CLT file holds w_dec [d_sae, n_layers, d_model]; source layer i uses the
+    # view [:, i:, :], whose rows are strided. Same results as a contiguous copy, both passes.
+    off, idx, acts = csr_inputs(9, 30, 5, device=device, duplicates=True)
+    full = torch.randn(30, 6, 8, dtype=torch.float64, device=device)
+    W = full[:, 2:, :]
+    assert not W.is_contiguous()
+    torch.testing.assert_close(ops.sparse_decode(off, idx, acts, W),
+                               ref.sparse_decode(off, idx, acts, W.contiguous()))
+    g = torch.randn(9, 4, 8, dtype=torch.float64, device=device)
+    ours = torch.ops.cltrace.sparse_decode_backward(g, off, idx, acts, W)
+    theirs = ref.sparse_decode_backward(g, off, idx, acts, W.contiguous())
+    for a, r in zip(ours, theirs):
+        torch.testing.assert_close(a, r)
+    torch.testing.assert_close(ops.sparse_decode(off, idx, acts, full.transpose(1, 2)),
+                               ref.sparse_decode(off, idx, acts, full.transpose(1, 2).contiguous()))
+
+
+def test_decode_rejects_decreasing_offsets(device):
+    W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
+    off = torch.tensor([0, 2, 1, 3], device=device)
+    with pytest.raises(RuntimeError, match="row_offsets decrease at row 1|row_offsets"):
+        ops.sparse_decode(off, torch.tensor([0, 1, 2], device=device),
+                          torch.ones(3, dtype=torch.float64, device=device), W)

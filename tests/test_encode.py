@@ -154,3 +154,16 @@ def test_encoder_bad_input_messages(device):
         ops.jumprelu_encode(x, W, b, t, bandwidth=-1.0)
     with pytest.raises(RuntimeError, match="k must be in \\[1, d_sae = 10\\]"):
         ops.topk_encode(x, W, b, 11)
+
+
+def test_encoder_backward_rejects_bad_indices(device):
+    x, W, b, _ = encoder_inputs(4, 6, 10, 3, device=device)
+    out = ops.topk_encode(x, W, b, 3)
+    g = torch.ones_like(out.acts)
+    bwd = torch.ops.cltrace.topk_encode_backward
+    with pytest.raises(RuntimeError, match="out of range for W_enc with d_sae = 10"):
+        bwd(g, x, W, out.row_offsets, torch.full_like(out.feat_idx, 10), out.acts)
+    bad = out.row_offsets.clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match="row_offsets must run from 0 to nnz"):
+        bwd(g, x, W, bad, out.feat_idx, out.acts)

@@ -22,12 +22,12 @@
 namespace cltrace::cpu {
 namespace {
 
-void check_decode_inputs(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
-                         const at::Tensor& acts, const at::Tensor& W_dec, const char* op) {
-  check_floating(W_dec, "W_dec", op);
-  check_dim(W_dec, 3, "W_dec [d_sae, n_out, d_model]", op);
-  check_same(acts, W_dec, "acts", "W_dec", op);
-  check_csr(row_offsets, feat_idx, acts, -1, "acts", op);
+// W_dec as the kernels read it: each feature's [n_out, d_model] block contiguous, rows any
+// distance apart (row stride = result.stride(0)). A memory-mapped CLT slice w_dec[:, i:, :] is
+// used in place (only active rows are touched); other layouts are copied.
+at::Tensor row_blocks(const at::Tensor& W) {
+  const bool dense_rows = W.stride(2) == 1 && (W.size(1) == 1 || W.stride(1) == W.size(2));
+  return dense_rows ? W : W.contiguous();
 }
 
 // Row index of each CSR entry.
@@ -48,14 +48,15 @@ constexpr int64_t kTileRows = 2048;
 // (axpy4). With pf_end > 0, the decoder row of entry j + 4 (< pf_end) is prefetched.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void accumulate_entries(const int64_t* f, const scalar_t* a, int64_t j0, int64_t j1, int64_t lo,
-                        int64_t hi, int64_t pf_end, const scalar_t* wp, int64_t D, acc_t* acc) {
+                        int64_t hi, int64_t pf_end, const scalar_t* wp, int64_t ld, int64_t D,
+                        acc_t* acc) {
   const scalar_t* rows4[4];
   acc_t a4[4];
   int k = 0;
   for (int64_t j = j0; j < j1; ++j) {
     if (f[j] < lo || f[j] >= hi) continue;
-    if (j + 4 < pf_end) prefetch_row(wp + f[j + 4] * D, D * int64_t(sizeof(scalar_t)));
-    rows4[k] = wp + f[j] * D;
+    if (j + 4 < pf_end) prefetch_row(wp + f[j + 4] * ld, D * int64_t(sizeof(scalar_t)));
+    rows4[k] = wp + f[j] * ld;
     a4[k] = static_cast<acc_t>(a[j]);
     if (++k == 4) {
       axpy4<scalar_t>(a4, rows4, acc, D);
@@ -68,11 +69,12 @@ void accumulate_entries(const int64_t* f, const scalar_t* a, int64_t j0, int64_t
 at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                              const at::Tensor& acts_, const at::Tensor& W_dec_) {
   check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, "sparse_decode");
+  check_csr_values_cpu(row_offsets_, feat_idx_, W_dec_.size(0), "W_dec with d_sae", "sparse_decode");
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = W_dec_.contiguous();
-  const int64_t n = ro.size(0) - 1, d_sae = W.size(0), D = W.size(1) * W.size(2);
+  const auto W = row_blocks(W_dec_);
+  const int64_t n = ro.size(0) - 1, d_sae = W.size(0), D = W.size(1) * W.size(2), ld = W.stride(0);
   auto out = at::empty({n, W.size(1), W.size(2)}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -81,12 +83,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
     const scalar_t* a = acts.data_ptr<scalar_t>();
     const scalar_t* wp = W.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    TORCH_CHECK(n == 0 || off[n] == fi.size(0), "sparse_decode: row_offsets[-1] = ", off[n],
-                " but feat_idx has ", fi.size(0), " entries");
     const int64_t nnz = fi.size(0);
-    for (int64_t j = 0; j < nnz; ++j)
-      TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, "sparse_decode: feat_idx[", j, "] = ", f[j],
-                  " is out of range for W_dec with d_sae = ", d_sae);
     const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / (D * int64_t(sizeof(scalar_t))));
     // Cache-blocked when decoder rows repeat (nnz >= 2 * d_sae) and fp32/fp64 (accumulate
     // in the output): rows of a tile of tokens meet one L3-sized block of W_dec at a time,
@@ -101,7 +98,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
             for (int64_t lo = 0; lo < d_sae; lo += block_rows)
               for (int64_t i = t0; i < t1; ++i)
                 accumulate_entries<scalar_t>(f, a, off[i], off[i + 1], lo, lo + block_rows, 0,
-                                             wp, D, op + i * D);
+                                             wp, ld, D, op + i * D);
           }
           return;
         }
@@ -109,7 +106,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
       std::vector<acc_t> acc(D);
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        accumulate_entries<scalar_t>(f, a, off[i], off[i + 1], 0, d_sae, nnz, wp, D, acc.data());
+        accumulate_entries<scalar_t>(f, a, off[i], off[i + 1], 0, d_sae, nnz, wp, ld, D, acc.data());
         for (int64_t c = 0; c < D; ++c) op[i * D + c] = static_cast<scalar_t>(acc[c]);
       }
     });
@@ -122,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& acts_, const at::Tensor& W_dec_) {
   const char* opname = "sparse_decode_backward";
   check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, opname);
+  check_csr_values_cpu(row_offsets_, feat_idx_, W_dec_.size(0), "W_dec with d_sae", opname);
   check_same(grad_out_, W_dec_, "grad_out", "W_dec", opname);
   const int64_t n = row_offsets_.size(0) - 1;
   TORCH_CHECK(grad_out_.dim() == 3 && grad_out_.size(0) == n &&
@@ -132,17 +130,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = W_dec_.contiguous();
-  const int64_t nnz = fi.size(0), d_sae = W.size(0), D = W.size(1) * W.size(2);
+  const auto W = row_blocks(W_dec_);
+  const int64_t nnz = fi.size(0), d_sae = W.size(0), D = W.size(1) * W.size(2), ld = W.stride(0);
   auto grad_acts = at::empty({nnz}, acts.options());
-  auto grad_W = at::zeros(W.sizes(), W.options().dtype(at::toOpMathType(W.scalar_type())));
+  auto grad_W = at::zeros(W.sizes(), W.options().dtype(at::toOpMathType(W.scalar_type())));  // contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* off = ro.data_ptr<int64_t>();
     const int64_t* f = fi.data_ptr<int64_t>();
-    for (int64_t j = 0; j < nnz; ++j)
-      TORCH_CHECK(f[j] >= 0 && f[j] < d_sae, opname, ": feat_idx[", j, "] = ", f[j],
-                  " is out of range for W_dec with d_sae = ", d_sae);
     const auto rows = rows_of(off, n);
     const scalar_t* a = acts.data_ptr<scalar_t>();
     const scalar_t* wp = W.data_ptr<scalar_t>();
@@ -151,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     acc_t* gw = grad_W.data_ptr<acc_t>();
     at::parallel_for(0, nnz, 64, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j)
-        ga[j] = static_cast<scalar_t>(dot<scalar_t>(wp + f[j] * D, gp + rows[j] * D, D));
+        ga[j] = static_cast<scalar_t>(dot<scalar_t>(wp + f[j] * ld, gp + rows[j] * D, D));
     });
     // Column slices of at least 64 elements; each thread owns its slice for every entry.
     at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {

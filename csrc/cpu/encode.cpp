@@ -196,25 +196,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward(
   return {grad_x.to(dt), grad_W.to(dt), grad_b.to(dt)};
 }
 
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& W_enc,
-                           const at::Tensor& row_offsets, const at::Tensor& feat_idx,
-                           const char* op) {
-  check_floating(x, "x", op);
-  check_dim(x, 2, "x [N, d_in]", op);
-  check_dim(W_enc, 2, "W_enc [d_in, d_sae]", op);
-  check_same(W_enc, x, "W_enc", "x", op);
-  check_same(grad, x, "grad_acts", "x", op);
-  TORCH_CHECK(W_enc.size(0) == x.size(1), op, ": x has d_in = ", x.size(1), " but W_enc is ",
-              W_enc.sizes());
-  check_csr(row_offsets, feat_idx, grad, x.size(0), "grad_acts", op);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_backward_cpu(
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& threshold, const at::Tensor& row_offsets, const at::Tensor& feat_idx,
     const at::Tensor& pre_acts, double bandwidth) {
   const char* op = "jumprelu_encode_backward";
-  check_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
+  check_encoder_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
+  check_csr_values_cpu(row_offsets, feat_idx, W_enc.size(1), "W_enc with d_sae", op);
   check_same(pre_acts, x, "pre_acts", "x", op);
   check_same(threshold, x, "threshold", "x", op);
   TORCH_CHECK(pre_acts.numel() == grad_acts.numel(), op, ": pre_acts and grad_acts differ in length");
@@ -232,7 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_backw
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& row_offsets, const at::Tensor& feat_idx, const at::Tensor& acts) {
-  check_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, "topk_encode_backward");
+  const char* op = "topk_encode_backward";
+  check_encoder_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
+  check_csr_values_cpu(row_offsets, feat_idx, W_enc.size(1), "W_enc with d_sae", op);
   return sparse_linear_backward(grad_acts * (acts > 0), x, W_enc, row_offsets, feat_idx);
 }
 

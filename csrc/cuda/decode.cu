@@ -23,12 +23,9 @@ namespace {
 
 constexpr int kThreads = 128;
 
-void check_decode_inputs(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+void check_decode_values(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
                          const at::Tensor& acts, const at::Tensor& W_dec, const char* op) {
-  check_floating(W_dec, "W_dec", op);
-  check_dim(W_dec, 3, "W_dec [d_sae, n_out, d_model]", op);
-  check_same(acts, W_dec, "acts", "W_dec", op);
-  check_csr(row_offsets, feat_idx, acts, -1, "acts", op);
+  check_decode_inputs(row_offsets, feat_idx, acts, W_dec, op);
   check_cuda(W_dec, "W_dec", op);
   // Index values (one host sync): feat_idx indexes W_dec rows, row_offsets the entries.
   const auto b = index_bounds({feat_idx, row_offsets});
@@ -65,7 +62,7 @@ __global__ void decode_kernel(const int64_t* __restrict__ off, const int64_t* __
 at::Tensor sparse_decode_cuda(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                               const at::Tensor& acts_, const at::Tensor& W_dec_) {
   const char* op = "sparse_decode";
-  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, op);
+  check_decode_values(row_offsets_, feat_idx_, acts_, W_dec_, op);
   c10::cuda::CUDAGuard guard(W_dec_.device());
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
@@ -172,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& acts_, const at::Tensor& W_dec_) {
   const char* op = "sparse_decode_backward";
   check_same(grad_out_, W_dec_, "grad_out", "W_dec", op);
-  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, op);
+  check_decode_values(row_offsets_, feat_idx_, acts_, W_dec_, op);
   const int64_t n = row_offsets_.size(0) - 1;
   TORCH_CHECK(grad_out_.dim() == 3 && grad_out_.size(0) == n &&
                   grad_out_.size(1) == W_dec_.size(1) && grad_out_.size(2) == W_dec_.size(2),

@@ -331,15 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward(
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& W_enc,
                            const at::Tensor& row_offsets, const at::Tensor& feat_idx,
                            const char* op) {
-  check_floating(x, "x", op);
-  check_dim(x, 2, "x [N, d_in]", op);
-  check_dim(W_enc, 2, "W_enc [d_in, d_sae]", op);
-  check_same(W_enc, x, "W_enc", "x", op);
-  check_same(grad, x, "grad_acts", "x", op);
+  check_encoder_backward_inputs(grad, x, W_enc, row_offsets, feat_idx, op);
   check_cuda(x, "x", op);
-  TORCH_CHECK(W_enc.size(0) == x.size(1), op, ": x has d_in = ", x.size(1), " but W_enc is ",
-              W_enc.sizes());
-  check_csr(row_offsets, feat_idx, grad, x.size(0), "grad_acts", op);
   // Index values (one host sync): the kernels index W_enc and x with them.
   const auto b = index_bounds({feat_idx, row_offsets});
   check_range(b.data(), W_enc.size(1), "feat_idx", "W_enc with d_sae", op);

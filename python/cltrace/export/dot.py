@@ -29,7 +29,7 @@ def _quote(text: str) -> str:
 
 
 def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-           result: Optional[PruneResult] = None, max_nodes: int = 120, max_edges: int = 400):
+           result: Optional[PruneResult] = None, max_nodes: int = 60, max_edges: int = 200):
     """A ``graphviz.Digraph`` of the pruned graph (at most ``max_nodes`` nodes, see module doc)."""
     import graphviz
 
