@@ -28,6 +28,26 @@ def _quote(text: str) -> str:
     return f"“{shown}”" if shown else "“”"
 
 
+def _select(graph: Graph, result: PruneResult, max_nodes: int, max_edges: int):
+    """Nodes and edges to draw: tokens and logits, the most influential features/errors, the
+    strongest edges among them, and no feature/error left without a drawn edge."""
+    rows, cols = result.edge_mask.nonzero(as_tuple=True)
+    weights = graph.edges[rows, cols].tolist()
+    targets, sources = graph.edge_targets[rows].tolist(), cols.tolist()
+    used = set(targets) | set(sources)
+    inner = [i for i in result.node_mask.nonzero().flatten().tolist()
+             if i < graph.token_start and i in used]
+    outer = list(range(graph.token_start, graph.n_nodes))  # tokens and logits
+    room = max(max_nodes - len(outer), 0)
+    capped = len(inner) > room
+    chosen = set(sorted(inner, key=lambda i: -float(result.influence[i]))[:room]) | set(outer)
+    edges = sorted(((t, s, w) for t, s, w in zip(targets, sources, weights)
+                    if s in chosen and t in chosen), key=lambda e: -abs(e[2]))[:max_edges]
+    touched = {t for t, _, _ in edges} | {s for _, s, _ in edges}
+    nodes = [i for i in sorted(chosen) if i >= graph.token_start or i in touched]
+    return nodes, edges, capped
+
+
 def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
            result: Optional[PruneResult] = None, max_nodes: int = 60, max_edges: int = 200):
     """A ``graphviz.Digraph`` of the pruned graph (at most ``max_nodes`` nodes, see module doc)."""
@@ -35,25 +55,15 @@ def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
 
     result = result if result is not None else prune(graph, node_threshold, edge_threshold)
     table, ids = graph.nodes(), graph.node_ids()
-    rows, cols = result.edge_mask.nonzero(as_tuple=True)
-    weights = graph.edges[rows, cols]
-    targets = graph.edge_targets[rows]
-    used = set(targets.tolist()) | set(cols.tolist())
-    keep = [i for i in result.node_mask.nonzero().flatten().tolist()
-            if i in used or table.kind[i] in (NodeKind.TOKEN, NodeKind.LOGIT)]
-    inner = [i for i in keep if i < graph.token_start]  # features and errors
-    room = max(max_nodes - (len(keep) - len(inner)), 0)
-    if len(inner) > room:
-        chosen = set(sorted(inner, key=lambda i: -float(result.influence[i]))[:room])
-        keep = [i for i in keep if i >= graph.token_start or i in chosen]
+    nodes, edges, capped = _select(graph, result, max_nodes, max_edges)
     dot = graphviz.Digraph(name="attribution", graph_attr={
-        "rankdir": "BT", "ranksep": "0.6", "nodesep": "0.15", "fontname": "Helvetica",
+        "rankdir": "BT", "ranksep": "0.5", "nodesep": "0.15", "fontname": "Helvetica",
         "label": f"{graph.prompt!r} — {graph.model_name}"
-                 + (f" (top {max_nodes} nodes)" if len(inner) > room else ""), "labelloc": "t"},
+                 + (f" (top {max_nodes} nodes, {max_edges} edges)" if capped else ""), "labelloc": "t"},
         node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
         edge_attr={"arrowsize": "0.4"})
     by_rank: dict[int, list[int]] = {}
-    for i in keep:
+    for i in nodes:
         kind = NodeKind(int(table.kind[i]))
         layer, pos = int(table.layer[i]), int(table.pos[i])
         tok = _quote(graph.token_strs[pos])
@@ -69,17 +79,19 @@ def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
         dot.node(ids[i], label=label, fillcolor=FILL[kind],
                  shape="ellipse" if kind in (NodeKind.TOKEN, NodeKind.LOGIT) else "box")
         by_rank.setdefault(layer, []).append(i)
-    for layer in sorted(by_rank):
+    # One rank per layer, stacked bottom (tokens) to top (logits) by an invisible chain.
+    ranks = sorted(by_rank)
+    for layer in ranks:
         with dot.subgraph() as s:
-            s.attr(rank="min" if layer == -1 else "max" if layer == graph.n_layers else "same")
+            s.attr(rank="same")
+            s.node(f"rank_{layer}", label="E" if layer == -1 else "out" if layer == graph.n_layers
+                   else f"L{layer}", shape="plaintext", style="", fontcolor="#888888")
             for i in by_rank[layer]:
                 s.node(ids[i])
-    kept = set(keep)
-    drawn = [(t, s, w) for t, s, w in zip(targets.tolist(), cols.tolist(), weights.tolist())
-             if s in kept and t in kept]
-    drawn = sorted(drawn, key=lambda e: -abs(e[2]))[:max_edges]
-    scale = max((abs(w) for _, _, w in drawn), default=1.0)
-    for t, s, w in drawn:
+    for lo, hi in zip(ranks, ranks[1:]):
+        dot.edge(f"rank_{lo}", f"rank_{hi}", style="invis")
+    scale = max((abs(w) for _, _, w in edges), default=1.0)
+    for t, s, w in edges:
         width = 0.3 + 3.7 * abs(w) / scale
         dot.edge(ids[s], ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
                  penwidth=f"{width:.2f}", tooltip=f"{w:.4g}")
