@@ -155,6 +155,22 @@ def test_activation_source_reads_the_hook_points():
     torch.testing.assert_close(act.y[0, 9:], cap.layers[1].mlp_out[keep])
 
 
+def test_activation_cache_serves_the_same_values():
+    from tiny_gemma import tiny_gemma
+
+    model = tiny_gemma()
+    rows = torch.randint(3, 300, (4, 8), generator=torch.Generator().manual_seed(1))
+    rows[:, 0] = 2
+    plain = ActivationSource(model, rows, [0, 3], bos_token_id=2)
+    cached = ActivationSource(model, rows, [0, 3], bos_token_id=2, cache_dtype=torch.bfloat16)
+    idx = torch.tensor([2, 0, 2])
+    a, b = plain.read(idx), cached.read(idx)
+    assert cached.cached_bytes > 0 and len(cached._cache) == 2
+    torch.testing.assert_close(b.x, a.x.bfloat16().float())
+    c = cached.read(torch.tensor([0, 2, 1]))
+    assert torch.equal(c.x[:, :7], b.x[:, 7:14]) and len(cached._cache) == 3
+
+
 def test_stdlib_corpus_is_deduplicated():
     texts = stdlib_texts(["json", "textwrap", "json"])
     assert len(texts) == len(set(texts)) > 5 and all(len(t) >= 80 for t in texts)

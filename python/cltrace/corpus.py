@@ -154,7 +154,7 @@ class ActivationSource:
     it stops after the last layer needed)."""
 
     def __init__(self, model, rows: Tensor, layers: Sequence[int], bos_token_id: Optional[int],
-                 batch_rows: int = 8):
+                 batch_rows: int = 8, cache_dtype: Optional[torch.dtype] = None):
         from .capture import text_parts
 
         self.parts = text_parts(model)
@@ -163,6 +163,10 @@ class ActivationSource:
         self.device = self.parts.lm_head.weight.device
         inner = getattr(model, "model", None)
         self.body = getattr(inner, "language_model", inner)  # the decoder stack
+        # With cache_dtype, every row read is kept in memory in that dtype (and always served
+        # from there, so a resumed run sees the same values): later epochs cost no model pass.
+        self.cache_dtype = cache_dtype
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     @property
     def n_rows(self) -> int:
@@ -172,17 +176,28 @@ class ActivationSource:
     def tokens_per_row(self) -> int:
         return self.rows.shape[1] - 1
 
+    @property
+    def cached_bytes(self) -> int:
+        return sum(x.nbytes + y.nbytes for x, y in self._cache.values())
+
     @torch.no_grad()
     def read(self, idx: Tensor) -> Activations:
-        n = idx.numel()
-        xs, ys = [], []
-        for b in range(0, n, self.batch_rows):
-            ids = self.rows[idx[b:b + self.batch_rows]]
+        """Activations of the rows ``idx [n]``: ``x, y [n_layers_kept, T, d_model]`` float32."""
+        wanted = [int(i) for i in idx]
+        store = self._cache if self.cache_dtype is not None else {}
+        todo = list(dict.fromkeys(i for i in wanted if i not in store))
+        for b in range(0, len(todo), self.batch_rows):
+            chunk = todo[b:b + self.batch_rows]
+            ids = self.rows[chunk]
             x, y = self._run(ids)  # [L, B, ctx, d] each
             keep = (ids != self.bos) if self.bos is not None else torch.ones_like(ids, dtype=torch.bool)
-            xs.append(x[:, keep.to(x.device)])
-            ys.append(y[:, keep.to(y.device)])
-        return Activations(torch.cat(xs, 1).float().cpu(), torch.cat(ys, 1).float().cpu())
+            dt = self.cache_dtype or torch.float32
+            for r, i in enumerate(chunk):
+                k = keep[r].to(x.device)
+                store[i] = (x[:, r, k].to("cpu", dt), y[:, r, k].to("cpu", dt))
+        xs = [store[i][0] for i in wanted]
+        ys = [store[i][1] for i in wanted]
+        return Activations(torch.cat(xs, 1).float(), torch.cat(ys, 1).float())
 
     def _run(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         rec: dict[tuple[str, int], Tensor] = {}

@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l0", type=float, default=32, metavar="TARGET",
                    help="target active features per token (default 32)")
     p.add_argument("--tokens", type=int, default=200_000, metavar="N", help="training tokens")
+    p.add_argument("--corpus-tokens", type=int, default=None, metavar="M",
+                   help="distinct training tokens (default N); M < N makes several passes")
+    p.add_argument("--cache-activations", action="store_true",
+                   help="keep activations in memory (bf16) so later passes skip the model")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
                    help="text files or folders (default: standard-library docstrings)")
     p.add_argument("--dataset", default=None, metavar="NAME[:CONFIG][@SPLIT]",
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     cfg = TrainConfig(kind=args.kind, affine_skip=args.affine_skip, width=args.width, l0=args.l0,
-                      tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      tokens=args.tokens, corpus_tokens=args.corpus_tokens,
+                      cache_activations=args.cache_activations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       layers=parse_layers(args.layers) if args.layers else None,
                       bandwidth=args.bandwidth, l0_coef=args.l0_coef, freq_coef=args.freq_coef,
                       max_freq=args.max_freq, buffer_tokens=args.buffer_tokens, ctx=args.ctx)

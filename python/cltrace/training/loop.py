@@ -187,7 +187,7 @@ class Trainer:
                 "initialized": self.initialized, "params": self.params.state_dict(),
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                 "last_fired": self.last_fired, "elapsed": self.elapsed,
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(), "rows": getattr(self.source, "rows", None)}
 
     def save_checkpoint(self, path: os.PathLike) -> Path:
         """Write the full training state to ``path`` atomically (temporary file + rename)."""

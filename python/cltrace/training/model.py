@@ -41,6 +41,9 @@ class TrainConfig:
     width: int = 4096  # d_sae
     l0: float = 32.0  # target L0 (active features per token, per source layer)
     tokens: int = 200_000  # training tokens (each step uses batch_size of them)
+    corpus_tokens: Optional[int] = None  # distinct training tokens (default: tokens); fewer
+    # means several passes over the same text
+    cache_activations: bool = False  # keep activations in memory (bf16) for later passes
     batch_size: int = 1024
     lr: float = 1e-3  # Adam, linear warmup then linear decay over the last decay_frac
     warmup_steps: int = 50

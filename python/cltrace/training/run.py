@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from ..corpus import ActivationSource, token_rows
 from .loop import Trainer, TrainResult
 from .model import TrainConfig
@@ -42,16 +44,24 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
         raise FileExistsError(f"{ckpt} holds an interrupted run: add --resume to continue it, "
                               "or delete it to start over")
     t0 = time.perf_counter()
-    rows = token_rows(tok, texts, cfg.ctx, max_tokens=cfg.tokens + cfg.eval_tokens)
+    state = None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state is not None and state.get("rows") is not None:
+        rows = state["rows"]  # the interrupted run's exact token rows
+    else:
+        rows = token_rows(tok, texts, cfg.ctx,
+                          max_tokens=(cfg.corpus_tokens or cfg.tokens) + cfg.eval_tokens)
     layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
-    source = ActivationSource(model, rows, layers, tok.bos_token_id)
+    source = ActivationSource(model, rows, layers, tok.bos_token_id,
+                              cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
     corpus_tokens = rows.shape[0] * source.tokens_per_row
     log(f"corpus {corpus_name or 'texts'}: {len(texts)} documents, {corpus_tokens} tokens in "
         f"{rows.shape[0]} rows of {cfg.ctx} (tokenized in {time.perf_counter() - t0:.1f}s)")
     name = getattr(loaded, "name", "") or getattr(config, "_name_or_path", "")
     trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar)
-    if resume and ckpt is not None and ckpt.exists():
-        trainer.resume(ckpt)
+    if state is not None:
+        trainer.load_state(state)
         log(f"resumed from {ckpt} at step {trainer.step}/{cfg.total_steps}")
     log(f"training {len(layers)} {cfg.kind.upper()} layer(s){' with affine skip' if cfg.affine_skip else ''}: "
         f"width {cfg.width}, target L0 {cfg.l0:g}, {cfg.tokens} tokens in {cfg.total_steps} "
@@ -81,11 +91,13 @@ def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int
     """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
     desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}, "
-            f"width {cfg.width}, JumpReLU, target L0 {cfg.l0:g}, {r.tokens} tokens of {corpus}; "
+            f"width {cfg.width}, JumpReLU, target L0 {cfg.l0:g}, {r.tokens} training tokens from "
+            f"{corpus_tokens} tokens of {corpus}; "
             f"held-out FVU {mean(r.fvu):.3f}, L0 {mean(r.l0):.1f}")
     return {"trained": True, "synthetic": False, "trainer": "cltrace train",
             "description": desc, "graph_info": {"transcoders": desc},
             "corpus": corpus, "corpus_tokens": corpus_tokens, "tokens": r.tokens, "steps": r.steps,
+            "activations": "bfloat16 cache" if cfg.cache_activations else "float32",
             "train_seconds": round(r.train_seconds, 1), "eval_tokens": r.eval_tokens,
             "fvu": {str(L): round(v, 4) for L, v in r.fvu.items()},
             "l0_measured": {str(L): round(v, 2) for L, v in r.l0.items()},
