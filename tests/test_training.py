@@ -43,7 +43,7 @@ class SyntheticSource:
 def _cfg(**kw):
     base = dict(kind="plt", affine_skip=True, width=64, l0=6, tokens=300 * 128, batch_size=128,
                 lr=1e-2, warmup_steps=10, buffer_tokens=1024, eval_tokens=256, dead_window=5000,
-                freq_coef=0.0, seed=0)
+                freq_coef=0.0, vec_lr_mult=1.0, seed=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -199,7 +199,7 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
             "--batch-size", "256", "--buffer-tokens", "1024", "--corpus", str(corpus),
             "--affine-skip", "--out", str(out), "--quiet"]
     assert main(args) == 0
-    ts = load_transcoders(out)
+    ts = load_transcoders(out, layers=[3, 4])
     assert sorted(ts.layers) == [3, 4] and ts.d_sae == 256 and ts.info["trained"] is True
     assert set(ts.info["fvu"]) == {"3", "4"} and all(0 < v < 1.5 for v in ts.info["fvu"].values())
     assert "held-out FVU" in capsys.readouterr().out

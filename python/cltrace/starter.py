@@ -117,9 +117,10 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
 
 # The trained starter set: sized so that the first run (activations + training + evaluation)
 # takes about 20 minutes on 2 CPU cores for Gemma 3 270M (see benchmarks/RESULTS_training.md).
-STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=96_000,
-                             corpus_tokens=32_000, cache_activations=True, batch_size=512,
-                             lr=1e-3, warmup_steps=20, buffer_tokens=8192, eval_tokens=4096)
+STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
+                             corpus_tokens=20_000, cache_activations=True, batch_size=512,
+                             lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
+                             eval_tokens=4096)
 STARTER_VERSION = 1  # bump when the recipe changes (a new cache entry is trained)
 
 

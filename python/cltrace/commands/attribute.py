@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     if transcoders.info.get("synthetic"):
         print("note: SYNTHETIC starter transcoders (not trained): the graph is exact for them, "
               "but their features have no learned meaning")
+    elif transcoders.info.get("trained") and transcoders.info.get("description"):
+        print(f"transcoders: {transcoders.info['description']}")
     for p in written:
         print(f"wrote {p}")
     return 0

@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--layers", default=None, help="source layers, e.g. 0-5,9 (default: all)")
     p.add_argument("--batch-size", type=int, default=1024, metavar="B", help="tokens per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="Adam learning rate of the matrices (default 2e-4; thresholds and biases "
+                        "use 10x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--l0-coef", type=float, default=1.0, help="weight of the L0 penalty")
     p.add_argument("--freq-coef", type=float, default=0.1,

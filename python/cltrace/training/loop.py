@@ -70,7 +70,7 @@ class Trainer:
             raise ValueError("the corpus is too short to train on")
         self.rows_per_buffer = max(1, cfg.buffer_tokens // source.tokens_per_row)
         self.params = TranscoderParams(cfg, layers, n_layers, d_model)
-        self.opt = torch.optim.Adam(self.params.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.opt = torch.optim.Adam(self.params.param_groups(), lr=cfg.lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = self.tokens_seen = self.row_pos = self.buffer_step = 0

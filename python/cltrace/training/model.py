@@ -45,7 +45,9 @@ class TrainConfig:
     # means several passes over the same text
     cache_activations: bool = False  # keep activations in memory (bf16) for later passes
     batch_size: int = 1024
-    lr: float = 1e-3  # Adam, linear warmup then linear decay over the last decay_frac
+    lr: float = 2e-4  # Adam on the matrices (W_enc, W_dec, W_skip); linear warmup, then linear
+    # decay over the last decay_frac
+    vec_lr_mult: float = 10.0  # thresholds and biases learn this much faster (short runs)
     warmup_steps: int = 50
     decay_frac: float = 0.3
     seed: int = 0
@@ -150,6 +152,14 @@ class TranscoderParams(nn.Module):
                 self.W_skip.append(nn.Parameter(torch.zeros(d, d)))
         self.register_buffer("x_scale", torch.ones(len(layers)))
         self.register_buffer("y_scale", torch.ones(len(layers)))
+
+    @torch.no_grad()
+    def param_groups(self) -> list[dict]:
+        """Adam groups: matrices at lr, thresholds and biases at lr * vec_lr_mult."""
+        mats = [*self.W_enc, *self.W_dec, *self.W_skip]
+        vecs = [*self.b_enc, *self.log_threshold, *self.b_dec]
+        return [{"params": mats, "lr": self.cfg.lr},
+                {"params": vecs, "lr": self.cfg.lr * self.cfg.vec_lr_mult}]
 
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
