@@ -2,8 +2,8 @@
 
 The default (:func:`starter_transcoders`) is a TRAINED set: on first use, per-layer JumpReLU
 transcoders with an affine skip are trained on the model's own MLP activations over the
-Python standard library's docstrings (:mod:`cltrace.training`, about 20 minutes on 2 CPU
-cores for Gemma 3 270M), written in the Gemma Scope 2 layout under
+Python standard library's docstrings (:mod:`cltrace.training`; 13.5 minutes of training
+on 2 shared CPU cores for Gemma 3 270M), written in the Gemma Scope 2 layout under
 ``cache_root()/starter/`` and reused afterwards. An interrupted first run resumes from its
 checkpoint. Its ``info`` records the training (tokens, steps, held-out FVU and L0 per layer).
 These are small transcoders trained briefly on a narrow corpus: useful for trying the tool,
@@ -116,7 +116,8 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
 
 
 # The trained starter set: sized so that the first run (activations + training + evaluation)
-# takes about 20 minutes on 2 CPU cores for Gemma 3 270M (see benchmarks/RESULTS_training.md).
+# took 13.5 minutes of training on 2 shared CPU cores for Gemma 3 270M
+# (see benchmarks/RESULTS_training.md).
 STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
                              corpus_tokens=20_000, cache_activations=True, batch_size=512,
                              lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
