@@ -221,10 +221,10 @@ def test_real_gemma_top_influence_ablation():
     cascades of re-encoded features are large and erratic)."""
     from cltrace.models import load_model
     from cltrace.prune import prune
-    from cltrace.starter import starter_transcoders
+    from cltrace.starter import synthetic_starter_transcoders
 
     loaded = load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
-    rm = ReplacementModel(loaded.model, starter_transcoders(loaded), tokenizer=loaded.tokenizer)
+    rm = ReplacementModel(loaded.model, synthetic_starter_transcoders(loaded), tokenizer=loaded.tokenizer)
     prompt = "The capital of France is"
     state = rm.run(prompt)
     graph = attribute(prompt, rm, max_feature_nodes=100)

@@ -1,13 +1,19 @@
-"""Synthetic starter transcoders for a model, for use until trained ones are available offline.
+"""Starter transcoders for a model, so that ``cltrace attribute`` works with no download.
 
-NOT trained transcoders: encoders are random directions; each feature's JumpReLU threshold is
-calibrated on the model's real MLP inputs so that about ``l0`` features fire per token; the
-affine skip and ``b_dec`` are a least-squares fit of the MLP output on its input, and the
-decoders a ridge fit of what remains on the feature activations (for a CLT, each source
-layer's decoder into its own layer; decoders into later layers are small random vectors).
-The replacement model built on them is exact (error nodes hold the rest), so graphs are
-correct attributions of *these* features; the features themselves carry no learned meaning.
-Calibration text: docstrings of Python standard-library modules (on every machine).
+The default (:func:`starter_transcoders`) is a TRAINED set: on first use, per-layer JumpReLU
+transcoders with an affine skip are trained on the model's own MLP activations over the
+Python standard library's docstrings (:mod:`cltrace.training`; 13.5 minutes of training
+on 2 shared CPU cores for Gemma 3 270M), written in the Gemma Scope 2 layout under
+``cache_root()/starter/`` and reused afterwards. An interrupted first run resumes from its
+checkpoint. Its ``info`` records the training (tokens, steps, held-out FVU and L0 per layer).
+These are small transcoders trained briefly on a narrow corpus: useful for trying the tool,
+not a substitute for Gemma Scope 2.
+
+:func:`synthetic_starter_transcoders` keeps the older SYNTHETIC set (not trained): random
+encoders; each feature's JumpReLU threshold is calibrated on the model's real MLP inputs so
+that about ``l0`` features fire per token; the affine skip and ``b_dec`` are a least-squares fit
+of the MLP output on its input, and the decoders a ridge fit of what remains on the feature
+activations. Graphs on it are exact, but its features carry no learned meaning.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .capture import capture, text_parts
+from .training.model import TrainConfig
 from .transcoders.base import LayerTranscoder, TranscoderSet
 
 CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
@@ -27,7 +34,7 @@ CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools"
                        "logging", "shutil", "subprocess", "tempfile", "typing", "dataclasses", "heapq"]
 
 
-def calibration_texts() -> list[str]:
+def calibration_texts() -> list[str]:  # the synthetic set's (short) calibration text
     """Docstrings of standard-library modules and their public functions/classes, deduplicated."""
     seen, out = set(), []
     with warnings.catch_warnings():  # some attributes (typing.io, ...) warn when touched
@@ -111,9 +118,51 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
                          source="", info={**info, "graph_info": {"transcoders": info["description"]}})
 
 
-def starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,
+# The trained starter set: sized so that the first run (activations + training + evaluation)
+# took 13.5 minutes of training on 2 shared CPU cores for Gemma 3 270M
+# (see benchmarks/RESULTS_training.md).
+STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
+                             corpus_tokens=20_000, cache_activations=True, batch_size=512,
+                             lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
+                             eval_tokens=4096)
+STARTER_VERSION = 1  # bump when the recipe changes (a new cache entry is trained)
+
+
+def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progress=print,
+                        bar: bool = True) -> TranscoderSet:
+    """The cached TRAINED starter set of a loaded model (trained on first use, then reused).
+
+    Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
+    ``progress`` receives messages (the per-layer FVU and L0 among them)."""
+    from .corpus import stdlib_texts
+    from .models import cache_root
+    from .training import train_transcoders
+    from .transcoders import load_transcoders
+
+    cfg = config or STARTER_CONFIG
+    name = getattr(loaded, "name", "") or "model"
+    tag = (f"{_safe(name)}-trained-{cfg.kind}-w{cfg.width}-l0_{cfg.l0:g}"
+           f"{'-affine' if cfg.affine_skip else ''}-t{cfg.tokens}-v{STARTER_VERSION}")
+    folder = cache_root() / "starter" / tag
+    if not folder.exists():
+        progress(f"training the starter transcoders {tag} on this machine (first run only; "
+                 f"cached in {folder}; Ctrl-C and rerun resumes) ...")
+        try:
+            train_transcoders(loaded, cfg, stdlib_texts(), out=folder, resume=True,
+                              corpus_name="Python standard-library docstrings", log=progress,
+                              bar=bar)
+        except FileExistsError:
+            if not folder.exists():  # not another process finishing first
+                raise
+    ts = load_transcoders(folder)
+    info = ts.info
+    progress(f"starter transcoders: {info.get('description', tag)}")
+    return ts
+
+
+def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,
                         affine: bool = True, n_tokens: int = 4096, progress=print) -> TranscoderSet:
-    """The cached synthetic starter set of a loaded model (built on first use, then reused).
+    """The cached SYNTHETIC (untrained) starter set of a loaded model (built on first use, then reused).
 
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily."""
     from .models import cache_root

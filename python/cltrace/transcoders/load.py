@@ -81,8 +81,9 @@ def _read(folder: Path, p: Plan, where: str, model_n_layers: Optional[int]) -> T
         n_layers = model_n_layers or (size[0] if size else max(p.available) + 1)
         layers = {i: gs.load_clt_layer(folder / f[0], i, n_layers, config, f"{where} layer {i}")
                   for i, f in p.files.items()}
+        info = {**config.get("cltrace_info", {}), **({"l0": config["l0"]} if "l0" in config else {})}
         return TranscoderSet("clt", n_layers, layers, model_name=config.get("model_name", ""),
-                             info={"l0": config["l0"]} if "l0" in config else {})
+                             info=info)
     if p.layout == "circuit_tracer_yaml":
         return ct_config.load_yaml_set(folder, p.layers, model_n_layers, where)
     if p.layout == "circuit_tracer_plt":
@@ -120,7 +121,8 @@ def _read_gemmascope_plt(folder: Path, p: Plan, where: str,
     model_name = names.pop() if names else ""
     size = gemma3_size(model_name)
     n_layers = model_n_layers or (size[0] if size else max(max(p.available), max(layers)) + 1)
-    info = {"l0": {i: c["l0"] for i, c in configs.items() if "l0" in c}}
+    written = next((c["cltrace_info"] for c in configs.values() if "cltrace_info" in c), {})
+    info = {**written, "l0": {i: c["l0"] for i, c in configs.items() if "l0" in c}}
     return TranscoderSet("plt", n_layers, layers, model_name=model_name, info=info)
 
 

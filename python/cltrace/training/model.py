@@ -1,0 +1,244 @@
+"""Trainable JumpReLU transcoders (per-layer or cross-layer) and their training loss.
+
+The recipe follows Gemma Scope 2 (and the JumpReLU SAE paper, Rajamanoharan et al. 2024,
+https://arxiv.org/abs/2407.14435):
+
+* features ``f = z * H(z - theta)``, ``z = x @ W_enc + b_enc``; ``theta = exp(log_threshold)``;
+* reconstruction of layer L's MLP output ``sum_{S<=L} f_S @ W_dec_S[:, L-S] + b_dec_L
+  (+ x_L @ W_skip_L)``;
+* loss ``= MSE + l0_coef * (L0 / l0_target - 1)^2 + freq_coef * sum_i relu(p_i - max_freq)``,
+  where the L0 and the firing frequencies ``p_i`` count ``H(z - theta)``; the step function's
+  gradient reaches theta through the rectangle straight-through estimator of width
+  ``bandwidth`` (pseudo-derivative ``-K((z - theta)/eps) / eps``; JumpReLU's own is
+  ``-theta K(...) / eps``), never z.
+
+Inputs and targets are normalised per layer (``x * x_scale`` with mean squared norm
+``d_model``, ``y * y_scale`` with mean squared norm 1) and the scales are folded back into
+the weights on export, so the written transcoders read raw activations.
+
+Two backends compute the same step: ``"sparse"`` uses the compiled ops (``jumprelu_encode``
+with its sparse straight-through backward and ``sparse_decode``), ``"dense"`` is plain torch
+autograd over the dense ``[B, d_sae]`` activations (the benchmark's baseline and a test oracle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..transcoders.base import LayerTranscoder, TranscoderSet
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how (saved in checkpoints and in the written set's info)."""
+
+    kind: str = "plt"  # "plt" (per-layer) or "clt" (cross-layer: source S writes to S..n-1)
+    affine_skip: bool = False  # learn an affine skip x @ W_skip
+    width: int = 4096  # d_sae
+    l0: float = 32.0  # target L0 (active features per token, per source layer)
+    tokens: int = 200_000  # training tokens (each step uses batch_size of them)
+    corpus_tokens: Optional[int] = None  # distinct training tokens (default: tokens); fewer
+    # means several passes over the same text
+    cache_activations: bool = False  # keep activations in memory (bf16) for later passes
+    batch_size: int = 1024
+    lr: float = 2e-4  # Adam on the matrices (W_enc, W_dec, W_skip); linear warmup, then linear
+    # decay over the last decay_frac
+    vec_lr_mult: float = 10.0  # thresholds and biases learn this much faster (short runs)
+    warmup_steps: int = 50
+    decay_frac: float = 0.3
+    seed: int = 0
+    layers: Optional[list[int]] = None  # source layers (default all); a CLT needs all
+    bandwidth: float = 0.1  # STE rectangle width, in normalised pre-activation units
+    l0_coef: float = 1.0
+    freq_coef: float = 0.1
+    max_freq: float = 0.1  # firing frequency above which the frequency penalty applies
+    buffer_tokens: int = 8192  # activations read from the model at a time (all layers)
+    ctx: int = 128  # tokens per row (BOS + 127)
+    eval_tokens: int = 4096  # held-out tokens (never trained on) for the final FVU / L0
+    dead_window: int = 50_000  # a feature is dead if it has not fired in this many tokens
+    backend: str = "sparse"  # "sparse" (compiled ops) or "dense" (torch autograd)
+
+    def check(self) -> None:
+        if self.kind not in ("plt", "clt"):
+            raise ValueError(f"kind must be 'plt' or 'clt', got {self.kind!r}")
+        if not 0 < self.l0 < self.width:
+            raise ValueError(f"--l0 must be in (0, width={self.width}), got {self.l0}")
+        if self.tokens < 1 or self.batch_size < 1 or self.buffer_tokens < self.batch_size:
+            raise ValueError("need tokens >= 1, batch_size >= 1 and buffer_tokens >= batch_size")
+        if self.backend not in ("sparse", "dense"):
+            raise ValueError(f"backend must be 'sparse' or 'dense', got {self.backend!r}")
+        if self.lr <= 0 or self.bandwidth <= 0:
+            raise ValueError("lr and bandwidth must be > 0")
+
+    @property
+    def total_steps(self) -> int:
+        return -(-self.tokens // self.batch_size)
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta) with the rectangle STE to theta only: d/dtheta = -K((z-theta)/eps)/eps."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps: float):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        in_band = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        grad_theta = -g * in_band / ctx.eps
+        return None, _sum_to(grad_theta, theta.shape), None
+
+
+class _DenseJumpReLU(torch.autograd.Function):
+    """z * H(z - theta): d/dz = H(z - theta), d/dtheta = -theta K((z-theta)/eps)/eps (STE)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps: float):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        in_band = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        grad_theta = _sum_to(-g * in_band * theta / ctx.eps, theta.shape)
+        return g * (z > theta), grad_theta, None
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    return t.sum(0) if t.dim() > len(shape) else t
+
+
+@dataclass
+class StepStats:
+    """Per-layer statistics of one step (floats, for the progress bar and logs)."""
+
+    loss: float
+    mse: list[float]  # per target layer, normalised units
+    fvu: list[float]  # per target layer
+    l0: list[float]  # per source layer (features with z > theta, no band)
+    fired: list[Tensor] = field(default_factory=list)  # per source layer: [d_sae] bool
+
+
+class TranscoderParams(nn.Module):
+    """The trainable weights of all source layers, in normalised units."""
+
+    def __init__(self, cfg: TrainConfig, layers: list[int], n_layers: int, d_model: int):
+        super().__init__()
+        self.cfg, self.layer_ids, self.n_layers = cfg, list(layers), n_layers
+        W, d = cfg.width, d_model
+        self.W_enc = nn.ParameterList()  # [d, W] each
+        self.b_enc = nn.ParameterList()  # [W]
+        self.log_threshold = nn.ParameterList()  # [W]
+        self.W_dec = nn.ParameterList()  # [W, n_out, d]
+        self.b_dec = nn.ParameterList()  # [d]
+        self.W_skip = nn.ParameterList()  # [d, d] (affine only)
+        for i, L in enumerate(self.layer_ids):
+            n_out = 1 if cfg.kind == "plt" else len(self.layer_ids) - i
+            self.W_enc.append(nn.Parameter(torch.zeros(d, W)))
+            self.b_enc.append(nn.Parameter(torch.zeros(W)))
+            self.log_threshold.append(nn.Parameter(torch.zeros(W)))
+            self.W_dec.append(nn.Parameter(torch.zeros(W, n_out, d)))
+            self.b_dec.append(nn.Parameter(torch.zeros(d)))
+            if cfg.affine_skip:
+                self.W_skip.append(nn.Parameter(torch.zeros(d, d)))
+        self.register_buffer("x_scale", torch.ones(len(layers)))
+        self.register_buffer("y_scale", torch.ones(len(layers)))
+
+    @torch.no_grad()
+    def param_groups(self) -> list[dict]:
+        """Adam groups: matrices at lr, thresholds and biases at lr * vec_lr_mult."""
+        mats = [*self.W_enc, *self.W_dec, *self.W_skip]
+        vecs = [*self.b_enc, *self.log_threshold, *self.b_dec]
+        return [{"params": mats, "lr": self.cfg.lr},
+                {"params": vecs, "lr": self.cfg.lr * self.cfg.vec_lr_mult}]
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
+        """Data-dependent init from raw activations ``x, y [n_src, T, d]``: the normalising
+        scales; random unit encoder columns with thresholds at the (1 - l0/width) quantile of
+        each feature's pre-activation (so about l0 fire at first); zero decoders; b_dec (and
+        the affine skip) a least-squares fit of the target."""
+        d = x.shape[-1]
+        self.x_scale.copy_((d / x.pow(2).sum(-1).mean(-1)).sqrt())
+        self.y_scale.copy_((1.0 / y.pow(2).sum(-1).mean(-1).clamp_min(1e-12)).sqrt())
+        xn, yn = x * self.x_scale[:, None, None], y * self.y_scale[:, None, None]
+        q = 1.0 - self.cfg.l0 / self.cfg.width
+        for i in range(len(self.layer_ids)):
+            W = torch.randn(d, self.cfg.width, generator=gen)
+            self.W_enc[i].copy_(W / W.norm(dim=0, keepdim=True))
+            z = xn[i, :4096] @ self.W_enc[i]
+            self.log_threshold[i].copy_(torch.quantile(z, q, dim=0).clamp_min(1e-2).log())
+            if self.cfg.affine_skip:
+                A = torch.cat([xn[i], torch.ones_like(xn[i, :, :1])], 1).double()
+                gram = A.T @ A
+                gram.diagonal().add_(1e-3 * gram.diagonal().mean())
+                coef = torch.linalg.solve(gram, A.T @ yn[i].double()).float()  # [d + 1, d]
+                self.W_skip[i].copy_(coef[:d])
+                self.b_dec[i].copy_(coef[d])
+            else:
+                self.b_dec[i].copy_(yn[i].mean(0))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, StepStats]:
+        """Loss on normalised ``x, y [n_src, B, d]`` (one row per source layer)."""
+        cfg, B = self.cfg, x.shape[1]
+        eps = cfg.bandwidth
+        recon = [self.b_dec[i].expand(B, -1) for i in range(len(self.layer_ids))]
+        if cfg.affine_skip:
+            recon = [r + x[i] @ self.W_skip[i] for i, r in enumerate(recon)]
+        sparsity = x.new_zeros(())
+        l0s, fired = [], []
+        for i in range(len(self.layer_ids)):
+            theta = self.log_threshold[i].exp()
+            if cfg.backend == "sparse":
+                sp = ops.jumprelu_encode(x[i], self.W_enc[i], self.b_enc[i], theta, eps)
+                out = ops.sparse_decode(sp.row_offsets, sp.feat_idx, sp.acts, self.W_dec[i])
+                on = _Step.apply(sp.pre_acts, theta[sp.feat_idx], eps)  # [nnz]
+                counts = torch.zeros_like(theta).index_add(0, sp.feat_idx, on)  # [W]
+            else:
+                z = x[i] @ self.W_enc[i] + self.b_enc[i]  # [B, W]
+                acts = _DenseJumpReLU.apply(z, theta, eps)
+                out = torch.einsum("bf,fod->bod", acts, self.W_dec[i])  # [B, n_out, d]
+                counts = _Step.apply(z, theta, eps).sum(0)  # [W]
+            for o in range(out.shape[1]):
+                recon[i + o] = recon[i + o] + out[:, o]
+            l0 = counts.sum() / B
+            sparsity = sparsity + cfg.l0_coef * (l0 / cfg.l0 - 1).square()
+            if cfg.freq_coef > 0:
+                sparsity = sparsity + cfg.freq_coef * (counts / B - cfg.max_freq).relu().sum()
+            l0s.append(float(l0.detach()))
+            fired.append(counts.detach() > 0)
+        err = [(r - y[i]).square().sum(-1).mean() for i, r in enumerate(recon)]
+        mse = torch.stack(err).sum()
+        var = (y - y.mean(1, keepdim=True)).square().sum(-1).mean(-1)  # [n_src]
+        loss = mse + sparsity
+        err_f = [float(e.detach()) for e in err]
+        stats = StepStats(float(loss.detach()), err_f,
+                          [e / max(float(v), 1e-12) for e, v in zip(err_f, var)], l0s, fired)
+        return loss, stats
+
+    @torch.no_grad()
+    def to_transcoder_set(self, model_name: str = "", info: Optional[dict] = None) -> TranscoderSet:
+        """The trained transcoders reading raw activations (normalising scales folded in)."""
+        layers = {}
+        for i, L in enumerate(self.layer_ids):
+            sx = float(self.x_scale[i])
+            sy = self.y_scale[i:i + self.W_dec[i].shape[1]]  # target layers' scales
+            W_dec = self.W_dec[i].detach() / sy[None, :, None]
+            W_skip = None
+            if self.cfg.affine_skip:
+                W_skip = (self.W_skip[i].detach() * (sx / float(self.y_scale[i]))).clone()
+            layers[L] = LayerTranscoder(
+                W_enc=(self.W_enc[i].detach() * sx).clone(), b_enc=self.b_enc[i].detach().clone(),
+                threshold=self.log_threshold[i].detach().exp(), W_dec=W_dec.contiguous(),
+                b_dec=(self.b_dec[i].detach() / float(self.y_scale[i])).clone(), W_skip=W_skip)
+        return TranscoderSet(kind=self.cfg.kind, n_layers=self.n_layers, layers=layers,
+                             model_name=model_name, info=dict(info or {}))

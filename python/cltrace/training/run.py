@@ -1,0 +1,106 @@
+"""End to end: text -> token rows -> model activations -> trained transcoders (-> files).
+
+Used by ``cltrace train`` and by the trained starter set (:mod:`cltrace.starter`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..corpus import ActivationSource, token_rows
+from .loop import Trainer, TrainResult
+from .model import TrainConfig
+
+
+def checkpoint_path(out: os.PathLike) -> Path:
+    """Where the checkpoint of a run writing ``out`` lives: ``{out}.checkpoint.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint.pt")
+
+
+def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
+                      out: Optional[os.PathLike] = None, corpus_name: str = "",
+                      resume: bool = False, checkpoint_every: float = 120.0,
+                      log: Callable[[str], None] = print, bar: bool = True) -> TrainResult:
+    """Train transcoders for ``loaded`` (a :class:`cltrace.models.LoadedModel`) on ``texts``.
+
+    With ``out``, the set is written there in the Gemma Scope 2 layout and the run checkpoints
+    to :func:`checkpoint_path` (``resume=True`` continues from it; a finished run deletes it).
+    The returned set's ``info`` records provenance and the held-out FVU and L0 per layer.
+    """
+    cfg.check()
+    model, tok = loaded.model, loaded.tokenizer
+    config = getattr(model.config, "text_config", model.config)
+    n_layers, d_model = config.num_hidden_layers, config.hidden_size
+    ckpt = checkpoint_path(out) if out is not None else None
+    if out is not None and Path(out).exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out folder or remove it")
+    if ckpt is not None and ckpt.exists() and not resume:
+        raise FileExistsError(f"{ckpt} holds an interrupted run: add --resume to continue it, "
+                              "or delete it to start over")
+    t0 = time.perf_counter()
+    state = None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state is not None and state.get("rows") is not None:
+        rows = state["rows"]  # the interrupted run's exact token rows
+    else:
+        rows = token_rows(tok, texts, cfg.ctx,
+                          max_tokens=(cfg.corpus_tokens or cfg.tokens) + cfg.eval_tokens)
+    layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
+    source = ActivationSource(model, rows, layers, tok.bos_token_id,
+                              cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
+    corpus_tokens = rows.shape[0] * source.tokens_per_row
+    log(f"corpus {corpus_name or 'texts'}: {len(texts)} documents, {corpus_tokens} tokens in "
+        f"{rows.shape[0]} rows of {cfg.ctx} (tokenized in {time.perf_counter() - t0:.1f}s)")
+    name = getattr(loaded, "name", "") or getattr(config, "_name_or_path", "")
+    trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar)
+    if state is not None:
+        trainer.load_state(state)
+        log(f"resumed from {ckpt} at step {trainer.step}/{cfg.total_steps}")
+    log(f"training {len(layers)} {cfg.kind.upper()} layer(s){' with affine skip' if cfg.affine_skip else ''}: "
+        f"width {cfg.width}, target L0 {cfg.l0:g}, {cfg.tokens} tokens in {cfg.total_steps} "
+        f"steps of {cfg.batch_size} ({cfg.tokens / max(1, trainer.n_train_rows * source.tokens_per_row):.2f} "
+        f"pass(es) over the {trainer.n_train_rows * source.tokens_per_row} training tokens)")
+    trainer.run(checkpoint=ckpt, checkpoint_every=checkpoint_every)
+    result = trainer.result()
+    info = provenance(cfg, result, corpus_name or "texts", corpus_tokens)
+    result.transcoders.info = info
+    for L in sorted(result.fvu):
+        log(f"  layer {L:2d}: FVU {result.fvu[L]:.3f}  L0 {result.l0[L]:6.1f}  "
+            f"dead {result.dead_frac[L]:.1%}")
+    log(f"trained in {result.train_seconds:.0f}s ({result.tokens / max(result.train_seconds, 1e-9):.0f} "
+        f"tokens/s incl. model activations); held-out FVU {info['fvu_mean']:.3f}, "
+        f"L0 {info['l0_mean']:.1f} on {result.eval_tokens} tokens")
+    if out is not None:
+        from ..transcoders.write import save_gemmascope
+
+        save_gemmascope(result.transcoders, out, l0=int(round(cfg.l0)))
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+        log(f"wrote {out}")
+    return result
+
+
+def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int) -> dict:
+    """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
+    mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
+    desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}, "
+            f"width {cfg.width}, JumpReLU, target L0 {cfg.l0:g}, {r.tokens} training tokens from "
+            f"{corpus_tokens} tokens of {corpus}; "
+            f"held-out FVU {mean(r.fvu):.3f}, L0 {mean(r.l0):.1f}")
+    return {"trained": True, "synthetic": False, "trainer": "cltrace train",
+            "description": desc, "graph_info": {"transcoders": desc},
+            "corpus": corpus, "corpus_tokens": corpus_tokens, "tokens": r.tokens, "steps": r.steps,
+            "activations": "bfloat16 cache" if cfg.cache_activations else "float32",
+            "train_seconds": round(r.train_seconds, 1), "eval_tokens": r.eval_tokens,
+            "fvu": {str(L): round(v, 4) for L, v in r.fvu.items()},
+            "l0_measured": {str(L): round(v, 2) for L, v in r.l0.items()},
+            "dead_frac": {str(L): round(v, 4) for L, v in r.dead_frac.items()},
+            "fvu_mean": round(mean(r.fvu), 4), "l0_mean": round(mean(r.l0), 2),
+            "config": dataclasses.asdict(cfg)}

@@ -1,0 +1,206 @@
+"""Transcoder training: loss and L0 targets, exact resume, export round trip, dense oracle, CLI."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cltrace import ops
+from cltrace.corpus import ActivationSource, Activations, stdlib_texts
+from cltrace.training import TrainConfig, Trainer, evaluate
+from cltrace.transcoders import load_transcoders
+from cltrace.transcoders.write import save_gemmascope
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny steps: thread start-up costs more than it saves (and the CI machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class SyntheticSource:
+    """MLP-like data: y = relu(x @ A - 1) @ D + 0.3 x @ S per layer (sparse true features)."""
+
+    def __init__(self, n_layers=2, d=16, n_rows=96, tokens_per_row=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.n_rows, self.tokens_per_row = n_rows, tokens_per_row
+        T = n_rows * tokens_per_row
+        self.x = 2.0 * torch.randn(n_layers, T, d, generator=g)
+        A = torch.randn(n_layers, d, 48, generator=g) / d ** 0.5
+        D = torch.randn(n_layers, 48, d, generator=g)
+        S = torch.randn(n_layers, d, d, generator=g) / d ** 0.5
+        self.y = (torch.relu(self.x @ A - 2.0) @ D + 0.3 * self.x @ S + 0.5)
+
+    def read(self, idx):
+        tok = (idx[:, None] * self.tokens_per_row + torch.arange(self.tokens_per_row)).reshape(-1)
+        return Activations(self.x[:, tok], self.y[:, tok])
+
+
+def _cfg(**kw):
+    base = dict(kind="plt", affine_skip=True, width=64, l0=6, tokens=300 * 128, batch_size=128,
+                lr=1e-2, warmup_steps=10, buffer_tokens=1024, eval_tokens=256, dead_window=5000,
+                freq_coef=0.0, vec_lr_mult=1.0, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _trainer(cfg, source=None):
+    source = source or SyntheticSource()
+    return Trainer(cfg, source, n_layers=source.x.shape[0], d_model=source.x.shape[2],
+                   model_name="synthetic", bar=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_training_reduces_loss_and_reaches_l0(kind):
+    tr = _trainer(_cfg(kind=kind))
+    tr.run(max_steps=5)
+    first = tr.stats
+    tr.run()
+    assert tr.step == tr.cfg.total_steps == 300
+    last = tr.stats
+    assert last.loss < 0.5 * first.loss, (first, last)
+    r = tr.result()
+    for L in r.fvu:
+        assert r.fvu[L] < 0.2, r.fvu
+        assert abs(r.l0[L] - 6) < 0.3 * 6, r.l0
+    assert r.eval_tokens > 0 and set(r.dead_frac) == {0, 1}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = _cfg(tokens=30 * 128)  # 30 steps; 8 batches a buffer, so 13 stops mid-buffer
+    full = _trainer(cfg)
+    full.run()
+    part = _trainer(cfg)
+    part.run(max_steps=13)
+    ckpt = part.save_checkpoint(tmp_path / "ck.pt")
+    del part
+    resumed = _trainer(cfg)
+    resumed.resume(ckpt)
+    assert resumed.step == 13
+    resumed.run()
+    a, b = full.state(), resumed.state()
+    for k, v in a["params"].items():
+        assert torch.equal(v, b["params"][k]), k
+    for k in ("step", "tokens_seen", "row_pos", "buffer_step"):
+        assert a[k] == b[k], k
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert torch.equal(a["last_fired"], b["last_fired"])
+    with pytest.raises(ValueError, match="other settings"):
+        _trainer(dataclasses.replace(cfg, width=32)).resume(ckpt)
+
+
+def test_written_files_reproduce_the_trained_model(tmp_path):
+    source = SyntheticSource()
+    tr = _trainer(_cfg(tokens=40 * 128), source)
+    tr.run()
+    r = tr.result(info={"trained": True})
+    save_gemmascope(r.transcoders, tmp_path / "tc", l0=6)
+    ts = load_transcoders(tmp_path / "tc")
+    assert ts.kind == "plt" and sorted(ts.layers) == [0, 1] and ts.info.get("trained") is True
+    act = source.read(torch.arange(4))
+    p = tr.params
+    for i, L in enumerate([0, 1]):
+        x = act.x[i]
+        theta = p.log_threshold[i].exp().detach()
+        mine = ops.jumprelu_encode(x * p.x_scale[i], p.W_enc[i].detach(), p.b_enc[i].detach(), theta)
+        tc = ts.layers[L]
+        back = ops.jumprelu_encode(x, tc.W_enc, tc.b_enc, tc.threshold)
+        d_mine, d_back = mine.to_dense(64), back.to_dense(64)
+        assert (d_mine != 0).eq(d_back != 0).float().mean() > 0.999
+        torch.testing.assert_close(d_back, d_mine, atol=1e-3, rtol=1e-3)
+        y_norm = (ops.sparse_decode(*mine[:3], p.W_dec[i].detach())[:, 0] + p.b_dec[i]
+                  + (x * p.x_scale[i]) @ p.W_skip[i]).detach()
+        y_raw = ops.sparse_decode(*back[:3], tc.W_dec)[:, 0] + tc.b_dec + x @ tc.W_skip
+        torch.testing.assert_close(y_raw * p.y_scale[i], y_norm, atol=2e-3, rtol=2e-3)
+    fvu, _l0, _n = evaluate(ts, source, torch.arange(tr.n_train_rows, source.n_rows))
+    assert all(abs(fvu[L] - r.fvu[L]) < 1e-4 for L in fvu)  # evaluation = the held-out rows
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_sparse_step_matches_dense_autograd(kind):
+    """The compiled sparse forward/backward gives the dense STE's loss and gradients."""
+    cfg = _cfg(kind=kind, tokens=2 * 128, bandwidth=0.5, freq_coef=1.0, max_freq=0.01)
+    a, b = _trainer(cfg), _trainer(dataclasses.replace(cfg, backend="dense"))
+    a.run(max_steps=1)  # initialise (and take one step) so the decoders are non-zero
+    b.load_state(a.state())
+    x, y, perm = a._buffer
+    idx = perm[:128]
+    for t in (a, b):
+        t.opt.zero_grad()
+        loss, _ = t.params(x[:, idx], y[:, idx])
+        loss.backward()
+    for (n, pa), pb in zip(a.params.named_parameters(), b.params.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_activation_source_reads_the_hook_points():
+    from cltrace.capture import capture, text_parts
+    from tiny_gemma import tiny_gemma
+
+    model = tiny_gemma()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, 300, (3, 10), generator=g)
+    rows[:, 0] = 2  # BOS
+    rows[1, 4] = 2  # a document boundary inside a row
+    src = ActivationSource(model, rows, [1, 2], bos_token_id=2, batch_rows=2)
+    act = src.read(torch.tensor([0, 1]))
+    assert act.x.shape == (2, 9 + 8, 64) == act.y.shape
+    cap = capture(text_parts(model), rows[1])
+    keep = rows[1] != 2
+    torch.testing.assert_close(act.x[1, 9:], cap.layers[2].mlp_in[keep])
+    torch.testing.assert_close(act.y[0, 9:], cap.layers[1].mlp_out[keep])
+
+
+def test_activation_cache_serves_the_same_values():
+    from tiny_gemma import tiny_gemma
+
+    model = tiny_gemma()
+    rows = torch.randint(3, 300, (4, 8), generator=torch.Generator().manual_seed(1))
+    rows[:, 0] = 2
+    plain = ActivationSource(model, rows, [0, 3], bos_token_id=2)
+    cached = ActivationSource(model, rows, [0, 3], bos_token_id=2, cache_dtype=torch.bfloat16)
+    idx = torch.tensor([2, 0, 2])
+    a, b = plain.read(idx), cached.read(idx)
+    assert cached.cached_bytes > 0 and len(cached._cache) == 2
+    torch.testing.assert_close(b.x, a.x.bfloat16().float())
+    c = cached.read(torch.tensor([0, 2, 1]))
+    assert torch.equal(c.x[:, :7], b.x[:, 7:14]) and len(cached._cache) == 3
+
+
+def test_stdlib_corpus_is_deduplicated():
+    texts = stdlib_texts(["json", "textwrap", "json"])
+    assert len(texts) == len(set(texts)) > 5 and all(len(t) >= 80 for t in texts)
+
+
+def test_cli_help_and_errors(capsys, tmp_path):
+    from cltrace.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--affine-skip" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "o"), "--l0", "0"]) == 2
+    assert "--l0" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_cli_train_real_model_then_resume(tmp_path, capsys):
+    """cltrace train end to end on the embedded Gemma 3 270M (2 layers, tiny budget); the
+    written folder loads with load_transcoders and carries its measured FVU and L0."""
+    from cltrace.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n\n".join(stdlib_texts(["json", "textwrap", "pathlib", "argparse"])))
+    out = tmp_path / "tc"
+    args = ["train", "--layers", "3,4", "--width", "256", "--l0", "16", "--tokens", "2048",
+            "--batch-size", "256", "--buffer-tokens", "1024", "--corpus", str(corpus),
+            "--affine-skip", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    ts = load_transcoders(out, layers=[3, 4])
+    assert sorted(ts.layers) == [3, 4] and ts.d_sae == 256 and ts.info["trained"] is True
+    assert set(ts.info["fvu"]) == {"3", "4"} and all(0 < v < 1.5 for v in ts.info["fvu"].values())
+    assert "held-out FVU" in capsys.readouterr().out
+    assert main(args) == 2  # the folder exists
