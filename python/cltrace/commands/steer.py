@@ -25,8 +25,8 @@ MLP output of every layer the feature writes to; everything downstream is recomp
 norm denominators and error nodes frozen, downstream features re-encoded (--freeze-features
 holds them fixed too). Generation always uses free mode.
 
-With no --transcoders, a SYNTHETIC starter set for the model is used (not trained: its
-features have no learned meaning).
+With no --transcoders, the starter set of `cltrace attribute` is used (small transcoders that
+cltrace trains on the first run and caches; see `cltrace attribute --help`).
 
 Examples:
   cltrace steer "The capital of France is" --feature 8:1234@-1=0
@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gemma-3-270m",
                    help="model: 'gemma-3-270m' (embedded, default), a hub id, a folder or a .gguf")
     p.add_argument("--transcoders", default=None, metavar="T",
-                   help="transcoder folder or hub reference (default: the synthetic starter set)")
+                   help="transcoder folder or hub reference (default: the trained starter set)")
     p.add_argument("--mode", choices=("free", "frozen"), default="free",
                    help="free: the real model (default); frozen: the replacement model of the graph")
     p.add_argument("--freeze-features", action="store_true",
