@@ -71,7 +71,9 @@ def visit_bounded(state, rows_fn, af, logit_seeds: Seeds, logit_weights: Tensor,
         score = est.masked_fill(scheduled, -1.0)
         k = min(update_interval * batch_size, n_visit - n_slots)
         pending = score.argsort(descending=True, stable=True)[:k]
-        pending = pending[af.pos[pending].argsort(stable=True)]  # nearby positions batch together
+        # a batch's backward costs (top layer) x (last position), a JVP batch (layers above its
+        # lowest) x (positions after its first): group nearby features
+        pending = pending[(af.layer[pending] * state.n_pos + af.pos[pending]).argsort(stable=True)]
         slot_feat[n_slots:n_slots + k] = pending
         scheduled[pending] = True
         # exact entries of the new columns in the rows computed so far (forward JVP)
