@@ -82,12 +82,21 @@ def agreement(a_path: str, b_path: str, n_layers: int, n_pos: int) -> dict:
     cols_a = torch.cat([ia, na + rest])
     cols_b = torch.cat([ib, nb + rest])
     ea, eb = A["edges"][rows_a][:, cols_a].double(), B["edges"][rows_b][:, cols_b].double()
+    n_tok = n_pos  # the token columns are the last n_pos of cols
+    tok_a, tok_b = ea[:, -n_tok:], eb[:, -n_tok:]
+    ea, eb = ea[:, :-n_tok], eb[:, :-n_tok]
     scale = eb.abs().max().clamp_min(1e-30)
     big = eb.abs() > 1e-3 * scale
     rel = ((ea - eb).abs()[big] / eb.abs()[big]).max() if big.any() else torch.tensor(0.0)
+    # token columns: circuit-tracer 0.5.0 multiplies the gradient by the *unscaled* embedding
+    # row for Gemma 3 (whose embedding module multiplies by sqrt(d_model)), so its token edges
+    # are 1/sqrt(d_model) of the direct effect (its rows then miss the completeness identity)
+    tb_big = tok_b.abs() > 1e-3 * tok_b.abs().max()
+    ratio = (tok_a[tb_big] / tok_b[tb_big]).median() if tb_big.any() else torch.tensor(float("nan"))
     return {"shared_features": len(shared), "features_a": na, "features_b": nb,
             "shared_logits": len(common), "max_abs_over_max": float((ea - eb).abs().max() / scale),
-            "max_rel_big_edges": float(rel), "n_edges_compared": int(ea.numel())}
+            "max_rel_big_edges": float(rel), "n_edges_compared": int(ea.numel()),
+            "token_ratio_median": float(ratio)}
 
 
 def floor(res: dict, features: torch.Tensor, n_layers=18, d=640, n_heads=4, n_kv=1, hd=256,

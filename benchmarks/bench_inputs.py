@@ -46,27 +46,43 @@ def peer_model_dir(out: Path) -> Path:
 
 
 def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> dict:
-    """{kind: {"cltrace": folder, "peer": folder}} for kind in ("plt", "clt")."""
+    """{kind: {"cltrace": folder, "peer": folder}} for kind in ("plt", "clt").
+
+    The per-layer set (affine skip) is fitted on real MLP inputs/outputs; the CLT reuses its
+    encoders, thresholds and same-layer decoders (no skip) and adds small random decoders to
+    the later layers, as :func:`fit_starter_set` does (fitting it anew means 18 more
+    4096x4096 float64 solves: over 15 minutes on the loaded 2-core machine)."""
     from cltrace.starter import collect_mlp_io, fit_starter_set
+    from cltrace.transcoders import load_transcoders
+    from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
     from cltrace.transcoders.write import save_gemmascope
     from synthetic import write_circuit_tracer_clt, write_circuit_tracer_plt
 
-    sets, X = {}, None
+    sets, plt = {}, None
     for kind in ("plt", "clt"):
         tag = f"{kind}-w{width}-l0_{l0}"
         ours, peer = out / f"tc-{tag}-gemmascope", out / f"tc-{tag}-circuit-tracer"
         if not (ours.exists() and peer.exists()):
-            if X is None:
+            if kind == "plt":
                 X, Y = collect_mlp_io(loaded.model, loaded.tokenizer, n_tokens)
-            # per-layer: affine skip; CLT: no skip (circuit-tracer's CLT skip is optional too)
-            ts = fit_starter_set(X, Y, kind=kind, width=width, l0=l0, affine=(kind == "plt"),
-                                 model_name="gemma-3-270m")
+                ts = fit_starter_set(X, Y, kind="plt", width=width, l0=l0, affine=True,
+                                     model_name="gemma-3-270m")
+            else:
+                plt = load_transcoders(out / f"tc-plt-w{width}-l0_{l0}-gemmascope")
+                g = torch.Generator().manual_seed(1)
+                layers = {}
+                for L, tc in plt.layers.items():
+                    n_out = plt.n_layers - L
+                    W_dec = 0.01 * torch.randn(tc.d_sae, n_out, tc.W_enc.shape[0], generator=g) / tc.d_sae ** 0.5
+                    W_dec[:, 0] = tc.W_dec[:, 0]
+                    layers[L] = LayerTranscoder(tc.W_enc.contiguous(), tc.b_enc.contiguous(),
+                                                tc.threshold.contiguous(), W_dec, tc.b_dec.contiguous(), None)
+                ts = TranscoderSet(kind="clt", n_layers=plt.n_layers, layers=layers,
+                                   model_name="gemma-3-270m", source="", info={"synthetic": True})
             if not ours.exists():
                 save_gemmascope(ts, ours, l0=l0)
             writer = write_circuit_tracer_plt if kind == "plt" else write_circuit_tracer_clt
             writer(peer, ts)
-            if kind == "clt":  # circuit-tracer's CLT loader reads W_dec as [d_sae, n_out, d]
-                pass
         sets[kind] = {"cltrace": str(ours), "peer": str(peer)}
     return sets
 
