@@ -145,3 +145,24 @@ def test_same_graph_from_gemmascope_and_circuit_tracer_files(tmp_path, skip):
         assert torch.equal(g.logit_tokens, graphs[0].logit_tokens)
         torch.testing.assert_close(g.edges, graphs[0].edges, rtol=1e-6, atol=1e-7)
     assert graphs[0].n_features > 20
+
+
+def test_bounded_path_gives_exact_edges(replacement, full_graph):
+    """The memory-bounded path (rows over visited columns only, earlier rows filled by a forward
+    JVP) gives exactly the full graph's edges restricted to its nodes."""
+    full = full_graph
+    for kw in [dict(batch_size=3, max_feature_nodes=17, update_interval=1),
+               dict(batch_size=5, max_feature_nodes=full.n_features - 1, update_interval=2)]:
+        part = attribute(TOKENS, replacement, bounded=True, **kw)
+        assert part.settings["bounded"] and part.n_features == kw["max_feature_nodes"]
+        keys = {tuple(r): i for i, r in enumerate(full.features.tolist())}
+        idx = torch.tensor([keys[tuple(r)] for r in part.features.tolist()])
+        assert (idx.diff() > 0).all()  # ascending feature order, as the dense path
+        cols = torch.cat([idx, torch.arange(full.n_features, full.n_nodes)])
+        rows = torch.cat([idx, torch.arange(full.n_features, full.n_features + full.n_logits)])
+        torch.testing.assert_close(part.edges, full.edges[rows][:, cols], rtol=1e-5, atol=1e-7)
+    # The first pick (from the logit rows alone) is the exact influence ranking.
+    first = attribute(TOKENS, replacement, bounded=True, batch_size=4, max_feature_nodes=4)
+    dense = attribute(TOKENS, replacement, bounded=False, batch_size=4, max_feature_nodes=4)
+    assert torch.equal(first.features, dense.features)
+    torch.testing.assert_close(first.edges, dense.edges, rtol=1e-5, atol=1e-7)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .bounded import visit_bounded
 from .frozen import EMBED, Seeds
 from .graph import Graph
 from .ops import attribution_contract
@@ -87,16 +88,36 @@ def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, max_feature_nodes: Optional[int] = None,
               batch_size: int = 64, targets: Optional[Sequence[TargetSpec]] = None,
               update_interval: int = 4, verbose: bool = False,
-              timings: Optional[dict] = None) -> Graph:
+              timings: Optional[dict] = None, bounded: Optional[bool] = None,
+              dense_limit_bytes: int = 1 << 30) -> Graph:
     """The unpruned attribution graph of ``prompt`` (text or token ids) for ``model``.
 
     ``targets``: token ids/texts, ``(a, b)`` logit differences or :class:`LogitTarget`s;
     by default the salient next-token logits. ``timings`` (a dict), if given, receives the
-    seconds spent per phase."""
+    seconds spent per phase.
+
+    With ``max_feature_nodes`` below the number of active features, the dense path stores
+    every row over all active-feature columns and re-ranks by exact influence (as
+    circuit-tracer); the bounded path (:mod:`.bounded`) keeps only the visited columns and
+    ranks by an estimate. ``bounded=None`` picks the bounded path when the dense rows would
+    exceed ``dense_limit_bytes``. Both give exact edges."""
     _check_args(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes)
+    # gradients far from their seed underflow to denormals, which make CPU arithmetic ~10x
+    # slower; flushing them to zero changes edges by < 1e-38
+    torch.set_flush_denormal(True)
+    try:
+        return _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_nodes,
+                          batch_size, targets, update_interval, verbose, timings, bounded,
+                          dense_limit_bytes)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size,
+               targets, update_interval, verbose, timings, bounded, dense_limit_bytes) -> Graph:
     times = timings if timings is not None else {}
     t0 = time.perf_counter()
-    state = model.run(prompt)
+    state = model.run(prompt, all_logits=False)
     times["forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -111,45 +132,33 @@ def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
     n_visit = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
     logit_start = rows_fn.n_cols  # logit nodes follow tokens in the full node order
     n_nodes = logit_start + n_logits
-    rows = torch.zeros(n_logits + n_visit, n_nodes, dtype=torch.float32)
-    row_nodes = torch.zeros(n_logits + n_visit, dtype=torch.int64)
     last = state.n_pos - 1
-    for i in range(0, n_logits, batch_size):
-        batch = logit_targets[i:i + batch_size]
-        seeds = Seeds(torch.full((len(batch),), state.n_layers), torch.full((len(batch),), last),
-                      torch.stack([t.vec for t in batch]).to(state.frozen.dtype))
-        rows[i:i + len(batch), :logit_start] = rows_fn(seeds).float().cpu()
-        row_nodes[i:i + len(batch)] = torch.arange(i, i + len(batch)) + logit_start
+    logit_seeds = Seeds(torch.full((n_logits,), state.n_layers), torch.full((n_logits,), last),
+                        torch.stack([t.vec for t in logit_targets]).to(state.frozen.dtype))
     times["logits"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     weights = torch.zeros(n_nodes, dtype=torch.float64)
     weights[logit_start:] = torch.tensor([t.weight for t in logit_targets], dtype=torch.float64)
-    visited = torch.zeros(n_feat, dtype=torch.bool)
-    filled = n_logits
     bar = tqdm(total=n_visit, desc="feature rows", unit="feat", disable=not verbose)
-    while filled - n_logits < n_visit:
-        if n_visit == n_feat:
-            pending = torch.arange(n_feat)
-        else:
-            infl = compute_influence(normalize_rows(rows[:filled]), row_nodes[:filled], weights)
-            rank = infl[:n_feat].argsort(descending=True, stable=True)
-            pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
-        for idx in pending.split(batch_size):
-            seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
-            rows[filled:filled + len(idx), :logit_start] = rows_fn(seeds).float().cpu()
-            row_nodes[filled:filled + len(idx)] = idx
-            visited[idx] = True
-            filled += len(idx)
-            bar.update(len(idx))
+    dense_bytes = 4 * (n_logits + n_visit) * n_nodes
+    if bounded is None:
+        bounded = n_visit < n_feat and dense_bytes > dense_limit_bytes
+    if bounded:
+        edges, selected = visit_bounded(state, rows_fn, af, logit_seeds, weights[logit_start:],
+                                        n_visit, batch_size, update_interval, bar.update)
+    else:
+        edges, selected = _visit_dense(state, rows_fn, af, logit_seeds, weights, n_visit,
+                                       batch_size, update_interval, bar.update)
     bar.close()
     times["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    graph = _assemble(state, model, prompt, af, logit_targets, rows, row_nodes, visited, decode)
+    graph = _assemble(state, model, prompt, af, logit_targets, edges, selected, decode)
     graph.settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                       "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
-                      "n_active_features": n_feat, "skip_positions": state.skip_positions}
+                      "n_active_features": n_feat, "skip_positions": state.skip_positions,
+                      "bounded": bool(bounded)}
     times["assemble"] = time.perf_counter() - t0
     return graph
 
@@ -161,14 +170,48 @@ def _decoder(model: ReplacementModel):
     return lambda t: tok.decode([int(t)])
 
 
-def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,
-              rows: Tensor, row_nodes: Tensor, visited: Tensor, decode) -> Graph:
-    """Keep the visited features' columns, order rows as nodes (features, then logits)."""
-    n_feat, n_logits = int(visited.numel()), len(logit_targets)
+def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visit: int,
+                 batch_size: int, update_interval: int, progress) -> tuple[Tensor, Tensor]:
+    """Rows over all columns, re-ranked by exact influence; returns (edges, selected) laid out
+    as :func:`cltrace.bounded.visit_bounded` does."""
+    n_feat, n_logits = rows_fn.n_features, logit_seeds.n
+    logit_start = rows_fn.n_cols
+    n_nodes = logit_start + n_logits
+    rows = torch.zeros(n_logits + n_visit, n_nodes, dtype=torch.float32)
+    row_nodes = torch.zeros(n_logits + n_visit, dtype=torch.int64)
+    for i in range(0, n_logits, batch_size):
+        sl = slice(i, i + batch_size)
+        B = len(logit_seeds.layer[sl])
+        rows[i:i + B, :logit_start] = rows_fn(Seeds(*(t[sl] for t in logit_seeds))).float().cpu()
+        row_nodes[i:i + B] = torch.arange(i, i + B) + logit_start
+    visited = torch.zeros(n_feat, dtype=torch.bool)
+    filled = n_logits
+    while filled - n_logits < n_visit:
+        if n_visit == n_feat:
+            pending = torch.arange(n_feat)
+        else:
+            infl = compute_influence(normalize_rows(rows[:filled]), row_nodes[:filled], weights)
+            rank = infl[:n_feat].argsort(descending=True, stable=True)
+            pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
+            # a batch's backward costs (its top layer) x (its last position): group nearby ones
+            pending = pending[(af.layer[pending] * state.n_pos + af.pos[pending]).argsort(stable=True)]
+        for idx in pending.split(batch_size):
+            seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
+            rows[filled:filled + len(idx), :logit_start] = rows_fn(seeds).float().cpu()
+            row_nodes[filled:filled + len(idx)] = idx
+            visited[idx] = True
+            filled += len(idx)
+            progress(len(idx))
     selected = visited.nonzero().flatten()  # ascending active-feature index
-    cols = torch.cat([selected, torch.arange(n_feat, rows.shape[1])])
+    cols = torch.cat([selected, torch.arange(n_feat, n_nodes)])
     order = row_nodes.argsort()  # feature rows by feature index, then the logit rows
-    edges = rows[order][:, cols]
+    return rows[order][:, cols], selected
+
+
+def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,
+              edges: Tensor, selected: Tensor, decode) -> Graph:
+    """The Graph of the visited features (rows: features, then logits)."""
+    n_logits = len(logit_targets)
     n_sel = selected.numel()
     logit_start = n_sel + (state.n_layers + 1) * state.n_pos
     tokens = state.tokens.cpu()

@@ -93,7 +93,7 @@ class Capture:
     layers: list[LayerCapture]  # n_layers
     resid_final: Tensor  # [n_pos, d_model]  input of the final norm
     scale_final: Tensor  # [n_pos] fp32  1/rms of resid_final
-    logits: Tensor  # [n_pos, vocab]  the real model's logits
+    logits: Tensor  # [n_pos, vocab]  the real model's logits (or [1, vocab]: the last only)
 
     @property
     def n_pos(self) -> int:
@@ -131,8 +131,9 @@ def _first(x):
 
 
 @torch.no_grad()
-def capture(parts: TextParts, tokens: Tensor) -> Capture:
-    """Run the model once on ``tokens [n_pos]`` and record the frozen quantities per layer."""
+def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Capture:
+    """Run the model once on ``tokens [n_pos]`` and record the frozen quantities per layer
+    (``all_logits=False``: the logits of the last position only, [1, vocab])."""
     if tokens.ndim != 1 or tokens.numel() == 0:
         raise ValueError(f"expected a non-empty 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
     eps = parts.config.rms_norm_eps
@@ -166,7 +167,8 @@ def capture(parts: TextParts, tokens: Tensor) -> Capture:
         handles.append(parts.norm.register_forward_hook(keep("final", 0, True)))
         device = parts.lm_head.weight.device
         with eager_attention(parts.model):
-            out = parts.model(input_ids=tokens.to(device)[None], use_cache=False)
+            kw = {} if all_logits else {"logits_to_keep": 1}
+            out = parts.model(input_ids=tokens.to(device)[None], use_cache=False, **kw)
     finally:
         for h in handles:
             h.remove()

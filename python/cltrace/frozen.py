@@ -75,6 +75,8 @@ class FrozenLayer:
     k_pre: "FrozenNorm"  # pre_feedforward_layernorm
     W_skip: Optional[Tensor] = None  # [d_model, d_model] applied as x @ W_skip
     skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
+    W_O_gain: Optional[Tensor] = None  # diag(1 + w_attn) W_O, built by the backward on first use
+    W_V_gain: Optional[Tensor] = None  # W_V diag(1 + w_in)
 
 
 class FrozenNorm(NamedTuple):
@@ -179,7 +181,11 @@ class FrozenLinearModel:
         """VJP of ``r -> post-scaled attention`` on the first n positions: [B, n, d] -> [B, n, d]."""
         B, n, _ = grad_h.shape
         rep, hd = self.n_heads // self.n_kv, self.head_dim
-        grad_z = fl.k_attn(grad_h, n) @ fl.W_O  # [B, n, n_heads * hd]
+        # the norms' gains folded into the weights once per layer (one elementwise pass less)
+        if fl.W_O_gain is None:
+            fl.W_O_gain = fl.k_attn.gain[:, None] * fl.W_O  # [d_model, n_heads * hd]
+            fl.W_V_gain = fl.W_V * fl.k_in.gain  # [n_kv * hd, d_model]
+        grad_z = (grad_h * fl.k_attn.scale[:n]) @ fl.W_O_gain  # [B, n, n_heads * hd]
         # the heads sharing a KV head stacked along queries, the batch folded into columns (so
         # the frozen pattern is never broadcast over B): [n_kv, rep * n(q), B * hd]
         grad_z = grad_z.view(B, n, self.n_kv, rep, hd).permute(2, 3, 1, 0, 4)
@@ -187,7 +193,7 @@ class FrozenLinearModel:
         P = fl.pattern[:, :n, :n].reshape(self.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
         grad_v = P.transpose(1, 2) @ grad_z  # [n_kv, n(k), B * hd]: sums over the group's heads
         grad_v = grad_v.view(self.n_kv, n, B, hd).permute(2, 1, 0, 3).reshape(B, n, -1)
-        return fl.k_in(grad_v @ fl.W_V, n)  # [B, n, d_model]
+        return (grad_v @ fl.W_V_gain).mul_(fl.k_in.scale[:n])  # [B, n, d_model]
 
     def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> bool:
         """Add the seeds of ``layer`` (through the frozen norm ``k``, if any) to ``grad`` in place."""

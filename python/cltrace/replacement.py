@@ -39,7 +39,7 @@ class ReplacementState:
     """The replacement model on one prompt: what the real model did and its linearisation."""
 
     tokens: Tensor  # [n_pos] int64
-    logits: Tensor  # [n_pos, vocab]  the real model's logits
+    logits: Tensor  # [n_pos, vocab]  the real model's logits (or [1, vocab]: the last position)
     capture: Capture  # per-layer residuals, MLP in/out, patterns, norm scales
     acts: list[SparseActs]  # per layer: CSR over positions of the active features
     recon: Reconstruction  # [n_layers, n_pos, d_model] each: features, b_dec, skip
@@ -192,10 +192,12 @@ class ReplacementModel:
     # --- the replacement state -------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, prompt: Union[str, Tensor, Sequence[int]]) -> ReplacementState:
-        """One forward pass: capture, encode, reconstruct, errors, frozen linear model."""
+    def run(self, prompt: Union[str, Tensor, Sequence[int]], all_logits: bool = True) -> ReplacementState:
+        """One forward pass: capture, encode, reconstruct, errors, frozen linear model.
+        ``all_logits=False`` keeps the logits of the last position only ([1, vocab]: at 4096
+        tokens all of them take 4 GB)."""
         tokens = self.tokenize(prompt)
-        cap = capture(self.parts, tokens)
+        cap = capture(self.parts, tokens, all_logits=all_logits)
         n_skip = self.n_skip(tokens)
         mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
         mlp_out = torch.stack([c.mlp_out for c in cap.layers])

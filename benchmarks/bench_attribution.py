@@ -1,0 +1,208 @@
+"""cltrace vs circuit-tracer 0.5.0: attribution time, peak memory and agreement, per phase.
+
+    python benchmarks/bench_attribution.py            # full matrix (see CASES; ~40 min here)
+    python benchmarks/bench_attribution.py --quick    # a minute-scale subset
+
+Both sides run as subprocesses, alternating case by case, on the same inputs
+(:mod:`bench_inputs`): cltrace from this checkout (``run_cltrace.py``), circuit-tracer from
+its own venv ``benchmarks/.venv-peer`` that this script creates (torch==2.13.0 first, which
+resolves to the local CPU wheel, then ``circuit-tracer==0.5.0``) and runs ``run_peer.py``.
+No circuit-tracer code is imported here. Per case it reports wall time and peak RSS per
+phase (load, forward, attribution, pruning, export), the ratios cltrace/peer, the agreement
+of the two adjacency matrices on the shared nodes, and the floor of the work
+(:func:`floor`). Results: ``benchmarks/out/attribution.json`` and a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT / "python")]
+VENV = HERE / ".venv-peer"
+PEER_PY = VENV / "bin" / "python"
+
+CASES = [(k, n, m) for k in ("plt", "clt") for n in (8, 64, 512) for m in (2048, 8192)]
+QUICK = [("plt", 8, 2048), ("plt", 64, 2048)]
+
+
+def ensure_peer() -> None:
+    """Create the peer's venv with circuit-tracer 0.5.0 (once)."""
+    ok = PEER_PY.exists() and subprocess.run([str(PEER_PY), "-c", "import circuit_tracer"],
+                                             capture_output=True).returncode == 0
+    if ok:
+        return
+    print("creating benchmarks/.venv-peer with circuit-tracer==0.5.0 (once, a few minutes)...")
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(PEER_PY), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the local CPU wheel, not CUDA wheels
+    # nnsight 0.7+ moved modules circuit-tracer 0.5.0 imports (nnsight.intervention.tracing)
+    subprocess.run(pip + ["circuit-tracer==0.5.0", "nnsight==0.6.3"], check=True)
+
+
+def run(cmd: list[str], timeout: float) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "python"),
+                                "TOKENIZERS_PARALLELISM": "false"})
+        return "" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-1500:]}"
+    except subprocess.TimeoutExpired:
+        return f"timeout after {timeout:.0f} s"
+
+
+def agreement(a_path: str, b_path: str, n_layers: int, n_pos: int) -> dict:
+    """Max differences of the two edge-row sets on the shared nodes (features, errors, tokens,
+    logits): max|a-b| / max|b|, and the max elementwise relative error over edges with
+    |b| > 1e-3 max|b|."""
+    from safetensors.torch import load_file
+
+    A, B = load_file(a_path), load_file(b_path)
+    ka = {tuple(r): i for i, r in enumerate(A["features"].tolist())}
+    kb = {tuple(r): i for i, r in enumerate(B["features"].tolist())}
+    shared = sorted(set(ka) & set(kb))
+    ia, ib = torch.tensor([ka[k] for k in shared], dtype=torch.long), torch.tensor([kb[k] for k in shared], dtype=torch.long)
+    la, lb = A["logit_tokens"].tolist(), B["logit_tokens"].tolist()
+    common = [t for t in la if t in lb]
+    na, nb = len(ka), len(kb)
+    n_rest = (n_layers + 1) * n_pos
+    rows_a = torch.cat([ia, torch.tensor([na + la.index(t) for t in common], dtype=torch.long)])
+    rows_b = torch.cat([ib, torch.tensor([nb + lb.index(t) for t in common], dtype=torch.long)])
+    # error nodes at <bos> are left out: circuit-tracer sets them to 0, cltrace keeps the
+    # MLP output there (its features are masked, the residual stream stays exact)
+    rest = torch.arange(n_rest)
+    rest = rest[~((rest < n_layers * n_pos) & (rest % n_pos == 0))]
+    cols_a = torch.cat([ia, na + rest])
+    cols_b = torch.cat([ib, nb + rest])
+    ea, eb = A["edges"][rows_a][:, cols_a].double(), B["edges"][rows_b][:, cols_b].double()
+    n_tok = n_pos  # the token columns are the last n_pos of cols
+    tok_a, tok_b = ea[:, -n_tok:], eb[:, -n_tok:]
+    ea, eb = ea[:, :-n_tok], eb[:, :-n_tok]
+    scale = eb.abs().max().clamp_min(1e-30)
+    big = eb.abs() > 1e-3 * scale
+    rel = ((ea - eb).abs()[big] / eb.abs()[big]).max() if big.any() else torch.tensor(0.0)
+    # token columns: circuit-tracer 0.5.0 multiplies the gradient by the *unscaled* embedding
+    # row for Gemma 3 (whose embedding module multiplies by sqrt(d_model)), so its token edges
+    # are 1/sqrt(d_model) of the direct effect (its rows then miss the completeness identity)
+    tb_big = tok_b.abs() > 1e-3 * tok_b.abs().max()
+    ratio = (tok_a[tb_big] / tok_b[tb_big]).median() if tb_big.any() else torch.tensor(float("nan"))
+    return {"shared_features": len(shared), "features_a": na, "features_b": nb,
+            "shared_logits": len(common), "max_abs_over_max": float((ea - eb).abs().max() / scale),
+            "max_rel_big_edges": float(rel), "n_edges_compared": int(ea.numel()),
+            "token_ratio_median": float(ratio)}
+
+
+def floor(res: dict, features: torch.Tensor, n_layers=18, d=640, n_heads=4, n_kv=1, hd=256,
+          skip=True, n_out_avg=1.0, batch=64) -> dict:
+    """The minimum work of one attribution, from the case's sizes and visited features.
+
+    Linearised backward of one target row, per layer below the target and per position up
+    to the target's (causal): W_O (2·d·H·hd) + W_V (2·n_kv·hd·d) + the frozen pattern
+    (2·H·hd·n) + the affine skip (2·d²): a feature row at (ℓ, p) costs ℓ·(p+1) of those, a
+    logit row n_layers·n_pos. Edge contraction: 2·d·n_out per (row, active feature).
+    Decoder rows read once per batch of rows: n_batches · n_active · n_out · d · 4 bytes."""
+    n, act = res["n_pos"], res["n_active"]
+    rows = res["n_visited"] + res["n_logits"]
+    per = 2 * d * n_heads * hd + 2 * n_kv * hd * d + 2 * n_heads * hd * n + (2 * d * d if skip else 0)
+    layer_pos = (features[:, 0].double() * (features[:, 1].double() + 1)).sum().item()
+    bwd = per * (layer_pos + res["n_logits"] * n_layers * n)
+    contract = rows * act * 2 * d * n_out_avg
+    dec_bytes = -(-rows // batch) * act * n_out_avg * d * 4
+    return {"backward_flop": bwd, "contract_flop": contract, "decoder_bytes": dec_bytes}
+
+
+def machine_flops() -> float:
+    """Measured fp32 matmul rate of this machine now (FLOP/s), for time / floor."""
+    a, b = torch.randn(2048, 640), torch.randn(640, 1024)
+    a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2.0:
+        a @ b
+        k += 1
+    return k * 2 * 2048 * 640 * 1024 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per side and case")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--l0", type=int, default=8)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--cases", default="", help="e.g. plt:64:2048,clt:8:8192")
+    a = ap.parse_args()
+    out = Path(a.out)
+    inp = out / "inputs"
+    inp.mkdir(parents=True, exist_ok=True)
+    if not a.no_peer:
+        ensure_peer()
+    from bench_inputs import peer_model_dir, prompts, transcoder_sets
+    from cltrace.models import load_model
+
+    cases = QUICK if a.quick else CASES
+    if a.cases:
+        cases = [(k, int(n), int(m)) for k, n, m in (c.split(":") for c in a.cases.split(","))]
+    lm = load_model("gemma-3-270m", progress=lambda s: None)
+    model_dir = peer_model_dir(inp)
+    pfiles = prompts(inp, lm.tokenizer, sorted({n for _, n, _ in cases}))
+    sets = transcoder_sets(inp, lm, a.width, a.l0, 2048)
+    del lm
+    results = []
+    for kind, n, m in cases:
+        tag = f"{kind}-n{n}-m{m}"
+        r: dict = {"kind": kind, "n_pos": n, "max_feature_nodes": m, "load_avg": os.getloadavg()}
+        base = ["--prompt", pfiles[n], "--max-feature-nodes", str(m), "--batch-size", "64"]
+        ours = str(out / f"cltrace-{tag}")
+        r["cltrace_error"] = run([sys.executable, str(HERE / "run_cltrace.py"), "--transcoders",
+                                  sets[kind]["cltrace"], "--out", ours] + base, a.timeout)
+        if not r["cltrace_error"]:
+            r["cltrace"] = json.loads(Path(ours + ".json").read_text())
+        if not a.no_peer:
+            peer = str(out / f"peer-{tag}")
+            r["peer_error"] = run([str(PEER_PY), str(HERE / "run_peer.py"), "--model-dir", str(model_dir),
+                                   "--transcoders", sets[kind]["peer"], "--kind", kind, "--out", peer]
+                                  + base, a.timeout)
+            if Path(peer + ".json").exists() and not r["peer_error"]:
+                r["peer"] = json.loads(Path(peer + ".json").read_text())
+                if not r["peer"].get("ok"):
+                    r["peer_error"] = r["peer"].get("error")
+            if "cltrace" in r and r.get("peer", {}).get("ok"):
+                r["agreement"] = agreement(ours + ".safetensors", peer + ".safetensors", 18, n)
+        if "cltrace" in r:
+            c = r["cltrace"]
+            c["n_pos"] = n
+            from safetensors.torch import load_file
+            feats = load_file(ours + ".safetensors")["features"]
+            r["floor"] = floor(c, feats, skip=(kind == "plt"), n_out_avg=1.0 if kind == "plt" else 9.5)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("floor",)}, default=str)[:1500], flush=True)
+        (out / ("attribution-quick.json" if a.quick else "attribution.json")).write_text(
+            json.dumps({"flops": machine_flops(), "results": results}, indent=1, default=str))
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| set | tokens | max nodes | active | cltrace attr s | peer attr s | ratio | "
+             "cltrace peak MiB | peer peak MiB | mem ratio | agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c, p = r.get("cltrace", {}), r.get("peer", {})
+        ca = c.get("times", {}).get("attribution", float("nan")) + c.get("times", {}).get("forward", 0)
+        pa = p.get("times", {}).get("attribution", float("nan"))
+        cm, pm = max(c.get("rss_mib", {"x": float("nan")}).values()), max(p.get("rss_mib", {"x": float("nan")}).values())
+        ag = r.get("agreement", {}).get("max_abs_over_max", r.get("peer_error") or "")
+        lines.append(f"| {r['kind']} | {r['n_pos']} | {r['max_feature_nodes']} | {c.get('n_active', '')} | "
+                     f"{ca:.1f} | {pa:.1f} | {ca / pa:.3f} | {cm:.0f} | {pm:.0f} | {cm / pm:.2f} | {ag} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Exact columns of the attribution matrix by a batched forward JVP of the frozen linear model.
+
+A row of the attribution matrix (:class:`cltrace.attribution.EdgeRows`) is a backward pass from
+one target; a *column* is the forward pass from one source. For a feature ``s`` at layer
+``ℓ_s``, position ``p_s``, activation ``a_s``, inject ``a_s · W_dec[s→ℓ]`` into the MLP output
+``m_ℓ`` of every layer it writes to (ℓ ≥ ℓ_s), propagate the change forward through the frozen
+linear model (residual stream, attention OV with frozen patterns, frozen norms, affine skip;
+features and errors held constant) and read each target: a feature target ``t`` at
+``(ℓ_t, p_t)`` reads ``x_{ℓ_t}[p_t] · W_enc[:, t]`` (injections at ℓ ≥ ℓ_t come after that
+read, so they drop out as in the edge formula); a logit target reads
+``k_final(r_n)[p] · direction``. By linearity this equals the edge ``A[t, s]`` computed by the
+backward pass. Attention is causal, so only positions ≥ the smallest source position are
+computed: columns of late features are cheap.
+
+Used by the memory-bounded attribution: when a feature becomes visited, its entries in the
+rows computed earlier are filled in exactly, so no row ever keeps all active-feature columns.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .frozen import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
+
+
+def _norm_from(k: FrozenNorm, x: Tensor, start: int) -> Tensor:
+    """The frozen norm on positions ``start..`` of ``x [B, n_pos - start, d]``."""
+    return x * k.scale[start:] * k.gain
+
+
+def _attn_delta(fz: FrozenLinearModel, fl: FrozenLayer, r: Tensor, start: int) -> Tensor:
+    """Change of the post-scaled attention output for a residual change ``r [B, n, d]``."""
+    B, n, _ = r.shape
+    rep, hd = fz.n_heads // fz.n_kv, fz.head_dim
+    v = _norm_from(fl.k_in, r, start) @ fl.W_V.T  # [B, n, n_kv * hd]
+    v = v.view(B, n, fz.n_kv, hd).permute(2, 1, 0, 3).reshape(fz.n_kv, n, B * hd)
+    P = fl.pattern[:, start:, start:].reshape(fz.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
+    z = (P @ v).view(fz.n_kv, rep, n, B, hd).permute(3, 2, 0, 1, 4)  # [B, n, n_kv, rep, hd]
+    o = z.reshape(B, n, fz.n_heads * hd) @ fl.W_O.T  # [B, n, d_model]
+    return _norm_from(fl.k_attn, o, start)
+
+
+def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tensor, Tensor]],
+                    n_cols: int, targets: Seeds) -> Tensor:
+    """Effects of ``n_cols`` sources on every target: ``[n_targets, n_cols]``.
+
+    ``inject``: entries ``(layer, col [k], pos [k], vec [k, d_model])`` adding ``vec`` to the
+    MLP output ``m_layer`` at ``pos`` of column ``col`` (a feature's ``a · W_dec`` row).
+    ``targets``: the rows' seeds (layer ``n_layers`` = a logit direction after the final norm,
+    else an encoder column at that layer's MLP input)."""
+    dev, dt = fz.W_U.device, fz.dtype
+    out = torch.zeros(targets.n, n_cols, dtype=dt, device=dev)
+    if not inject or targets.n == 0:
+        return out
+    start = min(int(p.min()) for _, _, p, _ in inject) if fz.causal else 0
+    lo = min(L for L, *_ in inject)
+    n = fz.n_pos - start
+    r = torch.zeros(n_cols, n, fz.d_model, dtype=dt, device=dev)  # change of r_L
+    live = False
+    top = int(targets.layer.max())
+    for L in range(lo, min(top + 1, fz.n_layers)):
+        fl = fz.layers[L]
+        h = r + _attn_delta(fz, fl, r, start) if live else r
+        x = _norm_from(fl.k_pre, h, start)  # change of the MLP input x_L: [n_cols, n, d]
+        sel = ((targets.layer == L) & (targets.pos >= start)).nonzero().flatten()
+        if live and sel.numel():
+            xs = x[:, targets.pos[sel] - start]  # [n_cols, k, d]
+            out[sel] = torch.einsum("ckd,kd->kc", xs, targets.vec[sel].to(dt))
+        m = torch.zeros_like(r)
+        for L_in, col, pos, vec in inject:
+            if L_in == L:
+                m.index_put_((col, pos - start), vec.to(dt), accumulate=True)
+                live = True
+        if fl.W_skip is not None:
+            m = m + (x @ fl.W_skip) * fl.skip_mask[start:]
+        r = h + m
+    sel = ((targets.layer == fz.n_layers) & (targets.pos >= start)).nonzero().flatten()
+    if top == fz.n_layers and live and sel.numel():
+        pos = targets.pos[sel]
+        ys = r[:, pos - start] * fz.k_final.scale[pos] * fz.k_final.gain  # [n_cols, k, d]
+        out[sel] = torch.einsum("ckd,kd->kc", ys, targets.vec[sel].to(dt))
+    return out
+
+
+def feature_injections(state, layer: Tensor, pos: Tensor, feature: Tensor,
+                       act: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """``inject`` entries of :func:`forward_columns` for features (one column each):
+    ``a · W_dec[feature → L]`` at every layer L the feature's layer writes to."""
+    tcs, out = state.transcoders, []
+    cols = torch.arange(layer.numel(), device=layer.device)
+    for L in range(state.n_layers):
+        for S in tcs.sources_writing_to(L):
+            sel = (layer == S).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            W = tcs.decoder_slice(S, L)  # [d_sae, d_model]
+            vec = W[feature[sel].to(W.device)].to(state.frozen.dtype) * act[sel, None].to(state.frozen.dtype)
+            out.append((L, cols[sel], pos[sel], vec))
+    return out
