@@ -32,6 +32,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/common.cuh"
+#include "topk_blocks.h"
 
 namespace cltrace::cuda {
 namespace {
@@ -196,25 +197,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(
   const char* op = "topk_encode";
   check_encode_inputs(x_, W_enc, b_enc, nullptr, op);
   check_cuda(x_, "x", op);
-  const int64_t n = x_.size(0), d_sae = W_enc.size(1);
+  const int64_t d_sae = W_enc.size(1);
   TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must be in [1, d_sae = ", d_sae, "], got ", k);
   c10::cuda::CUDAGuard guard(x_.device());
-  const auto x = x_.contiguous();
-  auto feat_idx = at::empty({n, k}, x.options().dtype(at::kLong));
-  auto acts = at::empty({n, k}, x.options());
-  // Rows per block so the dense z block stays near 64M elements.
-  const int64_t block = std::max<int64_t>(1, (int64_t{64} << 20) / d_sae);
-  for (int64_t r0 = 0; r0 < n; r0 += block) {
-    const int64_t rows = std::min(block, n - r0);
-    auto z = at::mm(x.narrow(0, r0, rows), W_enc);  // [rows, d_sae]
-    z.add_(b_enc);
-    auto idx = std::get<1>(at::topk(z, k, 1, true, false));
-    idx = std::get<0>(at::sort(idx, 1));
-    feat_idx.narrow(0, r0, rows).copy_(idx);
-    acts.narrow(0, r0, rows).copy_(z.gather(1, idx).relu_());
-  }
-  auto row_offsets = at::arange(n + 1, x.options().dtype(at::kLong)).mul_(k);
-  return {row_offsets, feat_idx.view({-1}), acts.view({-1})};
+  // z blocks of ~64M elements.
+  return topk_encode_blocks(x_.contiguous(), W_enc, b_enc, k, int64_t{64} << 20);
 }
 
 // grad_x[i, k] = sum_{j in row i} g[j] * W[k, f[j]]. Block per row i, threads over k; the row's

@@ -28,7 +28,7 @@ from .graph import Graph
 from .ops import attribution_contract
 from .prune import compute_influence, normalize_rows
 from .replacement import ReplacementModel, ReplacementState
-from .targets import LogitTarget, TargetSpec, default_targets
+from .targets import TargetSpec, default_targets
 
 
 class EdgeRows:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import re
 import resource
-import sys
 import time
 
 NAME = "attribute"
@@ -89,35 +88,25 @@ def _peak_memory_gib(device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._common import load_replacement, messenger
     from pathlib import Path
 
     from ..attribution import attribute
     from ..export import render, write_neuronpedia
-    from ..models import load_model
     from ..prune import check_threshold, graph_scores, prune
-    from ..replacement import ReplacementModel
-    from ..starter import starter_transcoders
 
     formats = _formats(args.format)
     check_threshold(args.node_threshold, "--node-threshold")
     check_threshold(args.edge_threshold, "--edge-threshold")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
 
     t0 = time.perf_counter()
-    say(f"loading model {args.model} ...")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.transcoders is None:
-        transcoders = starter_transcoders(loaded, progress=say)
-    else:
-        from ..transcoders import load_transcoders
-
-        say(f"loading transcoders {args.transcoders} ...")
-        transcoders = load_transcoders(args.transcoders)
-    rm = ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer)
+    loaded, rm = load_replacement(args, say)
+    transcoders = rm.transcoders
     times["load"] = time.perf_counter() - t0
 
     prompt = args.prompt

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 NAME = "steer"
 HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
@@ -121,9 +120,7 @@ def top_table(before, after, decode, k: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model
-    from ..replacement import ReplacementModel
-    from ..starter import starter_transcoders
+    from ._common import load_replacement, messenger
 
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
@@ -133,18 +130,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.freeze_features and args.mode != "frozen":
         raise ValueError("--freeze-features needs --mode frozen")
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = messenger(args.quiet)
 
-    say(f"loading model {args.model} ...")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.transcoders is None:
-        transcoders = starter_transcoders(loaded, progress=say)
-    else:
-        from ..transcoders import load_transcoders
-
-        say(f"loading transcoders {args.transcoders} ...")
-        transcoders = load_transcoders(args.transcoders)
-    rm = ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer)
+    loaded, rm = load_replacement(args, say)
+    transcoders = rm.transcoders
     tok = loaded.tokenizer
     prompt = args.prompt
     if args.chat:
