@@ -65,3 +65,10 @@ def test_attribute_bad_arguments_exit_with_a_message(small_set, tmp_path, capsys
     assert rc == 2 and "missing" in capsys.readouterr().err
     rc = main(["attribute", "x", "--transcoders", str(small_set), "--format", "gif", "--quiet"])
     assert rc == 2 and "--format" in capsys.readouterr().err
+
+
+def test_graph_names_the_model_as_loaded(small_set, tmp_path):
+    from cltrace.graph import Graph
+    main(["attribute", "Hi", "--transcoders", str(small_set), "--out", str(tmp_path),
+          "--max-feature-nodes", "4", "--format", "pt", "--quiet"])
+    assert Graph.load(tmp_path / "hi.graph.safetensors").model_name == "gemma-3-270m"

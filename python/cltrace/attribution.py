@@ -225,7 +225,7 @@ def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logi
         logit_labels=[t.label for t in logit_targets],
         logit_probs=torch.tensor([t.weight for t in logit_targets], dtype=torch.float32),
         edges=edges, edge_targets=torch.cat([torch.arange(n_sel), torch.arange(logit_start, logit_start + n_logits)]),
-        model_name=getattr(model.model.config, "name_or_path", "") or tcs.model_name,
+        model_name=model.model_name or tcs.model_name,
         scan=tcs.info.get("scan", tcs.model_name or tcs.source),
         transcoder_list=[tcs.source] if tcs.source else [],
         info=dict(tcs.info.get("graph_info", {})),

@@ -27,4 +27,5 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
 
         say(f"loading transcoders {args.transcoders} ...")
         transcoders = load_transcoders(args.transcoders)
-    return loaded, ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer)
+    return loaded, ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer,
+                                    model_name=loaded.name)

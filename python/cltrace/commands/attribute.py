@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
                       max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
                       targets=targets or None, verbose=not args.quiet, timings=times)
     graph.prompt = prompt
-    graph.model_name = loaded.name
 
     t0 = time.perf_counter()
     result = prune(graph, args.node_threshold, args.edge_threshold)
