@@ -2,7 +2,8 @@
 //
 // edges[b, s] = acts[s] * <W_dec[feat_idx[s]], grad[b, pos[s]]>: parallel over sources, each
 // decoder row is loaded once and dotted against the B gradient rows at its position, so the
-// decoder is read once per batch of targets (bytes ~ S * d_model + B * n_pos * d_model).
+// decoder is read once per batch of targets (bytes ~ S * d_model + B * n_pos * d_model). grad
+// may be strided over (b, pos).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,7 +19,9 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
                                     const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
                                     const at::Tensor& acts_) {
   check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
-  const auto grad = grad_.contiguous();
+  // grad may be a strided view (e.g. [B, n_pos, d] of a position-major [n_pos, B, d] buffer);
+  // only its rows must be contiguous
+  const auto grad = grad_.stride(2) == 1 ? grad_ : grad_.contiguous();
   const auto pos = pos_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
@@ -26,6 +29,7 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
   const auto W = W_dec_.stride(1) == 1 ? W_dec_ : W_dec_.contiguous();
   const int64_t B = grad.size(0), n_pos = grad.size(1), d = grad.size(2), S = fi.size(0);
   const int64_t n_rows = W.size(0), ld = W.stride(0);
+  const int64_t sb = grad.stride(0), sp = grad.stride(1);
   auto edges = at::empty({B, S}, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "attribution_contract", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -44,7 +48,7 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
         const scalar_t* w = wp + f[s] * ld;
         const acc_t as = static_cast<acc_t>(a[s]);
         for (int64_t b = 0; b < B; ++b)
-          e[b * S + s] = static_cast<scalar_t>(as * dot<scalar_t>(w, gp + (b * n_pos + p[s]) * d, d));
+          e[b * S + s] = static_cast<scalar_t>(as * dot<scalar_t>(w, gp + b * sb + p[s] * sp, d));
       }
     });
   });

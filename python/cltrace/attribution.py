@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bounded import visit_bounded
+from .bounded import position_order, visit_bounded
 from .frozen import EMBED, Seeds
 from .graph import Graph
 from .ops import attribution_contract
@@ -45,31 +45,42 @@ class EdgeRows:
         self.n_features = starts[-1]
         self.feature_cols = {S: slice(starts[S], starts[S + 1]) for S in range(self.n_layers)}
         self.rows_of = [a.rows() for a in state.acts]  # positions of each layer's entries
+        # entries are sorted by position: n_entries_before[S][p] = entries at positions < p
+        self.n_entries_before = [a.row_offsets.tolist() for a in state.acts]
         self.writers = {L: [S for S in tcs.sources_writing_to(L) if counts[S]] for L in range(self.n_layers)}
         self.error_start = self.n_features
         self.token_start = self.n_features + self.n_layers * self.n_pos
         self.n_cols = self.token_start + self.n_pos
 
     def __call__(self, seeds: Seeds) -> Tensor:
-        """[B, n_cols] direct effects of every source on each seed's target."""
+        """[B, n_cols] direct effects of every source on each seed's target.
+
+        The backward runs on the live part only (:meth:`FrozenLinearModel.iter_backward_live`:
+        seeds above each layer, positions up to the last seed's), so the contractions touch
+        only those rows and the features at those positions; the rest of ``out`` is zero."""
         st, B = self.state, seeds.n
+        order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
         out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
-        top = int(seeds.layer.max())  # gradients at MLP outputs of layers >= top are zero
-        for step in st.frozen.iter_backward(seeds):
-            g = step.grad  # [B, n_pos, d_model]
+        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds))):
+            n, k = step.grad.shape[:2]
+            if k == 0:
+                continue
+            g = step.grad.transpose(0, 1)  # [k, n, d_model] view of the position-major grad
             if step.layer == EMBED:
-                out[:, self.token_start:] = torch.einsum("bpd,pd->bp", g, st.embed.to(g.dtype))
+                tok = slice(self.token_start, self.token_start + n)
+                out[:k, tok] = torch.einsum("pbd,pd->bp", step.grad, st.embed[:n].to(g.dtype))
                 continue
             L = step.layer
-            if L >= top:
-                continue
             for S in self.writers[L]:
-                a = st.acts[S]
+                a, m = st.acts[S], self.n_entries_before[S][n]  # entries at positions < n
                 W = st.transcoders.decoder_slice(S, L)  # [d_sae, d_model], rows strided for a CLT
-                out[:, self.feature_cols[S]] += attribution_contract(g, self.rows_of[S], W, a.feat_idx, a.acts)
-            err = slice(self.error_start + L * self.n_pos, self.error_start + (L + 1) * self.n_pos)
-            out[:, err] = torch.einsum("bpd,pd->bp", g, st.errors[L].to(g.dtype))
-        return out
+                cols = slice(self.feature_cols[S].start, self.feature_cols[S].start + m)
+                out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
+            err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
+            out[:k, err] = torch.einsum("pbd,pd->bp", step.grad, st.errors[L][:n].to(g.dtype))
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted
 
 
 def _check_args(max_n_logits: int, desired_logit_prob: float, batch_size: int,
@@ -189,12 +200,12 @@ def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visi
     while filled - n_logits < n_visit:
         if n_visit == n_feat:
             pending = torch.arange(n_feat)
+            pending = pending[position_order(af, pending, state.n_layers)]
         else:
             infl = compute_influence(normalize_rows(rows[:filled]), row_nodes[:filled], weights)
             rank = infl[:n_feat].argsort(descending=True, stable=True)
             pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
-            # a batch's backward costs (its top layer) x (its last position): group nearby ones
-            pending = pending[(af.layer[pending] * state.n_pos + af.pos[pending]).argsort(stable=True)]
+            pending = pending[position_order(af, pending, state.n_layers)]
         for idx in pending.split(batch_size):
             seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
             rows[filled:filled + len(idx), :logit_start] = rows_fn(seeds).float().cpu()

@@ -32,6 +32,14 @@ def _cat_seeds(parts: list[Seeds]) -> Seeds:
     return Seeds(*(torch.cat(t) for t in zip(*parts)))
 
 
+def position_order(af, idx: Tensor, n_layers: int) -> Tensor:
+    """The order of features ``idx`` by position, then layer: consecutive batches of it share
+    their last position. A backward batch costs Σ_rows (layer + 1) x (its last position + 1)
+    (:meth:`cltrace.frozen.FrozenLinearModel.iter_backward_live`), a forward-JVP batch
+    (layers above its lowest) x (positions after its first)."""
+    return (af.pos[idx] * (n_layers + 1) + af.layer[idx]).argsort(stable=True)
+
+
 def visit_bounded(state, rows_fn, af, logit_seeds: Seeds, logit_weights: Tensor, n_visit: int,
                   batch_size: int, update_interval: int, progress: Callable[[int], None]
                   ) -> tuple[Tensor, Tensor]:
@@ -71,9 +79,7 @@ def visit_bounded(state, rows_fn, af, logit_seeds: Seeds, logit_weights: Tensor,
         score = est.masked_fill(scheduled, -1.0)
         k = min(update_interval * batch_size, n_visit - n_slots)
         pending = score.argsort(descending=True, stable=True)[:k]
-        # a batch's backward costs (top layer) x (last position), a JVP batch (layers above its
-        # lowest) x (positions after its first): group nearby features
-        pending = pending[(af.layer[pending] * state.n_pos + af.pos[pending]).argsort(stable=True)]
+        pending = pending[position_order(af, pending, state.n_layers)]
         slot_feat[n_slots:n_slots + k] = pending
         scheduled[pending] = True
         # exact entries of the new columns in the rows computed so far (forward JVP)

@@ -77,6 +77,7 @@ class FrozenLayer:
     skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
     W_O_gain: Optional[Tensor] = None  # diag(1 + w_attn) W_O, built by the backward on first use
     W_V_gain: Optional[Tensor] = None  # W_V diag(1 + w_in)
+    W_skip_gain: Optional[Tensor] = None  # W_skip^T diag(1 + w_pre)
 
 
 class FrozenNorm(NamedTuple):
@@ -177,33 +178,43 @@ class FrozenLinearModel:
 
     # --- the linearised backward -----------------------------------------------------------
 
-    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
-        """VJP of ``r -> post-scaled attention`` on the first n positions: [B, n, d] -> [B, n, d]."""
-        B, n, _ = grad_h.shape
-        rep, hd = self.n_heads // self.n_kv, self.head_dim
-        # the norms' gains folded into the weights once per layer (one elementwise pass less)
+    def _fold_gains(self, fl: FrozenLayer) -> None:
+        """The norms' gains folded into the weights once per layer (elementwise passes less)."""
         if fl.W_O_gain is None:
             fl.W_O_gain = fl.k_attn.gain[:, None] * fl.W_O  # [d_model, n_heads * hd]
             fl.W_V_gain = fl.W_V * fl.k_in.gain  # [n_kv * hd, d_model]
-        grad_z = (grad_h * fl.k_attn.scale[:n]) @ fl.W_O_gain  # [B, n, n_heads * hd]
-        # the heads sharing a KV head stacked along queries, the batch folded into columns (so
-        # the frozen pattern is never broadcast over B): [n_kv, rep * n(q), B * hd]
-        grad_z = grad_z.view(B, n, self.n_kv, rep, hd).permute(2, 3, 1, 0, 4)
-        grad_z = grad_z.reshape(self.n_kv, rep * n, B * hd)
-        P = fl.pattern[:, :n, :n].reshape(self.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
-        grad_v = P.transpose(1, 2) @ grad_z  # [n_kv, n(k), B * hd]: sums over the group's heads
-        grad_v = grad_v.view(self.n_kv, n, B, hd).permute(2, 1, 0, 3).reshape(B, n, -1)
-        return (grad_v @ fl.W_V_gain).mul_(fl.k_in.scale[:n])  # [B, n, d_model]
+            if fl.W_skip is not None:  # d/d(h) of the skip: (g @ W_skip^T) * gain_pre, per row
+                fl.W_skip_gain = fl.W_skip.T * fl.k_pre.gain  # [d_model, d_model]
 
-    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> bool:
-        """Add the seeds of ``layer`` (through the frozen norm ``k``, if any) to ``grad`` in place."""
-        sel = (seeds.layer == layer).nonzero().flatten()
-        if sel.numel() == 0:
-            return False
-        pos = seeds.pos[sel]
-        vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
-        grad.index_put_((sel, pos), vec if k is None else vec * k.at(pos), accumulate=True)
-        return True
+    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
+        """``grad_h + VJP(r -> post-scaled attention)(grad_h)`` at the first n positions.
+
+        Position-major: ``grad_h [n, k, d_model]`` -> ``[n, k, d_model]``. With the frozen
+        pattern's rows scaled by the post-attention norm and its columns by the input norm
+        (``P'_h = diag(s_attn) P_h diag(s_in)``, built per call: [n, n] per head) and the
+        norms' gains folded into W_O / W_V, per KV group g of heads h = g·rep .. g·rep+rep-1:
+
+            grad_z    = grad_h @ W_O                          # [n, k, n_heads * hd]
+            grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # [n, rep·n] @ [rep·n, k·hd]
+            out       = grad_h + Σ_g grad_v_g @ W_V_g         # [n·k, hd] @ [hd, d_model]
+
+        three GEMMs per group (the batch folded into the columns of the pattern product, the
+        group's heads into its inner dimension) and one copy of grad_z into head-major order."""
+        n, k, d = grad_h.shape
+        rep, hd = self.n_heads // self.n_kv, self.head_dim
+        self._fold_gains(fl)
+        g2 = grad_h.view(n * k, d)
+        grad_z = (g2 @ fl.W_O_gain).view(n, k, self.n_kv, rep, hd)
+        grad_z = grad_z.permute(2, 3, 0, 1, 4).reshape(self.n_kv, rep * n, k * hd)
+        # [n_kv, n(k), rep * n(q)]: P'_h^T of the group's heads side by side
+        Pt = fl.pattern[:, :n, :n] * fl.k_attn.scale[:n] * fl.k_in.scale[:n].view(1, n)
+        Pt = Pt.view(self.n_kv, rep, n, n).permute(0, 3, 1, 2).reshape(self.n_kv, n, rep * n)
+        grad_v = torch.bmm(Pt, grad_z)  # [n_kv, n(k), k * hd]
+        grad_v = grad_v.view(self.n_kv, n * k, hd)
+        out = g2
+        for g in range(self.n_kv):
+            out = torch.addmm(out, grad_v[g], fl.W_V_gain[g * hd:(g + 1) * hd])
+        return out.view(n, k, d)
 
     def _check(self, seeds: Seeds) -> None:
         B = seeds.n
@@ -214,39 +225,74 @@ class FrozenLinearModel:
         if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
             raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
 
+    def _grow(self, g: Tensor, k: int) -> Tensor:
+        """``g [n, k0, d]`` padded with zero rows to ``[n, k, d]``."""
+        if g.shape[1] == k:
+            return g
+        out = g.new_zeros(g.shape[0], k, g.shape[2])
+        out[:, :g.shape[1]] = g
+        return out
+
+    def iter_backward_live(self, seeds: Seeds) -> Iterator[LayerGrad]:
+        """The backward on the live part only, for seeds sorted by layer, highest first.
+
+        Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [n, k_L, d_model])``: position-major
+        d(seed . output)/d(m_L) of the first ``k_L`` seeds (those above layer L: the others'
+        gradients there are zero) at the first ``n`` positions (max seed position + 1 for a
+        causal model: the rest are zero), then ``LayerGrad(EMBED, grad [n, B, d_model])``. A
+        batch costs Σ_seeds (layer + 1) x n of the per-position work instead of
+        B x n_layers x n_pos. Yielded tensors are never modified afterwards."""
+        self._check(seeds)
+        if seeds.n > 1 and bool((seeds.layer[1:] > seeds.layer[:-1]).any()):
+            raise ValueError("iter_backward_live needs seeds sorted by layer, highest first")
+        B, N, d = seeds.n, self.n_pos, self.d_model
+        n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
+        # live[L] = number of seeds at layer >= L (a prefix, since seeds are sorted)
+        live = [int((seeds.layer >= L).sum()) for L in range(self.n_layers + 2)]
+        g = torch.zeros(n, live[self.n_layers], d, dtype=self.dtype, device=self.W_U.device)
+        self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        for L in range(self.n_layers - 1, -1, -1):
+            fl = self.layers[L]
+            yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            if live[L] == 0:
+                continue  # nothing seeded at or above this layer yet: g stays zero
+            # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
+            if fl.W_skip is not None and g.shape[1]:
+                self._fold_gains(fl)
+                scale = fl.skip_mask[:n] * fl.k_pre.scale[:n]  # [n, 1]
+                skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
+                grad_h = torch.addcmul(g, skip, scale[:, :, None])
+            else:
+                grad_h = g
+            grad_h = self._grow(grad_h, live[L])
+            if live[L] > live[L + 1]:  # grad_h is a fresh tensor here (grown)
+                self._inject(grad_h, seeds, L, fl.k_pre)
+            g = self._attn_backward(fl, grad_h)
+        yield LayerGrad(EMBED, self._grow(g, B))
+
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> None:
+        """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [n, k, d]``."""
+        sel = (seeds.layer == layer).nonzero().flatten()
+        if sel.numel() == 0:
+            return
+        pos = seeds.pos[sel]
+        vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
+        grad.index_put_((pos, sel), vec if k is None else vec * k.at(pos), accumulate=True)
+
     def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
 
-        A yielded ``grad [B, n_pos, d_model]`` is never modified afterwards (the caller may keep
-        it, and must not modify it in place: layers above every seed share one zero tensor).
-        Transcoder features and error nodes are constants: only the residual stream, the
-        frozen attention (OV with frozen patterns) and the affine skip carry gradient.
-        Attention is causal, so only positions up to the last seed's are computed (the rest
-        of every yielded gradient is zero): batch seeds of nearby positions together.
-        """
+        Seeds in any order; each yielded ``grad`` is ``[B, n_pos, d_model]`` in seed order
+        (a fresh tensor). Transcoder features and error nodes are constants: only the residual
+        stream, the frozen attention (OV with frozen patterns) and the affine skip carry
+        gradient. See :meth:`iter_backward_live` for the fast form this one scatters."""
         self._check(seeds)
-        B, N = seeds.n, self.n_pos
-        n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
-        pad = (lambda t: t) if n == N else (lambda t: torch.nn.functional.pad(t, (0, 0, 0, N - n)))
-        g = torch.zeros(B, n, self.d_model, dtype=self.dtype, device=self.W_U.device)
-        live = self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
-        zero = None if live else pad(g)
-        for L in range(self.n_layers - 1, -1, -1):
-            fl = self.layers[L]
-            yield LayerGrad(L, pad(g) if live else zero)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
-            # d/d(x_L): seeds of features read at L, plus the skip's share of d/d(m_L)
-            grad_x = None
-            if fl.W_skip is not None and live:
-                grad_x = (g @ fl.W_skip.T) * fl.skip_mask[:n]
-            if (seeds.layer == L).any():
-                grad_x = torch.zeros_like(g) if grad_x is None else grad_x
-                self._inject(grad_x, seeds, L, None)
-                live = True
-            if not live:
-                continue  # nothing seeded at or above this layer yet: g stays zero
-            grad_h = g if grad_x is None else g + fl.k_pre(grad_x, n)
-            g = grad_h + self._attn_backward(fl, grad_h)
-        yield LayerGrad(EMBED, pad(g))
+        order = seeds.layer.argsort(descending=True, stable=True)
+        for step in self.iter_backward_live(Seeds(*(t[order] for t in seeds))):
+            g = step.grad  # [n, k, d]
+            full = g.new_zeros(seeds.n, self.n_pos, self.d_model)
+            full[order[:g.shape[1]], :g.shape[0]] = g.transpose(0, 1)
+            yield LayerGrad(step.layer, full)
 
     def backward(self, seeds: Seeds) -> "FrozenGrads":
         """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""
