@@ -18,6 +18,7 @@ from tiny_gemma import random_transcoders, tiny_gemma  # noqa: E402
 from cltrace.capture import capture, text_parts  # noqa: E402
 from cltrace.frozen import EMBED, Seeds  # noqa: E402
 from cltrace.ops import attribution_contract  # noqa: E402
+from cltrace.patterns import BandedPattern  # noqa: E402
 from cltrace.replacement import ReplacementModel  # noqa: E402
 from cltrace.transcoders.base import LayerTranscoder, TranscoderSet  # noqa: E402
 
@@ -75,6 +76,9 @@ def test_state_contents(setup):
     P0, P2 = st.patterns[0], st.patterns[2]
     assert torch.allclose(P0.sum(-1), torch.ones_like(P0.sum(-1)), atol=1e-5)
     assert (P0.triu(1) == 0).all() and (P0.tril(-3) == 0).all() and (P2.tril(-3) != 0).any()
+    # the sliding layer is stored as its band (the products above ran on it), the global dense
+    assert isinstance(st.capture.layers[0].pattern, BandedPattern)
+    assert isinstance(st.capture.layers[2].pattern, torch.Tensor)
     c = st.capture.layers[1]
     assert c.scale_in.shape == c.scale_attn.shape == c.scale_pre.shape == c.scale_post.shape == (N_POS,)
     assert st.recon.total.shape == st.errors.shape
@@ -345,6 +349,39 @@ def test_real_gemma_270m_logits(kind, skip):
     assert all(a.feat_idx.numel() > 0 for a in st.acts)
     paris = loaded.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     assert paris in st.logits[-1].topk(5).indices.tolist()
+
+
+@pytest.mark.real_model
+def test_real_gemma_270m_banded_sliding_window():
+    """A prompt longer than the 512-key window: sliding layers keep only their band, and the
+    frozen model built on it still reproduces the logits and matches autograd."""
+    from cltrace.models import load_model
+
+    loaded = load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
+    text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'}." for i in range(125))
+    tokens = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n = tokens.numel()
+    assert n > 600
+    parts = text_parts(loaded.model)
+    mlp_in = torch.stack([c.mlp_in for c in capture(parts, tokens[:64]).layers])
+    tcs = random_transcoders(mlp_in, "plt", d_sae=256, skip=True, active=0.02)
+    st = ReplacementModel(loaded.model, tcs, tokenizer=loaded.tokenizer).run(tokens)
+    kinds = [type(c.pattern) for c in st.capture.layers]
+    assert kinds.count(BandedPattern) == 15 and kinds.count(torch.Tensor) == 3
+    band = st.capture.layers[0].pattern
+    assert band.blocks.numel() < n * n * 4  # smaller than dense (1/6 of it at 4096 tokens)
+    assert rel_err(st.replacement_forward().logits[-5:], st.logits[-5:]) <= 1e-5
+    seeds = Seeds(*(torch.cat(t) for t in zip(
+        st.logit_seeds([100], pos=n - 1), st.feature_seeds(torch.tensor([9]), torch.tensor([n - 2]), torch.tensor([3])))))
+    grads = st.frozen.backward(seeds)
+    embed = st.embed.clone().requires_grad_()
+    sources = st.sources().clone().requires_grad_()
+    objs = seed_objectives(st, st.frozen(embed, sources), seeds)
+    for b in range(seeds.n):
+        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+        scale = g_src.abs().max()
+        torch.testing.assert_close(grads.mlp_out[:, b] / scale, g_src / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(grads.embed[b] / scale, g_emb / scale, rtol=0, atol=1e-5)
 
 
 def test_backward_early_positions_only(setup):

@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .patterns import BandedPattern, Pattern
+
 
 @dataclass
 class TextParts:
@@ -77,7 +79,8 @@ class LayerCapture:
     resid_mid: Tensor  # [n_pos, d_model]  h_L = r_L + post_attention_layernorm(attn_out)
     mlp_in: Tensor  # [n_pos, d_model]  x_L = pre_feedforward_layernorm(h_L)  (transcoder input)
     mlp_out: Tensor  # [n_pos, d_model]  m_L = post_feedforward_layernorm(mlp(x_L))  (target)
-    pattern: Tensor  # [n_heads, n_pos, n_pos]  attention probabilities (query, key)
+    pattern: Pattern  # [n_heads, n_pos, n_pos]  attention probabilities (query, key); banded
+    #                   for a sliding-window layer longer than its window (:mod:`.patterns`)
     scale_in: Tensor  # [n_pos] fp32  1/rms of r_L            (input_layernorm)
     scale_attn: Tensor  # [n_pos] fp32  1/rms of attn_out     (post_attention_layernorm)
     scale_pre: Tensor  # [n_pos] fp32  1/rms of h_L           (pre_feedforward_layernorm)
@@ -151,7 +154,11 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
         def hook(_mod, _args, out):
             if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                 raise RuntimeError("the attention module returned no pattern; eager attention is needed")
-            rec[("pattern", idx)] = out[1][0].detach()
+            P = out[1][0].detach()  # [n_heads, n_pos, n_pos]
+            window = getattr(parts.layers[idx].self_attn, "sliding_window", None)
+            # a sliding-window layer keeps only its band (linear in n_pos, :mod:`.patterns`)
+            banded = window and BandedPattern.saves_memory(P.shape[-1], window)
+            rec[("pattern", idx)] = BandedPattern.from_dense(P, window) if banded else P
         return hook
 
     try:

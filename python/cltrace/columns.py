@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .frozen import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
+from .patterns import mix
 
 
 def _norm_from(k: FrozenNorm, x: Tensor, start: int) -> Tensor:
@@ -34,8 +35,7 @@ def _attn_delta(fz: FrozenLinearModel, fl: FrozenLayer, r: Tensor, start: int) -
     rep, hd = fz.n_heads // fz.n_kv, fz.head_dim
     v = _norm_from(fl.k_in, r, start) @ fl.W_V.T  # [B, n, n_kv * hd]
     v = v.view(B, n, fz.n_kv, hd).permute(2, 1, 0, 3).reshape(fz.n_kv, n, B * hd)
-    P = fl.pattern[:, start:, start:].reshape(fz.n_kv, rep * n, n)  # [n_kv, rep * n(q), n(k)]
-    z = (P @ v).view(fz.n_kv, rep, n, B, hd).permute(3, 2, 0, 1, 4)  # [B, n, n_kv, rep, hd]
+    z = mix(fl.pattern, v, start).view(fz.n_kv, rep, n, B, hd).permute(3, 2, 0, 1, 4)  # [B, n, n_kv, rep, hd]
     o = z.reshape(B, n, fz.n_heads * hd) @ fl.W_O.T  # [B, n, d_model]
     return _norm_from(fl.k_attn, o, start)
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .capture import Capture, TextParts
+from .patterns import Pattern, mix, mix_t
 
 EMBED = -1  # the `layer` of the last backward step: the gradient w.r.t. the token embeddings
 
@@ -69,7 +70,7 @@ class FrozenLayer:
     W_O: Tensor  # [d_model, n_heads * head_dim]
     b_V: Optional[Tensor]  # [n_kv * head_dim] (None in Gemma 3)
     b_O: Optional[Tensor]  # [d_model] (None in Gemma 3)
-    pattern: Tensor  # [n_heads, n_pos, n_pos]
+    pattern: Pattern  # [n_heads, n_pos, n_pos], banded for sliding-window layers
     k_in: "FrozenNorm"  # input_layernorm
     k_attn: "FrozenNorm"  # post_attention_layernorm
     k_pre: "FrozenNorm"  # pre_feedforward_layernorm
@@ -138,8 +139,7 @@ class FrozenLinearModel:
         if fl.b_V is not None:
             v = v + fl.b_V
         v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # [n_kv, n_pos, hd]
-        P = fl.pattern.reshape(self.n_kv, self.n_heads // self.n_kv, n, n)
-        z = P @ v[:, None]  # [n_kv, rep, n_pos, hd]
+        z = mix(fl.pattern, v)  # [n_kv, rep, n_pos, hd]
         o = z.reshape(self.n_heads, n, self.head_dim).transpose(0, 1).reshape(n, -1) @ fl.W_O.T
         return o if fl.b_O is None else o + fl.b_O  # [n_pos, d_model]
 
@@ -195,22 +195,20 @@ class FrozenLinearModel:
         norms' gains folded into W_O / W_V, per KV group g of heads h = g·rep .. g·rep+rep-1:
 
             grad_z    = grad_h @ W_O                          # [n, k, n_heads * hd]
-            grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # [n, rep·n] @ [rep·n, k·hd]
+            grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # [n, n·rep] @ [n·rep, k·hd]
             out       = grad_h + Σ_g grad_v_g @ W_V_g         # [n·k, hd] @ [hd, d_model]
 
         three GEMMs per group (the batch folded into the columns of the pattern product, the
-        group's heads into its inner dimension) and one copy of grad_z into head-major order."""
+        group's heads into its inner dimension; banded for a sliding-window layer:
+        :func:`cltrace.patterns.mix_t`) and one copy of grad_z into group-major order."""
         n, k, d = grad_h.shape
         rep, hd = self.n_heads // self.n_kv, self.head_dim
         self._fold_gains(fl)
         g2 = grad_h.view(n * k, d)
         grad_z = (g2 @ fl.W_O_gain).view(n, k, self.n_kv, rep, hd)
-        grad_z = grad_z.permute(2, 3, 0, 1, 4).reshape(self.n_kv, rep * n, k * hd)
-        # [n_kv, n(k), rep * n(q)]: P'_h^T of the group's heads side by side
-        Pt = fl.pattern[:, :n, :n] * fl.k_attn.scale[:n] * fl.k_in.scale[:n].view(1, n)
-        Pt = Pt.view(self.n_kv, rep, n, n).permute(0, 3, 1, 2).reshape(self.n_kv, n, rep * n)
-        grad_v = torch.bmm(Pt, grad_z)  # [n_kv, n(k), k * hd]
-        grad_v = grad_v.view(self.n_kv, n * k, hd)
+        grad_z = grad_z.permute(2, 0, 3, 1, 4).reshape(self.n_kv, n * rep, k * hd)  # rows (q, h)
+        grad_v = mix_t(fl.pattern, grad_z, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0])
+        grad_v = grad_v.view(self.n_kv, n * k, hd)  # [n_kv, n(k), k * hd]
         out = g2
         for g in range(self.n_kv):
             out = torch.addmm(out, grad_v[g], fl.W_V_gain[g * hd:(g + 1) * hd])

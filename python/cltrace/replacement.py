@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .capture import Capture, TextParts, capture, text_parts
 from .frozen import FrozenLinearModel, FrozenOutput, Seeds
 from .ops import SparseActs, gather_columns
+from .patterns import as_dense
 from .transcode import Reconstruction, encode, reconstruct, skip_matrices, transcoders_to
 from .transcoders.base import TranscoderSet
 
@@ -77,7 +78,7 @@ class ReplacementState:
 
     @property
     def patterns(self) -> list[Tensor]:
-        return [c.pattern for c in self.capture.layers]  # n_layers x [n_heads, n_pos, n_pos]
+        return [as_dense(c.pattern) for c in self.capture.layers]  # n_layers x [n_heads, n_pos, n_pos]
 
     def active_features(self) -> ActiveFeatures:
         """Every active (layer, pos, feature, value)."""

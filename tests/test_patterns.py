@@ -1,0 +1,76 @@
+"""Banded sliding-window patterns against their dense twins (:mod:`cltrace.patterns`)."""
+import pytest
+import torch
+
+from cltrace.patterns import BandedPattern, as_dense, mix, mix_t
+
+
+def sliding_pattern(H: int, n: int, window: int, seed: int = 0) -> torch.Tensor:
+    """A random causal sliding-window pattern: rows sum to 1 over keys q - window < k <= q."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None]
+    allowed = (k <= q) & (k > q - window)
+    logits = torch.randn(H, n, n, generator=g, dtype=torch.float64)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("n,window,block", [(7, 3, None), (9, 3, 2), (10, 4, None), (16, 4, 3), (5, 8, None),
+                                            (13, 5, 1)])
+def test_band_round_trip(n, window, block):
+    P = sliding_pattern(4, n, window)
+    B = BandedPattern.from_dense(P, window, block)
+    assert B.shape == (4, n, n)
+    torch.testing.assert_close(B.dense(), P, rtol=0, atol=0)
+    Bq = B.block
+    assert B.blocks.numel() == -(-n // Bq) * 4 * Bq * (Bq + window)
+
+
+def test_band_saves_memory_only_on_long_prompts():
+    assert not BandedPattern.saves_memory(512, 512) and not BandedPattern.saves_memory(600, 512)
+    assert BandedPattern.saves_memory(1024, 512) and BandedPattern.saves_memory(10, 3)
+    B = BandedPattern.from_dense(sliding_pattern(1, 4096, 512)[:, :, :].float(), 512)
+    assert B.blocks.numel() * 6 < 4096 * 4096
+
+
+def test_band_rejects_mass_outside_the_window():
+    P = sliding_pattern(2, 9, 5)
+    with pytest.raises(ValueError, match="outside its sliding window of 3"):
+        BandedPattern.from_dense(P, 3)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+@pytest.mark.parametrize("start", [0, 1, 4, 6])
+def test_mix_matches_dense(n_kv, start):
+    H, n, W, C = 4, 11, 3, 5
+    P = sliding_pattern(H, n, W, seed=1)
+    v = torch.randn(n_kv, n - start, C, dtype=torch.float64)
+    ref = mix(P, v, start)
+    for block in (None, 2):
+        torch.testing.assert_close(mix(BandedPattern.from_dense(P, W, block), v, start), ref, rtol=1e-12, atol=1e-12)
+    rep = H // n_kv  # the reference written out: z[h, q] = sum_k P[h, q, k] v[g(h), k]
+    for h in range(H):
+        want = P[h, start:, start:] @ v[h // rep]
+        torch.testing.assert_close(ref[h // rep, h % rep], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+@pytest.mark.parametrize("n", [1, 3, 8, 11])
+def test_mix_t_matches_dense(n_kv, n):
+    H, N, W, C = 4, 11, 3, 6
+    P = sliding_pattern(H, N, W, seed=2)
+    rep = H // n_kv
+    gz = torch.randn(n_kv, n * rep, C, dtype=torch.float64)
+    s_q, s_k = torch.rand(n, dtype=torch.float64) + 0.5, torch.rand(n, dtype=torch.float64) + 0.5
+    ref = mix_t(P, gz, s_q, s_k)
+    for block in (None, 2):
+        torch.testing.assert_close(mix_t(BandedPattern.from_dense(P, W, block), gz, s_q, s_k), ref, rtol=1e-12, atol=1e-12)
+    # written out: grad_v[g, k] = sum_{h in g, q} s_q[q] P[h, q, k] s_k[k] gz[g, (q, h)]
+    gzv = gz.view(n_kv, n, rep, C)
+    for g in range(n_kv):
+        want = sum(((s_q[:, None] * P[g * rep + r, :n, :n] * s_k[None]).T @ gzv[g, :, r]) for r in range(rep))
+        torch.testing.assert_close(ref[g], want, rtol=1e-12, atol=1e-12)
+
+
+def test_as_dense_passes_dense_through():
+    P = sliding_pattern(2, 4, 4)
+    assert as_dense(P) is P
