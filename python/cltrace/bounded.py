@@ -32,6 +32,17 @@ def _cat_seeds(parts: list[Seeds]) -> Seeds:
     return Seeds(*(torch.cat(t) for t in zip(*parts)))
 
 
+def _row_cost(seeds: Seeds, n_layers: int) -> int:
+    """Layer-positions the backward of these rows visits (:meth:`iter_backward_live`)."""
+    return int(((seeds.layer.clamp(max=n_layers) + 1) * (seeds.pos + 1)).sum())
+
+
+def _column_cost(af, idx: Tensor, n_layers: int, n_pos: int) -> int:
+    """Layer-positions the forward JVP of these features' columns visits (per column: the
+    layers from its own up, the positions from its own on)."""
+    return int(((n_layers - af.layer[idx]) * (n_pos - af.pos[idx])).sum())
+
+
 def position_order(af, idx: Tensor, n_layers: int) -> Tensor:
     """The order of features ``idx`` by position, then layer: consecutive batches of it share
     their last position. A backward batch costs Σ_rows (layer + 1) x (its last position + 1)
@@ -82,13 +93,21 @@ def visit_bounded(state, rows_fn, af, logit_seeds: Seeds, logit_weights: Tensor,
         pending = pending[position_order(af, pending, state.n_layers)]
         slot_feat[n_slots:n_slots + k] = pending
         scheduled[pending] = True
-        # exact entries of the new columns in the rows computed so far (forward JVP)
+        # exact entries of the new columns in the rows computed so far: a forward JVP per
+        # column, or the rows again when that is cheaper (few rows so far, e.g. the logits')
         targets = _cat_seeds(seeds_done)
-        for j in range(0, k, batch_size):
-            idx = pending[j:j + batch_size]
-            inj = feature_injections(state, af.layer[idx], af.pos[idx], af.feature[idx], af.value[idx])
-            cols = forward_columns(state.frozen, inj, idx.numel(), targets)  # [filled, b]
-            F[:filled, n_slots + j:n_slots + j + idx.numel()] = cols.float().cpu()
+        new = slice(n_slots, n_slots + k)
+        if _row_cost(targets, state.n_layers) <= _column_cost(af, pending, state.n_layers, state.n_pos):
+            r = 0
+            for seeds in seeds_done:
+                F[r:r + seeds.n, new] = rows_fn(seeds)[:, pending].float().cpu()
+                r += seeds.n
+        else:
+            for j in range(0, k, batch_size):
+                idx = pending[j:j + batch_size]
+                inj = feature_injections(state, af.layer[idx], af.pos[idx], af.feature[idx], af.value[idx])
+                cols = forward_columns(state.frozen, inj, idx.numel(), targets)  # [filled, b]
+                F[:filled, n_slots + j:n_slots + j + idx.numel()] = cols.float().cpu()
         n_slots += k
         for idx in pending.split(batch_size):
             seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
