@@ -44,6 +44,18 @@ TORCH_LIBRARY(cltrace, m) {
   // Gather columns of an encoder: out[t, :] = W_enc[:, feat_idx[t]].
   // W_enc [d_in, d_sae], feat_idx [T] -> [T, d_in] (the gradient seeds of feature targets).
   m.def("gather_columns(Tensor W_enc, Tensor feat_idx) -> Tensor");
+  // Pruning passes over an attribution graph's edge rows (CPU; one read of edges each), on the
+  // block row_mask [R] x col_mask [N] (bool; other entries count as 0).
+  // Absolute row sums: edges [R, N] -> [R] float64, out[i] = sum_j |edges[i, j]|.
+  m.def("edge_abs_row_sums(Tensor edges, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // With the normalised scores s[i, j] = (|edges[i, j]| / scale[i]) * weight[i] (edges' dtype,
+  // scale and weight [R] of that dtype): column sums -> [N] float64, sum_i s[i, j].
+  m.def("edge_score_col_sums(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // Sum of the scores s per bucket of their bit patterns (prune.find_threshold's) -> [65536] float64.
+  m.def("edge_score_histogram(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // Entries with s >= min_score, as CSR over rows:
+  //   -> row_offsets [R+1] int64, cols [E] int64 (ascending within a row), scores [E].
+  m.def("edge_score_select(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask, float min_score) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
