@@ -53,8 +53,8 @@ TORCH_LIBRARY(cltrace, m) {
   m.def("edge_score_col_sums(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
   // Sum of the scores s per bucket of their bit patterns (prune.find_threshold's) -> [65536] float64.
   m.def("edge_score_histogram(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
-  // Entries with s >= min_score, as CSR over rows:
-  //   -> row_offsets [R+1] int64, cols [E] int64 (ascending within a row), scores [E].
+  // Entries with s >= min_score, in row-major order:
+  //   -> rows [E] int64, cols [E] int64, scores [E].
   m.def("edge_score_select(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask, float min_score) -> (Tensor, Tensor, Tensor)");
 }
 

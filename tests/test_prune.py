@@ -159,8 +159,8 @@ def test_edge_ops_match_reference(dtype, R, N):
 def test_edge_ops_empty_bad_input_and_opcheck():
     edges, scale, weight, rows, cols = edge_inputs(5, 40, torch.float32)
     assert ops.edge_abs_row_sums(edges[:0], rows[:0], cols).shape == (0,)
-    off, c, s = ops.edge_score_select(edges[:, :0], scale, weight, rows, cols[:0], 0.0)
-    assert off.tolist() == [0] * 6 and c.numel() == 0 and s.numel() == 0
+    r, c, s = ops.edge_score_select(edges[:, :0], scale, weight, rows, cols[:0], 0.0)
+    assert r.numel() == 0 and c.numel() == 0 and s.numel() == 0
     with pytest.raises(RuntimeError, match="col_mask must be a 1-D bool tensor of 40 entries"):
         ops.edge_abs_row_sums(edges, rows, cols[:-1])
     with pytest.raises(RuntimeError, match="scale must be a 1-D Float tensor of R = 5"):
@@ -185,9 +185,10 @@ def test_edges_above_cut_equals_dense_threshold(dtype, monkeypatch):
     for frac in (0.1, 0.5, 0.9, 0.98, 1.0):
         for limit in (P._SORT_LIMIT, 0):  # find_threshold by sorting and by its histogram
             monkeypatch.setattr(P, "_SORT_LIMIT", limit)
-            want = (s >= P.find_threshold(s, frac)).nonzero(as_tuple=True)
-            got = P._edges_above_cut(edges, scale, weight, rows, cols, frac)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), (frac, limit)
+            want = s >= P.find_threshold(s, frac)
+            mask, n_out, n_in = P._edge_mask(s.shape, *P._edges_above_cut(edges, scale, weight, rows, cols, frac))
+            assert torch.equal(mask, want), (frac, limit)
+            assert torch.equal(n_out, want.sum(0)) and torch.equal(n_in, want.sum(1))
     zero = torch.zeros_like(weight)  # all scores 0: the cut is 0 and every block entry passes
-    got = P._edges_above_cut(edges, scale, zero, rows, cols, 0.5)
-    assert all(torch.equal(a, b) for a, b in zip(got, block.nonzero(as_tuple=True)))
+    mask, _, _ = P._edge_mask(s.shape, *P._edges_above_cut(edges, scale, zero, rows, cols, 0.5))
+    assert torch.equal(mask, block)

@@ -27,6 +27,7 @@ constexpr int64_t kColBlock = 2048;    // columns per accumulator block of edge_
 constexpr int64_t kRowChunk = 16;      // rows per work item of edge_score_select
 constexpr int64_t kSegment = 1024;     // scores computed per vectorised step (histogram, select)
 constexpr int64_t kGroup = 16;         // scores per skip test in those steps
+constexpr int64_t kLanes = 4;          // interleaved histograms per thread
 
 // Shapes, dtypes and devices of (edges, [scale, weight,] row_mask, col_mask).
 void check_inputs(const at::Tensor& edges, const at::Tensor* scale, const at::Tensor* weight,
@@ -75,16 +76,21 @@ inline double abs_sum(const T* e, const T* keep, int64_t n) {
 // of group g (entries [16 g, 16 g + 16)), so that the scalar loops of the histogram and the
 // selection can skip groups without a wanted score (most of the causally masked part of a row).
 template <typename T>
-inline void scores(const T* e, const T* keep, T scale, T weight, T* s, T* top, int64_t n) {
-  for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
-    const int64_t m = std::min(kGroup, n - j0);
+inline void scores(const T* __restrict e, const T* __restrict keep, T scale, T weight,
+                   T* __restrict s, T* __restrict top, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] = (std::abs(e[j]) / scale) * weight * keep[j];
+  const int64_t full = n / kGroup;
+  for (int64_t g = 0; g < full; ++g) {
     T mx = 0;
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = j0; j < j0 + m; ++j) {
-      s[j] = (std::abs(e[j]) / scale) * weight * keep[j];
-      mx = std::max(mx, s[j]);
-    }
-    top[j0 / kGroup] = mx;
+    for (int64_t j = 0; j < kGroup; ++j) mx = s[g * kGroup + j] > mx ? s[g * kGroup + j] : mx;
+    top[g] = mx;
+  }
+  if (full * kGroup < n) {
+    T mx = 0;
+    for (int64_t j = full * kGroup; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    top[full] = mx;
   }
 }
 
@@ -203,15 +209,17 @@ at::Tensor edge_score_histogram_cpu(const at::Tensor& edges_, const at::Tensor& 
   const auto scale = scale_.contiguous(), weight = weight_.contiguous();
   const int64_t N = edges.size(1), ld = edges.stride(0);
   const auto rows = selected_rows(row_mask);
-  const int64_t n_threads = at::get_num_threads();
-  std::vector<double> hist(n_threads * kBuckets, 0.0);  // one histogram per thread, summed below
+  // kLanes histograms per thread (entry j adds to lane j % kLanes, so that runs of similar
+  // scores do not wait on each other's read-modify-write of one bucket), summed below.
+  const int64_t n_hist = at::get_num_threads() * kLanes;
+  std::vector<double> hist(n_hist * kBuckets, 0.0);
   AT_DISPATCH_FLOATING_TYPES(edges.scalar_type(), "edge_score_histogram", [&] {
     const auto keep = keep_of<scalar_t>(col_mask);
     const scalar_t* e = edges.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t r0, int64_t r1) {
-      double* h = hist.data() + at::get_thread_num() * kBuckets;
+      double* h = hist.data() + at::get_thread_num() * kLanes * kBuckets;
       std::vector<scalar_t> s(kSegment), top(kSegment / kGroup);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i = rows[r];
@@ -221,7 +229,8 @@ at::Tensor edge_score_histogram_cpu(const at::Tensor& edges_, const at::Tensor& 
           for (int64_t g = 0; g * kGroup < n; ++g) {
             if (top[g] == 0) continue;  // zeros add nothing
             // Branch-free: a zero lands in bucket 0 and adds 0.
-            for (int64_t j = g * kGroup; j < std::min(n, (g + 1) * kGroup); ++j) h[bucket_of(s[j])] += s[j];
+            for (int64_t j = g * kGroup; j < std::min(n, (g + 1) * kGroup); ++j)
+              h[j % kLanes * kBuckets + bucket_of(s[j])] += s[j];
           }
         }
       }
@@ -229,7 +238,7 @@ at::Tensor edge_score_histogram_cpu(const at::Tensor& edges_, const at::Tensor& 
   });
   auto out = at::zeros({kBuckets}, edges.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  for (int64_t t = 0; t < n_threads; ++t)
+  for (int64_t t = 0; t < n_hist; ++t)
     for (int64_t k = 0; k < kBuckets; ++k) o[k] += hist[t * kBuckets + k];
   return out;
 }
@@ -243,17 +252,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_score_select_cpu(
   const auto row_mask = row_mask_.contiguous(), col_mask = col_mask_.contiguous();
   const int64_t R = edges.size(0), N = edges.size(1), ld = edges.stride(0);
   const int64_t n_chunks = (R + kRowChunk - 1) / kRowChunk;
-  auto row_offsets = at::zeros({R + 1}, edges.options().dtype(at::kLong));
-  int64_t* off = row_offsets.data_ptr<int64_t>();
+  std::vector<int64_t> off(R + 1, 0);  // off[i + 1]: entries of row i, then their prefix sums
   const bool* rm = row_mask.data_ptr<bool>();
   const bool* m = col_mask.data_ptr<bool>();
-  at::Tensor cols, scores;
+  at::Tensor rows, cols, scores;
   AT_DISPATCH_FLOATING_TYPES(edges.scalar_type(), "edge_score_select", [&] {
     const auto keep = keep_of<scalar_t>(col_mask);
     const scalar_t* e = edges.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const auto lo = static_cast<scalar_t>(min_score);  // compared as torch compares s >= min_score
+    const bool zeros_wanted = !(lo > 0);  // then dropped columns (s = 0) must be told apart
     // Each chunk of rows collects its entries on its own; they are concatenated in row order.
     std::vector<std::vector<int64_t>> chunk_cols(n_chunks);
     std::vector<std::vector<scalar_t>> chunk_scores(n_chunks);
@@ -275,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_score_select_cpu(
               for (int64_t j = g * kGroup; j < std::min(n, (g + 1) * kGroup); ++j) {
                 sel_j[k] = j0 + j;
                 sel_s[k] = s[j];
-                k += s[j] >= lo && m[j0 + j];
+                k += s[j] >= lo && (!zeros_wanted || m[j0 + j]);
               }
             }
             cc.insert(cc.end(), sel_j.begin(), sel_j.begin() + k);
@@ -286,19 +295,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_score_select_cpu(
       }
     });
     for (int64_t i = 0; i < R; ++i) off[i + 1] += off[i];
+    rows = at::empty({off[R]}, edges.options().dtype(at::kLong));
     cols = at::empty({off[R]}, edges.options().dtype(at::kLong));
     scores = at::empty({off[R]}, edges.options());
+    int64_t* ro = rows.data_ptr<int64_t>();
     int64_t* co = cols.data_ptr<int64_t>();
     scalar_t* so = scores.data_ptr<scalar_t>();
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t start = off[c * kRowChunk];
-        std::copy(chunk_cols[c].begin(), chunk_cols[c].end(), co + start);
-        std::copy(chunk_scores[c].begin(), chunk_scores[c].end(), so + start);
+        const int64_t i0 = c * kRowChunk, i1 = std::min(R, i0 + kRowChunk);
+        std::copy(chunk_cols[c].begin(), chunk_cols[c].end(), co + off[i0]);
+        std::copy(chunk_scores[c].begin(), chunk_scores[c].end(), so + off[i0]);
+        for (int64_t i = i0; i < i1; ++i) std::fill(ro + off[i], ro + off[i + 1], i);
       }
     });
   });
-  return {row_offsets, cols, scores};
+  return {rows, cols, scores};
 }
 
 }  // namespace

@@ -216,8 +216,8 @@ def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask:
 
 def edge_score_select(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
                       col_mask: Tensor, min_score: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The block's entries with ``s >= min_score`` as CSR over rows:
-    ``row_offsets [R+1]``, ``cols [E]`` (ascending within a row), ``scores [E]``."""
+    """The block's entries with ``s >= min_score``, in row-major order:
+    ``rows [E]``, ``cols [E]`` (int64), ``scores [E]``."""
     return _ops.edge_score_select(edges, scale, weight, row_mask, col_mask, min_score)
 
 
@@ -239,5 +239,5 @@ def _edge_score_histogram_fake(edges, scale, weight, row_mask, col_mask):
 @torch.library.register_fake("cltrace::edge_score_select")
 def _edge_score_select_fake(edges, scale, weight, row_mask, col_mask, min_score):
     nnz = torch.library.get_ctx().new_dynamic_size()
-    return (edges.new_empty(edges.shape[0] + 1, dtype=torch.int64),
-            edges.new_empty(nnz, dtype=torch.int64), edges.new_empty(nnz))
+    return (edges.new_empty(nnz, dtype=torch.int64), edges.new_empty(nnz, dtype=torch.int64),
+            edges.new_empty(nnz))

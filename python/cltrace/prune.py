@@ -93,10 +93,19 @@ def _output_influence(edges: Tensor, targets: Tensor, w: Tensor, scale: Tensor,
                       rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> Tensor:
     """``(I + w)`` at the targets (float64) for ``Â = |edges| / scale`` restricted to the block
     ``rows x cols`` (default: everything)."""
-    block = edges.index_select(1, targets).abs_().div_(scale[:, None])  # Â[:, targets]
+    block = _columns(edges, targets).abs_().div_(scale[:, None])  # Â[:, targets]
     if rows is not None:
         block.masked_fill_(~(rows[:, None] & cols[targets][None]), 0)
     return w + _series_on_targets(block, w)
+
+
+def _columns(edges: Tensor, idx: Tensor) -> Tensor:
+    """``edges[:, idx]``, copied by slices where ``idx`` runs consecutively (features, logits)."""
+    starts = torch.cat([torch.tensor([0]), (idx.diff() != 1).nonzero().flatten() + 1]).tolist()
+    if len(starts) > 64:
+        return edges.index_select(1, idx)
+    ends = starts[1:] + [len(idx)]
+    return torch.cat([edges[:, int(idx[a]):int(idx[b - 1]) + 1] for a, b in zip(starts, ends)], 1)
 
 
 def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
@@ -167,54 +176,68 @@ def _threshold_by_sort(values: Tensor, higher: float, total: float, fraction: fl
 
 
 def _edges_above_cut(edges: Tensor, scale: Tensor, weight: Tensor, rows: Tensor, cols: Tensor,
-                     fraction: float) -> tuple[Tensor, Tensor]:
-    """(row, column) of the entries of the block ``rows x cols`` whose score
-    ``|edges| / scale * weight`` is at least ``find_threshold`` of all the block's scores
-    (zeros included when that cut is 0, as ``scores >= 0``). Two reads of the block: the
-    histogram, then every entry in the cut's bucket or above, of which the bucket is sorted."""
+                     fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries of the block ``rows x cols`` whose score ``|edges| / scale * weight`` is at
+    least ``find_threshold`` of all the block's scores (zeros included when that cut is 0,
+    as ``scores >= 0``), as ``(rows, cols, below)``: every entry in the cut's bucket or above,
+    and the indices among them of those under the cut. Two reads of the block: the
+    histogram, then the selection; only the cut's bucket is sorted."""
     sums = ops.edge_score_histogram(edges, scale, weight, rows, cols)
     total = float(sums.sum())
     as_int, shift = _bit_buckets(edges.dtype)
     if total == 0:
-        min_score = 0.0
-    else:
-        b, higher = ((int(sums.nonzero().min()), 0.0) if fraction >= 1.0
-                     else _cut_bucket(sums, fraction, total))
-        floor = torch.tensor([max(b << shift, 1)], dtype=as_int).view(edges.dtype)  # > 0
-        min_score = float(floor)
-    offsets, cut_cols, scores = ops.edge_score_select(edges, scale, weight, rows, cols, min_score)
-    cut_rows = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    if total > 0:
-        if fraction >= 1.0:  # the smallest non-zero score
-            t = float(scores.min())
-        else:
-            in_bucket = scores[(scores.view(as_int) >> shift).long() == b]
-            t = _threshold_by_sort(in_bucket.double(), higher, total, fraction)
-        keep = scores >= t
-        cut_rows, cut_cols = cut_rows[keep], cut_cols[keep]
-    return cut_rows, cut_cols
+        return (*ops.edge_score_select(edges, scale, weight, rows, cols, 0.0)[:2],
+                torch.zeros(0, dtype=torch.int64))
+    b, higher = ((int(sums.nonzero().min()), 0.0) if fraction >= 1.0
+                 else _cut_bucket(sums, fraction, total))
+    floor, ceil = torch.tensor([max(b << shift, 1), (b + 1) << shift], dtype=as_int).view(edges.dtype)
+    cut_rows, cut_cols, scores = ops.edge_score_select(edges, scale, weight, rows, cols, float(floor))
+    if fraction >= 1.0:  # the cut is the smallest non-zero score: everything selected
+        return cut_rows, cut_cols, torch.zeros(0, dtype=torch.int64)
+    t = _threshold_by_sort(scores[scores < ceil].double(), higher, total, fraction)
+    return cut_rows, cut_cols, (scores < t).nonzero().flatten()
 
 
 # --- pruning ------------------------------------------------------------------------------------
 
-def _drop_dangling(graph: Graph, node_mask: Tensor, rows: Tensor, cols: Tensor):
+def _edge_mask(shape: torch.Size, rows: Tensor, cols: Tensor, below: Tensor):
+    """(mask [R, N] of the entries ``(rows, cols)`` except those at ``below``, kept edges
+    leaving each node [N], kept edges entering each row [R])."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[rows, cols] = True
+    mask[rows[below], cols[below]] = False
+    n_out = torch.bincount(cols, minlength=shape[1]) - torch.bincount(cols[below], minlength=shape[1])
+    n_in = torch.bincount(rows, minlength=shape[0]) - torch.bincount(rows[below], minlength=shape[0])
+    return mask, n_out, n_in
+
+
+def _drop_dangling(graph: Graph, node_mask: Tensor, edge_mask: Tensor, n_out: Tensor,
+                   n_in: Tensor) -> Tensor:
     """Repeatedly drop feature/error nodes without an outgoing edge and features without an
-    incoming one, and the edges of dropped nodes; edges given as (row, column) lists."""
+    incoming one, and the edges of dropped nodes (in ``edge_mask``, in place), until nothing
+    changes; returns the node mask. The edge counts ``n_out [N]``, ``n_in [R]`` are kept up
+    to date by reading only the rows and columns of the nodes dropped in each round."""
     targets, always = graph.edge_targets, graph.token_start
-    feature_rows = (targets < graph.n_features).nonzero().flatten()
+    n_rows, n_nodes = edge_mask.shape
+    row_of = torch.full((n_nodes,), -1, dtype=torch.int64)
+    row_of[targets] = torch.arange(n_rows)
+    feature_row = targets < graph.n_features
     while True:
-        alive = node_mask[targets[rows]] & node_mask[cols]
-        if not alive.all():
-            rows, cols = rows[alive], cols[alive]
-        before = node_mask.clone()
-        has_output = torch.zeros_like(node_mask)
-        has_output[cols] = True
-        node_mask[:always] &= has_output[:always]  # features/errors need an outgoing edge
-        has_input = torch.zeros(len(targets), dtype=torch.bool)
-        has_input[rows] = True
-        node_mask[targets[feature_rows]] &= has_input[feature_rows]  # features need an incoming edge
-        if torch.equal(node_mask, before):
-            return node_mask, rows, cols
+        drop = torch.zeros_like(node_mask)
+        drop[:always] = node_mask[:always] & (n_out[:always] == 0)  # features/errors need an output
+        drop[targets[feature_row & (n_in == 0) & node_mask[targets]]] = True  # features need an input
+        if not drop.any():
+            return node_mask
+        node_mask &= ~drop
+        dropped_rows = row_of[drop]
+        dropped_rows = dropped_rows[dropped_rows >= 0]
+        n_out -= torch.bincount(edge_mask[dropped_rows].nonzero()[:, 1], minlength=n_nodes)
+        edge_mask[dropped_rows] = False
+        dropped = drop.nonzero().flatten()
+        n_in -= torch.bincount(edge_mask[:, dropped].nonzero()[:, 0], minlength=n_rows)
+        edge_mask[:, dropped] = False
+        n_in[dropped_rows] = 0
+        n_out[dropped] = 0
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
@@ -232,9 +255,9 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     scale = _row_scale(ops.edge_abs_row_sums(edges, rows, node_mask), edges.dtype)
     out = _output_influence(edges, targets, graph.logit_weights()[targets], scale, rows, node_mask)
     kept = _edges_above_cut(edges, scale, out.to(edges.dtype), rows, node_mask, edge_threshold)
-    node_mask, *kept = _drop_dangling(graph, node_mask, *kept)
-    edge_mask = torch.zeros(edges.shape, dtype=torch.bool)
-    edge_mask[kept[0], kept[1]] = True
+    edge_mask, n_out, n_in = _edge_mask(edges.shape, *kept)
+    del kept
+    node_mask = _drop_dangling(graph, node_mask, edge_mask, n_out, n_in)
 
     order = influence.sort(descending=True)
     cumulative = torch.zeros_like(influence)

@@ -131,7 +131,8 @@ def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask:
 
 def edge_score_select(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
                       col_mask: Tensor, min_score: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The block's entries with s >= min_score: (row_offsets [R+1], cols [E], scores [E])."""
+    """The block's entries with s >= min_score, row-major: (rows [E], cols [E], scores [E])."""
     block = row_mask[:, None] & col_mask[None]
     s = _edge_scores(edges, scale, weight, block)
-    return _csr_from_mask(block & (s >= min_score), [s])
+    rows, cols = (block & (s >= min_score)).nonzero(as_tuple=True)
+    return rows, cols, s[rows, cols]
