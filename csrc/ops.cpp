@@ -53,9 +53,10 @@ TORCH_LIBRARY(cltrace, m) {
   m.def("edge_score_col_sums(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
   // Sum of the scores s per bucket of their bit patterns (prune.find_threshold's) -> [65536] float64.
   m.def("edge_score_histogram(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
-  // Entries with s >= min_score, in row-major order:
-  //   -> rows [E] int64, cols [E] int64, scores [E].
-  m.def("edge_score_select(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask, float min_score) -> (Tensor, Tensor, Tensor)");
+  // The entries with s >= min_score, and those of them with s < band_end (row-major):
+  //   -> mask [R, N] bool, n_in [R] and n_out [N] int64 (its row and column counts),
+  //      band_rows [E] int64, band_cols [E] int64, band_scores [E].
+  m.def("edge_score_mask(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask, float min_score, float band_end) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

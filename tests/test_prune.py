@@ -150,17 +150,19 @@ def test_edge_ops_match_reference(dtype, R, N):
     torch.testing.assert_close(ops.edge_score_col_sums(*args), ref.edge_score_col_sums(*args), **tol)
     torch.testing.assert_close(ops.edge_score_histogram(*args), ref.edge_score_histogram(*args), **tol)
     s = ref._edge_scores(edges, scale, weight, rows[:, None] & cols[None])
-    for min_score in (0.0, float(s.max()) / 3, float(s[s > 0].min()) if (s > 0).any() else 1.0, 1e30):
-        got, want = ops.edge_score_select(*args, min_score), ref.edge_score_select(*args, min_score)
+    smallest = float(s[s > 0].min()) if (s > 0).any() else 1.0
+    top = float(s.max())
+    for lo, hi in ((0.0, 0.0), (0.0, top / 5), (top / 3, top / 2), (smallest, smallest * 1.01), (1e30, 1e31)):
+        got, want = ops.edge_score_mask(*args, lo, hi), ref.edge_score_mask(*args, lo, hi)
         for a, b in zip(got, want):
-            assert torch.equal(a, b), min_score  # the same entries, bit for bit
+            assert torch.equal(a, b), (lo, hi)  # the same entries, bit for bit
 
 
 def test_edge_ops_empty_bad_input_and_opcheck():
     edges, scale, weight, rows, cols = edge_inputs(5, 40, torch.float32)
     assert ops.edge_abs_row_sums(edges[:0], rows[:0], cols).shape == (0,)
-    r, c, s = ops.edge_score_select(edges[:, :0], scale, weight, rows, cols[:0], 0.0)
-    assert r.numel() == 0 and c.numel() == 0 and s.numel() == 0
+    m = ops.edge_score_mask(edges[:, :0], scale, weight, rows, cols[:0], 0.0, 1.0)
+    assert m.mask.shape == (5, 0) and m.n_in.tolist() == [0] * 5 and m.band_rows.numel() == 0
     with pytest.raises(RuntimeError, match="col_mask must be a 1-D bool tensor of 40 entries"):
         ops.edge_abs_row_sums(edges, rows, cols[:-1])
     with pytest.raises(RuntimeError, match="scale must be a 1-D Float tensor of R = 5"):
@@ -171,12 +173,12 @@ def test_edge_ops_empty_bad_input_and_opcheck():
     for name in ("edge_score_col_sums", "edge_score_histogram"):
         torch.library.opcheck(getattr(torch.ops.cltrace, name).default, args)
     torch.library.opcheck(torch.ops.cltrace.edge_abs_row_sums.default, (edges, rows, cols))
-    torch.library.opcheck(torch.ops.cltrace.edge_score_select.default, (*args, 0.01),
+    torch.library.opcheck(torch.ops.cltrace.edge_score_mask.default, (*args, 0.01, 0.1),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_edges_above_cut_equals_dense_threshold(dtype, monkeypatch):
+def test_edge_cut_equals_dense_threshold(dtype, monkeypatch):
     """The block's entries with score >= find_threshold(all block scores), ties and zeros included."""
     edges, scale, weight, rows, cols = edge_inputs(60, 3000, dtype, seed=4)
     edges[3, 100:400] = edges[3, 100]  # ties
@@ -186,9 +188,9 @@ def test_edges_above_cut_equals_dense_threshold(dtype, monkeypatch):
         for limit in (P._SORT_LIMIT, 0):  # find_threshold by sorting and by its histogram
             monkeypatch.setattr(P, "_SORT_LIMIT", limit)
             want = s >= P.find_threshold(s, frac)
-            mask, n_out, n_in = P._edge_mask(s.shape, *P._edges_above_cut(edges, scale, weight, rows, cols, frac))
+            mask, n_out, n_in = P._edge_cut(edges, scale, weight, rows, cols, frac)
             assert torch.equal(mask, want), (frac, limit)
             assert torch.equal(n_out, want.sum(0)) and torch.equal(n_in, want.sum(1))
     zero = torch.zeros_like(weight)  # all scores 0: the cut is 0 and every block entry passes
-    mask, _, _ = P._edge_mask(s.shape, *P._edges_above_cut(edges, scale, zero, rows, cols, 0.5))
+    mask, _, _ = P._edge_cut(edges, scale, zero, rows, cols, 0.5)
     assert torch.equal(mask, block)

@@ -214,11 +214,22 @@ def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask:
     return _ops.edge_score_histogram(edges, scale, weight, row_mask, col_mask)
 
 
-def edge_score_select(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
-                      col_mask: Tensor, min_score: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The block's entries with ``s >= min_score``, in row-major order:
-    ``rows [E]``, ``cols [E]`` (int64), ``scores [E]``."""
-    return _ops.edge_score_select(edges, scale, weight, row_mask, col_mask, min_score)
+class EdgeMask(NamedTuple):
+    """The block's entries with ``s >= min_score``, and those of them below ``band_end``."""
+
+    mask: Tensor  # [R, N] bool
+    n_in: Tensor  # [R] int64: entries per row
+    n_out: Tensor  # [N] int64: entries per column
+    band_rows: Tensor  # [E] int64, row-major order
+    band_cols: Tensor  # [E] int64
+    band_scores: Tensor  # [E]
+
+
+def edge_score_mask(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                    col_mask: Tensor, min_score: float, band_end: float) -> EdgeMask:
+    """Mask (with row and column counts) of the block's entries with ``s >= min_score``, and
+    the list of those with ``s < band_end`` too."""
+    return EdgeMask(*_ops.edge_score_mask(edges, scale, weight, row_mask, col_mask, min_score, band_end))
 
 
 @torch.library.register_fake("cltrace::edge_abs_row_sums")
@@ -236,8 +247,10 @@ def _edge_score_histogram_fake(edges, scale, weight, row_mask, col_mask):
     return edges.new_empty(1 << 16, dtype=torch.float64)
 
 
-@torch.library.register_fake("cltrace::edge_score_select")
-def _edge_score_select_fake(edges, scale, weight, row_mask, col_mask, min_score):
+@torch.library.register_fake("cltrace::edge_score_mask")
+def _edge_score_mask_fake(edges, scale, weight, row_mask, col_mask, min_score, band_end):
+    R, N = edges.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
-    return (edges.new_empty(nnz, dtype=torch.int64), edges.new_empty(nnz, dtype=torch.int64),
-            edges.new_empty(nnz))
+    return (edges.new_empty(R, N, dtype=torch.bool), edges.new_empty(R, dtype=torch.int64),
+            edges.new_empty(N, dtype=torch.int64), edges.new_empty(nnz, dtype=torch.int64),
+            edges.new_empty(nnz, dtype=torch.int64), edges.new_empty(nnz))

@@ -15,8 +15,8 @@ Everything works on the target rows ``graph.edges [n_targets, N]`` and never cop
 edges, the power series runs on ``Â[:, targets]`` (targets x targets, gathered once per graph)
 and one more pass spreads the result to all N columns: ``I = (w + I)[targets] · Â``. A prune
 reads the edges 5 times (row sums, influence; on the kept rows: row sums, a histogram of the
-scores' bit patterns that locates the cut, the entries above the cut's bucket). The kept edges
-come back as a list, on which the dangling-node loop runs.
+scores' bit patterns that locates the cut, the edge mask with the cut's bucket listed); the
+dangling-node loop then keeps per-node edge counts and reads only the dropped nodes' edges.
 """
 from __future__ import annotations
 
@@ -175,41 +175,38 @@ def _threshold_by_sort(values: Tensor, higher: float, total: float, fraction: fl
     return float(ordered[idx])
 
 
-def _edges_above_cut(edges: Tensor, scale: Tensor, weight: Tensor, rows: Tensor, cols: Tensor,
-                     fraction: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The entries of the block ``rows x cols`` whose score ``|edges| / scale * weight`` is at
-    least ``find_threshold`` of all the block's scores (zeros included when that cut is 0,
-    as ``scores >= 0``), as ``(rows, cols, below)``: every entry in the cut's bucket or above,
-    and the indices among them of those under the cut. Two reads of the block: the
-    histogram, then the selection; only the cut's bucket is sorted."""
+def _edge_cut(edges: Tensor, scale: Tensor, weight: Tensor, rows: Tensor, cols: Tensor,
+              fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mask [R, N] of the entries of the block ``rows x cols`` whose score
+    ``|edges| / scale * weight`` is at least ``find_threshold`` of all the block's scores
+    (zeros included when that cut is 0, as ``scores >= 0``), its column counts [N] (edges
+    leaving each node), its row counts [R]). Two reads of the block: a histogram locates the
+    cut's bucket; then the mask of the entries in that bucket or above, listing the bucket's
+    own entries, which are sorted to find the cut and cleared below it."""
     sums = ops.edge_score_histogram(edges, scale, weight, rows, cols)
     total = float(sums.sum())
-    as_int, shift = _bit_buckets(edges.dtype)
     if total == 0:
-        return (*ops.edge_score_select(edges, scale, weight, rows, cols, 0.0)[:2],
-                torch.zeros(0, dtype=torch.int64))
+        m = ops.edge_score_mask(edges, scale, weight, rows, cols, 0.0, 0.0)
+        return m.mask, m.n_out, m.n_in
+    as_int, shift = _bit_buckets(edges.dtype)
     b, higher = ((int(sums.nonzero().min()), 0.0) if fraction >= 1.0
                  else _cut_bucket(sums, fraction, total))
-    floor, ceil = torch.tensor([max(b << shift, 1), (b + 1) << shift], dtype=as_int).view(edges.dtype)
-    cut_rows, cut_cols, scores = ops.edge_score_select(edges, scale, weight, rows, cols, float(floor))
-    if fraction >= 1.0:  # the cut is the smallest non-zero score: everything selected
-        return cut_rows, cut_cols, torch.zeros(0, dtype=torch.int64)
-    t = _threshold_by_sort(scores[scores < ceil].double(), higher, total, fraction)
-    return cut_rows, cut_cols, (scores < t).nonzero().flatten()
+    floor = float(torch.tensor([max(b << shift, 1)], dtype=as_int).view(edges.dtype))  # > 0
+    if fraction >= 1.0:  # the cut is the smallest non-zero score: everything from its bucket on
+        m = ops.edge_score_mask(edges, scale, weight, rows, cols, floor, floor)
+        return m.mask, m.n_out, m.n_in
+    ceil = (float(torch.tensor([(b + 1) << shift], dtype=as_int).view(edges.dtype))
+            if b + 1 < _N_BUCKETS else float("inf"))
+    m = ops.edge_score_mask(edges, scale, weight, rows, cols, floor, ceil)
+    t = _threshold_by_sort(m.band_scores.double(), higher, total, fraction)
+    below = m.band_scores < t
+    r, c = m.band_rows[below], m.band_cols[below]
+    m.mask[r, c] = False
+    return (m.mask, m.n_out - torch.bincount(c, minlength=len(m.n_out)),
+            m.n_in - torch.bincount(r, minlength=len(m.n_in)))
 
 
 # --- pruning ------------------------------------------------------------------------------------
-
-def _edge_mask(shape: torch.Size, rows: Tensor, cols: Tensor, below: Tensor):
-    """(mask [R, N] of the entries ``(rows, cols)`` except those at ``below``, kept edges
-    leaving each node [N], kept edges entering each row [R])."""
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[rows, cols] = True
-    mask[rows[below], cols[below]] = False
-    n_out = torch.bincount(cols, minlength=shape[1]) - torch.bincount(cols[below], minlength=shape[1])
-    n_in = torch.bincount(rows, minlength=shape[0]) - torch.bincount(rows[below], minlength=shape[0])
-    return mask, n_out, n_in
-
 
 def _drop_dangling(graph: Graph, node_mask: Tensor, edge_mask: Tensor, n_out: Tensor,
                    n_in: Tensor) -> Tensor:
@@ -254,9 +251,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     rows = node_mask[targets]
     scale = _row_scale(ops.edge_abs_row_sums(edges, rows, node_mask), edges.dtype)
     out = _output_influence(edges, targets, graph.logit_weights()[targets], scale, rows, node_mask)
-    kept = _edges_above_cut(edges, scale, out.to(edges.dtype), rows, node_mask, edge_threshold)
-    edge_mask, n_out, n_in = _edge_mask(edges.shape, *kept)
-    del kept
+    edge_mask, n_out, n_in = _edge_cut(edges, scale, out.to(edges.dtype), rows, node_mask, edge_threshold)
     node_mask = _drop_dangling(graph, node_mask, edge_mask, n_out, n_in)
 
     order = influence.sort(descending=True)

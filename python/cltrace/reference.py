@@ -129,10 +129,12 @@ def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask:
     return sums.index_add_(0, (s.view(as_int) >> shift).long(), s.double())
 
 
-def edge_score_select(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
-                      col_mask: Tensor, min_score: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The block's entries with s >= min_score, row-major: (rows [E], cols [E], scores [E])."""
+def edge_score_mask(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                    col_mask: Tensor, min_score: float, band_end: float) -> tuple[Tensor, ...]:
+    """mask [R, N] = block & (s >= min_score), its row and column counts, and the entries of
+    the mask with s < band_end, row-major: (mask, n_in, n_out, rows, cols, scores)."""
     block = row_mask[:, None] & col_mask[None]
     s = _edge_scores(edges, scale, weight, block)
-    rows, cols = (block & (s >= min_score)).nonzero(as_tuple=True)
-    return rows, cols, s[rows, cols]
+    mask = block & (s >= min_score)
+    rows, cols = (mask & (s < band_end)).nonzero(as_tuple=True)
+    return mask, mask.sum(1), mask.sum(0), rows, cols, s[rows, cols]
