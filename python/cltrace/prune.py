@@ -14,9 +14,11 @@ Everything works on the target rows ``graph.edges [n_targets, N]`` and never cop
 :mod:`cltrace.ops` (``edge_*``), each reading the edges once. Since only targets have incoming
 edges, the power series runs on ``Â[:, targets]`` (targets x targets, gathered once per graph)
 and one more pass spreads the result to all N columns: ``I = (w + I)[targets] · Â``. A prune
-reads the edges 5 times (row sums, influence; on the kept rows: row sums, a histogram of the
-scores' bit patterns that locates the cut, the edge mask with the cut's bucket listed); the
-dangling-node loop then keeps per-node edge counts and reads only the dropped nodes' edges.
+reads all rows twice (row sums; influence), the rows of kept targets three times (row sums of
+the pruned graph; a histogram of the scores' bit patterns, which locates the cumulative cut;
+the edge mask, listing the cut's bucket, which alone is sorted) and the target columns twice,
+and writes the [n_targets, N] bool edge mask once. The dangling-node loop then keeps per-node
+edge counts and reads only the edges of the nodes it drops.
 """
 from __future__ import annotations
 
