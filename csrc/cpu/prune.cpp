@@ -86,7 +86,7 @@ inline double abs_sum(const T* e, const T* keep, int64_t n) {
 }
 // s[j] = (|e[j]| / scale) * weight * keep[j] over a row segment, and top[g] = the maximum
 // of group g (entries [16 g, 16 g + 16)), so that the scalar loops of the histogram and the
-// selection can skip groups without a wanted score (most of the causally masked part of a row).
+// mask can skip groups without a wanted score (most of the causally masked part of a row).
 template <typename T>
 inline void scores(const T* __restrict e, const T* __restrict keep, T scale, T weight,
                    T* __restrict s, T* __restrict top, int64_t n) {
