@@ -67,7 +67,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"nodes {graph.n_nodes}, edges {tuple(graph.edges.shape)} ({graph.edges.numel() * 4 / 2**30:.1f} GiB); "
           f"built in {built:.1f} s; prune {dt:.1f} s; kept {int(res.node_mask.sum())} nodes, "
-          f"{int(res.edge_mask.sum())} edges; peak RSS {rss0:.1f} GiB before, {rss:.1f} GiB after")
+          f"{int(res.edge_mask.count_nonzero())} edges; peak RSS {rss0:.1f} GiB before, {rss:.1f} GiB after")
 
 
 if __name__ == "__main__":

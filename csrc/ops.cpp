@@ -44,6 +44,19 @@ TORCH_LIBRARY(cltrace, m) {
   // Gather columns of an encoder: out[t, :] = W_enc[:, feat_idx[t]].
   // W_enc [d_in, d_sae], feat_idx [T] -> [T, d_in] (the gradient seeds of feature targets).
   m.def("gather_columns(Tensor W_enc, Tensor feat_idx) -> Tensor");
+  // Pruning passes over an attribution graph's edge rows (CPU; one read of edges each), on the
+  // block row_mask [R] x col_mask [N] (bool; other entries count as 0).
+  // Absolute row sums: edges [R, N] -> [R] float64, out[i] = sum_j |edges[i, j]|.
+  m.def("edge_abs_row_sums(Tensor edges, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // With the normalised scores s[i, j] = (|edges[i, j]| / scale[i]) * weight[i] (edges' dtype,
+  // scale and weight [R] of that dtype): column sums -> [N] float64, sum_i s[i, j].
+  m.def("edge_score_col_sums(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // Sum of the scores s per bucket of their bit patterns (prune.find_threshold's) -> [65536] float64.
+  m.def("edge_score_histogram(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
+  // The entries with s >= min_score, and those of them with s < band_end (row-major):
+  //   -> mask [R, N] bool, n_in [R] and n_out [N] int64 (its row and column counts),
+  //      band_rows [E] int64, band_cols [E] int64, band_scores [E].
+  m.def("edge_score_mask(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask, float min_score, float band_end) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

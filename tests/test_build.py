@@ -7,6 +7,8 @@ import cltrace
 
 OPS = ["jumprelu_encode", "jumprelu_encode_backward", "topk_encode", "topk_encode_backward",
        "sparse_decode", "sparse_decode_backward", "attribution_contract", "gather_columns"]
+# Pruning passes: CPU only (graph edges always live in host memory).
+CPU_OPS = ["edge_abs_row_sums", "edge_score_col_sums", "edge_score_histogram", "edge_score_mask"]
 
 
 def test_build_info_reports_kernels():
@@ -24,4 +26,7 @@ def test_every_op_has_cpu_kernel_and_reference():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cltrace::{name}", "CPU"), name
         if cltrace.build_info().cuda:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cltrace::{name}", "CUDA"), name
+        assert callable(getattr(reference, name)), f"reference twin of {name} missing"
+    for name in CPU_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cltrace::{name}", "CPU"), name
         assert callable(getattr(reference, name)), f"reference twin of {name} missing"

@@ -1,10 +1,11 @@
-"""Pruning and graph scores against a dense N x N implementation of the method."""
+"""Pruning and graph scores against a dense N x N implementation of the method, and the
+compiled pruning passes (ops.edge_*) against their pure-torch twins."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cltrace import prune as P
+from cltrace import ops, prune as P, reference as ref
 from graph_fixtures import random_graph
 
 
@@ -111,3 +112,85 @@ def test_scores_are_one_without_errors():
     g.edges[:, g.error_start:g.token_start] = 0
     s = P.graph_scores(g)
     assert s.replacement == pytest.approx(1.0) and s.completeness == pytest.approx(1.0)
+
+
+def test_compute_influence_matches_power_series():
+    g = random_graph(n_layers=4, n_pos=6, n_features=60, seed=2)
+    g.edges = g.edges.double()
+    A, w = g.to_dense(), g.logit_weights()
+    m = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-10)
+    cur, inf = w @ m, torch.zeros_like(w)
+    while cur.any():
+        inf += cur
+        cur = cur @ m
+    got = P.compute_influence(P.normalize_rows(g.edges), g.edge_targets, w)
+    torch.testing.assert_close(got, inf)
+
+
+def edge_inputs(R, N, dtype, seed=0):
+    """Edges with runs of zeros (causal masking) and scattered ones, random row/column masks."""
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.randn(R, N, generator=g, dtype=torch.float64) * torch.rand(R, 1, generator=g)
+    edges *= torch.rand(R, N, generator=g) > 0.3
+    edges[:, : N // 3] *= torch.rand(R, 1, generator=g) > 0.5  # whole zero runs in some rows
+    rows, cols = torch.rand(R, generator=g) < 0.8, torch.rand(N, generator=g) < 0.7
+    scale = edges.abs().sum(1).clamp(min=1e-10)
+    weight = torch.rand(R, generator=g, dtype=torch.float64)
+    return edges.to(dtype), scale.to(dtype), weight.to(dtype), rows, cols
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("R,N", [(1, 1), (7, 33), (37, 2600)])  # N across vector/segment/block ends
+def test_edge_ops_match_reference(dtype, R, N):
+    edges, scale, weight, rows, cols = edge_inputs(R, N, dtype)
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(ops.edge_abs_row_sums(edges, rows, cols),
+                               ref.edge_abs_row_sums(edges, rows, cols), **tol)
+    args = (edges, scale, weight, rows, cols)
+    torch.testing.assert_close(ops.edge_score_col_sums(*args), ref.edge_score_col_sums(*args), **tol)
+    torch.testing.assert_close(ops.edge_score_histogram(*args), ref.edge_score_histogram(*args), **tol)
+    s = ref._edge_scores(edges, scale, weight, rows[:, None] & cols[None])
+    smallest = float(s[s > 0].min()) if (s > 0).any() else 1.0
+    top = float(s.max())
+    for lo, hi in ((0.0, 0.0), (0.0, top / 5), (top / 3, top / 2), (smallest, smallest * 1.01), (1e30, 1e31)):
+        got, want = ops.edge_score_mask(*args, lo, hi), ref.edge_score_mask(*args, lo, hi)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (lo, hi)  # the same entries, bit for bit
+
+
+def test_edge_ops_empty_bad_input_and_opcheck():
+    edges, scale, weight, rows, cols = edge_inputs(5, 40, torch.float32)
+    assert ops.edge_abs_row_sums(edges[:0], rows[:0], cols).shape == (0,)
+    m = ops.edge_score_mask(edges[:, :0], scale, weight, rows, cols[:0], 0.0, 1.0)
+    assert m.mask.shape == (5, 0) and m.n_in.tolist() == [0] * 5 and m.band_rows.numel() == 0
+    with pytest.raises(RuntimeError, match="col_mask must be a 1-D bool tensor of 40 entries"):
+        ops.edge_abs_row_sums(edges, rows, cols[:-1])
+    with pytest.raises(RuntimeError, match="scale must be a 1-D Float tensor of R = 5"):
+        ops.edge_score_histogram(edges, scale.double(), weight, rows, cols)
+    with pytest.raises(RuntimeError, match="edges must be float32 or float64"):
+        ops.edge_abs_row_sums(edges.half(), rows, cols)
+    args = (edges, scale, weight, rows, cols)
+    for name in ("edge_score_col_sums", "edge_score_histogram"):
+        torch.library.opcheck(getattr(torch.ops.cltrace, name).default, args)
+    torch.library.opcheck(torch.ops.cltrace.edge_abs_row_sums.default, (edges, rows, cols))
+    torch.library.opcheck(torch.ops.cltrace.edge_score_mask.default, (*args, 0.01, 0.1),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edge_cut_equals_dense_threshold(dtype, monkeypatch):
+    """The block's entries with score >= find_threshold(all block scores), ties and zeros included."""
+    edges, scale, weight, rows, cols = edge_inputs(60, 3000, dtype, seed=4)
+    edges[3, 100:400] = edges[3, 100]  # ties
+    block = rows[:, None] & cols[None]
+    s = ref._edge_scores(edges, scale, weight, block)
+    for frac in (0.1, 0.5, 0.9, 0.98, 1.0):
+        for limit in (P._SORT_LIMIT, 0):  # find_threshold by sorting and by its histogram
+            monkeypatch.setattr(P, "_SORT_LIMIT", limit)
+            want = s >= P.find_threshold(s, frac)
+            mask, n_out, n_in = P._edge_cut(edges, scale, weight, rows, cols, frac)
+            assert torch.equal(mask, want), (frac, limit)
+            assert torch.equal(n_out, want.sum(0)) and torch.equal(n_in, want.sum(1))
+    zero = torch.zeros_like(weight)  # all scores 0: the cut is 0 and every block entry passes
+    mask, _, _ = P._edge_cut(edges, scale, zero, rows, cols, 0.5)
+    assert torch.equal(mask, block)

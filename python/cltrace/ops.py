@@ -189,3 +189,68 @@ def gather_columns(W_enc: Tensor, feat_idx: Tensor) -> Tensor:
 @torch.library.register_fake("cltrace::gather_columns")
 def _gather_columns_fake(W_enc, feat_idx):
     return W_enc.new_empty(feat_idx.shape[0], W_enc.shape[0])
+
+
+# --- Pruning passes over edge rows (CPU) ----------------------------------------------------
+# Each reads edges [R, N] once and works on the block row_mask [R] x col_mask [N] (bool);
+# other entries count as 0. Scores: s[i, j] = (|edges[i, j]| / scale[i]) * weight[i], in the
+# edges' dtype (float32 or float64), as torch would round `edges.abs() / scale * weight`.
+
+def edge_abs_row_sums(edges: Tensor, row_mask: Tensor, col_mask: Tensor) -> Tensor:
+    """``[R]`` float64: ``sum_j |edges[i, j]|`` over the block."""
+    return _ops.edge_abs_row_sums(edges, row_mask, col_mask)
+
+
+def edge_score_col_sums(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                        col_mask: Tensor) -> Tensor:
+    """``[N]`` float64: ``sum_i s[i, j]`` over the block."""
+    return _ops.edge_score_col_sums(edges, scale, weight, row_mask, col_mask)
+
+
+def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                         col_mask: Tensor) -> Tensor:
+    """``[65536]`` float64: the sum of the block's scores per bucket of their bit patterns
+    (pattern >> 15 for float32, >> 47 for float64; buckets ascend with the score)."""
+    return _ops.edge_score_histogram(edges, scale, weight, row_mask, col_mask)
+
+
+class EdgeMask(NamedTuple):
+    """The block's entries with ``s >= min_score``, and those of them below ``band_end``."""
+
+    mask: Tensor  # [R, N] bool
+    n_in: Tensor  # [R] int64: entries per row
+    n_out: Tensor  # [N] int64: entries per column
+    band_rows: Tensor  # [E] int64, row-major order
+    band_cols: Tensor  # [E] int64
+    band_scores: Tensor  # [E]
+
+
+def edge_score_mask(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                    col_mask: Tensor, min_score: float, band_end: float) -> EdgeMask:
+    """Mask (with row and column counts) of the block's entries with ``s >= min_score``, and
+    the list of those with ``s < band_end`` too."""
+    return EdgeMask(*_ops.edge_score_mask(edges, scale, weight, row_mask, col_mask, min_score, band_end))
+
+
+@torch.library.register_fake("cltrace::edge_abs_row_sums")
+def _edge_abs_row_sums_fake(edges, row_mask, col_mask):
+    return edges.new_empty(edges.shape[0], dtype=torch.float64)
+
+
+@torch.library.register_fake("cltrace::edge_score_col_sums")
+def _edge_score_col_sums_fake(edges, scale, weight, row_mask, col_mask):
+    return edges.new_empty(edges.shape[1], dtype=torch.float64)
+
+
+@torch.library.register_fake("cltrace::edge_score_histogram")
+def _edge_score_histogram_fake(edges, scale, weight, row_mask, col_mask):
+    return edges.new_empty(1 << 16, dtype=torch.float64)
+
+
+@torch.library.register_fake("cltrace::edge_score_mask")
+def _edge_score_mask_fake(edges, scale, weight, row_mask, col_mask, min_score, band_end):
+    R, N = edges.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (edges.new_empty(R, N, dtype=torch.bool), edges.new_empty(R, dtype=torch.int64),
+            edges.new_empty(N, dtype=torch.int64), edges.new_empty(nnz, dtype=torch.int64),
+            edges.new_empty(nnz, dtype=torch.int64), edges.new_empty(nnz))

@@ -9,21 +9,30 @@ and circuit-tracer's implementation of it:
   the cumulative score; then repeatedly drop feature/error nodes left without outgoing edges
   and features left without incoming edges.
 
-Everything works on the target rows ``graph.edges [n_targets, N]``: memory is targets x nodes,
-and the cumulative cut-off is found by a histogram over the scores' bit patterns plus a sort of
-one bucket, so no N² sort is ever done.
+Everything works on the target rows ``graph.edges [n_targets, N]`` and never copies them:
+``Â``, the pruned graph and the edge scores are computed on the fly by the compiled passes of
+:mod:`cltrace.ops` (``edge_*``), each reading the edges once. Since only targets have incoming
+edges, the power series runs on ``Â[:, targets]`` (targets x targets, gathered once per graph)
+and one more pass spreads the result to all N columns: ``I = (w + I)[targets] · Â``. A prune
+reads all rows twice (row sums; influence), the rows of kept targets three times (row sums of
+the pruned graph; a histogram of the scores' bit patterns, which locates the cumulative cut;
+the edge mask, listing the cut's bucket, which alone is sorted) and the target columns twice,
+and writes the [n_targets, N] bool edge mask once. The dangling-node loop then keeps per-node
+edge counts and reads only the edges of the nodes it drops.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from . import ops
 from .graph import Graph
 
 _SORT_LIMIT = 1 << 22  # up to this many scores, find_threshold simply sorts
 _CHUNK = 1 << 24  # scores processed per chunk by the histogram path
+_N_BUCKETS = 1 << 16  # histogram of bit patterns >> (bits - 17): exponent and top mantissa bits
 
 
 class PruneResult(NamedTuple):
@@ -44,25 +53,89 @@ def check_threshold(value: float, name: str) -> float:
     return float(value)
 
 
+# --- influence ------------------------------------------------------------------------------
+
 def normalize_rows(edges: Tensor) -> Tensor:
     """``|edges|`` with each row divided by its sum (rows of zeros stay zero)."""
     out = edges.abs()
-    return out.div_(out.sum(dim=1, keepdim=True, dtype=torch.float64).clamp(min=1e-10).to(out.dtype))
+    return out.div_(_row_scale(out.sum(dim=1, keepdim=True, dtype=torch.float64), out.dtype))
+
+
+def _row_scale(row_sums: Tensor, dtype: torch.dtype) -> Tensor:
+    """The divisor of each row in ``Â``: its float64 sum, at least 1e-10, in the edges' dtype."""
+    return row_sums.clamp(min=1e-10).to(dtype)
+
+
+def _series_on_targets(block: Tensor, seed: Tensor, max_iter: int = 1000) -> Tensor:
+    """``seed·(B + B² + …)`` (float64) for ``B = Â[:, targets] [n_targets, n_targets]``: the
+    influence at the target nodes. Each product is taken in ``B``'s dtype, over the rows
+    between the first and the last non-zero coefficient only; the graph is acyclic, so the
+    series ends after at most (depth) terms."""
+    total = torch.zeros(seed.shape, dtype=torch.float64)
+    current = seed
+    for _ in range(max_iter + 1):
+        nonzero = current.nonzero()
+        if not len(nonzero):
+            return total
+        lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+        current = (current[lo:hi].to(block.dtype) @ block[lo:hi]).double()
+        total += current
+    raise RuntimeError(f"influence did not converge after {max_iter} iterations (is the graph cyclic?)")
 
 
 def compute_influence(norm_rows: Tensor, targets: Tensor, weights: Tensor,
                       max_iter: int = 1000) -> Tensor:
-    """``wᵀ(Â + Â² + …)`` for ``Â`` given by its rows ``norm_rows [n_targets, N]`` at ``targets``.
+    """``wᵀ(Â + Â² + …)`` for ``Â`` given by its rows ``norm_rows [n_targets, N]`` at ``targets``."""
+    w = weights[targets]
+    out = w + _series_on_targets(norm_rows[:, targets], w, max_iter)  # (I + w) at the targets
+    return (out.to(norm_rows.dtype) @ norm_rows).double()
 
-    The graph is acyclic, so the series ends after at most (depth) terms."""
-    current = (weights[targets].to(norm_rows.dtype) @ norm_rows).double()
-    total = current.clone()
-    for _ in range(max_iter):
-        if not current.any():
-            return total
-        current = (current[targets].to(norm_rows.dtype) @ norm_rows).double()
-        total += current
-    raise RuntimeError(f"influence did not converge after {max_iter} iterations (is the graph cyclic?)")
+
+def _output_influence(edges: Tensor, targets: Tensor, w: Tensor, scale: Tensor,
+                      rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> Tensor:
+    """``(I + w)`` at the targets (float64) for ``Â = |edges| / scale`` restricted to the block
+    ``rows x cols`` (default: everything)."""
+    block = _columns(edges, targets).abs_().div_(scale[:, None])  # Â[:, targets]
+    if rows is not None:
+        block.masked_fill_(~(rows[:, None] & cols[targets][None]), 0)
+    return w + _series_on_targets(block, w)
+
+
+def _columns(edges: Tensor, idx: Tensor) -> Tensor:
+    """``edges[:, idx]``, copied by slices where ``idx`` runs consecutively (features, logits)."""
+    starts = torch.cat([torch.tensor([0]), (idx.diff() != 1).nonzero().flatten() + 1]).tolist()
+    if len(starts) > 64:
+        return edges.index_select(1, idx)
+    ends = starts[1:] + [len(idx)]
+    return torch.cat([edges[:, int(idx[a]):int(idx[b - 1]) + 1] for a, b in zip(starts, ends)], 1)
+
+
+def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
+    """(influence [N] float64, row scale of ``Â`` [n_targets]) of the unpruned graph: two
+    reads of the edges (row sums; ``(I + w)[targets] · Â``)."""
+    edges, targets = graph.edges, graph.edge_targets
+    rows, cols = _everything(edges)
+    scale = _row_scale(ops.edge_abs_row_sums(edges, rows, cols), edges.dtype)
+    out = _output_influence(edges, targets, graph.logit_weights()[targets], scale)
+    return ops.edge_score_col_sums(edges, scale, out.to(edges.dtype), rows, cols), scale
+
+
+def _everything(edges: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.ones(edges.shape[0], dtype=torch.bool), torch.ones(edges.shape[1], dtype=torch.bool))
+
+
+# --- cumulative cut-off ------------------------------------------------------------------------
+
+def _bit_buckets(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """(integer view, shift) mapping a non-negative score to its histogram bucket."""
+    return (torch.int32, 15) if dtype == torch.float32 else (torch.int64, 47)
+
+
+def _cut_bucket(sums: Tensor, fraction: float, total: float) -> tuple[int, float]:
+    """(bucket holding the cut, sum of the scores in higher buckets) from per-bucket sums."""
+    above = sums.flip(0).cumsum(0).flip(0)  # above[b] = sum of scores in buckets >= b
+    b = int((above >= fraction * total).nonzero().max())  # highest bucket whose suffix reaches it
+    return b, float(above[b + 1]) if b + 1 < len(sums) else 0.0
 
 
 def find_threshold(scores: Tensor, fraction: float) -> float:
@@ -80,21 +153,14 @@ def find_threshold(scores: Tensor, fraction: float) -> float:
         return float(nonzero.min()) if nonzero.numel() else 0.0
     if flat.numel() <= _SORT_LIMIT:
         return _threshold_by_sort(flat.double(), 0.0, float(flat.sum(dtype=torch.float64)), fraction)
-    bits = 32 if flat.dtype == torch.float32 else 64
-    as_int = {32: torch.int32, 64: torch.int64}[bits]
-    shift = bits - 17  # 16 bits of bucket: sign (always 0) + exponent + top mantissa bits
-    n_buckets = 1 << 16
-    sums = torch.zeros(n_buckets, dtype=torch.float64)
+    as_int, shift = _bit_buckets(flat.dtype)
+    sums = torch.zeros(_N_BUCKETS, dtype=torch.float64)
     for chunk in flat.split(_CHUNK):
-        bucket = (chunk.view(as_int) >> shift).long()
-        sums.index_add_(0, bucket, chunk.double())
+        sums.index_add_(0, (chunk.view(as_int) >> shift).long(), chunk.double())
     total = float(sums.sum())
     if total == 0:
         return 0.0
-    above = sums.flip(0).cumsum(0).flip(0)  # above[b] = sum of scores in buckets >= b
-    target = fraction * total
-    b = int((above >= target).nonzero().max())  # highest bucket whose suffix reaches the target
-    higher = float(above[b + 1]) if b + 1 < n_buckets else 0.0
+    b, higher = _cut_bucket(sums, fraction, total)
     in_bucket = torch.cat([c[(c.view(as_int) >> shift).long() == b] for c in flat.split(_CHUNK)])
     return _threshold_by_sort(in_bucket.double(), higher, total, fraction)
 
@@ -111,37 +177,84 @@ def _threshold_by_sort(values: Tensor, higher: float, total: float, fraction: fl
     return float(ordered[idx])
 
 
+def _edge_cut(edges: Tensor, scale: Tensor, weight: Tensor, rows: Tensor, cols: Tensor,
+              fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mask [R, N] of the entries of the block ``rows x cols`` whose score
+    ``|edges| / scale * weight`` is at least ``find_threshold`` of all the block's scores
+    (zeros included when that cut is 0, as ``scores >= 0``), its column counts [N] (edges
+    leaving each node), its row counts [R]). Two reads of the block: a histogram locates the
+    cut's bucket; then the mask of the entries in that bucket or above, listing the bucket's
+    own entries, which are sorted to find the cut and cleared below it."""
+    sums = ops.edge_score_histogram(edges, scale, weight, rows, cols)
+    total = float(sums.sum())
+    if total == 0:
+        m = ops.edge_score_mask(edges, scale, weight, rows, cols, 0.0, 0.0)
+        return m.mask, m.n_out, m.n_in
+    as_int, shift = _bit_buckets(edges.dtype)
+    b, higher = ((int(sums.nonzero().min()), 0.0) if fraction >= 1.0
+                 else _cut_bucket(sums, fraction, total))
+    floor = float(torch.tensor([max(b << shift, 1)], dtype=as_int).view(edges.dtype))  # > 0
+    if fraction >= 1.0:  # the cut is the smallest non-zero score: everything from its bucket on
+        m = ops.edge_score_mask(edges, scale, weight, rows, cols, floor, floor)
+        return m.mask, m.n_out, m.n_in
+    ceil = (float(torch.tensor([(b + 1) << shift], dtype=as_int).view(edges.dtype))
+            if b + 1 < _N_BUCKETS else float("inf"))
+    m = ops.edge_score_mask(edges, scale, weight, rows, cols, floor, ceil)
+    t = _threshold_by_sort(m.band_scores.double(), higher, total, fraction)
+    below = m.band_scores < t
+    r, c = m.band_rows[below], m.band_cols[below]
+    m.mask[r, c] = False
+    return (m.mask, m.n_out - torch.bincount(c, minlength=len(m.n_out)),
+            m.n_in - torch.bincount(r, minlength=len(m.n_in)))
+
+
+# --- pruning ------------------------------------------------------------------------------------
+
+def _drop_dangling(graph: Graph, node_mask: Tensor, edge_mask: Tensor, n_out: Tensor,
+                   n_in: Tensor) -> Tensor:
+    """Repeatedly drop feature/error nodes without an outgoing edge and features without an
+    incoming one, and the edges of dropped nodes (in ``edge_mask``, in place), until nothing
+    changes; returns the node mask. The edge counts ``n_out [N]``, ``n_in [R]`` are kept up
+    to date by reading only the rows and columns of the nodes dropped in each round."""
+    targets, always = graph.edge_targets, graph.token_start
+    n_rows, n_nodes = edge_mask.shape
+    row_of = torch.full((n_nodes,), -1, dtype=torch.int64)
+    row_of[targets] = torch.arange(n_rows)
+    feature_row = targets < graph.n_features
+    while True:
+        drop = torch.zeros_like(node_mask)
+        drop[:always] = node_mask[:always] & (n_out[:always] == 0)  # features/errors need an output
+        drop[targets[feature_row & (n_in == 0) & node_mask[targets]]] = True  # features need an input
+        if not drop.any():
+            return node_mask
+        node_mask &= ~drop
+        dropped_rows = row_of[drop]
+        dropped_rows = dropped_rows[dropped_rows >= 0]
+        n_out -= torch.bincount(edge_mask[dropped_rows].nonzero()[:, 1], minlength=n_nodes)
+        edge_mask[dropped_rows] = False
+        dropped = drop.nonzero().flatten()
+        n_in -= torch.bincount(edge_mask[:, dropped].nonzero()[:, 0], minlength=n_rows)
+        edge_mask[:, dropped] = False
+        n_in[dropped_rows] = 0
+        n_out[dropped] = 0
+
+
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
     """Keep the nodes and edges that carry most of the influence on the logits (see module doc)."""
     check_threshold(node_threshold, "node_threshold")
     check_threshold(edge_threshold, "edge_threshold")
-    targets, w = graph.edge_targets, graph.logit_weights()
-    always = graph.token_start  # tokens and logits are always kept
+    edges, targets = graph.edges, graph.edge_targets
 
-    influence = compute_influence(normalize_rows(graph.edges), targets, w)
+    influence, _ = _influence(graph)
     node_mask = influence >= find_threshold(influence, node_threshold)
-    node_mask[always:] = True
+    node_mask[graph.token_start:] = True  # tokens and logits are always kept
 
-    pruned = graph.edges.clone()
-    pruned[~node_mask[targets]] = 0
-    pruned[:, ~node_mask] = 0
-    norm = normalize_rows(pruned)
-    del pruned
-    out_influence = compute_influence(norm, targets, w) + w
-    norm.mul_(out_influence[targets].to(norm.dtype)[:, None])  # edge scores, in place
-    edge_mask = norm >= find_threshold(norm, edge_threshold)
-    del norm
-
-    is_feature_row = targets < graph.n_features
-    while True:
-        before = node_mask.clone()
-        edge_mask[~node_mask[targets]] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:always] &= edge_mask[:, :always].any(0)  # features/errors need an outgoing edge
-        has_input = edge_mask[is_feature_row].any(1)
-        node_mask[targets[is_feature_row]] &= has_input  # features need an incoming edge
-        if torch.equal(node_mask, before):
-            break
+    # The node-pruned graph: rows of kept targets, columns of kept nodes.
+    rows = node_mask[targets]
+    scale = _row_scale(ops.edge_abs_row_sums(edges, rows, node_mask), edges.dtype)
+    out = _output_influence(edges, targets, graph.logit_weights()[targets], scale, rows, node_mask)
+    edge_mask, n_out, n_in = _edge_cut(edges, scale, out.to(edges.dtype), rows, node_mask, edge_threshold)
+    node_mask = _drop_dangling(graph, node_mask, edge_mask, n_out, n_in)
 
     order = influence.sort(descending=True)
     cumulative = torch.zeros_like(influence)
@@ -152,14 +265,17 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
 def graph_scores(graph: Graph) -> GraphScores:
     """Replacement and completeness scores of the unpruned graph (Ameisen et al. 2025)."""
     targets, w = graph.edge_targets, graph.logit_weights()
-    norm = normalize_rows(graph.edges)
-    influence = compute_influence(norm, targets, w)
+    influence, scale = _influence(graph)
     errors = slice(graph.error_start, graph.token_start)
     token_influence = float(influence[graph.token_start:graph.logit_start].sum())
     error_influence = float(influence[errors].sum())
     replacement = token_influence / max(token_influence + error_influence, 1e-300)
+    rows, error_cols = _everything(graph.edges)
+    error_cols[:] = False
+    error_cols[errors] = True
+    from_errors = ops.edge_abs_row_sums(graph.edges, rows, error_cols) / scale.double()  # Σ_errors Â_ij
     non_error = torch.ones(graph.n_nodes, dtype=torch.float64)
-    non_error[targets] = 1 - norm[:, errors].sum(-1, dtype=torch.float64)
+    non_error[targets] = 1 - from_errors
     output_influence = influence + w
     completeness = float((non_error * output_influence).sum() / output_influence.sum())
     return GraphScores(replacement, completeness)

@@ -100,3 +100,41 @@ def attribution_contract(grad: Tensor, pos: Tensor, W_dec: Tensor, feat_idx: Ten
 def gather_columns(W_enc: Tensor, feat_idx: Tensor) -> Tensor:
     """out[t, :] = W_enc[:, feat_idx[t]] -> [T, d_in]."""
     return W_enc[:, feat_idx].T.contiguous()
+
+
+def _edge_scores(edges: Tensor, scale: Tensor, weight: Tensor, block: Tensor) -> Tensor:
+    """s = (|edges| / scale) * weight on the block (a [R, N] bool), 0 elsewhere."""
+    return (edges.abs() / scale[:, None] * weight[:, None]).masked_fill_(~block, 0)
+
+
+def edge_abs_row_sums(edges: Tensor, row_mask: Tensor, col_mask: Tensor) -> Tensor:
+    """[R] float64: sum_j |edges[i, j]| over the block row_mask x col_mask."""
+    block = row_mask[:, None] & col_mask[None]
+    return edges.abs().masked_fill_(~block, 0).sum(1, dtype=torch.float64)
+
+
+def edge_score_col_sums(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                        col_mask: Tensor) -> Tensor:
+    """[N] float64: sum_i s[i, j], s = (|edges| / scale) * weight on the block."""
+    s = _edge_scores(edges, scale, weight, row_mask[:, None] & col_mask[None])
+    return s.sum(0, dtype=torch.float64)
+
+
+def edge_score_histogram(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                         col_mask: Tensor) -> Tensor:
+    """[65536] float64: sum of the block's scores per bucket (bit pattern >> (bits - 17))."""
+    s = _edge_scores(edges, scale, weight, row_mask[:, None] & col_mask[None]).flatten()
+    as_int, shift = (torch.int32, 15) if s.dtype == torch.float32 else (torch.int64, 47)
+    sums = torch.zeros(1 << 16, dtype=torch.float64)
+    return sums.index_add_(0, (s.view(as_int) >> shift).long(), s.double())
+
+
+def edge_score_mask(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tensor,
+                    col_mask: Tensor, min_score: float, band_end: float) -> tuple[Tensor, ...]:
+    """mask [R, N] = block & (s >= min_score), its row and column counts, and the entries of
+    the mask with s < band_end, row-major: (mask, n_in, n_out, rows, cols, scores)."""
+    block = row_mask[:, None] & col_mask[None]
+    s = _edge_scores(edges, scale, weight, block)
+    mask = block & (s >= min_score)
+    rows, cols = (mask & (s < band_end)).nonzero(as_tuple=True)
+    return mask, mask.sum(1), mask.sum(0), rows, cols, s[rows, cols]
