@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--bounded", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="of the linear model (float64: a reference for the fp32 edges' rounding)")
     ap.add_argument("--skip-positions", type=int, default=1,
                     help="leading positions without features (circuit-tracer zeroes <bos>)")
     a = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded = load_model("gemma-3-270m", progress=lambda s: None)
     tcs = load_transcoders(a.transcoders)
-    rm = ReplacementModel(loaded.model, tcs, tokenizer=loaded.tokenizer, skip_positions=a.skip_positions)
+    rm = ReplacementModel(loaded.model, tcs, tokenizer=loaded.tokenizer, skip_positions=a.skip_positions,
+                          dtype=getattr(torch, a.dtype))
     T["load"], M["load"] = time.perf_counter() - t0, rss_mib()
     tokens = torch.load(a.prompt)
     phases: dict = {}
@@ -75,7 +78,7 @@ def main() -> None:
                kept_nodes=int(pr.node_mask.sum()), threads=torch.get_num_threads(),
                phases_inner=phases)
     from safetensors.torch import save_file
-    save_file({"features": graph.features.contiguous(), "edges": graph.edges.contiguous(),
+    save_file({"features": graph.features.contiguous(), "edges": graph.edges.float().contiguous(),
                "logit_tokens": graph.logit_tokens.contiguous()}, a.out + ".safetensors")
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
 

@@ -26,7 +26,7 @@ from .bounded import position_order, visit_bounded
 from .frozen import EMBED, Seeds
 from .graph import Graph
 from .ops import attribution_contract
-from .prune import compute_influence, normalize_rows
+from .prune import influence_of_rows
 from .replacement import ReplacementModel, ReplacementState
 from .targets import TargetSpec, default_targets
 
@@ -202,7 +202,7 @@ def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visi
             pending = torch.arange(n_feat)
             pending = pending[position_order(af, pending, state.n_layers)]
         else:
-            infl = compute_influence(normalize_rows(rows[:filled]), row_nodes[:filled], weights)
+            infl, _ = influence_of_rows(rows[:filled], row_nodes[:filled], weights)  # no copy of rows
             rank = infl[:n_feat].argsort(descending=True, stable=True)
             pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
             pending = pending[position_order(af, pending, state.n_layers)]
@@ -216,7 +216,7 @@ def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visi
     selected = visited.nonzero().flatten()  # ascending active-feature index
     cols = torch.cat([selected, torch.arange(n_feat, n_nodes)])
     order = row_nodes.argsort()  # feature rows by feature index, then the logit rows
-    return rows[order][:, cols], selected
+    return rows[order[:, None], cols[None, :]], selected  # one gather: no full-width copy
 
 
 def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,

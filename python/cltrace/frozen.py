@@ -22,6 +22,10 @@ either at the final-norm input (a logit direction, through the frozen final norm
 layer's MLP input (a feature's encoder column, through the frozen pre-FF norm). Going down, it
 yields for every layer L the gradient w.r.t. ``m_L`` ([B, n_pos, d_model]) and finally the
 gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
+:meth:`FrozenLinearModel.iter_backward_live` is the form attribution uses: seeds sorted by
+layer, so that at layer L only the seeds above it are carried (a prefix of the batch) and only
+positions up to the last seed's (causal); position-major ``[n, k, d_model]`` so that every
+product is one GEMM. A seed at (layer ℓ, position p) costs (ℓ + 1)·(p + 1) per-position steps.
 """
 from __future__ import annotations
 

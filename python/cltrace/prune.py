@@ -110,14 +110,20 @@ def _columns(edges: Tensor, idx: Tensor) -> Tensor:
     return torch.cat([edges[:, int(idx[a]):int(idx[b - 1]) + 1] for a, b in zip(starts, ends)], 1)
 
 
-def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
-    """(influence [N] float64, row scale of ``Â`` [n_targets]) of the unpruned graph: two
-    reads of the edges (row sums; ``(I + w)[targets] · Â``)."""
-    edges, targets = graph.edges, graph.edge_targets
+def influence_of_rows(edges: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(influence [N] float64, row scale of ``Â`` [n_targets]) for the edge rows
+    ``edges [n_targets, N]`` of the nodes ``targets`` and node weights ``weights [N]``: as
+    ``compute_influence(normalize_rows(edges), targets, weights)`` but with two reads of the
+    edges (row sums; ``(I + w)[targets] · Â``) and no copy of them."""
     rows, cols = _everything(edges)
     scale = _row_scale(ops.edge_abs_row_sums(edges, rows, cols), edges.dtype)
-    out = _output_influence(edges, targets, graph.logit_weights()[targets], scale)
+    out = _output_influence(edges, targets, weights[targets], scale)
     return ops.edge_score_col_sums(edges, scale, out.to(edges.dtype), rows, cols), scale
+
+
+def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
+    """:func:`influence_of_rows` of the unpruned graph."""
+    return influence_of_rows(graph.edges, graph.edge_targets, graph.logit_weights())
 
 
 def _everything(edges: Tensor) -> tuple[Tensor, Tensor]:
