@@ -114,19 +114,24 @@ def seed_objectives(st, out, seeds):
     return torch.stack(objs)
 
 
+def autograd_vjps(st, seeds, dtype=None):
+    """Per seed, (d/d embed, d/d sources) of its objective by autograd through the frozen forward."""
+    embed = st.embed.to(dtype or st.embed.dtype).clone().requires_grad_()
+    sources = st.sources().clone().requires_grad_()
+    out = st.frozen(embed, sources)
+    objs = seed_objectives(st, out, seeds)
+    return out, objs, [torch.autograd.grad(objs[b], (embed, sources), retain_graph=True) for b in range(seeds.n)]
+
+
 @pytest.mark.parametrize("kind,skip", VARIANTS)
 def test_backward_matches_autograd(setup, kind, skip):
     *_, dtype = setup
     _, st = build(setup, kind, skip, skip_positions=3)
     seeds = mixed_seeds(st, torch.Generator().manual_seed(2))
     grads = st.frozen.backward(seeds)
-    embed = st.embed.to(dtype).clone().requires_grad_()
-    sources = st.sources().clone().requires_grad_()
-    out = st.frozen(embed, sources)
-    objs = seed_objectives(st, out, seeds)
+    out, objs, vjps = autograd_vjps(st, seeds, dtype)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    for b in range(seeds.n):
-        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+    for b, (g_emb, g_src) in enumerate(vjps):
         torch.testing.assert_close(grads.embed[b], g_emb, **tol)
         torch.testing.assert_close(grads.mlp_out[:, b], g_src, **tol)
     # a logit seed's objective is the logit minus its vocabulary mean
@@ -374,11 +379,7 @@ def test_real_gemma_270m_banded_sliding_window():
     seeds = Seeds(*(torch.cat(t) for t in zip(
         st.logit_seeds([100], pos=n - 1), st.feature_seeds(torch.tensor([9]), torch.tensor([n - 2]), torch.tensor([3])))))
     grads = st.frozen.backward(seeds)
-    embed = st.embed.clone().requires_grad_()
-    sources = st.sources().clone().requires_grad_()
-    objs = seed_objectives(st, st.frozen(embed, sources), seeds)
-    for b in range(seeds.n):
-        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+    for b, (g_emb, g_src) in enumerate(autograd_vjps(st, seeds)[2]):
         scale = g_src.abs().max()
         torch.testing.assert_close(grads.mlp_out[:, b] / scale, g_src / scale, rtol=0, atol=1e-5)
         torch.testing.assert_close(grads.embed[b] / scale, g_emb / scale, rtol=0, atol=1e-5)
@@ -392,11 +393,7 @@ def test_backward_early_positions_only(setup):
         st.logit_seeds([9], pos=2), st.feature_seeds(torch.tensor([4, 2]), torch.tensor([0, 3]),
                                                      torch.tensor([5, 6])))))
     grads = st.frozen.backward(seeds)
-    embed = st.embed.clone().requires_grad_()
-    sources = st.sources().clone().requires_grad_()
-    objs = seed_objectives(st, st.frozen(embed, sources), seeds)
-    for b in range(seeds.n):
-        g_emb, g_src = torch.autograd.grad(objs[b], (embed, sources), retain_graph=True)
+    for b, (g_emb, g_src) in enumerate(autograd_vjps(st, seeds)[2]):
         torch.testing.assert_close(grads.embed[b], g_emb, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads.mlp_out[:, b], g_src, rtol=1e-4, atol=1e-6)
     assert grads.embed.shape == (3, N_POS, 64) and (grads.embed[:, 4:] == 0).all()
