@@ -166,3 +166,26 @@ def test_bounded_path_gives_exact_edges(replacement, full_graph):
     dense = attribute(TOKENS, replacement, bounded=False, batch_size=4, max_feature_nodes=4)
     assert torch.equal(first.features, dense.features)
     torch.testing.assert_close(first.edges, dense.edges, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_columns_equal_edge_rows(replacement):
+    """A column by forward JVP (the bounded path's fill-in) equals the backward rows' entries."""
+    from cltrace.attribution import EdgeRows
+    from cltrace.columns import feature_injections, forward_columns
+    from cltrace.frozen import Seeds
+
+    st = replacement.run(torch.tensor(TOKENS))
+    af = st.active_features()
+    g = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        perm = torch.randperm(af.layer.numel(), generator=g)
+        src, tgt = perm[:9], perm[9:20]
+        if trial == 2:  # sources at late positions only: the JVP starts past position 0
+            src = (af.pos >= 5).nonzero().flatten()[:6]
+        targets = Seeds(*(torch.cat(t) for t in zip(
+            st.logit_seeds(torch.tensor([3, 7])), st.feature_seeds(af.layer[tgt], af.pos[tgt], af.feature[tgt]))))
+        full = EdgeRows(st)(targets)  # [n_targets, n_cols]
+        inj = feature_injections(st, af.layer[src], af.pos[src], af.feature[src], af.value[src])
+        cols = forward_columns(st.frozen, inj, src.numel(), targets)  # [n_targets, n_src]
+        assert full[:, src].abs().max() > 0
+        torch.testing.assert_close(cols, full[:, src], rtol=1e-9, atol=1e-12)

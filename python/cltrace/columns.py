@@ -24,20 +24,18 @@ from .frozen import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
 from .patterns import mix
 
 
-def _norm_from(k: FrozenNorm, x: Tensor, start: int) -> Tensor:
-    """The frozen norm on positions ``start..`` of ``x [B, n_pos - start, d]``."""
-    return x * k.scale[start:] * k.gain
-
-
 def _attn_delta(fz: FrozenLinearModel, fl: FrozenLayer, r: Tensor, start: int) -> Tensor:
-    """Change of the post-scaled attention output for a residual change ``r [B, n, d]``."""
-    B, n, _ = r.shape
+    """``r + `` the change of the post-scaled attention output for a residual change
+    ``r [n, C, d]`` (position-major, positions ``start..``): with the norm gains folded into
+    W_V / W_O and the scales into the pattern, two GEMMs, the pattern product and two copies."""
+    n, C, d = r.shape
     rep, hd = fz.n_heads // fz.n_kv, fz.head_dim
-    v = _norm_from(fl.k_in, r, start) @ fl.W_V.T  # [B, n, n_kv * hd]
-    v = v.view(B, n, fz.n_kv, hd).permute(2, 1, 0, 3).reshape(fz.n_kv, n, B * hd)
-    z = mix(fl.pattern, v, start).view(fz.n_kv, rep, n, B, hd).permute(3, 2, 0, 1, 4)  # [B, n, n_kv, rep, hd]
-    o = z.reshape(B, n, fz.n_heads * hd) @ fl.W_O.T  # [B, n, d_model]
-    return _norm_from(fl.k_attn, o, start)
+    fz.fold_gains(fl)
+    v = (r.view(n * C, d) @ fl.W_V_gain.T).view(n, C, fz.n_kv, hd)  # [n, C, n_kv, hd]
+    v = v.permute(2, 0, 1, 3).reshape(fz.n_kv, n, C * hd)
+    z = mix(fl.pattern, v, start, fl.k_attn.scale[:, 0], fl.k_in.scale[:, 0])  # [n_kv, rep, n, C * hd]
+    z = z.view(fz.n_kv, rep, n, C, hd).permute(2, 3, 0, 1, 4).reshape(n * C, fz.n_heads * hd)
+    return torch.addmm(r.view(n * C, d), z, fl.W_O_gain.T).view(n, C, d)
 
 
 def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tensor, Tensor]],
@@ -47,7 +45,8 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
     ``inject``: entries ``(layer, col [k], pos [k], vec [k, d_model])`` adding ``vec`` to the
     MLP output ``m_layer`` at ``pos`` of column ``col`` (a feature's ``a · W_dec`` row).
     ``targets``: the rows' seeds (layer ``n_layers`` = a logit direction after the final norm,
-    else an encoder column at that layer's MLP input)."""
+    else an encoder column at that layer's MLP input). The residual change is carried
+    position-major, ``[n_pos - start, n_cols, d_model]``, from the first source position on."""
     dev, dt = fz.W_U.device, fz.dtype
     out = torch.zeros(targets.n, n_cols, dtype=dt, device=dev)
     if not inject or targets.n == 0:
@@ -55,30 +54,35 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
     start = min(int(p.min()) for _, _, p, _ in inject) if fz.causal else 0
     lo = min(L for L, *_ in inject)
     n = fz.n_pos - start
-    r = torch.zeros(n_cols, n, fz.d_model, dtype=dt, device=dev)  # change of r_L
+    r = torch.zeros(n, n_cols, fz.d_model, dtype=dt, device=dev)  # change of r_L
     live = False
     top = int(targets.layer.max())
+
+    def read(sel: Tensor, y: Tensor, k: FrozenNorm) -> None:
+        """Targets ``sel`` read ``k(y)`` at their positions: [k, C, d] . [k, d] -> out[sel]."""
+        pos = targets.pos[sel]
+        ys = y[pos - start] * (k.scale[pos] * k.gain)[:, None]  # [k, n_cols, d]
+        out[sel] = torch.einsum("kcd,kd->kc", ys, targets.vec[sel].to(dt))
+
     for L in range(lo, min(top + 1, fz.n_layers)):
         fl = fz.layers[L]
-        h = r + _attn_delta(fz, fl, r, start) if live else r
-        x = _norm_from(fl.k_pre, h, start)  # change of the MLP input x_L: [n_cols, n, d]
+        h = _attn_delta(fz, fl, r, start) if live else r
         sel = ((targets.layer == L) & (targets.pos >= start)).nonzero().flatten()
         if live and sel.numel():
-            xs = x[:, targets.pos[sel] - start]  # [n_cols, k, d]
-            out[sel] = torch.einsum("ckd,kd->kc", xs, targets.vec[sel].to(dt))
-        m = torch.zeros_like(r)
+            read(sel, h, fl.k_pre)  # the MLP input x_L = k_pre(h_L)
+        if fl.W_skip is not None and live:
+            fz.fold_gains(fl)  # m += (k_pre(h) @ W_skip) * mask
+            scale = (fl.k_pre.scale * fl.skip_mask)[start:, :, None]  # [n, 1, 1]
+            r = torch.addcmul(h, (h.view(-1, fz.d_model) @ fl.W_skip_gain.T).view(h.shape), scale)
+        else:
+            r = h
         for L_in, col, pos, vec in inject:
             if L_in == L:
-                m.index_put_((col, pos - start), vec.to(dt), accumulate=True)
+                r.index_put_((pos - start, col), vec.to(dt), accumulate=True)
                 live = True
-        if fl.W_skip is not None:
-            m = m + (x @ fl.W_skip) * fl.skip_mask[start:]
-        r = h + m
     sel = ((targets.layer == fz.n_layers) & (targets.pos >= start)).nonzero().flatten()
     if top == fz.n_layers and live and sel.numel():
-        pos = targets.pos[sel]
-        ys = r[:, pos - start] * fz.k_final.scale[pos] * fz.k_final.gain  # [n_cols, k, d]
-        out[sel] = torch.einsum("ckd,kd->kc", ys, targets.vec[sel].to(dt))
+        read(sel, r, fz.k_final)
     return out
 
 

@@ -182,7 +182,7 @@ class FrozenLinearModel:
 
     # --- the linearised backward -----------------------------------------------------------
 
-    def _fold_gains(self, fl: FrozenLayer) -> None:
+    def fold_gains(self, fl: FrozenLayer) -> None:
         """The norms' gains folded into the weights once per layer (elementwise passes less)."""
         if fl.W_O_gain is None:
             fl.W_O_gain = fl.k_attn.gain[:, None] * fl.W_O  # [d_model, n_heads * hd]
@@ -207,7 +207,7 @@ class FrozenLinearModel:
         :func:`cltrace.patterns.mix_t`) and one copy of grad_z into group-major order."""
         n, k, d = grad_h.shape
         rep, hd = self.n_heads // self.n_kv, self.head_dim
-        self._fold_gains(fl)
+        self.fold_gains(fl)
         g2 = grad_h.view(n * k, d)
         grad_z = (g2 @ fl.W_O_gain).view(n, k, self.n_kv, rep, hd)
         grad_z = grad_z.permute(2, 0, 3, 1, 4).reshape(self.n_kv, n * rep, k * hd)  # rows (q, h)
@@ -260,7 +260,7 @@ class FrozenLinearModel:
                 continue  # nothing seeded at or above this layer yet: g stays zero
             # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
             if fl.W_skip is not None and g.shape[1]:
-                self._fold_gains(fl)
+                self.fold_gains(fl)
                 scale = fl.skip_mask[:n] * fl.k_pre.scale[:n]  # [n, 1]
                 skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
                 grad_h = torch.addcmul(g, skip, scale[:, :, None])

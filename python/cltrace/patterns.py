@@ -94,18 +94,25 @@ def as_dense(P: Pattern) -> Tensor:
     return P.dense() if isinstance(P, BandedPattern) else P
 
 
-def mix(P: Pattern, v: Tensor, start: int = 0) -> Tensor:
+def mix(P: Pattern, v: Tensor, start: int = 0, s_q: Optional[Tensor] = None,
+        s_k: Optional[Tensor] = None) -> Tensor:
     """Attention of values ``v [n_kv, n - start, C]`` at positions ``start .. n-1`` (queries and
-    keys): ``[n_kv, rep, n - start, C]``."""
+    keys): ``[n_kv, rep, n - start, C]``. With ``s_q``, ``s_k [n_pos]`` (indexed by absolute
+    position) the pattern is scaled to ``s_q[q] P[h, q, k] s_k[k]``."""
     n_kv, m, C = v.shape
     n = start + m
     H = P.shape[0]
     rep = H // n_kv
+
+    def scaled(A: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        return A if s_q is None else A * s_q[q0:q1, None] * s_k[None, k0:k1]
+
     if not isinstance(P, BandedPattern):
-        return P[:, start:n, start:n].reshape(n_kv, rep, m, m) @ v[:, None]
+        A = scaled(P[:, start:n, start:n], start, n, start, n)
+        return A.reshape(n_kv, rep, m, m) @ v[:, None]
     z = v.new_zeros(n_kv, rep, m, C)
     for b, q0, q1, k0, k1 in P._query_blocks(start, n):
-        A = P._block(b, q0, q1, k0, k1).reshape(n_kv, rep * (q1 - q0), k1 - k0)
+        A = scaled(P._block(b, q0, q1, k0, k1), q0, q1, k0, k1).reshape(n_kv, rep * (q1 - q0), k1 - k0)
         z[:, :, q0 - start:q1 - start] = (A @ v[:, k0 - start:k1 - start]).view(n_kv, rep, q1 - q0, C)
     return z
 
