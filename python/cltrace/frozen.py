@@ -212,7 +212,7 @@ class FrozenLinearModel:
         grad_z = (g2 @ fl.W_O_gain).view(n, k, self.n_kv, rep, hd)
         grad_z = grad_z.permute(2, 0, 3, 1, 4).reshape(self.n_kv, n * rep, k * hd)  # rows (q, h)
         grad_v = mix_t(fl.pattern, grad_z, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0])
-        grad_v = grad_v.view(self.n_kv, n * k, hd)  # [n_kv, n(k), k * hd]
+        grad_v = grad_v.view(self.n_kv, n * k, hd)  # [n_kv, n(k), k * hd] as [n_kv, n * k, hd]
         out = g2
         for g in range(self.n_kv):
             out = torch.addmm(out, grad_v[g], fl.W_V_gain[g * hd:(g + 1) * hd])
