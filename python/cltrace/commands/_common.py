@@ -11,6 +11,16 @@ def messenger(quiet: bool) -> Callable[..., None]:
     return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
 
+def add_replacement_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --transcoders, --device and --dtype: what :func:`load_replacement` reads."""
+    p.add_argument("--model", default="gemma-3-270m",
+                   help="model: 'gemma-3-270m' (embedded, default), a hub id, a folder or a .gguf")
+    p.add_argument("--transcoders", default=None, metavar="T",
+                   help="transcoder folder or hub reference (default: the trained starter set)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+
+
 def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
     """(LoadedModel, ReplacementModel) from --model, --transcoders (default: the starter set),
     --device and --dtype."""

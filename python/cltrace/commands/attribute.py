@@ -6,6 +6,8 @@ import re
 import resource
 import time
 
+from ._common import add_replacement_arguments
+
 NAME = "attribute"
 HELP = "compute the attribution graph of a prompt and export it (JSON, DOT, SVG, full graph)"
 DESCRIPTION = """\
@@ -35,10 +37,7 @@ FORMATS = ("json", "dot", "svg", "png", "pt")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    p.add_argument("--model", default="gemma-3-270m",
-                   help="model: 'gemma-3-270m' (embedded, default), a hub id, a folder or a .gguf")
-    p.add_argument("--transcoders", default=None, metavar="T",
-                   help="transcoder folder or hub reference (default: the trained starter set)")
+    add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
     p.add_argument("--max-feature-nodes", type=int, default=None, metavar="N",
@@ -55,8 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribute this next token instead of the salient ones (repeatable)")
     p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="attribute the logit difference A - B (repeatable)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     p.add_argument("--format", default="json,dot,svg,pt",
                    help=f"comma-separated outputs among {', '.join(FORMATS)} (default json,dot,svg,pt)")
     p.add_argument("--chat", action="store_true",

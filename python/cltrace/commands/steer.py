@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from ._common import add_replacement_arguments
+
 NAME = "steer"
 HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
 DESCRIPTION = """\
@@ -78,10 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
                    required=True, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given)")
-    p.add_argument("--model", default="gemma-3-270m",
-                   help="model: 'gemma-3-270m' (embedded, default), a hub id, a folder or a .gguf")
-    p.add_argument("--transcoders", default=None, metavar="T",
-                   help="transcoder folder or hub reference (default: the trained starter set)")
+    add_replacement_arguments(p)
     p.add_argument("--mode", choices=("free", "frozen"), default="free",
                    help="free: the real model (default); frozen: the replacement model of the graph")
     p.add_argument("--freeze-features", action="store_true",
@@ -95,8 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer-generated", action="store_true",
                    help="apply the interventions to generated tokens too (POS resolved against "
                         "the growing text: no @POS or an open slice covers new tokens)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in Gemma's chat template (for -it models)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
