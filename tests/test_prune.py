@@ -125,6 +125,12 @@ def test_compute_influence_matches_power_series():
         cur = cur @ m
     got = P.compute_influence(P.normalize_rows(g.edges), g.edge_targets, w)
     torch.testing.assert_close(got, inf)
+    # the copy-free form attribution re-ranks with, also on rows in any order (the dense path's)
+    torch.testing.assert_close(P.influence_of_rows(g.edges, g.edge_targets, w)[0], inf)
+    perm = torch.randperm(g.edges.shape[0], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(P.influence_of_rows(g.edges[perm], g.edge_targets[perm], w)[0], inf)
+    got32 = P.influence_of_rows(g.edges.float()[perm], g.edge_targets[perm], w)[0]
+    torch.testing.assert_close(got32, inf, rtol=1e-5, atol=1e-6)
 
 
 def edge_inputs(R, N, dtype, seed=0):

@@ -199,8 +199,7 @@ def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visi
     filled = n_logits
     while filled - n_logits < n_visit:
         if n_visit == n_feat:
-            pending = torch.arange(n_feat)
-            pending = pending[position_order(af, pending, state.n_layers)]
+            pending = position_order(af, torch.arange(n_feat), state.n_layers)  # all, by position
         else:
             infl, _ = influence_of_rows(rows[:filled], row_nodes[:filled], weights)  # no copy of rows
             rank = infl[:n_feat].argsort(descending=True, stable=True)

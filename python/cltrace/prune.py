@@ -85,7 +85,10 @@ def _series_on_targets(block: Tensor, seed: Tensor, max_iter: int = 1000) -> Ten
 
 def compute_influence(norm_rows: Tensor, targets: Tensor, weights: Tensor,
                       max_iter: int = 1000) -> Tensor:
-    """``wᵀ(Â + Â² + …)`` for ``Â`` given by its rows ``norm_rows [n_targets, N]`` at ``targets``."""
+    """``wᵀ(Â + Â² + …)`` for ``Â`` given by its rows ``norm_rows [n_targets, N]`` at ``targets``.
+
+    The plain form of the formula (tests use it as the oracle); graphs go through
+    :func:`influence_of_rows`, which needs no normalised copy of the rows."""
     w = weights[targets]
     out = w + _series_on_targets(norm_rows[:, targets], w, max_iter)  # (I + w) at the targets
     return (out.to(norm_rows.dtype) @ norm_rows).double()
