@@ -3,7 +3,7 @@
 * the real Gemma 3 270M: cltrace loads its cached safetensors copy; the peer (transformers
   4.57) gets a folder with a 4.57-style config (``rope_theta``/``rope_local_base_freq``
   instead of transformers 5's ``rope_parameters``) and links to the same weights/tokenizer;
-* synthetic transcoders calibrated on real MLP inputs (:func:`cltrace.starter.fit_starter_set`:
+* synthetic transcoders calibrated on real MLP inputs (:func:`cltrace.training.starter.fit_starter_set`:
   random encoders, thresholds for the requested L0, least-squares decoders; NOT trained):
   a per-layer set with affine skip and a CLT, each written in the Gemma Scope 2 layout (for
   cltrace) and in circuit-tracer's layout (for the peer) from the same tensors;
@@ -52,7 +52,7 @@ def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> di
     encoders, thresholds and same-layer decoders (no skip) and adds small random decoders to
     the later layers, as :func:`fit_starter_set` does (fitting it anew means 18 more
     4096x4096 float64 solves: over 15 minutes on the loaded 2-core machine)."""
-    from cltrace.starter import collect_mlp_io, fit_starter_set
+    from cltrace.training.starter import collect_mlp_io, fit_starter_set
     from cltrace.transcoders import load_transcoders
     from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
     from cltrace.transcoders.write import save_gemmascope
@@ -89,7 +89,7 @@ def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> di
 
 def prompts(out: Path, tokenizer, lengths: list[int]) -> dict:
     """{n: token-id file} with <bos> + (n-1) tokens of calibration text."""
-    from cltrace.starter import calibration_texts
+    from cltrace.training.starter import calibration_texts
 
     ids: list[int] = []
     for text in calibration_texts():

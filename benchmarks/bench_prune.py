@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--n-pos", type=int, default=4800)
     ap.add_argument("--n-layers", type=int, default=18)
     a = ap.parse_args()
-    from cltrace.prune import prune
+    from cltrace.graph import prune
 
     t0 = time.perf_counter()
     graph = build(a.features, a.n_pos, a.n_layers)

@@ -45,7 +45,7 @@ def main() -> None:
     from cltrace.attribution import attribute
     from cltrace.export.neuronpedia import write_neuronpedia
     from cltrace.models import load_model
-    from cltrace.prune import prune
+    from cltrace.graph import prune
     from cltrace.replacement import ReplacementModel
     from cltrace.transcoders import load_transcoders
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cltrace.attribution import attribute
-from cltrace.capture import capture, text_parts
+from cltrace.frozen.capture import capture
+from cltrace.models.anatomy import text_parts
 from cltrace.replacement import ReplacementModel
 from tiny_gemma import random_transcoders, tiny_gemma
 
@@ -94,7 +95,7 @@ def test_partial_visit_keeps_exact_rows(replacement, full_graph):
     rows = torch.cat([idx, torch.arange(full.n_features, full.n_features + full.n_logits)])
     torch.testing.assert_close(part.edges, full.edges[rows][:, cols])
     # The first features visited are those the logits depend on most.
-    from cltrace.prune import compute_influence, normalize_rows
+    from cltrace.reference import compute_influence, normalize_rows
     logit_rows = full.edges[full.n_features:]
     infl = compute_influence(normalize_rows(logit_rows), full.edge_targets[full.n_features:],
                              full.logit_weights())
@@ -171,7 +172,7 @@ def test_bounded_path_gives_exact_edges(replacement, full_graph):
 def test_forward_columns_equal_edge_rows(replacement):
     """A column by forward JVP (the bounded path's fill-in) equals the backward rows' entries."""
     from cltrace.attribution import EdgeRows
-    from cltrace.columns import feature_injections, forward_columns
+    from cltrace.frozen.jvp import feature_injections, forward_columns
     from cltrace.frozen import Seeds
 
     st = replacement.run(torch.tensor(TOKENS))

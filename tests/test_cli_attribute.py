@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_model
 def small_set(tmp_path_factory):
     """A 256-wide synthetic PLT set with skip for the 270M, in the Gemma Scope 2 layout."""
     from cltrace.models import load_model
-    from cltrace.starter import collect_mlp_io, fit_starter_set
+    from cltrace.training.starter import collect_mlp_io, fit_starter_set
     from cltrace.transcoders.write import save_gemmascope
 
     loaded = load_model("gemma-3-270m")

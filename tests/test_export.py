@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from cltrace.export import GRAPH_SCHEMA_PATH, render, to_dot, to_neuronpedia, write_neuronpedia
-from cltrace.prune import prune
+from cltrace.graph import prune
 from graph_fixtures import random_graph
 
 NASTY = ['"quoted"', "new\nline", "ünï 😀", "", "tab\t\\"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cltrace.graph import Graph, NodeKind
-from cltrace.prune import prune
+from cltrace.graph import prune
 from graph_fixtures import random_graph
 
 

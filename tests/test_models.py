@@ -155,7 +155,7 @@ def test_embedded_model_cache_is_atomic(tmp_path, tiny_dir, monkeypatch):
     leaves nothing behind; later uses load the cached copy."""
     import shutil
 
-    from cltrace import models
+    from cltrace.models import load as models
 
     monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
     calls = []

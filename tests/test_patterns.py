@@ -1,8 +1,8 @@
-"""Banded sliding-window patterns against their dense twins (:mod:`cltrace.patterns`)."""
+"""Banded sliding-window patterns against their dense twins (:mod:`cltrace.frozen.attention`)."""
 import pytest
 import torch
 
-from cltrace.patterns import BandedPattern, as_dense, mix, mix_t
+from cltrace.frozen.attention import BandedPattern, as_dense, mix, mix_t
 
 
 def sliding_pattern(H: int, n: int, window: int, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltrace import ops, prune as P, reference as ref
+from cltrace import ops, reference as ref
+import cltrace.graph.pruning as P
+from cltrace.graph import graph_scores, influence_of_rows
 from graph_fixtures import random_graph
 
 
@@ -101,7 +103,7 @@ def test_scores_match_dense_definition():
     replacement = tok / (tok + inf[err].sum())
     out = inf + w
     completeness = ((1 - m[:, err].sum(1)) * out).sum() / out.sum()
-    scores = P.graph_scores(g)
+    scores = graph_scores(g)
     assert scores.replacement == pytest.approx(float(replacement), rel=1e-5)
     assert scores.completeness == pytest.approx(float(completeness), rel=1e-5)
     assert 0 < scores.replacement < 1 and 0 < scores.completeness < 1
@@ -110,7 +112,7 @@ def test_scores_match_dense_definition():
 def test_scores_are_one_without_errors():
     g = random_graph(seed=5)
     g.edges[:, g.error_start:g.token_start] = 0
-    s = P.graph_scores(g)
+    s = graph_scores(g)
     assert s.replacement == pytest.approx(1.0) and s.completeness == pytest.approx(1.0)
 
 
@@ -123,13 +125,13 @@ def test_compute_influence_matches_power_series():
     while cur.any():
         inf += cur
         cur = cur @ m
-    got = P.compute_influence(P.normalize_rows(g.edges), g.edge_targets, w)
+    got = ref.compute_influence(ref.normalize_rows(g.edges), g.edge_targets, w)
     torch.testing.assert_close(got, inf)
     # the copy-free form attribution re-ranks with, also on rows in any order (the dense path's)
-    torch.testing.assert_close(P.influence_of_rows(g.edges, g.edge_targets, w)[0], inf)
+    torch.testing.assert_close(influence_of_rows(g.edges, g.edge_targets, w)[0], inf)
     perm = torch.randperm(g.edges.shape[0], generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(P.influence_of_rows(g.edges[perm], g.edge_targets[perm], w)[0], inf)
-    got32 = P.influence_of_rows(g.edges.float()[perm], g.edge_targets[perm], w)[0]
+    torch.testing.assert_close(influence_of_rows(g.edges[perm], g.edge_targets[perm], w)[0], inf)
+    got32 = influence_of_rows(g.edges.float()[perm], g.edge_targets[perm], w)[0]
     torch.testing.assert_close(got32, inf, rtol=1e-5, atol=1e-6)
 
 

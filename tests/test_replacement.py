@@ -15,10 +15,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_gemma import random_transcoders, tiny_gemma  # noqa: E402
 
-from cltrace.capture import capture, text_parts  # noqa: E402
+from cltrace.frozen.capture import capture
+from cltrace.models.anatomy import text_parts  # noqa: E402
 from cltrace.frozen import EMBED, Seeds  # noqa: E402
 from cltrace.ops import attribution_contract  # noqa: E402
-from cltrace.patterns import BandedPattern  # noqa: E402
+from cltrace.frozen.attention import BandedPattern  # noqa: E402
 from cltrace.replacement import ReplacementModel  # noqa: E402
 from cltrace.transcoders.base import LayerTranscoder, TranscoderSet  # noqa: E402
 

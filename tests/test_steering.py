@@ -1,4 +1,4 @@
-"""Feature interventions and steered generation (cltrace.intervene, cltrace.generate).
+"""Feature interventions and steered generation (cltrace.steering.modes, cltrace.steering.generation).
 
 Tiny random Gemma 3 for most checks; one test on the real Gemma 3 270M (``real_model``).
 """
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from cltrace.attribution import attribute
-from cltrace.capture import capture, text_parts
-from cltrace.intervene import Intervention, column, encode_layer, pre_activations, with_columns
+from cltrace.frozen.capture import capture
+from cltrace.models.anatomy import text_parts
+from cltrace.steering import Intervention
+from cltrace.steering.modes import column, encode_layer, pre_activations, with_columns
 from cltrace.replacement import ReplacementModel
 from tiny_gemma import random_transcoders, tiny_gemma
 
@@ -220,8 +222,8 @@ def test_real_gemma_top_influence_ablation():
     frozen mode with features re-encoded is printed too (with these synthetic transcoders its
     cascades of re-encoded features are large and erratic)."""
     from cltrace.models import load_model
-    from cltrace.prune import prune
-    from cltrace.starter import synthetic_starter_transcoders
+    from cltrace.graph import prune
+    from cltrace.training.starter import synthetic_starter_transcoders
 
     loaded = load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
     rm = ReplacementModel(loaded.model, synthetic_starter_transcoders(loaded), tokenizer=loaded.tokenizer)
@@ -279,12 +281,12 @@ class CharTokenizer:
 @pytest.fixture
 def tiny_cli(monkeypatch):
     import cltrace.models
-    import cltrace.starter
+    import cltrace.training.starter
 
     rm = build("clt", dtype=torch.float32)
     loaded = cltrace.models.LoadedModel(rm.model, CharTokenizer(), "tiny")
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
-    monkeypatch.setattr(cltrace.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+    monkeypatch.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
     return rm
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cltrace import ops
-from cltrace.corpus import ActivationSource, Activations, stdlib_texts
+from cltrace.models.activations import ActivationSource, Activations
+from cltrace.training.corpus import stdlib_texts
 from cltrace.training import TrainConfig, Trainer, evaluate
 from cltrace.transcoders import load_transcoders
 from cltrace.transcoders.write import save_gemmascope
@@ -138,7 +139,8 @@ def test_sparse_step_matches_dense_autograd(kind):
 
 
 def test_activation_source_reads_the_hook_points():
-    from cltrace.capture import capture, text_parts
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
     from tiny_gemma import tiny_gemma
 
     model = tiny_gemma()

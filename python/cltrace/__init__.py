@@ -1,22 +1,70 @@
 """cltrace: attribution graphs (circuit tracing) for Gemma 3 with Gemma Scope 2 transcoders.
 
-The compiled core (``cltrace._C``) provides sparse transcoder encode/decode and the
-attribution contraction for CPU and, when built with it, CUDA; see :mod:`cltrace.ops`.
+The pipeline, one package per stage (each imports only the stages before it)::
+
+    models        load Gemma 3, its anatomy, batched MLP activations, the chat turn
+    transcoders   transcoder sets: formats, validation, writing
+    frozen        one recorded forward pass and the frozen linear model (forward, VJP, JVP)
+    replacement   transcoder features, reconstructions and errors of one prompt
+    attribution   logit targets, rows of direct effects, the visit of the features -> Graph
+    graph         the Graph as data: influence, pruning, scores
+    export        Neuronpedia / circuit-tracer JSON, Graphviz DOT/SVG
+    steering      interventions (frozen or free mode) and steered generation
+    training      corpora, the training loop, the starter sets
+
+The compiled core (``cltrace._C``) provides the sparse kernels (:mod:`cltrace.ops`, with a
+pure-torch twin of every op in :mod:`cltrace.reference`). ``import cltrace`` is cheap: the
+names below are imported on first use.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
-
-from . import _C, ops  # noqa: F401  (importing _C registers torch.ops.cltrace.*)
-from .ops import SparseActs
-from .frozen import FrozenLinearModel, Seeds
-from .replacement import ActiveFeatures, ReplacementModel, ReplacementState
-from .intervene import Intervention, InterventionResult
-from .generate import Generation
+import importlib
+from typing import TYPE_CHECKING, NamedTuple
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "load_model": "cltrace.models",
+    "load_transcoders": "cltrace.transcoders",
+    "TranscoderSet": "cltrace.transcoders",
+    "ReplacementModel": "cltrace.replacement",
+    "ReplacementState": "cltrace.replacement",
+    "ActiveFeatures": "cltrace.replacement",
+    "FrozenLinearModel": "cltrace.frozen",
+    "Seeds": "cltrace.frozen",
+    "attribute": "cltrace.attribution",
+    "Graph": "cltrace.graph",
+    "prune": "cltrace.graph",
+    "graph_scores": "cltrace.graph",
+    "Intervention": "cltrace.steering",
+    "InterventionResult": "cltrace.steering",
+    "Generation": "cltrace.steering",
+    "SparseActs": "cltrace.ops",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from .attribution import attribute
+    from .frozen import FrozenLinearModel, Seeds
+    from .graph import Graph, graph_scores, prune
+    from .models import load_model
+    from .ops import SparseActs
+    from .replacement import ActiveFeatures, ReplacementModel, ReplacementState
+    from .steering import Generation, Intervention, InterventionResult
+    from .transcoders import TranscoderSet, load_transcoders
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cltrace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class BuildInfo(NamedTuple):
@@ -34,6 +82,10 @@ class BuildInfo(NamedTuple):
 
 def build_info() -> BuildInfo:
     """Report what ``cltrace._C`` was compiled with (CPU/CUDA kernels, versions)."""
+    import torch
+
+    from . import _C
+
     return BuildInfo(
         version=__version__,
         cpu=torch._C._dispatch_has_kernel_for_dispatch_key("cltrace::sparse_decode", "CPU"),
@@ -46,5 +98,4 @@ def build_info() -> BuildInfo:
     )
 
 
-__all__ = ["ActiveFeatures", "BuildInfo", "FrozenLinearModel", "Generation", "Intervention",
-           "InterventionResult", "ReplacementModel", "ReplacementState", "Seeds", "SparseActs", "build_info", "ops"]
+__all__ = sorted([*_LAZY, "BuildInfo", "build_info", "__version__"])

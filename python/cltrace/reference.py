@@ -138,3 +138,27 @@ def edge_score_mask(edges: Tensor, scale: Tensor, weight: Tensor, row_mask: Tens
     mask = block & (s >= min_score)
     rows, cols = (mask & (s < band_end)).nonzero(as_tuple=True)
     return mask, mask.sum(1), mask.sum(0), rows, cols, s[rows, cols]
+
+
+def normalize_rows(edges: Tensor) -> Tensor:
+    """``Â = |edges|`` with each row divided by its sum (at least 1e-10, so rows of zeros stay
+    zero): the twin of the row scaling of :mod:`cltrace.graph.influence`."""
+    out = edges.abs()
+    return out.div_(out.sum(dim=1, keepdim=True, dtype=torch.float64).clamp(min=1e-10).to(out.dtype))
+
+
+def compute_influence(norm_rows: Tensor, targets: Tensor, weights: Tensor,
+                      max_iter: int = 1000) -> Tensor:
+    """``wᵀ(Â + Â² + …)`` (float64) for the dense ``Â [N, N]`` whose rows ``targets`` are
+    ``norm_rows [n_targets, N]`` (all other rows zero): the plain power series, the twin of
+    :func:`cltrace.graph.influence_of_rows`."""
+    n = norm_rows.shape[1]
+    A = torch.zeros(n, n, dtype=torch.float64)
+    A[targets] = norm_rows.double()
+    total, current = torch.zeros(n, dtype=torch.float64), weights.double()
+    for _ in range(max_iter + 1):
+        current = current @ A
+        if not current.any():
+            return total
+        total += current
+    raise RuntimeError(f"influence did not converge after {max_iter} iterations (is the graph cyclic?)")

@@ -26,7 +26,7 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
     --device and --dtype."""
     from ..models import load_model
     from ..replacement import ReplacementModel
-    from ..starter import starter_transcoders
+    from ..training.starter import starter_transcoders
 
     say(f"loading model {args.model} ...")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)

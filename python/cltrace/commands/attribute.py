@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..attribution import attribute
     from ..export import render, write_neuronpedia
-    from ..prune import check_threshold, graph_scores, prune
+    from ..graph import check_threshold, graph_scores, prune
 
     formats = _formats(args.format)
     check_threshold(args.node_threshold, "--node-threshold")
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt
     if args.chat:
-        from ..chat import chat_prompt
+        from ..models import chat_prompt
 
         prompt = chat_prompt(loaded.tokenizer, prompt)
         ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]

@@ -57,8 +57,8 @@ def parse_pos(text: str):
 
 
 def parse_feature(text: str):
-    """``L:F[@POS]=V`` / ``*S`` / ``+A`` -> :class:`~cltrace.intervene.Intervention`."""
-    from ..intervene import Intervention
+    """``L:F[@POS]=V`` / ``*S`` / ``+A`` -> :class:`~cltrace.steering.modes.Intervention`."""
+    from ..steering import Intervention
 
     m = _SPEC.match(text)
     if not m:

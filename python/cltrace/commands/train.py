@@ -80,7 +80,7 @@ def parse_layers(text: str) -> list[int]:
 
 
 def corpus_texts(args: argparse.Namespace) -> tuple[list[str], str]:
-    from ..corpus import dataset_texts, file_texts, stdlib_texts
+    from ..training.corpus import dataset_texts, file_texts, stdlib_texts
 
     if args.corpus and args.dataset:
         raise ValueError("give --corpus or --dataset, not both")

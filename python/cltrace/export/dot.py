@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..graph import Graph, NodeKind, atomic_write_text
-from ..prune import PruneResult, prune
+from ..graph.graph import Graph, NodeKind
+from ..atomic import atomic_write_text
+from ..graph.pruning import PruneResult, prune
 
 POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
 FILL = {NodeKind.FEATURE: "#fdf6e3", NodeKind.ERROR: "#e0e0e0", NodeKind.TOKEN: "#d9f0d3",

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..graph import Graph, NodeKind, atomic_write_text
-from ..prune import PruneResult, prune
+from ..graph.graph import Graph, NodeKind
+from ..atomic import atomic_write_text
+from ..graph.pruning import PruneResult, prune
 
 SCHEMA_VERSION = 1
 GRAPH_SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")

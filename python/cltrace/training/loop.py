@@ -52,7 +52,7 @@ class TrainResult:
 
 class Trainer:
     """Trains transcoders on an activation source (``read(idx) -> Activations``,
-    ``n_rows``, ``tokens_per_row``; see :class:`cltrace.corpus.ActivationSource`)."""
+    ``n_rows``, ``tokens_per_row``; see :class:`cltrace.models.activations.ActivationSource`)."""
 
     def __init__(self, cfg: TrainConfig, source, n_layers: int, d_model: int,
                  model_name: str = "", log: Callable[[str], None] = print, bar: bool = True):

@@ -1,6 +1,6 @@
 """End to end: text -> token rows -> model activations -> trained transcoders (-> files).
 
-Used by ``cltrace train`` and by the trained starter set (:mod:`cltrace.starter`).
+Used by ``cltrace train`` and by the trained starter set (:mod:`cltrace.training.starter`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..corpus import ActivationSource, token_rows
+from ..models.activations import ActivationSource
+from .corpus import token_rows
 from .loop import Trainer, TrainResult
 from .model import TrainConfig
 

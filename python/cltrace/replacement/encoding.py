@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .ops import SparseActs, jumprelu_encode, sparse_decode
-from .transcoders.base import TranscoderSet
+from ..ops import SparseActs, jumprelu_encode, sparse_decode
+from ..transcoders.base import TranscoderSet
 
 
 class Reconstruction(NamedTuple):

@@ -22,13 +22,14 @@ edge counts and reads only the edges of the nodes it drops.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import ops
+from .. import ops
 from .graph import Graph
+from .influence import _influence, _output_influence, _row_scale
 
 _SORT_LIMIT = 1 << 22  # up to this many scores, find_threshold simply sorts
 _CHUNK = 1 << 24  # scores processed per chunk by the histogram path
@@ -42,11 +43,6 @@ class PruneResult(NamedTuple):
     influence: Tensor  # [N] float64: influence of each node on the logits
 
 
-class GraphScores(NamedTuple):
-    replacement: float  # fraction of token->logit influence that flows through features, not errors
-    completeness: float  # influence-weighted fraction of node inputs not coming from error nodes
-
-
 def check_threshold(value: float, name: str) -> float:
     if not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -54,83 +50,6 @@ def check_threshold(value: float, name: str) -> float:
 
 
 # --- influence ------------------------------------------------------------------------------
-
-def normalize_rows(edges: Tensor) -> Tensor:
-    """``|edges|`` with each row divided by its sum (rows of zeros stay zero)."""
-    out = edges.abs()
-    return out.div_(_row_scale(out.sum(dim=1, keepdim=True, dtype=torch.float64), out.dtype))
-
-
-def _row_scale(row_sums: Tensor, dtype: torch.dtype) -> Tensor:
-    """The divisor of each row in ``Â``: its float64 sum, at least 1e-10, in the edges' dtype."""
-    return row_sums.clamp(min=1e-10).to(dtype)
-
-
-def _series_on_targets(block: Tensor, seed: Tensor, max_iter: int = 1000) -> Tensor:
-    """``seed·(B + B² + …)`` (float64) for ``B = Â[:, targets] [n_targets, n_targets]``: the
-    influence at the target nodes. Each product is taken in ``B``'s dtype, over the rows
-    between the first and the last non-zero coefficient only; the graph is acyclic, so the
-    series ends after at most (depth) terms."""
-    total = torch.zeros(seed.shape, dtype=torch.float64)
-    current = seed
-    for _ in range(max_iter + 1):
-        nonzero = current.nonzero()
-        if not len(nonzero):
-            return total
-        lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
-        current = (current[lo:hi].to(block.dtype) @ block[lo:hi]).double()
-        total += current
-    raise RuntimeError(f"influence did not converge after {max_iter} iterations (is the graph cyclic?)")
-
-
-def compute_influence(norm_rows: Tensor, targets: Tensor, weights: Tensor,
-                      max_iter: int = 1000) -> Tensor:
-    """``wᵀ(Â + Â² + …)`` for ``Â`` given by its rows ``norm_rows [n_targets, N]`` at ``targets``.
-
-    The plain form of the formula (tests use it as the oracle); graphs go through
-    :func:`influence_of_rows`, which needs no normalised copy of the rows."""
-    w = weights[targets]
-    out = w + _series_on_targets(norm_rows[:, targets], w, max_iter)  # (I + w) at the targets
-    return (out.to(norm_rows.dtype) @ norm_rows).double()
-
-
-def _output_influence(edges: Tensor, targets: Tensor, w: Tensor, scale: Tensor,
-                      rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> Tensor:
-    """``(I + w)`` at the targets (float64) for ``Â = |edges| / scale`` restricted to the block
-    ``rows x cols`` (default: everything)."""
-    block = _columns(edges, targets).abs_().div_(scale[:, None])  # Â[:, targets]
-    if rows is not None:
-        block.masked_fill_(~(rows[:, None] & cols[targets][None]), 0)
-    return w + _series_on_targets(block, w)
-
-
-def _columns(edges: Tensor, idx: Tensor) -> Tensor:
-    """``edges[:, idx]``, copied by slices where ``idx`` runs consecutively (features, logits)."""
-    starts = torch.cat([torch.tensor([0]), (idx.diff() != 1).nonzero().flatten() + 1]).tolist()
-    if len(starts) > 64:
-        return edges.index_select(1, idx)
-    ends = starts[1:] + [len(idx)]
-    return torch.cat([edges[:, int(idx[a]):int(idx[b - 1]) + 1] for a, b in zip(starts, ends)], 1)
-
-
-def influence_of_rows(edges: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """(influence [N] float64, row scale of ``Â`` [n_targets]) for the edge rows
-    ``edges [n_targets, N]`` of the nodes ``targets`` and node weights ``weights [N]``: as
-    ``compute_influence(normalize_rows(edges), targets, weights)`` but with two reads of the
-    edges (row sums; ``(I + w)[targets] · Â``) and no copy of them."""
-    rows, cols = _everything(edges)
-    scale = _row_scale(ops.edge_abs_row_sums(edges, rows, cols), edges.dtype)
-    out = _output_influence(edges, targets, weights[targets], scale)
-    return ops.edge_score_col_sums(edges, scale, out.to(edges.dtype), rows, cols), scale
-
-
-def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
-    """:func:`influence_of_rows` of the unpruned graph."""
-    return influence_of_rows(graph.edges, graph.edge_targets, graph.logit_weights())
-
-
-def _everything(edges: Tensor) -> tuple[Tensor, Tensor]:
-    return (torch.ones(edges.shape[0], dtype=torch.bool), torch.ones(edges.shape[1], dtype=torch.bool))
 
 
 # --- cumulative cut-off ------------------------------------------------------------------------
@@ -271,20 +190,3 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     return PruneResult(node_mask, edge_mask, cumulative, influence)
 
 
-def graph_scores(graph: Graph) -> GraphScores:
-    """Replacement and completeness scores of the unpruned graph (Ameisen et al. 2025)."""
-    targets, w = graph.edge_targets, graph.logit_weights()
-    influence, scale = _influence(graph)
-    errors = slice(graph.error_start, graph.token_start)
-    token_influence = float(influence[graph.token_start:graph.logit_start].sum())
-    error_influence = float(influence[errors].sum())
-    replacement = token_influence / max(token_influence + error_influence, 1e-300)
-    rows, error_cols = _everything(graph.edges)
-    error_cols[:] = False
-    error_cols[errors] = True
-    from_errors = ops.edge_abs_row_sums(graph.edges, rows, error_cols) / scale.double()  # Σ_errors Â_ij
-    non_error = torch.ones(graph.n_nodes, dtype=torch.float64)
-    non_error[targets] = 1 - from_errors
-    output_influence = influence + w
-    completeness = float((non_error * output_influence).sum() / output_influence.sum())
-    return GraphScores(replacement, completeness)

@@ -25,9 +25,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .capture import capture, text_parts
-from .training.model import TrainConfig
-from .transcoders.base import LayerTranscoder, TranscoderSet
+from ..frozen.capture import capture
+from ..models.anatomy import text_parts
+from .model import TrainConfig
+from ..transcoders.base import LayerTranscoder, TranscoderSet
 
 CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
                        "re", "string", "textwrap", "datetime", "random", "statistics", "csv",
@@ -135,9 +136,9 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
     ``progress`` receives messages (the per-layer FVU and L0 among them)."""
     from .corpus import stdlib_texts
-    from .models import cache_root
-    from .training import train_transcoders
-    from .transcoders import load_transcoders
+    from ..models import cache_root
+    from . import train_transcoders
+    from ..transcoders import load_transcoders
 
     cfg = config or STARTER_CONFIG
     name = getattr(loaded, "name", "") or "model"
@@ -165,9 +166,9 @@ def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 409
     """The cached SYNTHETIC (untrained) starter set of a loaded model (built on first use, then reused).
 
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily."""
-    from .models import cache_root
-    from .transcoders import load_transcoders
-    from .transcoders.write import save_gemmascope
+    from ..models import cache_root
+    from ..transcoders import load_transcoders
+    from ..transcoders.write import save_gemmascope
 
     name = getattr(loaded, "name", "") or "model"
     tag = f"{_safe(name)}-synthetic-{kind}-w{width}-l0_{l0}{'-affine' if affine else ''}-t{n_tokens}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..atomic import _atomic
 
 FORMAT_VERSION = 1
 
@@ -143,7 +144,7 @@ class Graph:
 
     def to_networkx(self, prune_result=None):
         """``networkx.DiGraph`` (edges source -> target, attribute ``weight``); nodes carry the
-        node table's fields. With a :class:`~cltrace.prune.PruneResult`, only what it kept."""
+        node table's fields. With a :class:`~cltrace.graph.PruneResult`, only what it kept."""
         import networkx as nx
 
         table, ids = self.nodes(), self.node_ids()
@@ -194,29 +195,3 @@ class Graph:
                                                "logit_probs", "edges", "edge_targets")}
 
 
-class _atomic:
-    """Context manager yielding a temp path next to ``path``; renamed onto it on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    with _atomic(Path(path)) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")

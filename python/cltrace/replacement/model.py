@@ -1,116 +1,28 @@
 """The local replacement model of a Gemma 3 model and a transcoder set, on one prompt at a time.
 
-``ReplacementModel.run(prompt)`` does one forward pass of the real model (:mod:`.capture`),
+``ReplacementModel.run(prompt)`` does one forward pass of the real model (:mod:`cltrace.frozen.capture`),
 encodes every layer's MLP input with the transcoders, reconstructs the MLP outputs and keeps
-the error vectors (:mod:`.transcode`), and freezes attention patterns and norm denominators
-into the linear model of :mod:`.frozen`. With the error nodes added back, that linear model
+the error vectors (:mod:`.encoding`), and freezes attention patterns and norm denominators
+into the linear model of :mod:`cltrace.frozen`. With the error nodes added back, that linear model
 reproduces the real logits; its linearised backward gives the gradients from which the
 attribution graph's edges are contracted. Method: Ameisen et al. (2025), "Circuit Tracing",
 https://transformer-circuits.pub/2025/attribution-graphs/methods.html
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, TextParts, capture, text_parts
-from .frozen import FrozenLinearModel, FrozenOutput, Seeds
-from .ops import SparseActs, gather_columns
-from .patterns import as_dense
-from .transcode import Reconstruction, encode, reconstruct, skip_matrices, transcoders_to
-from .transcoders.base import TranscoderSet
+from ..frozen.capture import capture
+from ..models.anatomy import TextParts, text_parts
+from ..frozen.model import FrozenLinearModel
+from .encoding import encode, reconstruct, skip_matrices, transcoders_to
+from ..transcoders.base import TranscoderSet
+from .state import ReplacementState
 
 CHAT_PREFIX_LEN = 4  # <bos><start_of_turn>user\n  (Gemma chat template)
-
-
-class ActiveFeatures(NamedTuple):
-    """All active features of a prompt as flat tensors, ordered by (layer, pos, feature)."""
-
-    layer: Tensor  # [n_active] int64
-    pos: Tensor  # [n_active] int64
-    feature: Tensor  # [n_active] int64
-    value: Tensor  # [n_active]  activation
-
-
-@dataclass(repr=False)
-class ReplacementState:
-    """The replacement model on one prompt: what the real model did and its linearisation."""
-
-    tokens: Tensor  # [n_pos] int64
-    logits: Tensor  # [n_pos, vocab]  the real model's logits (or [1, vocab]: the last position)
-    capture: Capture  # per-layer residuals, MLP in/out, patterns, norm scales
-    acts: list[SparseActs]  # per layer: CSR over positions of the active features
-    recon: Reconstruction  # [n_layers, n_pos, d_model] each: features, b_dec, skip
-    errors: Tensor  # [n_layers, n_pos, d_model]  true MLP output - reconstruction
-    skip_positions: int  # leading positions without features
-    frozen: FrozenLinearModel  # the frozen linear model (forward and linearised backward)
-    transcoders: TranscoderSet
-
-    @property
-    def n_pos(self) -> int:
-        return self.tokens.numel()
-
-    def __repr__(self) -> str:
-        n_active = sum(a.feat_idx.numel() for a in self.acts)
-        err = (self.errors.norm() / self.mlp_out.to(self.errors.dtype).norm()).item()
-        return (f"ReplacementState(n_pos={self.n_pos}, n_layers={self.n_layers}, "
-                f"active_features={n_active}, skip_positions={self.skip_positions}, "
-                f"relative_error_norm={err:.3g})")
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.acts)
-
-    @property
-    def embed(self) -> Tensor:
-        return self.capture.embed  # [n_pos, d_model]  scaled token embeddings
-
-    @property
-    def mlp_in(self) -> Tensor:
-        return torch.stack([c.mlp_in for c in self.capture.layers])  # [n_layers, n_pos, d_model]
-
-    @property
-    def mlp_out(self) -> Tensor:
-        return torch.stack([c.mlp_out for c in self.capture.layers])  # [n_layers, n_pos, d_model]
-
-    @property
-    def patterns(self) -> list[Tensor]:
-        return [as_dense(c.pattern) for c in self.capture.layers]  # n_layers x [n_heads, n_pos, n_pos]
-
-    def active_features(self) -> ActiveFeatures:
-        """Every active (layer, pos, feature, value)."""
-        parts = [(torch.full_like(a.feat_idx, L), a.rows(), a.feat_idx, a.acts)
-                 for L, a in enumerate(self.acts)]
-        return ActiveFeatures(*(torch.cat(t) for t in zip(*parts)))
-
-    def sources(self) -> Tensor:
-        """What each layer's MLP output receives from constants of the linearisation:
-        feature decodes + b_dec + error vectors. [n_layers, n_pos, d_model]"""
-        return self.recon.features + self.recon.bias + self.errors.to(self.recon.features.dtype)
-
-    def replacement_forward(self, include_errors: bool = True) -> FrozenOutput:
-        """The frozen linear model on the prompt (with errors: reproduces ``logits``)."""
-        src = self.sources() if include_errors else self.recon.features + self.recon.bias
-        return self.frozen(self.embed, src)
-
-    def logit_seeds(self, token_ids: Union[Tensor, Sequence[int]], pos: int = -1) -> Seeds:
-        """Backward seeds of logit directions (unembedding minus vocabulary mean) at ``pos``."""
-        return self.frozen.logit_seeds(torch.as_tensor(token_ids), pos)
-
-    def feature_seeds(self, layer: Tensor, pos: Tensor, feature: Tensor) -> Seeds:
-        """Backward seeds of feature pre-activations: encoder columns at their MLP input."""
-        layer, pos, feature = (torch.as_tensor(t, device=self.tokens.device).reshape(-1).long()
-                               for t in (layer, pos, feature))
-        vec = torch.empty(layer.numel(), self.frozen.d_model, dtype=self.frozen.dtype,
-                          device=self.tokens.device)
-        for L in layer.unique().tolist():
-            sel = (layer == L).nonzero().flatten()
-            W_enc = self.transcoders.layers[L].W_enc  # [d_model, d_sae]
-            vec[sel] = gather_columns(W_enc, feature[sel].to(W_enc.device)).to(vec)
-        return Seeds(layer, pos % self.n_pos, vec)
 
 
 class ReplacementModel:
@@ -139,14 +51,14 @@ class ReplacementModel:
         and a TranscoderSet (or a reference for ``cltrace.transcoders.load_transcoders``)."""
         name = model if isinstance(model, str) else ""
         if isinstance(model, str):
-            from .models import load_model  # lazily: loading needs transformers and weights
+            from ..models import load_model  # lazily: loading needs transformers and weights
 
             loaded = load_model(model, device=device, dtype=dtype)
             model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
         elif device is not None:
             model = model.to(device)
         if isinstance(transcoders, str):
-            from .transcoders import load_transcoders
+            from ..transcoders import load_transcoders
 
             transcoders = load_transcoders(transcoders, device=device, dtype=dtype)
         model.eval()
@@ -215,14 +127,14 @@ class ReplacementModel:
                                 transcoders=self.transcoders)
 
 
-    # --- interventions and steering (logic in cltrace.intervene / cltrace.generate) ---------
+    # --- interventions and steering (logic in cltrace.steering.modes / cltrace.steering.generation) ---------
 
     def intervene(self, prompt, interventions, mode: str = "frozen", freeze_features: bool = False,
                   state: Optional[ReplacementState] = None):
         """Logits and features of ``prompt`` with features set/scaled/added to: ``mode`` "frozen"
         (the replacement model: patterns, norms and errors fixed) or "free" (the real model).
-        See :func:`cltrace.intervene.intervene`; returns an ``InterventionResult``."""
-        from .intervene import intervene
+        See :func:`cltrace.steering.modes.intervene`; returns an ``InterventionResult``."""
+        from ..steering.modes import intervene
 
         return intervene(self, prompt, interventions, mode=mode, freeze_features=freeze_features,
                          state=state)
@@ -230,8 +142,8 @@ class ReplacementModel:
     def generate(self, prompt, interventions=(), max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
                  steer_generated: bool = False, stop_at_eos: bool = True):
-        """Steered generation with the real model (free mode); see :func:`cltrace.generate.generate`."""
-        from .generate import generate
+        """Steered generation with the real model (free mode); see :func:`cltrace.steering.generation.generate`."""
+        from ..steering.generation import generate
 
         return generate(self, prompt, interventions, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, seed=seed,

@@ -1,6 +1,6 @@
 """Memory-bounded visiting: exact rows over [visited features, errors, tokens] only.
 
-The dense path of :func:`cltrace.attribution.attribute` stores every target row over *all*
+The dense path of :func:`cltrace.attribution.trace` stores every target row over *all*
 active-feature columns (1M+ columns at 4096 tokens: tens of GB), although the final graph
 keeps only the visited features' columns. Here each full row lives only transiently, per
 batch, to
@@ -13,7 +13,7 @@ batch, to
   order), the error nodes and the tokens.
 
 A feature scheduled after some rows were computed gets its entries in those rows from an exact
-forward JVP (:func:`cltrace.columns.forward_columns`). The ranking is a heuristic (it may pick
+forward JVP (:func:`cltrace.frozen.jvp.forward_columns`). The ranking is a heuristic (it may pick
 other features than the dense path's exact re-ranking); every stored edge is exact.
 Memory: ``n_rows x (n_visit + (n_layers + 1) * n_pos)`` plus one batch of full rows.
 """
@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .columns import feature_injections, forward_columns
-from .frozen import Seeds
+from ..frozen.jvp import feature_injections, forward_columns
+from ..frozen.model import Seeds
 
 
 def _cat_seeds(parts: list[Seeds]) -> Seeds:

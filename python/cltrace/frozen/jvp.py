@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .frozen import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
-from .patterns import mix
+from .model import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
+from .attention import mix
 
 
 def _attn_delta(fz: FrozenLinearModel, fl: FrozenLayer, r: Tensor, start: int) -> Tensor:

@@ -35,8 +35,9 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .capture import Capture, TextParts
-from .patterns import Pattern, mix, mix_t
+from .capture import Capture
+from ..models.anatomy import TextParts
+from .attention import Pattern, mix, mix_t
 
 EMBED = -1  # the `layer` of the last backward step: the gradient w.r.t. the token embeddings
 
@@ -204,7 +205,7 @@ class FrozenLinearModel:
 
         three GEMMs per group (the batch folded into the columns of the pattern product, the
         group's heads into its inner dimension; banded for a sliding-window layer:
-        :func:`cltrace.patterns.mix_t`) and one copy of grad_z into group-major order."""
+        :func:`cltrace.frozen.attention.mix_t`) and one copy of grad_z into group-major order."""
         n, k, d = grad_h.shape
         rep, hd = self.n_heads // self.n_kv, self.head_dim
         self.fold_gains(fl)

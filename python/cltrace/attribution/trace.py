@@ -1,7 +1,7 @@
 """Attribution graphs: the direct effects between features, errors, tokens and logits.
 
 For a batch of B targets (logit directions or feature pre-activations) the linearised backward
-of the frozen replacement model (:mod:`.frozen`) yields, layer by layer, the gradient of every
+of the frozen replacement model (:mod:`cltrace.frozen`) yields, layer by layer, the gradient of every
 target w.r.t. that layer's MLP output; the compiled ``attribution_contract`` turns it into the
 edges from every feature decoding into the layer (each decoder row read once per batch), error
 nodes are a dot with the error vector, and token nodes with the embedding. So
@@ -23,64 +23,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .bounded import position_order, visit_bounded
-from .frozen import EMBED, Seeds
-from .graph import Graph
-from .ops import attribution_contract
-from .prune import influence_of_rows
-from .replacement import ReplacementModel, ReplacementState
+from ..frozen.model import Seeds
+from ..graph.graph import Graph
+from ..graph.influence import influence_of_rows
+from ..replacement.model import ReplacementModel
+from ..replacement.state import ReplacementState
 from .targets import TargetSpec, default_targets
-
-
-class EdgeRows:
-    """Computes rows of direct effects for batches of seeds on one replacement state.
-
-    Columns: [active features (state order), errors (layer-major), tokens]."""
-
-    def __init__(self, state: ReplacementState):
-        self.state = state
-        self.n_layers, self.n_pos = state.n_layers, state.n_pos
-        tcs = state.transcoders
-        counts = [a.feat_idx.numel() for a in state.acts]
-        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
-        self.n_features = starts[-1]
-        self.feature_cols = {S: slice(starts[S], starts[S + 1]) for S in range(self.n_layers)}
-        self.rows_of = [a.rows() for a in state.acts]  # positions of each layer's entries
-        # entries are sorted by position: n_entries_before[S][p] = entries at positions < p
-        self.n_entries_before = [a.row_offsets.tolist() for a in state.acts]
-        self.writers = {L: [S for S in tcs.sources_writing_to(L) if counts[S]] for L in range(self.n_layers)}
-        self.error_start = self.n_features
-        self.token_start = self.n_features + self.n_layers * self.n_pos
-        self.n_cols = self.token_start + self.n_pos
-
-    def __call__(self, seeds: Seeds) -> Tensor:
-        """[B, n_cols] direct effects of every source on each seed's target.
-
-        The backward runs on the live part only (:meth:`FrozenLinearModel.iter_backward_live`:
-        seeds above each layer, positions up to the last seed's), so the contractions touch
-        only those rows and the features at those positions; the rest of ``out`` is zero."""
-        st, B = self.state, seeds.n
-        order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
-        out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
-        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds))):
-            n, k = step.grad.shape[:2]
-            if k == 0:
-                continue
-            g = step.grad.transpose(0, 1)  # [k, n, d_model] view of the position-major grad
-            if step.layer == EMBED:
-                tok = slice(self.token_start, self.token_start + n)
-                out[:k, tok] = torch.einsum("pbd,pd->bp", step.grad, st.embed[:n].to(g.dtype))
-                continue
-            L = step.layer
-            for S in self.writers[L]:
-                a, m = st.acts[S], self.n_entries_before[S][n]  # entries at positions < n
-                W = st.transcoders.decoder_slice(S, L)  # [d_sae, d_model], rows strided for a CLT
-                cols = slice(self.feature_cols[S].start, self.feature_cols[S].start + m)
-                out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
-            err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
-            out[:k, err] = torch.einsum("pbd,pd->bp", step.grad, st.errors[L][:n].to(g.dtype))
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        return unsorted
+from .rows import EdgeRows
 
 
 def _check_args(max_n_logits: int, desired_logit_prob: float, batch_size: int,
@@ -184,7 +133,7 @@ def _decoder(model: ReplacementModel):
 def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visit: int,
                  batch_size: int, update_interval: int, progress) -> tuple[Tensor, Tensor]:
     """Rows over all columns, re-ranked by exact influence; returns (edges, selected) laid out
-    as :func:`cltrace.bounded.visit_bounded` does."""
+    as :func:`cltrace.attribution.bounded.visit_bounded` does."""
     n_feat, n_logits = rows_fn.n_features, logit_seeds.n
     logit_start = rows_fn.n_cols
     n_nodes = logit_start + n_logits

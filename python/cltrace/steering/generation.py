@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .intervene import Intervention, check_interventions, steering_hooks
+from .interventions import Intervention, check_interventions
+from .modes import steering_hooks
 
 
 @dataclass

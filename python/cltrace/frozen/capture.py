@@ -25,49 +25,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .patterns import BandedPattern, Pattern
-
-
-@dataclass
-class TextParts:
-    """The pieces of a Gemma 3 causal LM the replacement model reads (no copies)."""
-
-    model: nn.Module  # the whole model (called for the forward pass)
-    layers: nn.ModuleList  # Gemma3DecoderLayer x n_layers
-    embed: nn.Module  # Gemma3TextScaledWordEmbedding (multiplies by sqrt(d_model))
-    norm: nn.Module  # final RMSNorm
-    lm_head: nn.Module  # unembedding (tied to the embedding in Gemma 3)
-    config: object  # Gemma3TextConfig
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def d_model(self) -> int:
-        return self.config.hidden_size
-
-
-def text_parts(model: nn.Module) -> TextParts:
-    """Find the decoder stack of a Gemma3ForCausalLM or Gemma3ForConditionalGeneration."""
-    inner = getattr(model, "model", None)
-    text = getattr(inner, "language_model", inner)  # multimodal wrapper holds the text model
-    lm_head = getattr(model, "lm_head", None)
-    if text is None or not hasattr(text, "layers") or lm_head is None:
-        raise TypeError(f"expected a transformers Gemma 3 causal LM (Gemma3ForCausalLM or "
-                        f"Gemma3ForConditionalGeneration), got {type(model).__name__}")
-    config = getattr(text, "config", None)
-    config = model.config if config is None else config
-    config = getattr(config, "text_config", config)
-    layer = text.layers[0]
-    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm", "self_attn", "mlp"):
-        if not hasattr(layer, name):
-            raise TypeError(f"{type(layer).__name__} has no `{name}`: not a Gemma 3 decoder layer")
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError("final logit softcapping is set: the logits would not be linear in the "
-                         "residual stream (Gemma 3 has none; is this a Gemma 2 model?)")
-    return TextParts(model, text.layers, text.embed_tokens, text.norm, lm_head, config)
+from .attention import BandedPattern, Pattern
+from ..models.anatomy import TextParts
 
 
 @dataclass(repr=False)
@@ -80,7 +39,7 @@ class LayerCapture:
     mlp_in: Tensor  # [n_pos, d_model]  x_L = pre_feedforward_layernorm(h_L)  (transcoder input)
     mlp_out: Tensor  # [n_pos, d_model]  m_L = post_feedforward_layernorm(mlp(x_L))  (target)
     pattern: Pattern  # [n_heads, n_pos, n_pos]  attention probabilities (query, key); banded
-    #                   for a sliding-window layer longer than its window (:mod:`.patterns`)
+    #                   for a sliding-window layer longer than its window (:mod:`.attention`)
     scale_in: Tensor  # [n_pos] fp32  1/rms of r_L            (input_layernorm)
     scale_attn: Tensor  # [n_pos] fp32  1/rms of attn_out     (post_attention_layernorm)
     scale_pre: Tensor  # [n_pos] fp32  1/rms of h_L           (pre_feedforward_layernorm)

@@ -1,0 +1,61 @@
+"""Rows of the attribution matrix: the direct effects of every source on a batch of targets."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..frozen.model import EMBED, Seeds
+from ..ops import attribution_contract
+from ..replacement.state import ReplacementState
+
+
+class EdgeRows:
+    """Computes rows of direct effects for batches of seeds on one replacement state.
+
+    Columns: [active features (state order), errors (layer-major), tokens]."""
+
+    def __init__(self, state: ReplacementState):
+        self.state = state
+        self.n_layers, self.n_pos = state.n_layers, state.n_pos
+        tcs = state.transcoders
+        counts = [a.feat_idx.numel() for a in state.acts]
+        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
+        self.n_features = starts[-1]
+        self.feature_cols = {S: slice(starts[S], starts[S + 1]) for S in range(self.n_layers)}
+        self.rows_of = [a.rows() for a in state.acts]  # positions of each layer's entries
+        # entries are sorted by position: n_entries_before[S][p] = entries at positions < p
+        self.n_entries_before = [a.row_offsets.tolist() for a in state.acts]
+        self.writers = {L: [S for S in tcs.sources_writing_to(L) if counts[S]] for L in range(self.n_layers)}
+        self.error_start = self.n_features
+        self.token_start = self.n_features + self.n_layers * self.n_pos
+        self.n_cols = self.token_start + self.n_pos
+
+    def __call__(self, seeds: Seeds) -> Tensor:
+        """[B, n_cols] direct effects of every source on each seed's target.
+
+        The backward runs on the live part only (:meth:`FrozenLinearModel.iter_backward_live`:
+        seeds above each layer, positions up to the last seed's), so the contractions touch
+        only those rows and the features at those positions; the rest of ``out`` is zero."""
+        st, B = self.state, seeds.n
+        order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
+        out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
+        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds))):
+            n, k = step.grad.shape[:2]
+            if k == 0:
+                continue
+            g = step.grad.transpose(0, 1)  # [k, n, d_model] view of the position-major grad
+            if step.layer == EMBED:
+                tok = slice(self.token_start, self.token_start + n)
+                out[:k, tok] = torch.einsum("pbd,pd->bp", step.grad, st.embed[:n].to(g.dtype))
+                continue
+            L = step.layer
+            for S in self.writers[L]:
+                a, m = st.acts[S], self.n_entries_before[S][n]  # entries at positions < n
+                W = st.transcoders.decoder_slice(S, L)  # [d_sae, d_model], rows strided for a CLT
+                cols = slice(self.feature_cols[S].start, self.feature_cols[S].start + m)
+                out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
+            err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
+            out[:k, err] = torch.einsum("pbd,pd->bp", step.grad, st.errors[L][:n].to(g.dtype))
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted
