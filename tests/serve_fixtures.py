@@ -54,20 +54,23 @@ def synthetic_graph(n_pos=12, n_layers=18, n_nodes=1184, n_links=296_000, seed=0
     nodes = embed_nodes(ids, tokens)
     n_inner = n_nodes - n_pos - 10
     infl = sorted(rng.uniform(0.0, 0.8) for _ in range(n_inner))
-    for i in range(n_inner):
+    used, i = set(), 0
+    while i < n_inner:
         L, p = rng.randrange(n_layers), rng.randrange(1, n_pos)
-        if i % 7 == 0:
+        f = -1 if i % 7 == 0 else rng.randrange(16384)
+        if (L, f, p) in used:
+            continue
+        used.add((L, f, p))
+        if f < 0:
             nodes.append(_node(f"{L}_-1_{p}", -1, L, p, "mlp reconstruction error", influence=infl[i]))
         else:
-            f = rng.randrange(16384)
             nodes.append(_node(f"{L}_{f}_{p}", cantor(L, f), L, p, "cross layer transcoder",
                                influence=infl[i], activation=rng.uniform(0.1, 10)))
+        i += 1
     for k in range(10):
         tok = 300 + k
         nodes.append(_node(f"{n_layers + 1}_{tok}_{n_pos - 1}", tok, n_layers + 1, n_pos - 1, "logit",
                            clerp=f'Output "w{k}" (p={0.3 / (k + 1):.3f})', prob=0.3 / (k + 1)))
-    uniq = {n["node_id"]: n for n in nodes}
-    nodes = list(uniq.values())
     rank = {n["node_id"]: (-1 if n["layer"] == "E" else int(n["layer"])) for n in nodes}
     order = sorted(nodes, key=lambda n: rank[n["node_id"]])
     links, seen, N = [], set(), len(order)

@@ -57,7 +57,7 @@
     const div = el("div", { class: "example" });
     (ex.tokens || []).forEach((t, j) => {
       const a = Number((ex.tokens_acts_list || [])[j] || 0), f = actMax > 0 ? Math.max(0, Math.min(1, a / actMax)) : 0;
-      const sp = el("span", { class: "tok" + (j === ex.train_token_ind ? " train" : ""), title: `act ${fmt(a)}`, text: S.tokenText(t) });
+      const sp = el("span", { class: "tok" + (j === ex.train_token_ind ? " train" : ""), title: `act ${fmt(a)}`, text: String(t).replace(/\n/g, "⏎") });
       if (f > 0) sp.style.background = `rgba(242, 140, 40, ${(0.1 + 0.9 * f).toFixed(3)})`;
       div.append(sp);
     });

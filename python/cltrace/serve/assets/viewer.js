@@ -6,7 +6,7 @@
 const SVGNS = "http://www.w3.org/2000/svg";
 const LINK_CAP = 300;        // density cap: at most this many links drawn for a selection
 const PINNED_LINK_CAP = 3000; // ... and among the nodes of the pinned subgraph
-const ROW_H = 34, MARGIN_L = 56, MARGIN_T = 46, MARGIN_B = 64;
+const ROW_H = 34, MARGIN_L = 56, MARGIN_T = 84, MARGIN_B = 64;
 
 const S = window.cltrace = {
   graph: null, path: null, nodes: [], byId: new Map(), links: [], inL: [], outL: [],
@@ -80,8 +80,7 @@ function setGraph(g, path) {
     const k = links.length; links.push({ s, t, w: Number(l.weight) });
     outL[s].push(k); inL[t].push(k);
   }
-  const byAbs = (a, b) => Math.abs(links[b].w) - Math.abs(links[a].w);
-  inL.forEach((a) => a.sort(byAbs)); outL.forEach((a) => a.sort(byAbs));
+  S.sortedLinks = new Set();  // nodes whose link lists are sorted (lazily, on selection)
   const q = g.qParams || {};
   S.pinned = new Set((q.pinnedIds || []).filter((id) => S.byId.has(id)));
   S.supernodes = (q.supernodes || []).filter((s) => Array.isArray(s) && s.length >= 2).map((s) => s.map(String));
@@ -100,7 +99,9 @@ function visible(n) {
 // --- layout: column widths from the fullest (layer, position) cell --------------------------
 function layout() {
   const count = new Map();
-  for (const n of S.nodes) { const k = n.pos * 1000 + n.row; count.set(k, (count.get(k) || 0) + 1); }
+  for (const n of S.nodes) {  // a logit takes the room of 3 nodes: its label needs it
+    const k = n.pos * 1000 + n.row; count.set(k, (count.get(k) || 0) + (n.kind === "logit" ? 3 : 1));
+  }
   const perPos = new Array(S.nPos).fill(1);
   for (const [k, c] of count) { const p = Math.floor(k / 1000); perPos[p] = Math.max(perPos[p], c); }
   S.colX = []; S.colW = perPos.map((c) => Math.max(64, Math.min(420, c * 11 + 16)));
@@ -155,7 +156,7 @@ function render() {
     g.append(e);
     if (n.kind === "logit") {
       const p = n.token_prob ? ` ${fmt(n.token_prob, 2)}` : "";
-      g.append(el("text", { x: n.x, y: n.y - 9, class: "logitlabel", "text-anchor": "start", transform: `rotate(-35 ${n.x} ${n.y - 9})`, text: tokenText(n.label) + p }));
+      g.append(el("text", { x: n.x, y: n.y - 9, class: "logitlabel", "text-anchor": "start", transform: `rotate(-55 ${n.x} ${n.y - 9})`, text: tokenText(n.label) + p }));
     }
   }
   applyVisibility();
@@ -199,7 +200,15 @@ function drawLinks() {
 }
 
 // --- interaction ---------------------------------------------------------------------------
+// Sort a node's incoming and outgoing link lists by |weight|, strongest first (once).
+function sortLinks(i) {
+  if (S.sortedLinks.has(i)) return;
+  const byAbs = (a, b) => Math.abs(S.links[b].w) - Math.abs(S.links[a].w);
+  S.inL[i].sort(byAbs); S.outL[i].sort(byAbs); S.sortedLinks.add(i);
+}
+
 function select(i) {
+  if (i >= 0) sortLinks(i);
   if (S.selected >= 0 && S.nodes[S.selected].elem) S.nodes[S.selected].elem.classList.remove("selected");
   S.selected = i;
   if (i >= 0) S.nodes[i].elem.classList.add("selected");
@@ -258,14 +267,18 @@ function wire() {
   $("graph-select").addEventListener("change", (ev) => openGraph(ev.target.value));
 }
 
-function showGraph(g, path, t0) {
+function showGraph(g, path, t0, tParsed) {
+  const t1 = performance.now();
   setGraph(g, path);
+  const t2 = performance.now();
   const meta = g.metadata;
   $("prompt").textContent = (meta.prompt ? `“${meta.prompt}”` : "") + (meta.slug ? ` · ${meta.slug}` : "") +
     ` · ${S.nodes.length} nodes, ${S.links.length} links`;
   render();
   if (S.hooks.onGraph) S.hooks.onGraph();
-  window.cltraceOpenMs = performance.now() - t0;
+  const t3 = performance.now();
+  window.cltraceOpenMs = t3 - t0;  // fetch + parse, index, draw (what the browser test measures)
+  window.cltraceTimings = { fetchParse: (tParsed || t1) - t0, index: t2 - t1, draw: t3 - t2 };
   document.body.dataset.ready = "1";
 }
 
@@ -275,7 +288,8 @@ async function openGraph(path) {
   try {
     const r = await fetch(`/data/${path.split("/").map(encodeURIComponent).join("/")}`);
     if (!r.ok) throw new Error(`cannot read ${path}: HTTP ${r.status}`);
-    showGraph(await r.json(), path, t0);
+    const g = await r.json();
+    showGraph(g, path, t0, performance.now());
     history.replaceState(null, "", `#graph=${encodeURIComponent(path)}`);
   } catch (e) { showError(String(e.message || e)); document.body.dataset.ready = "error"; }
 }
