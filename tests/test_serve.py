@@ -106,6 +106,28 @@ def test_intervention_requests_are_validated(server, tiny):
         assert code == 400 and message in json.loads(body)["error"], (change, body)
 
 
+def test_cltrace_serve_command(folder):
+    """The command itself, in a subprocess on a free port: no model, so no experiments."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "cltrace.cli", "serve", str(folder), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("cltrace serve: http://localhost:"), line
+        url = line.split()[2].rstrip("/").replace("localhost", "127.0.0.1")
+        code, body = http(f"{url}/")
+        assert code == 200 and b'<script src="/assets/viewer.js">' in body
+        assert json.loads(http(f"{url}/api/model")[1]) == {"available": False}
+        code, body = http(f"{url}/api/intervene", {"graph": "tiny.json", "interventions": []}, "POST")
+        assert code == 409 and b"--model" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 # --- the viewer in a real browser ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -318,4 +340,68 @@ def test_notebook_show_renders_inline(browser, folder, tiny):
     pg.click(f'[data-id="{first["node_id"]}"]')
     pg.wait_for_selector("#feature-body .example")  # the feature page was inlined
     assert errors == [] and [u for u in requests if not u.startswith(("data:", "about:"))] == []
+    pg.close()
+
+
+# --- the real Gemma 3 270M with the starter transcoders the committed graph was made with ---
+
+GRAPH = Path(__file__).resolve().parents[1] / "graphs" / "the-capital-of-france-is.json"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A server over a copy of graphs/the-capital-of-france-is.json with its model loaded."""
+    import argparse
+
+    from cltrace.commands._common import load_replacement
+
+    g = json.loads(GRAPH.read_text())
+    tcs = (g["metadata"].get("transcoder_list") or [""])[0]
+    if not tcs or not Path(tcs).is_dir():
+        pytest.skip(f"the transcoders of {GRAPH.name} are not cached here ({tcs or 'none listed'})")
+    args = argparse.Namespace(model="gemma-3-270m", transcoders=tcs, device="cpu", dtype=None)
+    _, rm = load_replacement(args, lambda *a: None)
+    root = tmp_path_factory.mktemp("real")
+    (root / GRAPH.name).write_text(GRAPH.read_text())
+    srv = make_server(root, port=0, rm=rm)
+    serve_in_thread(srv)
+    yield rm, g, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.real_model
+def test_real_model_ablation_matches_api_and_edges(browser, real):
+    """Ablate the feature with the strongest direct link to the top logit, from the page."""
+    from cltrace.serve.experiments import prompt_tokens
+
+    rm, g, url = real
+    top = max((n for n in g["nodes"] if n["feature_type"] == "logit"), key=lambda n: n["token_prob"])
+    feats = {n["node_id"] for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    edge = max((link for link in g["links"] if link["target"] == top["node_id"] and link["source"] in feats),
+               key=lambda link: abs(link["weight"]))
+    src = edge["source"]
+    pg = browser.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(f"{url}/#graph={GRAPH.name}")
+    pg.wait_for_function("document.body.dataset.ready === '1'")
+    assert pg.locator("#graph .node").count() == len(g["nodes"])
+    pg.click(f'[data-id="{src}"]')
+    pg.click("#target-selected")
+    pg.fill("#exp-tokens", "6")
+    pg.click("#exp-run")
+    pg.wait_for_function("document.body.dataset.experiment === 'done'", timeout=600_000)
+    shot(pg, "experiment-real")
+    L, f, p = map(int, src.split("_"))
+    res = rm.intervene(prompt_tokens(g), [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
+    p1 = torch.softmax(res.logits[-1].double(), -1)
+    for r in pg.locator("#exp-top tr[data-token]").all():
+        assert float(r.get_attribute("data-after")) == float(p1[int(r.get_attribute("data-token"))])
+    row = pg.locator(f'#exp-logits tr[data-node="{top["node_id"]}"]')
+    measured, predicted = float(row.get_attribute("data-measured")), float(row.get_attribute("data-predicted"))
+    assert predicted == pytest.approx(measured, rel=1e-2)
+    assert predicted == pytest.approx(-edge["weight"], rel=1e-6)  # ablation: Δa = -a, so Δ = -A[t, s]
+    assert (measured > 0) == (edge["weight"] < 0)
+    assert errors == []
     pg.close()

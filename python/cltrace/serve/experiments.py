@@ -75,6 +75,14 @@ class Experiments:
         self.rm = rm
         self.top_k = top_k
         self._lock = threading.Lock()
+        self._clean: dict = {}  # (tokens, mode) -> clean InterventionResult; (tokens, n) -> Generation
+
+    def _cached(self, key, compute):
+        if key not in self._clean:
+            if len(self._clean) >= 16:
+                self._clean.pop(next(iter(self._clean)))
+            self._clean[key] = compute()
+        return self._clean[key]
 
     # --- what the page needs to know -------------------------------------------------------
     def info(self) -> dict:
@@ -126,11 +134,13 @@ class Experiments:
         ivs, mode, freeze, max_new = self.parse(req, len(tokens))
         with self._lock:
             try:
+                key = tuple(tokens)
                 res = self.rm.intervene(tokens, ivs, mode=mode, freeze_features=freeze)
-                clean = self.rm.intervene(tokens, [], mode=mode)
+                clean = self._cached(("run", key, mode), lambda: self.rm.intervene(tokens, [], mode=mode))
                 gens = None
                 if max_new:
-                    gens = (self.rm.generate(tokens, [], max_new_tokens=max_new, seed=0),
+                    gens = (self._cached(("gen", key, max_new), lambda: self.rm.generate(
+                                tokens, [], max_new_tokens=max_new, seed=0)),
                             self.rm.generate(tokens, ivs, max_new_tokens=max_new, seed=0))
             except ValueError as e:  # the library's own checks (positions without features ...)
                 raise RequestError(str(e)) from None

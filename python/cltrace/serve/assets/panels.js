@@ -196,6 +196,7 @@
       const out = await r.json();
       if (!r.ok) throw new Error(out.error || `HTTP ${r.status}`);
       result(out);
+      $("experiments").scrollIntoView({ block: "start" });
       document.body.dataset.experiment = "done";
     } catch (e) { $("exp-result").replaceChildren(); expError(String(e.message || e)); document.body.dataset.experiment = "error"; }
   }
