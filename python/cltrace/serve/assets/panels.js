@@ -122,6 +122,7 @@
     });
     const member = new Set(S.supernodes.flatMap((s) => s.slice(1)));
     for (const n of S.nodes) if (n.elem) n.elem.classList.toggle("member", member.has(n.node_id));
+    S.drawGroups();
   }
 
   function group() {

@@ -144,7 +144,7 @@ function render() {
     grid.append(el("text", { x: S.colX[p] + S.colW[p] / 2, y: S.height - MARGIN_B + 26, class: "toklabel", "text-anchor": "middle",
       text: tokenText(toks[p] ?? `#${p}`) }));
   }
-  svg.append(grid, el("g", { id: "links" }), el("g", { id: "nodes" }));
+  svg.append(grid, el("g", { id: "groups" }), el("g", { id: "links" }), el("g", { id: "nodes" }));
   const g = svg.lastChild;
   for (const n of S.nodes) {
     const cls = `node ${n.kind}` + (S.pinned.has(n.node_id) ? " pinned" : "");
@@ -156,7 +156,7 @@ function render() {
     g.append(e);
     if (n.kind === "logit") {
       const p = n.token_prob ? ` ${fmt(n.token_prob, 2)}` : "";
-      g.append(el("text", { x: n.x, y: n.y - 9, class: "logitlabel", "text-anchor": "start", transform: `rotate(-55 ${n.x} ${n.y - 9})`, text: tokenText(n.label) + p }));
+      g.append(n.labelElem = el("text", { x: n.x, y: n.y - 9, class: "logitlabel", "text-anchor": "start", transform: `rotate(-55 ${n.x} ${n.y - 9})`, text: tokenText(n.label) + p }));
     }
   }
   applyVisibility();
@@ -165,7 +165,11 @@ function render() {
 
 function applyVisibility() {
   let shown = 0;
-  for (const n of S.nodes) { const v = visible(n); n.shown = v; n.elem.style.display = v ? "" : "none"; shown += v; }
+  for (const n of S.nodes) {
+    const v = visible(n); n.shown = v; shown += v;
+    n.elem.style.display = v ? "" : "none";
+    if (n.labelElem) n.labelElem.style.display = v ? "" : "none";
+  }
   $("node-count").textContent = `${shown} of ${S.nodes.length} nodes`;
   document.body.dataset.nodesShown = shown;
 }
@@ -175,8 +179,23 @@ function linkPath(a, b) {
   return `M${a.x},${a.y} C${a.x},${my} ${b.x},${my} ${b.x},${b.y}`;
 }
 
+// Each supernode: a dashed box around its visible members, with its name.
+function drawGroups() {
+  const g = $("groups"); if (!g) return;
+  g.replaceChildren();
+  for (const sn of S.supernodes) {
+    const ms = sn.slice(1).map((id) => S.nodes[S.byId.get(id)]).filter((n) => n && n.shown);
+    if (!ms.length) continue;
+    const x0 = Math.min(...ms.map((n) => n.x)) - 10, x1 = Math.max(...ms.map((n) => n.x)) + 10;
+    const y0 = Math.min(...ms.map((n) => n.y)) - 10, y1 = Math.max(...ms.map((n) => n.y)) + 10;
+    g.append(el("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 6, class: "group" }),
+      el("text", { x: x0 + 2, y: y0 - 3, class: "grouplabel", text: sn[0] }));
+  }
+}
+
 // Links of the selected node (its strongest LINK_CAP), or all links inside the pinned subgraph.
 function drawLinks() {
+  drawGroups();
   const g = $("links"); if (!g) return;
   g.replaceChildren();
   let ks = [], total = 0;
@@ -315,5 +334,5 @@ async function boot() {
   } catch (e) { showError(String(e.message || e)); }
 }
 
-Object.assign(S, { el, $, fmt, select, togglePin, showError, drawLinks, applyVisibility, tokenText, featureIndex });
+Object.assign(S, { el, $, fmt, select, togglePin, showError, drawLinks, drawGroups, applyVisibility, tokenText, featureIndex });
 document.addEventListener("DOMContentLoaded", boot);
