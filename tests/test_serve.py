@@ -188,6 +188,8 @@ def test_page_draws_every_node_and_selects(page, server, tiny):
     assert int(page.evaluate("document.body.dataset.nodesShown")) == len(g["nodes"])
     assert page.locator("#graph .toklabel").all_text_contents() == g["metadata"]["prompt_tokens"]
     logit = next(n for n in g["nodes"] if n["feature_type"] == "logit")
+    page.hover(f'[data-id="{logit["node_id"]}"]')
+    assert logit["node_id"] in page.inner_text("#tooltip")
     page.click(f'[data-id="{logit["node_id"]}"]')
     incoming = sum(1 for link in g["links"] if link["target"] == logit["node_id"])
     assert page.locator("#links-body .linklist.incoming li").count() == incoming
@@ -201,6 +203,31 @@ def test_page_draws_every_node_and_selects(page, server, tiny):
     assert page.locator("#search-list li").count() == 1
     page.press("#search", "Enter")
     assert page.evaluate("document.body.dataset.selected") == "E_201_2"
+
+
+def test_committed_graphs_open(browser, tmp_path):
+    """Every graph the writer produced (graphs/*.json) opens with all its nodes drawn."""
+    root = Path(__file__).resolve().parents[1] / "graphs"
+    srv = make_server(root, port=0)
+    serve_in_thread(srv)
+    errors, opened = [], 0
+    try:
+        for f in sorted(root.glob("*.json")):
+            if f.name == "graph-metadata.json":
+                continue
+            g = json.loads(f.read_text())
+            pg = browser.new_page()
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(f"http://127.0.0.1:{srv.server_address[1]}/#graph={f.name}")
+            pg.wait_for_function("document.body.dataset.ready === '1'")
+            assert pg.locator("#graph .node").count() == len(g["nodes"]), f.name
+            assert int(pg.evaluate("document.body.dataset.nodesShown")) == len(g["nodes"]), f.name
+            pg.close()
+            opened += 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert errors == [] and opened >= 1
 
 
 def test_feature_card_with_and_without_page(page, server, tiny):

@@ -284,6 +284,10 @@ function wire() {
   $("search").addEventListener("input", (ev) => search(ev.target.value));
   $("search").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { const h = search(ev.target.value); if (h.length) select(h[0].idx); } });
   $("graph-select").addEventListener("change", (ev) => openGraph(ev.target.value));
+  window.addEventListener("hashchange", () => {  // a link or typed #graph=PATH opens that graph
+    const m = /graph=([^&]+)/.exec(location.hash), want = m && decodeURIComponent(m[1]);
+    if (want && want !== S.path && !S.inline) { $("graph-select").value = want; openGraph(want); }
+  });
 }
 
 function showGraph(g, path, t0, tParsed) {
