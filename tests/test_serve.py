@@ -104,6 +104,9 @@ def test_intervention_requests_are_validated(server, tiny):
     for change, message in cases:
         code, body = http(f"{server}/api/intervene", {"graph": "tiny.json", "interventions": [{**good, **change}]}, "POST")
         assert code == 400 and message in json.loads(body)["error"], (change, body)
+    code, body = http(f"{server}/api/intervene", {"graph": "big.json", "interventions": [good]}, "POST")
+    assert code == 400 and "computed for a 18-layer model" in json.loads(body)["error"]
+    assert http(f"{server}/api/intervene", {"graph": "nope.json", "interventions": [good]}, "POST")[0] == 404
 
 
 def test_cltrace_serve_command(folder):
@@ -366,6 +369,10 @@ def test_notebook_show_renders_inline(browser, folder, tiny):
     first = next(n for n in tiny[1]["nodes"] if n["feature_type"] == "cross layer transcoder")
     pg.click(f'[data-id="{first["node_id"]}"]')
     pg.wait_for_selector("#feature-body .example")  # the feature page was inlined
+    pg.set_content(viewer._repr_html_())  # as Jupyter shows it: in a sandboxed iframe
+    frame = pg.frames[1]
+    frame.wait_for_function("document.body.dataset.ready === '1'")
+    assert frame.locator("#graph .node").count() == len(tiny[1]["nodes"])
     assert errors == [] and [u for u in requests if not u.startswith(("data:", "about:"))] == []
     pg.close()
 

@@ -128,9 +128,23 @@ class Experiments:
         return out, mode, freeze, max_new
 
     # --- the experiment ----------------------------------------------------------------------
+    def check_graph(self, graph: dict, tokens: list[int]) -> None:
+        """The graph must come from a model of this shape: layers and vocabulary."""
+        n_layers = int(self.rm.transcoders.n_layers)
+        logit_layers = {int(n["layer"]) for n in graph["nodes"] if n.get("feature_type") == "logit"}
+        if logit_layers and logit_layers != {n_layers + 1}:
+            raise RequestError(f"the graph's logit nodes sit at layer {sorted(logit_layers)[0]}, so it was "
+                               f"computed for a {sorted(logit_layers)[0] - 1}-layer model; the server's "
+                               f"model has {n_layers} layers")
+        vocab = self.rm.model.get_input_embeddings().num_embeddings
+        if max(tokens) >= vocab:
+            raise RequestError(f"the graph's token id {max(tokens)} is outside the server model's "
+                               f"vocabulary of {vocab}: a graph of another model?")
+
     def run(self, graph: dict, req: dict) -> dict:
         """Before/after probabilities, continuations and measured vs predicted logit changes."""
         tokens = prompt_tokens(graph)
+        self.check_graph(graph, tokens)
         ivs, mode, freeze, max_new = self.parse(req, len(tokens))
         with self._lock:
             try:

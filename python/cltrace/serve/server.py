@@ -75,8 +75,9 @@ def _peek_is_graph(path: Path) -> bool:
 
 
 def list_graphs(root: Path) -> list[dict]:
-    """Graphs under ``root``: ``{path, slug, prompt}`` from each graph-metadata.json whose
-    ``{slug}.json`` exists, then other JSON files that look like graphs (top 2 levels)."""
+    """Graphs under ``root``: ``{path, slug, prompt}`` from each graph-metadata.json (in root
+    and its sub-folders) whose ``{slug}.json`` exists, then the other JSON files that look like
+    graphs in root and in those folders."""
     out, seen = [], set()
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     for folder in folders:
@@ -92,8 +93,8 @@ def list_graphs(root: Path) -> list[dict]:
                     rel = f.relative_to(root).as_posix()
                     seen.add(rel)
                     out.append({"path": rel, "slug": e.get("slug"), "prompt": e.get("prompt", "")})
-    for folder in folders:
-        for f in sorted(folder.glob("*.json")):
+    for folder in [f for f in folders if f == root or (f / "graph-metadata.json").is_file()]:
+        for f in sorted(folder.glob("*.json")):  # (not feature-page folders: thousands of files)
             rel = f.relative_to(root).as_posix()
             if rel in seen or f.name == "graph-metadata.json" or f.is_symlink():
                 continue
@@ -203,6 +204,7 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict:
         n = int(self.headers.get("Content-Length") or 0)
         if n > MAX_BODY:
+            self.close_connection = True  # the unread body must not be parsed as a request
             raise RequestError("request too large")
         try:
             return json.loads(self.rfile.read(n) or b"{}")
@@ -225,15 +227,34 @@ class Handler(BaseHTTPRequestHandler):
             if ex is None:
                 return self._error(409, "no model loaded: start `cltrace serve` with --model/"
                                         "--transcoders to run experiments")
-            path = safe_path(self.server.root, rel)
-            if path is None:
-                raise FileNotFoundError(rel)
-            graph = json.loads(path.read_text())
-            return self._json(ex.run(graph, body))
+            return self._json(ex.run(self._graph(rel), body))
         except FileNotFoundError:
             return self._error(404, "no such graph in the served folder")
         except RequestError as e:
             return self._error(400, str(e))
+        except Exception as e:  # a bug, not the user's: say it on the page, keep serving
+            self.log_error("error in %s: %r", url, e)
+            return self._error(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _graph(self, rel: str) -> dict:
+        """The parsed graph JSON at ``rel``, cached while the file is unchanged."""
+        path = safe_path(self.server.root, rel)
+        if path is None or path.suffix != ".json":
+            raise FileNotFoundError(rel)
+        st = path.stat()
+        key, cache = (st.st_mtime_ns, st.st_size), self.server.graph_cache
+        hit = cache.get(path)
+        if hit is None or hit[0] != key:
+            try:
+                graph = json.loads(path.read_text())
+            except ValueError as e:
+                raise RequestError(f"{rel} is not valid JSON ({e})") from None
+            if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+                raise RequestError(f"{rel} is not a graph JSON (no 'nodes' list)")
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[path] = hit = (key, graph)
+        return hit[1]
 
     def _refuse(self):
         self._error(405, "the server accepts no write other than /api/save")
@@ -254,6 +275,7 @@ def make_server(root, host: str = "127.0.0.1", port: int = 8000,
     srv.root = root.resolve()
     srv.experiments = experiments if experiments is not None else (Experiments(rm) if rm is not None else None)
     srv.save_lock = threading.Lock()
+    srv.graph_cache = {}  # path -> ((mtime_ns, size), graph) for experiments
     srv.verbose = verbose
     return srv
 
