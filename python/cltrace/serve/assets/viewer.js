@@ -82,8 +82,11 @@ function setGraph(g, path) {
   }
   S.sortedLinks = new Set();  // nodes whose link lists are sorted (lazily, on selection)
   const q = g.qParams || {};
-  S.pinned = new Set((q.pinnedIds || []).filter((id) => S.byId.has(id)));
-  S.supernodes = (q.supernodes || []).filter((s) => Array.isArray(s) && s.length >= 2).map((s) => s.map(String));
+  let pins = q.pinnedIds || [], sns = q.supernodes || [];
+  if (typeof pins === "string") pins = pins.split(",");  // (Neuronpedia's URL form)
+  if (typeof sns === "string") { try { sns = JSON.parse(sns); } catch (e) { sns = []; } }
+  S.pinned = new Set((Array.isArray(pins) ? pins : []).filter((id) => S.byId.has(id)));
+  S.supernodes = (Array.isArray(sns) ? sns : []).filter((s) => Array.isArray(s) && s.length >= 2).map((s) => s.map(String));
   // Default threshold: everything the (already pruned) JSON holds is shown.
   S.threshold = Math.min(1, Math.ceil(Math.max(Number(meta.node_threshold) || 0, maxInf) * 1000) / 1000) || 1;
   $("threshold").value = S.threshold; $("threshold-value").textContent = fmt(S.threshold);
