@@ -84,6 +84,28 @@ def test_serves_only_files_inside_dir(server):
     assert [g["path"] for g in listed] == ["tiny.json", "big.json"]
 
 
+def test_refuses_other_sites(server):
+    """DNS rebinding (a foreign Host), cross-origin and non-JSON writes get 403."""
+    import http.client
+
+    port = int(server.rsplit(":", 1)[1])
+
+    def ask(method, path, headers, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        out = r.status, r.read()
+        c.close()
+        return out
+
+    assert ask("GET", "/api/graphs", {"Host": "evil.example:80"})[0] == 403
+    save = json.dumps({"graph": "tiny.json", "qParams": {}})
+    assert ask("POST", "/api/save", {"Host": f"127.0.0.1:{port}", "Content-Type": "text/plain"}, save)[0] == 403
+    assert ask("POST", "/api/save", {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json",
+                                     "Origin": "http://evil.example"}, save)[0] == 403
+    assert ask("GET", "/api/graphs", {"Host": f"localhost:{port}"})[0] == 200
+
+
 def test_save_is_validated_and_atomic(server, folder):
     before = json.loads((folder / "tiny.json").read_text())
     code, body = http(f"{server}/api/save", {"graph": "tiny.json", "qParams": {"pinnedIds": ["nope_1_2"]}}, "POST")

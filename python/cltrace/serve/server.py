@@ -16,7 +16,9 @@ Routes (all answered from this machine; the page makes no request to another hos
   POST /api/intervene         ``{"graph": path, "interventions": [...], "mode", ...}``: see
                               :mod:`cltrace.serve.experiments` (400 with a message if invalid)
 
-Any other method or path answers 404/405. The server binds 127.0.0.1 unless told otherwise.
+Any other method or path answers 404/405. The server binds 127.0.0.1 unless told otherwise;
+then it answers only requests addressed to a loopback name (no DNS rebinding), and a write
+must be JSON from the page's own origin (no cross-site form posts): 403 otherwise.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ ASSET_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
 DATA_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png",
               ".dot": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 MAX_BODY = 1 << 20  # save/intervene requests are small
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 ASSETS = ("viewer.js", "panels.js", "viewer.css")  # what index.html loads
 
 
@@ -171,13 +174,34 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", DATA_TYPES.get(path.suffix, "application/octet-stream"))
         self.send_header("Content-Length", str(size))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
         self.end_headers()
         if self.command != "HEAD":
             with open(path, "rb") as f:
                 shutil.copyfileobj(f, self.wfile, 1 << 20)
 
     # --- methods -----------------------------------------------------------------------------
+    def _foreign(self) -> Optional[str]:
+        """Why a request comes from another site, or None. Bound to a loopback address, the
+        server answers only requests addressed to a loopback name (no DNS rebinding); a write
+        must be JSON (a cross-site form cannot send that without a CORS preflight, which the
+        server never grants) from no or the same origin."""
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if self.server.loopback and host not in LOOPBACK_NAMES:
+            return f"Host {host!r} is not this machine"
+        if self.command == "POST":
+            origin = self.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
+                return f"cross-origin request from {origin}"
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                return "writes must be sent as application/json"
+        return None
+
     def do_GET(self):  # noqa: N802
+        why = self._foreign()
+        if why:
+            return self._error(403, why)
         url = unquote(urlsplit(self.path).path)
         root: Path = self.server.root
         if url in ("/", "/index.html"):
@@ -212,6 +236,10 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the request body is not JSON") from None
 
     def do_POST(self):  # noqa: N802
+        why = self._foreign()
+        if why:
+            self.close_connection = True
+            return self._error(403, why)
         url = urlsplit(self.path).path
         if url not in ("/api/save", "/api/intervene"):
             return self._error(405, "the server accepts no write other than /api/save")
@@ -277,6 +305,7 @@ def make_server(root, host: str = "127.0.0.1", port: int = 8000,
     srv.save_lock = threading.Lock()
     srv.graph_cache = {}  # path -> ((mtime_ns, size), graph) for experiments
     srv.verbose = verbose
+    srv.loopback = host in LOOPBACK_NAMES or host.startswith("127.")
     return srv
 
 

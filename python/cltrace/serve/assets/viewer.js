@@ -156,6 +156,7 @@ function render() {
     else if (n.kind === "error") e = el("polygon", { points: `${n.x},${n.y - 5} ${n.x + 5},${n.y} ${n.x},${n.y + 5} ${n.x - 5},${n.y}` });
     else e = el("rect", { x: n.x - 5, y: n.y - 5, width: 10, height: 10 });
     e.setAttribute("class", cls); e.setAttribute("data-id", n.node_id); n.elem = e;
+    e.setAttribute("aria-label", `${n.kind} ${n.label} (${n.node_id})`);
     g.append(e);
     if (n.kind === "logit") {
       const p = n.token_prob ? ` ${fmt(n.token_prob, 2)}` : "";
@@ -285,6 +286,7 @@ function wire() {
   });
   $("pinned-only").addEventListener("change", (ev) => { S.pinnedOnly = ev.target.checked; applyVisibility(); drawLinks(); });
   $("search").addEventListener("input", (ev) => search(ev.target.value));
+  document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && S.selected >= 0) select(-1); });
   $("search").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { const h = search(ev.target.value); if (h.length) select(h[0].idx); } });
   $("graph-select").addEventListener("change", (ev) => openGraph(ev.target.value));
   window.addEventListener("hashchange", () => {  // a link or typed #graph=PATH opens that graph
