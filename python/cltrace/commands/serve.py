@@ -1,0 +1,71 @@
+"""``cltrace serve [DIR]``: cltrace's offline graph viewer, with experiments when a model is given."""
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_replacement_arguments
+
+NAME = "serve"
+HELP = "view the graphs of a folder in the browser (offline), pin, group and run experiments"
+DESCRIPTION = """\
+Serve DIR (default: graphs) with cltrace's own viewer: the list of its graphs, each drawn on
+a grid (x: token position, y: layer; tokens at the bottom, logits on top) with a pruning
+slider on cumulative influence, node and feature cards (with feature pages when the graph's
+metadata.scan names a local ./ folder), links of the selected node, search, pinned subgraph
+and named supernodes saved into the graph's qParams (pinnedIds, supernodes; the only write the
+server makes, atomic). The page loads nothing from another host.
+
+With --model and/or --transcoders, the model is loaded once at start and the page can
+ablate, scale or steer the selected features or a supernode: it shows the next-token
+probabilities before and after, a generated continuation, and (frozen mode, other features
+held) the change of each target logit next to the change the graph's edges predict.
+
+The server binds 127.0.0.1 (reachable from this machine only) unless --host says otherwise.
+
+Examples:
+  cltrace serve graphs/
+  cltrace serve graphs/ --port 8080 --model gemma-3-270m      (experiments, starter transcoders)
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", default="graphs", metavar="DIR",
+                   help="folder with graph JSONs, graph-metadata.json, feature pages (default: graphs)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    add_replacement_arguments(p)
+    p.set_defaults(model=None)  # experiments only when --model or --transcoders is given
+    for a in p._actions:
+        if a.dest == "model":
+            a.help = ("model for experiments: 'gemma-3-270m', a hub id, a folder or a .gguf "
+                      "(default: none; gemma-3-270m when only --transcoders is given)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve import make_server
+    from ._common import load_replacement, messenger
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be in 0..65535")
+    say = messenger(args.quiet)
+    rm = None
+    if args.model is not None or args.transcoders is not None:
+        if args.model is None:
+            args.model = "gemma-3-270m"
+        _, rm = load_replacement(args, say)
+    srv = make_server(args.dir, host=args.host, port=args.port, rm=rm, verbose=args.verbose)
+    host, port = srv.server_address[:2]
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"cltrace serve: http://{shown}:{port}/  (folder {srv.root}; "
+          f"experiments {'on' if rm is not None else 'off: no --model/--transcoders'}; Ctrl-C stops)",
+          flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
