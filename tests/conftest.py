@@ -17,6 +17,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def real_gemma():
+    """The real Gemma 3 270M (float32, CPU), loaded once per session for the real_model tests.
+    Tests must not modify it."""
+    from cltrace.models import load_model
+
+    return load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
+
+
 def encoder_inputs(n: int, d_in: int, d_sae: int, l0: int, *, dtype=torch.float64,
                    device="cpu", seed: int = 0):
     """x [n, d_in], W_enc [d_in, d_sae], b_enc, threshold calibrated to ~l0 active per row.

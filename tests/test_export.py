@@ -7,6 +7,8 @@ import shutil
 import jsonschema
 import pytest
 
+import cltrace
+
 from cltrace.export import GRAPH_SCHEMA_PATH, render, to_dot, to_neuronpedia, write_neuronpedia
 from cltrace.graph import prune
 from graph_fixtures import random_graph
@@ -43,6 +45,39 @@ def test_json_validates_and_is_consistent(graph, tmp_path):
         assert l["weight"] == pytest.approx(w)
     errors = [n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"]
     assert all(n["node_id"].split("_")[1] == "-1" for n in errors)
+
+
+def test_json_follows_the_reference_node_rules(graph, tmp_path):
+    """circuit-tracer 0.5.0 (frontend/graph_models.py) and Neuronpedia under schema_version 1:
+    a feature's `feature` is the Cantor pairing of (layer, feature index), embeddings carry
+    their position, logits their vocabulary id; ids never collide; no machine path or URL."""
+    from cltrace.export.neuronpedia import cantor_pair, cantor_unpair
+
+    graph.transcoder_list = ["cltrace-starter/tiny"]
+    data = to_neuronpedia(graph, "rules", labels={(int(l), int(f)): f"label {l}/{f}" for l, _, f in graph.features.tolist()})
+    assert data["metadata"]["schema_version"] == 1
+    assert data["metadata"]["info"]["generator"] == {"name": "cltrace", "version": cltrace.__version__}
+    assert data["metadata"]["transcoder_list"] == ["cltrace-starter/tiny"]
+    js = [n["jsNodeId"] for n in data["nodes"]]
+    assert len(set(js)) == len(js) - sum(  # one jsNodeId per feature across positions
+        1 for i, n in enumerate(data["nodes"]) if n["jsNodeId"] in js[:i])
+    for n in data["nodes"]:
+        kind, parts = n["feature_type"], n["node_id"].split("_")
+        if kind == "cross layer transcoder":
+            layer, feat, pos = map(int, parts)
+            assert n["feature"] == (layer + feat) * (layer + feat + 1) // 2 + feat
+            assert cantor_unpair(n["feature"]) == (layer, feat) and n["layer"] == str(layer)
+            assert n["jsNodeId"] == f"{layer}_{feat}-0" and n["ctx_idx"] == pos
+            assert n["clerp"] == f"label {layer}/{feat}" and n["activation"] > 0
+        elif kind == "mlp reconstruction error":
+            assert parts[1] == "-1" and n["feature"] == -1
+        elif kind == "embedding":
+            assert n["layer"] == "E" and n["feature"] == n["ctx_idx"] == int(parts[2])
+            assert n["jsNodeId"] == f"E_{parts[1]}-{parts[2]}"
+        else:
+            assert n["layer"] == str(graph.n_layers + 1) and n["feature"] == int(parts[1])
+            assert n["jsNodeId"] == f"L_{parts[1]}-{parts[2]}" and n["clerp"].startswith("Output ")
+    assert [cantor_pair(*cantor_unpair(z)) for z in range(500)] == list(range(500))
 
 
 def test_json_is_byte_identical_and_index_updates(graph, tmp_path):

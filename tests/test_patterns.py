@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cltrace.frozen.attention import BandedPattern, as_dense, mix, mix_t
+from cltrace.frozen.attention import BandedPattern, mix, mix_t
 
 
 def sliding_pattern(H: int, n: int, window: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +70,3 @@ def test_mix_t_matches_dense(n_kv, n):
         want = sum(((s_q[:, None] * P[g * rep + r, :n, :n] * s_k[None]).T @ gzv[g, :, r]) for r in range(rep))
         torch.testing.assert_close(ref[g], want, rtol=1e-12, atol=1e-12)
 
-
-def test_as_dense_passes_dense_through():
-    P = sliding_pattern(2, 4, 4)
-    assert as_dense(P) is P

@@ -186,6 +186,11 @@ class _StubTokenizer:
         return {"<start_of_turn>": 105}[token]
 
 
+def _without_skip(tcs):
+    from dataclasses import replace
+    return replace(tcs, layers={L: replace(tc, W_skip=None) for L, tc in tcs.layers.items()})
+
+
 def test_skip_positions(setup):
     model, tokens, mlp_in, dtype = setup
     tcs = random_transcoders(mlp_in, "clt", skip=True, active=0.5)
@@ -193,21 +198,27 @@ def test_skip_positions(setup):
     assert st.skip_positions == 4
     for a in st.acts:
         assert (a.row_offsets[:5] == 0).all() and a.feat_idx.numel() > 0
-    assert (st.recon.total[:, :4] == 0).all()
-    torch.testing.assert_close(st.errors[:, :4], st.mlp_out[:, :4].to(st.errors.dtype))
+    # positions without nodes: no features, no error node; what the affine skip does not
+    # explain of the MLP output is a constant (in bias), the skip stays a linear path
+    assert (st.recon.features[:, :4] == 0).all() and (st.recon.skip[:, :4] != 0).any()
+    torch.testing.assert_close(st.recon.bias[:, :4] + st.recon.skip[:, :4],
+                               st.mlp_out[:, :4].to(st.errors.dtype))
+    assert (st.errors[:, :4] == 0).all()
     assert (st.active_features().pos >= 4).all()
     assert rel_err(st.replacement_forward().logits, st.logits) <= TOL[dtype]
-    # the skip is switched off there too: seeds at prefix positions do not pass through it
+    # as in circuit-tracer, the gradient passes through the skip at those positions too
     seeds = st.feature_seeds(torch.tensor([2]), torch.tensor([1]), torch.tensor([0]))
     g = st.frozen.backward(seeds)
-    assert g.mlp_out[1, 0].abs().sum() > 0  # through the residual stream only
-    # default for base models: 0; "auto" is 4 for -it models and chat-formatted prompts
-    assert ReplacementModel(model, tcs).run(tokens).skip_positions == 0
+    no_skip = ReplacementModel.from_pretrained(model, _without_skip(tcs), skip_positions=4).run(tokens)
+    g0 = no_skip.frozen.backward(seeds)
+    assert not torch.allclose(g.mlp_out[0, 0, 1], g0.mlp_out[0, 0, 1])  # layer 0 sees the skip of layer 1
+    # default ("auto"): <bos> at position 0 of every prompt; 4 for -it models and chat prompts
+    assert ReplacementModel(model, tcs).run(tokens).skip_positions == 1
     chat = tokens.clone()
     chat[1] = 105
     assert ReplacementModel(model, tcs, tokenizer=_StubTokenizer()).run(chat).skip_positions == 4
     tcs_it = random_transcoders(mlp_in, "plt")
-    tcs_it.model_name = "gemma-3-270m-it"
+    tcs_it.model_name = "tiny-gemma-it"  # an -it model by name
     assert ReplacementModel(model, tcs_it).run(tokens).skip_positions == 4
     assert ReplacementModel(model, tcs, skip_positions=0).run(chat).skip_positions == 0
 
@@ -336,13 +347,9 @@ def test_gqa_single_kv_head_and_partial_set():
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind,skip", [("plt", True), ("clt", False)])
-def test_real_gemma_270m_logits(kind, skip):
+def test_real_gemma_270m_logits(kind, skip, real_gemma):
     """Requirement 1 on the real model: with error nodes, the logits are reproduced."""
-    try:
-        from cltrace.models import load_model
-    except ImportError as e:
-        pytest.skip(f"cltrace.models.load_model is not available ({e})")
-    loaded = load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
+    loaded = real_gemma
     tokens = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"][0]
     parts = text_parts(loaded.model)
     assert (parts.n_layers, parts.d_model) == (18, 640)
@@ -358,12 +365,10 @@ def test_real_gemma_270m_logits(kind, skip):
 
 
 @pytest.mark.real_model
-def test_real_gemma_270m_banded_sliding_window():
+def test_real_gemma_270m_banded_sliding_window(real_gemma):
     """A prompt longer than the 512-key window: sliding layers keep only their band, and the
     frozen model built on it still reproduces the logits and matches autograd."""
-    from cltrace.models import load_model
-
-    loaded = load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
+    loaded = real_gemma
     text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'}." for i in range(125))
     tokens = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0]
     n = tokens.numel()

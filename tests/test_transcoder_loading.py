@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import synthetic as S
-from cltrace.cli import main
 from cltrace.transcoders import (SafetensorsError, SafetensorsFile, TranscoderLoadError,
                                  load_transcoders)
 from cltrace.transcoders.safetensors_mmap import is_file_backed
@@ -253,41 +251,6 @@ def test_hub_reference_offline_from_cache(tmp_path, monkeypatch):
     assert load_transcoders(f"{repo}/clt/native@main").kind == "clt"
     with pytest.raises(FileNotFoundError, match="offline"):
         load_transcoders("google/gemma-scope-2-1b-pt/transcoder_all/width_16k_l0_small")
-
-
-def test_inspect_cli(tmp_path, capsys):
-    ts = S.random_set("clt", n_layers=3, skip=True, seed=17)
-    folder = S.write_gemmascope_clt(tmp_path / "clt", ts)
-    assert main(["inspect", str(folder), "--per-layer"]) == 0
-    out = capsys.readouterr().out
-    for text in ("CLT (cross-layer transcoder)", "gemmascope_clt", "layers:     3 of 3: 0-2",
-                 "d_model:    16", "32 features", "W_skip [16, 16]", "float32", "0-2",
-                 "10 (config)"):
-        assert text in out, (text, out)
-    assert main(["inspect", str(folder), "--json", "--layers", "1-2", "--verify", "all"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["layers"] == [1, 2] and summary["kind"] == "clt" and summary["skip"]
-    assert summary["bytes"] == sum(os.path.getsize(folder / f"params_layer_{i}.safetensors")
-                                   for i in (1, 2))
-    assert main(["inspect", str(tmp_path / "missing")]) == 2
-    assert "neither a local folder" in capsys.readouterr().err
-
-
-def test_inspect_cli_checks_the_model(tmp_path, capsys):
-    from transformers import Gemma3TextConfig
-
-    folder = S.write_gemmascope_plt(tmp_path / "plt", S.random_set("plt", n_layers=2, seed=18))
-    Gemma3TextConfig(hidden_size=64, num_hidden_layers=2).save_pretrained(tmp_path / "model")
-    assert main(["inspect", str(folder), "--model", str(tmp_path / "model")]) == 2
-    assert "d_model 16 but the model" in capsys.readouterr().err
-
-
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit):
-        main(["inspect", "--help"])
-    out = capsys.readouterr().out
-    assert "google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small" in out
-    assert "--verify" in out
 
 
 def test_circuit_tracer_config_yaml(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ The pipeline, one package per stage (each imports only the stages before it)::
     export        Neuronpedia / circuit-tracer JSON, Graphviz DOT/SVG
     steering      interventions (frozen or free mode) and steered generation
     training      corpora, the training loop, the starter sets
+    serve         the offline viewer (cltrace serve, cltrace.show in notebooks)
 
 The compiled core (``cltrace._C``) provides the sparse kernels (:mod:`cltrace.ops`, with a
 pure-torch twin of every op in :mod:`cltrace.reference`). ``import cltrace`` is cheap: the
@@ -41,17 +42,19 @@ _LAZY = {
     "InterventionResult": "cltrace.steering",
     "Generation": "cltrace.steering",
     "SparseActs": "cltrace.ops",
+    "show": "cltrace.serve",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
-    from .attribution import attribute
-    from .frozen import FrozenLinearModel, Seeds
-    from .graph import Graph, graph_scores, prune
-    from .models import load_model
-    from .ops import SparseActs
-    from .replacement import ActiveFeatures, ReplacementModel, ReplacementState
-    from .steering import Generation, Intervention, InterventionResult
-    from .transcoders import TranscoderSet, load_transcoders
+    from .attribution import attribute  # noqa: F401
+    from .frozen import FrozenLinearModel, Seeds  # noqa: F401
+    from .graph import Graph, graph_scores, prune  # noqa: F401
+    from .models import load_model  # noqa: F401
+    from .ops import SparseActs  # noqa: F401
+    from .replacement import ActiveFeatures, ReplacementModel, ReplacementState  # noqa: F401
+    from .steering import Generation, Intervention, InterventionResult  # noqa: F401
+    from .serve import show  # noqa: F401
+    from .transcoders import TranscoderSet, load_transcoders  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -56,6 +56,11 @@ class EdgeRows:
                 out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
             err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
             out[:k, err] = torch.einsum("pbd,pd->bp", step.grad, st.errors[L][:n].to(g.dtype))
+        if not bool(torch.isfinite(out).all()):
+            b = int((~torch.isfinite(out)).any(1).nonzero()[0])
+            raise ValueError(f"non-finite edges (NaN or inf) in the row of the target at layer "
+                             f"{int(seeds.layer[order[b]])}, position {int(seeds.pos[order[b]])}: "
+                             "the weights it reads hold NaN/inf")
         unsorted = torch.empty_like(out)
         unsorted[order] = out
         return unsorted

@@ -185,7 +185,7 @@ def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logi
         logit_probs=torch.tensor([t.weight for t in logit_targets], dtype=torch.float32),
         edges=edges, edge_targets=torch.cat([torch.arange(n_sel), torch.arange(logit_start, logit_start + n_logits)]),
         model_name=model.model_name or tcs.model_name,
-        scan=tcs.info.get("scan", tcs.model_name or tcs.source),
-        transcoder_list=[tcs.source] if tcs.source else [],
+        scan=tcs.info.get("scan") or tcs.info.get("set_id") or tcs.model_name,
+        transcoder_list=[tcs.info["set_id"]] if tcs.info.get("set_id") else [],
         info=dict(tcs.info.get("graph_info", {})),
     )

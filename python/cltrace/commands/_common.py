@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 
@@ -19,6 +22,82 @@ def add_replacement_arguments(p: argparse.ArgumentParser) -> None:
                    help="transcoder folder or hub reference (default: the trained starter set)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    p.add_argument("--skip-positions", default="auto", type=_skip_positions, metavar="auto|N",
+                   help="leading positions without nodes (no features, no error node): 'auto' "
+                        "(default, as circuit-tracer) = the <bos> position, or the 4-token chat "
+                        "prefix of -it models and --chat prompts; 0 gives <bos> nodes too (for study)")
+
+
+def _skip_positions(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {text!r}")
+    return n
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """PROMPT or --prompt-file, and --chat: what :func:`read_prompt` and :func:`prompt_tokens` read."""
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="the prompt text (or use --prompt-file)")
+    p.add_argument("--prompt-file", metavar="PATH", default=None,
+                   help="read the prompt from a UTF-8 text file ('-': standard input); for prompts "
+                        "longer than a command-line argument allows")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in Gemma's chat turn (for -it models; works on base models too)")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give the prompt either as PROMPT or with --prompt-file PATH (one of them)")
+    if args.prompt_file is None:
+        text = args.prompt
+    elif args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise OSError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
+        if b"\0" in raw:
+            raise ValueError(f"--prompt-file {path}: a binary file, not text")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
+    return text
+
+
+def prompt_tokens(tokenizer, text: str, chat: bool):
+    """(prompt text, what the replacement model runs on): the text itself, or with --chat the
+    chat turn around it and its token ids (the turn already holds <bos>)."""
+    if not chat:
+        return text, text
+    from ..models import chat_prompt
+
+    prompt = chat_prompt(tokenizer, text)
+    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create ``path`` if needed and make sure files can be written there, before any work."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".cltrace-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return out
 
 
 def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
@@ -38,4 +117,5 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
         say(f"loading transcoders {args.transcoders} ...")
         transcoders = load_transcoders(args.transcoders)
     return loaded, ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer,
-                                    model_name=loaded.name)
+                                    model_name=loaded.name,
+                                    skip_positions=getattr(args, "skip_positions", "auto"))

@@ -6,7 +6,7 @@ import re
 import resource
 import time
 
-from ._common import add_replacement_arguments
+from ._common import add_prompt_arguments, add_replacement_arguments
 
 NAME = "attribute"
 HELP = "compute the attribution graph of a prompt and export it (JSON, DOT, SVG, full graph)"
@@ -16,9 +16,14 @@ model (model + transcoders, errors added back), compute the direct effects betwe
 features, error nodes, token embeddings and the target logits, prune the graph to what
 carries most of the influence, and write it to --out:
 
-  {slug}.json            graph for Neuronpedia / circuit-tracer's viewer (+ graph-metadata.json)
-  {slug}.dot, {slug}.svg Graphviz source and picture (SVG/PNG need the 'dot' program)
-  {slug}.graph.safetensors (+ .json)   the full unpruned graph  (--format pt)
+  {slug}.json     the pruned graph for Neuronpedia / circuit-tracer's viewer / cltrace serve
+                  (+ graph-metadata.json). Its size grows with the kept links: at the defaults
+                  a short prompt gives about 1,000 nodes and 100k-300k links, 10-30 MB.
+  {slug}.dot, .svg  Graphviz source and picture of the 60 most influential nodes (tens of kB;
+                  SVG/PNG need the 'dot' program)
+  {slug}.graph.safetensors (+ .json)   --format pt: the full unpruned graph, 4 bytes per
+                  (target, node) pair: (features + logits) x nodes, e.g. 130 MB for 5,000
+                  features on 9 tokens; read it back with cltrace.Graph.load
 
 With no --transcoders, a TRAINED starter set for the model is used: on the first run, small
 per-layer JumpReLU transcoders (width 2048, affine skip) are trained on the model's own
@@ -33,15 +38,18 @@ Examples:
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
 """
 FORMATS = ("json", "dot", "svg", "png", "pt")
+MAX_FEATURE_NODES = 7500  # circuit-tracer's CLI default (Neuronpedia offers 1,500-10,000)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    add_prompt_arguments(p)
     add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
-    p.add_argument("--max-feature-nodes", type=int, default=None, metavar="N",
-                   help="visit at most N features, most influential first (default: all)")
+    p.add_argument("--max-feature-nodes", type=int, default=MAX_FEATURE_NODES, metavar="N",
+                   help=f"visit at most N features, most influential first (default "
+                        f"{MAX_FEATURE_NODES}, as circuit-tracer; 0 or more than the active "
+                        f"features: all). Time and the rows held grow linearly with N")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="targets per backward pass")
     p.add_argument("--node-threshold", type=float, default=0.8, metavar="X",
                    help="cumulative influence kept by node pruning, in (0, 1] (default 0.8)")
@@ -54,10 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribute this next token instead of the salient ones (repeatable)")
     p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="attribute the logit difference A - B (repeatable)")
-    p.add_argument("--format", default="json,dot,svg,pt",
-                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default json,dot,svg,pt)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in Gemma's chat template (for -it models)")
+    p.add_argument("--format", default="json,dot,svg",
+                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default json,dot,svg; "
+                        "pt writes the full unpruned graph, see above for sizes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,8 +92,7 @@ def _peak_memory_gib(device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import load_replacement, messenger
-    from pathlib import Path
+    from ._common import check_output_dir, load_replacement, messenger, prompt_tokens, read_prompt
 
     from ..attribution import attribute
     from ..export import render, write_neuronpedia
@@ -95,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
     formats = _formats(args.format)
     check_threshold(args.node_threshold, "--node-threshold")
     check_threshold(args.edge_threshold, "--edge-threshold")
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
+    if args.max_feature_nodes < 0:
+        raise ValueError(f"--max-feature-nodes must be >= 0, got {args.max_feature_nodes}")
+    text = read_prompt(args)
+    out = check_output_dir(args.out)
+    slug = args.slug or slugify(text)
+    if not slug or any(c in slug for c in '/\\\0'):
+        raise ValueError(f"--slug {slug!r} must be a non-empty file name (no '/')")
     say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
@@ -106,18 +117,11 @@ def run(args: argparse.Namespace) -> int:
     transcoders = rm.transcoders
     times["load"] = time.perf_counter() - t0
 
-    prompt = args.prompt
-    if args.chat:
-        from ..models import chat_prompt
-
-        prompt = chat_prompt(loaded.tokenizer, prompt)
-        ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    else:
-        ids = prompt
+    prompt, ids = prompt_tokens(loaded.tokenizer, text, args.chat)
     targets = list(args.target) + [tuple(d) for d in args.target_diff]
     say("attributing ...")
     graph = attribute(ids, rm, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-                      max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                      max_feature_nodes=args.max_feature_nodes or None, batch_size=args.batch_size,
                       targets=targets or None, verbose=not args.quiet, timings=times)
     graph.prompt = prompt
 
@@ -127,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
     times["prune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    out, slug = Path(args.out), args.slug or slugify(args.prompt)
     written = []
     kw = dict(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, result=result)
     if "json" in formats:

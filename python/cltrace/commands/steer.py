@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ._common import add_replacement_arguments
+from ._common import add_prompt_arguments, add_replacement_arguments
 
 NAME = "steer"
 HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
@@ -76,7 +76,7 @@ def parse_feature(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    add_prompt_arguments(p)
     p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
                    required=True, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given)")
@@ -94,8 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer-generated", action="store_true",
                    help="apply the interventions to generated tokens too (POS resolved against "
                         "the growing text: no @POS or an open slice covers new tokens)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in Gemma's chat template (for -it models)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -117,10 +115,9 @@ def top_table(before, after, decode, k: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import load_replacement, messenger
+    from ._common import load_replacement, messenger, prompt_tokens, read_prompt
 
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
+    text = read_prompt(args)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 0:
@@ -132,13 +129,7 @@ def run(args: argparse.Namespace) -> int:
     loaded, rm = load_replacement(args, say)
     transcoders = rm.transcoders
     tok = loaded.tokenizer
-    prompt = args.prompt
-    if args.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    else:
-        ids = prompt
+    prompt, ids = prompt_tokens(tok, text, args.chat)
 
     state = rm.run(ids)
     res = rm.intervene(None, args.features, mode=args.mode, freeze_features=args.freeze_features,

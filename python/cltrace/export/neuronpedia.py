@@ -8,8 +8,9 @@ Schema: ``graph_schema.json`` beside this file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .. import __version__
 from ..graph.graph import Graph, NodeKind
@@ -22,7 +23,21 @@ FEATURE_TYPE = {NodeKind.FEATURE: "cross layer transcoder", NodeKind.ERROR: "mlp
                 NodeKind.TOKEN: "embedding", NodeKind.LOGIT: "logit"}
 
 
-def _nodes(graph: Graph, result: PruneResult) -> list[dict[str, Any]]:
+def cantor_pair(layer: int, feature: int) -> int:
+    """The ``feature`` field of a feature node under ``schema_version`` 1: the Cantor pairing
+    ``(l + f)(l + f + 1)/2 + f`` of (layer, feature index), which viewers unpair to fetch the
+    feature's page."""
+    return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+def cantor_unpair(z: int) -> tuple[int, int]:
+    """(layer, feature index) of a Cantor-paired ``feature`` field."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    feature = z - w * (w + 1) // 2
+    return w - feature, feature
+
+
+def _nodes(graph: Graph, result: PruneResult, labels: Mapping[tuple[int, int], str]) -> list[dict[str, Any]]:
     table, ids = graph.nodes(), graph.node_ids()
     kinds, layers, poss = table.kind.tolist(), table.layer.tolist(), table.pos.tolist()
     feats, toks, acts = table.feature.tolist(), table.token_id.tolist(), table.activation.tolist()
@@ -35,8 +50,8 @@ def _nodes(graph: Graph, result: PruneResult) -> list[dict[str, Any]]:
                 "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
                 "influence": cumulative[i], "activation": None}
         if kind == NodeKind.FEATURE:
-            node["jsNodeId"] = f"{layer}_{feats[i]}-0"
-            node["activation"] = acts[i]
+            node.update(feature=cantor_pair(layer, feats[i]), jsNodeId=f"{layer}_{feats[i]}-0",
+                        activation=acts[i], clerp=labels.get((layer, feats[i]), ""))
         elif kind == NodeKind.ERROR:
             node["jsNodeId"] = f"{layer}_-1_{pos}-0"
         elif kind == NodeKind.TOKEN:
@@ -61,40 +76,49 @@ def _links(graph: Graph, result: PruneResult, ids: list[str]) -> list[dict[str, 
 
 
 def to_neuronpedia(graph: Graph, slug: str, *, node_threshold: float = 0.8,
-                   edge_threshold: float = 0.98, result: Optional[PruneResult] = None) -> dict[str, Any]:
-    """The viewer JSON of ``graph`` pruned at the given thresholds, as a dict."""
+                   edge_threshold: float = 0.98, result: Optional[PruneResult] = None,
+                   labels: Optional[Mapping[tuple[int, int], str]] = None, scan: Optional[str] = None,
+                   feature_details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The viewer JSON of ``graph`` pruned at the given thresholds, as a dict.
+
+    ``labels`` fill the ``clerp`` of feature nodes by (layer, feature index); ``scan``
+    overrides the graph's (``"./features"``: the viewers fetch feature pages from that folder
+    beside the JSON); ``feature_details`` is written into the metadata as given."""
     if not slug or any(c in slug for c in '/\\\0'):
         raise ValueError(f"slug {slug!r} must be a non-empty file-name-safe string")
     result = result if result is not None else prune(graph, node_threshold, edge_threshold)
     ids = graph.node_ids()
     links = _links(graph, result, ids)
     connected = {l["source"] for l in links} | {l["target"] for l in links}
-    nodes = [n for n in _nodes(graph, result)
+    nodes = [n for n in _nodes(graph, result, labels or {})
              if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     metadata = {
         "slug": slug,
-        "scan": graph.scan or graph.model_name or "unknown",
+        "scan": scan or graph.scan or graph.model_name or "unknown",
         "transcoder_list": list(graph.transcoder_list),
         "prompt_tokens": list(graph.token_strs),
         "prompt": graph.prompt,
         "node_threshold": node_threshold,
         "schema_version": SCHEMA_VERSION,
-        "info": {"generator": {"name": "cltrace", "version": __version__,
-                               "url": "https://github.com/cltrace/cltrace"},
+        "info": {"generator": {"name": "cltrace", "version": __version__},
                  **({"model": graph.model_name} if graph.model_name else {}),
                  **graph.info},
         "generation_settings": dict(graph.settings),
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
     }
+    if feature_details:
+        metadata["feature_details"] = dict(feature_details)
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
 def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str, *, node_threshold: float = 0.8,
-                      edge_threshold: float = 0.98, result: Optional[PruneResult] = None) -> Path:
-    """Write ``out_dir/{slug}.json`` and add/replace its entry in ``out_dir/graph-metadata.json``."""
+                      edge_threshold: float = 0.98, result: Optional[PruneResult] = None,
+                      **kw) -> Path:
+    """Write ``out_dir/{slug}.json`` and add/replace its entry in ``out_dir/graph-metadata.json``
+    (``kw``: the options of :func:`to_neuronpedia`)."""
     data = to_neuronpedia(graph, slug, node_threshold=node_threshold,
-                          edge_threshold=edge_threshold, result=result)
+                          edge_threshold=edge_threshold, result=result, **kw)
     out_dir = Path(out_dir)
     path = out_dir / f"{slug}.json"
     atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")

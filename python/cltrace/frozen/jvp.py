@@ -71,8 +71,8 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
         if live and sel.numel():
             read(sel, h, fl.k_pre)  # the MLP input x_L = k_pre(h_L)
         if fl.W_skip is not None and live:
-            fz.fold_gains(fl)  # m += (k_pre(h) @ W_skip) * mask
-            scale = (fl.k_pre.scale * fl.skip_mask)[start:, :, None]  # [n, 1, 1]
+            fz.fold_gains(fl)  # m += k_pre(h) @ W_skip
+            scale = fl.k_pre.scale[start:, :, None]  # [n, 1, 1]
             r = torch.addcmul(h, (h.view(-1, fz.d_model) @ fl.W_skip_gain.T).view(h.shape), scale)
         else:
             r = h

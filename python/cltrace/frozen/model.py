@@ -12,7 +12,7 @@ linear. Per layer L, with frozen norms ``k_*(y) = (y * scale_*) * (1 + w_*)`` (s
     z_h   = P_h @ v_{kv(h)}                      # frozen pattern P_h [n_pos, n_pos], GQA
     h_L   = r_L + k_attn(z @ W_O^T)
     x_L   = k_pre(h_L)                           # the MLP input (what transcoders read)
-    m_L   = s_L + mask * (x_L @ W_skip_L)        # affine skip of a transcoder, if any
+    m_L   = s_L + x_L @ W_skip_L                 # affine skip of a transcoder, if any
     r_L+1 = h_L + m_L
     logits = k_final(r_n) @ W_U^T
 
@@ -80,7 +80,6 @@ class FrozenLayer:
     k_attn: "FrozenNorm"  # post_attention_layernorm
     k_pre: "FrozenNorm"  # pre_feedforward_layernorm
     W_skip: Optional[Tensor] = None  # [d_model, d_model] applied as x @ W_skip
-    skip_mask: Optional[Tensor] = None  # [n_pos, 1]  0 where positions carry no transcoder
     W_O_gain: Optional[Tensor] = None  # diag(1 + w_attn) W_O, built by the backward on first use
     W_V_gain: Optional[Tensor] = None  # W_V diag(1 + w_in)
     W_skip_gain: Optional[Tensor] = None  # W_skip^T diag(1 + w_pre)
@@ -110,7 +109,7 @@ class FrozenLinearModel:
     """The linear map (embeddings, MLP-output sources) -> logits of one prompt, and its VJP."""
 
     def __init__(self, parts: TextParts, cap: Capture, dtype: torch.dtype,
-                 W_skip: Optional[list[Optional[Tensor]]] = None, skip_mask: Optional[Tensor] = None):
+                 W_skip: Optional[list[Optional[Tensor]]] = None):
         cfg = parts.config
         self.n_layers, self.d_model, self.n_pos = parts.n_layers, parts.d_model, cap.n_pos
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -118,7 +117,6 @@ class FrozenLinearModel:
         self.dtype = dtype
         self.causal = not getattr(cfg, "use_bidirectional_attention", False)
         W_skip = W_skip or [None] * self.n_layers
-        mask = None if skip_mask is None else skip_mask.to(dtype)[:, None]
         self.layers: list[FrozenLayer] = []
         for L, (layer, c) in enumerate(zip(parts.layers, cap.layers)):
             attn = layer.self_attn
@@ -129,8 +127,7 @@ class FrozenLinearModel:
                 k_in=_norm(c.scale_in, layer.input_layernorm, dtype),
                 k_attn=_norm(c.scale_attn, layer.post_attention_layernorm, dtype),
                 k_pre=_norm(c.scale_pre, layer.pre_feedforward_layernorm, dtype),
-                W_skip=None if W_skip[L] is None else W_skip[L].to(dtype),
-                skip_mask=None if W_skip[L] is None else mask))
+                W_skip=None if W_skip[L] is None else W_skip[L].to(dtype)))
         self.k_final = _norm(cap.scale_final, parts.norm, dtype)
         self.W_U = parts.lm_head.weight.detach()  # [vocab, d_model] (kept in the model dtype)
         self._W_U_mean: Optional[Tensor] = None
@@ -157,7 +154,7 @@ class FrozenLinearModel:
             x = fl.k_pre(h)
             m = sources[L].to(self.dtype)
             if fl.W_skip is not None:
-                m = m + (x @ fl.W_skip) * fl.skip_mask
+                m = m + x @ fl.W_skip
             mlp_in.append(x)
             r = h + m
         logits = self.k_final(r) @ self.W_U.to(self.dtype).T
@@ -262,7 +259,7 @@ class FrozenLinearModel:
             # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
             if fl.W_skip is not None and g.shape[1]:
                 self.fold_gains(fl)
-                scale = fl.skip_mask[:n] * fl.k_pre.scale[:n]  # [n, 1]
+                scale = fl.k_pre.scale[:n]  # [n, 1]
                 skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
                 grad_h = torch.addcmul(g, skip, scale[:, :, None])
             else:

@@ -8,8 +8,10 @@ each MLP output ``m_L`` is replaced by the transcoder reconstruction plus an *er
     error_L = m_L - recon_L
 
 (the decode is the compiled, CLT-aware ``sparse_decode``; a PLT is a CLT with ``n_out = 1``).
-Positions listed as *skipped* (the chat-template prefix of ``-it`` models) get no features, no
-``b_dec`` and no skip: their whole MLP output is the error.
+*Positions without nodes* (the first ``n_skip``: ``<bos>``, and the chat-template prefix of
+``-it`` prompts, circuit-tracer's ``zero_positions``) get no features and no error node: their
+MLP output minus the affine skip (which stays a linear path there, as in circuit-tracer) is a
+constant of the linearisation, kept in ``Reconstruction.bias`` like ``b_dec``.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from torch import Tensor
 
 from ..ops import SparseActs, jumprelu_encode, sparse_decode
 from ..transcoders.base import TranscoderSet
+from ..transcoders.checks import check_decoder_rows
 
 
 class Reconstruction(NamedTuple):
     """The transcoder reconstruction of every layer's MLP output, split by origin."""
 
     features: Tensor  # [n_layers, n_pos, d_model]  sum of feature decodes into each layer
-    bias: Tensor  # [n_layers, n_pos, d_model]  b_dec_L at the positions that have features
+    bias: Tensor  # [n_layers, n_pos, d_model]  constants: b_dec_L at the positions with nodes,
+    #               m_L - skip at the positions without nodes
     skip: Tensor  # [n_layers, n_pos, d_model]  x_L @ W_skip_L (zero without a skip)
 
     @property
@@ -41,29 +45,29 @@ def empty_acts(n_rows: int, like: Tensor) -> SparseActs:
                       like.new_zeros(0), like.new_zeros(0))
 
 
+def encode_layer(tc, x: Tensor, n_skip: int) -> SparseActs:
+    """JumpReLU features of one layer's MLP input ``x [n_pos, d_model]``: CSR over positions,
+    the first ``n_skip`` rows empty."""
+    n_pos = x.shape[0]
+    if n_skip >= n_pos:
+        return empty_acts(n_pos, x.new_zeros(0, dtype=tc.W_enc.dtype))
+    a = jumprelu_encode(x[n_skip:].to(tc.W_enc.dtype), tc.W_enc, tc.b_enc, tc.threshold)
+    offsets = torch.cat([a.row_offsets.new_zeros(n_skip), a.row_offsets])
+    return SparseActs(offsets, a.feat_idx, a.acts, a.pre_acts)
+
+
 def encode(tcs: TranscoderSet, mlp_in: Tensor, n_skip: int) -> list[SparseActs]:
-    """Active features of every layer: ``mlp_in [n_layers, n_pos, d]`` -> n_layers SparseActs.
-
-    Rows are positions; the first ``n_skip`` rows are empty. Layers without a transcoder get
-    empty activations.
-    """
+    """Active features of every layer: ``mlp_in [n_layers, n_pos, d]`` -> n_layers SparseActs
+    (rows are positions; layers without a transcoder get empty activations)."""
     n_layers, n_pos, _ = mlp_in.shape
-    out = []
-    for L in range(n_layers):
-        tc = tcs.layers.get(L)
-        if tc is None or n_skip >= n_pos:
-            out.append(empty_acts(n_pos, mlp_in.new_zeros(0, dtype=tcs.dtype)))
-            continue
-        x = mlp_in[L, n_skip:].to(tc.W_enc.dtype)  # [n_pos - n_skip, d_model]
-        a = jumprelu_encode(x, tc.W_enc, tc.b_enc, tc.threshold)
-        offsets = torch.cat([a.row_offsets.new_zeros(n_skip), a.row_offsets])
-        out.append(SparseActs(offsets, a.feat_idx, a.acts, a.pre_acts))
-    return out
+    return [encode_layer(tcs.layers[L], mlp_in[L], n_skip) if L in tcs.layers
+            else empty_acts(n_pos, mlp_in.new_zeros(0, dtype=tcs.dtype)) for L in range(n_layers)]
 
 
-def reconstruct(tcs: TranscoderSet, acts: list[SparseActs], mlp_in: Tensor,
+def reconstruct(tcs: TranscoderSet, acts: list[SparseActs], mlp_in: Tensor, mlp_out: Tensor,
                 n_skip: int) -> Reconstruction:
-    """Reconstructions of every layer's MLP output from ``acts`` and ``mlp_in [n_layers, n_pos, d]``."""
+    """Reconstructions of every layer's MLP output from ``acts`` and ``mlp_in [n_layers, n_pos, d]``;
+    at the first ``n_skip`` positions (no nodes) the true ``mlp_out [n_layers, n_pos, d]``."""
     n_layers, n_pos, d_model = mlp_in.shape
     dtype = tcs.dtype
     features = mlp_in.new_zeros(n_layers, n_pos, d_model, dtype=dtype)
@@ -72,26 +76,18 @@ def reconstruct(tcs: TranscoderSet, acts: list[SparseActs], mlp_in: Tensor,
         a = acts[S]
         if a.feat_idx.numel():
             dec = sparse_decode(a.row_offsets, a.feat_idx, a.acts, tc.W_dec)  # [n_pos, n_out, d]
+            if not bool(torch.isfinite(dec).all()):  # only the rows read: no scan of W_dec
+                check_decoder_rows(tcs, S, a.feat_idx)
             n_out = min(tc.n_out, n_layers - S)
             features[S:S + n_out] += dec[:, :n_out].transpose(0, 1)
         bias[S, n_skip:] = tc.b_dec
-        if tc.W_skip is not None:
-            skip[S, n_skip:] = mlp_in[S, n_skip:].to(dtype) @ tc.W_skip
+        if tc.W_skip is not None:  # linear in x: part of the frozen model at every position
+            skip[S] = mlp_in[S].to(dtype) @ tc.W_skip
+    # positions without nodes: what the skip does not explain is a constant (no error node)
+    bias[:, :n_skip] = mlp_out[:, :n_skip].to(dtype) - skip[:, :n_skip]
     return Reconstruction(features, bias, skip)
 
 
 def skip_matrices(tcs: TranscoderSet, n_layers: int) -> list[Optional[Tensor]]:
     """``W_skip`` of every layer (None where a layer has no transcoder or no skip)."""
     return [tcs.layers[L].W_skip if L in tcs.layers else None for L in range(n_layers)]
-
-
-def transcoders_to(tcs: TranscoderSet, device=None, dtype=None) -> TranscoderSet:
-    """A copy of the set whose tensors are on ``device`` in ``dtype`` (no copy when already)."""
-    def mv(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.to(device=device, dtype=dtype)
-
-    layers = {L: type(tc)(W_enc=mv(tc.W_enc), b_enc=mv(tc.b_enc), threshold=mv(tc.threshold),
-                          W_dec=mv(tc.W_dec), b_dec=mv(tc.b_dec), W_skip=mv(tc.W_skip))
-              for L, tc in tcs.layers.items()}
-    return TranscoderSet(kind=tcs.kind, n_layers=tcs.n_layers, layers=layers,
-                         model_name=tcs.model_name, source=tcs.source, info=dict(tcs.info))

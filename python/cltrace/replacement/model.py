@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ..frozen.capture import capture
 from ..models.anatomy import TextParts, text_parts
 from ..frozen.model import FrozenLinearModel
-from .encoding import encode, reconstruct, skip_matrices, transcoders_to
+from .encoding import encode, reconstruct, skip_matrices
+from ..transcoders.checks import check_fits
 from ..transcoders.base import TranscoderSet
 from .state import ReplacementState
 
@@ -37,8 +38,8 @@ class ReplacementModel:
         self.tokenizer = tokenizer
         self.device = self.parts.lm_head.weight.device
         self.dtype = dtype or self.parts.lm_head.weight.dtype
-        _check_compatible(self.parts, transcoders)
-        self.transcoders = transcoders_to(transcoders, device=self.device, dtype=self.dtype)
+        check_fits(transcoders, self.parts.config, transcoders.source or transcoders.model_name or "transcoders")
+        self.transcoders = transcoders.to(device=self.device, dtype=self.dtype)
         if not (skip_positions == "auto" or (isinstance(skip_positions, int) and skip_positions >= 0)):
             raise ValueError(f"skip_positions must be 'auto' or an int >= 0, got {skip_positions!r}")
         self.skip_positions = skip_positions
@@ -93,14 +94,17 @@ class ReplacementModel:
         return any(n.rstrip("/").endswith("-it") for n in names)
 
     def n_skip(self, tokens: Tensor) -> int:
-        """Leading positions that get no features (``skip_positions``, or 4 for -it prompts)."""
+        """Leading positions without nodes (no features, no error node; circuit-tracer's
+        ``zero_positions``): ``skip_positions`` when given, else ("auto") the ``<bos>``
+        position 0 of every prompt, and the 4-token chat prefix ``<bos><start_of_turn>user\n``
+        of -it models and chat prompts."""
         if self.skip_positions != "auto":
             return min(int(self.skip_positions), tokens.numel())
         start = None
         if self.tokenizer is not None:
             start = self.tokenizer.convert_tokens_to_ids("<start_of_turn>")
         chat = tokens.numel() > 1 and start is not None and int(tokens[1]) == start
-        return min(CHAT_PREFIX_LEN, tokens.numel()) if (self.is_instruction_tuned() or chat) else 0
+        return min(CHAT_PREFIX_LEN if (self.is_instruction_tuned() or chat) else 1, tokens.numel())
 
     # --- the replacement state -------------------------------------------------------------
 
@@ -115,13 +119,15 @@ class ReplacementModel:
         mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
         mlp_out = torch.stack([c.mlp_out for c in cap.layers])
         acts = encode(self.transcoders, mlp_in, n_skip)
-        recon = reconstruct(self.transcoders, acts, mlp_in, n_skip)
+        recon = reconstruct(self.transcoders, acts, mlp_in, mlp_out, n_skip)
         errors = mlp_out.to(self.dtype) - recon.total
-        mask = torch.ones(tokens.numel(), device=self.device)
-        mask[:n_skip] = 0
+        errors[:, :n_skip] = 0  # no error nodes there (exactly, not to rounding)
+        if not bool(torch.isfinite(errors).all()):
+            L = int((~torch.isfinite(errors)).flatten(1).any(1).nonzero()[0])
+            raise ValueError(f"the model's MLP output or the transcoder reconstruction of layer {L} "
+                             "is not finite (NaN or inf): check the model's weights and dtype")
         frozen = FrozenLinearModel(self.parts, cap, self.dtype,
-                                   W_skip=skip_matrices(self.transcoders, self.parts.n_layers),
-                                   skip_mask=mask)
+                                   W_skip=skip_matrices(self.transcoders, self.parts.n_layers))
         return ReplacementState(tokens=tokens, logits=cap.logits, capture=cap, acts=acts,
                                 recon=recon, errors=errors, skip_positions=n_skip, frozen=frozen,
                                 transcoders=self.transcoders)
@@ -148,32 +154,3 @@ class ReplacementModel:
         return generate(self, prompt, interventions, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, seed=seed,
                         steer_generated=steer_generated, stop_at_eos=stop_at_eos)
-
-
-def _check_compatible(parts: TextParts, tcs: TranscoderSet) -> None:
-    """Clear errors when a transcoder set does not fit the model."""
-    if not tcs.layers:
-        raise ValueError("the transcoder set has no layers")
-    if tcs.d_model != parts.d_model:
-        raise ValueError(f"transcoders read d_model={tcs.d_model} but the model has "
-                         f"d_model={parts.d_model}: transcoders for another model? "
-                         f"(transcoders: {tcs.model_name or tcs.source or 'unnamed'})")
-    if tcs.n_layers != parts.n_layers:
-        name = tcs.model_name or tcs.source or "unnamed"
-        raise ValueError(f"transcoders are for a {tcs.n_layers}-layer model but the model has "
-                         f"{parts.n_layers} layers (transcoders: {name})")
-    for L, tc in tcs.layers.items():
-        if not 0 <= L < parts.n_layers:
-            raise ValueError(f"transcoder for layer {L} but the model has {parts.n_layers} layers")
-        d = parts.d_model
-        if tc.W_dec.ndim != 3 or tc.n_out < 1 or L + tc.n_out > parts.n_layers:
-            raise ValueError(f"layer {L}: W_dec must be [d_sae, n_out, d_model] with "
-                             f"layer + n_out <= {parts.n_layers}, got {tuple(tc.W_dec.shape)}")
-        shapes = {"W_enc": (tc.W_enc.shape, (d, tc.d_sae)), "b_enc": (tc.b_enc.shape, (tc.d_sae,)),
-                  "threshold": (tc.threshold.shape, (tc.d_sae,)), "b_dec": (tc.b_dec.shape, (d,)),
-                  "W_dec": (tc.W_dec.shape[::2], (tc.d_sae, d))}
-        if tc.W_skip is not None:
-            shapes["W_skip"] = (tc.W_skip.shape, (d, d))
-        for name, (got, want) in shapes.items():
-            if tuple(got) != tuple(want):
-                raise ValueError(f"layer {L}: {name} has shape {tuple(got)}, expected {tuple(want)}")

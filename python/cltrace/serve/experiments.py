@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Optional
+from typing import Any
 
 OPS = ("set", "scale", "add")
 MODES = ("frozen", "free")

@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path

@@ -17,7 +17,7 @@ operation on its activation ``a``: ``set`` (a -> v), ``scale`` (a -> s * a) or `
       Δh_L = Δr_L + k_attn(attn_P(Δr_L))         frozen pattern P and norms
       Δx_L = k_pre(Δh_L);   x_L = x_L^clean + Δx_L
       a_L  = JumpReLU(x_L W_enc + b_enc), then the interventions of layer L
-      Δm_L = Σ_{S ≤ L} decode(a_S − a_S^clean)[S→L] + mask * (Δx_L @ W_skip_L)
+      Δm_L = Σ_{S ≤ L} decode(a_S − a_S^clean)[S→L] + Δx_L @ W_skip_L
       Δr_L+1 = Δh_L + Δm_L;     logits = logits^clean + k_final(Δr_n) @ W_U^T
 
   so without interventions the real logits come back exactly.
@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..frozen.capture import eager_attention
-from ..ops import SparseActs, gather_columns, jumprelu_encode, sparse_decode
-from ..replacement.encoding import empty_acts
+from ..ops import SparseActs, gather_columns, sparse_decode
+from ..replacement.encoding import encode_layer
 from .interventions import Intervention, InterventionResult, by_layer, check_interventions, new_values
 
 MODES = ("frozen", "free")
@@ -101,16 +101,6 @@ def with_pre_acts(a: SparseActs, tc, x: Tensor) -> SparseActs:
     return a._replace(pre_acts=z.to(a.acts.dtype))
 
 
-def encode_layer(tc, x: Tensor, n_skip: int) -> SparseActs:
-    """JumpReLU features of ``x [n_pos, d_model]``; the first ``n_skip`` rows stay empty."""
-    n_pos = x.shape[0]
-    if n_skip >= n_pos:
-        return empty_acts(n_pos, x.new_zeros(0, dtype=tc.W_enc.dtype))
-    a = jumprelu_encode(x[n_skip:].to(tc.W_enc.dtype), tc.W_enc, tc.b_enc, tc.threshold)
-    offsets = torch.cat([a.row_offsets.new_zeros(n_skip), a.row_offsets])
-    return SparseActs(offsets, a.feat_idx, a.acts, a.pre_acts)
-
-
 # --- frozen mode --------------------------------------------------------------------------
 
 def _attn_linear(fz, fl, r: Tensor) -> Tensor:
@@ -155,7 +145,7 @@ def intervene_frozen(state, interventions: Sequence[Intervention],
         acts.append(a)
         m = dm[L]
         if fl.W_skip is not None:
-            m = m + (dx @ fl.W_skip) * fl.skip_mask
+            m = m + dx @ fl.W_skip
         dr = dh + m
     dlogits = fz.k_final(dr) @ fz.W_U.to(dtype).T  # [n_pos, vocab]
     logits = (state.logits.to(dtype) + dlogits).to(state.logits.dtype)

@@ -157,6 +157,7 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
                 raise
     ts = load_transcoders(folder)
     info = ts.info
+    info["set_id"] = f"cltrace-starter/{tag}"
     progress(f"starter transcoders: {info.get('description', tag)}")
     return ts
 
@@ -182,6 +183,7 @@ def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 409
         except FileExistsError:  # another process finished first: use its copy
             pass
     ts = load_transcoders(folder)
+    ts.info["set_id"] = f"cltrace-starter/{tag}"
     info = ts.info or {}
     if not info.get("synthetic"):  # the loaders keep config fields; restore the provenance
         ts.info = {**info, "synthetic": True, "trained": False,

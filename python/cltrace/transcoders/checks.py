@@ -95,6 +95,21 @@ def check_finite(tc: LayerTranscoder, level: Verify, where: str) -> None:
                                       "(corrupt or diverged weights)")
 
 
+def check_decoder_rows(ts: TranscoderSet, layer: int, feat_idx: Tensor) -> None:
+    """Raise, naming the file, layer and rows, if decoder rows ``feat_idx`` of ``layer`` hold
+    NaN or inf (called where a decode came out non-finite: only the rows read are scanned)."""
+    W = ts.layers[layer].W_dec  # [d_sae, n_out, d_model]
+    rows = feat_idx.unique().to(W.device)
+    bad = rows[~torch.isfinite(W[rows].flatten(1)).all(1)].tolist()
+    if not bad:
+        return
+    files = ts.info.get("layer_files", {}).get(layer) or [ts.source or "transcoders"]
+    shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise TranscoderLoadError(f"{', '.join(map(str, files))}: layer {layer}: W_dec rows {shown} "
+                              "contain NaN or inf (corrupt weights); `cltrace inspect --verify all` "
+                              "scans every weight")
+
+
 def _all_finite(t: Tensor) -> bool:
     if t.numel() <= _CHUNK_ELEMS or t.dim() == 0:
         return bool(torch.isfinite(t).all())
@@ -160,3 +175,14 @@ def check_model(ts: TranscoderSet, model_config: Any, where: str) -> None:
     if ts.n_layers != n_layers:
         raise TranscoderLoadError(f"{where}: transcoders are for a {ts.n_layers}-layer model "
                                   f"but {name!r} has {n_layers} layers")
+
+
+def check_fits(ts: TranscoderSet, model_config: Any, where: str) -> None:
+    """The set can run on this model: every layer's shapes agree, the layers sit inside the
+    model, and d_model and the number of layers are the model's."""
+    if not ts.layers:
+        raise TranscoderLoadError(f"{where}: the transcoder set has no layers")
+    for layer, tc in sorted(ts.layers.items()):
+        check_layer(tc, f"{where}: layer {layer}")
+    check_set(ts, where)
+    check_model(ts, model_config, where)

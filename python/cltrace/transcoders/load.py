@@ -44,15 +44,18 @@ def load_transcoders(ref: Union[str, os.PathLike], *, layers: Optional[Sequence[
     path = Path(ref).expanduser()
     if (path.exists() or path.is_absolute() or where.startswith((".", "~"))
             or path.parent.is_dir() and gs.parse_variant(path.name)):
-        folder, p = resolve_local(path, layers, where)
+        folder, p, hub = *resolve_local(path, layers, where), False
     elif parse_hub_ref(where):
-        folder, p = resolve_hub(where, layers)
+        folder, p, hub = *resolve_hub(where, layers), True
     else:
         raise FileNotFoundError(f"transcoders not found: {where} is neither a local folder nor "
                                 "a Hugging Face reference owner/repo/folder[@revision]")
     model_n_layers = model_dims(model_config)[0] if model_config is not None else None
     ts = _read(folder, p, where, model_n_layers)
     ts.source = where
+    # a stable name for graphs and pages: the hub reference, or the folder's name (never a
+    # path of this machine); the starter sets replace it with their own
+    ts.info.setdefault("set_id", where if hub else path.resolve().name)
     for layer, tc in ts.layers.items():
         check_layer(tc, f"{where} layer {layer}")
     check_set(ts, where)
@@ -140,6 +143,7 @@ def _describe(ts: TranscoderSet, folder: Path, p: Plan) -> dict:
     files += [Path(f) for f in ts.info.pop("files", [])]
     nbytes = sum(f.stat().st_size for f in files if f.suffix == ".safetensors" and f.is_file())
     info = {"layout": p.layout, "folder": str(folder), "bytes": nbytes,
+            "layer_files": {L: [str(folder / f) for f in fs] for L, fs in p.files.items() if L >= 0},
             "skip": any(tc.W_skip is not None for tc in ts.layers.values())}
     if p.variant:
         info["variant"] = p.variant
