@@ -148,25 +148,35 @@ def test_same_graph_from_gemmascope_and_circuit_tracer_files(tmp_path, skip):
     assert graphs[0].n_features > 20
 
 
-def test_bounded_path_gives_exact_edges(replacement, full_graph):
-    """The memory-bounded path (rows over visited columns only, earlier rows filled by a forward
-    JVP) gives exactly the full graph's edges restricted to its nodes."""
+def test_both_stores_give_the_same_graph(replacement, full_graph):
+    """One visitor, two stores: the dense store and the memory-bounded one (rows over visited
+    columns only, earlier rows filled by recomputation or a forward JVP) visit the same
+    features and give the same edges, which are the full graph's restricted to its nodes."""
     full = full_graph
+    keys = {tuple(r): i for i, r in enumerate(full.features.tolist())}
     for kw in [dict(batch_size=3, max_feature_nodes=17, update_interval=1),
-               dict(batch_size=5, max_feature_nodes=full.n_features - 1, update_interval=2)]:
-        part = attribute(TOKENS, replacement, bounded=True, **kw)
-        assert part.settings["bounded"] and part.n_features == kw["max_feature_nodes"]
-        keys = {tuple(r): i for i, r in enumerate(full.features.tolist())}
-        idx = torch.tensor([keys[tuple(r)] for r in part.features.tolist()])
-        assert (idx.diff() > 0).all()  # ascending feature order, as the dense path
+               dict(batch_size=5, max_feature_nodes=full.n_features - 1, update_interval=2),
+               dict(batch_size=4, max_feature_nodes=4)]:
+        bounded = attribute(TOKENS, replacement, bounded=True, **kw)
+        dense = attribute(TOKENS, replacement, bounded=False, **kw)
+        assert bounded.settings["bounded"] and not dense.settings["bounded"]
+        assert bounded.n_features == kw["max_feature_nodes"]
+        assert torch.equal(bounded.features, dense.features)
+        torch.testing.assert_close(bounded.edges, dense.edges, rtol=1e-5, atol=1e-7)
+        idx = torch.tensor([keys[tuple(r)] for r in dense.features.tolist()])
+        assert (idx.diff() > 0).all()  # ascending feature order
         cols = torch.cat([idx, torch.arange(full.n_features, full.n_nodes)])
         rows = torch.cat([idx, torch.arange(full.n_features, full.n_features + full.n_logits)])
-        torch.testing.assert_close(part.edges, full.edges[rows][:, cols], rtol=1e-5, atol=1e-7)
+        assert torch.equal(dense.edges, full.edges[rows][:, cols])  # the same rows, bit for bit
     # The first pick (from the logit rows alone) is the exact influence ranking.
-    first = attribute(TOKENS, replacement, bounded=True, batch_size=4, max_feature_nodes=4)
-    dense = attribute(TOKENS, replacement, bounded=False, batch_size=4, max_feature_nodes=4)
-    assert torch.equal(first.features, dense.features)
-    torch.testing.assert_close(first.edges, dense.edges, rtol=1e-5, atol=1e-7)
+    from cltrace.graph import influence_of_rows
+
+    logit_rows = full.edges[full.n_features:]
+    w = full.logit_weights()
+    infl, _ = influence_of_rows(logit_rows, full.edge_targets[full.n_features:], w)
+    best = set(infl[:full.n_features].argsort(descending=True)[:4].tolist())
+    first = attribute(TOKENS, replacement, batch_size=4, max_feature_nodes=4, update_interval=1)
+    assert {keys[tuple(r)] for r in first.features.tolist()} == best
 
 
 def test_forward_columns_equal_edge_rows(replacement):

@@ -9,9 +9,9 @@ nodes are a dot with the error vector, and token nodes with the embedding. So
     A[t, s] = a_s · Σ_{ℓ_s ≤ ℓ < ℓ_t} W_dec[s→ℓ] · J(ℓ→t) · W_enc[t]
 
 (Ameisen et al. 2025, https://transformer-circuits.pub/2025/attribution-graphs/methods.html),
-without replicating the forward pass and with memory of one row block per batch. With
-``max_feature_nodes`` smaller than the number of active features, features are visited in
-order of their estimated influence on the logits, refreshed as rows arrive (as circuit-tracer).
+without replicating the forward pass. Which feature rows are computed, and in which order, is
+:mod:`.visit`; where the rows are kept, :mod:`.stores`; this module runs the prompt, picks the
+targets and assembles the :class:`Graph`.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bounded import position_order, visit_bounded
 from ..frozen.model import Seeds
 from ..graph.graph import Graph
-from ..graph.influence import influence_of_rows
 from ..replacement.model import ReplacementModel
 from ..replacement.state import ReplacementState
-from .targets import TargetSpec, default_targets
 from .rows import EdgeRows
+from .stores import BoundedStore
+from .targets import TargetSpec, default_targets
+from .visit import make_store, visit
 
 
 def _check_args(max_n_logits: int, desired_logit_prob: float, batch_size: int,
@@ -56,11 +56,10 @@ def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
     by default the salient next-token logits. ``timings`` (a dict), if given, receives the
     seconds spent per phase.
 
-    With ``max_feature_nodes`` below the number of active features, the dense path stores
-    every row over all active-feature columns and re-ranks by exact influence (as
-    circuit-tracer); the bounded path (:mod:`.bounded`) keeps only the visited columns and
-    ranks by an estimate. ``bounded=None`` picks the bounded path when the dense rows would
-    exceed ``dense_limit_bytes``. Both give exact edges."""
+    With ``max_feature_nodes`` below the number of active features, the features are chosen
+    by estimated influence (:mod:`.visit`). The rows live in the dense store, or in the
+    memory-bounded one when the dense rows would exceed ``dense_limit_bytes`` (``bounded``
+    forces the choice); both give the same graph (:mod:`.stores`)."""
     _check_args(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes)
     # gradients far from their seed underflow to denormals, which make CPU arithmetic ~10x
     # slower; flushing them to zero changes edges by < 1e-38
@@ -90,26 +89,17 @@ def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_node
     af = state.active_features()
     n_feat, n_logits = rows_fn.n_features, len(logit_targets)
     n_visit = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
-    logit_start = rows_fn.n_cols  # logit nodes follow tokens in the full node order
-    n_nodes = logit_start + n_logits
     last = state.n_pos - 1
     logit_seeds = Seeds(torch.full((n_logits,), state.n_layers), torch.full((n_logits,), last),
                         torch.stack([t.vec for t in logit_targets]).to(state.frozen.dtype))
     times["logits"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    weights = torch.zeros(n_nodes, dtype=torch.float64)
-    weights[logit_start:] = torch.tensor([t.weight for t in logit_targets], dtype=torch.float64)
+    logit_weights = torch.tensor([t.weight for t in logit_targets], dtype=torch.float64)
+    store = make_store(state, rows_fn, af, n_visit, n_logits, batch_size, dense_limit_bytes, bounded)
     bar = tqdm(total=n_visit, desc="feature rows", unit="feat", disable=not verbose)
-    dense_bytes = 4 * (n_logits + n_visit) * n_nodes
-    if bounded is None:
-        bounded = n_visit < n_feat and dense_bytes > dense_limit_bytes
-    if bounded:
-        edges, selected = visit_bounded(state, rows_fn, af, logit_seeds, weights[logit_start:],
-                                        n_visit, batch_size, update_interval, bar.update)
-    else:
-        edges, selected = _visit_dense(state, rows_fn, af, logit_seeds, weights, n_visit,
-                                       batch_size, update_interval, bar.update)
+    edges, selected = visit(state, rows_fn, af, logit_seeds, logit_weights, n_visit, batch_size,
+                            update_interval, store, bar.update)
     bar.close()
     times["features"] = time.perf_counter() - t0
 
@@ -118,7 +108,7 @@ def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_node
     graph.settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                       "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
                       "n_active_features": n_feat, "skip_positions": state.skip_positions,
-                      "bounded": bool(bounded)}
+                      "bounded": isinstance(store, BoundedStore)}
     times["assemble"] = time.perf_counter() - t0
     return graph
 
@@ -128,43 +118,6 @@ def _decoder(model: ReplacementModel):
     if tok is None:
         return lambda t: f"<{int(t)}>"
     return lambda t: tok.decode([int(t)])
-
-
-def _visit_dense(state, rows_fn, af, logit_seeds: Seeds, weights: Tensor, n_visit: int,
-                 batch_size: int, update_interval: int, progress) -> tuple[Tensor, Tensor]:
-    """Rows over all columns, re-ranked by exact influence; returns (edges, selected) laid out
-    as :func:`cltrace.attribution.bounded.visit_bounded` does."""
-    n_feat, n_logits = rows_fn.n_features, logit_seeds.n
-    logit_start = rows_fn.n_cols
-    n_nodes = logit_start + n_logits
-    rows = torch.zeros(n_logits + n_visit, n_nodes, dtype=torch.float32)
-    row_nodes = torch.zeros(n_logits + n_visit, dtype=torch.int64)
-    for i in range(0, n_logits, batch_size):
-        sl = slice(i, i + batch_size)
-        B = len(logit_seeds.layer[sl])
-        rows[i:i + B, :logit_start] = rows_fn(Seeds(*(t[sl] for t in logit_seeds))).float().cpu()
-        row_nodes[i:i + B] = torch.arange(i, i + B) + logit_start
-    visited = torch.zeros(n_feat, dtype=torch.bool)
-    filled = n_logits
-    while filled - n_logits < n_visit:
-        if n_visit == n_feat:
-            pending = position_order(af, torch.arange(n_feat), state.n_layers)  # all, by position
-        else:
-            infl, _ = influence_of_rows(rows[:filled], row_nodes[:filled], weights)  # no copy of rows
-            rank = infl[:n_feat].argsort(descending=True, stable=True)
-            pending = rank[~visited[rank]][:min(update_interval * batch_size, n_visit - (filled - n_logits))]
-            pending = pending[position_order(af, pending, state.n_layers)]
-        for idx in pending.split(batch_size):
-            seeds = state.feature_seeds(af.layer[idx], af.pos[idx], af.feature[idx])
-            rows[filled:filled + len(idx), :logit_start] = rows_fn(seeds).float().cpu()
-            row_nodes[filled:filled + len(idx)] = idx
-            visited[idx] = True
-            filled += len(idx)
-            progress(len(idx))
-    selected = visited.nonzero().flatten()  # ascending active-feature index
-    cols = torch.cat([selected, torch.arange(n_feat, n_nodes)])
-    order = row_nodes.argsort()  # feature rows by feature index, then the logit rows
-    return rows[order[:, None], cols[None, :]], selected  # one gather: no full-width copy
 
 
 def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,
