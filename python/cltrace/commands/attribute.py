@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     result = prune(graph, args.node_threshold, args.edge_threshold)
-    scores = graph_scores(graph)
+    scores = graph_scores(graph, result)
     times["prune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -17,25 +17,12 @@ rows computed earlier are filled in exactly, so no row ever keeps all active-fea
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from .model import FrozenLayer, FrozenLinearModel, FrozenNorm, Seeds
-from .attention import mix
-
-
-def _attn_delta(fz: FrozenLinearModel, fl: FrozenLayer, r: Tensor, start: int) -> Tensor:
-    """``r + `` the change of the post-scaled attention output for a residual change
-    ``r [n, C, d]`` (position-major, positions ``start..``): with the norm gains folded into
-    W_V / W_O and the scales into the pattern, two GEMMs, the pattern product and two copies."""
-    n, C, d = r.shape
-    rep, hd = fz.n_heads // fz.n_kv, fz.head_dim
-    fz.fold_gains(fl)
-    v = (r.view(n * C, d) @ fl.W_V_gain.T).view(n, C, fz.n_kv, hd)  # [n, C, n_kv, hd]
-    v = v.permute(2, 0, 1, 3).reshape(fz.n_kv, n, C * hd)
-    z = mix(fl.pattern, v, start, fl.k_attn.scale[:, 0], fl.k_in.scale[:, 0])  # [n_kv, rep, n, C * hd]
-    z = z.view(fz.n_kv, rep, n, C, hd).permute(2, 3, 0, 1, 4).reshape(n * C, fz.n_heads * hd)
-    return torch.addmm(r.view(n * C, d), z, fl.W_O_gain.T).view(n, C, d)
+from .model import FrozenLinearModel, Seeds
 
 
 def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tensor, Tensor]],
@@ -46,7 +33,8 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
     MLP output ``m_layer`` at ``pos`` of column ``col`` (a feature's ``a · W_dec`` row).
     ``targets``: the rows' seeds (layer ``n_layers`` = a logit direction after the final norm,
     else an encoder column at that layer's MLP input). The residual change is carried
-    position-major, ``[n_pos - start, n_cols, d_model]``, from the first source position on."""
+    position-major, ``[n_pos - start, n_cols, d_model]``, from the first source position on,
+    by the frozen model's one forward (:meth:`FrozenLinearModel.run_layers`)."""
     dev, dt = fz.W_U.device, fz.dtype
     out = torch.zeros(targets.n, n_cols, dtype=dt, device=dev)
     if not inject or targets.n == 0:
@@ -54,35 +42,38 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
     start = min(int(p.min()) for _, _, p, _ in inject) if fz.causal else 0
     lo = min(L for L, *_ in inject)
     n = fz.n_pos - start
-    r = torch.zeros(n, n_cols, fz.d_model, dtype=dt, device=dev)  # change of r_L
-    live = False
     top = int(targets.layer.max())
+    if top <= lo:  # every target reads before the first injection
+        return out
 
-    def read(sel: Tensor, y: Tensor, k: FrozenNorm) -> None:
-        """Targets ``sel`` read ``k(y)`` at their positions: [k, C, d] . [k, d] -> out[sel]."""
+    def injected(L: int) -> Optional[Tensor]:
+        """The sources injected into m_L: [n, n_cols, d] (None: none)."""
+        entries = [(col, pos, vec) for L_in, col, pos, vec in inject if L_in == L]
+        if not entries:
+            return None
+        m = torch.zeros(n, n_cols, fz.d_model, dtype=dt, device=dev)
+        for col, pos, vec in entries:
+            m.index_put_((pos - start, col), vec.to(dt), accumulate=True)
+        return m
+
+    def read(sel: Tensor, y: Tensor, scale: Optional[Tensor] = None) -> None:
+        """Targets ``sel`` read ``y [n, C, d]`` (already normed unless ``scale`` [n_pos, d] is
+        given) at their positions: [k, C, d] . [k, d] -> out[sel]."""
         pos = targets.pos[sel]
-        ys = y[pos - start] * (k.scale[pos] * k.gain)[:, None]  # [k, n_cols, d]
+        ys = y[pos - start] if scale is None else y[pos - start] * scale[pos][:, None]
         out[sel] = torch.einsum("kcd,kd->kc", ys, targets.vec[sel].to(dt))
 
-    for L in range(lo, min(top + 1, fz.n_layers)):
-        fl = fz.layers[L]
-        h = _attn_delta(fz, fl, r, start) if live else r
+    def layer_out(L: int, x: Tensor) -> Optional[Tensor]:
         sel = ((targets.layer == L) & (targets.pos >= start)).nonzero().flatten()
-        if live and sel.numel():
-            read(sel, h, fl.k_pre)  # the MLP input x_L = k_pre(h_L)
-        if fl.W_skip is not None and live:
-            fz.fold_gains(fl)  # m += k_pre(h) @ W_skip
-            scale = fl.k_pre.scale[start:, :, None]  # [n, 1, 1]
-            r = torch.addcmul(h, (h.view(-1, fz.d_model) @ fl.W_skip_gain.T).view(h.shape), scale)
-        else:
-            r = h
-        for L_in, col, pos, vec in inject:
-            if L_in == L:
-                r.index_put_((pos - start, col), vec.to(dt), accumulate=True)
-                live = True
+        if sel.numel():
+            read(sel, x)  # the MLP input x_L = k_pre(h_L); injections at L come after it
+        return injected(L)
+
+    r0 = injected(lo)  # m_lo: nothing upstream of it changes
+    r = fz.run_layers(r0, layer_out, start=start, first=lo + 1, stop=min(top + 1, fz.n_layers))
     sel = ((targets.layer == fz.n_layers) & (targets.pos >= start)).nonzero().flatten()
-    if top == fz.n_layers and live and sel.numel():
-        read(sel, r, fz.k_final)
+    if top == fz.n_layers and sel.numel():
+        read(sel, r, fz.k_final.scale * fz.k_final.gain)
     return out
 
 

@@ -30,7 +30,7 @@ product is one GEMM. A seed at (layer ℓ, position p) costs (ℓ + 1)·(p + 1) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -73,8 +73,6 @@ class FrozenLayer:
 
     W_V: Tensor  # [n_kv * head_dim, d_model]
     W_O: Tensor  # [d_model, n_heads * head_dim]
-    b_V: Optional[Tensor]  # [n_kv * head_dim] (None in Gemma 3)
-    b_O: Optional[Tensor]  # [d_model] (None in Gemma 3)
     pattern: Pattern  # [n_heads, n_pos, n_pos], banded for sliding-window layers
     k_in: "FrozenNorm"  # input_layernorm
     k_attn: "FrozenNorm"  # post_attention_layernorm
@@ -120,10 +118,12 @@ class FrozenLinearModel:
         self.layers: list[FrozenLayer] = []
         for L, (layer, c) in enumerate(zip(parts.layers, cap.layers)):
             attn = layer.self_attn
-            bias = lambda lin: None if lin.bias is None else lin.bias.detach().to(dtype)  # noqa: E731
+            if attn.v_proj.bias is not None or attn.o_proj.bias is not None:
+                raise ValueError(f"layer {L}: attention biases (Gemma 3 has none): the frozen "
+                                 "attention would not be linear")
             self.layers.append(FrozenLayer(
                 W_V=attn.v_proj.weight.detach().to(dtype), W_O=attn.o_proj.weight.detach().to(dtype),
-                b_V=bias(attn.v_proj), b_O=bias(attn.o_proj), pattern=c.pattern.to(dtype),
+                pattern=c.pattern.to(dtype),
                 k_in=_norm(c.scale_in, layer.input_layernorm, dtype),
                 k_attn=_norm(c.scale_attn, layer.post_attention_layernorm, dtype),
                 k_pre=_norm(c.scale_pre, layer.pre_feedforward_layernorm, dtype),
@@ -134,29 +134,52 @@ class FrozenLinearModel:
 
     # --- forward ---------------------------------------------------------------------------
 
-    def _attn(self, fl: FrozenLayer, r: Tensor) -> Tensor:
-        """Frozen attention of the residual ``r [n_pos, d]``, before post-attention scaling."""
-        n = r.shape[0]
-        v = fl.k_in(r) @ fl.W_V.T  # [n_pos, n_kv * hd]
-        if fl.b_V is not None:
-            v = v + fl.b_V
-        v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # [n_kv, n_pos, hd]
-        z = mix(fl.pattern, v)  # [n_kv, rep, n_pos, hd]
-        o = z.reshape(self.n_heads, n, self.head_dim).transpose(0, 1).reshape(n, -1) @ fl.W_O.T
-        return o if fl.b_O is None else o + fl.b_O  # [n_pos, d_model]
+    def attention(self, L: int, r: Tensor, start: int = 0) -> Tensor:
+        """``h = r + k_attn(attn_P(k_in(r)))``: the residual stream after layer L's frozen
+        attention, for ``r [n, C, d_model]`` at positions ``start..`` (position-major, C columns
+        carried at once). With the norm gains folded into W_V / W_O and the norm scales into the
+        pattern: two GEMMs, the pattern product (:func:`.attention.mix`) and two copies."""
+        fl = self.layers[L]
+        n, C, d = r.shape
+        rep, hd = self.n_heads // self.n_kv, self.head_dim
+        self.fold_gains(fl)
+        v = (r.reshape(n * C, d) @ fl.W_V_gain.T).view(n, C, self.n_kv, hd)  # [n, C, n_kv, hd]
+        v = v.permute(2, 0, 1, 3).reshape(self.n_kv, n, C * hd)
+        z = mix(fl.pattern, v, start, fl.k_attn.scale[:, 0], fl.k_in.scale[:, 0])  # [n_kv, rep, n, C * hd]
+        z = z.view(self.n_kv, rep, n, C, hd).permute(2, 3, 0, 1, 4).reshape(n * C, self.n_heads * hd)
+        return torch.addmm(r.reshape(n * C, d), z, fl.W_O_gain.T).view(n, C, d)
+
+    def run_layers(self, r: Tensor, layer_out: Callable[[int, Tensor], Optional[Tensor]],
+                   start: int = 0, first: int = 0, stop: Optional[int] = None) -> Tensor:
+        """Carry the residual stream ``r [n, C, d_model]`` (positions ``start..``, C columns)
+        through layers ``first .. stop - 1`` (default: to the last; then it returns the
+        final-norm input).
+
+        Per layer L: ``h = attention(L, r)``, ``x = k_pre(h)`` (the MLP input),
+        ``m = layer_out(L, x) + x @ W_skip`` (the MLP output: the sources the caller puts there,
+        ``None`` for none, plus the affine skip), ``r = h + m``. The one forward of the frozen
+        model: the prompt's forward, the interventions' delta-forward and the forward JVP of
+        the attribution columns all run it."""
+        for L in range(first, self.n_layers if stop is None else stop):
+            fl = self.layers[L]
+            h = self.attention(L, r, start)
+            x = h * (fl.k_pre.scale[start:, :, None] * fl.k_pre.gain)  # [n, C, d]
+            m = layer_out(L, x)
+            if fl.W_skip is not None:
+                skip = (x.reshape(-1, self.d_model) @ fl.W_skip).view(x.shape)
+                m = skip if m is None else m + skip
+            r = h if m is None else h + m
+        return r
 
     def forward(self, embed: Tensor, sources: Tensor) -> FrozenOutput:
         """Logits from ``embed [n_pos, d]`` and ``sources [n_layers, n_pos, d]`` (differentiable)."""
-        r = embed.to(self.dtype)
         mlp_in = []
-        for L, fl in enumerate(self.layers):
-            h = r + fl.k_attn(self._attn(fl, r))
-            x = fl.k_pre(h)
-            m = sources[L].to(self.dtype)
-            if fl.W_skip is not None:
-                m = m + x @ fl.W_skip
-            mlp_in.append(x)
-            r = h + m
+
+        def layer_out(L: int, x: Tensor) -> Tensor:
+            mlp_in.append(x[:, 0])
+            return sources[L].to(self.dtype)[:, None]
+
+        r = self.run_layers(embed.to(self.dtype)[:, None], layer_out)[:, 0]
         logits = self.k_final(r) @ self.W_U.to(self.dtype).T
         return FrozenOutput(logits, r, torch.stack(mlp_in))
 

@@ -41,6 +41,7 @@ class PruneResult(NamedTuple):
     edge_mask: Tensor  # [n_targets, N] bool: edges kept (rows as graph.edge_targets)
     cumulative_scores: Tensor  # [N] float64: cumulative influence fraction up to each node's rank
     influence: Tensor  # [N] float64: influence of each node on the logits
+    row_scale: Tensor  # [n_targets]: the divisor of each row of Â (its sum of |edges|)
 
 
 def check_threshold(value: float, name: str) -> float:
@@ -173,7 +174,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     check_threshold(edge_threshold, "edge_threshold")
     edges, targets = graph.edges, graph.edge_targets
 
-    influence, _ = _influence(graph)
+    influence, row_scale = _influence(graph)
     node_mask = influence >= find_threshold(influence, node_threshold)
     node_mask[graph.token_start:] = True  # tokens and logits are always kept
 
@@ -187,6 +188,6 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     order = influence.sort(descending=True)
     cumulative = torch.zeros_like(influence)
     cumulative[order.indices] = order.values.cumsum(0) / influence.sum().clamp(min=1e-300)
-    return PruneResult(node_mask, edge_mask, cumulative, influence)
+    return PruneResult(node_mask, edge_mask, cumulative, influence, row_scale)
 
 

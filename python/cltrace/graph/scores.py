@@ -1,13 +1,14 @@
 """Replacement and completeness scores of an attribution graph (Ameisen et al. 2025)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import ops
 from .graph import Graph
 from .influence import _everything, _influence
+from .pruning import PruneResult
 
 
 class GraphScores(NamedTuple):
@@ -15,10 +16,11 @@ class GraphScores(NamedTuple):
     completeness: float  # influence-weighted fraction of node inputs not coming from error nodes
 
 
-def graph_scores(graph: Graph) -> GraphScores:
-    """Replacement and completeness scores of the unpruned graph (Ameisen et al. 2025)."""
+def graph_scores(graph: Graph, pruned: Optional[PruneResult] = None) -> GraphScores:
+    """Replacement and completeness scores of the unpruned graph (Ameisen et al. 2025); with
+    the graph's :class:`PruneResult`, its influence is reused rather than computed again."""
     targets, w = graph.edge_targets, graph.logit_weights()
-    influence, scale = _influence(graph)
+    influence, scale = (pruned.influence, pruned.row_scale) if pruned is not None else _influence(graph)
     errors = slice(graph.error_start, graph.token_start)
     token_influence = float(influence[graph.token_start:graph.logit_start].sum())
     error_influence = float(influence[errors].sum())

@@ -20,6 +20,7 @@ operation on its activation ``a``: ``set`` (a -> v), ``scale`` (a -> s * a) or `
       Δm_L = Σ_{S ≤ L} decode(a_S − a_S^clean)[S→L] + Δx_L @ W_skip_L
       Δr_L+1 = Δh_L + Δm_L;     logits = logits^clean + k_final(Δr_n) @ W_U^T
 
+  (the frozen model's one forward, :meth:`~cltrace.frozen.FrozenLinearModel.run_layers`),
   so without interventions the real logits come back exactly.
 * ``"free"`` — the real model with every norm and attention pattern recomputed: a hook on
   layer L's MLP input computes the intervened features' activations there, and
@@ -103,14 +104,6 @@ def with_pre_acts(a: SparseActs, tc, x: Tensor) -> SparseActs:
 
 # --- frozen mode --------------------------------------------------------------------------
 
-def _attn_linear(fz, fl, r: Tensor) -> Tensor:
-    """The linear part of the frozen attention (no biases) of ``r [n_pos, d]``."""
-    out = fz._attn(fl, r)
-    if fl.b_V is not None or fl.b_O is not None:
-        out = out - fz._attn(fl, torch.zeros_like(r))
-    return out
-
-
 @torch.no_grad()
 def intervene_frozen(state, interventions: Sequence[Intervention],
                      freeze_features: bool = False) -> InterventionResult:
@@ -121,11 +114,12 @@ def intervene_frozen(state, interventions: Sequence[Intervention],
     dtype = fz.dtype
     clean_in = state.mlp_in.to(dtype)  # [n_layers, n_pos, d_model]
     dm = torch.zeros_like(clean_in)  # Δ(feature decodes) into each layer's MLP output
-    dr = torch.zeros_like(clean_in[0])  # Δr, the change of the residual stream
     acts, mlp_in = [], []
-    for L, fl in enumerate(fz.layers):
-        dh = dr + fl.k_attn(_attn_linear(fz, fl, dr))
-        dx = fl.k_pre(dh)
+
+    def layer_out(L: int, dx: Tensor) -> Tensor:
+        """Layer L's features on the changed MLP input, the interventions on them, and the
+        change of the decodes they write (into m_L .. m_L+n_out-1)."""
+        dx = dx[:, 0]
         x = clean_in[L] + dx  # [n_pos, d_model]
         mlp_in.append(x)
         clean, tc = state.acts[L], tcs.layers.get(L)
@@ -143,10 +137,9 @@ def intervene_frozen(state, interventions: Sequence[Intervention],
                 dm[L:L + n_out] += dec[:, :n_out].transpose(0, 1).to(dtype)
             a = with_pre_acts(a, tc, x)
         acts.append(a)
-        m = dm[L]
-        if fl.W_skip is not None:
-            m = m + dx @ fl.W_skip
-        dr = dh + m
+        return dm[L][:, None]
+
+    dr = fz.run_layers(torch.zeros_like(clean_in[0])[:, None], layer_out)[:, 0]  # Δr_n
     dlogits = fz.k_final(dr) @ fz.W_U.to(dtype).T  # [n_pos, vocab]
     logits = (state.logits.to(dtype) + dlogits).to(state.logits.dtype)
     resid = state.capture.resid_final.to(dtype) + dr
