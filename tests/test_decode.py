@@ -99,6 +99,31 @@ def test_decode_reads_clt_slices_in_place(device):
                                ref.sparse_decode(off, idx, acts, full.transpose(1, 2).contiguous()))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4),
+                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("d_model,first", [(64, 2), (64, 0), (37, 1)])
+def test_decode_strided_clt_slice_matches_reference(device, dtype, tol, d_model, first):
+    # Source layer `first` of a CLT reads w_dec[:, first:, :] of the file's [d_sae, n_layers,
+    # d_model] decoder: rows n_layers * d_model apart, each feature's block contiguous. Forward
+    # and backward read it in place (16-byte loads on CUDA when d_model allows: 64; not: 37).
+    n_layers, d_sae = 5, 60
+    off, idx, acts = csr_inputs(11, d_sae, 7, dtype=dtype, device=device, duplicates=True)
+    full = torch.randn(d_sae, n_layers, d_model, dtype=torch.float64).to(dtype=dtype, device=device)
+    W = full[:, first:, :]
+    assert W.stride() == (n_layers * d_model, d_model, 1)
+    out = ops.sparse_decode(off, idx, acts, W)
+    expected = ref.sparse_decode(off, idx, acts.double(), W.double().contiguous())
+    scale = expected.abs().max().clamp_min(1)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
+    assert out.shape == (11, n_layers - first, d_model) and out.dtype == dtype
+    g = torch.randn(11, n_layers - first, d_model, dtype=torch.float64).to(dtype=dtype, device=device)
+    ours = torch.ops.cltrace.sparse_decode_backward(g, off, idx, acts, W)
+    theirs = ref.sparse_decode_backward(g.double(), off, idx, acts.double(), W.double().contiguous())
+    for a, r in zip(ours, theirs):
+        s = r.abs().max().clamp_min(1)
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * s)
+
+
 def test_decode_rejects_decreasing_offsets(device):
     W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
     off = torch.tensor([0, 2, 1, 3], device=device)
