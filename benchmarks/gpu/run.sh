@@ -69,11 +69,20 @@ if (( DRY )); then
 else
   # Hopper only (halves nvcc time); all cores
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+  has_cuda() {  # an importable cltrace with CUDA kernels (else say why)
+    "$PY" -c "import cltrace, sys; b = cltrace.build_info(); print('    cltrace', cltrace.__file__, 'cuda', b.cuda); sys.exit(0 if b.cuda else 1)" 2>&1 | tail -n 2
+  }
   step build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-  if ! "$PY" -c "import cltrace, sys; sys.exit(0 if cltrace.build_info().cuda else 1)" >/dev/null 2>&1; then
-    # fallback: CMake straight into python/cltrace (CMakeLists.txt's development mode)
-    step build_cmake 200 bash -c "cmake -S . -B /tmp/cltrace-build -G Ninja -DPython_EXECUTABLE=\$(command -v $PY) && cmake --build /tmp/cltrace-build -j\$(nproc)"
+  if ! has_cuda; then
+    # fallback 1: CMake straight into python/cltrace (CMakeLists.txt's development mode)
+    echo "    no CUDA build of cltrace importable after pip: trying CMake directly"
     export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+    step build_cmake 200 bash -c "cmake -S . -B /tmp/cltrace-build -G Ninja -DPython_EXECUTABLE=\$(command -v $PY) && cmake --build /tmp/cltrace-build -j\$(nproc)"
+  fi
+  if ! has_cuda; then
+    # fallback 2: torch.utils.cpp_extension (ninja, no CMake) into python/cltrace
+    echo "    still no CUDA build: trying torch.utils.cpp_extension"
+    step build_jit 240 "$PY" benchmarks/gpu/build_jit.py
   fi
 fi
 step build_info 30 "$PY" -c "
