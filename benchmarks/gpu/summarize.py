@@ -40,9 +40,13 @@ def sanitizer(p: Path, step: dict) -> dict:
     text = p.read_text(errors="replace")
     lines = [ln.strip() for ln in text.splitlines() if "SUMMARY" in ln]
     n = sum(int(m.group(1)) for ln in lines for m in [re.search(r"(\d+) (error|hazard)", ln)] if m)
-    errs = [ln for ln in text.splitlines() if ln.startswith("=========") and
-            ("Invalid" in ln or "Race" in ln or "hazard" in ln.lower() or "Error" in ln)][:20]
+    body = [ln for ln in text.splitlines() if ln.startswith("=========")]
+    errs = [ln for ln in body if "Invalid" in ln or "Race" in ln or "hazard" in ln.lower()
+            or "Error" in ln][:20]
+    # frames in cltrace's own kernels (a report inside torch or cuBLAS names none)
+    ours = sorted({m.group(0) for ln in body for m in [re.search(r"cltrace::[\w:()<>, ]*?\w+_kernel", ln)] if m})
     return {"ran": True, "summary_lines": lines, "n_reported": n, "first_reports": errs,
+            "cltrace_kernels_named": ours,
             "clean": bool(lines) and n == 0 and step.get("rc") == 0, "step": step}
 
 
@@ -119,6 +123,8 @@ def markdown(s: dict, graphs: list, kern: list, e2e: list) -> str:
                                    f"{'clean' if x['clean'] else 'NOT CLEAN'}; " + "; ".join(x["summary_lines"])))
         for e in x.get("first_reports", [])[:5]:
             L.append(f"  - `{e}`")
+        if x.get("cltrace_kernels_named"):
+            L.append(f"  - in cltrace kernels: {', '.join(x['cltrace_kernels_named'])}")
     c = tim.get("ceilings", {})
     if "copy_GBps" in c:
         L += ["", "## Ceilings", "", f"copy {c['copy_GBps']:.0f} GB/s (read + write); matmul fp32 "
