@@ -75,7 +75,8 @@ def main() -> None:
                "racecheck": sanitizer(work / "racecheck.txt", steps.get("racecheck", {})),
                "e2e": read_json(work / "e2e.json"), "timing": read_json(work / "timing.json")}
     t = s["tests"]
-    tests_ok = None if "missing" in t or not t["tests"] else (t["failures"] + t["errors"] == 0)
+    # all skipped (no usable GPU) is not a pass
+    tests_ok = None if "missing" in t or not t["passed"] else (t["failures"] + t["errors"] == 0)
     san = [s["memcheck"], s["racecheck"]]
     san_ok = None if not all(x["ran"] for x in san) else all(x["clean"] for x in san)
     graphs = [g for g in s["timing"].get("graphs", []) if not g.get("warmup")] \

@@ -221,7 +221,10 @@ def time_graphs(dev, shape_name: str, configs: list[tuple], warm: tuple, deadlin
                     r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 r["graph"] = [int(g.edges.shape[0]), int(g.edges.shape[1])]
                 r["finite"] = bool(torch.isfinite(g.edges).all())
-                r["n_active"] = int(sum(a.feat_idx.numel() for a in rm.run(tokens, all_logits=False).acts))
+                try:  # active features of the prompt (for the record; not timed)
+                    r["n_active"] = int(sum(a.feat_idx.numel() for a in rm.run(tokens, all_logits=False).acts))
+                except Exception as exc:
+                    r["n_active"] = f"{type(exc).__name__}: {exc}"
                 del g, rm, ts
             except Exception as exc:
                 r["error"] = f"{type(exc).__name__}: {exc}"
