@@ -132,11 +132,12 @@ def markdown(s: dict, graphs: list, kern: list, e2e: list) -> str:
               f"{c.get('matmul_fp32_TFLOPs', 0):.1f} TFLOP/s, bf16 {c.get('matmul_bf16_TFLOPs', 0):.1f} TFLOP/s"]
     if kern:
         L += ["", "## Kernels (1B shape, median of CUDA-event timings)", "",
-              "| kernel | dtype | us | floor us | GB/s | of copy bw | TFLOP/s | of matmul |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| kernel | dtype | us | floor us | floor GB/s | of copy bw | touched, of copy bw | TFLOP/s | of matmul |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k in kern:
+            tb = f"{k['frac_bw_touched']:.0%}" if "frac_bw_touched" in k else ""
             L.append(f"| {k['kernel']} | {k['dtype']} | {k['seconds'] * 1e6:.1f} | {k['floor_s'] * 1e6:.1f} "
-                     f"| {k['GBps']:.0f} | {k['frac_bw']:.0%} | {k.get('TFLOPs', 0):.1f} "
+                     f"| {k['GBps']:.0f} | {k['frac_bw']:.0%} | {tb} | {k.get('TFLOPs', 0):.1f} "
                      f"| {k.get('frac_matmul', 0):.0%} |")
     if graphs:
         L += ["", "## Whole graphs", "", "| shape | tokens | nodes | dtype | s | active | peak GiB | phases |",

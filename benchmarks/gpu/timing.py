@@ -82,7 +82,8 @@ def sparse_rows(N: int, F: int, L0: int, dev) -> tuple:
 
 
 def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
-    """(name, fn, floor_bytes, flops) for every compiled op at the 1B shape."""
+    """(name, fn, floor_bytes, touched_bytes or None, flops) for every compiled op at the 1B
+    shape. floor: each distinct decoder row once; touched: each entry's row once."""
     d, F, L0 = (1152, 16384, 64) if not small else (128, 1024, 16)
     N = 2048 if not small else 64
     es = torch.empty((), dtype=dtype).element_size()
@@ -97,11 +98,11 @@ def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
     enc = C.jumprelu_encode(x, W_enc, b_enc, thr, 0.0)
     nnz = enc[1].numel()
     cases.append(("jumprelu_encode", lambda: C.jumprelu_encode(x, W_enc, b_enc, thr, 0.0),
-                  (N * d + d * F + 2 * F) * es + nnz * (8 + 2 * es), 2 * N * d * F))
+                  (N * d + d * F + 2 * F) * es + nnz * (8 + 2 * es), None, 2 * N * d * F))
     ga = torch.randn(nnz, device=dev, generator=g).to(dtype)
     cases.append(("jumprelu_encode_backward",
                   lambda: C.jumprelu_encode_backward(ga, x, W_enc, thr, enc[0], enc[1], enc[3], 0.0),
-                  (2 * N * d + 2 * d * F + 2 * F) * es + nnz * (8 + 2 * es), 4 * nnz * d))
+                  (2 * N * d + 2 * d * F + 2 * F) * es + nnz * (8 + 2 * es), None, 4 * nnz * d))
     # decoders: PLT [F, 1, d] and a CLT slice full[:, 2:, :] of [F, 10, d] (n_out 8)
     off, fi = sparse_rows(N, F, L0, dev)
     acts = torch.rand(fi.numel(), device=dev, generator=g).to(dtype) + 0.5
@@ -110,11 +111,13 @@ def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
     for name, W in [("plt", rnd(F, 1, d)), ("clt_slice", full[:, 2:, :])]:
         D = W.shape[1] * d
         cases.append((f"sparse_decode_{name}", lambda W=W: C.sparse_decode(off, fi, acts, W),
-                      (uniq * D + N * D) * es + fi.numel() * (8 + es), 2 * fi.numel() * D))
+                      (uniq * D + N * D) * es + fi.numel() * (8 + es),
+                      (fi.numel() * D + N * D) * es + fi.numel() * (8 + es), 2 * fi.numel() * D))
         go = rnd(N, W.shape[1], d)
         cases.append((f"sparse_decode_backward_{name}",
                       lambda W=W, go=go: C.sparse_decode_backward(go, off, fi, acts, W),
                       (N * D + 2 * uniq * D + F * D) * es + fi.numel() * (8 + 2 * es),
+                      (2 * fi.numel() * D + F * D) * es + fi.numel() * (8 + 2 * es),
                       4 * fi.numel() * D))
     # contraction as attribution calls it: the transposed view [k, n, d] of a position-major
     # [n, k, d] gradient, sources sorted by position, W_dec a PLT or a CLT slice
@@ -128,9 +131,10 @@ def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
     for name, W in [("plt", rnd(F, d)), ("clt_slice", full[:, 3, :])]:
         cases.append((f"attribution_contract_{name}",
                       lambda W=W: C.attribution_contract(grad, pos, W, sf, sa),
-                      (u_s * d + n * k * d + k * S) * es + S * (16 + es), 2 * k * S * d))
+                      (u_s * d + n * k * d + k * S) * es + S * (16 + es),
+                      (S * d + n * k * d + k * S) * es + S * (16 + es), 2 * k * S * d))
     idx = torch.randint(0, F, (k,), device=dev, generator=g)
-    cases.append(("gather_columns", lambda: C.gather_columns(W_enc, idx), 2 * k * d * es, 0))
+    cases.append(("gather_columns", lambda: C.gather_columns(W_enc, idx), 2 * k * d * es, None, 0))
     return cases
 
 
@@ -143,7 +147,7 @@ def time_kernels(dev, clock: Clock, ceil: dict, small: bool, deadline: float) ->
             out.append({"dtype": dname, "error": f"{type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc()[-2000:]})
             continue
-        for name, fn, nbytes, flops in cases:
+        for name, fn, nbytes, touched, flops in cases:
             if time.perf_counter() > deadline:
                 out.append({"kernel": name, "dtype": dname, "skipped": "time budget spent"})
                 continue
@@ -153,6 +157,9 @@ def time_kernels(dev, clock: Clock, ceil: dict, small: bool, deadline: float) ->
                 r["seconds"] = t
                 r["GBps"] = nbytes / t / 1e9
                 r["frac_bw"] = r["GBps"] / ceil["copy_GBps"]
+                if touched:  # bytes if every entry's row came from memory (no reuse in cache)
+                    r["touched_bytes"] = touched
+                    r["frac_bw_touched"] = touched / t / 1e9 / ceil["copy_GBps"]
                 rate = ceil.get(f"matmul_{dname}_TFLOPs")
                 if flops and rate:
                     r["TFLOPs"] = flops / t / 1e12
