@@ -127,6 +127,6 @@ def test_decode_strided_clt_slice_matches_reference(device, dtype, tol, d_model,
 def test_decode_rejects_decreasing_offsets(device):
     W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
     off = torch.tensor([0, 2, 1, 3], device=device)
-    with pytest.raises(RuntimeError, match="row_offsets decrease at row 1|row_offsets"):
+    with pytest.raises(RuntimeError, match="row_offsets decrease at row 1"):  # every device
         ops.sparse_decode(off, torch.tensor([0, 1, 2], device=device),
                           torch.ones(3, dtype=torch.float64, device=device), W)
