@@ -74,6 +74,27 @@ def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model)
                                                         idx, acts.double()))
 
 
+def test_contract_allocates_no_copy_of_the_gradient(device):
+    # "In place" measured: a copy of the transposed gradient would allocate its size again.
+    if device != "cuda":
+        pytest.skip("allocation statistics exist for the CUDA caching allocator only")
+    n, k, d, d_sae, S = 128, 64, 1152, 512, 256
+    g = torch.randn(n, k, d, device=device).transpose(0, 1)  # [k, n, d], 37.7 MB
+    W3 = torch.randn(d_sae, 3, d, device=device)
+    pos = torch.randint(0, n, (S,), device=device).sort().values
+    idx = torch.randint(0, d_sae, (S,), device=device)
+    acts = torch.rand(S, device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ops.attribution_contract(g, pos, W3[:, 1, :], idx, acts)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < g.numel() * g.element_size() // 4, extra  # edges [k, S] and index checks only
+    torch.testing.assert_close(out, ref.attribution_contract(g, pos, W3[:, 1, :], idx, acts),
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_contract_bad_input_messages(device):
     grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6, device=device)
     with pytest.raises(RuntimeError, match="grad has d_model = 8 but W_dec rows have 7"):

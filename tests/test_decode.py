@@ -124,6 +124,24 @@ def test_decode_strided_clt_slice_matches_reference(device, dtype, tol, d_model,
         torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * s)
 
 
+def test_decode_allocates_no_copy_of_a_clt_slice(device):
+    # "In place" measured: a copy of the slice w_dec[:, 2:, :] would allocate its size again.
+    if device != "cuda":
+        pytest.skip("allocation statistics exist for the CUDA caching allocator only")
+    d_sae, n_layers, d = 4096, 6, 1152
+    full = torch.randn(d_sae, n_layers, d, device=device)  # 113 MB
+    W = full[:, 2:, :]
+    off, idx, acts = csr_inputs(16, d_sae, 8, dtype=torch.float32, device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ops.sparse_decode(off, idx, acts, W)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < W.numel() * W.element_size() // 4, extra  # out [16, 4, d] and index checks only
+    torch.testing.assert_close(out, ref.sparse_decode(off, idx, acts, W), rtol=1e-4, atol=1e-4)
+
+
 def test_decode_rejects_decreasing_offsets(device):
     W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
     off = torch.tensor([0, 2, 1, 3], device=device)

@@ -128,11 +128,16 @@ def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
     sf = torch.randint(0, F, (S,), device=dev, generator=g)
     sa = torch.rand(S, device=dev, generator=g).to(dtype) + 0.5
     u_s = int(sf.unique().numel())
-    for name, W in [("plt", rnd(F, d)), ("clt_slice", full[:, 3, :])]:
+    Wp = rnd(F, d)
+    for name, W in [("plt", Wp), ("clt_slice", full[:, 3, :])]:
         cases.append((f"attribution_contract_{name}",
                       lambda W=W: C.attribution_contract(grad, pos, W, sf, sa),
                       (u_s * d + n * k * d + k * S) * es + S * (16 + es),
                       (S * d + n * k * d + k * S) * es + S * (16 + es), 2 * k * S * d))
+    # what every call cost before the op read strided gradients in place: a copy first
+    cases.append(("attribution_contract_plt_after_copy",
+                  lambda: C.attribution_contract(grad.contiguous(), pos, Wp, sf, sa),
+                  (u_s * d + 3 * n * k * d + k * S) * es + S * (16 + es), None, 2 * k * S * d))
     idx = torch.randint(0, F, (k,), device=dev, generator=g)
     cases.append(("gather_columns", lambda: C.gather_columns(W_enc, idx), 2 * k * d * es, None, 0))
     return cases
