@@ -67,6 +67,17 @@ if (( DRY )); then
   export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
   echo "--- build: skipped in the dry run (using the prebuilt CPU extension in python/cltrace)"
 else
+  # nvcc where CMake and torch.utils.cpp_extension look for it
+  if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+  fi
+  if command -v nvcc >/dev/null; then
+    export CUDACXX=${CUDACXX:-$(command -v nvcc)}
+    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+    echo "nvcc: $CUDACXX (CUDA_HOME=$CUDA_HOME)"
+  else
+    echo "nvcc: NOT FOUND: the build will have no CUDA kernels"
+  fi
   # Hopper only (halves nvcc time); all cores
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
   has_cuda() {  # an importable cltrace with CUDA kernels (else say why)
