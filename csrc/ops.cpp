@@ -28,7 +28,8 @@ TORCH_LIBRARY(cltrace, m) {
   //   -> grad_x [N, d_in], grad_W_enc [d_in, d_sae], grad_b_enc [d_sae]
   m.def("topk_encode_backward(Tensor grad_acts, Tensor x, Tensor W_enc, Tensor row_offsets, Tensor feat_idx, Tensor acts) -> (Tensor, Tensor, Tensor)");
   // Sparse decode: out[i, o, :] = sum_{j in row i} acts[j] * W_dec[feat_idx[j], o, :].
-  // W_dec [d_sae, n_out, d_model] (n_out = 1: per-layer transcoder; n_out > 1: cross-layer)
+  // W_dec [d_sae, n_out, d_model] (n_out = 1: per-layer transcoder; n_out > 1: cross-layer;
+  // rows any distance apart, so a CLT slice w_dec[:, i:, :] is read in place)
   //   -> out [N, n_out, d_model]; cost O(nnz * n_out * d_model), independent of d_sae.
   m.def("sparse_decode(Tensor row_offsets, Tensor feat_idx, Tensor acts, Tensor W_dec) -> Tensor");
   // Backward of sparse_decode: grad_acts[j] = <W_dec[feat_idx[j]], grad_out[i]>,
@@ -37,9 +38,11 @@ TORCH_LIBRARY(cltrace, m) {
   m.def("sparse_decode_backward(Tensor grad_out, Tensor row_offsets, Tensor feat_idx, Tensor acts, Tensor W_dec) -> (Tensor, Tensor)");
   // Attribution contraction (edge weights for a batch of targets):
   // edges[b, s] = acts[s] * <W_dec[feat_idx[s]], grad[b, pos[s]]>.
-  // grad [B, n_pos, d_model], pos [S], W_dec [n_rows, d_model] (row stride free: a CLT slice
-  // W_dec[:, o, :] is fine), feat_idx [S], acts [S] -> edges [B, S]. Each decoder row is read
-  // once per batch of targets.
+  // grad [B, n_pos, d_model], pos [S], W_dec [n_rows, d_model], feat_idx [S], acts [S]
+  //   -> edges [B, S]. Read in place (csrc/layouts.h): grad with any strides over (b, pos) --
+  // attribution passes the transposed view [k, n, d] of a position-major gradient -- and W_dec
+  // with any row stride (a CLT slice W_dec[:, o, :]). Each decoder row is read once per batch
+  // of targets.
   m.def("attribution_contract(Tensor grad, Tensor pos, Tensor W_dec, Tensor feat_idx, Tensor acts) -> Tensor");
   // Gather columns of an encoder: out[t, :] = W_enc[:, feat_idx[t]].
   // W_enc [d_in, d_sae], feat_idx [T] -> [T, d_in] (the gradient seeds of feature targets).

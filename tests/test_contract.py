@@ -42,6 +42,59 @@ def test_contract_strided_clt_slice_and_empty(device):
     assert none.shape == (4, 0)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4),
+                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("d_model", [64, 37])  # 16-byte loads on CUDA / the scalar path
+def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model):
+    # Exactly what attribution passes: step.grad is a position-major [n, k, d] gradient and the
+    # op gets its transposed view [k, n, d], strides (d, k * d, 1); W_dec is a CLT slice
+    # w_dec[:, o, :], rows n_out * d apart. Both must be read where they lie.
+    n, k, d_sae, n_out, S = 7, 5, 40, 3, 90
+    step_grad = torch.randn(n, k, d_model, dtype=torch.float64).to(dtype=dtype, device=device)
+    g = step_grad.transpose(0, 1)
+    assert g.shape == (k, n, d_model) and g.stride() == (d_model, k * d_model, 1)
+    W3 = torch.randn(d_sae, n_out, d_model, dtype=torch.float64).to(dtype=dtype, device=device)
+    pos = torch.randint(0, n, (S,)).sort().values.to(device)  # CSR order: ascending positions
+    idx = torch.randint(0, d_sae, (S,), device=device)
+    acts = (torch.rand(S, dtype=torch.float64) + 0.1).to(dtype=dtype, device=device)
+    for o in range(n_out):
+        W = W3[:, o, :]
+        assert W.stride() == (n_out * d_model, 1)
+        out = ops.attribution_contract(g, pos, W, idx, acts)
+        expected = ref.attribution_contract(g.double().contiguous(), pos, W.double().contiguous(),
+                                            idx, acts.double())
+        scale = expected.abs().max().clamp_min(1)
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
+        assert out.shape == (k, S) and out.dtype == dtype
+    # the live part of a larger buffer (fewer targets than rows): strides (d, K * d, 1)
+    part = torch.randn(n, k + 3, d_model, dtype=torch.float64, device=device)[:, :k].transpose(0, 1)
+    W = W3[:, 1, :].double()
+    torch.testing.assert_close(ops.attribution_contract(part, pos, W, idx, acts.double()),
+                               ref.attribution_contract(part.contiguous(), pos, W.contiguous(),
+                                                        idx, acts.double()))
+
+
+def test_contract_allocates_no_copy_of_the_gradient(device):
+    # "In place" measured: a copy of the transposed gradient would allocate its size again.
+    if device != "cuda":
+        pytest.skip("allocation statistics exist for the CUDA caching allocator only")
+    n, k, d, d_sae, S = 128, 64, 1152, 512, 256
+    g = torch.randn(n, k, d, device=device).transpose(0, 1)  # [k, n, d], 37.7 MB
+    W3 = torch.randn(d_sae, 3, d, device=device)
+    pos = torch.randint(0, n, (S,), device=device).sort().values
+    idx = torch.randint(0, d_sae, (S,), device=device)
+    acts = torch.rand(S, device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ops.attribution_contract(g, pos, W3[:, 1, :], idx, acts)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < g.numel() * g.element_size() // 4, extra  # edges [k, S] and index checks only
+    torch.testing.assert_close(out, ref.attribution_contract(g, pos, W3[:, 1, :], idx, acts),
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_contract_bad_input_messages(device):
     grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6, device=device)
     with pytest.raises(RuntimeError, match="grad has d_model = 8 but W_dec rows have 7"):

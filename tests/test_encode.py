@@ -167,3 +167,25 @@ def test_encoder_backward_rejects_bad_indices(device):
     bad[-1] += 1
     with pytest.raises(RuntimeError, match="row_offsets must run from 0 to nnz"):
         bwd(g, x, W, bad, out.feat_idx, out.acts)
+
+
+def test_jumprelu_backward_checks_match_on_every_device(device):
+    # One validation (csrc/checks.h) for CPU and CUDA: the same messages on each device.
+    x, W, b, t = encoder_inputs(4, 6, 10, 3, device=device)
+    out = ops.jumprelu_encode(x, W, b, t)
+    g = torch.ones_like(out.acts)
+    bwd = torch.ops.cltrace.jumprelu_encode_backward
+    args = (out.row_offsets, out.feat_idx, out.pre_acts)
+    with pytest.raises(RuntimeError, match="threshold must be \\[d_sae = 10\\]"):
+        bwd(g, x, W, t[:9], *args, 0.0)
+    with pytest.raises(RuntimeError, match="pre_acts and grad_acts differ in length"):
+        bwd(g, x, W, t, out.row_offsets, out.feat_idx, out.pre_acts[:-1], 0.0)
+    with pytest.raises(RuntimeError, match="feat_idx\\[0\\] = 10 is out of range for W_enc with d_sae = 10"):
+        bwd(g, x, W, t, out.row_offsets, torch.full_like(out.feat_idx, 10), out.pre_acts, 0.0)
+    nnz = out.feat_idx.numel()
+    assert nnz > 0
+    bad = torch.tensor([0, nnz, 0, 0, nnz], device=device)  # runs 0 .. nnz, decreasing at row 1
+    with pytest.raises(RuntimeError, match="row_offsets decrease at row 1"):
+        bwd(g, x, W, t, bad, out.feat_idx, out.pre_acts, 0.0)
+    with pytest.raises(RuntimeError, match="bandwidth must be >= 0"):
+        bwd(g, x, W, t, *args, -1.0)

@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cpu/vec.h"
+#include "layouts.h"
 
 namespace cltrace::cpu {
 namespace {
@@ -19,16 +20,12 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
                                     const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
                                     const at::Tensor& acts_) {
   check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
-  // grad may be a strided view (e.g. [B, n_pos, d] of a position-major [n_pos, B, d] buffer);
-  // only its rows must be contiguous
-  const auto grad = grad_.stride(2) == 1 ? grad_ : grad_.contiguous();
+  const auto grad = unit_row_stride(grad_);  // read in place: strided over (b, pos) (layouts.h)
   const auto pos = pos_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  // Rows may be strided (a CLT slice W_dec[:, o, :]); elements within a row must not be.
-  const auto W = W_dec_.stride(1) == 1 ? W_dec_ : W_dec_.contiguous();
-  const int64_t B = grad.size(0), n_pos = grad.size(1), d = grad.size(2), S = fi.size(0);
-  const int64_t n_rows = W.size(0), ld = W.stride(0);
+  const auto W = unit_row_stride(W_dec_);  // rows may be strided (a CLT slice W_dec[:, o, :])
+  const int64_t B = grad.size(0), d = grad.size(2), S = fi.size(0), ld = W.stride(0);
   const int64_t sb = grad.stride(0), sp = grad.stride(1);
   auto edges = at::empty({B, S}, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "attribution_contract", [&] {
@@ -41,10 +38,6 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
     scalar_t* e = edges.data_ptr<scalar_t>();
     at::parallel_for(0, S, 16, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
-        TORCH_CHECK(f[s] >= 0 && f[s] < n_rows, "attribution_contract: feat_idx[", s, "] = ", f[s],
-                    " is out of range for W_dec with ", n_rows, " rows");
-        TORCH_CHECK(p[s] >= 0 && p[s] < n_pos, "attribution_contract: pos[", s, "] = ", p[s],
-                    " is out of range for grad with n_pos = ", n_pos);
         const scalar_t* w = wp + f[s] * ld;
         const acc_t as = static_cast<acc_t>(a[s]);
         for (int64_t b = 0; b < B; ++b)
@@ -58,15 +51,11 @@ at::Tensor attribution_contract_cpu(const at::Tensor& grad_, const at::Tensor& p
 // Any strides: a memory-mapped or transposed encoder (circuit-tracer stores W_enc [d_sae, d_in])
 // is read in place, touching only the requested columns.
 at::Tensor gather_columns_cpu(const at::Tensor& W, const at::Tensor& feat_idx_) {
-  const char* op = "gather_columns";
   check_gather_inputs(W, feat_idx_);
   const auto fi = feat_idx_.contiguous();
-  const int64_t d_in = W.size(0), d_sae = W.size(1), T = fi.size(0);
+  const int64_t d_in = W.size(0), T = fi.size(0);
   const int64_t s0 = W.stride(0), s1 = W.stride(1);
   const int64_t* f = fi.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(f[t] >= 0 && f[t] < d_sae, op, ": feat_idx[", t, "] = ", f[t],
-                " is out of range for W_enc with d_sae = ", d_sae);
   auto out = at::empty({T, d_in}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "gather_columns", [&] {
     const scalar_t* wp = W.data_ptr<scalar_t>();

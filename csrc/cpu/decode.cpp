@@ -18,17 +18,10 @@
 
 #include "checks.h"
 #include "cpu/vec.h"
+#include "layouts.h"
 
 namespace cltrace::cpu {
 namespace {
-
-// W_dec as the kernels read it: each feature's [n_out, d_model] block contiguous, rows any
-// distance apart (row stride = result.stride(0)). A memory-mapped CLT slice w_dec[:, i:, :] is
-// used in place (only active rows are touched); other layouts are copied.
-at::Tensor row_blocks(const at::Tensor& W) {
-  const bool dense_rows = W.stride(2) == 1 && (W.size(1) == 1 || W.stride(1) == W.size(2));
-  return dense_rows ? W : W.contiguous();
-}
 
 // Row index of each CSR entry.
 std::vector<int64_t> rows_of(const int64_t* off, int64_t n_rows) {
@@ -69,11 +62,10 @@ void accumulate_entries(const int64_t* f, const scalar_t* a, int64_t j0, int64_t
 at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                              const at::Tensor& acts_, const at::Tensor& W_dec_) {
   check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, "sparse_decode");
-  check_csr_values_cpu(row_offsets_, feat_idx_, W_dec_.size(0), "W_dec with d_sae", "sparse_decode");
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = row_blocks(W_dec_);
+  const auto W = decoder_row_blocks(W_dec_);
   const int64_t n = ro.size(0) - 1, d_sae = W.size(0), D = W.size(1) * W.size(2), ld = W.stride(0);
   auto out = at::empty({n, W.size(1), W.size(2)}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode", [&] {
@@ -117,21 +109,14 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& f
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
     const at::Tensor& acts_, const at::Tensor& W_dec_) {
-  const char* opname = "sparse_decode_backward";
-  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, opname);
-  check_csr_values_cpu(row_offsets_, feat_idx_, W_dec_.size(0), "W_dec with d_sae", opname);
-  check_same(grad_out_, W_dec_, "grad_out", "W_dec", opname);
+  check_decode_backward_inputs(grad_out_, row_offsets_, feat_idx_, acts_, W_dec_);
   const int64_t n = row_offsets_.size(0) - 1;
-  TORCH_CHECK(grad_out_.dim() == 3 && grad_out_.size(0) == n &&
-                  grad_out_.size(1) == W_dec_.size(1) && grad_out_.size(2) == W_dec_.size(2),
-              opname, ": grad_out must be [N, n_out, d_model] = [", n, ", ", W_dec_.size(1), ", ",
-              W_dec_.size(2), "], got ", grad_out_.sizes());
   const auto g = grad_out_.contiguous();
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = row_blocks(W_dec_);
-  const int64_t nnz = fi.size(0), d_sae = W.size(0), D = W.size(1) * W.size(2), ld = W.stride(0);
+  const auto W = decoder_row_blocks(W_dec_);
+  const int64_t nnz = fi.size(0), D = W.size(1) * W.size(2), ld = W.stride(0);
   auto grad_acts = at::empty({nnz}, acts.options());
   auto grad_W = at::zeros(W.sizes(), W.options().dtype(at::toOpMathType(W.scalar_type())));  // contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode_backward", [&] {

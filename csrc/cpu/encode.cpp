@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "encoder_backward.h"
 #include "topk_blocks.h"
 #include "cpu/vec.h"
 
@@ -68,8 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lists_to_csr(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_cpu(
     const at::Tensor& x_, const at::Tensor& W_enc, const at::Tensor& b_enc,
     const at::Tensor& threshold_, double bandwidth) {
-  check_encode_inputs(x_, W_enc, b_enc, &threshold_, "jumprelu_encode");
-  TORCH_CHECK(bandwidth >= 0, "jumprelu_encode: bandwidth must be >= 0, got ", bandwidth);
+  check_jumprelu_encode_inputs(x_, W_enc, b_enc, threshold_, bandwidth);
   const auto x = x_.contiguous();
   const auto threshold = threshold_.contiguous();
   const int64_t n = x.size(0), d_sae = W_enc.size(1);
@@ -128,9 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
     const at::Tensor& x_, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k) {
-  check_encode_inputs(x_, W_enc, b_enc, nullptr, "topk_encode");
-  const int64_t d_sae = W_enc.size(1);
-  TORCH_CHECK(k >= 1 && k <= d_sae, "topk_encode: k must be in [1, d_sae = ", d_sae, "], got ", k);
+  check_topk_encode_inputs(x_, W_enc, b_enc, k);
   // z blocks of ~16M elements (64 MiB in fp32).
   return topk_encode_blocks(x_.contiguous(), W_enc, b_enc, k, int64_t{16} << 20);
 }
@@ -187,30 +185,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_backw
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& threshold, const at::Tensor& row_offsets, const at::Tensor& feat_idx,
     const at::Tensor& pre_acts, double bandwidth) {
-  const char* op = "jumprelu_encode_backward";
-  check_encoder_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
-  check_csr_values_cpu(row_offsets, feat_idx, W_enc.size(1), "W_enc with d_sae", op);
-  check_same(pre_acts, x, "pre_acts", "x", op);
-  check_same(threshold, x, "threshold", "x", op);
-  TORCH_CHECK(pre_acts.numel() == grad_acts.numel(), op, ": pre_acts and grad_acts differ in length");
-  const auto theta = threshold.index_select(0, feat_idx);  // [nnz]
-  const auto grad_z = grad_acts * (pre_acts > theta);
-  auto [grad_x, grad_W, grad_b] = sparse_linear_backward(grad_z, x, W_enc, row_offsets, feat_idx);
-  auto grad_thr = at::zeros_like(threshold);
-  if (bandwidth > 0) {
-    const auto in_band = (pre_acts - theta).abs() < bandwidth / 2;
-    grad_thr.index_add_(0, feat_idx, grad_acts * in_band * (-theta / bandwidth));
-  }
-  return {grad_x, grad_W, grad_b, grad_thr};
+  check_jumprelu_backward_inputs(grad_acts, x, W_enc, threshold, row_offsets, feat_idx, pre_acts,
+                                 bandwidth);
+  return jumprelu_backward(grad_acts, x, W_enc, threshold, row_offsets, feat_idx, pre_acts,
+                           bandwidth, sparse_linear_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& row_offsets, const at::Tensor& feat_idx, const at::Tensor& acts) {
-  const char* op = "topk_encode_backward";
-  check_encoder_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
-  check_csr_values_cpu(row_offsets, feat_idx, W_enc.size(1), "W_enc with d_sae", op);
-  return sparse_linear_backward(grad_acts * (acts > 0), x, W_enc, row_offsets, feat_idx);
+  check_topk_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, acts);
+  return topk_backward(grad_acts, x, W_enc, row_offsets, feat_idx, acts, sparse_linear_backward);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/vec.h"
 
 namespace cltrace::cpu {
@@ -28,28 +29,6 @@ constexpr int64_t kRowChunk = 16;      // rows per work item of the histogram an
 constexpr int64_t kSegment = 1024;     // scores computed per vectorised step (histogram, mask)
 constexpr int64_t kGroup = 16;         // scores per skip test in those steps
 constexpr int64_t kLanes = 4;          // interleaved histograms per thread
-
-// Shapes, dtypes and devices of (edges, [scale, weight,] row_mask, col_mask).
-void check_inputs(const at::Tensor& edges, const at::Tensor* scale, const at::Tensor* weight,
-                  const at::Tensor& row_mask, const at::Tensor& col_mask, const char* op) {
-  TORCH_CHECK(edges.dim() == 2, op, ": edges must be 2-D [R, N], got shape ", edges.sizes());
-  TORCH_CHECK(edges.scalar_type() == at::kFloat || edges.scalar_type() == at::kDouble, op,
-              ": edges must be float32 or float64, got ", edges.scalar_type());
-  TORCH_CHECK(edges.device().is_cpu(), op, ": edges must be on the CPU, got ", edges.device());
-  const int64_t R = edges.size(0), N = edges.size(1);
-  for (auto [t, name, n] : {std::tuple{&row_mask, "row_mask", R}, std::tuple{&col_mask, "col_mask", N}}) {
-    TORCH_CHECK(t->scalar_type() == at::kBool && t->dim() == 1 && t->size(0) == n, op, ": ", name,
-                " must be a 1-D bool tensor of ", n, " entries, got ", t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be on the CPU");
-  }
-  for (auto [t, name] : {std::pair{scale, "scale"}, std::pair{weight, "weight"}}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->scalar_type() == edges.scalar_type() && t->dim() == 1 && t->size(0) == R, op,
-                ": ", name, " must be a 1-D ", edges.scalar_type(), " tensor of R = ", R,
-                " entries, got ", t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be on the CPU");
-  }
-}
 
 // Rows kept by row_mask, ascending.
 std::vector<int64_t> selected_rows(const at::Tensor& row_mask) {
@@ -194,7 +173,7 @@ at::Tensor row_major(const at::Tensor& edges) {
 
 at::Tensor edge_abs_row_sums_cpu(const at::Tensor& edges_, const at::Tensor& row_mask,
                                  const at::Tensor& col_mask) {
-  check_inputs(edges_, nullptr, nullptr, row_mask, col_mask, "edge_abs_row_sums");
+  check_edge_pass_inputs(edges_, nullptr, nullptr, row_mask, col_mask, "edge_abs_row_sums");
   const auto edges = row_major(edges_);
   const int64_t N = edges.size(1), ld = edges.stride(0);
   const auto rows = selected_rows(row_mask);
@@ -213,7 +192,7 @@ at::Tensor edge_abs_row_sums_cpu(const at::Tensor& edges_, const at::Tensor& row
 at::Tensor edge_score_col_sums_cpu(const at::Tensor& edges_, const at::Tensor& scale_,
                                    const at::Tensor& weight_, const at::Tensor& row_mask,
                                    const at::Tensor& col_mask) {
-  check_inputs(edges_, &scale_, &weight_, row_mask, col_mask, "edge_score_col_sums");
+  check_edge_pass_inputs(edges_, &scale_, &weight_, row_mask, col_mask, "edge_score_col_sums");
   const auto edges = row_major(edges_);
   const auto scale = scale_.contiguous(), weight = weight_.contiguous();
   const int64_t N = edges.size(1), ld = edges.stride(0);
@@ -240,7 +219,7 @@ at::Tensor edge_score_col_sums_cpu(const at::Tensor& edges_, const at::Tensor& s
 at::Tensor edge_score_histogram_cpu(const at::Tensor& edges_, const at::Tensor& scale_,
                                     const at::Tensor& weight_, const at::Tensor& row_mask,
                                     const at::Tensor& col_mask) {
-  check_inputs(edges_, &scale_, &weight_, row_mask, col_mask, "edge_score_histogram");
+  check_edge_pass_inputs(edges_, &scale_, &weight_, row_mask, col_mask, "edge_score_histogram");
   const auto edges = row_major(edges_);
   const auto scale = scale_.contiguous(), weight = weight_.contiguous();
   const int64_t N = edges.size(1), ld = edges.stride(0);
@@ -285,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 edge_score_mask_cpu(const at::Tensor& edges_, const at::Tensor& scale_, const at::Tensor& weight_,
                     const at::Tensor& row_mask_, const at::Tensor& col_mask_, double min_score,
                     double band_end) {
-  check_inputs(edges_, &scale_, &weight_, row_mask_, col_mask_, "edge_score_mask");
+  check_edge_pass_inputs(edges_, &scale_, &weight_, row_mask_, col_mask_, "edge_score_mask");
   const auto edges = row_major(edges_);
   const auto scale = scale_.contiguous(), weight = weight_.contiguous();
   const auto row_mask = row_mask_.contiguous(), col_mask = col_mask_.contiguous();

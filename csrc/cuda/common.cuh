@@ -1,6 +1,6 @@
 // Helpers shared by the CUDA kernels (csrc/cuda/*.cu): launch sizes, vectorised loads, warp
-// reductions, and the index-range checks that give CUDA the same argument validation as the
-// CPU ops (csrc/checks.h covers shapes, dtypes and devices; this file covers index values).
+// reductions. Argument validation (shapes, dtypes, devices, index values) is csrc/checks.h,
+// the same for CPU and CUDA.
 //
 // Headers are kept light (ATen/core/Tensor.h and per-op headers, c10/cuda) so each .cu
 // compiles quickly. c10::cuda::getCurrentCUDAStream is the function that
@@ -9,15 +9,11 @@
 #pragma once
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
-#include <ATen/ops/cat.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <initializer_list>
-#include <vector>
 
 #include "checks.h"
 
@@ -34,44 +30,6 @@ inline void check_cuda(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(),
               " but the op runs on CUDA (another argument is on the GPU); move all arguments "
               "to one device");
-}
-
-// One host sync for all index checks of an op: returns [min_0, max_0, min_1, max_1, ...] on
-// the CPU; an empty tensor contributes (0, -1) so that any range accepts it.
-inline std::vector<int64_t> index_bounds(std::initializer_list<at::Tensor> idx) {
-  std::vector<at::Tensor> parts;
-  std::vector<bool> empty;
-  for (const auto& t : idx) {
-    empty.push_back(t.numel() == 0);
-    if (t.numel() == 0) continue;
-    auto [mn, mx] = at::aminmax(t);
-    parts.push_back(mn.reshape({1}));
-    parts.push_back(mx.reshape({1}));
-  }
-  std::vector<int64_t> out;
-  at::Tensor host;
-  if (!parts.empty()) host = at::cat(parts).cpu();
-  const int64_t* h = parts.empty() ? nullptr : host.data_ptr<int64_t>();
-  size_t q = 0;
-  for (bool e : empty) {
-    if (e) {
-      out.push_back(0);
-      out.push_back(-1);
-    } else {
-      out.push_back(h[q]);
-      out.push_back(h[q + 1]);
-      q += 2;
-    }
-  }
-  return out;
-}
-
-// Checks lo..hi (from index_bounds) lies in [0, bound).
-inline void check_range(const int64_t* lo_hi, int64_t bound, const char* name, const char* what,
-                        const char* op) {
-  if (lo_hi[1] < lo_hi[0]) return;  // empty
-  TORCH_CHECK(lo_hi[0] >= 0 && lo_hi[1] < bound, op, ": ", name, " has values in [", lo_hi[0],
-              ", ", lo_hi[1], "], out of range for ", what, " = ", bound);
 }
 
 // Elements moved per vector load: 16 bytes.

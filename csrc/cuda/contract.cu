@@ -6,7 +6,10 @@
 // loop over the B targets, each a coalesced dot against grad[b, pos[s]] reduced with shuffles.
 // Decoder bytes are read once per batch of targets (S * d_model); grad rows at one position
 // are shared by the sources there and stay in L2 (sources come in position order from the
-// CSR). W_dec rows may be strided (a CLT slice W_dec[:, o, :]): only stride(1) == 1 is needed.
+// CSR). Both are read in place (csrc/layouts.h): grad strided over (b, pos) -- attribution
+// passes the transposed view [k, n, d] of its position-major [n, k, d] gradient, so the B
+// rows a block reads at one position are adjacent -- and W_dec rows strided (a CLT slice
+// W_dec[:, o, :]); only unit stride within a row is needed.
 //
 // gather_columns: out[t, :] = W_enc[:, feat_idx[t]] through a 32x32 shared-memory transpose,
 // so the writes of out are coalesced.
@@ -16,31 +19,22 @@
 #include <torch/library.h>
 
 #include "cuda/common.cuh"
+#include "layouts.h"
 
 namespace cltrace::cuda {
 namespace {
 
 constexpr int64_t kMaxSmemBytes = 48 * 1024;
 
-void check_contract_values(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W_dec,
-                           const at::Tensor& feat_idx, const at::Tensor& acts) {
-  const char* op = "attribution_contract";
-  check_contract_inputs(grad, pos, W_dec, feat_idx, acts);
-  check_cuda(grad, "grad", op);
-  // Index values (one host sync).
-  const auto b = index_bounds({feat_idx, pos});
-  check_range(b.data(), W_dec.size(0), "feat_idx", "W_dec with n_rows", op);
-  check_range(b.data() + 2, grad.size(1), "pos", "grad with n_pos", op);
-}
-
-// Block per source s; warps over targets b. grad [B, n_pos, d], W rows at f * ld, edges [B, S].
+// Block per source s; warps over targets b. grad [B, n_pos, d] with row b, pos p at
+// b * sb + p * sp; W rows at f * ld; edges [B, S].
 // SMEM: cache the decoder row in shared memory (d * sizeof(scalar_t) bytes, dynamic).
-// VEC > 1 requires d % VEC == 0, ld % VEC == 0 and aligned grad / W pointers.
+// VEC > 1 requires d, sb, sp and ld to be multiples of VEC and aligned grad / W pointers.
 template <typename scalar_t, int VEC, bool SMEM>
-__global__ void contract_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ pos,
-                                const scalar_t* __restrict__ W, int64_t ld,
-                                const int64_t* __restrict__ f, const scalar_t* __restrict__ a,
-                                int64_t B, int64_t n_pos, int64_t d, int64_t S,
+__global__ void contract_kernel(const scalar_t* __restrict__ grad, int64_t sb, int64_t sp,
+                                const int64_t* __restrict__ pos, const scalar_t* __restrict__ W,
+                                int64_t ld, const int64_t* __restrict__ f,
+                                const scalar_t* __restrict__ a, int64_t B, int64_t d, int64_t S,
                                 scalar_t* __restrict__ edges) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
@@ -58,7 +52,7 @@ __global__ void contract_kernel(const scalar_t* __restrict__ grad, const int64_t
   const int64_t p = pos[s];
   const acc_t as = static_cast<acc_t>(a[s]);
   for (int64_t b = warp; b < B; b += n_warps) {
-    const scalar_t* gr = grad + (b * n_pos + p) * d;
+    const scalar_t* gr = grad + b * sb + p * sp;
     acc_t sum = 0;
     for (int64_t c = static_cast<int64_t>(lane) * VEC; c < d; c += kWarp * VEC) {
       const V gv = load_vec<scalar_t, VEC>(gr + c);
@@ -74,13 +68,13 @@ __global__ void contract_kernel(const scalar_t* __restrict__ grad, const int64_t
 template <typename scalar_t, int VEC, bool SMEM>
 void launch_contract_kernel(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& W,
                             const at::Tensor& fi, const at::Tensor& acts, at::Tensor& edges) {
-  const int64_t B = grad.size(0), n_pos = grad.size(1), d = grad.size(2), S = fi.size(0);
+  const int64_t B = grad.size(0), d = grad.size(2), S = fi.size(0);
   const int threads = static_cast<int>(std::min<int64_t>(8, B)) * kWarp;
   const size_t smem = SMEM ? d * sizeof(scalar_t) : 0;
   contract_kernel<scalar_t, VEC, SMEM><<<S, threads, smem, stream()>>>(
-      grad.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), W.data_ptr<scalar_t>(), W.stride(0),
-      fi.data_ptr<int64_t>(), acts.data_ptr<scalar_t>(), B, n_pos, d, S,
-      edges.data_ptr<scalar_t>());
+      grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), pos.data_ptr<int64_t>(),
+      W.data_ptr<scalar_t>(), W.stride(0), fi.data_ptr<int64_t>(), acts.data_ptr<scalar_t>(), B,
+      d, S, edges.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -97,20 +91,21 @@ void launch_contract(const at::Tensor& grad, const at::Tensor& pos, const at::Te
 at::Tensor attribution_contract_cuda(const at::Tensor& grad_, const at::Tensor& pos_,
                                      const at::Tensor& W_dec_, const at::Tensor& feat_idx_,
                                      const at::Tensor& acts_) {
-  check_contract_values(grad_, pos_, W_dec_, feat_idx_, acts_);
+  check_contract_inputs(grad_, pos_, W_dec_, feat_idx_, acts_);
+  check_cuda(grad_, "grad", "attribution_contract");
   c10::cuda::CUDAGuard guard(grad_.device());
-  const auto grad = grad_.contiguous();
+  const auto grad = unit_row_stride(grad_);  // read in place: strided over (b, pos)
   const auto pos = pos_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  // Rows may be strided (a CLT slice W_dec[:, o, :]); elements within a row must not be.
-  const auto W = W_dec_.stride(1) == 1 ? W_dec_ : W_dec_.contiguous();
+  const auto W = unit_row_stride(W_dec_);  // rows may be strided (a CLT slice W_dec[:, o, :])
   const int64_t B = grad.size(0), d = grad.size(2), S = fi.size(0);
   auto edges = at::empty({B, S}, grad.options());
   if (B == 0 || S == 0) return edges;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "attribution_contract", [&] {
     constexpr int V = vec_size<scalar_t>();
-    const bool vec = aligned_rows<scalar_t>(grad.data_ptr(), d, V) &&
+    const bool vec = aligned_rows<scalar_t>(grad.data_ptr(), grad.stride(0), V) &&
+                     aligned_rows<scalar_t>(grad.data_ptr(), grad.stride(1), V) &&
                      aligned_rows<scalar_t>(W.data_ptr(), W.stride(0), V) && d % V == 0;
     if (vec)
       launch_contract<scalar_t, V>(grad, pos, W, fi, acts, edges);
@@ -140,11 +135,8 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ W, const int6
 }
 
 at::Tensor gather_columns_cuda(const at::Tensor& W_enc_, const at::Tensor& feat_idx_) {
-  const char* op = "gather_columns";
   check_gather_inputs(W_enc_, feat_idx_);
-  check_cuda(W_enc_, "W_enc", op);
-  const auto b = index_bounds({feat_idx_});
-  check_range(b.data(), W_enc_.size(1), "feat_idx", "W_enc with d_sae", op);
+  check_cuda(W_enc_, "W_enc", "gather_columns");
   c10::cuda::CUDAGuard guard(W_enc_.device());
   const auto& W = W_enc_;  // any strides (a transposed circuit-tracer W_enc is read in place)
   const auto fi = feat_idx_.contiguous();

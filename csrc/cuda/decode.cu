@@ -2,7 +2,9 @@
 // csrc/cpu/decode.cpp.
 //
 // Forward: out[i, :] = sum_{j in row i} acts[j] * W_dec[feat_idx[j], :] over the flattened
-// D = n_out * d_model output row. One block per (row, column chunk); each thread owns VEC
+// D = n_out * d_model output row; W_dec rows are read in place when each feature's block is
+// contiguous, however far apart the rows (a CLT slice w_dec[:, i:, :], csrc/layouts.h).
+// One block per (row, column chunk); each thread owns VEC
 // consecutive columns (16-byte loads when D and the pointers allow) and walks the row's
 // entries in order, accumulating in opmath. Work O(nnz * D), independent of d_sae.
 // Backward: grad_acts[j] = <W_dec[feat_idx[j]], grad_out[row_j]> with one warp per entry;
@@ -17,29 +19,20 @@
 #include <torch/library.h>
 
 #include "cuda/common.cuh"
+#include "layouts.h"
 
 namespace cltrace::cuda {
 namespace {
 
 constexpr int kThreads = 128;
 
-void check_decode_values(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
-                         const at::Tensor& acts, const at::Tensor& W_dec, const char* op) {
-  check_decode_inputs(row_offsets, feat_idx, acts, W_dec, op);
-  check_cuda(W_dec, "W_dec", op);
-  // Index values (one host sync): feat_idx indexes W_dec rows, row_offsets the entries.
-  const auto b = index_bounds({feat_idx, row_offsets});
-  check_range(b.data(), W_dec.size(0), "feat_idx", "W_dec with d_sae", op);
-  TORCH_CHECK(b[2] == 0 && b[3] == feat_idx.size(0), op, ": row_offsets must run from 0 to nnz = ",
-              feat_idx.size(0), ", got values in [", b[2], ", ", b[3], "]");
-}
-
 // Block (row i, column chunk): out[i, c .. c+VEC) = sum_j acts[j] * W[f[j], c .. c+VEC).
-// W [d_sae, D], out [N, D]; VEC > 1 requires D % VEC == 0 and aligned W/out.
+// W rows of D elements at f * ld, out [N, D]; VEC > 1 requires D % VEC == 0, ld % VEC == 0
+// and aligned W/out.
 template <typename scalar_t, int VEC>
 __global__ void decode_kernel(const int64_t* __restrict__ off, const int64_t* __restrict__ f,
                               const scalar_t* __restrict__ a, const scalar_t* __restrict__ W,
-                              int64_t D, scalar_t* __restrict__ out) {
+                              int64_t ld, int64_t D, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = blockIdx.x;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
@@ -49,7 +42,7 @@ __global__ void decode_kernel(const int64_t* __restrict__ off, const int64_t* __
   for (int q = 0; q < VEC; ++q) acc[q] = 0;
   for (int64_t j = off[i]; j < off[i + 1]; ++j) {
     const acc_t aj = static_cast<acc_t>(a[j]);
-    const auto w = load_vec<scalar_t, VEC>(W + f[j] * D + c);
+    const auto w = load_vec<scalar_t, VEC>(W + f[j] * ld + c);
 #pragma unroll
     for (int q = 0; q < VEC; ++q) acc[q] += aj * static_cast<acc_t>(w.v[q]);
   }
@@ -62,46 +55,48 @@ __global__ void decode_kernel(const int64_t* __restrict__ off, const int64_t* __
 at::Tensor sparse_decode_cuda(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                               const at::Tensor& acts_, const at::Tensor& W_dec_) {
   const char* op = "sparse_decode";
-  check_decode_values(row_offsets_, feat_idx_, acts_, W_dec_, op);
+  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, op);
+  check_cuda(W_dec_, "W_dec", op);
   c10::cuda::CUDAGuard guard(W_dec_.device());
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = W_dec_.contiguous();
-  const int64_t n = ro.size(0) - 1, D = W.size(1) * W.size(2);
+  const auto W = decoder_row_blocks(W_dec_);  // rows of D elements, ld = W.stride(0) apart
+  const int64_t n = ro.size(0) - 1, D = W.size(1) * W.size(2), ld = W.stride(0);
   auto out = at::empty({n, W.size(1), W.size(2)}, W.options());
   if (n == 0 || D == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode", [&] {
     constexpr int V = vec_size<scalar_t>();
-    const bool vec = aligned_rows<scalar_t>(W.data_ptr(), D, V) &&
+    const bool vec = aligned_rows<scalar_t>(W.data_ptr(), ld, V) &&
                      aligned_rows<scalar_t>(out.data_ptr(), D, V);
     const int v = vec ? V : 1;
     const dim3 grid(n, ceil_div(D, int64_t{kThreads} * v));
     if (vec) {
       decode_kernel<scalar_t, V><<<grid, kThreads, 0, stream()>>>(
           ro.data_ptr<int64_t>(), fi.data_ptr<int64_t>(), acts.data_ptr<scalar_t>(),
-          W.data_ptr<scalar_t>(), D, out.data_ptr<scalar_t>());
+          W.data_ptr<scalar_t>(), ld, D, out.data_ptr<scalar_t>());
     } else {
       decode_kernel<scalar_t, 1><<<grid, kThreads, 0, stream()>>>(
           ro.data_ptr<int64_t>(), fi.data_ptr<int64_t>(), acts.data_ptr<scalar_t>(),
-          W.data_ptr<scalar_t>(), D, out.data_ptr<scalar_t>());
+          W.data_ptr<scalar_t>(), ld, D, out.data_ptr<scalar_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// Warp per entry j: grad_acts[j] = <W[f[j]], grad_out[row_j]> over D. W, g [*, D].
+// Warp per entry j: grad_acts[j] = <W[f[j]], grad_out[row_j]> over D. W rows of D elements
+// at f * ld, g [N, D].
 template <typename scalar_t, int VEC>
 __global__ void grad_acts_kernel(const int64_t* __restrict__ off, int64_t n,
                                  const int64_t* __restrict__ f, const scalar_t* __restrict__ W,
-                                 const scalar_t* __restrict__ g, int64_t D, int64_t nnz,
-                                 scalar_t* __restrict__ grad_acts) {
+                                 int64_t ld, const scalar_t* __restrict__ g, int64_t D,
+                                 int64_t nnz, scalar_t* __restrict__ grad_acts) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (j >= nnz) return;  // whole warp exits together
-  const scalar_t* w = W + f[j] * D;
+  const scalar_t* w = W + f[j] * ld;
   const scalar_t* gr = g + row_of(off, n, j) * D;
   acc_t s = 0;
   for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += kWarp * VEC) {
@@ -153,8 +148,8 @@ void launch_decode_backward(const at::Tensor& ro, const at::Tensor& fi, const at
   const int64_t* off = ro.data_ptr<int64_t>();
   constexpr int warps = 8;
   grad_acts_kernel<scalar_t, VEC><<<ceil_div(nnz, warps), warps * kWarp, 0, stream()>>>(
-      off, n, fi.data_ptr<int64_t>(), W.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), D, nnz,
-      grad_acts.data_ptr<scalar_t>());
+      off, n, fi.data_ptr<int64_t>(), W.data_ptr<scalar_t>(), W.stride(0), g.data_ptr<scalar_t>(),
+      D, nnz, grad_acts.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto sorted = at::sort(fi, /*stable=*/true, 0, false);
   const dim3 grid(nnz, ceil_div(D, int64_t{kThreads} * VEC));
@@ -167,28 +162,22 @@ void launch_decode_backward(const at::Tensor& ro, const at::Tensor& fi, const at
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& grad_out_, const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
     const at::Tensor& acts_, const at::Tensor& W_dec_) {
-  const char* op = "sparse_decode_backward";
-  check_same(grad_out_, W_dec_, "grad_out", "W_dec", op);
-  check_decode_values(row_offsets_, feat_idx_, acts_, W_dec_, op);
-  const int64_t n = row_offsets_.size(0) - 1;
-  TORCH_CHECK(grad_out_.dim() == 3 && grad_out_.size(0) == n &&
-                  grad_out_.size(1) == W_dec_.size(1) && grad_out_.size(2) == W_dec_.size(2),
-              op, ": grad_out must be [N, n_out, d_model] = [", n, ", ", W_dec_.size(1), ", ",
-              W_dec_.size(2), "], got ", grad_out_.sizes());
+  check_decode_backward_inputs(grad_out_, row_offsets_, feat_idx_, acts_, W_dec_);
+  check_cuda(W_dec_, "W_dec", "sparse_decode_backward");
   c10::cuda::CUDAGuard guard(W_dec_.device());
   const auto g = grad_out_.contiguous();
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();
-  const auto W = W_dec_.contiguous();
+  const auto W = decoder_row_blocks(W_dec_);  // rows of D elements, W.stride(0) apart
   const int64_t nnz = fi.size(0), D = W.size(1) * W.size(2);
   auto grad_acts = at::empty({nnz}, acts.options());
-  auto grad_W = at::zeros(W.sizes(), W.options());
+  auto grad_W = at::zeros(W.sizes(), W.options());  // contiguous [d_sae, n_out, d_model]
   if (nnz == 0) return {grad_acts, grad_W};
   if (D == 0) return {grad_acts.zero_(), grad_W};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "sparse_decode_backward", [&] {
     constexpr int V = vec_size<scalar_t>();
-    const bool vec = aligned_rows<scalar_t>(W.data_ptr(), D, V) &&
+    const bool vec = aligned_rows<scalar_t>(W.data_ptr(), W.stride(0), V) && D % V == 0 &&
                      aligned_rows<scalar_t>(g.data_ptr(), D, V) &&
                      aligned_rows<scalar_t>(grad_W.data_ptr(), D, V);
     if (vec)

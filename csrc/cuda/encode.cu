@@ -25,13 +25,13 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/common.cuh"
+#include "encoder_backward.h"
 #include "topk_blocks.h"
 
 namespace cltrace::cuda {
@@ -143,10 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_cuda(
     const at::Tensor& x_, const at::Tensor& W_enc_, const at::Tensor& b_enc_,
     const at::Tensor& threshold_, double bandwidth) {
   const char* op = "jumprelu_encode";
-  check_encode_inputs(x_, W_enc_, b_enc_, &threshold_, op);
+  check_jumprelu_encode_inputs(x_, W_enc_, b_enc_, threshold_, bandwidth);
   check_cuda(x_, "x", op);
-  TORCH_CHECK(bandwidth >= 0, op, ": bandwidth must be >= 0, got ", bandwidth);
-  TORCH_CHECK(W_enc_.size(1) < (int64_t{1} << 31), op, ": d_sae must be < 2^31");
+  // A limit of this implementation (int32 feature ids in the pool), not of the op.
+  TORCH_CHECK(W_enc_.size(1) < (int64_t{1} << 31), op, ": d_sae must be < 2^31 on CUDA");
   c10::cuda::CUDAGuard guard(x_.device());
   const auto x = x_.contiguous();
   const auto& W_enc = W_enc_;  // at::mm takes any strides (e.g. a transposed [d_sae, d_in])
@@ -194,11 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(
     const at::Tensor& x_, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k) {
-  const char* op = "topk_encode";
-  check_encode_inputs(x_, W_enc, b_enc, nullptr, op);
-  check_cuda(x_, "x", op);
-  const int64_t d_sae = W_enc.size(1);
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must be in [1, d_sae = ", d_sae, "], got ", k);
+  check_topk_encode_inputs(x_, W_enc, b_enc, k);
+  check_cuda(x_, "x", "topk_encode");
   c10::cuda::CUDAGuard guard(x_.device());
   // z blocks of ~64M elements.
   return topk_encode_blocks(x_.contiguous(), W_enc, b_enc, k, int64_t{64} << 20);
@@ -315,51 +312,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward(
   return {grad_x, grad_W, grad_b};
 }
 
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& W_enc,
-                           const at::Tensor& row_offsets, const at::Tensor& feat_idx,
-                           const char* op) {
-  check_encoder_backward_inputs(grad, x, W_enc, row_offsets, feat_idx, op);
-  check_cuda(x, "x", op);
-  // Index values (one host sync): the kernels index W_enc and x with them.
-  const auto b = index_bounds({feat_idx, row_offsets});
-  check_range(b.data(), W_enc.size(1), "feat_idx", "W_enc with d_sae", op);
-  TORCH_CHECK(b[2] == 0 && b[3] == feat_idx.size(0), op,
-              ": row_offsets must run from 0 to nnz = ", feat_idx.size(0), ", got values in [",
-              b[2], ", ", b[3], "]");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_encode_backward_cuda(
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& threshold, const at::Tensor& row_offsets, const at::Tensor& feat_idx,
     const at::Tensor& pre_acts, double bandwidth) {
-  const char* op = "jumprelu_encode_backward";
-  check_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
-  check_same(pre_acts, x, "pre_acts", "x", op);
-  check_same(threshold, x, "threshold", "x", op);
-  TORCH_CHECK(pre_acts.numel() == grad_acts.numel(), op, ": pre_acts and grad_acts differ in length");
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == W_enc.size(1), op,
-              ": threshold must be [d_sae = ", W_enc.size(1), "], got ", threshold.sizes());
+  check_jumprelu_backward_inputs(grad_acts, x, W_enc, threshold, row_offsets, feat_idx, pre_acts,
+                                 bandwidth);
+  check_cuda(x, "x", "jumprelu_encode_backward");
   c10::cuda::CUDAGuard guard(x.device());
-  const auto theta = threshold.index_select(0, feat_idx);  // [nnz]
-  const auto grad_z = grad_acts.mul(pre_acts.gt(theta));
-  auto [grad_x, grad_W, grad_b] = sparse_linear_backward(grad_z, x, W_enc, row_offsets, feat_idx);
-  auto grad_thr = at::zeros_like(threshold);
-  if (bandwidth > 0) {
-    const auto in_band = pre_acts.sub(theta).abs_().lt(bandwidth / 2);
-    grad_thr.index_add_(0, feat_idx, grad_acts.mul(in_band).mul(theta.neg().div(bandwidth)));
-  }
-  return {grad_x, grad_W, grad_b, grad_thr};
+  return jumprelu_backward(grad_acts, x, W_enc, threshold, row_offsets, feat_idx, pre_acts,
+                           bandwidth, sparse_linear_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const at::Tensor& grad_acts, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& row_offsets, const at::Tensor& feat_idx, const at::Tensor& acts) {
-  const char* op = "topk_encode_backward";
-  check_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, op);
-  check_same(acts, x, "acts", "x", op);
-  TORCH_CHECK(acts.numel() == grad_acts.numel(), op, ": acts and grad_acts differ in length");
+  check_topk_backward_inputs(grad_acts, x, W_enc, row_offsets, feat_idx, acts);
+  check_cuda(x, "x", "topk_encode_backward");
   c10::cuda::CUDAGuard guard(x.device());
-  return sparse_linear_backward(grad_acts.mul(acts.gt(0)), x, W_enc, row_offsets, feat_idx);
+  return topk_backward(grad_acts, x, W_enc, row_offsets, feat_idx, acts, sparse_linear_backward);
 }
 
 }  // namespace
