@@ -114,13 +114,13 @@ def _mlp_inputs(model, tokens):
 
 def tiny_setup(per_cell: int = 2):
     """(ReplacementModel, graph JSON) for a tiny random Gemma 3 (4 layers, vocab 300)."""
-    from cltrace import Intervention, ReplacementModel
+    from cltrace import Intervention, ReplacementModel, intervene
     from tiny_gemma import random_transcoders, tiny_gemma
 
     model = tiny_gemma(n_layers=4)
     tcs = random_transcoders(_mlp_inputs(model, TOKENS), kind="plt", skip=True, d_sae=48)
     rm = ReplacementModel(model, tcs, skip_positions=1)
-    clean = rm.intervene(TOKENS, [], mode="frozen")
+    clean = intervene(rm, TOKENS, [], mode="frozen")
     n_layers, last = 4, len(TOKENS) - 1
     tokens = [f"t{t}" for t in TOKENS]
     probs = torch.softmax(clean.logits[-1].double(), -1)
@@ -145,7 +145,7 @@ def tiny_setup(per_cell: int = 2):
     links = [{"source": f"E_{TOKENS[p]}_{p}", "target": f"{L}_{f}_{p}", "weight": 0.5}
              for (L, f, p, _) in feats]
     for j, (L, f, p, act) in enumerate(feats):  # direct effects, measured with the API
-        res = rm.intervene(TOKENS, [Intervention(L, f, pos=p, scale=0.0)], mode="frozen", freeze_features=True)
+        res = intervene(rm, TOKENS, [Intervention(L, f, pos=p, scale=0.0)], mode="frozen", freeze_features=True)
         d = centred(res.logits) - centred(clean.logits)
         for t in top:
             if j == 0 and t == top[0]:

@@ -176,3 +176,27 @@ def test_embedded_model_cache_is_atomic(tmp_path, tiny_dir, monkeypatch):
     n = len(messages)
     load_model("gemma-3-270m", device="cpu", progress=messages.append)
     assert len(calls) == 2 and len(messages) == n  # cached: no conversion, no message
+
+
+@pytest.mark.real_model
+def test_cached_tokenizer_equals_autotokenizer(real_gemma):
+    """The embedded model's tokenizer, read straight from the cached tokenizer.json, gives
+    AutoTokenizer's ids and texts (special tokens, chat turns, unicode, spaces, digits)."""
+    from transformers import AutoTokenizer
+
+    from cltrace.models import embedded_model_dir
+
+    fast = real_gemma.tokenizer
+    auto = AutoTokenizer.from_pretrained(embedded_model_dir())
+    assert type(fast) is not type(auto)  # the fast path was taken
+    texts = ["The capital of France is", " leading space", "<start_of_turn>user\nhi<end_of_turn>\n",
+             "ünïcödé 😀 中文", "x = 12345 + 0.5e-3;\n\tdef f(): pass", "", "  many   spaces  "]
+    for t in texts:
+        for special in (True, False):
+            a = auto(t, add_special_tokens=special)["input_ids"]
+            assert fast(t, add_special_tokens=special)["input_ids"] == a, t
+            assert fast.decode(a) == auto.decode(a)
+    for tok in ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>"):
+        assert fast.convert_tokens_to_ids(tok) == auto.convert_tokens_to_ids(tok)
+    assert (fast.bos_token_id, fast.eos_token_id) == (auto.bos_token_id, auto.eos_token_id)
+    assert fast.encode(" Paris", add_special_tokens=False) == auto.encode(" Paris", add_special_tokens=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cltrace import Intervention
+from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
 from serve_fixtures import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
                             synthetic_graph, tiny_setup)
@@ -317,7 +317,7 @@ def test_ablation_from_page_matches_api(page, server, folder, tiny):
     page.wait_for_function("document.body.dataset.experiment === 'done'", timeout=60000)
     shot(page, "experiment")
     ivs = [Intervention(*map(int, nid.split("_")[:2]), pos=int(nid.split("_")[2]), set=0.0) for nid in ids]
-    res = rm.intervene(TOKENS, ivs, mode="frozen", freeze_features=True)
+    res = intervene(rm, TOKENS, ivs, mode="frozen", freeze_features=True)
     p0, p1 = torch.softmax(res.clean_logits[-1].double(), -1), torch.softmax(res.logits[-1].double(), -1)
     rows = page.locator("#exp-top tr[data-token]")
     assert rows.count() >= 10
@@ -327,7 +327,7 @@ def test_ablation_from_page_matches_api(page, server, folder, tiny):
         assert float(r.get_attribute("data-before")) == float(p0[t])
         assert float(r.get_attribute("data-after")) == float(p1[t])
     assert any(float(p0[t]) != float(p1[t]) for t in range(p0.numel()))
-    gen = rm.generate(TOKENS, ivs, max_new_tokens=4, seed=0)
+    gen = generate(rm, TOKENS, ivs, max_new_tokens=4, seed=0)
     assert page.inner_text("#cont-after") == " ".join(f"#{t}" for t in gen.new_tokens.tolist())
     for r in page.locator("#exp-logits tr[data-node]").all():  # edges predict the frozen change
         measured, predicted = float(r.get_attribute("data-measured")), float(r.get_attribute("data-predicted"))
@@ -450,7 +450,7 @@ def test_real_model_ablation_matches_api_and_edges(browser, real):
     pg.wait_for_function("document.body.dataset.experiment === 'done'", timeout=600_000)
     shot(pg, "experiment-real")
     L, f, p = map(int, src.split("_"))
-    res = rm.intervene(prompt_tokens(g), [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
+    res = intervene(rm, prompt_tokens(g), [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
     p1 = torch.softmax(res.logits[-1].double(), -1)
     for r in pg.locator("#exp-top tr[data-token]").all():
         assert float(r.get_attribute("data-after")) == float(p1[int(r.get_attribute("data-token"))])

@@ -10,7 +10,7 @@ import torch
 from cltrace.attribution import attribute
 from cltrace.frozen.capture import capture
 from cltrace.models.anatomy import text_parts
-from cltrace.steering import Intervention
+from cltrace.steering import Intervention, generate, intervene
 from cltrace.replacement.encoding import encode_layer
 from cltrace.steering.modes import column, pre_activations, with_columns
 from cltrace.replacement import ReplacementModel
@@ -59,7 +59,7 @@ def test_frozen_edges_predict_interventions(rm, graph):
     gen = torch.Generator().manual_seed(0)
     for s in has_out[torch.randperm(has_out.numel(), generator=gen)[:4]].tolist():
         layer, pos, feat = graph.features[s].tolist()
-        res = rm.intervene(None, [Intervention(layer, feat, pos=pos, scale=0.5)], state=state,
+        res = intervene(rm, None, [Intervention(layer, feat, pos=pos, scale=0.5)], state=state,
                            freeze_features=True)
         assert res.activation(layer, pos, feat) == pytest.approx(0.5 * float(graph.activations[s]))
         want = graph.edges[:, s].double() * (0.5 - 1.0)  # edge / a_s × Δa_s with Δa_s = -a_s / 2
@@ -71,7 +71,7 @@ def test_frozen_matches_direct_recomputation(rm):
     state = rm.run(TOKENS)
     ivs = [Intervention(0, int(state.acts[0].feat_idx[0]), pos=slice(2, 6), scale=3.0),
            Intervention(1, 5, pos=-1, set=2.0), Intervention(1, 5, add=0.5)]
-    res = rm.intervene(None, ivs, state=state)
+    res = intervene(rm, None, ivs, state=state)
     tcs, fz = rm.transcoders, state.frozen
     sources = state.sources().clone()
     n = state.n_pos
@@ -107,7 +107,7 @@ def test_frozen_matches_direct_recomputation(rm):
 def test_no_intervention_reproduces_real_logits_fp32(kind):
     rm32 = build(kind, dtype=torch.float32)
     state = rm32.run(TOKENS)
-    res = rm32.intervene(TOKENS, [])
+    res = intervene(rm32, TOKENS, [])
     with torch.no_grad():
         real = rm32.model(torch.tensor(TOKENS)[None]).logits[0]
     assert rel(res.logits, real) <= 1e-5
@@ -115,7 +115,7 @@ def test_no_intervention_reproduces_real_logits_fp32(kind):
     for a, b in zip(res.acts, state.acts):
         assert torch.equal(a.feat_idx, b.feat_idx) and torch.equal(a.acts, b.acts)
     # the same holds for frozen features
-    assert rel(rm32.intervene(TOKENS, [], freeze_features=True).logits, real) <= 1e-5
+    assert rel(intervene(rm32, TOKENS, [], freeze_features=True).logits, real) <= 1e-5
 
 
 def test_free_set_to_own_value_changes_nothing(rm):
@@ -123,7 +123,7 @@ def test_free_set_to_own_value_changes_nothing(rm):
     af = state.active_features()
     ivs = [Intervention(int(af.layer[i]), int(af.feature[i]), pos=int(af.pos[i]), set=float(af.value[i]))
            for i in (0, len(af.value) // 2, len(af.value) - 1)]
-    res = rm.intervene(None, ivs, mode="free", state=state)
+    res = intervene(rm, None, ivs, mode="free", state=state)
     # the re-encoded value differs from the compiled encoder's in the last bits, and Gemma's
     # norms run in fp32: agreement to fp32 rounding
     assert rel(res.logits, state.logits) <= 1e-6
@@ -132,7 +132,7 @@ def test_free_set_to_own_value_changes_nothing(rm):
         assert torch.equal(a.feat_idx, b.feat_idx)
         torch.testing.assert_close(a.acts, b.acts, rtol=1e-5, atol=1e-6)
     # and the free run without interventions is the real model
-    torch.testing.assert_close(rm.intervene(None, [], mode="free", state=state).logits, state.logits)
+    torch.testing.assert_close(intervene(rm, None, [], mode="free", state=state).logits, state.logits)
 
 
 def test_free_and_frozen_agree_on_last_layer(rm):
@@ -145,8 +145,8 @@ def test_free_and_frozen_agree_on_last_layer(rm):
     f = int(a.feat_idx[a.row_offsets[n - 1]])
     parts = rm.parts
     for iv in (Intervention(L, f, pos=-1, scale=3.0), Intervention(L, f, pos=-1, set=0.0)):
-        free = rm.intervene(None, [iv], mode="free", state=state)
-        frozen = rm.intervene(None, [iv], mode="frozen", state=state)
+        free = intervene(rm, None, [iv], mode="free", state=state)
+        frozen = intervene(rm, None, [iv], mode="frozen", state=state)
         torch.testing.assert_close(free.resid_final, frozen.resid_final, rtol=1e-5, atol=1e-6)
         assert (free.resid_final - state.capture.resid_final)[:-1].abs().max() < 1e-6
         want = iv.apply(a.acts[a.row_offsets[n - 1]][None])  # [1]
@@ -164,18 +164,18 @@ def test_free_and_frozen_agree_on_last_layer(rm):
 
 def test_generate_deterministic_and_steerable():
     rm = build("clt")
-    a = rm.generate(TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
-    b = rm.generate(TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
+    a = generate(rm, TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
+    b = generate(rm, TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
     assert torch.equal(a.tokens, b.tokens) and a.new_tokens.numel() == 6
     assert a.tokens[:len(TOKENS)].tolist() == TOKENS
-    base = rm.generate(TOKENS, max_new_tokens=6)
-    assert torch.equal(base.tokens, rm.generate(TOKENS, [], max_new_tokens=6, seed=9).tokens)  # greedy
+    base = generate(rm, TOKENS, max_new_tokens=6)
+    assert torch.equal(base.tokens, generate(rm, TOKENS, [], max_new_tokens=6, seed=9).tokens)  # greedy
     strong = [Intervention(2, 3, set=50.0)]
-    steered = rm.generate(TOKENS, strong, max_new_tokens=6, steer_generated=True)
+    steered = generate(rm, TOKENS, strong, max_new_tokens=6, steer_generated=True)
     assert not torch.equal(steered.new_tokens, base.new_tokens)
     # prompt-only steering: the first new token is the free-mode argmax under the intervention
-    prompt_only = rm.generate(TOKENS, strong, max_new_tokens=1)
-    free = rm.intervene(TOKENS, strong, mode="free")
+    prompt_only = generate(rm, TOKENS, strong, max_new_tokens=1)
+    free = intervene(rm, TOKENS, strong, mode="free")
     assert int(prompt_only.new_tokens[0]) == int(free.logits[-1].argmax())
 
 
@@ -198,18 +198,18 @@ def test_bad_interventions():
     for make, msg in cases:
         with pytest.raises(ValueError, match=msg):
             for mode in ("frozen", "free"):
-                rm.intervene(TOKENS, [make()], mode=mode)
+                intervene(rm, TOKENS, [make()], mode=mode)
     with pytest.raises(ValueError, match="mode"):
-        rm.intervene(TOKENS, [], mode="linear")
+        intervene(rm, TOKENS, [], mode="linear")
     with pytest.raises(ValueError, match="freeze_features"):
-        rm.intervene(TOKENS, [], mode="free", freeze_features=True)
+        intervene(rm, TOKENS, [], mode="free", freeze_features=True)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        rm.generate(TOKENS, max_new_tokens=-1)
+        generate(rm, TOKENS, max_new_tokens=-1)
     # positions in the skipped prefix have no features
     rm_skip = build("plt", skip_positions=2)
     with pytest.raises(ValueError, match="pos 1"):
-        rm_skip.intervene(TOKENS, [Intervention(0, 1, pos=1, set=1.0)])
-    res = rm_skip.intervene(TOKENS, [Intervention(0, 1, set=1.0)])  # all positions: 2..7
+        intervene(rm_skip, TOKENS, [Intervention(0, 1, pos=1, set=1.0)])
+    res = intervene(rm_skip, TOKENS, [Intervention(0, 1, set=1.0)])  # all positions: 2..7
     assert [res.activation(0, p, 1) for p in range(8)] == [0.0] * 2 + [1.0] * 6
 
 
@@ -244,7 +244,7 @@ def test_real_gemma_top_influence_ablation(real_gemma):
                                         set=0.0) for i in idx])
 
     def drop(ivs, mode, freeze=False):
-        res = rm.intervene(None, ivs, mode=mode, freeze_features=freeze, state=state)
+        res = intervene(rm, None, ivs, mode=mode, freeze_features=freeze, state=state)
         return float(state.logits[-1, target] - res.logits[-1, target])
 
     results = {}

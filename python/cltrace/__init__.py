@@ -41,6 +41,8 @@ _LAZY = {
     "Intervention": "cltrace.steering",
     "InterventionResult": "cltrace.steering",
     "Generation": "cltrace.steering",
+    "intervene": "cltrace.steering",
+    "generate": "cltrace.steering",
     "SparseActs": "cltrace.ops",
     "show": "cltrace.serve",
 }
@@ -52,7 +54,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .models import load_model  # noqa: F401
     from .ops import SparseActs  # noqa: F401
     from .replacement import ActiveFeatures, ReplacementModel, ReplacementState  # noqa: F401
-    from .steering import Generation, Intervention, InterventionResult  # noqa: F401
+    from .steering import Generation, Intervention, InterventionResult, generate, intervene  # noqa: F401
     from .serve import show  # noqa: F401
     from .transcoders import TranscoderSet, load_transcoders  # noqa: F401
 

@@ -115,6 +115,7 @@ def top_table(before, after, decode, k: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..steering import generate, intervene
     from ._common import load_replacement, messenger, prompt_tokens, read_prompt
 
     text = read_prompt(args)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     prompt, ids = prompt_tokens(tok, text, args.chat)
 
     state = rm.run(ids)
-    res = rm.intervene(None, args.features, mode=args.mode, freeze_features=args.freeze_features,
+    res = intervene(rm, None, args.features, mode=args.mode, freeze_features=args.freeze_features,
                        state=state)
     decode = lambda t: tok.decode([t])  # noqa: E731
     k = min(args.top_k, res.logits.shape[-1])
@@ -147,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"top token before, {decode(top)!r}: p {pb:.4f} -> {pa:.4f}, logit {lb:.3f} -> {la:.3f}")
     if args.max_new_tokens:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-        before = rm.generate(ids, [], **kw)
-        after = rm.generate(ids, args.features, steer_generated=args.steer_generated, **kw)
+        before = generate(rm, ids, [], **kw)
+        after = generate(rm, ids, args.features, steer_generated=args.steer_generated, **kw)
         print(f"generated before: {before.text!r}")
         print(f"generated after:  {after.text!r}")
     if transcoders.info.get("synthetic"):

@@ -131,26 +131,3 @@ class ReplacementModel:
         return ReplacementState(tokens=tokens, logits=cap.logits, capture=cap, acts=acts,
                                 recon=recon, errors=errors, skip_positions=n_skip, frozen=frozen,
                                 transcoders=self.transcoders)
-
-
-    # --- interventions and steering (logic in cltrace.steering.modes / cltrace.steering.generation) ---------
-
-    def intervene(self, prompt, interventions, mode: str = "frozen", freeze_features: bool = False,
-                  state: Optional[ReplacementState] = None):
-        """Logits and features of ``prompt`` with features set/scaled/added to: ``mode`` "frozen"
-        (the replacement model: patterns, norms and errors fixed) or "free" (the real model).
-        See :func:`cltrace.steering.modes.intervene`; returns an ``InterventionResult``."""
-        from ..steering.modes import intervene
-
-        return intervene(self, prompt, interventions, mode=mode, freeze_features=freeze_features,
-                         state=state)
-
-    def generate(self, prompt, interventions=(), max_new_tokens: int = 20, temperature: float = 0.0,
-                 top_k: Optional[int] = None, seed: Optional[int] = None,
-                 steer_generated: bool = False, stop_at_eos: bool = True):
-        """Steered generation with the real model (free mode); see :func:`cltrace.steering.generation.generate`."""
-        from ..steering.generation import generate
-
-        return generate(self, prompt, interventions, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, seed=seed,
-                        steer_generated=steer_generated, stop_at_eos=stop_at_eos)

@@ -29,6 +29,8 @@ import math
 import threading
 from typing import Any
 
+from ..steering import generate, intervene
+
 OPS = ("set", "scale", "add")
 MODES = ("frozen", "free")
 MAX_NEW_TOKENS = 64
@@ -149,13 +151,13 @@ class Experiments:
         with self._lock:
             try:
                 key = tuple(tokens)
-                res = self.rm.intervene(tokens, ivs, mode=mode, freeze_features=freeze)
-                clean = self._cached(("run", key, mode), lambda: self.rm.intervene(tokens, [], mode=mode))
+                res = intervene(self.rm, tokens, ivs, mode=mode, freeze_features=freeze)
+                clean = self._cached(("run", key, mode), lambda: intervene(self.rm, tokens, [], mode=mode))
                 gens = None
                 if max_new:
-                    gens = (self._cached(("gen", key, max_new), lambda: self.rm.generate(
-                                tokens, [], max_new_tokens=max_new, seed=0)),
-                            self.rm.generate(tokens, ivs, max_new_tokens=max_new, seed=0))
+                    gens = (self._cached(("gen", key, max_new), lambda: generate(
+                                self.rm, tokens, [], max_new_tokens=max_new, seed=0)),
+                            generate(self.rm, tokens, ivs, max_new_tokens=max_new, seed=0))
             except ValueError as e:  # the library's own checks (positions without features ...)
                 raise RequestError(str(e)) from None
         out = {"mode": mode, "freeze_features": freeze,
