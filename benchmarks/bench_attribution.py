@@ -26,26 +26,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT / "python")]
-VENV = HERE / ".venv-peer"
-PEER_PY = VENV / "bin" / "python"
+sys.path[:0] = [str(HERE), str(ROOT / "python"), str(ROOT / "tests")]
+from peer import PEER_PY, ensure_peer  # noqa: E402  (tests/peer.py: the reference's venv)
+from peer import agreement as peer_agreement  # noqa: E402
 
 CASES = [(k, n, m) for k in ("plt", "clt") for n in (8, 64, 512) for m in (2048, 8192)]
 QUICK = [("plt", 8, 2048), ("plt", 64, 2048)]
-
-
-def ensure_peer() -> None:
-    """Create the peer's venv with circuit-tracer 0.5.0 (once)."""
-    ok = PEER_PY.exists() and subprocess.run([str(PEER_PY), "-c", "import circuit_tracer"],
-                                             capture_output=True).returncode == 0
-    if ok:
-        return
-    print("creating benchmarks/.venv-peer with circuit-tracer==0.5.0 (once, a few minutes)...")
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(PEER_PY), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the local CPU wheel, not CUDA wheels
-    # nnsight 0.7+ moved modules circuit-tracer 0.5.0 imports (nnsight.intervention.tracing)
-    subprocess.run(pip + ["circuit-tracer==0.5.0", "nnsight==0.6.3"], check=True)
 
 
 def run(cmd: list[str], timeout: float) -> str:
@@ -59,44 +45,10 @@ def run(cmd: list[str], timeout: float) -> str:
 
 
 def agreement(a_path: str, b_path: str, n_layers: int, n_pos: int) -> dict:
-    """Max differences of the two edge-row sets on the shared nodes (features, errors, tokens,
-    logits): max|a-b| / max|b|, and the max elementwise relative error over edges with
-    |b| > 1e-3 max|b|."""
+    """:func:`peer.agreement` of two saved edge-row sets."""
     from safetensors.torch import load_file
 
-    A, B = load_file(a_path), load_file(b_path)
-    ka = {tuple(r): i for i, r in enumerate(A["features"].tolist())}
-    kb = {tuple(r): i for i, r in enumerate(B["features"].tolist())}
-    shared = sorted(set(ka) & set(kb))
-    ia, ib = torch.tensor([ka[k] for k in shared], dtype=torch.long), torch.tensor([kb[k] for k in shared], dtype=torch.long)
-    la, lb = A["logit_tokens"].tolist(), B["logit_tokens"].tolist()
-    common = [t for t in la if t in lb]
-    na, nb = len(ka), len(kb)
-    n_rest = (n_layers + 1) * n_pos
-    rows_a = torch.cat([ia, torch.tensor([na + la.index(t) for t in common], dtype=torch.long)])
-    rows_b = torch.cat([ib, torch.tensor([nb + lb.index(t) for t in common], dtype=torch.long)])
-    # error nodes at <bos> are left out: circuit-tracer sets them to 0, cltrace keeps the
-    # MLP output there (its features are masked, the residual stream stays exact)
-    rest = torch.arange(n_rest)
-    rest = rest[~((rest < n_layers * n_pos) & (rest % n_pos == 0))]
-    cols_a = torch.cat([ia, na + rest])
-    cols_b = torch.cat([ib, nb + rest])
-    ea, eb = A["edges"][rows_a][:, cols_a].double(), B["edges"][rows_b][:, cols_b].double()
-    n_tok = n_pos  # the token columns are the last n_pos of cols
-    tok_a, tok_b = ea[:, -n_tok:], eb[:, -n_tok:]
-    ea, eb = ea[:, :-n_tok], eb[:, :-n_tok]
-    scale = eb.abs().max().clamp_min(1e-30)
-    big = eb.abs() > 1e-3 * scale
-    rel = ((ea - eb).abs()[big] / eb.abs()[big]).max() if big.any() else torch.tensor(0.0)
-    # token columns: circuit-tracer 0.5.0 multiplies the gradient by the *unscaled* embedding
-    # row for Gemma 3 (whose embedding module multiplies by sqrt(d_model)), so its token edges
-    # are 1/sqrt(d_model) of the direct effect (its rows then miss the completeness identity)
-    tb_big = tok_b.abs() > 1e-3 * tok_b.abs().max()
-    ratio = (tok_a[tb_big] / tok_b[tb_big]).median() if tb_big.any() else torch.tensor(float("nan"))
-    return {"shared_features": len(shared), "features_a": na, "features_b": nb,
-            "shared_logits": len(common), "max_abs_over_max": float((ea - eb).abs().max() / scale),
-            "max_rel_big_edges": float(rel), "n_edges_compared": int(ea.numel()),
-            "token_ratio_median": float(ratio)}
+    return peer_agreement(load_file(a_path), load_file(b_path), n_layers, n_pos)
 
 
 def floor(res: dict, features: torch.Tensor, n_layers=18, d=640, n_heads=4, n_kv=1, hd=256,

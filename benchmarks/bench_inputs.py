@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,29 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "tests")]
-
-
-def peer_model_dir(out: Path) -> Path:
-    """A transformers-4.57-loadable copy of the cached Gemma 3 270M (weights linked)."""
-    from cltrace.models import embedded_model_dir
-
-    src = embedded_model_dir()
-    dst = out / "gemma-3-270m-hf457"
-    if (dst / "config.json").exists():
-        return dst
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
-    rope = cfg.pop("rope_parameters", {}) or {}
-    cfg["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", 1e6)
-    cfg["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", 1e4)
-    cfg["rope_scaling"] = None
-    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
-    cfg["transformers_version"] = "4.57.3"
-    for name in os.listdir(src):
-        if name != "config.json" and not (dst / name).exists():
-            os.symlink(src / name, dst / name)
-    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    return dst
+from peer import peer_model_dir  # noqa: E402,F401  (re-exported for bench_attribution)
 
 
 def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> dict:
