@@ -34,11 +34,16 @@ CASES = [(k, n, m) for k in ("plt", "clt") for n in (8, 64, 512) for m in (2048,
 QUICK = [("plt", 8, 2048), ("plt", 64, 2048)]
 
 
-def run(cmd: list[str], timeout: float) -> str:
+def run(cmd: list[str], timeout: float, walls: list | None = None) -> str:
+    """Run one side as its own process; its wall time (interpreter start to exit: imports,
+    load, attribution, pruning, export) is appended to ``walls``."""
+    t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "PYTHONPATH": str(ROOT / "python"),
                                 "TOKENIZERS_PARALLELISM": "false"})
+        if walls is not None and p.returncode == 0:
+            walls.append(time.perf_counter() - t0)
         return "" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-1500:]}"
     except subprocess.TimeoutExpired:
         return f"timeout after {timeout:.0f} s"
@@ -89,7 +94,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0", type=int, default=8)
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--cases", default="", help="e.g. plt:64:2048,clt:8:8192")
+    ap.add_argument("--cases", default="", help="e.g. plt:64:2048,clt:8:8192 (m 0: all features)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each case this many times, the two sides alternating (whole-process "
+                         "wall times: the median is reported)")
     a = ap.parse_args()
     out = Path(a.out)
     inp = out / "inputs"
@@ -111,17 +119,21 @@ def main() -> None:
     for kind, n, m in cases:
         tag = f"{kind}-n{n}-m{m}"
         r: dict = {"kind": kind, "n_pos": n, "max_feature_nodes": m, "load_avg": os.getloadavg()}
-        base = ["--prompt", pfiles[n], "--max-feature-nodes", str(m), "--batch-size", "64"]
-        ours = str(out / f"cltrace-{tag}")
-        r["cltrace_error"] = run([sys.executable, str(HERE / "run_cltrace.py"), "--transcoders",
-                                  sets[kind]["cltrace"], "--out", ours] + base, a.timeout)
+        base = ["--prompt", pfiles[n], "--batch-size", "64"] + (["--max-feature-nodes", str(m)] if m else [])
+        ours, peer = str(out / f"cltrace-{tag}"), str(out / f"peer-{tag}")
+        walls: dict = {"cltrace": [], "peer": []}
+        for _ in range(a.repeat):  # alternating: both sides see the same machine state
+            r["cltrace_error"] = run([sys.executable, str(HERE / "run_cltrace.py"), "--transcoders",
+                                      sets[kind]["cltrace"], "--out", ours] + base, a.timeout, walls["cltrace"])
+            if not a.no_peer:
+                r["peer_error"] = run([str(PEER_PY), str(HERE / "run_peer.py"), "--model-dir", str(model_dir),
+                                       "--transcoders", sets[kind]["peer"], "--kind", kind, "--out", peer]
+                                      + base, a.timeout, walls["peer"])
+        r["process_s"] = {k: sorted(v)[len(v) // 2] for k, v in walls.items() if v}
+        r["process_runs_s"] = walls
         if not r["cltrace_error"]:
             r["cltrace"] = json.loads(Path(ours + ".json").read_text())
         if not a.no_peer:
-            peer = str(out / f"peer-{tag}")
-            r["peer_error"] = run([str(PEER_PY), str(HERE / "run_peer.py"), "--model-dir", str(model_dir),
-                                   "--transcoders", sets[kind]["peer"], "--kind", kind, "--out", peer]
-                                  + base, a.timeout)
             if Path(peer + ".json").exists() and not r["peer_error"]:
                 r["peer"] = json.loads(Path(peer + ".json").read_text())
                 if not r["peer"].get("ok"):

@@ -58,7 +58,7 @@ class LayerGrad(NamedTuple):
     """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
 
     layer: int
-    grad: Tensor  # [B, n_pos, d_model]
+    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [n, k, d_model] position-major
 
 
 class FrozenOutput(NamedTuple):
