@@ -2,7 +2,8 @@
 
 It pins old transformers (4.57), so it lives in ``benchmarks/.venv-peer`` (created by
 :func:`ensure_peer`; ``.ci/run`` creates it in CI) and runs as a subprocess
-(``benchmarks/run_peer.py``). Used by ``tests/test_peer.py`` and ``benchmarks/bench_attribution.py``.
+(``python -m benchmarks.end_to_end.run_peer``). Used by ``tests/test_peer.py`` and
+``benchmarks/end_to_end/bench_attribution.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / "benchmarks" / ".venv-peer"
 PEER_PY = VENV / "bin" / "python"
-RUN_PEER = ROOT / "benchmarks" / "run_peer.py"
 
 
 def peer_available() -> bool:
@@ -63,11 +63,11 @@ def run_peer(model_dir: Path, transcoders: Path, kind: str, tokens_file: Path, o
              max_feature_nodes=None, timeout: float = 1800) -> dict:
     """One circuit-tracer attribution; its result JSON (``ok``, times) — the rows are in
     ``{out}.safetensors``."""
-    cmd = [str(PEER_PY), str(RUN_PEER), "--model-dir", str(model_dir), "--transcoders",
+    cmd = [str(PEER_PY), "-m", "benchmarks.end_to_end.run_peer", "--model-dir", str(model_dir), "--transcoders",
            str(transcoders), "--kind", kind, "--prompt", str(tokens_file), "--out", str(out)]
     if max_feature_nodes:
         cmd += ["--max-feature-nodes", str(max_feature_nodes)]
-    subprocess.run(cmd, check=True, timeout=timeout, capture_output=True,
+    subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, cwd=ROOT,
                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     return json.loads(Path(str(out) + ".json").read_text())
 

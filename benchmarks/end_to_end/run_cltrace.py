@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
-
-
-def rss_mib() -> float:
-    # VmHWM: this process's own peak (ru_maxrss would include the parent's RSS before exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -56,7 +48,7 @@ def main() -> None:
     tcs = load_transcoders(a.transcoders)
     rm = ReplacementModel(loaded.model, tcs, tokenizer=loaded.tokenizer, skip_positions=a.skip_positions,
                           dtype=getattr(torch, a.dtype))
-    T["load"], M["load"] = time.perf_counter() - t0, rss_mib()
+    T["load"], M["load"] = time.perf_counter() - t0, peak_rss_mib()
     tokens = torch.load(a.prompt)
     phases: dict = {}
     t0 = time.perf_counter()
@@ -66,13 +58,13 @@ def main() -> None:
     total = time.perf_counter() - t0
     T["forward"] = phases["forward"]
     T["attribution"] = total - phases["forward"]
-    M["attribution"] = rss_mib()
+    M["attribution"] = peak_rss_mib()
     t0 = time.perf_counter()
     pr = prune(graph)
-    T["pruning"], M["pruning"] = time.perf_counter() - t0, rss_mib()
+    T["pruning"], M["pruning"] = time.perf_counter() - t0, peak_rss_mib()
     t0 = time.perf_counter()
     write_neuronpedia(graph, Path(a.out).parent / (Path(a.out).name + "-graph"), "bench", result=pr)
-    T["export"], M["export"] = time.perf_counter() - t0, rss_mib()
+    T["export"], M["export"] = time.perf_counter() - t0, peak_rss_mib()
     res.update(n_active=int(graph.settings["n_active_features"]), n_visited=graph.n_features,
                n_logits=graph.n_logits, n_pos=graph.n_pos, bounded=graph.settings["bounded"],
                kept_nodes=int(pr.node_mask.sum()), threads=torch.get_num_threads(),

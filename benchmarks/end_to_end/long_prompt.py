@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "python")]
+OUT = Path(__file__).resolve().parents[1] / "out"
 
 
 def rss_gib() -> float:
@@ -29,9 +27,9 @@ def main() -> None:
     ap.add_argument("--n-pos", type=int, default=4096)
     ap.add_argument("--max-feature-nodes", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--transcoders", default=str(HERE / "out/inputs/tc-plt-w4096-l0_8-gemmascope"))
+    ap.add_argument("--transcoders", default=str(OUT / "inputs/tc-plt-w4096-l0_8-gemmascope"))
     a = ap.parse_args()
-    from bench_inputs import prompts
+    from .inputs import prompts
     from cltrace.attribution import attribute
     from cltrace.models import load_model
     from cltrace.replacement import ReplacementModel
@@ -40,7 +38,7 @@ def main() -> None:
     lm = load_model("gemma-3-270m", progress=lambda s: None)
     rm = ReplacementModel(lm.model, load_transcoders(a.transcoders), tokenizer=lm.tokenizer,
                           skip_positions=1)
-    tokens = torch.load(prompts(HERE / "out/inputs", lm.tokenizer, [a.n_pos])[a.n_pos])
+    tokens = torch.load(prompts(OUT / "inputs", lm.tokenizer, [a.n_pos])[a.n_pos])
     res = {"n_pos": a.n_pos, "max_feature_nodes": a.max_feature_nodes, "rss_load_gib": rss_gib()}
     times: dict = {}
     t0 = time.perf_counter()

@@ -17,13 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-def rss_mib() -> float:
-    # VmHWM: this process's own peak (ru_maxrss would include the parent's RSS before exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.harness import peak_rss_mib
 
 
 def load(model_dir: str, tc_dir: str, kind: str):
@@ -62,18 +56,18 @@ def main() -> None:
 
         t0 = time.perf_counter()
         model = load(a.model_dir, a.transcoders, a.kind)
-        T["load"], M["load"] = time.perf_counter() - t0, rss_mib()
+        T["load"], M["load"] = time.perf_counter() - t0, peak_rss_mib()
         tokens = torch.load(a.prompt)
         t0 = time.perf_counter()
         graph = attribute(tokens, model, max_feature_nodes=a.max_feature_nodes,
                           batch_size=a.batch_size)
-        T["attribution"], M["attribution"] = time.perf_counter() - t0, rss_mib()
+        T["attribution"], M["attribution"] = time.perf_counter() - t0, peak_rss_mib()
         t0 = time.perf_counter()
         pr = prune_graph(graph)
-        T["pruning"], M["pruning"] = time.perf_counter() - t0, rss_mib()
+        T["pruning"], M["pruning"] = time.perf_counter() - t0, peak_rss_mib()
         t0 = time.perf_counter()
         create_graph_files(graph, "bench", str(Path(a.out).parent / (Path(a.out).name + "-graph")))
-        T["export"], M["export"] = time.perf_counter() - t0, rss_mib()
+        T["export"], M["export"] = time.perf_counter() - t0, peak_rss_mib()
         n_sel = graph.selected_features.numel()
         n_logits = len(graph.logit_targets)
         rows = torch.cat([graph.adjacency_matrix[:n_sel], graph.adjacency_matrix[-n_logits:]])
@@ -86,7 +80,7 @@ def main() -> None:
                    kept_nodes=int(pr.node_mask.sum()), threads=torch.get_num_threads(), ok=True)
     except Exception as e:  # recorded honestly in the results
         res.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:],
-                   peak_rss_mib=rss_mib())
+                   peak_rss_mib=peak_rss_mib())
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
 
 

@@ -23,14 +23,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-if str(HERE.parent / "python") not in sys.path:  # run from a checkout without install
-    sys.path.insert(1, str(HERE.parent / "python"))
 
 import torch  # noqa: E402
 
-import _cases  # noqa: E402
-import _harness  # noqa: E402
+from .. import harness as _harness  # noqa: E402
+from . import cases as _cases  # noqa: E402
 
 # Headline time: the fastest call. On a shared machine the other processes only ever add
 # time, so the minimum is the most reproducible estimate; medians are kept in the JSON.
@@ -62,11 +59,9 @@ def run_case(case: dict, device: str, budget_s: float) -> dict:
 def spawn(case: dict, device: str, budget_s: float) -> dict:
     """Run one case in a fresh Python process (isolated memory, fresh allocator)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(HERE.parent / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(case),
+    cmd = [sys.executable, "-m", "benchmarks.kernels.bench_kernels", "--_worker", json.dumps(case),
            "--device", device, "--budget", str(budget_s)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parents[1])
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"op": case["op"], "params": case["params"],
@@ -139,7 +134,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small subset (~1-2 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--ops", default="", help="comma-separated op filter")
-    ap.add_argument("--json", default=str(HERE / "out" / "kernels.json"))
+    ap.add_argument("--json", default=str(HERE.parent / "out" / "kernels.json"))
     ap.add_argument("--budget", type=float, default=None,
                     help="timing seconds per case (default 1.5 quick, 3 full)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)

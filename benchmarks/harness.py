@@ -29,6 +29,12 @@ import torch
 _LIBC = None
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident set size so far (``VmHWM``; ``ru_maxrss`` would include
+    the parent's RSS before exec), MiB: the whole-process figure of the end-to-end runs."""
+    return _status_kb("VmHWM") / 1024
+
+
 def _libc():
     global _LIBC
     if _LIBC is None:

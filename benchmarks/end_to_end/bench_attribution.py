@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT / "python"), str(ROOT / "tests")]
-from peer import PEER_PY, ensure_peer  # noqa: E402  (tests/peer.py: the reference's venv)
-from peer import agreement as peer_agreement  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+from tests.peer import PEER_PY, ensure_peer  # noqa: E402  (the reference's venv)
+from tests.peer import agreement as peer_agreement  # noqa: E402
 
 CASES = [(k, n, m) for k in ("plt", "clt") for n in (8, 64, 512) for m in (2048, 8192)]
 QUICK = [("plt", 8, 2048), ("plt", 64, 2048)]
@@ -40,8 +38,7 @@ def run(cmd: list[str], timeout: float, walls: list | None = None) -> str:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT / "python"),
-                                "TOKENIZERS_PARALLELISM": "false"})
+                           cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if walls is not None and p.returncode == 0:
             walls.append(time.perf_counter() - t0)
         return "" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-1500:]}"
@@ -89,7 +86,7 @@ def machine_flops() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per side and case")
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0", type=int, default=8)
@@ -104,7 +101,7 @@ def main() -> None:
     inp.mkdir(parents=True, exist_ok=True)
     if not a.no_peer:
         ensure_peer()
-    from bench_inputs import peer_model_dir, prompts, transcoder_sets
+    from .inputs import peer_model_dir, prompts, transcoder_sets
     from cltrace.models import load_model
 
     cases = QUICK if a.quick else CASES
@@ -123,10 +120,10 @@ def main() -> None:
         ours, peer = str(out / f"cltrace-{tag}"), str(out / f"peer-{tag}")
         walls: dict = {"cltrace": [], "peer": []}
         for _ in range(a.repeat):  # alternating: both sides see the same machine state
-            r["cltrace_error"] = run([sys.executable, str(HERE / "run_cltrace.py"), "--transcoders",
+            r["cltrace_error"] = run([sys.executable, "-m", "benchmarks.end_to_end.run_cltrace", "--transcoders",
                                       sets[kind]["cltrace"], "--out", ours] + base, a.timeout, walls["cltrace"])
             if not a.no_peer:
-                r["peer_error"] = run([str(PEER_PY), str(HERE / "run_peer.py"), "--model-dir", str(model_dir),
+                r["peer_error"] = run([str(PEER_PY), "-m", "benchmarks.end_to_end.run_peer", "--model-dir", str(model_dir),
                                        "--transcoders", sets[kind]["peer"], "--kind", kind, "--out", peer]
                                       + base, a.timeout, walls["peer"])
         r["process_s"] = {k: sorted(v)[len(v) // 2] for k, v in walls.items() if v}

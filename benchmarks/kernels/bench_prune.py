@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 
 def build(n_features: int, n_pos: int, n_layers: int, n_logits: int = 10, seed: int = 0):
