@@ -11,6 +11,7 @@ The pipeline, one package per stage (each imports only the stages before it)::
     export        Neuronpedia / circuit-tracer JSON, Graphviz DOT/SVG
     steering      interventions (frozen or free mode) and steered generation
     training      corpora, the training loop, the starter sets
+    features      feature pages and automatic labels from a corpus (any transcoder set)
 
 The compiled core (``cltrace._C``) provides the sparse kernels (:mod:`cltrace.ops`, with a
 pure-torch twin of every op in :mod:`cltrace.reference`). ``import cltrace`` is cheap: the
@@ -41,10 +42,12 @@ _LAZY = {
     "InterventionResult": "cltrace.steering",
     "Generation": "cltrace.steering",
     "SparseActs": "cltrace.ops",
+    "FeaturePages": "cltrace.features",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .attribution import attribute
+    from .features import FeaturePages
     from .frozen import FrozenLinearModel, Seeds
     from .graph import Graph, graph_scores, prune
     from .models import load_model
