@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--corpus", nargs="+", metavar="FILE", help="text files or folders (*.txt, *.md)")
     src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset name[:config][@split]")
-    p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="tokens to scan (default 100000)")
+    p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="tokens to scan, in whole rows (default 100000)")
     p.add_argument("--layers", default=None, metavar="L", help="layers, e.g. 0-5 or 0,3,7 (default: all of the set)")
     p.add_argument("--top-k", type=int, default=20, metavar="K", help="top examples per feature (default 20)")
     p.add_argument("--samples", type=int, default=20, metavar="S",
@@ -98,10 +98,17 @@ def check_out_early(out: Path) -> None:
         check_out(out, "")
 
 
+def _check_layers(layers, ts, text) -> None:
+    bad = [L for L in layers or [] if L not in ts.layers]
+    if bad:
+        raise ValueError(f"--layers {text}: layers {bad} are not in the transcoder set "
+                         f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
+
+
 def run(args: argparse.Namespace) -> int:
     from ._common import messenger
     from ..features import build_pages
-    from ..models import load_model
+    from ..models import load_config, load_model
     from ..training.corpus import dataset_texts, file_texts, stdlib_texts, token_rows
     from ..training.starter import starter_transcoders
     from ..transcoders import load_transcoders
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("tokens", "top_k", "samples", "ctx", "batch_rows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ctx < 2:
+        raise ValueError("--ctx must be at least 2 (BOS and one token)")
     if args.window < 0:
         raise ValueError("--window must be >= 0")
     layers = parse_layers(args.layers) if args.layers is not None else None
@@ -119,24 +128,24 @@ def run(args: argparse.Namespace) -> int:
     check_out_early(out)
     t_start = time.perf_counter()
 
+    ts = None
+    if args.transcoders is not None:  # checked against the model's config, before its weights load
+        say(f"loading transcoders {args.transcoders} ...")
+        ts = load_transcoders(args.transcoders, model_config=load_config(args.model))
+        _check_layers(layers, ts, args.layers)
     say(f"loading model {args.model} ...")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.transcoders is None:
+    if ts is None:
         ts = starter_transcoders(loaded, progress=say)
-    else:
-        say(f"loading transcoders {args.transcoders} ...")
-        ts = load_transcoders(args.transcoders, model_config=loaded.model)
+        _check_layers(layers, ts, args.layers)
     layers = sorted(ts.layers) if layers is None else layers
-    bad = [L for L in layers if L not in ts.layers]
-    if bad:
-        raise ValueError(f"--layers {args.layers}: layers {bad} are not in the transcoder set "
-                         f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
 
     texts = (file_texts(args.corpus) if args.corpus else
              dataset_texts(args.dataset) if args.dataset else stdlib_texts())
     rows = token_rows(loaded.tokenizer, texts, args.ctx, max_tokens=args.tokens)
-    n_rows = -(-args.tokens // (args.ctx - 1)) if args.ctx > 1 else args.tokens
-    rows = rows[:n_rows]
+    # whole rows, the fewest whose non-BOS tokens reach --tokens (or all the corpus has)
+    per_row = (rows != loaded.tokenizer.bos_token_id).sum(1).cumsum(0)
+    rows = rows[:int((per_row < args.tokens).sum()) + 1]
     corpus = (f"files {', '.join(args.corpus)}" if args.corpus else
               f"dataset {args.dataset}" if args.dataset else "Python standard-library docstrings")
     meta = {"model": loaded.name, "transcoders": ts.source or "starter",
