@@ -201,6 +201,13 @@ def test_pages_valid_labelled_and_in_every_layout(setup, built):
                 [round(float(a), 5) for a in state.layers[L].top.act[f, :len(top)]]
             names = [g["quantile_name"] for g in page["examples_quantiles"]]
             assert names[0] == "Top activations" and all(n.startswith("Quantile ") for n in names[1:])
+            # quantile groups: the sample sorted by activation, cut into equal consecutive parts
+            s_act = state.layers[L].sample.act[f][state.layers[L].sample.tok[f] != EMPTY_TOK]
+            want = [[round(float(a), 5) for a in part[::-1]]
+                    for part in np.array_split(np.sort(s_act.numpy()), min(4, s_act.numel()))[::-1]]
+            got = [[e["tokens_acts_list"][e["train_token_ind"]] for e in g["examples"]]
+                   for g in page["examples_quantiles"][1:]]
+            assert got == [w for w in want if w]
     assert n_fired == res.n_pages > 0
     assert uncantor(cantor(17, 2047)) == (17, 2047)
 
@@ -342,3 +349,45 @@ def test_cli_bad_inputs_exit_2_before_any_work(cli_inputs, tmp_path, capsys, cas
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+@pytest.mark.real_model
+def test_real_model_starter_pages(tmp_path, capsys):
+    """The real Gemma 3 270M and its starter set on ~2k tokens of docstrings: pages for layers
+    0 and 5, labels for every feature that fired, top examples that recompute."""
+    from cltrace.cli import main
+    from cltrace.models import load_model
+    from cltrace.training.corpus import stdlib_texts, token_rows
+    from cltrace.training.starter import starter_transcoders
+
+    assert main(["features", "--tokens", "2000", "--layers", "0,5", "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 0
+    pages = FeaturePages(tmp_path / "p")
+    loaded = load_model("gemma-3-270m")
+    ts = starter_transcoders(loaded, progress=lambda *a: None, bar=False)
+    rows = token_rows(loaded.tokenizer, stdlib_texts(), 128, max_tokens=2000)
+    per_row = (rows != loaded.tokenizer.bos_token_id).sum(1).cumsum(0)
+    rows = rows[:int((per_row < 2000).sum()) + 1]
+    bos = loaded.tokenizer.bos_token_id
+    state = FeatureState.empty({0: ts.d_sae}, 128)
+    enc = layer_encoders(ts, [0])
+    scan(loaded.model, rows, enc, state, bos=bos, bar=False)
+    st = state.layers[0]
+    fired = torch.nonzero(st.count > 0).flatten().tolist()
+    assert len(fired) > 100
+    assert all(pages.label(0, f) for f in fired)
+    assert not any(pages.label(0, f) for f in range(ts.d_sae) if f not in set(fired))
+    assert sum(bool(pages.label(5, f)) for f in range(ts.d_sae)) > 100
+    for f in fired[:: max(1, len(fired) // 5)]:
+        page = pages.page(0, f)
+        assert len(page["top_logits"]) == 10 and len(page["bottom_logits"]) == 10
+        t = int(st.top.tok[f, 0])
+        row, pos = divmod(t, 128)
+        idx = torch.tensor([row])
+        x = ActivationSource(loaded.model, rows, [0], bos, outputs=False).read(idx).x
+        _, r, ff, a = next(encode_batch(enc, x))
+        tok = token_ids(rows, idx, bos)
+        got = a[(ff == f) & (tok[r] == t)]
+        ex = page["examples_quantiles"][0]["examples"][0]
+        assert ex["tokens_acts_list"][ex["train_token_ind"]] == pytest.approx(float(got[0]), rel=1e-3)
+        assert ex["tokens"][ex["train_token_ind"]] == loaded.tokenizer.decode([int(rows[row, pos])])

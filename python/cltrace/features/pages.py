@@ -55,10 +55,10 @@ def _example(t: int, act: float, win: np.ndarray, flat_rows: Tensor, ctx: int, w
              tokstr: dict[int, str], repeated: bool) -> dict:
     row_start = (t // ctx) * ctx
     start, end = max(row_start, t - window), min(row_start + ctx - 1, t + window)
-    acts = [_r(v) for v in win[start - (t - window): end - (t - window) + 1].astype(np.float32)]
+    acts = [round(v, 5) for v in win[start - (t - window): end - (t - window) + 1].astype(np.float32).tolist()]
     centre = t - start
     acts[centre] = _r(act)  # the exact activation of the scan (the window is float16)
-    tokens = [tokstr[int(i)] for i in flat_rows[start:end + 1]]
+    tokens = [tokstr[i] for i in flat_rows[start:end + 1].tolist()]
     return {"tokens": tokens, "tokens_acts_list": acts, "train_token_ind": centre,
             "is_repeated_datapoint": repeated}
 
@@ -70,21 +70,20 @@ def example_groups(st: LayerState, f: int, win: np.ndarray, flat_rows: Tensor, c
     seen: set[int] = set()
     groups = []
 
-    def make(slots: Sequence[int], toks: Tensor, acts: Tensor, offset: int) -> list[dict]:
+    def make(slots: Sequence[int], toks: list, acts: list, offset: int) -> list[dict]:
         out = []
         for j in slots:
-            t = int(toks[j])
-            out.append(_example(t, float(acts[j]), win[offset + j], flat_rows, ctx, window,
-                                tokstr, t in seen))
+            t = toks[j]
+            out.append(_example(t, acts[j], win[offset + j], flat_rows, ctx, window, tokstr, t in seen))
             seen.add(t)
         return out
 
-    top_filled = [j for j in range(K) if int(st.top.tok[f, j]) != EMPTY_TOK]
-    groups.append({"quantile_name": "Top activations",
-                   "examples": make(top_filled, st.top.tok[f], st.top.act[f], 0)})
-    s_tok, s_act = st.sample.tok[f], st.sample.act[f]
-    filled = [j for j in range(st.sample.k) if int(s_tok[j]) != EMPTY_TOK]
-    filled.sort(key=lambda j: (float(s_act[j]), int(s_tok[j])))  # ascending activation
+    t_tok, t_act = st.top.tok[f].tolist(), st.top.act[f].tolist()
+    top_filled = [j for j in range(K) if t_tok[j] != EMPTY_TOK]
+    groups.append({"quantile_name": "Top activations", "examples": make(top_filled, t_tok, t_act, 0)})
+    s_tok, s_act = st.sample.tok[f].tolist(), st.sample.act[f].tolist()
+    filled = [j for j in range(st.sample.k) if s_tok[j] != EMPTY_TOK]
+    filled.sort(key=lambda j: (s_act[j], s_tok[j]))  # ascending activation
     chunks = np.array_split(np.array(filled, dtype=np.int64), min(N_QUANTILES, max(len(filled), 1)))
     n = len(chunks)
     for q in reversed(range(n)):  # highest quantile first, each highest activation first
@@ -92,7 +91,7 @@ def example_groups(st: LayerState, f: int, win: np.ndarray, flat_rows: Tensor, c
             continue
         lo, hi = round(100 * q / n), round(100 * (q + 1) / n)
         groups.append({"quantile_name": f"Quantile {lo}-{hi}%",
-                       "examples": make(list(chunks[q][::-1]), s_tok, s_act, K)})
+                       "examples": make(chunks[q][::-1].tolist(), s_tok, s_act, K)})
     return groups
 
 

@@ -19,10 +19,10 @@ tokens.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -181,34 +181,28 @@ def quantile_values(hist: Tensor, act_min: float, act_max: float, n: int = 100) 
     """The ``i/n`` quantiles (i = 1..n) of one feature's activations from its log histogram
     ``hist [HIST_BINS]``: geometric interpolation inside the bin, clamped to [min, max]; the
     last is ``act_max`` exactly. Approximate to within one bin."""
-    counts = hist.double()
-    total = float(counts.sum())
+    counts = hist.numpy().astype(np.float64)
+    total = counts.sum()
     if total == 0:
         return []
-    cum = torch.cumsum(counts, 0)
-    edges = hist_edges()
-    out = []
-    for i in range(1, n + 1):
-        target = total * i / n
-        b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0].clamp(max=HIST_BINS - 1))
-        below = float(cum[b] - counts[b])
-        frac = (target - below) / float(counts[b]) if counts[b] > 0 else 1.0
-        lo, hi = float(edges[b]), float(edges[b + 1])
-        v = lo * math.pow(hi / lo, min(max(frac, 0.0), 1.0))
-        out.append(min(max(v, act_min), act_max))
-    out[-1] = act_max
-    return out
+    cum = np.cumsum(counts)
+    target = total * np.arange(1, n + 1) / n
+    b = np.minimum(np.searchsorted(cum, target), HIST_BINS - 1)  # first bin with cum >= target
+    c = counts[b]
+    frac = np.clip(np.where(c > 0, (target - (cum[b] - c)) / np.where(c > 0, c, 1), 1.0), 0.0, 1.0)
+    lo = np.exp2(HIST_LO_LOG2 + b / HIST_BINS_PER_OCTAVE)
+    v = np.clip(lo * np.exp2(frac / HIST_BINS_PER_OCTAVE), act_min, act_max)
+    v[-1] = act_max
+    return v.tolist()
 
 
 def linear_histogram(hist: Tensor, act_min: float, act_max: float, n_bins: int = 32) -> list[int]:
     """The viewer's histogram: counts in ``n_bins`` equal bins over [act_min, act_max], each
     log bin's count placed at its geometric centre (clamped to [min, max]). Approximate."""
-    out = [0] * n_bins
-    nz = torch.nonzero(hist).flatten().tolist()
+    h = hist.numpy()
+    nz = np.nonzero(h)[0]
+    centre = np.clip(np.exp2(HIST_LO_LOG2 + (nz + 0.5) / HIST_BINS_PER_OCTAVE), act_min, act_max)
     width = act_max - act_min
-    for b in nz:
-        centre = math.exp2(HIST_LO_LOG2 + (b + 0.5) / HIST_BINS_PER_OCTAVE)
-        centre = min(max(centre, act_min), act_max)
-        i = n_bins - 1 if width <= 0 else min(n_bins - 1, int((centre - act_min) / width * n_bins))
-        out[i] += int(hist[b])
-    return out
+    i = (np.full(nz.shape, n_bins - 1) if width <= 0 else
+         np.minimum(n_bins - 1, ((centre - act_min) / width * n_bins).astype(np.int64)))
+    return np.bincount(i, weights=h[nz], minlength=n_bins).astype(np.int64).tolist()

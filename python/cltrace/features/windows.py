@@ -82,7 +82,7 @@ def cut_windows(model, rows: Tensor, encoders: dict[int, Encoder], state: Featur
             hit = same_row & (keys.numel() > 0) & (keys[pos] == qk) if keys.numel() else same_row & False
             win = torch.where(hit, vals[pos] if keys.numel() else torch.zeros_like(qk, dtype=torch.float32),
                               torch.zeros((), dtype=torch.float32))
-            out[L][feat.numpy(), slot.numpy()] = win.numpy().astype(np.float16)
+            out[L][feat.numpy(), slot.numpy()] = np.clip(win.numpy(), -65504, 65504).astype(np.float16)
     for arr in out.values():
         if isinstance(arr, np.memmap):
             arr.flush()
