@@ -391,3 +391,31 @@ def test_real_model_starter_pages(tmp_path, capsys):
         ex = page["examples_quantiles"][0]["examples"][0]
         assert ex["tokens_acts_list"][ex["train_token_ind"]] == pytest.approx(float(got[0]), rel=1e-3)
         assert ex["tokens"][ex["train_token_ind"]] == loaded.tokenizer.decode([int(rows[row, pos])])
+
+
+def test_selection_with_ties_is_exact_in_any_order():
+    """Many equal keys, entries arriving in shuffled batches and merged shards: the kept
+    entries are always the K smallest (key, tok), as a direct sort says."""
+    from cltrace.features.selection import Selection
+
+    g = torch.Generator().manual_seed(3)
+    n, d, k = 400, 6, 5
+    feat = torch.randint(0, d, (n,), generator=g)
+    tok = torch.randperm(10_000, generator=g)[:n]
+    key = torch.randint(0, 4, (n,), generator=g).double()  # heavy ties
+    act = torch.rand(n, generator=g)
+    want = {f: sorted(((float(key[i]), int(tok[i])) for i in range(n) if feat[i] == f))[:k] for f in range(d)}
+    parts = torch.randperm(n, generator=g).split(57)
+    shards = []
+    for s in range(3):
+        sel = Selection.empty(d, k)
+        for p in parts[s::3]:
+            p = p[torch.argsort(tok[p])]  # each batch in token order, batches in any order
+            sel.update(feat[p], key[p], tok[p], act[p])
+        shards.append(sel)
+    shards[2].merge(shards[0])
+    shards[2].merge(shards[1])
+    for sel in [shards[2]]:
+        for f in range(d):
+            got = list(zip(sel.key[f].tolist(), sel.tok[f].tolist()))[:len(want[f])]
+            assert got == want[f], f

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     layers = sorted(ts.layers) if layers is None else layers
 
     texts = (file_texts(args.corpus) if args.corpus else
-             dataset_texts(args.dataset) if args.dataset else stdlib_texts())
+             dataset_texts(args.dataset, max_docs=args.tokens // 4 + 100) if args.dataset else
+             stdlib_texts())  # (a dataset is streamed: enough documents for --tokens of 4+ each)
     rows = token_rows(loaded.tokenizer, texts, args.ctx, max_tokens=args.tokens)
     # whole rows, the fewest whose non-BOS tokens reach --tokens (or all the corpus has)
     per_row = (rows != loaded.tokenizer.bos_token_id).sum(1).cumsum(0)

@@ -55,7 +55,7 @@ def _example(t: int, act: float, win: np.ndarray, flat_rows: Tensor, ctx: int, w
              tokstr: dict[int, str], repeated: bool) -> dict:
     row_start = (t // ctx) * ctx
     start, end = max(row_start, t - window), min(row_start + ctx - 1, t + window)
-    acts = [round(v, 5) for v in win[start - (t - window): end - (t - window) + 1].astype(np.float32).tolist()]
+    acts = np.round(win[start - (t - window): end - (t - window) + 1].astype(np.float64), 5).tolist()
     centre = t - start
     acts[centre] = _r(act)  # the exact activation of the scan (the window is float16)
     tokens = [tokstr[i] for i in flat_rows[start:end + 1].tolist()]

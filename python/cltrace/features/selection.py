@@ -61,7 +61,8 @@ class Selection:
     BYTES_PER_SLOT = 8 + 8 + 4  # key, tok, act
 
     def update(self, feat: Tensor, key: Tensor, tok: Tensor, act: Tensor) -> None:
-        """Add the entries ``feat, key, tok, act [n]`` (a (feat, tok) pair at most once)."""
+        """Add the entries ``feat, key, tok, act [n]``: a (feat, tok) pair at most once, in
+        non-decreasing ``tok`` order (as a scan yields them; :meth:`merge` sorts first)."""
         if feat.numel() == 0:
             return
         k = self.k
@@ -71,9 +72,8 @@ class Selection:
         feat, key, tok, act = feat[ok], key[ok], tok[ok], act[ok]
         if feat.numel() == 0:
             return
-        # lexicographic order (feat, key, tok) by three stable sorts, least significant first
-        o = torch.sort(tok, stable=True).indices
-        o = o[torch.sort(key[o], stable=True).indices]
+        # lexicographic order (feat, key, tok): tok is sorted, so two stable sorts suffice
+        o = torch.sort(key, stable=True).indices
         o = o[torch.sort(feat[o], stable=True).indices]
         feat, key, tok, act = feat[o], key[o], tok[o], act[o]
         uniq, inverse, counts = torch.unique_consecutive(feat, return_inverse=True, return_counts=True)
@@ -86,11 +86,18 @@ class Selection:
         c_tok = torch.full((n_u, k), EMPTY_TOK, dtype=torch.int64)
         c_act = torch.zeros(n_u, k, dtype=torch.float32)
         c_key[g, r], c_tok[g, r], c_act[g, r] = key[keep], tok[keep], act[keep]
-        all_key = torch.cat([self.key[uniq], c_key], 1)  # [n_u, 2K]
+        all_key = torch.cat([self.key[uniq], c_key], 1)  # [n_u, 2K], each half sorted by (key, tok)
         all_tok = torch.cat([self.tok[uniq], c_tok], 1)
         all_act = torch.cat([self.act[uniq], c_act], 1)
-        o = torch.sort(all_tok, dim=1, stable=True).indices
-        o = o.gather(1, torch.sort(all_key.gather(1, o), dim=1, stable=True).indices)[:, :k]
+        o = torch.sort(all_key, dim=1, stable=True).indices
+        s_key = all_key.gather(1, o)
+        ties = (s_key[:, 1:] == s_key[:, :-1]) & torch.isfinite(s_key[:, 1:])
+        if bool(ties.any()):  # equal keys across the halves: order those rows by tok too
+            rows = ties.any(1)
+            o2 = torch.sort(all_tok[rows], dim=1, stable=True).indices
+            o2 = o2.gather(1, torch.sort(all_key[rows].gather(1, o2), dim=1, stable=True).indices)
+            o[rows] = o2
+        o = o[:, :k]
         self.key[uniq] = all_key.gather(1, o)
         self.tok[uniq] = all_tok.gather(1, o)
         self.act[uniq] = all_act.gather(1, o)
@@ -99,7 +106,9 @@ class Selection:
         """Fold ``other`` (the same features, disjoint tokens) into this selection."""
         filled = torch.isfinite(other.key)
         feat = torch.arange(other.key.shape[0]).unsqueeze(1).expand_as(other.key)[filled]
-        self.update(feat, other.key[filled], other.tok[filled], other.act[filled])
+        key, tok, act = other.key[filled], other.tok[filled], other.act[filled]
+        o = torch.sort(tok, stable=True).indices
+        self.update(feat[o], key[o], tok[o], act[o])
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         return {f"{prefix}.key": self.key, f"{prefix}.tok": self.tok, f"{prefix}.act": self.act}

@@ -52,9 +52,9 @@ def page_json(page: dict) -> bytes:
     return json.dumps(page, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def record(page: dict) -> bytes:
+def record(page: dict, text: Optional[bytes] = None) -> bytes:
     """One binary record: 4-byte little-endian length, then the zlib-compressed page JSON."""
-    data = zlib.compress(page_json(page), 6)
+    data = zlib.compress(page_json(page) if text is None else text, 1)
     return struct.pack("<I", len(data)) + data
 
 
@@ -85,12 +85,14 @@ class PageWriter:
         while self._next <= f:  # features skipped so far: empty records
             self.offsets[self._next] = self._pos
             self._next += 1
-        rec = record(page)
+        text = page_json(page)
+        rec = record(page, text)
         self._bin.write(rec)
         self._pos += len(rec)
         self.layer_labels[f] = page["label"]
         if self.json_files:
-            (self.dir / f"{cantor(self.layer, f)}.json").write_bytes(page_json(page))
+            with open(self.dir / f"{cantor(self.layer, f)}.json", "wb") as fh:
+                fh.write(text)
 
     def end_layer(self) -> None:
         while self._next <= self.d_sae:
