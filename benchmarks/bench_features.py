@@ -158,7 +158,7 @@ def write(res: dict, path: Path) -> None:
     f = res["flop_per_token"]
     lines = ["# Feature pages: throughput (Gemma 3 270M + starter 18 x 2048 PLTs, CPU)", "",
              f"FLOP floor per token: forward {f['forward'] / 1e6:.0f} M + encode {f['encode'] / 1e6:.0f} M"
-             f" = **{f['total'] / 1e6:.0f} MFLOP** (ctx {res['batch']}, no unembedding, no last MLP).",
+             f" = **{f['total'] / 1e6:.0f} MFLOP** (rows of 128 tokens, no unembedding, no last layer's MLP).",
              f"{res['threads']} threads; batch {res['batch']} ({res['tokens_per_batch']} tokens).", "",
              "The floor's time is measured as sgemm calls ([T, 640] x [640, 2048]) worth the step's FLOP,",
              "alternating with the step, so both see the same load.", "",

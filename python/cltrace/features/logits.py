@@ -2,7 +2,9 @@
 
 ``logits_f = (d_f * (1 + w_norm)) @ W_U^T``, demeaned over the vocabulary, with ``w_norm`` the
 final RMSNorm's weight (Gemma scales by ``1 + w``; the RMS denominator is a positive scalar and
-does not change the ranking) and ``W_U [vocab, d_model]`` the (tied) unembedding.
+does not change the ranking) and ``W_U [vocab, d_model]`` the (tied) unembedding. Pages list
+the tokens only, and subtracting the vocabulary mean (one constant per feature) does not change
+which tokens are top or bottom, so the mean is not computed.
 ``d_f`` is the feature's total write to the residual stream: for a per-layer transcoder its
 decoder row; for a CLT the SUM of its decoder rows over all the layers it writes to (every
 write is added to the residual stream, so the sum is its whole direct path to the logits).
@@ -36,10 +38,9 @@ def top_bottom_logits(model, transcoders, layer: int, feats: Tensor, n: int = 10
     tops, bottoms = [], []
     for c in torch.split(feats, chunk):
         d = decoder_directions(transcoders, layer, c).to(W_U.device) * gain  # [c, d_model]
-        lg = d @ W_U.T  # [c, vocab]
-        lg -= lg.mean(1, keepdim=True)
+        lg = d @ W_U.T  # [c, vocab]  (the demeaned logits + a per-row constant)
         tops.append(lg.topk(n, dim=1).indices.cpu())
-        bottoms.append((-lg).topk(n, dim=1).indices.cpu())
+        bottoms.append(lg.topk(n, dim=1, largest=False).indices.cpu())
     if not tops:
         empty = torch.zeros(0, n, dtype=torch.int64)
         return empty, empty
