@@ -7,14 +7,14 @@ For every feature f of every layer (an activation "fires" when the encoder's out
 * ``sample``: S firings chosen uniformly at random (bottom-S of a 32-bit hash of
   (seed, layer, f, token)): deterministic per seed, the same sample whatever the order     EXACT
 * ``hist[f]``: counts of non-zero activations in log-spaced bins ``[LO * R^b, LO * R^(b+1))``,
-  ``LO = 2^-8``, ``R = 2^(1/6)``, 144 bins up to 2^16 (values outside go to the end bins)  EXACT
+  ``LO = 2^-6``, ``R = 2^(1/12)``, 240 bins up to 2^14 (values outside go to the end bins) EXACT
   Quantile values and the viewer's linear histogram are read from it: APPROXIMATE, to
-  within one bin (a factor R = 1.12, i.e. about +-6 % around the bin's geometric centre).
+  within one bin (a factor R = 1.059, i.e. about +-3 % around the bin's geometric centre).
 
 All of it merges exactly across shards (sums, min/max, and the two selections), so a sharded
 run equals one pass; memory is fixed by the number of features, not the corpus:
-``bytes_per_feature`` = (K + S) slots x 20 B + 144 x 4 B + 16 B (1,392 B at K = S = 20):
-a 262k-wide set on 18 layers (4.72 M features) needs 6.6 GB (6.1 GiB) whatever the number of
+``bytes_per_feature`` = (K + S) slots x 20 B + 240 x 4 B + 16 B (1,776 B at K = S = 20):
+a 262k-wide set on 18 layers (4.72 M features) needs 8.4 GB (7.8 GiB) whatever the number of
 tokens.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from .selection import Selection, sample_keys
 
-HIST_LO_LOG2 = -8.0  # first bin edge: 2^-8
-HIST_BINS_PER_OCTAVE = 6
-HIST_BINS = 144  # 24 octaves: up to 2^16
+HIST_LO_LOG2 = -6.0  # first bin edge: 2^-6
+HIST_BINS_PER_OCTAVE = 12
+HIST_BINS = 240  # 20 octaves: up to 2^14
 
 
 def hist_bin(act: Tensor) -> Tensor:
