@@ -130,8 +130,23 @@ def built(setup, tmp_path_factory):
 
 def test_resumed_and_repeated_runs_give_identical_files(setup, built, tmp_path):
     out, _ = built
-    with pytest.raises(KeyboardInterrupt):
-        _build(setup, tmp_path / "r", stop_after_batches=2)
+    import cltrace.features.build as build_mod
+
+    real_scan = build_mod.scan
+
+    def interrupted(model, rows, encoders, state, **kw):  # Ctrl-C after 2 checkpointed batches
+        def checkpoint(s):
+            kw["checkpoint"](s)
+            if s.meta["next_batch"] == 2:
+                raise KeyboardInterrupt
+        return real_scan(model, rows, encoders, state, **{**kw, "checkpoint": checkpoint, "every_s": 0.0})
+
+    build_mod.scan = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _build(setup, tmp_path / "r")
+    finally:
+        build_mod.scan = real_scan
     assert (tmp_path / "r" / ".work" / "state.pt").is_file()
     state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
     assert state.meta["next_batch"] == 2

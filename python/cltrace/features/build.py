@@ -68,11 +68,9 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
                 top_k: int = 20, n_samples: int = 20, seed: int = 0, window: int = 16,
                 batch_rows: int = 16, n_logits: int = 10, json_files: bool = True,
                 meta: Optional[dict] = None, bar: bool = True,
-                say: Callable[..., None] = lambda *a: None,
-                stop_after_batches: Optional[int] = None) -> BuildResult:
+                say: Callable[..., None] = lambda *a: None) -> BuildResult:
     """Feature pages of ``layers`` of ``transcoders`` over the token ``rows [n_rows, ctx]``
-    into the folder ``out`` (new, empty, or an interrupted run with the same inputs).
-    ``stop_after_batches`` (tests) interrupts pass 1 after that many batches, as Ctrl-C would."""
+    into the folder ``out`` (new, empty, or an interrupted run with the same inputs)."""
     import time
 
     out = Path(out)
@@ -96,14 +94,8 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     times = {}
     t0 = time.perf_counter()
     if not state.meta.get("scan_done"):
-        row_ids = None
-        if stop_after_batches is not None:
-            end = (int(state.meta.get("next_batch", 0)) + stop_after_batches) * batch_rows
-            row_ids = torch.arange(min(end, rows.shape[0]))
-        scan(model, rows, encoders, state, bos=bos, batch_rows=batch_rows, row_ids=row_ids,
+        scan(model, rows, encoders, state, bos=bos, batch_rows=batch_rows,
              checkpoint=lambda s: s.save(state_path), bar=bar)
-        if stop_after_batches is not None and row_ids.numel() < rows.shape[0]:
-            raise KeyboardInterrupt("stopped after the requested batches (test)")
         state.meta["scan_done"] = True
         state.save(state_path)
     times["scan"] = time.perf_counter() - t0
