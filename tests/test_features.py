@@ -434,3 +434,13 @@ def test_selection_with_ties_is_exact_in_any_order():
         for f in range(d):
             got = list(zip(sel.key[f].tolist(), sel.tok[f].tolist()))[:len(want[f])]
             assert got == want[f], f
+
+
+def test_activation_source_inputs_only(setup):
+    """outputs=False records the same MLP inputs, no outputs (and skips the last MLP)."""
+    model, rows, _ = setup
+    idx = torch.tensor([4, 1])
+    full = ActivationSource(model, rows, [0, 2], BOS).read(idx)
+    inputs = ActivationSource(model, rows, [0, 2], BOS, outputs=False).read(idx)
+    assert inputs.y is None and full.y is not None
+    torch.testing.assert_close(inputs.x, full.x, rtol=0, atol=0)
