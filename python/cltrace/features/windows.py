@@ -71,17 +71,17 @@ def cut_windows(model, rows: Tensor, encoders: dict[int, Encoder], state: Featur
             if hi == lo:
                 continue
             feat, slot, t = feat[lo:hi], slot[lo:hi], t[lo:hi]
+            if f.numel() == 0:  # nothing fired in these rows: the windows stay zero
+                continue
             d = state.layers[L].d_sae
-            keys = tok[r] * d + f  # [nnz] unique per (token, feature)
-            keys, o = torch.sort(keys)
+            keys, o = torch.sort(tok[r] * d + f)  # [nnz] one per (token, feature)
             vals = a[o]
             q = t.unsqueeze(1) + offsets  # [E, W] token ids of the window
             same_row = (q // ctx) == (t // ctx).unsqueeze(1)
             qk = q.clamp(min=0) * d + feat.unsqueeze(1)
-            pos = torch.searchsorted(keys, qk).clamp(max=max(keys.numel() - 1, 0))
-            hit = same_row & (keys.numel() > 0) & (keys[pos] == qk) if keys.numel() else same_row & False
-            win = torch.where(hit, vals[pos] if keys.numel() else torch.zeros_like(qk, dtype=torch.float32),
-                              torch.zeros((), dtype=torch.float32))
+            pos = torch.searchsorted(keys, qk).clamp(max=keys.numel() - 1)
+            hit = same_row & (keys[pos] == qk)
+            win = torch.where(hit, vals[pos], torch.zeros((), dtype=vals.dtype))
             out[L][feat.numpy(), slot.numpy()] = np.clip(win.numpy(), -65504, 65504).astype(np.float16)
     for arr in out.values():
         if isinstance(arr, np.memmap):
