@@ -168,7 +168,8 @@ def write(res: dict, path: Path) -> None:
         r = res[name]
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['fraction_of_floor']:.0%} | "
                      f"{r['sgemm_gflops']:.0f} | {r['load']} |")
-    lines += [""]
+    lines += ["", "(scan: one batch into an empty state, where every firing enters the top-K and the "
+              "sample: the state update's worst case.)", ""]
     g = res["logits"]
     lines += [f"Top/bottom logits: {g['s_per_feature'] * 1e3:.1f} ms per feature ({g['gflops']:.1f} GFLOP/s, "
               f"load {g['load']}): {g['s_whole_set']:.0f} s for the whole set.", ""]
