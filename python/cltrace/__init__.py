@@ -11,6 +11,7 @@ The pipeline, one package per stage (each imports only the stages before it)::
     export        Neuronpedia / circuit-tracer JSON, Graphviz DOT/SVG
     steering      interventions (frozen or free mode) and steered generation
     training      corpora, the training loop, the starter sets
+    features      feature pages and automatic labels from a corpus (any transcoder set)
     serve         the offline viewer (cltrace serve, cltrace.show in notebooks)
 
 The compiled core (``cltrace._C``) provides the sparse kernels (:mod:`cltrace.ops`, with a
@@ -45,10 +46,12 @@ _LAZY = {
     "generate": "cltrace.steering",
     "SparseActs": "cltrace.ops",
     "show": "cltrace.serve",
+    "FeaturePages": "cltrace.features",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .attribution import attribute  # noqa: F401
+    from .features import FeaturePages  # noqa: F401
     from .frozen import FrozenLinearModel, Seeds  # noqa: F401
     from .graph import Graph, graph_scores, prune  # noqa: F401
     from .models import load_model  # noqa: F401

@@ -3,7 +3,8 @@
 :class:`ActivationSource` runs the model on a batch of rows and records, per layer, the MLP
 input (``pre_feedforward_layernorm`` output) and output (``post_feedforward_layernorm``
 output); BOS positions are dropped (their activations are outliers that no transcoder should
-fit). It stops after the last layer asked for (no unembedding). Reading is deterministic:
+fit). It stops after the last layer asked for (no unembedding); with ``outputs=False`` it records
+only the MLP inputs and stops before the last layer's MLP (what an encoder needs). Reading is deterministic:
 rows are addressed by index, so a resumed run reads the same data.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ class Activations:
     """MLP inputs and outputs of some layers on a batch of tokens (BOS positions dropped)."""
 
     x: Tensor  # [n_layers_kept, T, d_model]  pre_feedforward_layernorm output (transcoder input)
-    y: Tensor  # [n_layers_kept, T, d_model]  post_feedforward_layernorm output (target)
+    y: Optional[Tensor]  # [n_layers_kept, T, d_model]  post_feedforward_layernorm output (target);
+    #                      None when the source was made with outputs=False
 
 
 class _Stop(Exception):
@@ -34,12 +36,14 @@ class ActivationSource:
     it stops after the last layer needed)."""
 
     def __init__(self, model, rows: Tensor, layers: Sequence[int], bos_token_id: Optional[int],
-                 batch_rows: int = 8, cache_dtype: Optional[torch.dtype] = None):
+                 batch_rows: int = 8, cache_dtype: Optional[torch.dtype] = None,
+                 outputs: bool = True):
         from .anatomy import text_parts
 
         self.parts = text_parts(model)
         self.rows, self.layers, self.bos = rows, list(layers), bos_token_id
         self.batch_rows = batch_rows
+        self.outputs = outputs  # False: MLP inputs only (y is None), one MLP less per read
         self.device = self.parts.lm_head.weight.device
         inner = getattr(model, "model", None)
         self.body = getattr(inner, "language_model", inner)  # the decoder stack
@@ -74,12 +78,14 @@ class ActivationSource:
             dt = self.cache_dtype or torch.float32
             for r, i in enumerate(chunk):
                 k = keep[r].to(x.device)
-                store[i] = (x[:, r, k].to("cpu", dt), y[:, r, k].to("cpu", dt))
+                store[i] = (x[:, r, k].to("cpu", dt), None if y is None else y[:, r, k].to("cpu", dt))
         xs = [store[i][0] for i in wanted]
+        if not self.outputs:
+            return Activations(torch.cat(xs, 1).float(), None)
         ys = [store[i][1] for i in wanted]
         return Activations(torch.cat(xs, 1).float(), torch.cat(ys, 1).float())
 
-    def _run(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, ids: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         rec: dict[tuple[str, int], Tensor] = {}
         last = max(self.layers)
         handles = []
@@ -87,7 +93,7 @@ class ActivationSource:
         def hook(kind: str, L: int):
             def fn(_mod, _args, out):
                 rec[(kind, L)] = (out[0] if isinstance(out, tuple) else out).detach()
-                if kind == "y" and L == last:
+                if L == last and (kind == "y" or not self.outputs):
                     raise _Stop
             return fn
 
@@ -95,7 +101,8 @@ class ActivationSource:
             for L in self.layers:
                 layer = self.parts.layers[L]
                 handles.append(layer.pre_feedforward_layernorm.register_forward_hook(hook("x", L)))
-                handles.append(layer.post_feedforward_layernorm.register_forward_hook(hook("y", L)))
+                if self.outputs:
+                    handles.append(layer.post_feedforward_layernorm.register_forward_hook(hook("y", L)))
             try:
                 self.body(input_ids=ids.to(self.device), use_cache=False)
             except _Stop:
@@ -103,5 +110,5 @@ class ActivationSource:
         finally:
             for h in handles:
                 h.remove()
-        return (torch.stack([rec[("x", L)] for L in self.layers]),
-                torch.stack([rec[("y", L)] for L in self.layers]))
+        x = torch.stack([rec[("x", L)] for L in self.layers])
+        return x, (torch.stack([rec[("y", L)] for L in self.layers]) if self.outputs else None)

@@ -1,0 +1,168 @@
+"""``cltrace features``: feature pages and automatic labels for a transcoder set, offline."""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+NAME = "features"
+HELP = "build feature pages (top examples, logits, histogram) and labels for a transcoder set"
+DESCRIPTION = """\
+Stream a corpus through the model (one forward pass up to the last layer asked for, one
+encode per layer per token), keep per feature its top activating examples, a uniform sample
+of its firings, its frequency, range and histogram, then recompute the kept contexts to cut
+the windows around each example, and write --out:
+
+  features/{c}.json                 one page per feature that fired, c = Cantor(layer, feature)
+  features/index.json.gz, layer_{L}.bin   the hosted layout (records of length + zlib JSON)
+  labels.json.gz                    the labels cltrace reads (`cltrace attribute --features`)
+
+Interrupted runs resume (rerun the same command); identical inputs give identical files.
+With no --corpus/--dataset, the Python standard library's docstrings are the corpus.
+
+Examples:
+  cltrace features --tokens 200000 --out pages/starter
+  cltrace features --transcoders google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small \\
+      --corpus notes.txt --layers 0-5 --out pages/gs2-16k
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ._common import add_replacement_arguments
+
+    add_replacement_arguments(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", nargs="+", metavar="FILE", help="text files or folders (*.txt, *.md)")
+    src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset name[:config][@split]")
+    p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="tokens to scan, in whole rows (default 100000)")
+    p.add_argument("--layers", default=None, metavar="L", help="layers, e.g. 0-5 or 0,3,7 (default: all of the set)")
+    p.add_argument("--top-k", type=int, default=20, metavar="K", help="top examples per feature (default 20)")
+    p.add_argument("--samples", type=int, default=20, metavar="S",
+                   help="sampled examples per feature, shown by activation quantile (default 20)")
+    p.add_argument("--window", type=int, default=16, metavar="W", help="tokens each side of an example (default 16)")
+    p.add_argument("--ctx", type=int, default=128, metavar="T", help="tokens per row (default 128)")
+    p.add_argument("--batch-rows", type=int, default=16, metavar="B", help="rows per forward pass (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example sample (default 0)")
+    p.add_argument("--no-json", action="store_true", help="skip the per-feature JSON files (binary layout only)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"0-5"``, ``"0,3,7"`` or a mix -> sorted layers."""
+    out = set()
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.update(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected layers like 0-5 or 0,3,7") from None
+    if not out:
+        raise ValueError(f"--layers {text!r}: no layers")
+    return sorted(out)
+
+
+def check_corpus(paths) -> None:
+    """Each corpus path exists; each file is non-empty UTF-8 text."""
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"corpus file not found: {p}")
+        files = sorted([*p.rglob("*.txt"), *p.rglob("*.md")]) if p.is_dir() else [p]
+        if not files:
+            raise FileNotFoundError(f"corpus folder {p} has no .txt or .md files")
+        for f in files:
+            head = f.read_bytes()[:1 << 16]
+            if b"\0" in head:
+                raise ValueError(f"corpus file {f} is binary, not text")
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.start < len(head) - 4:  # not just a character cut at the 64 KiB mark
+                    raise ValueError(f"corpus file {f} is not UTF-8 text") from None
+            if not head.strip():
+                raise ValueError(f"corpus file {f} is empty")
+
+
+def check_out_early(out: Path) -> None:
+    """Before any work: --out is absent, empty, or holds an interrupted run (whose inputs
+    are compared once the corpus is tokenized)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    names = [p.name for p in out.iterdir()]
+    if names and ".work" not in names:
+        from ..features.build import check_out
+
+        check_out(out, "")
+
+
+def _check_layers(layers, ts, text) -> None:
+    bad = [L for L in layers or [] if L not in ts.layers]
+    if bad:
+        raise ValueError(f"--layers {text}: layers {bad} are not in the transcoder set "
+                         f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._common import messenger
+    from ..features import build_pages
+    from ..models import load_config, load_model
+    from ..training.corpus import dataset_texts, file_texts, stdlib_texts, token_rows
+    from ..training.starter import starter_transcoders
+    from ..transcoders import load_transcoders
+
+    say = messenger(args.quiet)
+    for name in ("tokens", "top_k", "samples", "ctx", "batch_rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ctx < 2:
+        raise ValueError("--ctx must be at least 2 (BOS and one token)")
+    if args.window < 0:
+        raise ValueError("--window must be >= 0")
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    if args.corpus:
+        check_corpus(args.corpus)
+    out = Path(args.out)
+    check_out_early(out)
+    t_start = time.perf_counter()
+
+    ts = None
+    if args.transcoders is not None:  # checked against the model's config, before its weights load
+        say(f"loading transcoders {args.transcoders} ...")
+        ts = load_transcoders(args.transcoders, model_config=load_config(args.model))
+        _check_layers(layers, ts, args.layers)
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if ts is None:
+        ts = starter_transcoders(loaded, progress=say)
+        _check_layers(layers, ts, args.layers)
+    layers = sorted(ts.layers) if layers is None else layers
+
+    texts = (file_texts(args.corpus) if args.corpus else
+             dataset_texts(args.dataset, max_docs=args.tokens // 4 + 100) if args.dataset else
+             stdlib_texts())  # (a dataset is streamed: enough documents for --tokens of 4+ each)
+    rows = token_rows(loaded.tokenizer, texts, args.ctx, max_tokens=args.tokens)
+    # whole rows, the fewest whose non-BOS tokens reach --tokens (or all the corpus has)
+    per_row = (rows != loaded.tokenizer.bos_token_id).sum(1).cumsum(0)
+    rows = rows[:int((per_row < args.tokens).sum()) + 1]
+    corpus = (f"files {', '.join(args.corpus)}" if args.corpus else
+              f"dataset {args.dataset}" if args.dataset else "Python standard-library docstrings")
+    meta = {"model": loaded.name, "transcoders": ts.source or "starter",
+            "transcoder_info": {k: v for k, v in ts.info.items() if isinstance(v, (str, int, float, bool))},
+            "corpus": corpus}
+    say(f"scanning {rows.shape[0]} rows x {rows.shape[1]} tokens on layers {layers} ...")
+    res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
+                      n_samples=args.samples, seed=args.seed, window=args.window,
+                      batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
+                      bar=not args.quiet, say=say)
+    total = time.perf_counter() - t_start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rate = res.n_tokens / res.seconds["scan"] if res.seconds["scan"] > 0 else float("nan")
+    print(f"features: {res.n_pages} of {res.n_features} features fired on {res.n_tokens} tokens "
+          f"({rate:.0f} tokens/s scan)")
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
+          + f"; total {total:.1f}s; peak RSS {rss:.2f} GiB")
+    print(f"wrote {out}")
+    return 0

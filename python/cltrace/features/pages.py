@@ -1,0 +1,129 @@
+"""One feature page (the reference's JSON format) and its automatic label, from the scan state.
+
+Page fields (what circuit-tracer's viewer and Neuronpedia read): ``index`` (the feature's
+index in its layer), ``examples_quantiles`` (groups of examples: "Top activations", then the
+uniform sample split by its own activation quantiles, highest first, e.g. "Quantile 75-100%"),
+each example ``{tokens, tokens_acts_list, train_token_ind, is_repeated_datapoint}`` (the window
+around the example token, the feature's activation on every token of it, the index of the
+example token in it, and whether that token was already shown higher on the page),
+``top_logits``/``bottom_logits`` (token strings), ``act_min``/``act_max``, ``quantile_values``
+(100 percentiles), ``histogram`` (counts in 32 equal bins over [act_min, act_max]),
+``activation_frequency`` (firings / tokens scanned). cltrace adds ``layer`` and ``label``.
+
+The label (the graph node's ``clerp``): the one or two most frequent tokens among the top
+examples and the most promoted token, e.g. ``"Paris"/" France" → " Paris"``.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .selection import EMPTY_TOK
+from .state import LayerState, linear_histogram, quantile_values
+
+N_QUANTILES = 4  # groups the sample is split into
+HIST_BINS_PAGE = 32
+
+
+def _r(x: float) -> float:
+    return round(float(x), 5)
+
+
+def quote(token: str) -> str:
+    """A token as the label shows it: JSON-quoted (newlines and quotes escaped)."""
+    return json.dumps(token, ensure_ascii=False)
+
+
+def auto_label(top_tokens: Sequence[str], top_logits: Sequence[str]) -> str:
+    """``"a"/"b" → "c"``: the (up to) two most frequent example tokens, first seen first among
+    equals, then the most promoted token. Non-empty whenever there is one example token."""
+    counts = Counter(top_tokens)
+    order = {t: i for i, t in reversed(list(enumerate(top_tokens)))}
+    best = sorted(counts, key=lambda t: (-counts[t], order[t]))[:2]
+    label = "/".join(quote(t) for t in best)
+    if top_logits:
+        label = f"{label} → {quote(top_logits[0])}" if label else f"→ {quote(top_logits[0])}"
+    return label
+
+
+def _example(t: int, act: float, win: np.ndarray, flat_rows: Tensor, ctx: int, window: int,
+             tokstr: dict[int, str], repeated: bool) -> dict:
+    row_start = (t // ctx) * ctx
+    start, end = max(row_start, t - window), min(row_start + ctx - 1, t + window)
+    acts = np.round(win[start - (t - window): end - (t - window) + 1].astype(np.float64), 5).tolist()
+    centre = t - start
+    acts[centre] = _r(act)  # the exact activation of the scan (the window is float16)
+    tokens = [tokstr[i] for i in flat_rows[start:end + 1].tolist()]
+    return {"tokens": tokens, "tokens_acts_list": acts, "train_token_ind": centre,
+            "is_repeated_datapoint": repeated}
+
+
+def example_groups(st: LayerState, f: int, win: np.ndarray, flat_rows: Tensor, ctx: int,
+                   window: int, tokstr: dict[int, str]) -> list[dict]:
+    """``examples_quantiles`` of feature ``f`` (``win [K + S, 2w + 1]`` its windows)."""
+    K = st.top.k
+    seen: set[int] = set()
+    groups = []
+
+    def make(slots: Sequence[int], toks: list, acts: list, offset: int) -> list[dict]:
+        out = []
+        for j in slots:
+            t = toks[j]
+            out.append(_example(t, acts[j], win[offset + j], flat_rows, ctx, window, tokstr, t in seen))
+            seen.add(t)
+        return out
+
+    t_tok, t_act = st.top.tok[f].tolist(), st.top.act[f].tolist()
+    top_filled = [j for j in range(K) if t_tok[j] != EMPTY_TOK]
+    groups.append({"quantile_name": "Top activations", "examples": make(top_filled, t_tok, t_act, 0)})
+    s_tok, s_act = st.sample.tok[f].tolist(), st.sample.act[f].tolist()
+    filled = [j for j in range(st.sample.k) if s_tok[j] != EMPTY_TOK]
+    filled.sort(key=lambda j: (s_act[j], s_tok[j]))  # ascending activation
+    chunks = np.array_split(np.array(filled, dtype=np.int64), min(N_QUANTILES, max(len(filled), 1)))
+    n = len(chunks)
+    for q in reversed(range(n)):  # highest quantile first, each highest activation first
+        if len(chunks[q]) == 0:
+            continue
+        lo, hi = round(100 * q / n), round(100 * (q + 1) / n)
+        groups.append({"quantile_name": f"Quantile {lo}-{hi}%",
+                       "examples": make(chunks[q][::-1].tolist(), s_tok, s_act, K)})
+    return groups
+
+
+def feature_page(layer: int, f: int, st: LayerState, win: np.ndarray, flat_rows: Tensor,
+                 ctx: int, window: int, n_tokens: int, tokstr: dict[int, str],
+                 top_ids: Optional[Tensor], bottom_ids: Optional[Tensor]) -> dict:
+    """The page of feature ``f`` of ``layer`` (which fired at least once)."""
+    act_min, act_max = float(st.act_min[f]), float(st.act_max[f])
+    groups = example_groups(st, f, win, flat_rows, ctx, window, tokstr)
+    top_logits = [tokstr[int(i)] for i in top_ids] if top_ids is not None else []
+    bottom_logits = [tokstr[int(i)] for i in bottom_ids] if bottom_ids is not None else []
+    top_tokens = [ex["tokens"][ex["train_token_ind"]] for ex in groups[0]["examples"]]
+    return {
+        "index": f, "layer": layer,
+        "label": auto_label(top_tokens, top_logits),
+        "examples_quantiles": groups,
+        "top_logits": top_logits, "bottom_logits": bottom_logits,
+        "act_min": _r(act_min), "act_max": _r(act_max),
+        "quantile_values": [_r(v) for v in quantile_values(st.hist[f], act_min, act_max)],
+        "histogram": linear_histogram(st.hist[f], act_min, act_max, HIST_BINS_PAGE),
+        "activation_frequency": float(int(st.count[f]) / max(n_tokens, 1)),
+    }
+
+
+def page_token_ids(st: LayerState, f: int, flat_rows: Tensor, ctx: int, window: int) -> list[int]:
+    """Token ids the page of ``f`` shows (to decode them all at once)."""
+    out = []
+    for tok in (st.top.tok[f], st.sample.tok[f]):
+        for t in tok.tolist():
+            if t == EMPTY_TOK:
+                continue
+            row_start = (t // ctx) * ctx
+            start, end = max(row_start, t - window), min(row_start + ctx - 1, t + window)
+            out += flat_rows[start:end + 1].tolist()
+    return out
