@@ -16,7 +16,7 @@ import torch
 from cltrace.features import FeaturePages, FeatureState, build_pages, cantor, merge_states, pages_for_graph, uncantor
 from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
 from cltrace.features.selection import EMPTY_TOK, sample_keys
-from cltrace.features.state import HIST_BINS, hist_bin, quantile_values
+from cltrace.features.state import HIST_BINS, quantile_values
 from cltrace.models.activations import ActivationSource
 
 from tiny_gemma import random_transcoders, tiny_gemma

@@ -20,7 +20,6 @@ from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .selection import EMPTY_TOK
