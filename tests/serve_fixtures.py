@@ -18,14 +18,12 @@ import tempfile
 
 import torch
 
+from cltrace.export.neuronpedia import cantor_pair as cantor
+
 TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def cantor(layer: int, feature: int) -> int:
-    return (layer + feature) * (layer + feature + 1) // 2 + feature
 
 
 def _node(nid, feature, layer, pos, ftype, influence=None, activation=None, clerp="", prob=0.0):

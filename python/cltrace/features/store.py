@@ -27,25 +27,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..atomic import _atomic
+from ..export.neuronpedia import cantor_pair as cantor, cantor_unpair as uncantor  # noqa: F401
 
 LABELS_FILE = "labels.json.gz"
 INDEX_FILE = "index.json.gz"
 FORMAT = "cltrace.features/1"
-
-
-def cantor(layer: int, feature: int) -> int:
-    """The Cantor pairing of (layer, feature): the viewer's feature id (schema_version 1)."""
-    s = layer + feature
-    return s * (s + 1) // 2 + feature
-
-
-def uncantor(z: int) -> tuple[int, int]:
-    """(layer, feature) from its Cantor pairing."""
-    import math
-
-    w = (math.isqrt(8 * z + 1) - 1) // 2
-    f = z - w * (w + 1) // 2
-    return w - f, f
 
 
 def page_json(page: dict) -> bytes:
