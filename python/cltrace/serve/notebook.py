@@ -22,7 +22,9 @@ def _pages(graph: dict, folder: Path) -> dict:
     scan = str(graph.get("metadata", {}).get("scan", ""))
     if not scan.startswith("./"):
         return {}
-    base = (folder / scan[2:]).resolve()
+    rel = scan[2:]
+    rel = rel[len("data/"):] if rel.startswith("data/") else rel  # circuit-tracer's /data/ = the graph folder
+    base = (folder / rel).resolve()
     out = {}
     for n in graph.get("nodes", []):
         key = str(n.get("feature"))

@@ -48,8 +48,11 @@
     if (S.inline) return (S.inline.pages || {})[String(n.feature)] || null;
     const scan = String(S.graph.metadata.scan || "");
     if (!scan.startsWith("./")) return null;
+    // "./data/x": as circuit-tracer's viewer reads it, relative to the server root, whose
+    // /data/ is the served folder; any other "./x": relative to the graph's own folder
     const dir = S.path.includes("/") ? S.path.slice(0, S.path.lastIndexOf("/") + 1) : "";
-    const url = `/data/${dir}${scan.slice(2).replace(/\/$/, "")}/${n.feature}.json`;
+    const rel = scan.slice(2).replace(/\/$/, "");
+    const url = rel.startsWith("data/") ? `/${rel}/${n.feature}.json` : `/data/${dir}${rel}/${n.feature}.json`;
     try { const r = await fetch(url); return r.ok ? await r.json() : null; } catch (e) { return null; }
   }
 
