@@ -126,6 +126,12 @@ def test_contract_bad_input_messages(device):
 def test_contract_opcheck(device):
     args = contract_inputs(3, 4, 6, 9, 7, device=device)
     torch.library.opcheck(torch.ops.cltrace.attribution_contract.default, args)
+    # and the layout attribution passes: a transposed gradient, a CLT slice of W_dec
+    grad, pos, _, idx, acts = args
+    W3 = torch.randn(9, 2, 6, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.cltrace.attribution_contract.default,
+                          (grad.transpose(0, 1).contiguous().transpose(0, 1), pos, W3[:, 1, :],
+                           idx, acts))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
