@@ -78,6 +78,13 @@ def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model)
         scale = expected.abs().max().clamp_min(1)
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
         assert out.shape == (k, S) and out.dtype == dtype
+    # a column-strided W_dec (stride(1) != 1) gives the same edges in every dtype too
+    Wt = W3[:, 0, :].t().contiguous().t()
+    assert Wt.stride(1) != 1
+    expected = ref.attribution_contract(g.double().contiguous(), pos, W3[:, 0, :].double(), idx,
+                                        acts.double())
+    torch.testing.assert_close(ops.attribution_contract(g, pos, Wt, idx, acts).double(), expected,
+                               rtol=tol, atol=tol * expected.abs().max().clamp_min(1))
     # the live part of a larger buffer (fewer targets than rows): strides (d, K * d, 1)
     part = torch.randn(n, k + 3, d_model, dtype=torch.float64, device=device)[:, :k].transpose(0, 1)
     W = W3[:, 1, :].double()
