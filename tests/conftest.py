@@ -1,10 +1,35 @@
-"""Shared fixtures: the devices to test on, and seeded random transcoder inputs."""
+"""Shared fixtures: the devices to test on, seeded random transcoder inputs, and the per-dtype
+tolerances of the kernel tests. Tests marked ``cuda`` (CUDA against the CPU op, CUDA-only
+errors, allocator peaks) are collected everywhere and skipped without a CUDA device."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOATS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol relative to 1 + the largest |expected|) per dtype: float64 up to summation order;
+# float32, bfloat16 and float16 as the dtype's rounding of a sum of products.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5),
+       torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+def assert_close_in(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """assert_close in float64 on the CPU with TOL[dtype], atol scaled by 1 + max |expected|."""
+    rtol, atol = TOL[dtype]
+    expected = expected.detach().cpu().double()
+    scale = 1.0 + (expected.abs().max().item() if expected.numel() else 0.0)
+    torch.testing.assert_close(actual.detach().cpu().double(), expected, rtol=rtol,
+                               atol=atol * scale)
 
 
 @pytest.fixture(params=DEVICES)

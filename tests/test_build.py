@@ -1,6 +1,7 @@
 """The compiled extension loads, registers every op, and reports what it was built with."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import cltrace
@@ -30,3 +31,9 @@ def test_every_op_has_cpu_kernel_and_reference():
     for name in CPU_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cltrace::{name}", "CPU"), name
         assert callable(getattr(reference, name)), f"reference twin of {name} missing"
+
+
+@pytest.mark.cuda
+def test_build_reports_cuda():
+    info = cltrace.build_info()
+    assert info.cuda and info.cuda_available, "cltrace._C was built without its CUDA kernels"

@@ -1,10 +1,16 @@
-"""Attribution contraction and encoder-column gather against the reference."""
+"""Attribution contraction and encoder-column gather against the reference; on CUDA also
+against the CPU op (tests marked cuda)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from cltrace import ops, reference as ref
+from conftest import FLOATS
+
+# (dtype, tol): rtol, and atol relative to the largest |expected|
+DTYPE_TOL = [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 5e-2),
+             (torch.float16, 5e-3)]
 
 
 def contract_inputs(B, n_pos, d_model, d_sae, S, *, dtype=torch.float64, device="cpu"):
@@ -17,10 +23,11 @@ def contract_inputs(B, n_pos, d_model, d_sae, S, *, dtype=torch.float64, device=
     return grad.to(**cast), pos.to(device), W.to(**cast), idx.to(device), acts.to(**cast)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4),
-                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
 @pytest.mark.parametrize("B,n_pos,d_model,d_sae,S", [
-    (1, 1, 8, 4, 1), (16, 9, 37, 50, 120), (3, 40, 640, 300, 64)])
+    (1, 1, 8, 4, 1), (16, 9, 37, 50, 120), (3, 40, 640, 300, 64),
+    (2, 4, 7000, 12, 9),  # float64 rows over 48 KiB: CUDA reads them from global memory
+])
 def test_contract_matches_reference(device, dtype, tol, B, n_pos, d_model, d_sae, S):
     args = contract_inputs(B, n_pos, d_model, d_sae, S, dtype=dtype, device=device)
     out = ops.attribution_contract(*args)
@@ -38,6 +45,11 @@ def test_contract_strided_clt_slice_and_empty(device):
         assert not W.is_contiguous()
         torch.testing.assert_close(ops.attribution_contract(grad, pos, W, idx, acts),
                                    ref.attribution_contract(grad, pos, W, idx, acts))
+    # a column-strided W_dec (stride(1) != 1) gives the same edges
+    Wt = W3[:, 1, :].t().contiguous().t()
+    assert Wt.stride(1) != 1
+    torch.testing.assert_close(ops.attribution_contract(grad, pos, Wt, idx, acts),
+                               ref.attribution_contract(grad, pos, W3[:, 1, :], idx, acts))
     none = ops.attribution_contract(grad, pos[:0], W3[:, 0], idx[:0], acts[:0])
     assert none.shape == (4, 0)
 
@@ -66,6 +78,13 @@ def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model)
         scale = expected.abs().max().clamp_min(1)
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
         assert out.shape == (k, S) and out.dtype == dtype
+    # a column-strided W_dec (stride(1) != 1) gives the same edges in every dtype too
+    Wt = W3[:, 0, :].t().contiguous().t()
+    assert Wt.stride(1) != 1
+    expected = ref.attribution_contract(g.double().contiguous(), pos, W3[:, 0, :].double(), idx,
+                                        acts.double())
+    torch.testing.assert_close(ops.attribution_contract(g, pos, Wt, idx, acts).double(), expected,
+                               rtol=tol, atol=tol * expected.abs().max().clamp_min(1))
     # the live part of a larger buffer (fewer targets than rows): strides (d, K * d, 1)
     part = torch.randn(n, k + 3, d_model, dtype=torch.float64, device=device)[:, :k].transpose(0, 1)
     W = W3[:, 1, :].double()
@@ -74,10 +93,11 @@ def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model)
                                                         idx, acts.double()))
 
 
-def test_contract_allocates_no_copy_of_the_gradient(device):
-    # "In place" measured: a copy of the transposed gradient would allocate its size again.
-    if device != "cuda":
-        pytest.skip("allocation statistics exist for the CUDA caching allocator only")
+@pytest.mark.cuda
+def test_contract_allocates_no_copy_of_the_gradient():
+    # "In place" measured: a copy of the transposed gradient would allocate its size again
+    # (allocation statistics exist for the CUDA caching allocator only).
+    device = "cuda"
     n, k, d, d_sae, S = 128, 64, 1152, 512, 256
     g = torch.randn(n, k, d, device=device).transpose(0, 1)  # [k, n, d], 37.7 MB
     W3 = torch.randn(d_sae, 3, d, device=device)
@@ -105,14 +125,23 @@ def test_contract_bad_input_messages(device):
         ops.attribution_contract(grad, pos, W, torch.full_like(idx, 10), acts)
     with pytest.raises(RuntimeError, match="one entry per source"):
         ops.attribution_contract(grad, pos[:-1], W, idx, acts)
+    # raised, not a device-side assert: the device still runs the op
+    torch.testing.assert_close(ops.attribution_contract(grad, pos, W, idx, acts),
+                               ref.attribution_contract(grad, pos, W, idx, acts))
 
 
 def test_contract_opcheck(device):
     args = contract_inputs(3, 4, 6, 9, 7, device=device)
     torch.library.opcheck(torch.ops.cltrace.attribution_contract.default, args)
+    # and the layout attribution passes: a transposed gradient, a CLT slice of W_dec
+    grad, pos, _, idx, acts = args
+    W3 = torch.randn(9, 2, 6, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.cltrace.attribution_contract.default,
+                          (grad.transpose(0, 1).contiguous().transpose(0, 1), pos, W3[:, 1, :],
+                           idx, acts))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FLOATS)
 def test_gather_columns(device, dtype):
     W = torch.randn(37, 100, dtype=torch.float64).to(dtype=dtype, device=device)
     idx = torch.tensor([5, 0, 99, 5, 42], device=device)
@@ -123,6 +152,15 @@ def test_gather_columns(device, dtype):
     torch.library.opcheck(torch.ops.cltrace.gather_columns.default, (W, idx))
 
 
+@pytest.mark.parametrize("d_in,d_sae,T", [(1, 5, 1), (64, 100, 10), (640, 3000, 33)])
+def test_gather_columns_shapes(device, d_in, d_sae, T):
+    W = torch.randn(d_in, d_sae, dtype=torch.float32, device=device)
+    idx = torch.randint(0, d_sae, (T,), device=device)
+    idx[-1] = idx[0]  # a duplicate
+    out = ops.gather_columns(W, idx)
+    assert out.shape == (T, d_in) and torch.equal(out, ref.gather_columns(W, idx))
+
+
 def test_gather_columns_reads_strided_encoders_in_place(device):
     # circuit-tracer stores W_enc as [d_sae, d_in]: its transpose is a [d_in, d_sae] view.
     W_t = torch.randn(100, 37, dtype=torch.float64, device=device)
@@ -130,3 +168,41 @@ def test_gather_columns_reads_strided_encoders_in_place(device):
     assert torch.equal(ops.gather_columns(W_t.T, idx), W_t[idx])
     W3 = torch.randn(37, 2, 100, dtype=torch.float64, device=device)  # both strides non-unit
     assert torch.equal(ops.gather_columns(W3[:, 1, :], idx), ref.gather_columns(W3[:, 1, :], idx))
+
+
+# --- CUDA only: against the CPU op, mixed devices ----------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,n_pos,d_model,d_sae,S", [
+    (3, 5, 64, 50, 20), (1, 1, 51, 3, 1), (12, 7, 640, 200, 40), (2, 4, 7000, 12, 9)])
+def test_contract_cuda_matches_cpu(B, n_pos, d_model, d_sae, S):
+    args = contract_inputs(B, n_pos, d_model, d_sae, S)
+    cuda = ops.attribution_contract(*(a.cuda() for a in args))
+    assert cuda.is_cuda
+    torch.testing.assert_close(cuda.cpu(), ops.attribution_contract(*args), rtol=1e-12, atol=1e-12)
+    # and the layout attribution passes: a transposed gradient, a strided CLT slice
+    grad, pos, _, idx, acts = args
+    g = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    W3 = torch.randn(d_sae, 3, d_model, dtype=torch.float64)
+    strided = (g, pos, W3[:, 1, :], idx, acts)
+    torch.testing.assert_close(ops.attribution_contract(*(a.cuda() for a in strided)).cpu(),
+                               ops.attribution_contract(*strided), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gather_columns_cuda_matches_cpu(dtype):
+    W = torch.randn(640, 3000, dtype=torch.float64).to(dtype)
+    idx = torch.randint(0, 3000, (33,))
+    idx[-1] = idx[0]
+    cuda = ops.gather_columns(W.cuda(), idx.cuda())
+    assert cuda.is_cuda and torch.equal(cuda.cpu(), ops.gather_columns(W, idx))
+
+
+@pytest.mark.cuda
+def test_contract_and_gather_reject_mixed_devices():
+    grad, pos, W, idx, acts = contract_inputs(2, 3, 8, 6, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="is on"):
+        ops.attribution_contract(grad.cuda(), pos, W.cuda(), idx.cuda(), acts.cuda())
+    with pytest.raises(RuntimeError, match="is on"):
+        ops.gather_columns(W.t().cuda(), idx)

@@ -1,17 +1,19 @@
-"""Sparse decode (per-layer and cross-layer) and its backward against the reference."""
+"""Sparse decode (per-layer and cross-layer) and its backward against the reference; on CUDA
+also against the CPU op (tests marked cuda)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from cltrace import ops, reference as ref
-from conftest import csr_inputs
+from conftest import FLOATS, csr_inputs
 
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+       torch.bfloat16: dict(rtol=2e-2, atol=5e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+bwd = torch.ops.cltrace.sparse_decode_backward
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("n,d_sae,n_out,d_model,per_row", [
     (1, 10, 1, 16, 4), (30, 200, 1, 24, 12), (17, 64, 6, 13, 9), (8, 50, 3, 640, 20)])
 def test_decode_matches_reference(device, dtype, n, d_sae, n_out, d_model, per_row):
@@ -29,19 +31,24 @@ def test_decode_duplicates_empty_rows_and_nothing_active(device):
     W = torch.randn(5, 2, 7, dtype=torch.float64, device=device)
     torch.testing.assert_close(ops.sparse_decode(off, idx, acts, W),
                                ref.sparse_decode(off, idx, acts, W))
-    nothing = ops.sparse_decode(torch.zeros(4, dtype=torch.int64, device=device),
-                                idx[:0], acts[:0], W)
+    none = torch.zeros(4, dtype=torch.int64, device=device)
+    nothing = ops.sparse_decode(none, idx[:0], acts[:0], W)
     assert nothing.shape == (3, 2, 7) and (nothing == 0).all()
+    grad_acts, grad_W = bwd(torch.randn(3, 2, 7, dtype=torch.float64, device=device), none,
+                            idx[:0], acts[:0], W)
+    assert grad_acts.numel() == 0 and torch.equal(grad_W, torch.zeros_like(W))
 
 
-def test_decode_backward_matches_reference(device):
-    off, idx, acts = csr_inputs(20, 40, 8, device=device, duplicates=True)
-    W = torch.randn(40, 3, 11, dtype=torch.float64, device=device)
-    g = torch.randn(20, 3, 11, dtype=torch.float64, device=device)
-    ours = torch.ops.cltrace.sparse_decode_backward(g, off, idx, acts, W)
-    theirs = ref.sparse_decode_backward(g, off, idx, acts, W)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_decode_backward_matches_reference(device, dtype):
+    off, idx, acts = csr_inputs(20, 40, 8, dtype=dtype, device=device, duplicates=True)
+    W = torch.randn(40, 3, 11, dtype=torch.float64).to(dtype=dtype, device=device)
+    g = torch.randn(20, 3, 11, dtype=torch.float64).to(dtype=dtype, device=device)
+    ours = bwd(g, off, idx, acts, W)
+    theirs = ref.sparse_decode_backward(g.double(), off, idx, acts.double(), W.double())
     for a, r in zip(ours, theirs):
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
     untouched = torch.ones(40, dtype=torch.bool, device=device)
     untouched[idx] = False
     assert (ours[1][untouched] == 0).all(), "only decoder rows of active features get gradient"
@@ -60,7 +67,10 @@ def test_decode_backward_fp32_many_columns(device):
 
 def test_decode_gradcheck_and_opcheck(device):
     off, idx, acts = csr_inputs(6, 9, 4, device=device, duplicates=True)
-    W = torch.randn(9, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    W = torch.randn(9, 2, 5, dtype=torch.float64, device=device)
+    torch.library.opcheck(bwd.default, (torch.randn(6, 2, 5, dtype=torch.float64, device=device),
+                                        off, idx, acts, W))
+    W.requires_grad_(True)
     acts.requires_grad_(True)
     torch.autograd.gradcheck(lambda a, w: ops.sparse_decode(off, idx, a, w), (acts, W))
     torch.library.opcheck(torch.ops.cltrace.sparse_decode.default, (off, idx, acts, W))
@@ -79,6 +89,28 @@ def test_decode_bad_input_messages(device):
         ops.sparse_decode(off.int(), idx, acts, W)
     with pytest.raises(RuntimeError, match="acts has dtype Float but W_dec has Double"):
         ops.sparse_decode(off, idx, acts.float(), W)
+    with pytest.raises(RuntimeError, match="row_offsets"):  # from 1, not 0
+        ops.sparse_decode(off + 1, idx, acts, W)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        bwd(torch.randn(6, 1, 4, dtype=torch.float64, device=device), off, idx, acts, W)
+    # raised, not a device-side assert: the device still runs the op
+    torch.testing.assert_close(ops.sparse_decode(off, idx, acts, W),
+                               ref.sparse_decode(off, idx, acts, W))
+
+
+def test_decode_unaligned_and_strided_inputs(device):
+    # An offset view (W_dec[1:] of a flat buffer) breaks 16-byte alignment; strided acts.
+    off, idx, acts = csr_inputs(5, 21, 5, dtype=torch.float32, device=device, duplicates=True)
+    W = torch.randn(21 * 64 + 1, device=device)[1:].view(21, 1, 64)
+    assert W.data_ptr() % 16 != 0
+    acts2 = torch.stack([acts, acts], 1)[:, 1]
+    assert not acts2.is_contiguous()
+    up = acts.double(), W.double()
+    torch.testing.assert_close(ops.sparse_decode(off, idx, acts2, W).double(),
+                               ref.sparse_decode(off, idx, *up), **TOL[torch.float32])
+    g = torch.randn(5, 1, 64, device=device)
+    for a, r in zip(bwd(g, off, idx, acts2, W), ref.sparse_decode_backward(g.double(), off, idx, *up)):
+        torch.testing.assert_close(a.double(), r, **TOL[torch.float32])
 
 
 def test_decode_reads_clt_slices_in_place(device):
@@ -124,10 +156,11 @@ def test_decode_strided_clt_slice_matches_reference(device, dtype, tol, d_model,
         torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * s)
 
 
-def test_decode_allocates_no_copy_of_a_clt_slice(device):
-    # "In place" measured: a copy of the slice w_dec[:, 2:, :] would allocate its size again.
-    if device != "cuda":
-        pytest.skip("allocation statistics exist for the CUDA caching allocator only")
+@pytest.mark.cuda
+def test_decode_allocates_no_copy_of_a_clt_slice():
+    # "In place" measured: a copy of the slice w_dec[:, 2:, :] would allocate its size again
+    # (allocation statistics exist for the CUDA caching allocator only).
+    device = "cuda"
     d_sae, n_layers, d = 4096, 6, 1152
     full = torch.randn(d_sae, n_layers, d, device=device)  # 113 MB
     W = full[:, 2:, :]
@@ -148,3 +181,29 @@ def test_decode_rejects_decreasing_offsets(device):
     with pytest.raises(RuntimeError, match="row_offsets decrease at row 1"):  # every device
         ops.sparse_decode(off, torch.tensor([0, 1, 2], device=device),
                           torch.ones(3, dtype=torch.float64, device=device), W)
+
+
+# --- CUDA only: against the CPU op, mixed devices ----------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,d_sae,n_out,d_model", [(6, 40, 1, 64), (5, 30, 3, 51), (1, 7, 1, 8),
+                                                   (9, 300, 2, 1000)])
+def test_decode_cuda_matches_cpu(n, d_sae, n_out, d_model):
+    off, idx, acts = csr_inputs(n, d_sae, 5, duplicates=True, seed=n)
+    W = torch.randn(d_sae, n_out, d_model, dtype=torch.float64)
+    g = torch.randn(n, n_out, d_model, dtype=torch.float64)
+    cuda = ops.sparse_decode(off.cuda(), idx.cuda(), acts.cuda(), W.cuda())
+    assert cuda.is_cuda
+    torch.testing.assert_close(cuda.cpu(), ops.sparse_decode(off, idx, acts, W), **TOL[torch.float64])
+    for a, r in zip(bwd(g.cuda(), off.cuda(), idx.cuda(), acts.cuda(), W.cuda()),
+                    bwd(g, off, idx, acts, W)):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), r, **TOL[torch.float64])
+
+
+@pytest.mark.cuda
+def test_decode_rejects_mixed_devices():
+    off, idx, acts = csr_inputs(4, 10, 3, dtype=torch.float32)
+    W = torch.randn(10, 1, 8)
+    with pytest.raises(RuntimeError, match="is on"):
+        ops.sparse_decode(off, idx, acts.cuda(), W.cuda())

@@ -108,15 +108,16 @@ PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 have_py pytest_timeout && PYTEST+=(--timeout 120)
 OPS=(tests/test_contract.py tests/test_decode.py tests/test_encode.py)
 if (( DRY )); then
-  # test_cuda.py with CPU tensors, and the op suites' CPU cases
-  step tests 240 env CLTRACE_CUDA_TESTS_ON_CPU=1 "${PYTEST[@]}" tests/test_cuda.py "${OPS[@]}" \
-    -k "cuda or cpu" --junitxml="$WORK/junit-tests.xml"
+  # the op suites' [cpu] cases; the tests marked cuda are collected and skip
+  step tests 240 "${PYTEST[@]}" "${OPS[@]}" tests/test_build.py -k "cuda or cpu" \
+    --junitxml="$WORK/junit-tests.xml"
 else
   XDIST=()
   have_py xdist && XDIST=(-n 4)
-  # every test marked cuda (tests/test_cuda.py), and the [cuda] cases of the device-parametrised
-  # op suites: -k cuda selects both (the module name test_cuda matches too)
-  step tests 150 "${PYTEST[@]}" "${XDIST[@]}" tests/test_cuda.py "${OPS[@]}" -k cuda \
+  # the [cuda] cases of the device-parametrised op suites and every test marked cuda in them
+  # and in test_build.py (CUDA against the CPU op, mixed devices, allocation peaks,
+  # build_info().cuda_available): -k cuda selects both, as -k matches marker names too
+  step tests 150 "${PYTEST[@]}" "${XDIST[@]}" "${OPS[@]}" tests/test_build.py -k cuda \
     --junitxml="$WORK/junit-tests.xml"
   step tests_marker 60 "${PYTEST[@]}" -m cuda tests --co --continue-on-collection-errors
 fi
