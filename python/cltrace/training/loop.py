@@ -33,7 +33,7 @@ from .. import ops
 from ..transcoders.base import TranscoderSet
 from .model import StepStats, TrainConfig, TranscoderParams
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -121,8 +121,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss, stats = self.params(x, y)
         loss.backward()
+        levels = self.params.threshold_levels()
         self.opt.step()
         self.sched.step()
+        self.params.control_l0(stats.l0, levels)
         return stats
 
     def run(self, checkpoint: Optional[os.PathLike] = None, checkpoint_every: float = 120.0,
