@@ -155,10 +155,67 @@ def test_without_the_controller_the_penalty_misses_the_target(tiny_source):
     assert max(r.l0.values()) < 0.85 * 16, r.l0
 
 
+def test_clt_is_written_in_the_published_shapes_and_loads_back(tmp_path):
+    """Per source layer i: w_dec [d_sae, n_layers, d_model], zeros below i (stackable across
+    files as circuit-tracer's Gemma Scope 2 loader does); loading gives the same set."""
+    import json
+
+    from safetensors.torch import load_file
+
+    source = SyntheticSource(n_layers=3)
+    tr = _trainer(_cfg(kind="clt", tokens=30 * 128), source)
+    tr.run()
+    r = tr.result(info={"trained": True})
+    save_gemmascope(r.transcoders, tmp_path / "clt", l0=6)
+    config = json.loads((tmp_path / "clt" / "config.json").read_text())
+    assert {k: config[k] for k in ("architecture", "type", "width", "l0", "affine_connection")} == {
+        "architecture": "jump_relu", "type": "clt", "width": 64, "l0": 6, "affine_connection": True}
+    assert config["hf_hook_point_in"] == "model.layers.{L}.pre_feedforward_layernorm.output"
+    files = [load_file(tmp_path / "clt" / f"params_layer_{i}.safetensors") for i in range(3)]
+    for i, f in enumerate(files):
+        assert f["w_dec"].shape == (64, 3, 16) and f["w_enc"].shape == (16, 64)
+        assert not f["w_dec"][:, :i].any()
+        torch.testing.assert_close(f["w_dec"][:, i:], r.transcoders.layers[i].W_dec)
+    assert torch.stack([f["w_dec"] for f in files]).shape == (3, 64, 3, 16)
+    ts = load_transcoders(tmp_path / "clt")
+    assert ts.kind == "clt" and ts.n_layers == 3 and ts.info.get("trained") is True
+    for i in range(3):
+        assert ts.layers[i].W_dec.shape == (64, 3 - i, 16)
+    idx = torch.arange(tr.n_train_rows, source.n_rows)
+    fvu, l0, _ = evaluate(ts, source, idx)
+    for L in range(3):
+        assert abs(fvu[L] - r.fvu[L]) < 1e-5 and l0[L] == r.l0[L], (fvu, r.fvu)
+    x = source.read(idx[:2]).x
+    for i in range(3):
+        a, b = ts.layers[i], r.transcoders.layers[i]
+        torch.testing.assert_close(ops.jumprelu_encode(x[i], a.W_enc, a.b_enc, a.threshold).to_dense(64),
+                                   ops.jumprelu_encode(x[i], b.W_enc, b.b_enc, b.threshold).to_dense(64))
+
+
+def test_matryoshka_prefixes_reconstruct_better_than_unnested_prefixes():
+    """Nested prefixes of a Matryoshka dictionary each reconstruct (held-out FVU below the
+    same-size prefixes of a dictionary trained without nesting, same steps and data)."""
+    source = SyntheticSource()
+    plain = _trainer(_cfg(tokens=150 * 128), source)
+    nested = _trainer(_cfg(tokens=150 * 128, matryoshka=[8, 16, 32]), source)
+    idx = torch.arange(plain.n_train_rows, source.n_rows)
+    fvus = {}
+    for name, tr in (("plain", plain), ("nested", nested)):
+        tr.run()
+        ts = tr.result().transcoders
+        fvus[name] = {m: evaluate(ts, source, idx, prefix=m)[0] for m in (8, 16, 32, 64)}
+    for m in (8, 16, 32):
+        for L in (0, 1):
+            assert fvus["nested"][m][L] < fvus["plain"][m][L], (m, fvus)
+    for L in (0, 1):  # the whole nested dictionary still reconstructs
+        assert fvus["nested"][64][L] < 0.3, fvus
+
+
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_sparse_step_matches_dense_autograd(kind):
     """The compiled sparse forward/backward gives the dense STE's loss and gradients."""
-    cfg = _cfg(kind=kind, tokens=2 * 128, bandwidth=0.5, freq_coef=1.0, max_freq=0.01)
+    cfg = _cfg(kind=kind, tokens=2 * 128, bandwidth=0.5, freq_coef=1.0, max_freq=0.01,
+               matryoshka=[16, 32])
     a, b = _trainer(cfg), _trainer(dataclasses.replace(cfg, backend="dense"))
     a.run(max_steps=1)  # initialise (and take one step) so the decoders are non-zero
     b.load_state(a.state())
