@@ -297,3 +297,50 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
     assert set(ts.info["fvu"]) == {"3", "4"} and all(0 < v < 1.5 for v in ts.info["fvu"].values())
     assert "held-out FVU" in capsys.readouterr().out
     assert main(args) == 2  # the folder exists
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
+
+    bos_token_id, eos_token_id = 2, 1
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def convert_tokens_to_ids(self, token):
+        return 299
+
+
+def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatch, capsys):
+    """The first-run path on the tiny model: the starter set is trained (a CLT here, on the
+    offline mix, evaluated on held-out mix and prose), written in the published shapes, loaded
+    back with the same activations, and `cltrace attribute` traces a graph with it."""
+    import cltrace.models
+    import cltrace.training.starter as starter
+    from cltrace.cli import main
+    from tiny_gemma import tiny_gemma
+
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
+    loaded = cltrace.models.LoadedModel(tiny_gemma(), _CharTokenizer(), "tiny")
+    cfg = _cfg(kind="clt", width=64, l0=6, tokens=120 * 128, corpus_tokens=8192,
+               cache_activations=True, buffer_tokens=2048, eval_tokens=1024)
+    monkeypatch.setattr(starter, "STARTER_CONFIG", cfg)
+    ts = starter.starter_transcoders(loaded, progress=lambda *a: None, bar=False)
+    assert ts.kind == "clt" and ts.info["trained"] is True and ts.info["meaningful"] is True
+    assert set(ts.info["evals"]) == {"held-out mix", "held-out prose"}
+    for e in ts.info["evals"].values():
+        assert e["tokens"] > 500 and all(abs(v - 6) <= 0.3 * 6 for v in e["l0"].values()), e
+    again = starter.starter_transcoders(loaded, progress=lambda *a: None)  # cached: same files
+    assert torch.equal(again.layers[2].W_dec, ts.layers[2].W_dec)
+    x = torch.randn(5, 64)
+    for i, tc in ts.layers.items():
+        assert tc.W_dec.shape == (64, 4 - i, 64)
+    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
+    out = tmp_path / "graph"
+    assert main(["attribute", "hello world", "--out", str(out), "--format", "json",
+                 "--max-feature-nodes", "32", "--quiet"]) == 0
+    assert list(out.glob("*.json"))

@@ -60,6 +60,9 @@ DOC_MODULES = [
 
 # The starter's mix, as fractions of characters (the README states it).
 STARTER_MIX = {"docstrings": 0.4, "descriptions": 0.35, "reference": 0.25}
+# Characters of the mix to draw per training token wanted (the mix averages about 3.5-4
+# characters a token with the Gemma 3 tokenizer; the surplus is never tokenized).
+CHARS_PER_TOKEN = 6
 HELDOUT_BUCKET = 20  # one document in 20 (by hash) is held out of the training text
 
 _PROSE_FILE = Path(__file__).with_name("heldout_prose.txt")

@@ -107,6 +107,10 @@ class TrainConfig:
         return -(-self.tokens // self.batch_size)
 
 
+THRESHOLD_FLOOR = 1e-2  # mean threshold (normalised units) below which the L0 controller
+# raises the encoder biases instead
+
+
 class _Step(torch.autograd.Function):
     """H(z - theta) with the rectangle STE to theta only: d/dtheta = -K((z-theta)/eps)/eps."""
 
@@ -259,24 +263,31 @@ class TranscoderParams(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def threshold_levels(self) -> list[float]:
-        """Mean log-threshold of each source layer (the level the L0 controller owns)."""
-        return [float(t.mean()) for t in self.log_threshold]
+    def threshold_levels(self) -> list[tuple[float, float]]:
+        """(mean log-threshold, mean encoder bias) of each source layer: the firing level the
+        L0 controller owns."""
+        return [(float(t.mean()), float(b.mean())) for t, b in zip(self.log_threshold, self.b_enc)]
 
     @torch.no_grad()
-    def control_l0(self, l0s: list[float], levels_before: list[float]) -> None:
+    def control_l0(self, l0s: list[float], levels_before: list[tuple[float, float]]) -> None:
         """The L0 controller, after an optimizer step: undo the step's change of each source
         layer's mean log-threshold (the gradients keep deciding the relative thresholds), then
-        move the level by ``l0_gain * log(L0 / target)`` (L0 of the step's batch; the ratio
-        clamped to [1/2, 2]). An integral controller with no drift to fight: it settles on the
-        target."""
+        move it by ``l0_gain * log(L0 / target)`` (L0 of the step's batch; the ratio clamped
+        to [1/2, 2]). An integral controller with no drift to fight: it settles on the target.
+        Where the thresholds sit at :data:`THRESHOLD_FLOOR` (normalised units) the mean encoder
+        bias is held and moved instead (lowering every bias is the optimizer's other way to
+        fire less, which thresholds at the floor cannot answer)."""
         cfg = self.cfg
         if cfg.l0_control != "threshold":
             return
-        for i, (l0, before) in enumerate(zip(l0s, levels_before)):
-            ratio = min(max((l0 + 1e-3) / cfg.l0, 0.5), 2.0)
-            drift = float(self.log_threshold[i].mean()) - before
-            self.log_threshold[i].add_(cfg.l0_gain * math.log(ratio) - drift)
+        for i, (l0, (log_t, b)) in enumerate(zip(l0s, levels_before)):
+            step = cfg.l0_gain * math.log(min(max((l0 + 1e-3) / cfg.l0, 0.5), 2.0))
+            self.log_threshold[i].sub_(float(self.log_threshold[i].mean()) - log_t)
+            if log_t + min(step, 0.0) < math.log(THRESHOLD_FLOOR):
+                # thresholds at the floor: the bias level is the controller's too, and moves
+                self.b_enc[i].sub_(float(self.b_enc[i].mean()) - b + step)
+            else:
+                self.log_threshold[i].add_(step)
 
     @torch.no_grad()
     def to_transcoder_set(self, model_name: str = "", info: Optional[dict] = None) -> TranscoderSet:

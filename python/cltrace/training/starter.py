@@ -17,60 +17,38 @@ activations. Graphs on it are exact, but its features carry no learned meaning.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..frozen.capture import capture
+from ..models.activations import ActivationSource
 from ..models.anatomy import text_parts
-from .model import TrainConfig
 from ..transcoders.base import LayerTranscoder, TranscoderSet
+from .corpus import stdlib_texts, token_rows
+from .model import TrainConfig
 
 CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
                        "re", "string", "textwrap", "datetime", "random", "statistics", "csv",
                        "logging", "shutil", "subprocess", "tempfile", "typing", "dataclasses", "heapq"]
 
 
-def calibration_texts() -> list[str]:  # the synthetic set's (short) calibration text
-    """Docstrings of standard-library modules and their public functions/classes, deduplicated."""
-    seen, out = set(), []
-    with warnings.catch_warnings():  # some attributes (typing.io, ...) warn when touched
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in CALIBRATION_MODULES:
-            mod = importlib.import_module(name)
-            objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
-            for obj in objs:
-                doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                              or inspect.isfunction(obj)) else None
-                if doc and len(doc) > 80 and doc not in seen:
-                    seen.add(doc)
-                    out.append(doc)
-    return out
+def calibration_texts() -> list[str]:
+    """The synthetic set's (short) calibration text: docstrings of a few standard-library
+    modules (:func:`cltrace.training.corpus.stdlib_texts`)."""
+    return stdlib_texts(CALIBRATION_MODULES)
 
 
 @torch.no_grad()
-def collect_mlp_io(model, tokenizer, n_tokens: int, chunk: int = 128,
-                   progress: Optional[Callable[[int], None]] = None) -> tuple[Tensor, Tensor]:
-    """MLP inputs and outputs of every layer on ``n_tokens`` calibration tokens (BOS excluded):
-    ``[n_layers, n_tokens, d_model]`` each, float32."""
-    parts = text_parts(model)
-    device = parts.lm_head.weight.device
-    xs, ys, total = [], [], 0
-    for text in calibration_texts():
-        ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:chunk].to(device)
-        cap = capture(parts, ids)
-        xs.append(torch.stack([c.mlp_in[1:] for c in cap.layers]).float().cpu())
-        ys.append(torch.stack([c.mlp_out[1:] for c in cap.layers]).float().cpu())
-        total += ids.numel() - 1
-        if progress:
-            progress(min(total, n_tokens))
-        if total >= n_tokens:
-            break
-    return torch.cat(xs, 1)[:, :n_tokens], torch.cat(ys, 1)[:, :n_tokens]
+def collect_mlp_io(model, tokenizer, n_tokens: int, chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """MLP inputs and outputs of every layer on ``n_tokens`` calibration tokens (BOS excluded),
+    read by :class:`cltrace.models.activations.ActivationSource` from rows of ``chunk``
+    tokens: ``[n_layers, n_tokens, d_model]`` each, float32."""
+    rows = token_rows(tokenizer, calibration_texts(), chunk, max_tokens=n_tokens)
+    n_layers = len(text_parts(model).layers)
+    act = ActivationSource(model, rows, range(n_layers), tokenizer.bos_token_id).read(
+        torch.arange(rows.shape[0]))
+    return act.x[:, :n_tokens], act.y[:, :n_tokens]
 
 
 def _ridge(A: Tensor, B: Tensor, lam: float) -> Tensor:
@@ -135,23 +113,25 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
 
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
     ``progress`` receives messages (the per-layer FVU and L0 among them)."""
-    from .corpus import stdlib_texts
     from ..models import cache_root
+    from .corpus import CHARS_PER_TOKEN, heldout_prose, mixed_corpus
     from . import train_transcoders
     from ..transcoders import load_transcoders
 
     cfg = config or STARTER_CONFIG
     name = getattr(loaded, "name", "") or "model"
     tag = (f"{_safe(name)}-trained-{cfg.kind}-w{cfg.width}-l0_{cfg.l0:g}"
-           f"{'-affine' if cfg.affine_skip else ''}-t{cfg.tokens}-v{STARTER_VERSION}")
+           f"{'-affine' if cfg.affine_skip else ''}{'-mat' if cfg.matryoshka else ''}"
+           f"-t{cfg.tokens}-v{STARTER_VERSION}")
     folder = cache_root() / "starter" / tag
     if not folder.exists():
         progress(f"training the starter transcoders {tag} on this machine (first run only; "
                  f"cached in {folder}; Ctrl-C and rerun resumes) ...")
+        corpus = mixed_corpus(CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens))
+        evals = {"held-out mix": corpus.heldout, "held-out prose": heldout_prose()}
         try:
-            train_transcoders(loaded, cfg, stdlib_texts(), out=folder, resume=True,
-                              corpus_name="Python standard-library docstrings", log=progress,
-                              bar=bar)
+            train_transcoders(loaded, cfg, corpus.train, eval_texts=evals, out=folder,
+                              resume=True, corpus_name=corpus.name, log=progress, bar=bar)
         except FileExistsError:
             if not folder.exists():  # not another process finishing first
                 raise
