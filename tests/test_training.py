@@ -302,13 +302,13 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
 class _CharTokenizer:
     """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
 
-    bos_token_id, eos_token_id = 2, 1
+    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
 
     def __call__(self, text, return_tensors=None, add_special_tokens=True):
         ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
         return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(97 + int(i) % 26) for i in ids)
 
     def convert_tokens_to_ids(self, token):
@@ -329,14 +329,17 @@ def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatc
     cfg = _cfg(kind="clt", width=64, l0=6, tokens=120 * 128, corpus_tokens=8192,
                cache_activations=True, buffer_tokens=2048, eval_tokens=1024)
     monkeypatch.setattr(starter, "STARTER_CONFIG", cfg)
-    ts = starter.starter_transcoders(loaded, progress=lambda *a: None, bar=False)
+    monkeypatch.setattr(starter, "STARTER_GENERATED", 4)
+    monkeypatch.setattr(starter, "STARTER_GENERATED_TOKENS", 12)
+    said = []
+    ts = starter.starter_transcoders(loaded, progress=said.append, bar=False)
+    assert any("the model writes 4 texts" in m for m in said) and "generated" in ts.info["corpus"]
     assert ts.kind == "clt" and ts.info["trained"] is True and ts.info["meaningful"] is True
     assert set(ts.info["evals"]) == {"held-out mix", "held-out prose"}
     for e in ts.info["evals"].values():
         assert e["tokens"] > 500 and all(abs(v - 6) <= 0.3 * 6 for v in e["l0"].values()), e
     again = starter.starter_transcoders(loaded, progress=lambda *a: None)  # cached: same files
     assert torch.equal(again.layers[2].W_dec, ts.layers[2].W_dec)
-    x = torch.randn(5, 64)
     for i, tc in ts.layers.items():
         assert tc.W_dec.shape == (64, 4 - i, 64)
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)

@@ -10,6 +10,8 @@ Sources (each a list of documents, deterministic on a given machine):
   lines removed: mostly English prose;
 * :func:`language_reference` - the Python language and library reference topics shipped
   in :mod:`pydoc_data.topics` (technical English prose);
+* :func:`generated_texts` - English text the model itself writes, sampled from short,
+  general openings (news, stories, encyclopedia, letters, recipes ...);
 * :func:`heldout_prose` - general English prose written for cltrace (encyclopedic and
   narrative paragraphs: geography, history, science, daily life) that no training source
   contains: the evaluation text "unlike the training text";
@@ -197,6 +199,54 @@ def language_reference() -> list[str]:
     return [topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) >= 80]
 
 
+# Openings the model continues for :func:`generated_texts` (general English, no code).
+OPENINGS = [
+    "Once upon a time, in a small village,", "The history of the city begins", "Dear Sir or Madam,",
+    "In today's news,", "The recipe is simple:", "Scientists have found that", "My favourite book",
+    "The weather this week", "According to the report,", "When I was a child,", "The election",
+    "The museum opened", "Chapter One.", "Yesterday afternoon, the", "The main reason people",
+    "In the year 1900,", "The company announced", "Most doctors agree that", "The road to the",
+    "It was late in the evening when", "The team played", "Here are some tips for", "The river",
+    "Many animals", "The president said", "Our school", "The first time I saw", "In the north of",
+]
+
+
+@torch.no_grad()
+def generated_texts(model, tokenizer, n_texts: int, new_tokens: int = 96, seed: int = 0,
+                    batch: int = 16, temperature: float = 0.8) -> list[str]:
+    """``n_texts`` continuations of :data:`OPENINGS` (cycled) sampled from ``model`` (seeded,
+    temperature ``temperature``, ``new_tokens`` each), opening included."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for b in range(0, n_texts, batch):
+        prompts = [OPENINGS[i % len(OPENINGS)] for i in range(b, min(b + batch, n_texts))]
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        n = max(map(len, ids))
+        x = torch.tensor([[pad] * (n - len(i)) + list(i) for i in ids], device=device)
+        mask = torch.tensor([[0] * (n - len(i)) + [1] * len(i) for i in ids], device=device)
+        past = None
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        step_in, gen = x, []
+        for _ in range(new_tokens):
+            o = model(input_ids=step_in, attention_mask=mask, position_ids=pos, past_key_values=past,
+                      use_cache=True)
+            past = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float().cpu() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=g).to(device)  # [B, 1]
+            gen.append(nxt)
+            step_in = nxt
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            pos = pos[:, -1:] + 1
+        toks = torch.cat(gen, 1).cpu()
+        for p, t in zip(prompts, toks):
+            eos = (t == tokenizer.eos_token_id).nonzero()
+            t = t[: int(eos[0])] if len(eos) else t
+            out.append(p + tokenizer.decode(t, skip_special_tokens=True))
+    return out
+
+
 def heldout_prose() -> list[str]:
     """General English prose shipped with cltrace for evaluation only (never trained on)."""
     return [d.strip() for d in _PROSE_FILE.read_text(encoding="utf-8").split("\n\n") if d.strip()]
@@ -250,11 +300,13 @@ class Corpus:
     name: str
 
 
-def mixed_corpus(chars: int, mix: Optional[dict[str, float]] = None) -> Corpus:
+def mixed_corpus(chars: int, mix: Optional[dict[str, float]] = None,
+                 generated: Sequence[str] = ()) -> Corpus:
     """About ``chars`` characters drawn from the offline sources in the proportions ``mix``
-    (default :data:`STARTER_MIX`; keys ``docstrings``, ``descriptions``, ``reference``), the
-    documents of all sources interleaved in hash order; one in :data:`HELDOUT_BUCKET` (by
-    hash) is held out. A source with fewer characters than asked gives all it has."""
+    (default :data:`STARTER_MIX`; keys ``docstrings``, ``descriptions``, ``reference``), plus
+    all of ``generated`` (e.g. :func:`generated_texts`), the documents of all sources
+    interleaved in hash order; one in :data:`HELDOUT_BUCKET` (by hash) is held out. A source
+    with fewer characters than asked gives all it has."""
     mix = dict(STARTER_MIX if mix is None else mix)
     unknown = set(mix) - {"docstrings", "descriptions", "reference"}
     if unknown:
@@ -274,6 +326,9 @@ def mixed_corpus(chars: int, mix: Optional[dict[str, float]] = None) -> Corpus:
             n += len(d)
         docs += got
         drawn[src] = n
+    if generated:
+        docs += list(generated)
+        drawn["generated"] = sum(map(len, generated))
     docs = sorted(set(docs), key=_h)
     held = [d for d in docs if _h("heldout:" + d) % HELDOUT_BUCKET == 0]
     train = [d for d in docs if _h("heldout:" + d) % HELDOUT_BUCKET != 0]

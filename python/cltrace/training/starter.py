@@ -1,13 +1,17 @@
 """Starter transcoders for a model, so that ``cltrace attribute`` works with no download.
 
 The default (:func:`starter_transcoders`) is a TRAINED set: on first use, per-layer JumpReLU
-transcoders with an affine skip are trained on the model's own MLP activations over the
-Python standard library's docstrings (:mod:`cltrace.training`; 13.5 minutes of training
-on 2 shared CPU cores for Gemma 3 270M), written in the Gemma Scope 2 layout under
-``cache_root()/starter/`` and reused afterwards. An interrupted first run resumes from its
-checkpoint. Its ``info`` records the training (tokens, steps, held-out FVU and L0 per layer).
-These are small transcoders trained briefly on a narrow corpus: useful for trying the tool,
-not a substitute for Gemma Scope 2.
+transcoders with an affine skip are trained on the model's own MLP activations over an
+offline text mix (:func:`cltrace.training.corpus.mixed_corpus`: docstrings of every
+installed Python file, installed packages' long descriptions, the Python language
+reference, and English text the model itself writes from general openings), with the L0
+controller holding the target L0 (:mod:`cltrace.training.model`). The set is written in the
+Gemma Scope 2 layout under ``cache_root()/starter/`` and reused afterwards; an interrupted
+first run resumes from its checkpoint. Its ``info`` records the training and the held-out
+FVU and L0 per layer on held-out documents of the mix and on English prose that no
+training source contains (see benchmarks/RESULTS_training.md for the measured figures and
+the first-run time). These are small transcoders trained briefly: useful for trying the
+tool, not a substitute for Gemma Scope 2.
 
 :func:`synthetic_starter_transcoders` keeps the older SYNTHETIC set (not trained): random
 encoders; each feature's JumpReLU threshold is calibrated on the model's real MLP inputs so
@@ -97,14 +101,17 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
                          source="", info={**info, "graph_info": {"transcoders": info["description"]}})
 
 
-# The trained starter set: sized so that the first run (activations + training + evaluation)
-# took 13.5 minutes of training on 2 shared CPU cores for Gemma 3 270M
-# (see benchmarks/RESULTS_training.md).
-STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
-                             corpus_tokens=20_000, cache_activations=True, batch_size=512,
+# The trained starter set (recipe v2; figures in benchmarks/RESULTS_training.md): PLT + affine
+# skip, width 2048, target L0 32 held by the L0 controller, STARTER_CONFIG.corpus_tokens
+# distinct tokens of the offline mix (activations cached in memory as bf16) of which
+# STARTER_GENERATED texts are written by the model itself.
+STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=102_400,
+                             corpus_tokens=40_000, cache_activations=True, batch_size=512,
                              lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
-                             eval_tokens=4096)
-STARTER_VERSION = 1  # bump when the recipe changes (a new cache entry is trained)
+                             eval_tokens=4096, l0_control="threshold", l0_gain=0.1)
+STARTER_GENERATED = 56  # model-written texts of STARTER_GENERATED_TOKENS tokens in the mix
+STARTER_GENERATED_TOKENS = 80
+STARTER_VERSION = 2  # bump when the recipe changes (a new cache entry is trained)
 
 
 def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progress=print,
@@ -114,7 +121,7 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
     ``progress`` receives messages (the per-layer FVU and L0 among them)."""
     from ..models import cache_root
-    from .corpus import CHARS_PER_TOKEN, heldout_prose, mixed_corpus
+    from .corpus import CHARS_PER_TOKEN, generated_texts, heldout_prose, mixed_corpus
     from . import train_transcoders
     from ..transcoders import load_transcoders
 
@@ -127,7 +134,14 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
     if not folder.exists():
         progress(f"training the starter transcoders {tag} on this machine (first run only; "
                  f"cached in {folder}; Ctrl-C and rerun resumes) ...")
-        corpus = mixed_corpus(CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens))
+        generated = []
+        if STARTER_GENERATED:
+            progress(f"the model writes {STARTER_GENERATED} texts of {STARTER_GENERATED_TOKENS} "
+                     "tokens for the corpus ...")
+            generated = generated_texts(loaded.model, loaded.tokenizer, STARTER_GENERATED,
+                                        new_tokens=STARTER_GENERATED_TOKENS, seed=1)
+        corpus = mixed_corpus(CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens),
+                              generated=generated)
         evals = {"held-out mix": corpus.heldout, "held-out prose": heldout_prose()}
         try:
             train_transcoders(loaded, cfg, corpus.train, eval_texts=evals, out=folder,
