@@ -264,6 +264,32 @@ def test_activation_cache_serves_the_same_values():
     assert torch.equal(c.x[:, :7], b.x[:, 7:14]) and len(cached._cache) == 3
 
 
+def test_a_short_run_is_reported_as_too_short_to_mean_anything():
+    from cltrace.training.run import MIN_MEANINGFUL_STEPS, provenance
+
+    short = _trainer(_cfg(tokens=4 * 128))
+    short.run()
+    info = provenance(short.cfg, short.result(), "synthetic", 1000)
+    assert short.step < MIN_MEANINGFUL_STEPS and info["meaningful"] is False
+    assert "TOO SHORT" in info["description"]
+    long = _trainer(_cfg(tokens=MIN_MEANINGFUL_STEPS * 128))
+    long.run()
+    info = provenance(long.cfg, long.result(), "synthetic", 1000)
+    assert info["meaningful"] is True and "TOO SHORT" not in info["description"]
+    assert set(info["evals"]) == {"held-out rows"} and info["evals"]["held-out rows"]["tokens"] > 0
+
+
+def test_mixed_corpus_states_its_mix_and_holds_out_documents():
+    from cltrace.training.corpus import heldout_prose, mixed_corpus
+
+    c = mixed_corpus(60_000, generated=["A text the model wrote about rivers and hills. " * 8])
+    assert set(c.mix) == {"docstrings", "descriptions", "reference", "generated"}
+    assert all(v > 0 for v in c.mix.values()) and "docstrings" in c.name
+    assert c.heldout and not set(c.heldout) & set(c.train)
+    prose = heldout_prose()
+    assert len(prose) >= 20 and not any(p in t for p in prose[:5] for t in c.train)
+
+
 def test_stdlib_corpus_is_deduplicated():
     texts = stdlib_texts(["json", "textwrap", "json"])
     assert len(texts) == len(set(texts)) > 5 and all(len(t) >= 80 for t in texts)
@@ -295,7 +321,8 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
     ts = load_transcoders(out, layers=[3, 4])
     assert sorted(ts.layers) == [3, 4] and ts.d_sae == 256 and ts.info["trained"] is True
     assert set(ts.info["fvu"]) == {"3", "4"} and all(0 < v < 1.5 for v in ts.info["fvu"].values())
-    assert "held-out FVU" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "held-out FVU" in out_text and "TOO SHORT" in out_text  # 8 steps
     assert main(args) == 2  # the folder exists
 
 
