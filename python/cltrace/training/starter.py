@@ -105,7 +105,7 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
 # skip, width 2048, target L0 32 held by the L0 controller, STARTER_CONFIG.corpus_tokens
 # distinct tokens of the offline mix (activations cached in memory as bf16) of which
 # STARTER_GENERATED texts are written by the model itself.
-STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=102_400,
+STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
                              corpus_tokens=40_000, cache_activations=True, batch_size=512,
                              lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
                              eval_tokens=4096, l0_control="threshold", l0_gain=0.1)
