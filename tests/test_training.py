@@ -374,3 +374,43 @@ def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatc
     assert main(["attribute", "hello world", "--out", str(out), "--format", "json",
                  "--max-feature-nodes", "32", "--quiet"]) == 0
     assert list(out.glob("*.json"))
+
+
+def _circuit_tracer(module: str):
+    """circuit-tracer's module when importable (CLTRACE_CIRCUIT_TRACER may name a folder that
+    holds the package, e.g. an unpacked circuit_tracer 0.5.0 wheel), else skip."""
+    import os
+    import sys
+
+    path = os.environ.get("CLTRACE_CIRCUIT_TRACER")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    return pytest.importorskip(f"circuit_tracer.transcoder.{module}")
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_circuit_tracers_gemma_scope_2_loaders_read_what_cltrace_writes(tmp_path, kind):
+    """A cltrace-trained PLT / CLT loads with circuit-tracer's Gemma Scope 2 loaders and
+    encodes to the same feature activations and reconstruction."""
+    source = SyntheticSource(n_layers=3)
+    tr = _trainer(_cfg(kind=kind, tokens=30 * 128), source)
+    tr.run()
+    ts = tr.result().transcoders
+    root = save_gemmascope(ts, tmp_path / "set", l0=6)
+    x = source.read(torch.arange(2)).x  # [3, T, 16]
+    ours = [ops.jumprelu_encode(x[i], tc.W_enc, tc.b_enc, tc.threshold).to_dense(64)
+            for i, tc in sorted(ts.layers.items())]
+    if kind == "plt":
+        slt = _circuit_tracer("single_layer_transcoder")
+        for L in range(3):
+            path = next(root.glob(f"layer_{L}_width_*")) / "params.safetensors"
+            theirs = slt.load_gemma_scope_2_transcoder(str(path), L, device=torch.device("cpu"))
+            torch.testing.assert_close(theirs.encode(x[L]), ours[L], atol=1e-5, rtol=1e-5)
+    else:
+        clt = _circuit_tracer("cross_layer_transcoder")
+        paths = {i: str(root / f"params_layer_{i}.safetensors") for i in range(3)}
+        paths[3] = paths[2]  # circuit-tracer 0.5.0 reads range(max(paths)): one key past the end
+        theirs = clt.load_gemma_scope_2_clt(paths, device=torch.device("cpu"), dtype=torch.float32)
+        torch.testing.assert_close(theirs.encode(x), torch.stack(ours), atol=1e-5, rtol=1e-5)
+        for i in range(3):
+            torch.testing.assert_close(theirs.W_dec[i], ts.layers[i].W_dec)
