@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cltrace.features import FeatureState, build_pages
-    from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
+    from cltrace.features.scan import encode_batch, layer_encoders, scan
     from cltrace.features.state import bytes_per_feature
     from cltrace.models import load_model
     from cltrace.models.activations import ActivationSource

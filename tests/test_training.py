@@ -121,10 +121,101 @@ def test_written_files_reproduce_the_trained_model(tmp_path):
     assert all(abs(fvu[L] - r.fvu[L]) < 1e-4 for L in fvu)  # evaluation = the held-out rows
 
 
+@pytest.fixture(scope="module")
+def tiny_source():
+    """MLP activations of the tiny Gemma on 256 random rows of 32 tokens (cached in memory)."""
+    from tiny_gemma import tiny_gemma
+
+    rows = torch.randint(3, 300, (256, 33), generator=torch.Generator().manual_seed(0))
+    rows[:, 0] = 2
+    return ActivationSource(tiny_gemma(), rows, range(4), bos_token_id=2, cache_dtype=torch.float32)
+
+
+def _tiny_trainer(source, **kw):
+    cfg = _cfg(width=256, tokens=200 * 128, eval_tokens=512, **kw)
+    return Trainer(cfg, source, n_layers=4, d_model=64, bar=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("target", [4, 8, 16, 24])
+def test_l0_controller_reaches_the_target_on_held_out_rows(tiny_source, target):
+    """200 steps on the tiny model: held-out L0 within 15 % of the target on every layer."""
+    tr = _tiny_trainer(tiny_source, l0=target)
+    tr.run()
+    r = tr.result()
+    assert set(r.l0) == {0, 1, 2, 3} and r.eval_tokens == 512
+    for L, l0 in r.l0.items():
+        assert abs(l0 - target) <= 0.15 * target, (L, r.l0)
+
+
+def test_without_the_controller_the_penalty_misses_the_target(tiny_source):
+    """The quadratic penalty alone (the old recipe) ends far below target in the same run."""
+    tr = _tiny_trainer(tiny_source, l0=16, l0_control="none")
+    tr.run()
+    r = tr.result()
+    assert max(r.l0.values()) < 0.85 * 16, r.l0
+
+
+def test_clt_is_written_in_the_published_shapes_and_loads_back(tmp_path):
+    """Per source layer i: w_dec [d_sae, n_layers, d_model], zeros below i (stackable across
+    files as circuit-tracer's Gemma Scope 2 loader does); loading gives the same set."""
+    import json
+
+    from safetensors.torch import load_file
+
+    source = SyntheticSource(n_layers=3)
+    tr = _trainer(_cfg(kind="clt", tokens=30 * 128), source)
+    tr.run()
+    r = tr.result(info={"trained": True})
+    save_gemmascope(r.transcoders, tmp_path / "clt", l0=6)
+    config = json.loads((tmp_path / "clt" / "config.json").read_text())
+    assert {k: config[k] for k in ("architecture", "type", "width", "l0", "affine_connection")} == {
+        "architecture": "jump_relu", "type": "clt", "width": 64, "l0": 6, "affine_connection": True}
+    assert config["hf_hook_point_in"] == "model.layers.{L}.pre_feedforward_layernorm.output"
+    files = [load_file(tmp_path / "clt" / f"params_layer_{i}.safetensors") for i in range(3)]
+    for i, f in enumerate(files):
+        assert f["w_dec"].shape == (64, 3, 16) and f["w_enc"].shape == (16, 64)
+        assert not f["w_dec"][:, :i].any()
+        torch.testing.assert_close(f["w_dec"][:, i:], r.transcoders.layers[i].W_dec)
+    assert torch.stack([f["w_dec"] for f in files]).shape == (3, 64, 3, 16)
+    ts = load_transcoders(tmp_path / "clt")
+    assert ts.kind == "clt" and ts.n_layers == 3 and ts.info.get("trained") is True
+    for i in range(3):
+        assert ts.layers[i].W_dec.shape == (64, 3 - i, 16)
+    idx = torch.arange(tr.n_train_rows, source.n_rows)
+    fvu, l0, _ = evaluate(ts, source, idx)
+    for L in range(3):
+        assert abs(fvu[L] - r.fvu[L]) < 1e-5 and l0[L] == r.l0[L], (fvu, r.fvu)
+    x = source.read(idx[:2]).x
+    for i in range(3):
+        a, b = ts.layers[i], r.transcoders.layers[i]
+        torch.testing.assert_close(ops.jumprelu_encode(x[i], a.W_enc, a.b_enc, a.threshold).to_dense(64),
+                                   ops.jumprelu_encode(x[i], b.W_enc, b.b_enc, b.threshold).to_dense(64))
+
+
+def test_matryoshka_prefixes_reconstruct_better_than_unnested_prefixes():
+    """Nested prefixes of a Matryoshka dictionary each reconstruct (held-out FVU below the
+    same-size prefixes of a dictionary trained without nesting, same steps and data)."""
+    source = SyntheticSource()
+    plain = _trainer(_cfg(tokens=150 * 128), source)
+    nested = _trainer(_cfg(tokens=150 * 128, matryoshka=[8, 16, 32]), source)
+    idx = torch.arange(plain.n_train_rows, source.n_rows)
+    fvus = {}
+    for name, tr in (("plain", plain), ("nested", nested)):
+        tr.run()
+        ts = tr.result().transcoders
+        fvus[name] = {m: evaluate(ts, source, idx, prefix=m)[0] for m in (8, 16, 32, 64)}
+    for m in (8, 16, 32):
+        for L in (0, 1):
+            assert fvus["nested"][m][L] < fvus["plain"][m][L], (m, fvus)
+    for L in (0, 1):  # the whole nested dictionary still reconstructs
+        assert fvus["nested"][64][L] < 0.3, fvus
+
+
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_sparse_step_matches_dense_autograd(kind):
     """The compiled sparse forward/backward gives the dense STE's loss and gradients."""
-    cfg = _cfg(kind=kind, tokens=2 * 128, bandwidth=0.5, freq_coef=1.0, max_freq=0.01)
+    cfg = _cfg(kind=kind, tokens=2 * 128, bandwidth=0.5, freq_coef=1.0, max_freq=0.01,
+               matryoshka=[16, 32])
     a, b = _trainer(cfg), _trainer(dataclasses.replace(cfg, backend="dense"))
     a.run(max_steps=1)  # initialise (and take one step) so the decoders are non-zero
     b.load_state(a.state())
@@ -173,6 +264,32 @@ def test_activation_cache_serves_the_same_values():
     assert torch.equal(c.x[:, :7], b.x[:, 7:14]) and len(cached._cache) == 3
 
 
+def test_a_short_run_is_reported_as_too_short_to_mean_anything():
+    from cltrace.training.run import MIN_MEANINGFUL_STEPS, provenance
+
+    short = _trainer(_cfg(tokens=4 * 128))
+    short.run()
+    info = provenance(short.cfg, short.result(), "synthetic", 1000)
+    assert short.step < MIN_MEANINGFUL_STEPS and info["meaningful"] is False
+    assert "TOO SHORT" in info["description"]
+    long = _trainer(_cfg(tokens=MIN_MEANINGFUL_STEPS * 128))
+    long.run()
+    info = provenance(long.cfg, long.result(), "synthetic", 1000)
+    assert info["meaningful"] is True and "TOO SHORT" not in info["description"]
+    assert set(info["evals"]) == {"held-out rows"} and info["evals"]["held-out rows"]["tokens"] > 0
+
+
+def test_mixed_corpus_states_its_mix_and_holds_out_documents():
+    from cltrace.training.corpus import heldout_prose, mixed_corpus
+
+    c = mixed_corpus(60_000, generated=["A text the model wrote about rivers and hills. " * 8])
+    assert set(c.mix) == {"docstrings", "descriptions", "reference", "generated"}
+    assert all(v > 0 for v in c.mix.values()) and "docstrings" in c.name
+    assert c.heldout and not set(c.heldout) & set(c.train)
+    prose = heldout_prose()
+    assert len(prose) >= 20 and not any(p in t for p in prose[:5] for t in c.train)
+
+
 def test_stdlib_corpus_is_deduplicated():
     texts = stdlib_texts(["json", "textwrap", "json"])
     assert len(texts) == len(set(texts)) > 5 and all(len(t) >= 80 for t in texts)
@@ -204,5 +321,96 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
     ts = load_transcoders(out, layers=[3, 4])
     assert sorted(ts.layers) == [3, 4] and ts.d_sae == 256 and ts.info["trained"] is True
     assert set(ts.info["fvu"]) == {"3", "4"} and all(0 < v < 1.5 for v in ts.info["fvu"].values())
-    assert "held-out FVU" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "held-out FVU" in out_text and "TOO SHORT" in out_text  # 8 steps
     assert main(args) == 2  # the folder exists
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
+
+    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def convert_tokens_to_ids(self, token):
+        return 299
+
+
+def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatch, capsys):
+    """The first-run path on the tiny model: the starter set is trained (a CLT here, on the
+    offline mix, evaluated on held-out mix and prose), written in the published shapes, loaded
+    back with the same activations, and `cltrace attribute` traces a graph with it."""
+    import cltrace.models
+    import cltrace.training.starter as starter
+    from cltrace.cli import main
+    from tiny_gemma import tiny_gemma
+
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
+    loaded = cltrace.models.LoadedModel(tiny_gemma(), _CharTokenizer(), "tiny")
+    cfg = _cfg(kind="clt", width=64, l0=6, tokens=120 * 128, corpus_tokens=8192,
+               cache_activations=True, buffer_tokens=2048, eval_tokens=1024)
+    monkeypatch.setattr(starter, "STARTER_CONFIG", cfg)
+    monkeypatch.setattr(starter, "STARTER_GENERATED", 4)
+    monkeypatch.setattr(starter, "STARTER_GENERATED_TOKENS", 12)
+    said = []
+    ts = starter.starter_transcoders(loaded, progress=said.append, bar=False)
+    assert any("the model writes 4 texts" in m for m in said) and "generated" in ts.info["corpus"]
+    assert ts.kind == "clt" and ts.info["trained"] is True and ts.info["meaningful"] is True
+    assert set(ts.info["evals"]) == {"held-out mix", "held-out prose"}
+    for e in ts.info["evals"].values():
+        assert e["tokens"] > 500 and all(abs(v - 6) <= 0.3 * 6 for v in e["l0"].values()), e
+    again = starter.starter_transcoders(loaded, progress=lambda *a: None)  # cached: same files
+    assert torch.equal(again.layers[2].W_dec, ts.layers[2].W_dec)
+    for i, tc in ts.layers.items():
+        assert tc.W_dec.shape == (64, 4 - i, 64)
+    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
+    out = tmp_path / "graph"
+    assert main(["attribute", "hello world", "--out", str(out), "--format", "json",
+                 "--max-feature-nodes", "32", "--quiet"]) == 0
+    assert list(out.glob("*.json"))
+
+
+def _circuit_tracer(module: str):
+    """circuit-tracer's module when importable (CLTRACE_CIRCUIT_TRACER may name a folder that
+    holds the package, e.g. an unpacked circuit_tracer 0.5.0 wheel), else skip."""
+    import os
+    import sys
+
+    path = os.environ.get("CLTRACE_CIRCUIT_TRACER")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    return pytest.importorskip(f"circuit_tracer.transcoder.{module}")
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_circuit_tracers_gemma_scope_2_loaders_read_what_cltrace_writes(tmp_path, kind):
+    """A cltrace-trained PLT / CLT loads with circuit-tracer's Gemma Scope 2 loaders and
+    encodes to the same feature activations and reconstruction."""
+    source = SyntheticSource(n_layers=3)
+    tr = _trainer(_cfg(kind=kind, tokens=30 * 128), source)
+    tr.run()
+    ts = tr.result().transcoders
+    root = save_gemmascope(ts, tmp_path / "set", l0=6)
+    x = source.read(torch.arange(2)).x  # [3, T, 16]
+    ours = [ops.jumprelu_encode(x[i], tc.W_enc, tc.b_enc, tc.threshold).to_dense(64)
+            for i, tc in sorted(ts.layers.items())]
+    if kind == "plt":
+        slt = _circuit_tracer("single_layer_transcoder")
+        for L in range(3):
+            path = next(root.glob(f"layer_{L}_width_*")) / "params.safetensors"
+            theirs = slt.load_gemma_scope_2_transcoder(str(path), L, device=torch.device("cpu"))
+            torch.testing.assert_close(theirs.encode(x[L]), ours[L], atol=1e-5, rtol=1e-5)
+    else:
+        clt = _circuit_tracer("cross_layer_transcoder")
+        paths = {i: str(root / f"params_layer_{i}.safetensors") for i in range(3)}
+        paths[3] = paths[2]  # circuit-tracer 0.5.0 reads range(max(paths)): one key past the end
+        theirs = clt.load_gemma_scope_2_clt(paths, device=torch.device("cpu"), dtype=torch.float32)
+        torch.testing.assert_close(theirs.encode(x), torch.stack(ours), atol=1e-5, rtol=1e-5)
+        for i in range(3):
+            torch.testing.assert_close(theirs.W_dec[i], ts.layers[i].W_dec)

@@ -29,14 +29,15 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ._common import add_replacement_arguments
+    from ._common import add_replacement_arguments, parse_layers
 
     add_replacement_arguments(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--corpus", nargs="+", metavar="FILE", help="text files or folders (*.txt, *.md)")
     src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset name[:config][@split]")
     p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="tokens to scan, in whole rows (default 100000)")
-    p.add_argument("--layers", default=None, metavar="L", help="layers, e.g. 0-5 or 0,3,7 (default: all of the set)")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="L",
+                   help="layers, e.g. 0-5 or 0,3,7 (default: all of the set)")
     p.add_argument("--top-k", type=int, default=20, metavar="K", help="top examples per feature (default 20)")
     p.add_argument("--samples", type=int, default=20, metavar="S",
                    help="sampled examples per feature, shown by activation quantile (default 20)")
@@ -47,20 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-json", action="store_true", help="skip the per-feature JSON files (binary layout only)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def parse_layers(text: str) -> list[int]:
-    """``"0-5"``, ``"0,3,7"`` or a mix -> sorted layers."""
-    out = set()
-    try:
-        for part in text.split(","):
-            a, _, b = part.strip().partition("-")
-            out.update(range(int(a), int(b) + 1) if b else [int(a)])
-    except ValueError:
-        raise ValueError(f"--layers {text!r}: expected layers like 0-5 or 0,3,7") from None
-    if not out:
-        raise ValueError(f"--layers {text!r}: no layers")
-    return sorted(out)
 
 
 def check_corpus(paths) -> None:
@@ -121,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--ctx must be at least 2 (BOS and one token)")
     if args.window < 0:
         raise ValueError("--window must be >= 0")
-    layers = parse_layers(args.layers) if args.layers is not None else None
+    layers = args.layers
     if args.corpus:
         check_corpus(args.corpus)
     out = Path(args.out)

@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import Optional
 
+from ._common import parse_layers
+
 NAME = "inspect"
 HELP = "show what a transcoder set holds (type, layers, width, L0, skip, dtype, size)"
 DESCRIPTION = """\
@@ -30,18 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "everything (reads the whole set); default: none")
     p.add_argument("--per-layer", action="store_true", help="one line per source layer")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def parse_layers(text: str) -> list[int]:
-    """'0-3,7' -> [0, 1, 2, 3, 7]."""
-    out: list[int] = []
-    try:
-        for part in filter(None, (s.strip() for s in text.split(","))):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; use e.g. '0-5,9'") from None
-    return sorted(set(out))
 
 
 def run(args: argparse.Namespace) -> int:

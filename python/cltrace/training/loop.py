@@ -2,8 +2,10 @@
 
 Activations of all trained layers are read from the model ``buffer_tokens`` at a time (one
 model pass feeds every layer), shuffled with a seeded generator and consumed in batches;
-every token is used once per pass over the corpus. The last rows of the corpus are held out
-(never trained on) and give the final FVU and L0 per layer, measured on the exported weights.
+every token is used once per pass over the corpus. The final FVU and L0 per layer are
+measured on the exported weights on held-out text never trained on: the named evaluation
+sources when given (e.g. held-out training-like text and English prose), else the last rows
+of the corpus.
 
 Checkpoints are single files written to a temporary name and renamed (atomic). They hold the
 weights, Adam and scheduler state, the shuffle generator's state at the start of the current
@@ -33,7 +35,24 @@ from .. import ops
 from ..transcoders.base import TranscoderSet
 from .model import StepStats, TrainConfig, TranscoderParams
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+@dataclass
+class EvalResult:
+    """FVU per target layer and L0 per source layer of a set on one held-out text."""
+
+    fvu: dict[int, float]
+    l0: dict[int, float]
+    tokens: int
+
+    @property
+    def fvu_mean(self) -> float:
+        return sum(self.fvu.values()) / max(len(self.fvu), 1)
+
+    @property
+    def l0_mean(self) -> float:
+        return sum(self.l0.values()) / max(len(self.l0), 1)
 
 
 @dataclass
@@ -48,6 +67,8 @@ class TrainResult:
     l0: dict[int, float]  # held-out mean active features per token, per source layer
     dead_frac: dict[int, float]  # features not fired in the last dead_window training tokens
     eval_tokens: int
+    evals: dict[str, EvalResult] = dataclasses.field(default_factory=dict)  # name -> result;
+    # fvu / l0 / eval_tokens above repeat the first of them
 
 
 class Trainer:
@@ -55,7 +76,8 @@ class Trainer:
     ``n_rows``, ``tokens_per_row``; see :class:`cltrace.models.activations.ActivationSource`)."""
 
     def __init__(self, cfg: TrainConfig, source, n_layers: int, d_model: int,
-                 model_name: str = "", log: Callable[[str], None] = print, bar: bool = True):
+                 model_name: str = "", log: Callable[[str], None] = print, bar: bool = True,
+                 eval_sources: Optional[dict[str, object]] = None):
         cfg.check()
         layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
         if cfg.kind == "clt" and layers != list(range(n_layers)):
@@ -64,7 +86,9 @@ class Trainer:
             raise ValueError(f"--layers must lie in 0..{n_layers - 1}, got {cfg.layers}")
         self.cfg, self.source, self.layers = cfg, source, layers
         self.model_name, self.log, self.bar = model_name, log, bar
-        self.n_eval_rows = min(-(-cfg.eval_tokens // source.tokens_per_row), source.n_rows // 4)
+        self.eval_sources = dict(eval_sources or {})  # given: every corpus row is trained on
+        self.n_eval_rows = 0 if self.eval_sources else min(
+            -(-cfg.eval_tokens // source.tokens_per_row), source.n_rows // 4)
         self.n_train_rows = source.n_rows - self.n_eval_rows
         if self.n_train_rows < 1:
             raise ValueError("the corpus is too short to train on")
@@ -121,8 +145,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss, stats = self.params(x, y)
         loss.backward()
+        levels = self.params.threshold_levels()
         self.opt.step()
         self.sched.step()
+        self.params.control_l0(stats.l0, levels)
         return stats
 
     def run(self, checkpoint: Optional[os.PathLike] = None, checkpoint_every: float = 120.0,
@@ -231,16 +257,24 @@ class Trainer:
     def result(self, info: Optional[dict] = None) -> TrainResult:
         """Export (scales folded in) and evaluate on the held-out rows."""
         ts = self.params.to_transcoder_set(self.model_name, info)
-        eval_idx = torch.arange(self.n_train_rows, self.source.n_rows)
-        fvu, l0, n_tok = evaluate(ts, self.source, eval_idx) if eval_idx.numel() else ({}, {}, 0)
+        sources = self.eval_sources or {"held-out rows": self.source}
+        evals = {}
+        for name, src in sources.items():
+            start = self.n_train_rows if src is self.source else 0
+            idx = torch.arange(start, src.n_rows)
+            evals[name] = EvalResult(*evaluate(ts, src, idx)) if idx.numel() else EvalResult({}, {}, 0)
+        first = next(iter(evals.values()))
         dead = dict(zip(self.layers, self.dead_fraction()))
-        return TrainResult(ts, self.step, self.tokens_seen, self.elapsed, fvu, l0, dead, n_tok)
+        return TrainResult(ts, self.step, self.tokens_seen, self.elapsed, first.fvu, first.l0,
+                           dead, first.tokens, evals)
 
 
 @torch.no_grad()
-def evaluate(ts: TranscoderSet, source, idx: Tensor, chunk_rows: int = 16):
+def evaluate(ts: TranscoderSet, source, idx: Tensor, chunk_rows: int = 16,
+             prefix: Optional[int] = None):
     """FVU per target layer and L0 per source layer of ``ts`` (raw units, exact JumpReLU) on
-    the rows ``idx`` of ``source``: ``({layer: fvu}, {layer: l0}, n_tokens)``."""
+    the rows ``idx`` of ``source``: ``({layer: fvu}, {layer: l0}, n_tokens)``. With ``prefix``
+    only features ``< prefix`` take part (a Matryoshka prefix of the dictionary)."""
     layers = sorted(ts.layers)
     err = {L: 0.0 for L in layers}
     ss = {L: torch.zeros(()) for L in layers}
@@ -254,12 +288,13 @@ def evaluate(ts: TranscoderSet, source, idx: Tensor, chunk_rows: int = 16):
             tc = ts.layers[L]
             x = act.x[i]
             sp = ops.jumprelu_encode(x, tc.W_enc, tc.b_enc, tc.threshold)
-            out = ops.sparse_decode(sp.row_offsets, sp.feat_idx, sp.acts, tc.W_dec)
+            acts = sp.acts if prefix is None else sp.acts * (sp.feat_idx < prefix)
+            out = ops.sparse_decode(sp.row_offsets, sp.feat_idx, acts, tc.W_dec)
             for o in range(out.shape[1]):
                 recon[layers[i + o]] += out[:, o]
             if tc.W_skip is not None:
                 recon[L] += x @ tc.W_skip
-            nnz[L] += int((sp.acts != 0).sum())
+            nnz[L] += int((acts != 0).sum())
         for i, L in enumerate(layers):
             y = act.y[i].double()
             err[L] += float((recon[L].double() - y).square().sum())

@@ -10,7 +10,19 @@ https://arxiv.org/abs/2407.14435):
   where the L0 and the firing frequencies ``p_i`` count ``H(z - theta)``; the step function's
   gradient reaches theta through the rectangle straight-through estimator of width
   ``bandwidth`` (pseudo-derivative ``-K((z - theta)/eps) / eps``; JumpReLU's own is
-  ``-theta K(...) / eps``), never z.
+  ``-theta K(...) / eps``), never z;
+* the L0 controller (``l0_control="threshold"``, the default): after every optimizer step
+  the optimizer's change of each source layer's mean log-threshold is undone and the level
+  moves instead by ``l0_gain * log(L0_batch / l0_target)`` (clamped to a factor of 2 per
+  step). The quadratic penalty alone loses to the reconstruction's straight-through pull on
+  the thresholds (L0 ends far below target in short runs); with the level owned by an
+  integral controller that has no drift to fight, the measured L0 settles on the target,
+  while the gradients still decide which features fire (the relative thresholds);
+* Matryoshka (``matryoshka=[m_1, ..., m_k]``, Gemma Scope 2's recipe; Bussmann et al. 2025,
+  https://arxiv.org/abs/2503.17547): the reconstruction loss is the mean over the nested
+  prefixes ``m_1 < ... < m_k < width`` and the full width of the MSE of the reconstruction
+  that uses only features ``< m`` (skip and biases always included), so every prefix of the
+  dictionary is itself a transcoder.
 
 Inputs and targets are normalised per layer (``x * x_scale`` with mean squared norm
 ``d_model``, ``y * y_scale`` with mean squared norm 1) and the scales are folded back into
@@ -22,6 +34,7 @@ autograd over the dense ``[B, d_sae]`` activations (the benchmark's baseline and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -54,6 +67,9 @@ class TrainConfig:
     layers: Optional[list[int]] = None  # source layers (default all); a CLT needs all
     bandwidth: float = 0.1  # STE rectangle width, in normalised pre-activation units
     l0_coef: float = 1.0
+    l0_control: str = "threshold"  # "threshold" (controller on the thresholds) or "none"
+    l0_gain: float = 0.1  # controller gain: log-threshold step per unit of log(L0 / target)
+    matryoshka: Optional[list[int]] = None  # nested prefix sizes (< width) that also reconstruct
     freq_coef: float = 0.1
     max_freq: float = 0.1  # firing frequency above which the frequency penalty applies
     buffer_tokens: int = 8192  # activations read from the model at a time (all layers)
@@ -73,10 +89,26 @@ class TrainConfig:
             raise ValueError(f"backend must be 'sparse' or 'dense', got {self.backend!r}")
         if self.lr <= 0 or self.bandwidth <= 0:
             raise ValueError("lr and bandwidth must be > 0")
+        if self.l0_control not in ("threshold", "none") or self.l0_gain < 0:
+            raise ValueError(f"l0_control must be 'threshold' or 'none' (gain >= 0), got "
+                             f"{self.l0_control!r}, {self.l0_gain}")
+        m = self.matryoshka or []
+        if any(not a < b for a, b in zip([0, *m], [*m, self.width])):
+            raise ValueError(f"--matryoshka prefixes must increase strictly within (0, width="
+                             f"{self.width}), got {m}")
+
+    @property
+    def prefixes(self) -> list[int]:
+        """The dictionary sizes whose reconstructions enter the loss (always ends with width)."""
+        return [*(self.matryoshka or []), self.width]
 
     @property
     def total_steps(self) -> int:
         return -(-self.tokens // self.batch_size)
+
+
+THRESHOLD_FLOOR = 1e-2  # mean threshold (normalised units) below which the L0 controller
+# raises the encoder biases instead
 
 
 class _Step(torch.autograd.Function):
@@ -190,40 +222,72 @@ class TranscoderParams(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, StepStats]:
         """Loss on normalised ``x, y [n_src, B, d]`` (one row per source layer)."""
         cfg, B = self.cfg, x.shape[1]
-        eps = cfg.bandwidth
-        recon = [self.b_dec[i].expand(B, -1) for i in range(len(self.layer_ids))]
+        eps, n_src, sizes = cfg.bandwidth, len(self.layer_ids), cfg.prefixes
+        base = [self.b_dec[i].expand(B, -1) for i in range(n_src)]
         if cfg.affine_skip:
-            recon = [r + x[i] @ self.W_skip[i] for i, r in enumerate(recon)]
+            base = [r + x[i] @ self.W_skip[i] for i, r in enumerate(base)]
+        recon = [list(base) for _ in sizes]  # [prefix][target layer]
         sparsity = x.new_zeros(())
         l0s, fired = [], []
-        for i in range(len(self.layer_ids)):
+        for i in range(n_src):
             theta = self.log_threshold[i].exp()
             if cfg.backend == "sparse":
                 sp = ops.jumprelu_encode(x[i], self.W_enc[i], self.b_enc[i], theta, eps)
-                out = ops.sparse_decode(sp.row_offsets, sp.feat_idx, sp.acts, self.W_dec[i])
+                outs = [ops.sparse_decode(sp.row_offsets, sp.feat_idx,
+                                          sp.acts if m == cfg.width else sp.acts * (sp.feat_idx < m),
+                                          self.W_dec[i]) for m in sizes]
                 on = _Step.apply(sp.pre_acts, theta[sp.feat_idx], eps)  # [nnz]
                 counts = torch.zeros_like(theta).index_add(0, sp.feat_idx, on)  # [W]
             else:
                 z = x[i] @ self.W_enc[i] + self.b_enc[i]  # [B, W]
                 acts = _DenseJumpReLU.apply(z, theta, eps)
-                out = torch.einsum("bf,fod->bod", acts, self.W_dec[i])  # [B, n_out, d]
+                outs = [torch.einsum("bf,fod->bod", acts[:, :m], self.W_dec[i][:m])
+                        for m in sizes]  # [B, n_out, d] each
                 counts = _Step.apply(z, theta, eps).sum(0)  # [W]
-            for o in range(out.shape[1]):
-                recon[i + o] = recon[i + o] + out[:, o]
+            for k, out in enumerate(outs):
+                for o in range(out.shape[1]):
+                    recon[k][i + o] = recon[k][i + o] + out[:, o]
             l0 = counts.sum() / B
             sparsity = sparsity + cfg.l0_coef * (l0 / cfg.l0 - 1).square()
             if cfg.freq_coef > 0:
                 sparsity = sparsity + cfg.freq_coef * (counts / B - cfg.max_freq).relu().sum()
             l0s.append(float(l0.detach()))
             fired.append(counts.detach() > 0)
-        err = [(r - y[i]).square().sum(-1).mean() for i, r in enumerate(recon)]
-        mse = torch.stack(err).sum()
+        errs = [[(r - y[i]).square().sum(-1).mean() for i, r in enumerate(rk)] for rk in recon]
+        mse = torch.stack([torch.stack(e).sum() for e in errs]).mean()
         var = (y - y.mean(1, keepdim=True)).square().sum(-1).mean(-1)  # [n_src]
         loss = mse + sparsity
-        err_f = [float(e.detach()) for e in err]
+        err_f = [float(e.detach()) for e in errs[-1]]  # the full dictionary
         stats = StepStats(float(loss.detach()), err_f,
                           [e / max(float(v), 1e-12) for e, v in zip(err_f, var)], l0s, fired)
         return loss, stats
+
+    @torch.no_grad()
+    def threshold_levels(self) -> list[tuple[float, float]]:
+        """(mean log-threshold, mean encoder bias) of each source layer: the firing level the
+        L0 controller owns."""
+        return [(float(t.mean()), float(b.mean())) for t, b in zip(self.log_threshold, self.b_enc)]
+
+    @torch.no_grad()
+    def control_l0(self, l0s: list[float], levels_before: list[tuple[float, float]]) -> None:
+        """The L0 controller, after an optimizer step: undo the step's change of each source
+        layer's mean log-threshold (the gradients keep deciding the relative thresholds), then
+        move it by ``l0_gain * log(L0 / target)`` (L0 of the step's batch; the ratio clamped
+        to [1/2, 2]). An integral controller with no drift to fight: it settles on the target.
+        Where the thresholds sit at :data:`THRESHOLD_FLOOR` (normalised units) the mean encoder
+        bias is held and moved instead (lowering every bias is the optimizer's other way to
+        fire less, which thresholds at the floor cannot answer)."""
+        cfg = self.cfg
+        if cfg.l0_control != "threshold":
+            return
+        for i, (l0, (log_t, b)) in enumerate(zip(l0s, levels_before)):
+            step = cfg.l0_gain * math.log(min(max((l0 + 1e-3) / cfg.l0, 0.5), 2.0))
+            self.log_threshold[i].sub_(float(self.log_threshold[i].mean()) - log_t)
+            if log_t + min(step, 0.0) < math.log(THRESHOLD_FLOOR):
+                # thresholds at the floor: the bias level is the controller's too, and moves
+                self.b_enc[i].sub_(float(self.b_enc[i].mean()) - b + step)
+            else:
+                self.log_threshold[i].add_(step)
 
     @torch.no_grad()
     def to_transcoder_set(self, model_name: str = "", info: Optional[dict] = None) -> TranscoderSet:

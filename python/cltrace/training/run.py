@@ -24,15 +24,23 @@ def checkpoint_path(out: os.PathLike) -> Path:
     return out.with_name(out.name + ".checkpoint.pt")
 
 
+# A run shorter than this many optimizer steps, or with a held-out FVU >= 1 (worse than
+# predicting the mean), is reported as too short to mean anything.
+MIN_MEANINGFUL_STEPS = 100
+
+
 def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
+                      eval_texts: Optional[dict[str, Sequence[str]]] = None,
                       out: Optional[os.PathLike] = None, corpus_name: str = "",
                       resume: bool = False, checkpoint_every: float = 120.0,
                       log: Callable[[str], None] = print, bar: bool = True) -> TrainResult:
     """Train transcoders for ``loaded`` (a :class:`cltrace.models.LoadedModel`) on ``texts``.
 
-    With ``out``, the set is written there in the Gemma Scope 2 layout and the run checkpoints
-    to :func:`checkpoint_path` (``resume=True`` continues from it; a finished run deletes it).
-    The returned set's ``info`` records provenance and the held-out FVU and L0 per layer.
+    ``eval_texts`` names held-out texts (never trained on) to measure the final FVU and L0 on;
+    without it the last rows of ``texts`` are held out. With ``out``, the set is written there
+    in the Gemma Scope 2 layout and the run checkpoints to :func:`checkpoint_path`
+    (``resume=True`` continues from it; a finished run deletes it). The returned set's ``info``
+    records provenance and the held-out FVU and L0 per layer on every evaluation text.
     """
     cfg.check()
     model, tok = loaded.model, loaded.tokenizer
@@ -51,16 +59,19 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
     if state is not None and state.get("rows") is not None:
         rows = state["rows"]  # the interrupted run's exact token rows
     else:
-        rows = token_rows(tok, texts, cfg.ctx,
-                          max_tokens=(cfg.corpus_tokens or cfg.tokens) + cfg.eval_tokens)
+        rows = token_rows(tok, texts, cfg.ctx, max_tokens=(cfg.corpus_tokens or cfg.tokens)
+                          + (0 if eval_texts else cfg.eval_tokens))
     layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     source = ActivationSource(model, rows, layers, tok.bos_token_id,
                               cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
     corpus_tokens = rows.shape[0] * source.tokens_per_row
     log(f"corpus {corpus_name or 'texts'}: {len(texts)} documents, {corpus_tokens} tokens in "
         f"{rows.shape[0]} rows of {cfg.ctx} (tokenized in {time.perf_counter() - t0:.1f}s)")
+    evals = {k: ActivationSource(model, token_rows(tok, v, cfg.ctx, max_tokens=cfg.eval_tokens),
+                                 layers, tok.bos_token_id) for k, v in (eval_texts or {}).items()}
     name = getattr(loaded, "name", "") or getattr(config, "_name_or_path", "")
-    trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar)
+    trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar,
+                      eval_sources=evals)
     if state is not None:
         trainer.load_state(state)
         log(f"resumed from {ckpt} at step {trainer.step}/{cfg.total_steps}")
@@ -72,12 +83,19 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
     result = trainer.result()
     info = provenance(cfg, result, corpus_name or "texts", corpus_tokens)
     result.transcoders.info = info
+    names = list(result.evals)
+    log("  layer  " + "  ".join(f"{n[:28]:>28s}" for n in names) + "   dead")
     for L in sorted(result.fvu):
-        log(f"  layer {L:2d}: FVU {result.fvu[L]:.3f}  L0 {result.l0[L]:6.1f}  "
-            f"dead {result.dead_frac[L]:.1%}")
+        cells = [f"FVU {result.evals[n].fvu[L]:6.3f} L0 {result.evals[n].l0[L]:6.1f}" for n in names]
+        log(f"  {L:5d}  " + "  ".join(f"{c:>28s}" for c in cells) + f"  {result.dead_frac[L]:5.1%}")
     log(f"trained in {result.train_seconds:.0f}s ({result.tokens / max(result.train_seconds, 1e-9):.0f} "
-        f"tokens/s incl. model activations); held-out FVU {info['fvu_mean']:.3f}, "
-        f"L0 {info['l0_mean']:.1f} on {result.eval_tokens} tokens")
+        f"tokens/s incl. model activations); " + "; ".join(
+            f"{n}: FVU {e.fvu_mean:.3f}, L0 {e.l0_mean:.1f} on {e.tokens} tokens"
+            for n, e in result.evals.items()))
+    if not info["meaningful"]:
+        log(f"WARNING: this run is too short to mean anything ({result.steps} steps of "
+            f"{cfg.batch_size} tokens; need >= {MIN_MEANINGFUL_STEPS} steps, and a held-out FVU "
+            f">= 1 is worse than predicting the mean): raise --tokens")
     if out is not None:
         from ..transcoders.write import save_gemmascope
 
@@ -91,10 +109,13 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
 def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int) -> dict:
     """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
-    desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}, "
-            f"width {cfg.width}, JumpReLU, target L0 {cfg.l0:g}, {r.tokens} training tokens from "
-            f"{corpus_tokens} tokens of {corpus}; "
-            f"held-out FVU {mean(r.fvu):.3f}, L0 {mean(r.l0):.1f}")
+    meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(
+        v < 1 for e in r.evals.values() for v in e.fvu.values())
+    held = "; ".join(f"{n}: FVU {e.fvu_mean:.3f}, L0 {e.l0_mean:.1f}" for n, e in r.evals.items())
+    desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}"
+            f"{' Matryoshka' if cfg.matryoshka else ''}, width {cfg.width}, JumpReLU, target L0 "
+            f"{cfg.l0:g}, {r.tokens} training tokens from {corpus_tokens} tokens of {corpus}; "
+            f"{held or 'not evaluated'}{'' if meaningful else ' (TOO SHORT to mean anything)'}")
     return {"trained": True, "synthetic": False, "trainer": "cltrace train",
             "description": desc, "graph_info": {"transcoders": desc},
             "corpus": corpus, "corpus_tokens": corpus_tokens, "tokens": r.tokens, "steps": r.steps,
@@ -104,4 +125,10 @@ def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int
             "l0_measured": {str(L): round(v, 2) for L, v in r.l0.items()},
             "dead_frac": {str(L): round(v, 4) for L, v in r.dead_frac.items()},
             "fvu_mean": round(mean(r.fvu), 4), "l0_mean": round(mean(r.l0), 2),
+            "meaningful": meaningful,
+            "evals": {n: {"tokens": e.tokens, "fvu_mean": round(e.fvu_mean, 4),
+                          "l0_mean": round(e.l0_mean, 2),
+                          "fvu": {str(L): round(v, 4) for L, v in e.fvu.items()},
+                          "l0": {str(L): round(v, 2) for L, v in e.l0.items()}}
+                      for n, e in r.evals.items()},
             "config": dataclasses.asdict(cfg)}

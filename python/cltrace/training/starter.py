@@ -1,13 +1,17 @@
 """Starter transcoders for a model, so that ``cltrace attribute`` works with no download.
 
 The default (:func:`starter_transcoders`) is a TRAINED set: on first use, per-layer JumpReLU
-transcoders with an affine skip are trained on the model's own MLP activations over the
-Python standard library's docstrings (:mod:`cltrace.training`; 13.5 minutes of training
-on 2 shared CPU cores for Gemma 3 270M), written in the Gemma Scope 2 layout under
-``cache_root()/starter/`` and reused afterwards. An interrupted first run resumes from its
-checkpoint. Its ``info`` records the training (tokens, steps, held-out FVU and L0 per layer).
-These are small transcoders trained briefly on a narrow corpus: useful for trying the tool,
-not a substitute for Gemma Scope 2.
+transcoders with an affine skip are trained on the model's own MLP activations over an
+offline text mix (:func:`cltrace.training.corpus.mixed_corpus`: docstrings of every
+installed Python file, installed packages' long descriptions, the Python language
+reference, and English text the model itself writes from general openings), with the L0
+controller holding the target L0 (:mod:`cltrace.training.model`). The set is written in the
+Gemma Scope 2 layout under ``cache_root()/starter/`` and reused afterwards; an interrupted
+first run resumes from its checkpoint. Its ``info`` records the training and the held-out
+FVU and L0 per layer on held-out documents of the mix and on English prose that no
+training source contains (see benchmarks/RESULTS_training.md for the measured figures and
+the first-run time). These are small transcoders trained briefly: useful for trying the
+tool, not a substitute for Gemma Scope 2.
 
 :func:`synthetic_starter_transcoders` keeps the older SYNTHETIC set (not trained): random
 encoders; each feature's JumpReLU threshold is calibrated on the model's real MLP inputs so
@@ -17,60 +21,38 @@ activations. Graphs on it are exact, but its features carry no learned meaning.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..frozen.capture import capture
+from ..models.activations import ActivationSource
 from ..models.anatomy import text_parts
-from .model import TrainConfig
 from ..transcoders.base import LayerTranscoder, TranscoderSet
+from .corpus import stdlib_texts, token_rows
+from .model import TrainConfig
 
 CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
                        "re", "string", "textwrap", "datetime", "random", "statistics", "csv",
                        "logging", "shutil", "subprocess", "tempfile", "typing", "dataclasses", "heapq"]
 
 
-def calibration_texts() -> list[str]:  # the synthetic set's (short) calibration text
-    """Docstrings of standard-library modules and their public functions/classes, deduplicated."""
-    seen, out = set(), []
-    with warnings.catch_warnings():  # some attributes (typing.io, ...) warn when touched
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in CALIBRATION_MODULES:
-            mod = importlib.import_module(name)
-            objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
-            for obj in objs:
-                doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                              or inspect.isfunction(obj)) else None
-                if doc and len(doc) > 80 and doc not in seen:
-                    seen.add(doc)
-                    out.append(doc)
-    return out
+def calibration_texts() -> list[str]:
+    """The synthetic set's (short) calibration text: docstrings of a few standard-library
+    modules (:func:`cltrace.training.corpus.stdlib_texts`)."""
+    return stdlib_texts(CALIBRATION_MODULES)
 
 
 @torch.no_grad()
-def collect_mlp_io(model, tokenizer, n_tokens: int, chunk: int = 128,
-                   progress: Optional[Callable[[int], None]] = None) -> tuple[Tensor, Tensor]:
-    """MLP inputs and outputs of every layer on ``n_tokens`` calibration tokens (BOS excluded):
-    ``[n_layers, n_tokens, d_model]`` each, float32."""
-    parts = text_parts(model)
-    device = parts.lm_head.weight.device
-    xs, ys, total = [], [], 0
-    for text in calibration_texts():
-        ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:chunk].to(device)
-        cap = capture(parts, ids)
-        xs.append(torch.stack([c.mlp_in[1:] for c in cap.layers]).float().cpu())
-        ys.append(torch.stack([c.mlp_out[1:] for c in cap.layers]).float().cpu())
-        total += ids.numel() - 1
-        if progress:
-            progress(min(total, n_tokens))
-        if total >= n_tokens:
-            break
-    return torch.cat(xs, 1)[:, :n_tokens], torch.cat(ys, 1)[:, :n_tokens]
+def collect_mlp_io(model, tokenizer, n_tokens: int, chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """MLP inputs and outputs of every layer on ``n_tokens`` calibration tokens (BOS excluded),
+    read by :class:`cltrace.models.activations.ActivationSource` from rows of ``chunk``
+    tokens: ``[n_layers, n_tokens, d_model]`` each, float32."""
+    rows = token_rows(tokenizer, calibration_texts(), chunk, max_tokens=n_tokens)
+    n_layers = len(text_parts(model).layers)
+    act = ActivationSource(model, rows, range(n_layers), tokenizer.bos_token_id).read(
+        torch.arange(rows.shape[0]))
+    return act.x[:, :n_tokens], act.y[:, :n_tokens]
 
 
 def _ridge(A: Tensor, B: Tensor, lam: float) -> Tensor:
@@ -119,14 +101,17 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
                          source="", info={**info, "graph_info": {"transcoders": info["description"]}})
 
 
-# The trained starter set: sized so that the first run (activations + training + evaluation)
-# took 13.5 minutes of training on 2 shared CPU cores for Gemma 3 270M
-# (see benchmarks/RESULTS_training.md).
+# The trained starter set (recipe v2; figures in benchmarks/RESULTS_training.md): PLT + affine
+# skip, width 2048, target L0 32 held by the L0 controller, STARTER_CONFIG.corpus_tokens
+# distinct tokens of the offline mix (activations cached in memory as bf16) of which
+# STARTER_GENERATED texts are written by the model itself.
 STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
-                             corpus_tokens=20_000, cache_activations=True, batch_size=512,
+                             corpus_tokens=40_000, cache_activations=True, batch_size=512,
                              lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
-                             eval_tokens=4096)
-STARTER_VERSION = 1  # bump when the recipe changes (a new cache entry is trained)
+                             eval_tokens=4096, l0_control="threshold", l0_gain=0.1)
+STARTER_GENERATED = 56  # model-written texts of STARTER_GENERATED_TOKENS tokens in the mix
+STARTER_GENERATED_TOKENS = 80
+STARTER_VERSION = 2  # bump when the recipe changes (a new cache entry is trained)
 
 
 def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progress=print,
@@ -135,23 +120,32 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
 
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
     ``progress`` receives messages (the per-layer FVU and L0 among them)."""
-    from .corpus import stdlib_texts
     from ..models import cache_root
+    from .corpus import CHARS_PER_TOKEN, generated_texts, heldout_prose, mixed_corpus
     from . import train_transcoders
     from ..transcoders import load_transcoders
 
     cfg = config or STARTER_CONFIG
     name = getattr(loaded, "name", "") or "model"
     tag = (f"{_safe(name)}-trained-{cfg.kind}-w{cfg.width}-l0_{cfg.l0:g}"
-           f"{'-affine' if cfg.affine_skip else ''}-t{cfg.tokens}-v{STARTER_VERSION}")
+           f"{'-affine' if cfg.affine_skip else ''}{'-mat' if cfg.matryoshka else ''}"
+           f"-t{cfg.tokens}-v{STARTER_VERSION}")
     folder = cache_root() / "starter" / tag
     if not folder.exists():
         progress(f"training the starter transcoders {tag} on this machine (first run only; "
                  f"cached in {folder}; Ctrl-C and rerun resumes) ...")
+        generated = []
+        if STARTER_GENERATED:
+            progress(f"the model writes {STARTER_GENERATED} texts of {STARTER_GENERATED_TOKENS} "
+                     "tokens for the corpus ...")
+            generated = generated_texts(loaded.model, loaded.tokenizer, STARTER_GENERATED,
+                                        new_tokens=STARTER_GENERATED_TOKENS, seed=1)
+        corpus = mixed_corpus(CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens),
+                              generated=generated)
+        evals = {"held-out mix": corpus.heldout, "held-out prose": heldout_prose()}
         try:
-            train_transcoders(loaded, cfg, stdlib_texts(), out=folder, resume=True,
-                              corpus_name="Python standard-library docstrings", log=progress,
-                              bar=bar)
+            train_transcoders(loaded, cfg, corpus.train, eval_texts=evals, out=folder,
+                              resume=True, corpus_name=corpus.name, log=progress, bar=bar)
         except FileExistsError:
             if not folder.exists():  # not another process finishing first
                 raise

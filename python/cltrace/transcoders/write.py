@@ -1,9 +1,14 @@
 """Writers of transcoder sets in the Gemma Scope 2 layout (what cltrace's loaders read back).
 
 PLT: ``{root}/layer_{L}_width_{W}_l0_{l0}[_affine]/{config.json, params.safetensors}``;
-CLT: ``{root}/params_layer_{i}.safetensors`` (``w_dec [d_sae, n_layers - i, d_model]``) plus a
-shared ``config.json``. Keys ``w_enc [d_in, d_sae]``, ``w_dec``, ``b_enc``, ``b_dec``,
-``threshold`` and optionally ``affine_skip_connection [d_in, d_out]``. Every file is written
+CLT: ``{root}/params_layer_{i}.safetensors`` plus a shared ``config.json``, in the published
+shapes: ``w_dec [d_sae, n_layers, d_model]`` for every source layer i, zeros in the layers
+below i (what circuit-tracer's and SAELens' Gemma Scope 2 loaders stack across files). Keys
+``w_enc [d_in, d_sae]``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold`` and optionally
+``affine_skip_connection [d_in, d_out]``. config.json holds the Gemma Scope 2 keys
+(``hf_hook_point_in``, ``hf_hook_point_out``, ``width``, ``model_name``, ``architecture``,
+``l0``, ``affine_connection``, ``type``) plus ``cltrace_info`` (provenance; other readers
+ignore it). Every file is written
 to a temporary name and renamed, and the whole set is built in a temporary folder that is
 renamed onto ``root`` last, so a failure leaves nothing half-written.
 """
@@ -15,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from .base import HOOK_IN, HOOK_OUT, TranscoderSet
 
@@ -31,6 +38,19 @@ def _config(ts: TranscoderSet, layer: Optional[int], l0, affine: bool) -> dict:
             **({"cltrace_info": ts.info} if ts.info else {})}
 
 
+def _published_w_dec(W_dec, layer: int, n_layers: int):
+    """``[d_sae, n_layers - layer, d_model]`` -> ``[d_sae, n_layers, d_model]``, zeros below."""
+    d_sae, n_out, d_model = W_dec.shape
+    if n_out == n_layers:
+        return W_dec
+    if n_out != n_layers - layer:
+        raise ValueError(f"CLT source layer {layer} writes to {n_out} layers; a {n_layers}-layer "
+                         f"CLT's source layer {layer} writes to {n_layers - layer}")
+    full = torch.zeros(d_sae, n_layers, d_model, dtype=W_dec.dtype)
+    full[:, layer:] = W_dec.detach().cpu()
+    return full
+
+
 def save_gemmascope(ts: TranscoderSet, root: str | os.PathLike, *, l0="custom") -> Path:
     """Write ``ts`` under ``root`` (which must not exist yet) in the Gemma Scope 2 layout."""
     from safetensors.torch import save_file
@@ -44,7 +64,7 @@ def save_gemmascope(ts: TranscoderSet, root: str | os.PathLike, *, l0="custom") 
         affine = any(tc.W_skip is not None for tc in ts.layers.values())
         for L, tc in sorted(ts.layers.items()):
             params = {"w_enc": tc.W_enc, "b_enc": tc.b_enc, "threshold": tc.threshold, "b_dec": tc.b_dec,
-                      "w_dec": tc.W_dec[:, 0] if ts.kind == "plt" else tc.W_dec}
+                      "w_dec": tc.W_dec[:, 0] if ts.kind == "plt" else _published_w_dec(tc.W_dec, L, ts.n_layers)}
             if tc.W_skip is not None:
                 params["affine_skip_connection"] = tc.W_skip
             params = {k: v.detach().cpu().contiguous() for k, v in params.items()}
