@@ -44,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
+    add_trace_arguments(p)
+    p.add_argument("--target", action="append", default=[], metavar="TOKEN",
+                   help="attribute this next token instead of the salient ones (repeatable)")
+    p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="attribute the logit difference A - B (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg") -> None:
+    """The options of the graph of every prompt (also those of ``cltrace batch``):
+    what :func:`trace_settings` reads."""
     p.add_argument("--max-feature-nodes", type=int, default=MAX_FEATURE_NODES, metavar="N",
                    help=f"visit at most N features, most influential first (default "
                         f"{MAX_FEATURE_NODES}, as circuit-tracer; 0 or more than the active "
@@ -56,14 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n-logits", type=int, default=10, metavar="K", help="at most K logit targets")
     p.add_argument("--desired-logit-prob", type=float, default=0.95, metavar="P",
                    help="logit targets up to this cumulative probability (default 0.95)")
-    p.add_argument("--target", action="append", default=[], metavar="TOKEN",
-                   help="attribute this next token instead of the salient ones (repeatable)")
-    p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="attribute the logit difference A - B (repeatable)")
-    p.add_argument("--format", default="json,dot,svg",
-                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default json,dot,svg; "
-                        "pt writes the full unpruned graph, see above for sizes)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--format", default=formats,
+                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default {formats}; "
+                        "pt writes the full unpruned graph, see 'cltrace attribute --help' for sizes)")
+
+
+def trace_settings(args: argparse.Namespace):
+    """The checked TraceSettings of the options of :func:`add_trace_arguments`."""
+    from ..batch.job import TraceSettings, parse_formats
+
+    return TraceSettings(max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
+                         max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                         formats=parse_formats(args.format)).check()
 
 
 def _peak_memory_gib(device) -> str:
@@ -79,12 +95,9 @@ def _peak_memory_gib(device) -> str:
 def run(args: argparse.Namespace) -> int:
     from ._common import check_output_dir, load_replacement, messenger, read_prompt
 
-    from ..batch.job import PromptSpec, TraceSettings, check_slug, parse_formats, trace_prompt
+    from ..batch.job import PromptSpec, check_slug, trace_prompt
 
-    settings = TraceSettings(max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-                             max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
-                             node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                             formats=parse_formats(args.format)).check()
+    settings = trace_settings(args)
     text = read_prompt(args)
     out = check_output_dir(args.out)
     slug = check_slug(args.slug or slugify(text))
