@@ -15,10 +15,12 @@ class CrashingTokenizer(CharTokenizer):
     """CharTokenizer that ends its process (as a pre-empted worker) the first time it sees
     ``crash_on``; ``marker`` records that it did."""
 
-    def __init__(self, crash_on: str = "", marker: str = ""):
-        self.crash_on, self.marker = crash_on, marker
+    def __init__(self, crash_on: str = "", marker: str = "", interrupt_on: str = ""):
+        self.crash_on, self.marker, self.interrupt_on = crash_on, marker, interrupt_on
 
     def __call__(self, text, *a, **k):
+        if self.interrupt_on and text == self.interrupt_on:  # as Ctrl-C in the middle of a prompt
+            raise KeyboardInterrupt
         if self.crash_on and text == self.crash_on and not os.path.exists(self.marker):
             Path(self.marker).write_text(str(os.getpid()))
             os._exit(1)
@@ -37,10 +39,10 @@ def save_tiny(path: Path) -> Path:
     return path
 
 
-def load_tiny(path: str, crash_on: str = "", marker: str = ""):
+def load_tiny(path: str, crash_on: str = "", marker: str = "", interrupt_on: str = ""):
     """(ReplacementModel, tokenizer) as cltrace's load_replacement makes them for 'tiny'."""
     from cltrace.replacement import ReplacementModel
 
     saved = torch.load(path, weights_only=False)
-    tok = CrashingTokenizer(crash_on, marker)
+    tok = CrashingTokenizer(crash_on, marker, interrupt_on)
     return ReplacementModel(saved["model"], saved["transcoders"], tokenizer=tok, model_name="tiny"), tok
