@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import tempfile
 import time
@@ -63,4 +64,6 @@ class Worker:
             files = {}
         times["total"] = time.perf_counter() - t0
         record["times"] = {k: round(v, 4) for k, v in times.items()}
+        record["load_s"] = round(self.load_s, 3)  # this worker's one model load
+        record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         return {"record": record, "files": files}
