@@ -61,12 +61,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_for_worker(model, transcoders, device, dtype, skip_positions):
-    """(ReplacementModel, tokenizer) from the command's options, in a worker (picklable)."""
+    """(ReplacementModel, tokenizer) from the command's options, in a worker (picklable).
+    Without --transcoders the workers of a machine take turns (a file lock), so the starter
+    set is trained once, by the first, when it is not cached yet."""
+    import contextlib
+    import fcntl
+
+    from ..models import cache_root
     from ._common import load_replacement
 
     args = argparse.Namespace(model=model, transcoders=transcoders, device=device, dtype=dtype,
                               skip_positions=skip_positions)
-    loaded, rm = load_replacement(args, lambda *a: None)
+    with contextlib.ExitStack() as stack:
+        if transcoders is None:
+            lock_path = cache_root() / "starter" / ".batch.lock"
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(lock_path, "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        loaded, rm = load_replacement(args, lambda *a: None)
     return rm, loaded.tokenizer
 
 
