@@ -44,7 +44,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def _load() -> str:
-    return " ".join(os.getloadavg().__repr__().strip("()").split(", ")[:3])
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def separate(prompts, flags, out: Path) -> dict:

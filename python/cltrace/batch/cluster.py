@@ -24,8 +24,9 @@ def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
         raise ValueError("--ray needs Ray: pip install 'cltrace[ray]'") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+        # an uninstalled checkout (PYTHONPATH) reaches the actors of a local cluster too
+        env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
+        ray.init(address=address, log_to_driver=False, runtime_env=env)
     try:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1
