@@ -57,12 +57,12 @@ def separate(prompts, flags, out: Path) -> dict:
     return {"wall_s": wall, "prompts_per_min": 60 * len(prompts) / wall, "peak_rss_mib": max(peaks)}
 
 
-def batch(prompts, flags, out: Path, workers: int, ray: bool) -> dict:
+def batch(prompts, flags, out: Path, workers: int, ray: bool, threads: int = 0) -> dict:
     listing = out.with_suffix(".txt")
     listing.write_text("".join(p + "\n" for p in prompts))
     t0 = time.perf_counter()
     subprocess.run(_cli("batch", str(listing), "--out", str(out), "--workers", str(workers), "--quiet",
-                        *(["--ray"] if ray else []), *flags), check=True, capture_output=True)
+                        "--threads", str(threads), *(["--ray"] if ray else []), *flags), check=True, capture_output=True)
     wall = time.perf_counter() - t0
     records = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == len(prompts) and all(r["status"] == "ok" for r in records), records
@@ -78,11 +78,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20, help="how many of the 20 prompts (default all)")
     ap.add_argument("--max-feature-nodes", type=int, default=7500)
     ap.add_argument("--modes", default="separate,local-1,local-2,ray-1,ray-2")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per batch worker (default: the command's, cores // workers)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/batch-<date>.json)")
     args = ap.parse_args()
     prompts = PROMPTS[: args.prompts]
     flags = ["--max-feature-nodes", str(args.max_feature_nodes)]
-    results = {"prompts": len(prompts), "max_feature_nodes": args.max_feature_nodes,
+    results = {"prompts": len(prompts), "max_feature_nodes": args.max_feature_nodes, "threads": args.threads,
                "cores": len(os.sched_getaffinity(0)), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
@@ -92,7 +94,7 @@ def main() -> None:
                 r = separate(prompts, flags, out)
             else:
                 kind, n = mode.split("-")
-                r = batch(prompts, flags, out, int(n), kind == "ray")
+                r = batch(prompts, flags, out, int(n), kind == "ray", args.threads)
             r["load_before"], r["load_after"] = load_before, _load()
             results["modes"][mode] = r
             print(f"{mode:9s} {r['prompts_per_min']:6.2f} prompts/min  wall {r['wall_s']:6.1f}s  "
