@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -81,7 +82,7 @@ class Collector:
             self.result.ok += 1
         else:
             self.result.failed += 1
-            self.bar.write(f"failed: {record['slug']}: {record['error']}")
+            self.bar.write(f"failed: {record['slug']}: {record['error']}", file=sys.stderr)
         self.bar.set_postfix(ok=self.result.ok, failed=self.result.failed, refresh=False)
         self.bar.update(1)
 
