@@ -18,6 +18,8 @@ def _actor_options(threads: int, gpu: bool) -> dict:
 def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
     """Trace ``todo`` [(spec, attempt)] on ``n`` actors (None: one per GPU, else one per
     ``threads`` CPUs), ``collect`` each result in this process."""
+    if n is not None and n < 1:
+        raise ValueError(f"--workers {n} with --ray: give at least 1 actor (or leave it out)")
     try:
         import ray
     except ImportError:
