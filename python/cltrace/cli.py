@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ["attribute", "steer", "features", "serve", "inspect", "train"]  # modules of cltrace.commands, in --help order
+COMMANDS = ["attribute", "batch", "steer", "features", "serve", "inspect", "train"]  # modules of cltrace.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import resource
 import time
 
@@ -37,8 +36,7 @@ Examples:
   cltrace attribute "How do I pick a lock?" --model google/gemma-3-270m-it --chat \\
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
 """
-FORMATS = ("json", "dot", "svg", "png", "pt")
-MAX_FEATURE_NODES = 7500  # circuit-tracer's CLI default (Neuronpedia offers 1,500-10,000)
+from ..batch.job import FORMATS, MAX_FEATURE_NODES, slugify  # noqa: E402,F401 (the names of this command)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
+    add_trace_arguments(p)
+    p.add_argument("--target", action="append", default=[], metavar="TOKEN",
+                   help="attribute this next token instead of the salient ones (repeatable)")
+    p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="attribute the logit difference A - B (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg") -> None:
+    """The options of the graph of every prompt (also those of ``cltrace batch``):
+    what :func:`trace_settings` reads."""
     p.add_argument("--max-feature-nodes", type=int, default=MAX_FEATURE_NODES, metavar="N",
                    help=f"visit at most N features, most influential first (default "
                         f"{MAX_FEATURE_NODES}, as circuit-tracer; 0 or more than the active "
@@ -58,27 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n-logits", type=int, default=10, metavar="K", help="at most K logit targets")
     p.add_argument("--desired-logit-prob", type=float, default=0.95, metavar="P",
                    help="logit targets up to this cumulative probability (default 0.95)")
-    p.add_argument("--target", action="append", default=[], metavar="TOKEN",
-                   help="attribute this next token instead of the salient ones (repeatable)")
-    p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="attribute the logit difference A - B (repeatable)")
-    p.add_argument("--format", default="json,dot,svg",
-                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default json,dot,svg; "
-                        "pt writes the full unpruned graph, see above for sizes)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--format", default=formats,
+                   help=f"comma-separated outputs among {', '.join(FORMATS)} (default {formats}; "
+                        "pt writes the full unpruned graph, see 'cltrace attribute --help' for sizes)")
 
 
-def slugify(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-")
-    return slug or "graph"
+def trace_settings(args: argparse.Namespace):
+    """The checked TraceSettings of the options of :func:`add_trace_arguments`."""
+    from ..batch.job import TraceSettings, parse_formats
 
-
-def _formats(text: str) -> list[str]:
-    out = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in out if f not in FORMATS]
-    if bad or not out:
-        raise ValueError(f"--format {text!r}: choose among {', '.join(FORMATS)}")
-    return out
+    return TraceSettings(max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
+                         max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                         formats=parse_formats(args.format)).check()
 
 
 def _peak_memory_gib(device) -> str:
@@ -92,22 +93,14 @@ def _peak_memory_gib(device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import check_output_dir, load_replacement, messenger, prompt_tokens, read_prompt
+    from ._common import check_output_dir, load_replacement, messenger, read_prompt
 
-    from ..attribution import attribute
-    from ..export import render, write_neuronpedia
-    from ..graph import check_threshold, graph_scores, prune
+    from ..batch.job import PromptSpec, check_slug, trace_prompt
 
-    formats = _formats(args.format)
-    check_threshold(args.node_threshold, "--node-threshold")
-    check_threshold(args.edge_threshold, "--edge-threshold")
-    if args.max_feature_nodes < 0:
-        raise ValueError(f"--max-feature-nodes must be >= 0, got {args.max_feature_nodes}")
+    settings = trace_settings(args)
     text = read_prompt(args)
     out = check_output_dir(args.out)
-    slug = args.slug or slugify(text)
-    if not slug or any(c in slug for c in '/\\\0'):
-        raise ValueError(f"--slug {slug!r} must be a non-empty file name (no '/')")
+    slug = check_slug(args.slug or slugify(text))
     say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
@@ -117,42 +110,17 @@ def run(args: argparse.Namespace) -> int:
     transcoders = rm.transcoders
     times["load"] = time.perf_counter() - t0
 
-    prompt, ids = prompt_tokens(loaded.tokenizer, text, args.chat)
-    targets = list(args.target) + [tuple(d) for d in args.target_diff]
-    say("attributing ...")
-    graph = attribute(ids, rm, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-                      max_feature_nodes=args.max_feature_nodes or None, batch_size=args.batch_size,
-                      targets=targets or None, verbose=not args.quiet, timings=times)
-    graph.prompt = prompt
-
-    t0 = time.perf_counter()
-    result = prune(graph, args.node_threshold, args.edge_threshold)
-    scores = graph_scores(graph, result)
-    times["prune"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    written = []
-    kw = dict(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, result=result)
-    if "json" in formats:
-        written.append(write_neuronpedia(graph, out, slug, **kw))
-    for fmt in ("dot", "svg", "png"):
-        if fmt in formats:
-            try:
-                written.append(render(graph, out / f"{slug}.{fmt}", fmt=fmt, **kw))
-            except RuntimeError as e:  # no Graphviz: say so, keep the other outputs
-                say(f"warning: {e}")
-    if "pt" in formats:
-        path = out / f"{slug}.graph.safetensors"
-        graph.save(path)
-        written.append(path)
-    times["export"] = time.perf_counter() - t0
-
-    kept_nodes, kept_edges = int(result.node_mask.sum()), int(result.edge_mask.sum())
+    targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)
+    record = trace_prompt(rm, loaded.tokenizer, PromptSpec(text, slug, targets, args.chat), settings,
+                          out, verbose=not args.quiet, times=times, say=say)
+    for w in record.warnings:
+        say(f"warning: {w}")
+    graph, n = record.graph, record.summary()
     print(f"graph {slug}: {graph.n_nodes} nodes ({graph.n_features} features, {graph.n_logits} logits), "
-          f"{int((graph.edges != 0).sum())} edges; pruned to {kept_nodes} nodes, {kept_edges} edges")
+          f"{n['n_edges']} edges; pruned to {n['kept_nodes']} nodes, {n['kept_edges']} edges")
     top = ", ".join(f"{l!r} p={p:.3f}" for l, p in zip(graph.logit_labels, graph.logit_probs.tolist()))
     print(f"targets: {top}")
-    print(f"scores: replacement {scores.replacement:.3f}, completeness {scores.completeness:.3f}")
+    print(f"scores: replacement {record.scores.replacement:.3f}, completeness {record.scores.completeness:.3f}")
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
           + f"; total {time.perf_counter() - t_start:.2f}s; {_peak_memory_gib(rm.device)}")
     if transcoders.info.get("synthetic"):
@@ -160,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
               "but their features have no learned meaning")
     elif transcoders.info.get("trained") and transcoders.info.get("description"):
         print(f"transcoders: {transcoders.info['description']}")
-    for p in written:
+    for p in record.written:
         print(f"wrote {p}")
     return 0

@@ -1,0 +1,1 @@
+"""Batch tracing: many prompts, local worker processes or a Ray cluster (see README.md)."""

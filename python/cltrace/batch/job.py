@@ -1,0 +1,170 @@
+"""One prompt's job: tokenize, attribute, prune, score and export the graph of a prompt.
+
+:func:`trace_prompt` is the single implementation behind ``cltrace attribute`` and the batch
+workers (:mod:`cltrace.batch.runner`), so a graph traced either way is the same file. The
+method is Ameisen et al. 2025, "Circuit Tracing" (see :mod:`cltrace.attribution`).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+FORMATS = ("json", "dot", "svg", "png", "pt")
+MAX_FEATURE_NODES = 7500  # circuit-tracer's CLI default (Neuronpedia offers 1,500-10,000)
+Target = Union[str, tuple]  # a next token, or (a, b): the logit difference a - b
+
+
+def slugify(text: str) -> str:
+    """A file-name-safe graph name from a prompt: lower-case words joined by '-', 48 chars."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-")
+    return slug or "graph"
+
+
+def check_slug(slug: str, flag: str = "--slug") -> str:
+    if not slug or any(c in slug for c in '/\\\0'):
+        raise ValueError(f"{flag} {slug!r} must be a non-empty file name (no '/')")
+    return slug
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'json,dot' -> ('json', 'dot'), each checked against FORMATS."""
+    out = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise ValueError(f"--format {text!r}: choose among {', '.join(FORMATS)}")
+    return out
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """The attribute options shared by every prompt of a run (defaults as ``cltrace attribute``)."""
+
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    max_feature_nodes: int = MAX_FEATURE_NODES  # 0: all active features
+    batch_size: int = 64
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    formats: tuple = ("json",)
+
+    def check(self) -> "TraceSettings":
+        from ..graph import check_threshold
+
+        check_threshold(self.node_threshold, "--node-threshold")
+        check_threshold(self.edge_threshold, "--edge-threshold")
+        if self.max_feature_nodes < 0:
+            raise ValueError(f"--max-feature-nodes must be >= 0, got {self.max_feature_nodes}")
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"formats {self.formats!r}: choose among {', '.join(FORMATS)}")
+        return self
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt to trace: its text, graph name, explicit targets and chat wrapping."""
+
+    prompt: str
+    slug: str
+    targets: tuple = ()  # tokens and (a, b) logit differences; empty: the salient logits
+    chat: bool = False
+
+
+@dataclass
+class TraceRecord:
+    """What tracing one prompt produced (the graph and its pruning stay in memory)."""
+
+    slug: str
+    graph: object  # cltrace.Graph, unpruned
+    result: object  # cltrace.graph.PruneResult
+    scores: object  # cltrace.graph.GraphScores
+    times: dict  # seconds per phase
+    written: list = field(default_factory=list)  # paths, in write order
+    warnings: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Counts and scores as plain JSON values (one manifest line's numbers)."""
+        g, r = self.graph, self.result
+        return {"n_nodes": g.n_nodes, "n_features": g.n_features, "n_logits": g.n_logits,
+                "n_edges": int((g.edges != 0).sum()), "kept_nodes": int(r.node_mask.sum()),
+                "kept_edges": int(r.edge_mask.sum()),
+                "scores": {"replacement": float(self.scores.replacement),
+                           "completeness": float(self.scores.completeness)},
+                "targets": [[l, float(p)] for l, p in zip(g.logit_labels, g.logit_probs.tolist())]}
+
+    def kept_features(self) -> list:
+        """[layer, feature, influence] of each feature kept by pruning, influence summed over
+        its positions, most influential first."""
+        g, r = self.graph, self.result
+        feats = g.features.tolist()  # [n_features, 3]: layer, pos, feature
+        infl = r.influence.tolist()
+        mask = r.node_mask.tolist()
+        acc: dict = {}
+        for i, (layer, _pos, feat) in enumerate(feats):
+            if mask[i]:
+                acc[(layer, feat)] = acc.get((layer, feat), 0.0) + infl[i]
+        return sorted(([l, f, v] for (l, f), v in acc.items()), key=lambda x: (-x[2], x[0], x[1]))
+
+
+def prompt_tokens(tokenizer, text: str, chat: bool):
+    """(prompt text, what the replacement model runs on): the text itself, or with chat the
+    chat turn around it and its token ids (the turn already holds <bos>)."""
+    if not chat:
+        return text, text
+    from ..models import chat_prompt
+
+    prompt = chat_prompt(tokenizer, text)
+    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+
+def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: Path, *,
+                 verbose: bool = False, times: Optional[dict] = None,
+                 say: Callable[..., None] = lambda *a: None) -> TraceRecord:
+    """Attribute ``spec.prompt`` with the replacement model ``rm``, prune and score the graph,
+    and write ``settings.formats`` as ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
+
+    ``times`` (a dict) receives the seconds per phase, after what it already holds. Raises
+    ValueError for a bad prompt (empty, too long, a target that is not one token)."""
+    from ..attribution import attribute
+    from ..export import render, write_neuronpedia
+    from ..graph import graph_scores, prune
+
+    if not spec.prompt.strip():
+        raise ValueError("the prompt is empty")
+    check_slug(spec.slug)
+    times = {} if times is None else times
+    prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat)
+    say("attributing ...")
+    graph = attribute(ids, rm, max_n_logits=settings.max_n_logits,
+                      desired_logit_prob=settings.desired_logit_prob,
+                      max_feature_nodes=settings.max_feature_nodes or None,
+                      batch_size=settings.batch_size, targets=list(spec.targets) or None,
+                      verbose=verbose, timings=times)
+    graph.prompt = prompt
+
+    t0 = time.perf_counter()
+    result = prune(graph, settings.node_threshold, settings.edge_threshold)
+    scores = graph_scores(graph, result)
+    times["prune"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    record = TraceRecord(spec.slug, graph, result, scores, times)
+    slug, formats = spec.slug, settings.formats
+    kw = dict(node_threshold=settings.node_threshold, edge_threshold=settings.edge_threshold, result=result)
+    if "json" in formats:
+        record.written.append(write_neuronpedia(graph, out, slug, **kw))
+    for fmt in ("dot", "svg", "png"):
+        if fmt in formats:
+            try:
+                record.written.append(render(graph, out / f"{slug}.{fmt}", fmt=fmt, **kw))
+            except RuntimeError as e:  # no Graphviz: say so, keep the other outputs
+                record.warnings.append(str(e))
+    if "pt" in formats:
+        path = out / f"{slug}.graph.safetensors"
+        graph.save(path)
+        record.written.append(path)
+    times["export"] = time.perf_counter() - t0
+    return record

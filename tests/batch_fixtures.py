@@ -1,0 +1,48 @@
+"""The tiny model for the batch tests, saved once and loaded by every worker (local process or
+Ray actor) exactly as ``cltrace attribute`` builds its replacement model; and a tokenizer that
+kills its process on one prompt, once, to test lost workers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from test_cli import CharTokenizer
+
+
+class CrashingTokenizer(CharTokenizer):
+    """CharTokenizer that ends its process (as a pre-empted worker) the first time it sees
+    ``crash_on``; ``marker`` records that it did."""
+
+    def __init__(self, crash_on: str = "", marker: str = "", interrupt_on: str = ""):
+        self.crash_on, self.marker, self.interrupt_on = crash_on, marker, interrupt_on
+
+    def __call__(self, text, *a, **k):
+        if self.interrupt_on and text == self.interrupt_on:  # as Ctrl-C in the middle of a prompt
+            raise KeyboardInterrupt
+        if self.crash_on and text == self.crash_on and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().__call__(text, *a, **k)
+
+    def encode(self, text, add_special_tokens=True):
+        return self(text, add_special_tokens=add_special_tokens)["input_ids"][0].tolist()
+
+
+def save_tiny(path: Path) -> Path:
+    """The CLT tiny model of test_cli's tiny_cli, saved for the workers."""
+    from test_steering import build
+
+    rm = build("clt", dtype=torch.float32)
+    torch.save({"model": rm.model, "transcoders": rm.transcoders}, path)
+    return path
+
+
+def load_tiny(path: str, crash_on: str = "", marker: str = "", interrupt_on: str = ""):
+    """(ReplacementModel, tokenizer) as cltrace's load_replacement makes them for 'tiny'."""
+    from cltrace.replacement import ReplacementModel
+
+    saved = torch.load(path, weights_only=False)
+    tok = CrashingTokenizer(crash_on, marker, interrupt_on)
+    return ReplacementModel(saved["model"], saved["transcoders"], tokenizer=tok, model_name="tiny"), tok

@@ -1,0 +1,191 @@
+"""cltrace batch: the same graphs as cltrace attribute / a sequential run, byte for byte, from
+local worker processes and a local Ray cluster; bad prompts recorded, lost workers' prompts
+retraced, reruns resume, memory:// output, Ctrl-C, the recurring-feature summary."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import batch_fixtures as F
+from cltrace.batch.job import PromptSpec, TraceSettings
+from cltrace.batch.prompts import read_prompts
+from cltrace.batch.runner import run_batch
+from cltrace.batch.store import Store
+from cltrace.batch.summary import summarize
+from cltrace.cli import main
+
+SETTINGS = TraceSettings(max_feature_nodes=32, batch_size=16)
+FLAGS = ["--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
+GOOD = ["hello world", "the cat sat on", "crash here", "abc def"]
+BAD = {"empty": "ValueError: the prompt is empty", "two-tokens": "a target must be one token"}
+SPECS = [PromptSpec(p, p.replace(" ", "-")) for p in GOOD] + [
+    PromptSpec("  ", "empty"), PromptSpec("xyz", "two-tokens", ("zz",))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(F.save_tiny(tmp_path_factory.mktemp("tiny") / "tiny.pt"))
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny, tmp_path_factory) -> dict:
+    """{file name: bytes} of the batch traced in this process, one prompt after the other."""
+    out = tmp_path_factory.mktemp("sequential")
+    res = run_batch(SPECS, out, SETTINGS, functools.partial(F.load_tiny, tiny), workers=0, progress=False)
+    assert (res.ok, res.failed) == (len(GOOD), len(BAD))
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.jsonl"}
+
+
+def graphs(store: Store) -> dict:
+    return {f"{s.slug}.json": store.get(f"{s.slug}.json") for s in SPECS if store.exists(f"{s.slug}.json")}
+
+
+def check_batch(store: Store, sequential: dict, runs: int) -> list:
+    """Every good prompt ok exactly once with the sequential run's bytes; each bad one failed
+    once per run with its reason; graph-metadata.json as the sequential run's."""
+    records = list(store.records())
+    ok = Counter(r["slug"] for r in records if r["status"] == "ok")
+    assert ok == Counter({s.slug: 1 for s in SPECS[:len(GOOD)]})
+    assert graphs(store) == {k: v for k, v in sequential.items() if k.endswith(".json") and k != "graph-metadata.json"}
+    assert store.get("graph-metadata.json") == sequential["graph-metadata.json"]
+    for slug, reason in BAD.items():
+        failed = [r for r in records if r["slug"] == slug]
+        assert [r["attempt"] for r in failed] == list(range(1, runs + 1)) and reason in failed[0]["error"]
+    for r in records:
+        if r["status"] == "ok":
+            assert r["n_nodes"] >= r["kept_nodes"] > 0 and r["kept_edges"] > 0 and r["features"]
+            assert {"forward", "features", "prune", "export", "total"} <= set(r["times"])
+            assert 0 <= r["scores"]["replacement"] <= 1 and r["worker"]
+    return records
+
+
+def test_attribute_and_batch_write_the_same_graph(tiny, sequential, tmp_path, monkeypatch):
+    import cltrace.models
+    import cltrace.training.starter
+
+    rm, tok = F.load_tiny(tiny)
+    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
+    monkeypatch.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+    assert main(["attribute", "hello world", "--slug", "hello-world", "--out", str(tmp_path),
+                 "--format", "json", *FLAGS]) == 0
+    assert (tmp_path / "hello-world.json").read_bytes() == sequential["hello-world.json"]
+    # ... and the CLI batch, in this process, the same again; --summary over its folder
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": s.prompt, "slug": s.slug, **(
+        {"target": list(s.targets)} if s.targets else {})}) + "\n" for s in SPECS))
+    out = tmp_path / "cli"
+    assert main(["batch", str(prompts), "--out", str(out), "--workers", "0", *FLAGS]) == 3  # some failed
+    check_batch(Store(out), sequential, runs=1)
+    assert main(["batch", "--summary", str(out), "--min-count", "1"]) == 0
+    assert (out / "features-summary.csv").read_text().startswith("layer,feature,count,fraction,mean_influence")
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    for argv, needle in [([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")], "line 2: not JSON"),
+                         ([str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")], "cannot read"),
+                         ([str(tmp_path / "bad.jsonl")], "give PROMPTS and --out"),
+                         ([str(tmp_path / "bad.jsonl"), "--out", "x", "--node-threshold", "0"], "(0, 1]"),
+                         (["--summary", str(tmp_path)], "no traced prompts")]:
+        assert main(["batch", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, (needle, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("The cat\n\n  \nthe cat\nDogs!\n")
+    specs = read_prompts(tmp_path / "p.txt", chat=True)
+    assert [(s.prompt, s.slug, s.chat) for s in specs] == [
+        ("The cat", "the-cat", True), ("the cat", "the-cat-2", True), ("Dogs!", "dogs", True)]
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a b", "slug": "a-b-2"}\n{"prompt": "a b", "target": [" x", " y"], "chat": true}\n'
+        '{"prompt": "", "target_diff": [" F", " S"]}\n{"prompt": "q", "target_diff": [["a", "b"]]}\n')
+    specs = read_prompts(tmp_path / "p.jsonl")
+    assert [(s.slug, s.targets, s.chat) for s in specs] == [
+        ("a-b-2", (), False), ("a-b", (" x", " y"), True), ("graph", ((" F", " S"),), False),
+        ("q", (("a", "b"),), False)]
+    for text, needle in [('{"slug": "x"}', "string 'prompt'"), ('{"prompt": "a", "slug": "a/b"}', "no '/'"),
+                         ('{"prompt": "a", "slug": "s"}\n{"prompt": "b", "slug": "s"}', "used twice"),
+                         ('{"prompt": "a", "target_diff": ["x"]}', "target_diff")]:
+        (tmp_path / "e.jsonl").write_text(text + "\n")
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("'", "'")):
+            read_prompts(tmp_path / "e.jsonl")
+
+
+def test_local_workers(tiny, sequential, tmp_path):
+    """2 spawned workers; one dies mid-prompt (its pool is restarted once and the prompts it
+    held retraced); a rerun retries only the failed prompts, a third does nothing."""
+    marker = tmp_path / "crashed"
+    loader = functools.partial(F.load_tiny, tiny, "crash here", str(marker))
+    store = Store(tmp_path / "out")
+    res = run_batch(SPECS, store, SETTINGS, loader, workers=2, progress=False)
+    assert marker.exists() and (res.ok, res.failed, res.skipped) == (len(GOOD), len(BAD), 0)
+    check_batch(store, sequential, runs=1)
+    res = run_batch(SPECS, store, SETTINGS, loader, workers=2, progress=False)
+    assert (res.ok, res.failed, res.skipped) == (0, len(BAD), len(GOOD))
+    records = check_batch(store, sequential, runs=2)
+    assert len({r["worker"] for r in records}) >= 3  # a worker was replaced, then a new pool
+    res = run_batch(SPECS, store, SETTINGS, loader, workers=2, progress=False)
+    assert (res.ok, res.failed, res.skipped) == (0, 0, len(SPECS))
+    assert len(list(store.records())) == len(records)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_leaves_nothing_half_written(tiny, sequential, tmp_path):
+    store = Store(f"memory://{tmp_path}/interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(SPECS, store, SETTINGS, functools.partial(F.load_tiny, tiny, interrupt_on="crash here"),
+                  workers=0, progress=False)
+    names = store.fs.ls(store.root, detail=False)
+    assert not [n for n in names if n.endswith(".tmp")]
+    index = json.loads(store.get("graph-metadata.json"))  # lists what was done, nothing else
+    assert [g["slug"] for g in index["graphs"]] == ["hello-world", "the-cat-sat-on"]
+    res = run_batch(SPECS, store, SETTINGS, functools.partial(F.load_tiny, tiny), workers=0, progress=False)
+    assert (res.ok, res.skipped) == (2, 2)
+    check_batch(store, sequential, runs=1)
+
+
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_summary_counts(tiny, tmp_path, min_count):
+    store = Store(f"memory://{tmp_path}/summary")
+    run_batch(SPECS[:3], store, SETTINGS, functools.partial(F.load_tiny, tiny), workers=0, progress=False)
+    data = json.loads(store.get("hello-world.json"))
+    node = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    node["clerp"] = "a label"
+    store.put("hello-world.json", json.dumps(data).encode())
+    layer, feat = (int(x) for x in node["jsNodeId"].removesuffix("-0").split("_"))
+    rows = summarize(store, min_count=min_count)
+    kept = [{(l, f) for l, f, _ in r["features"]} for r in store.records()]
+    expect = Counter(k for s in kept for k in s)
+    assert {(r.layer, r.feature): r.count for r in rows} == {k: c for k, c in expect.items() if c >= min_count}
+    assert all(r.mean_influence > 0 and 0 < r.fraction <= 1 for r in rows)
+    assert [r.count for r in rows] == sorted((r.count for r in rows), reverse=True)
+    assert any(r.label == "a label" for r in rows if (r.layer, r.feature) == (layer, feat)) or expect[(layer, feat)] < min_count
+
+
+def test_ray_cluster(tiny, sequential, tmp_path, monkeypatch):
+    """A local Ray cluster, 2 CPUs, output to memory://: the sequential run's bytes; an actor
+    killed mid-prompt is replaced and its prompt retraced; a rerun retries the failed ones."""
+    ray = pytest.importorskip("ray")  # CI installs it (the test extra): this runs there
+    here = Path(__file__).parent
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, runtime_env={"env_vars": {
+        "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "python"), os.environ.get("PYTHONPATH", "")])}})
+    try:
+        marker = tmp_path / "crashed"
+        loader = functools.partial(F.load_tiny, tiny, "crash here", str(marker))
+        store = Store(f"memory://{tmp_path}/ray")
+        res = run_batch(SPECS, store, SETTINGS, loader, ray=True, progress=False)
+        assert marker.exists() and (res.ok, res.failed) == (len(GOOD), len(BAD))
+        check_batch(store, sequential, runs=1)
+        res = run_batch(SPECS, store, SETTINGS, loader, ray=True, progress=False)
+        assert (res.ok, res.failed, res.skipped) == (0, len(BAD), len(GOOD))
+        check_batch(store, sequential, runs=2)
+    finally:
+        ray.shutdown()
