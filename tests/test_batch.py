@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 import batch_fixtures as F
 from cltrace.batch.job import PromptSpec, TraceSettings

@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 FORMATS = ("json", "dot", "svg", "png", "pt")
 MAX_FEATURE_NODES = 7500  # circuit-tracer's CLI default (Neuronpedia offers 1,500-10,000)
@@ -109,22 +109,14 @@ class TraceRecord:
         return sorted(([l, f, v] for (l, f), v in acc.items()), key=lambda x: (-x[2], x[0], x[1]))
 
 
-def prompt_tokens(tokenizer, text: str, chat: bool):
-    """(prompt text, what the replacement model runs on): the text itself, or with chat the
-    chat turn around it and its token ids (the turn already holds <bos>)."""
-    if not chat:
-        return text, text
-    from ..models import chat_prompt
-
-    prompt = chat_prompt(tokenizer, text)
-    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-
-
 def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: Path, *,
-                 verbose: bool = False, times: Optional[dict] = None,
+                 verbose: bool = False, times: Optional[dict] = None, pages=None,
                  say: Callable[..., None] = lambda *a: None) -> TraceRecord:
     """Attribute ``spec.prompt`` with the replacement model ``rm``, prune and score the graph,
     and write ``settings.formats`` as ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
+    With ``pages`` (:class:`cltrace.features.FeaturePages` of ``rm``'s transcoders) the JSON's
+    feature nodes carry their labels and the pages of the kept features go to
+    ``out/features/`` (the ``./data/features`` scan both viewers read).
 
     ``times`` (a dict) receives the seconds per phase, after what it already holds. Raises
     ValueError for a bad prompt (empty, too long, a target that is not one token)."""
@@ -136,6 +128,8 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         raise ValueError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
+    from ..models import prompt_tokens
+
     prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat)
     say("attributing ...")
     graph = attribute(ids, rm, max_n_logits=settings.max_n_logits,
@@ -155,7 +149,15 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
     slug, formats = spec.slug, settings.formats
     kw = dict(node_threshold=settings.node_threshold, edge_threshold=settings.edge_threshold, result=result)
     if "json" in formats:
-        record.written.append(write_neuronpedia(graph, out, slug, **kw))
+        if pages is not None:
+            from ..features import pages_for_graph
+
+            kept = result.node_mask[:graph.n_features]
+            info = pages_for_graph(pages, sorted({(int(l), int(f)) for l, _, f in graph.features[kept].tolist()}), out)
+            kw_json = dict(kw, labels=info["clerps"], scan=info["scan"])
+        else:
+            kw_json = kw
+        record.written.append(write_neuronpedia(graph, out, slug, **kw_json))
     for fmt in ("dot", "svg", "png"):
         if fmt in formats:
             try:

@@ -96,17 +96,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def prompt_tokens(tokenizer, text: str, chat: bool):
-    """(prompt text, what the replacement model runs on): the text itself, or with --chat the
-    chat turn around it and its token ids (the turn already holds <bos>)."""
-    if not chat:
-        return text, text
-    from ..models import chat_prompt
-
-    prompt = chat_prompt(tokenizer, text)
-    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-
-
 def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     """Create ``path`` if needed and make sure files can be written there, before any work."""
     out = Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
 
 from ._common import add_prompt_arguments, add_replacement_arguments
 
@@ -49,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribute this next token instead of the salient ones (repeatable)")
     p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="attribute the logit difference A - B (repeatable)")
+    p.add_argument("--features", default=None, metavar="DIR",
+                   help="feature pages of the transcoders (cltrace features --out DIR): label the "
+                        "graph's features and copy their pages beside it. Default: with the starter "
+                        "set, its own pages (built on the first run); else none. 'none': no labels")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -82,6 +87,21 @@ def trace_settings(args: argparse.Namespace):
                          formats=parse_formats(args.format)).check()
 
 
+def _feature_pages(args, loaded, transcoders, say):
+    """--features DIR, or the starter set's own pages (built on first use), or None."""
+    if args.features == "none":
+        return None
+    from ..features import FeaturePages
+
+    if args.features is not None:
+        return FeaturePages(args.features)
+    if str(transcoders.info.get("set_id", "")).startswith("cltrace-starter/"):
+        from ..features.starter import starter_pages
+
+        return starter_pages(loaded, transcoders, progress=say)
+    return None
+
+
 def _peak_memory_gib(device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = f"peak RSS {rss:.2f} GiB"
@@ -101,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     out = check_output_dir(args.out)
     slug = check_slug(args.slug or slugify(text))
+    if args.features not in (None, "none"):
+        from ..features.store import LABELS_FILE
+
+        if not (Path(args.features) / LABELS_FILE).is_file():
+            raise FileNotFoundError(f"--features {args.features}: not a feature pages folder (no "
+                                    f"{LABELS_FILE}; make one with `cltrace features --out DIR`)")
     say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
@@ -110,9 +136,13 @@ def run(args: argparse.Namespace) -> int:
     transcoders = rm.transcoders
     times["load"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    pages = _feature_pages(args, loaded, transcoders, say)
+    if pages is not None:
+        times["pages"] = time.perf_counter() - t0
     targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)
     record = trace_prompt(rm, loaded.tokenizer, PromptSpec(text, slug, targets, args.chat), settings,
-                          out, verbose=not args.quiet, times=times, say=say)
+                          out, verbose=not args.quiet, times=times, pages=pages, say=say)
     for w in record.warnings:
         say(f"warning: {w}")
     graph, n = record.graph, record.summary()

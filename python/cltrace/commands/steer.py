@@ -116,7 +116,8 @@ def top_table(before, after, decode, k: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..steering import generate, intervene
-    from ._common import load_replacement, messenger, prompt_tokens, read_prompt
+    from ..models import prompt_tokens
+    from ._common import load_replacement, messenger, read_prompt
 
     text = read_prompt(args)
     if args.top_k < 1:

@@ -16,3 +16,12 @@ def chat_prompt(tokenizer, text: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return GEMMA_TURN.format(bos=tokenizer.bos_token or "<bos>", text=text)
+
+
+def prompt_tokens(tokenizer, text: str, chat: bool):
+    """(prompt text, what the replacement model runs on): the text itself, or with ``chat`` the
+    chat turn around it and its token ids (the turn already holds <bos>)."""
+    if not chat:
+        return text, text
+    prompt = chat_prompt(tokenizer, text)
+    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
