@@ -20,7 +20,7 @@ from .store import Store
 from .worker import Loader, Worker
 
 MAX_ATTEMPTS = 2  # a failed prompt is retried once, on the next run
-WORKER_GIB = 3.0  # memory one worker of Gemma 3 270M needs at most (benchmarks/bench_batch.py)
+WORKER_GIB = 3.0  # memory one worker of Gemma 3 270M needs at most (benchmarks/end_to_end/bench_batch.py)
 
 
 @dataclass

@@ -16,7 +16,7 @@ is extrapolated) and one whole ``build_pages`` over --tokens tokens on --build-l
 windows, logits + writing). The 2 CPU cores are shared: the load average is recorded beside
 every figure.
 
-    PYTHONPATH=python python benchmarks/bench_features.py [--tokens 4096] [--out RESULTS_features.md]
+    PYTHONPATH=python python -m benchmarks.end_to_end.bench_features [--tokens 4096] [--out RESULTS_features.md]
 """
 from __future__ import annotations
 

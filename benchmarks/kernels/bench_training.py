@@ -8,7 +8,7 @@ materialises ``[B, d_sae]`` and lets autograd differentiate a dense JumpReLU wit
 STE). Timings alternate between the two backends in one process; peak memory is measured per
 backend in a fresh subprocess (peak RSS growth over the set-up, or peak CUDA allocation).
 
-    PYTHONPATH=python python benchmarks/bench_training.py [--widths 2048 4096 16384] [--device cuda]
+    PYTHONPATH=python python -m benchmarks.kernels.bench_training [--widths 2048 4096 16384] [--device cuda]
 
 Writes benchmarks/RESULTS_training.md (``--out`` to change).
 """
@@ -144,7 +144,7 @@ def main() -> None:
                      f"{s['peak_mib']:.0f} | {d['peak_mib']:.0f} | {s['l0']:.0f} |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
-    header = "# Training benchmarks (benchmarks/bench_training.py)\n\n"
+    header = "# Training benchmarks (benchmarks/kernels/bench_training.py)\n\n"
     if args.append and out.exists():
         out.write_text(out.read_text() + "\n" + text)
     else:

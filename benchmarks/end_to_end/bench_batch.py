@@ -14,7 +14,7 @@ the peak RSS of a worker (the manifest's ``peak_rss_mib``; for ``separate`` the 
 command's own peak). Results go to ``benchmarks/results/batch-*.json``; record the machine
 load (``uptime``) beside them: the numbers scale with it.
 
-  PYTHONPATH=python python benchmarks/bench_batch.py --prompts 6 --max-feature-nodes 200
+  PYTHONPATH=python python -m benchmarks.end_to_end.bench_batch --prompts 6 --max-feature-nodes 200
 """
 from __future__ import annotations
 
