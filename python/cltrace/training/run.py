@@ -103,8 +103,9 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
             for n, e in result.evals.items()))
     if not info["meaningful"]:
         log(f"WARNING: this run is too short to mean anything ({result.steps} steps of "
-            f"{cfg.batch_size} tokens; need >= {MIN_MEANINGFUL_STEPS} steps, and a held-out FVU "
-            f">= 1 is worse than predicting the mean): raise --tokens")
+            f"{cfg.batch_size} tokens, worst held-out FVU {max(result.fvu.values()):.2f}; it needs "
+            f">= {MIN_MEANINGFUL_STEPS} steps and every FVU < 1, i.e. better than predicting the "
+            f"mean): raise --tokens")
     if out is not None:
         from ..transcoders.write import save_gemmascope
 
@@ -118,8 +119,8 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
 def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int) -> dict:
     """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
-    meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(
-        v < 1 for e in r.evals.values() for v in e.fvu.values())
+    meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(v < 1 for v in r.fvu.values())
+    # (judged on the first held-out text, the training-like one: other texts may be far off)
     held = "; ".join(f"{n}: FVU {e.fvu_mean:.3f}, L0 {e.l0_mean:.1f}" for n, e in r.evals.items())
     desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}"
             f"{' Matryoshka' if cfg.matryoshka else ''}, width {cfg.width}, JumpReLU, target L0 "
