@@ -6,10 +6,6 @@ import sys
 
 from ._common import add_model_arguments, parse_layers
 
-# Characters of the offline mix drawn per training token asked for (the mix averages about
-# 3.5 characters a token with the Gemma 3 tokenizer; the surplus is never tokenized).
-CHARS_PER_TOKEN = 6
-
 NAME = "train"
 HELP = "train per-layer or cross-layer JumpReLU transcoders (Gemma Scope 2 layout)"
 DESCRIPTION = """\
@@ -83,9 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def corpus_texts(args: argparse.Namespace, chars: int):
+def corpus_texts(args: argparse.Namespace, tokens: int):
     """(training texts, held-out texts by name or None, corpus name) of the arguments."""
-    from ..training.corpus import dataset_texts, file_texts, heldout_prose, mixed_corpus
+    from ..training.corpus import (CHARS_PER_TOKEN, dataset_texts, file_texts, heldout_prose,
+                                   mixed_corpus)
 
     if args.corpus and args.dataset:
         raise ValueError("give --corpus or --dataset, not both")
@@ -93,7 +90,7 @@ def corpus_texts(args: argparse.Namespace, chars: int):
         return file_texts(args.corpus), None, ", ".join(map(str, args.corpus))
     if args.dataset:
         return dataset_texts(args.dataset), None, f"dataset {args.dataset}"
-    c = mixed_corpus(chars)
+    c = mixed_corpus(CHARS_PER_TOKEN * tokens)
     return c.train, {"held-out mix": c.heldout, "held-out prose": heldout_prose()}, c.name
 
 
@@ -110,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                       matryoshka=args.matryoshka, freq_coef=args.freq_coef,
                       max_freq=args.max_freq, buffer_tokens=args.buffer_tokens, ctx=args.ctx)
     cfg.check()
-    texts, evals, name = corpus_texts(args, chars=CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens))
+    texts, evals, name = corpus_texts(args, tokens=cfg.corpus_tokens or cfg.tokens)
     say(f"loading model {args.model} ...")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.tokenizer is None:

@@ -59,16 +59,25 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
     if state is not None and state.get("rows") is not None:
         rows = state["rows"]  # the interrupted run's exact token rows
     else:
+        held = eval_texts is not None and any(eval_texts.values())
         rows = token_rows(tok, texts, cfg.ctx, max_tokens=(cfg.corpus_tokens or cfg.tokens)
-                          + (0 if eval_texts else cfg.eval_tokens))
+                          + (0 if held else cfg.eval_tokens))
     layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     source = ActivationSource(model, rows, layers, tok.bos_token_id,
                               cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
     corpus_tokens = rows.shape[0] * source.tokens_per_row
     log(f"corpus {corpus_name or 'texts'}: {len(texts)} documents, {corpus_tokens} tokens in "
         f"{rows.shape[0]} rows of {cfg.ctx} (tokenized in {time.perf_counter() - t0:.1f}s)")
-    evals = {k: ActivationSource(model, token_rows(tok, v, cfg.ctx, max_tokens=cfg.eval_tokens),
-                                 layers, tok.bos_token_id) for k, v in (eval_texts or {}).items()}
+    evals = {}
+    for k, v in (eval_texts or {}).items():  # a held-out text too short for one row is skipped
+        try:
+            ev_rows = token_rows(tok, v, cfg.ctx, max_tokens=cfg.eval_tokens) if v else None
+        except ValueError:
+            ev_rows = None
+        if ev_rows is None:
+            log(f"held-out text {k!r} is too short for one row of {cfg.ctx} tokens: not evaluated")
+            continue
+        evals[k] = ActivationSource(model, ev_rows, layers, tok.bos_token_id)
     name = getattr(loaded, "name", "") or getattr(config, "_name_or_path", "")
     trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar,
                       eval_sources=evals)
@@ -94,8 +103,9 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
             for n, e in result.evals.items()))
     if not info["meaningful"]:
         log(f"WARNING: this run is too short to mean anything ({result.steps} steps of "
-            f"{cfg.batch_size} tokens; need >= {MIN_MEANINGFUL_STEPS} steps, and a held-out FVU "
-            f">= 1 is worse than predicting the mean): raise --tokens")
+            f"{cfg.batch_size} tokens, worst held-out FVU {max(result.fvu.values()):.2f}; it needs "
+            f">= {MIN_MEANINGFUL_STEPS} steps and every FVU < 1, i.e. better than predicting the "
+            f"mean): raise --tokens")
     if out is not None:
         from ..transcoders.write import save_gemmascope
 
@@ -109,8 +119,8 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
 def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int) -> dict:
     """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
-    meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(
-        v < 1 for e in r.evals.values() for v in e.fvu.values())
+    meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(v < 1 for v in r.fvu.values())
+    # (judged on the first held-out text, the training-like one: other texts may be far off)
     held = "; ".join(f"{n}: FVU {e.fvu_mean:.3f}, L0 {e.l0_mean:.1f}" for n, e in r.evals.items())
     desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}"
             f"{' Matryoshka' if cfg.matryoshka else ''}, width {cfg.width}, JumpReLU, target L0 "
