@@ -329,7 +329,7 @@ def test_cli_builds_labelled_pages(cli_inputs, tmp_path, capsys):
     ("empty", "is empty"),
     ("binary", "is binary"),
     ("other_model", "trained for another model"),
-    ("layers", "--layers 0-5: layers [3, 4, 5] are not in the transcoder set"),
+    ("layers", "layers [3, 4, 5] are not in the transcoder set"),
     ("out_not_empty", "exists and is not empty"),
 ])
 def test_cli_bad_inputs_exit_2_before_any_work(cli_inputs, tmp_path, capsys, case, message):

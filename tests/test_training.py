@@ -338,6 +338,9 @@ class _CharTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(97 + int(i) % 26) for i in ids)
 
+    def batch_decode(self, ids):
+        return [self.decode(i) for i in ids]
+
     def convert_tokens_to_ids(self, token):
         return 299
 

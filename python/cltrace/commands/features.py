@@ -88,7 +88,7 @@ def check_out_early(out: Path) -> None:
 def _check_layers(layers, ts, text) -> None:
     bad = [L for L in layers or [] if L not in ts.layers]
     if bad:
-        raise ValueError(f"--layers {text}: layers {bad} are not in the transcoder set "
+        raise ValueError(f"--layers: layers {bad} are not in the transcoder set "
                          f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
 
 

@@ -213,7 +213,7 @@ OPENINGS = [
 
 @torch.no_grad()
 def generated_texts(model, tokenizer, n_texts: int, new_tokens: int = 96, seed: int = 0,
-                    batch: int = 28, temperature: float = 0.8) -> list[str]:
+                    batch: int = 16, temperature: float = 0.8) -> list[str]:
     """``n_texts`` continuations of :data:`OPENINGS` (cycled) sampled from ``model`` (seeded,
     temperature ``temperature``, ``new_tokens`` each), opening included."""
     device = next(model.parameters()).device
