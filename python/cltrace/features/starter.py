@@ -1,8 +1,8 @@
 """Feature pages of the default starter transcoders, built on their first use.
 
 ``cltrace attribute`` with no ``--transcoders`` labels its graph with these: on the first run
-the pages are built over a short stretch of the starter's own corpus (``STARTER_PAGE_TOKENS``
-tokens: a few minutes on 2 CPU cores) and cached beside the set; later runs read them.
+the pages are built over ``STARTER_PAGE_TOKENS`` tokens of Python standard-library docstrings
+(a few minutes on 2 CPU cores) and cached beside the set; later runs read them.
 """
 from __future__ import annotations
 
