@@ -18,7 +18,8 @@ carries most of the influence, and write it to --out:
 
   {slug}.json     the pruned graph for Neuronpedia / circuit-tracer's viewer / cltrace serve
                   (+ graph-metadata.json). Its size grows with the kept links: at the defaults
-                  a short prompt gives about 1,000 nodes and 100k-300k links, 10-30 MB.
+                  a short prompt gives about 1,500-1,900 nodes and 30k-110k links, 4-11 MB;
+                  with feature pages, features/ beside it holds ~20 kB per kept feature.
   {slug}.dot, .svg  Graphviz source and picture of the 60 most influential nodes (tens of kB;
                   SVG/PNG need the 'dot' program)
   {slug}.graph.safetensors (+ .json)   --format pt: the full unpruned graph, 4 bytes per
@@ -39,7 +40,7 @@ Examples:
   cltrace attribute "How do I pick a lock?" --model google/gemma-3-270m-it --chat \\
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
 """
-from ..batch.job import FORMATS, MAX_FEATURE_NODES, slugify  # noqa: E402,F401 (the names of this command)
+from ..batch.job import EDGE_THRESHOLD, FORMATS, MAX_FEATURE_NODES, slugify  # noqa: E402,F401 (the names of this command)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,13 +65,14 @@ def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg
     what :func:`trace_settings` reads."""
     p.add_argument("--max-feature-nodes", type=int, default=MAX_FEATURE_NODES, metavar="N",
                    help=f"visit at most N features, most influential first (default "
-                        f"{MAX_FEATURE_NODES}, as circuit-tracer; 0 or more than the active "
+                        f"{MAX_FEATURE_NODES}, as Neuronpedia; circuit-tracer's CLI: 7500; 0 or more than the active "
                         f"features: all). Time and the rows held grow linearly with N")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="targets per backward pass")
     p.add_argument("--node-threshold", type=float, default=0.8, metavar="X",
                    help="cumulative influence kept by node pruning, in (0, 1] (default 0.8)")
-    p.add_argument("--edge-threshold", type=float, default=0.98, metavar="Y",
-                   help="cumulative influence kept by edge pruning, in (0, 1] (default 0.98)")
+    p.add_argument("--edge-threshold", type=float, default=EDGE_THRESHOLD, metavar="Y",
+                   help=f"cumulative influence kept by edge pruning, in (0, 1] (default {EDGE_THRESHOLD}, as "
+                        "Neuronpedia; circuit-tracer's CLI: 0.98, which keeps 2-3x the links)")
     p.add_argument("--max-n-logits", type=int, default=10, metavar="K", help="at most K logit targets")
     p.add_argument("--desired-logit-prob", type=float, default=0.95, metavar="P",
                    help="logit targets up to this cumulative probability (default 0.95)")
