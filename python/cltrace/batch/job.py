@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 FORMATS = ("json", "dot", "svg", "png", "pt")
-MAX_FEATURE_NODES = 7500  # circuit-tracer's CLI default (Neuronpedia offers 1,500-10,000)
+MAX_FEATURE_NODES = 5000  # Neuronpedia's default (it offers 1,500-10,000; circuit-tracer's CLI: 7,500)
+EDGE_THRESHOLD = 0.85  # Neuronpedia's default (circuit-tracer's CLI: 0.98, 2-3x the links)
 Target = Union[str, tuple]  # a next token, or (a, b): the logit difference a - b
 
 
@@ -47,7 +48,7 @@ class TraceSettings:
     max_feature_nodes: int = MAX_FEATURE_NODES  # 0: all active features
     batch_size: int = 64
     node_threshold: float = 0.8
-    edge_threshold: float = 0.98
+    edge_threshold: float = EDGE_THRESHOLD
     formats: tuple = ("json",)
 
     def check(self) -> "TraceSettings":
