@@ -173,9 +173,14 @@ def test_ray_cluster(tiny, sequential, tmp_path, monkeypatch):
     """A local Ray cluster, 2 CPUs, output to memory://: the sequential run's bytes; an actor
     killed mid-prompt is replaced and its prompt retraced; a rerun retries the failed ones."""
     ray = pytest.importorskip("ray")  # CI installs it (the test extra): this runs there
+    import cltrace
+
     here = Path(__file__).parent
+    # the actors import this test's helpers and the cltrace this process runs (an installed
+    # package in CI; a checkout with its built _C here), not the checkout's uncompiled sources
+    package_root = str(Path(cltrace.__file__).resolve().parents[1])
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, runtime_env={"env_vars": {
-        "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "python"), os.environ.get("PYTHONPATH", "")])}})
+        "PYTHONPATH": os.pathsep.join([str(here), package_root, os.environ.get("PYTHONPATH", "")])}})
     try:
         marker = tmp_path / "crashed"
         loader = functools.partial(F.load_tiny, tiny, "crash here", str(marker))
