@@ -32,7 +32,7 @@ def peer_inputs(real_gemma, tmp_path_factory):
     if not peer_available():
         if os.environ.get("CI"):
             pytest.fail("circuit-tracer's venv (benchmarks/.venv-peer) is missing: .ci/run creates it")
-        pytest.skip("circuit-tracer's venv is not there (python -c 'from peer import ensure_peer; ensure_peer()' in tests/)")
+        pytest.skip("circuit-tracer's venv is not there (`python tests/peer.py` creates it)")
     from cltrace.training.starter import collect_mlp_io, fit_starter_set
     from cltrace.transcoders.write import save_gemmascope
 
