@@ -46,15 +46,11 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
     if top <= lo:  # every target reads before the first injection
         return out
 
-    def injected(L: int) -> Optional[Tensor]:
-        """The sources injected into m_L: [n, n_cols, d] (None: none)."""
-        entries = [(col, pos, vec) for L_in, col, pos, vec in inject if L_in == L]
-        if not entries:
-            return None
-        m = torch.zeros(n, n_cols, fz.d_model, dtype=dt, device=dev)
-        for col, pos, vec in entries:
-            m.index_put_((pos - start, col), vec.to(dt), accumulate=True)
-        return m
+    def inject_into(L: int, r: Tensor) -> None:
+        """Add the sources injected into m_L to ``r [n, n_cols, d]`` in place (sparse rows)."""
+        for L_in, col, pos, vec in inject:
+            if L_in == L:
+                r.index_put_((pos - start, col), vec.to(dt), accumulate=True)
 
     def read(sel: Tensor, y: Tensor, scale: Optional[Tensor] = None) -> None:
         """Targets ``sel`` read ``y [n, C, d]`` (already normed unless ``scale`` [n_pos, d] is
@@ -67,10 +63,12 @@ def forward_columns(fz: FrozenLinearModel, inject: list[tuple[int, Tensor, Tenso
         sel = ((targets.layer == L) & (targets.pos >= start)).nonzero().flatten()
         if sel.numel():
             read(sel, x)  # the MLP input x_L = k_pre(h_L); injections at L come after it
-        return injected(L)
+        return None
 
-    r0 = injected(lo)  # m_lo: nothing upstream of it changes
-    r = fz.run_layers(r0, layer_out, start=start, first=lo + 1, stop=min(top + 1, fz.n_layers))
+    r0 = torch.zeros(n, n_cols, fz.d_model, dtype=dt, device=dev)
+    inject_into(lo, r0)  # m_lo: nothing upstream of it changes
+    r = fz.run_layers(r0, layer_out, start=start, first=lo + 1, stop=min(top + 1, fz.n_layers),
+                      after=inject_into)
     sel = ((targets.layer == fz.n_layers) & (targets.pos >= start)).nonzero().flatten()
     if top == fz.n_layers and sel.numel():
         read(sel, r, fz.k_final.scale * fz.k_final.gain)

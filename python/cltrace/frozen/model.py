@@ -150,7 +150,8 @@ class FrozenLinearModel:
         return torch.addmm(r.reshape(n * C, d), z, fl.W_O_gain.T).view(n, C, d)
 
     def run_layers(self, r: Tensor, layer_out: Callable[[int, Tensor], Optional[Tensor]],
-                   start: int = 0, first: int = 0, stop: Optional[int] = None) -> Tensor:
+                   start: int = 0, first: int = 0, stop: Optional[int] = None,
+                   after: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
         """Carry the residual stream ``r [n, C, d_model]`` (positions ``start..``, C columns)
         through layers ``first .. stop - 1`` (default: to the last; then it returns the
         final-norm input).
@@ -169,6 +170,8 @@ class FrozenLinearModel:
                 skip = (x.reshape(-1, self.d_model) @ fl.W_skip).view(x.shape)
                 m = skip if m is None else m + skip
             r = h if m is None else h + m
+            if after is not None:
+                after(L, r)  # in place on r_L+1 (a fresh tensor): sparse additions to m_L
         return r
 
     def forward(self, embed: Tensor, sources: Tensor) -> FrozenOutput:
