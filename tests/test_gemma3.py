@@ -251,3 +251,17 @@ def test_real_270m_equals_transformers(real_gemma):
     close(got, ref.logits, rel=1e-4)
     for p, r in zip(pats, ref.attentions):
         close(p, r, rel=1e-4)
+
+
+def test_save_pretrained_round_trips_and_transformers_reads_it(tmp_path):
+    from transformers import Gemma3ForCausalLM as HF
+
+    ours = from_transformers(hf_tiny("mqa-linear-rope"), "tiny")
+    ours.save_pretrained(tmp_path)
+    again = load_gemma3(tmp_path, torch.float32)
+    hf = HF.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        want = ours(ids).logits
+        torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)

@@ -244,6 +244,12 @@ class Gemma3ForCausalLM(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def save_pretrained(self, folder) -> None:
+        """``config.json`` + ``model.safetensors`` in ``folder`` (see :func:`.gemma3_load.save_gemma3`)."""
+        from .gemma3_load import save_gemma3
+
+        save_gemma3(self, folder)
+
     def set_attn_implementation(self, name: str) -> None:
         """"sdpa" (default) or "eager" (self_attn also returns the attention pattern)."""
         if name not in ("sdpa", "eager"):

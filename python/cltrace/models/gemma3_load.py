@@ -130,6 +130,24 @@ def build(cfg: Gemma3TextConfig, weights: dict[str, Tensor], dtype: torch.dtype,
     return model.eval()
 
 
+def save_gemma3(model: Gemma3ForCausalLM, folder: Union[str, Path]) -> None:
+    """Write ``config.json`` (transformers 5 layout) and ``model.safetensors`` (the tied
+    unembedding once, as ``save_pretrained`` does): readable by :func:`load_gemma3` and by
+    transformers."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    for k in ("name_or_path", "_attn_implementation"):
+        cfg.pop(k, None)
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _assign(model: nn.Module, name: str, p: nn.Parameter) -> None:
     *path, leaf = name.split(".")
     mod = model

@@ -115,10 +115,13 @@ def load_config(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
         from transformers import AutoConfig
 
         where = f"{folder}/{gguf}"
-        return config_from_dict(_get_config(AutoConfig, folder, gguf).to_dict(), where)
-    if isinstance(folder, str):  # a hub id: its config.json only
-        return read_config(_hub_download(folder, config_only=True), folder)
-    return read_config(folder)
+        config = config_from_dict(_get_config(AutoConfig, folder, gguf).to_dict(), where)
+    elif isinstance(folder, str):  # a hub id: its config.json only
+        config = read_config(_hub_download(folder, config_only=True), folder)
+    else:
+        config = read_config(folder)
+    config.name_or_path = str(folder)
+    return config
 
 
 def _local_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
