@@ -265,3 +265,47 @@ def test_save_pretrained_round_trips_and_transformers_reads_it(tmp_path):
         want = ours(ids).logits
         torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)
+
+
+def test_hub_id_from_the_hf_cache_offline(tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache (offline here) to cltrace's model."""
+    import huggingface_hub.constants as hc
+
+    from cltrace.models import load_config, load_model
+    from test_models import save_tiny_tokenizer
+
+    commit = "0" * 40
+    repo = tmp_path / "models--someone--tiny-gemma3"
+    snap = repo / "snapshots" / commit
+    hf = hf_tiny("gqa-sliding")
+    hf.save_pretrained(snap)
+    save_tiny_tokenizer(snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    lm = load_model("someone/tiny-gemma3", device="cpu")
+    assert type(lm.model) is Gemma3ForCausalLM and lm.model.config.name_or_path == "someone/tiny-gemma3"
+    assert load_config("someone/tiny-gemma3").num_hidden_layers == 6
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, hf(ids).logits, rtol=0, atol=0)
+
+
+def test_bin_checkpoint_is_read_by_transformers_and_adopted(tmp_path):
+    from safetensors.torch import load_file
+
+    from cltrace.models import load_model
+    from test_models import save_tiny_tokenizer
+
+    hf = hf_tiny("mha")
+    hf.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    lm = load_model(tmp_path, device="cpu")
+    assert type(lm.model) is Gemma3ForCausalLM
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, hf(ids).logits, rtol=0, atol=0)
