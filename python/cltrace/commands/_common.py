@@ -109,6 +109,41 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def add_features_argument(p: argparse.ArgumentParser) -> None:
+    """--features DIR|none: the feature pages that label a graph (attribute and batch)."""
+    p.add_argument("--features", default=None, metavar="DIR",
+                   help="feature pages of the transcoders (cltrace features --out DIR): label the "
+                        "graph's features and copy their pages beside it. Default: with the starter "
+                        "set, its own pages (built on the first run); else none. 'none': no labels")
+
+
+def check_features_dir(features: str | None) -> None:
+    """Before any work: an explicit --features DIR is a feature pages folder."""
+    if features in (None, "none"):
+        return
+    from ..features.store import LABELS_FILE
+
+    if not (Path(features) / LABELS_FILE).is_file():
+        raise FileNotFoundError(f"--features {features}: not a feature pages folder (no "
+                                f"{LABELS_FILE}; make one with `cltrace features --out DIR`)")
+
+
+def feature_pages(features: str | None, loaded, transcoders, say: Callable[..., None]):
+    """The FeaturePages of --features DIR; by default the starter set's own pages (built on
+    first use) or None for another set; None for 'none'."""
+    if features == "none":
+        return None
+    from ..features import FeaturePages
+
+    if features is not None:
+        return FeaturePages(features)
+    if str(transcoders.info.get("set_id", "")).startswith("cltrace-starter/"):
+        from ..features.starter import starter_pages
+
+        return starter_pages(loaded, transcoders, progress=say)
+    return None
+
+
 def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
     """(LoadedModel, ReplacementModel) from --model, --transcoders (default: the starter set),
     --device and --dtype."""
