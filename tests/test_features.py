@@ -327,7 +327,7 @@ def test_cli_builds_labelled_pages(cli_inputs, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing", "corpus file not found"),
     ("empty", "is empty"),
-    ("binary", "is binary"),
+    ("binary", "blob.txt: a binary file, not text"),
     ("other_model", "trained for another model"),
     ("layers", "layers [3, 4, 5] are not in the transcoder set"),
     ("out_not_empty", "exists and is not empty"),

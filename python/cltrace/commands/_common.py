@@ -71,6 +71,20 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                    help="wrap the prompt in Gemma's chat turn (for -it models; works on base models too)")
 
 
+def text_problem(data: bytes, whole: bool = True) -> str | None:
+    """Why ``data`` is not UTF-8 text ("a binary file, not text", "not UTF-8 text (...)"), or
+    None. ``whole=False``: ``data`` is the head of a longer file, so a character cut at its
+    end is not a problem."""
+    if b"\0" in data:
+        return "a binary file, not text"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if whole or e.start < len(data) - 4:
+            return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    return None
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
     if (args.prompt is None) == (args.prompt_file is None):
@@ -85,12 +99,10 @@ def read_prompt(args: argparse.Namespace) -> str:
             raw = path.read_bytes()
         except OSError as e:
             raise OSError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
-        if b"\0" in raw:
-            raise ValueError(f"--prompt-file {path}: a binary file, not text")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        problem = text_problem(raw)
+        if problem:
+            raise ValueError(f"--prompt-file {path}: {problem}")
+        text = raw.decode("utf-8")
     if not text.strip():
         raise ValueError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
     return text

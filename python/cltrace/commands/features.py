@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_corpus(paths) -> None:
-    """Each corpus path exists; each file is non-empty UTF-8 text."""
+    """Each corpus path exists; each file is non-empty UTF-8 text (its first 64 KiB read)."""
+    from ._common import text_problem
+
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"corpus file not found: {p}")
@@ -59,14 +61,11 @@ def check_corpus(paths) -> None:
         if not files:
             raise FileNotFoundError(f"corpus folder {p} has no .txt or .md files")
         for f in files:
-            head = f.read_bytes()[:1 << 16]
-            if b"\0" in head:
-                raise ValueError(f"corpus file {f} is binary, not text")
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if e.start < len(head) - 4:  # not just a character cut at the 64 KiB mark
-                    raise ValueError(f"corpus file {f} is not UTF-8 text") from None
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 16)
+            problem = text_problem(head, whole=False)  # a character may be cut at the 64 KiB mark
+            if problem:
+                raise ValueError(f"corpus file {f}: {problem}")
             if not head.strip():
                 raise ValueError(f"corpus file {f} is empty")
 
