@@ -44,7 +44,11 @@ What the viewer requests and reads (file:line in ``circuit_tracer/frontend/``):
 
 Upstream limitation: ``index.html:15-20`` loads d3, jetpack and npy_v0 from
 transformer-circuits.pub and dagre and pako from unpkg.com, so circuit-tracer's viewer cannot
-render without network, whatever the JSON; this test checks every byte it would fetch from its
+render without network, whatever the JSON. Seen once in headless Chromium with those six
+requests aborted (2026-12-01, not part of this test): every local asset loads, the page fetches
+``/data/graph-metadata.json`` (200, parsed), then ``index.html:59`` ``d3.select('.nav')`` throws
+(``d3`` is undefined) inside the async ``init``: nothing is drawn, the graph JSON and pages are
+never requested. This test checks every byte it would fetch from its
 own server and every field its code reads, not the drawing (``cltrace serve`` renders offline,
 tests/test_labelled_graph.py).
 """
