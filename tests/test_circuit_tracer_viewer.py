@@ -4,9 +4,9 @@ local server (``circuit_tracer.frontend.local_server.serve``, run from its venv
 
 What the viewer requests and reads (file:line in ``circuit_tracer/frontend/``):
 
-- ``local_server.py:58-91``: ``/data/X`` and ``/graph_data/X`` (query string dropped) are the
+- ``local_server.py:59-91``: ``/data/X`` and ``/graph_data/X`` (query string dropped) are the
   file ``data_dir/X``, 404 when missing, served as JSON; any other path is a file of
-  ``assets/`` (``index.html``...). The server binds all interfaces (``("", port)``, :212).
+  ``assets/`` (``index.html``...). The server binds all interfaces (``("", port)``, :216).
 - ``assets/index.html:41-42``: ``window.isLocalServing = true``, then
   ``getFile('./data/graph-metadata.json')``; reads ``graphs[].slug``, ``.scan``, ``.prompt``,
   ``.title_prefix`` (optional), ``.node_threshold`` (a number starts the pruning slider at it,
@@ -26,13 +26,13 @@ What the viewer requests and reads (file:line in ``circuit_tracer/frontend/``):
   ``feature_type`` is ``"cross layer transcoder"`` gets its page; under ``schema_version > 0``
   its ``feature`` is unpaired with ``util.cantorUnpair`` (``assets/util.js:229-235``,
   ``[layer, index]``) for the label; ``activation`` (a number) shows the histogram (:59-72).
-- ``assets/feature_examples/init-feature-examples.js:84-104`` (``loadFeature``): when
+- ``assets/feature_examples/init-feature-examples.js:85-106`` (``loadFeature``): when
   ``scan`` starts with ``./`` the page is ``getFile(`${scan}/${feature}.json`)``, relative to
   the page (``/index.html``), so ``./data/features/N.json`` -> ``/data/features/N.json`` ->
   ``data_dir/features/N.json``; a scan starting ``./features/`` would be rewritten to
   Anthropic's CDN (``util.js:45-47``). Reads ``act_min``/``act_max`` (defaults when missing).
 - ``assets/feature_examples/init-feature-examples-logits.js:3-17``: ``top_logits``,
-  ``bottom_logits`` (lists of strings). ``init-feature-examples-list.js:5,15,26,28,129-133``:
+  ``bottom_logits`` (lists of strings). ``init-feature-examples-list.js:4,15,26,28,129-148``:
   ``isDead``, ``examples_quantiles[].quantile_name``, ``.examples[]`` with ``tokens`` (strings),
   ``tokens_acts_list`` (numbers, one per token), ``train_token_ind`` (an index into them),
   ``is_repeated_datapoint``.
