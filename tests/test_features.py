@@ -158,9 +158,10 @@ def test_resumed_and_repeated_runs_give_identical_files(setup, built, tmp_path):
 
 PAGE_SCHEMA = {
     "type": "object",
-    "required": ["index", "examples_quantiles", "top_logits", "bottom_logits", "act_min", "act_max",
-                 "quantile_values", "histogram", "activation_frequency"],
+    "required": ["transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits",
+                 "act_min", "act_max", "quantile_values", "histogram", "activation_frequency"],
     "properties": {
+        "transcoder_id": {"type": "string"},
         "index": {"type": "integer", "minimum": 0},
         "examples_quantiles": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["quantile_name", "examples"],

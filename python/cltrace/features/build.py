@@ -119,6 +119,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
 def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_logits,
            json_files, meta, say) -> int:
     ctx, flat = state.ctx, rows.flatten()
+    transcoder_id = str(transcoders.info.get("set_id") or "")
     writer = PageWriter(out, json_files=json_files)
     n_pages = 0
     for L, st in state.layers.items():
@@ -131,7 +132,7 @@ def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_l
         writer.begin_layer(L, st.d_sae)
         for i, f in enumerate(fired.tolist()):
             page = feature_page(L, f, st, windows[L][f], flat, ctx, window, state.n_tokens,
-                                tokstr, top[i], bottom[i])
+                                tokstr, top[i], bottom[i], transcoder_id)
             writer.add(f, page)
         writer.end_layer()
         n_pages += fired.numel()
