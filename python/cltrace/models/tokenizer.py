@@ -110,6 +110,15 @@ class _Codec:
                 pairs[k] = (r, n) if h else None
         return [pairs[k] for k in keys]
 
+    def _lookup1(self, k: int):
+        """``_lookup([k])[0]`` without the array round trip (the BPE loop's one new pair)."""
+        K = self.c.merge_keys
+        i = int(K.searchsorted(k))
+        m = (int(self.c.merge_rank[i]), int(self.c.merge_new[i])) if i < len(K) and K[i] == k \
+            else None
+        self.pairs[k] = m
+        return m
+
     def bpe(self, word: str) -> list[int]:
         """The BPE ids of one normalized piece (the library's ``Word::merge_all``: a heap of
         (rank, position) over adjacent pairs, stale entries skipped)."""
@@ -132,14 +141,14 @@ class _Codec:
         nxt[-1] = -1
         prv = list(range(-1, n - 1))
         alive = [True] * n
-        pairs, lookup, pop, push = self.pairs, self._lookup, heapq.heappop, heapq.heappush
+        pairs, lookup, pop, push = self.pairs, self._lookup1, heapq.heappop, heapq.heappush
         while heap:
             _, p, new = pop(heap)
             q = nxt[p]
             if not alive[p] or q < 0:
                 continue
             k = sym[p] * V + sym[q]
-            m = pairs[k] if k in pairs else lookup([k])[0]
+            m = pairs[k] if k in pairs else lookup(k)
             if m is None or m[1] != new:
                 continue  # an expired entry
             sym[p] = new
@@ -149,13 +158,13 @@ class _Codec:
             if r >= 0:
                 prv[r] = p
                 k = new * V + sym[r]
-                m = pairs[k] if k in pairs else lookup([k])[0]
+                m = pairs[k] if k in pairs else lookup(k)
                 if m is not None:
                     push(heap, (m[0], p, m[1]))
             left = prv[p]
             if left >= 0:
                 k = sym[left] * V + new
-                m = pairs[k] if k in pairs else lookup([k])[0]
+                m = pairs[k] if k in pairs else lookup(k)
                 if m is not None:
                     push(heap, (m[0], left, m[1]))
         out, p = [], 0

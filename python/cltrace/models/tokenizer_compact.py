@@ -59,13 +59,16 @@ class Compact(NamedTuple):
 
 def load(tokenizer_json: Path) -> Optional[Compact]:
     """The compact form of ``tokenizer_json``, built and written beside it on first use (tmp
-    file + rename, so readers never see half a file; a folder that cannot hold it costs the build
-    on every start); None when the tokenizer.json's pipeline is not the supported one."""
+    file + rename, so readers never see half a file); None when the tokenizer.json's pipeline
+    is not the supported one, or when there is no file yet and its folder is not writable (the
+    build, a few seconds, would then be paid on every start)."""
     path = tokenizer_json.parent / FILE
     stat = _source_stat(tokenizer_json)
     header = _read_header(path)
     if header is not None and header.get("source") == stat:
         return _map(path, header) if header["supported"] else None
+    if not os.access(path.parent, os.W_OK):
+        return None
     data = _build_file(tokenizer_json, stat)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-tokenizer-", dir=path.parent)
