@@ -41,7 +41,8 @@ from .tokenizer_compact import Compact
 from .tokenizer_compact import load as load_compact
 
 # Chosen by measurement (benchmarks/RESULTS_attribution.md, "Start-up"): the Python BPE encodes
-# about 100-200k characters per second, the full tokenizer takes 1.3-1.6 s to build.
+# about 200k characters per second (load 4, its pair cache cold), the full tokenizer takes
+# 1.3-2.3 s to build; so one call stays under ~0.25 s and all of them under ~1 s here.
 LONG_TEXT = 50_000  # characters in one call: beyond, build the full tokenizer
 BUDGET = 200_000  # characters encoded here in all: beyond, build it and use it from then on
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
