@@ -54,13 +54,15 @@ class _Codec:
     def __init__(self, c: Compact):
         self.c = c
         self.V = c.vocab_size
-        self.added = {content: i for i, content, _ in c.added}
+        self.added = {content: i for i, content, _ in c.added if content}
         self.special_ids = {i for i, _, special in c.added if special}
         by_first: dict = {}
         for content in self.added:
             by_first.setdefault(content[0], set()).add(len(content))
         self.lengths = {ch: sorted(ls, reverse=True) for ch, ls in by_first.items()}
-        self.first = re.compile("[" + "".join(re.escape(ch) for ch in sorted(by_first)) + "]")
+        # where an added token may start: one of their first characters (never, without any)
+        self.first = re.compile("[" + "".join(re.escape(ch) for ch in sorted(by_first)) + "]"
+                                if by_first else "(?!)")
         self.pairs: dict = {}  # left * V + right -> (rank, merged id) or None, filled as met
         self.strings: dict = {}  # id -> token text, filled as met
         self._vocab: Optional[dict] = None
@@ -98,11 +100,13 @@ class _Codec:
     def _lookup(self, keys: list) -> list:
         """(rank, merged id) or None for each pair key, through the searchsorted arrays."""
         pairs = self.pairs
+        if len(pairs) > 2_000_000:  # a bound on the memo, far above what a text needs
+            pairs.clear()
         miss = [k for k in keys if k not in pairs]
-        if miss:
-            if len(pairs) > 2_000_000:
-                pairs.clear()
-            K = self.c.merge_keys
+        K = self.c.merge_keys
+        if miss and not len(K):
+            pairs.update(dict.fromkeys(miss))
+        elif miss:
             arr = np.array(miss, np.int64)
             idx = np.minimum(np.searchsorted(K, arr), len(K) - 1)
             hit = (K[idx] == arr).tolist()
@@ -296,14 +300,14 @@ class FastPathTokenizer:
         return [self._codec.encode(t, add_special_tokens) for t in texts]
 
     def __call__(self, text=None, *args, **kwargs):
-        add = kwargs.pop("add_special_tokens", True)
-        tensors = kwargs.pop("return_tensors", None)
+        add = kwargs.get("add_special_tokens", True)
+        tensors = kwargs.get("return_tensors")
         batched = isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)
-        ok = not args and not kwargs and (isinstance(text, str) or (batched and text)) and \
+        ok = not args and set(kwargs) <= {"add_special_tokens", "return_tensors"} and \
+            (isinstance(text, str) or (batched and text)) and \
             (tensors is None or (tensors == "pt" and not batched))
         ids = self._fast_encode(text, add) if ok else None
         if ids is None:
-            kwargs.update(add_special_tokens=add, return_tensors=tensors)
             return self.full_tokenizer()(text, *args, **kwargs)
         from transformers import BatchEncoding
 
@@ -320,15 +324,10 @@ class FastPathTokenizer:
 
     # --- decoding ---
 
-    def _cleanup_off(self, clean_up_tokenization_spaces) -> bool:
-        if clean_up_tokenization_spaces is None:
-            clean_up_tokenization_spaces = self._config.get("clean_up_tokenization_spaces", False)
-        return clean_up_tokenization_spaces is False
-
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None,
                **kwargs):
         if self._full is None and not kwargs and type(skip_special_tokens) is bool and \
-                self._cleanup_off(clean_up_tokenization_spaces):
+                clean_up_tokenization_spaces in (None, False):  # None: the default, False
             rows = token_ids.tolist() if hasattr(token_ids, "tolist") and \
                 not isinstance(token_ids, (list, tuple)) else token_ids
             if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], (list, tuple)):
