@@ -473,7 +473,7 @@ def saved_tiny(setup, tmp_path_factory):
 
 
 def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tmp_path):
-    """2 actors, 8 shards: every file equals the single-process build's, byte for byte."""
+    """2 actors, 7 shards: every file equals the single-process build's, byte for byte."""
     import functools
 
     from feature_fixtures import load_tiny
@@ -487,7 +487,7 @@ def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster,
                                                       monkeypatch):
     """An actor dies in the middle of its first shard: a replacement rescans that shard. The
     driver is then interrupted after 3 shards (checkpointed); the rerun scans only the other
-    5; the files equal the single-process build's."""
+    4 (7 shards: the 7 batches of 3 rows); the files equal the single-process build's."""
     import functools
 
     import cltrace.features.cluster as cluster
@@ -511,10 +511,11 @@ def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster,
     assert marker.exists()  # an actor did die
     state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
     first = state.meta["done_shards"]
-    assert len(first) == 3 and len(state.meta["shards"]) == 8
+    assert len(first) == 3 and [tuple(s) for s in state.meta["shards"]] == \
+        [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
     monkeypatch.setattr(cluster, "scan_ray", lambda *a, **kw: scanned.extend(real(*a, **kw)) or scanned)
     _build(setup, tmp_path / "r", ray=True, workers=1, loader=loader)  # other --workers: same plan
-    assert sorted(scanned) == sorted(set(range(8)) - set(first))
+    assert sorted(scanned) == sorted(set(range(7)) - set(first))
     assert _files(tmp_path / "r") == _files(out)
 
 
@@ -530,7 +531,7 @@ def test_cli_ray_end_to_end(cli_inputs, ray_cluster, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--ray"], "--ray needs Ray: pip install 'cltrace[ray]'"),
     (["--ray", "--workers", "0"], "give at least 1 actor"),
-    (["--workers", "2"], "--workers is for --ray"),
+    (["--workers", "2"], "--workers and --threads are for --ray"),
 ])
 def test_cli_ray_errors_exit_2(cli_inputs, tmp_path, capsys, monkeypatch, extra, message):
     import sys

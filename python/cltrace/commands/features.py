@@ -24,9 +24,10 @@ With no --corpus/--dataset, the Python standard library's docstrings are the cor
 
 --ray [ADDRESS] distributes the scan (pass 1, the dominant cost on a large corpus) over Ray
 actors: contiguous row shards, each actor loading the model and transcoders once and holding
-one full per-feature state of the set; the shards' states are merged here (exactly: the same
-files as without --ray). The windows, logits and writing stay in this process, which loads
-the model too. An interrupted --ray run resumes with --ray, scanning only the missing shards.
+one full per-feature state of the set; the shards' states are merged here, exactly (the same
+files as without --ray when --threads is that run's torch thread count). The windows, logits
+and writing stay in this process, which loads the model too. An interrupted --ray run resumes
+with --ray, scanning only the missing shards.
 
 Examples:
   cltrace features --tokens 200000 --out pages/starter
@@ -60,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "windows, logits and files stay here. Needs pip install 'cltrace[ray]'")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --ray: scan actors (default: one per GPU, else one per 4 CPUs)")
+    p.add_argument("--threads", type=int, default=0, metavar="T",
+                   help="with --ray: torch threads per actor (default: the CPUs split between "
+                        "the actors); the files are bit-identical to a run without --ray when T "
+                        "is that run's thread count")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -144,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--ctx must be at least 2 (BOS and one token)")
     if args.window < 0:
         raise ValueError("--window must be >= 0")
-    if args.workers is not None and not args.ray:
-        raise ValueError("--workers is for --ray (the scan's actors)")
+    if (args.workers is not None or args.threads) and not args.ray:
+        raise ValueError("--workers and --threads are for --ray (the scan's actors)")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.ray:
         from ..ray_pool import import_ray
 
@@ -188,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
                       n_samples=args.samples, seed=args.seed, window=args.window,
                       batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
                       bar=not args.quiet, say=say, ray=args.ray, workers=args.workers,
+                      threads=args.threads,
                       loader=functools.partial(load_for_scan, args.model, args.transcoders,
                                                args.device, args.dtype) if args.ray else None)
     total = time.perf_counter() - t_start

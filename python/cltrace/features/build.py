@@ -70,14 +70,17 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
                 batch_rows: int = 16, n_logits: int = 10, json_files: bool = True,
                 meta: Optional[dict] = None, bar: bool = True,
                 say: Callable[..., None] = lambda *a: None, ray=None,
-                workers: Optional[int] = None, loader: Optional[Callable[[], tuple]] = None) -> BuildResult:
+                workers: Optional[int] = None, threads: int = 0,
+                loader: Optional[Callable[[], tuple]] = None) -> BuildResult:
     """Feature pages of ``layers`` of ``transcoders`` over the token ``rows [n_rows, ctx]``
     into the folder ``out`` (new, empty, or an interrupted run with the same inputs).
 
     ``ray`` (True: a local Ray cluster, or an address): the scan (pass 1) runs on ``workers``
-    Ray actors, each loading ``loader() -> (model, transcoders)`` (picklable; the same model
-    and set as ``model``, ``transcoders``) once; windows, logits and files are made here, from
-    the merged state. The files are the same bytes as without ``ray``."""
+    Ray actors of ``threads`` torch threads (0: the CPUs split), each loading ``loader() ->
+    (model, transcoders)`` (picklable; the same model and set as ``model``, ``transcoders``)
+    once; windows, logits and files are made here, from the merged state. The files are the
+    same bytes as without ``ray`` when the actors run this process's number of torch threads
+    (:func:`.cluster.scan_ray`)."""
     import time
 
     out = Path(out)
@@ -107,7 +110,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
             if loader is None:
                 raise ValueError("build_pages(ray=...) needs a loader for the actors")
             scan_ray(loader, rows, layers, state, bos=bos, batch_rows=batch_rows,
-                     address=None if ray is True else ray, workers=workers,
+                     address=None if ray is True else ray, workers=workers, threads=threads,
                      checkpoint=lambda s: s.save(state_path), bar=bar, say=say)
         else:
             if "shards" in state.meta:

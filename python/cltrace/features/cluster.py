@@ -1,8 +1,8 @@
 """Pass 1 of ``cltrace features --ray``: the scan of disjoint row shards on Ray actors.
 
 What is distributed: only the scan (one forward + one encode per token, the dominant cost on a
-large corpus). The rows are cut into contiguous shards (:func:`plan_shards`, Ray-free; about 4
-per actor, so a lost actor loses little); each actor loads the model and transcoders ONCE (a
+large corpus). The rows are cut into contiguous shards of whole batches (:func:`plan_shards`,
+Ray-free; about 4 per actor, so a lost actor loses little); each actor loads the model and transcoders ONCE (a
 picklable ``loader``), scans whole shards into a fresh :class:`FeatureState` and returns it;
 the driver merges the states as they arrive (exact and order-independent, so the result is the
 single-process scan's, bit for bit). Pass 2 (the windows), the logits and the writing stay in
@@ -29,11 +29,17 @@ from .state import FeatureState
 SHARDS_PER_ACTOR = 4
 
 
-def plan_shards(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous, disjoint ``[start, stop)`` row blocks covering ``0..n_rows``, sizes within 1
-    of each other (no empty block)."""
-    n = max(1, min(n_shards, n_rows))
-    cuts = [i * n_rows // n for i in range(n + 1)]
+def plan_shards(n_rows: int, n_shards: int, batch_rows: int = 1) -> list[tuple[int, int]]:
+    """Contiguous, disjoint ``[start, stop)`` row blocks covering ``0..n_rows``, each a whole
+    number of the single-process scan's batches of ``batch_rows`` rows (the last batch may be
+    short), their numbers of batches within 1 of each other; at most ``n_shards``, never empty.
+
+    Aligned to the batches so that every forward pass on an actor runs the same rows as the
+    single-process scan: a float32 forward is not bitwise invariant to the batch's shape (BLAS
+    blocking), and the pages' activations must be the same bits."""
+    n_batches = -(-n_rows // batch_rows)
+    n = max(1, min(n_shards, n_batches))
+    cuts = [min(n_rows, (i * n_batches // n) * batch_rows) for i in range(n + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
@@ -63,11 +69,18 @@ class ScanWorker:
 def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *,
              bos: Optional[int], batch_rows: int, address=None, workers: Optional[int] = None,
              checkpoint: Optional[Callable[[FeatureState], None]] = None, every_s: float = 60.0,
-             bar: bool = True, say: Callable[..., None] = lambda *a: None) -> list[int]:
+             threads: int = 0, bar: bool = True,
+             say: Callable[..., None] = lambda *a: None) -> list[int]:
     """Fold every row of ``rows [n_rows, ctx]`` into ``state`` (empty, or a resumed state of an
     earlier ``scan_ray``) on ``workers`` actors (None: one per GPU, else one per 4 CPUs) of the
-    Ray cluster at ``address`` (None: a local one). Returns the indices of the shards scanned
-    by this call (the others were done before)."""
+    Ray cluster at ``address`` (None: a local one), ``threads`` torch threads each (0: the
+    cluster's CPUs split between the actors). Returns the indices of the shards scanned by this
+    call (the others were done before).
+
+    Bits: the state equals the single-process scan's when each actor runs as many torch
+    threads as that process did (on the same kind of CPU): a float32 forward of some batch
+    shapes is not bitwise invariant to the thread count (measured: the 270M's 1-row batch,
+    ulp-level differences between 1 and 2 threads)."""
     from ..ray_pool import actor_options, dispatch, session
 
     if workers is not None and workers < 1:
@@ -79,9 +92,10 @@ def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *
         res = ray.cluster_resources()
         cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
         n = workers or (gpus if gpus else max(1, cpus // 4))
-        threads = 1 if gpus else max(1, cpus // n)
+        threads = threads or (1 if gpus else max(1, cpus // n))
         if "shards" not in state.meta:  # a new scan: the plan is kept, a rerun may have other --workers
-            state.meta.update(shards=plan_shards(rows.shape[0], SHARDS_PER_ACTOR * n), done_shards=[])
+            state.meta.update(shards=plan_shards(rows.shape[0], SHARDS_PER_ACTOR * n, batch_rows),
+                              done_shards=[])
         shards = [tuple(s) for s in state.meta["shards"]]
         done = set(state.meta["done_shards"])
         todo = [i for i in range(len(shards)) if i not in done]
@@ -93,7 +107,9 @@ def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *
                         n_samples=state.n_samples, seed=state.seed)
         per_row = (rows != bos).sum(1) if bos is not None else torch.full((rows.shape[0],), rows.shape[1])
         pbar = _bar(int(per_row.sum()), sum(int(per_row[slice(*shards[i])].sum()) for i in done), bar)
-        Actor = ray.remote(ScanWorker).options(**actor_options(threads, gpus > 0))
+        # the CPUs asked of Ray: never more than an n-th of the cluster's, or actors would wait
+        # for each other (the torch threads may still oversubscribe, when asked for)
+        Actor = ray.remote(ScanWorker).options(**actor_options(min(threads, max(1, cpus // n)), gpus > 0))
         rows_ref = ray.put(rows)
         last, merging = time.monotonic(), False
 
