@@ -473,13 +473,15 @@ def saved_tiny(setup, tmp_path_factory):
 
 
 def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tmp_path):
-    """2 actors, 7 shards: every file equals the single-process build's, byte for byte."""
+    """2 actors, 7 shards: every file equals the single-process build's, byte for byte (the
+    actors at this process's torch thread count)."""
     import functools
 
     from feature_fixtures import load_tiny
 
     out, _ = built
-    _build(setup, tmp_path / "r", ray=True, workers=2, loader=functools.partial(load_tiny, saved_tiny))
+    _build(setup, tmp_path / "r", ray=True, workers=2, threads=torch.get_num_threads(),
+           loader=functools.partial(load_tiny, saved_tiny))
     assert _files(tmp_path / "r") == _files(out)
 
 
@@ -507,22 +509,23 @@ def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster,
 
     monkeypatch.setattr(cluster, "scan_ray", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _build(setup, tmp_path / "r", ray=True, workers=2, loader=loader)
+        _build(setup, tmp_path / "r", ray=True, workers=2, threads=torch.get_num_threads(), loader=loader)
     assert marker.exists()  # an actor did die
     state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
     first = state.meta["done_shards"]
     assert len(first) == 3 and [tuple(s) for s in state.meta["shards"]] == \
         [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
     monkeypatch.setattr(cluster, "scan_ray", lambda *a, **kw: scanned.extend(real(*a, **kw)) or scanned)
-    _build(setup, tmp_path / "r", ray=True, workers=1, loader=loader)  # other --workers: same plan
+    _build(setup, tmp_path / "r", ray=True, workers=1, threads=torch.get_num_threads(), loader=loader)  # other --workers: same plan
     assert sorted(scanned) == sorted(set(range(7)) - set(first))
     assert _files(tmp_path / "r") == _files(out)
 
 
 def test_cli_ray_end_to_end(cli_inputs, ray_cluster, tmp_path, capsys):
     """`cltrace features --ray --workers 2` on the saved tiny model: the files of the run
-    without --ray."""
-    assert _cli(cli_inputs, tmp_path / "ray", "--layers", "1-2", "--ray", "--workers", "2") == 0
+    without --ray (the actors at this process's torch thread count, as the files' bits want)."""
+    assert _cli(cli_inputs, tmp_path / "ray", "--layers", "1-2", "--ray", "--workers", "2",
+                "--threads", str(torch.get_num_threads())) == 0
     assert _cli(cli_inputs, tmp_path / "one", "--layers", "1-2") == 0
     assert "features fired on" in capsys.readouterr().out
     assert _files(tmp_path / "ray") == _files(tmp_path / "one")

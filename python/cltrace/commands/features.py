@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -191,13 +192,23 @@ def run(args: argparse.Namespace) -> int:
             "transcoder_info": {k: v for k, v in ts.info.items() if isinstance(v, (str, int, float, bool))},
             "corpus": corpus}
     say(f"scanning {rows.shape[0]} rows x {rows.shape[1]} tokens on layers {layers} ...")
-    res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
-                      n_samples=args.samples, seed=args.seed, window=args.window,
-                      batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
-                      bar=not args.quiet, say=say, ray=args.ray, workers=args.workers,
-                      threads=args.threads,
-                      loader=functools.partial(load_for_scan, args.model, args.transcoders,
-                                               args.device, args.dtype) if args.ray else None)
+    try:
+        res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
+                          n_samples=args.samples, seed=args.seed, window=args.window,
+                          batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
+                          bar=not args.quiet, say=say, ray=args.ray, workers=args.workers,
+                          threads=args.threads,
+                          loader=functools.partial(load_for_scan, args.model, args.transcoders,
+                                                   args.device, args.dtype) if args.ray else None)
+    except KeyboardInterrupt:
+        print(f"cltrace features: interrupted; the scan is checkpointed in {out}/.work, rerun "
+              "the same command to resume", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # --ray: actors kept dying, or Ray could not place them
+        if not args.ray:
+            raise
+        print(f"cltrace features: error: {e}", file=sys.stderr)
+        return 1
     total = time.perf_counter() - t_start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rate = res.n_tokens / res.seconds["scan"] if res.seconds["scan"] > 0 else float("nan")
