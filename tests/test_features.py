@@ -117,8 +117,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _build(setup, out, **kw):
     model, rows, ts = setup
+    kw.setdefault("batch_rows", 3)
     return build_pages(model, CharTok(), ts, rows, LAYERS, out, top_k=5, n_samples=8, seed=7,
-                       window=4, batch_rows=3, bar=False, **kw)
+                       window=4, bar=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_resumed_and_repeated_runs_give_identical_files(setup, built, tmp_path):
     assert (tmp_path / "r" / ".work" / "state.pt").is_file()
     state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
     assert state.meta["next_batch"] == 2
-    _build(setup, tmp_path / "r")
+    _build(setup, tmp_path / "r", batch_rows=5)  # resumed with the interrupted run's 3 rows a batch
     assert _files(tmp_path / "r") == _files(out)
     with pytest.raises(FileExistsError, match="not empty"):
         _build(setup, tmp_path / "r")

@@ -95,12 +95,16 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     state_path = work / "state.pt"
     if resume and state_path.is_file():
         state = FeatureState.load(state_path)
+        if state.meta.get("batch_rows", batch_rows) != batch_rows:  # its batch index counts those
+            say(f"resuming with the interrupted run's {state.meta['batch_rows']} rows per batch")
+            batch_rows = state.meta["batch_rows"]
         say(f"resuming the scan at batch {state.meta.get('next_batch', 0)} ({state_path})")
     else:
         work.mkdir(parents=True, exist_ok=True)
         (work / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": settings}))
         state = FeatureState.empty({L: transcoders.layers[L].d_sae for L in layers},
                                    rows.shape[1], top_k, n_samples, seed)
+        state.meta["batch_rows"] = batch_rows
     times = {}
     t0 = time.perf_counter()
     if not state.meta.get("scan_done"):
