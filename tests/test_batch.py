@@ -224,3 +224,14 @@ def test_feature_pages_label_the_graphs(tiny, tmp_path):
     assert all(r["feature_pages"] > 0 and not any(f.startswith("features/") for f in r["files"]) for r in records)
     rows = summarize(str(tmp_path / "batch"), min_count=1)
     assert rows and all(r.label for r in rows)
+
+
+def test_ray_actors_never_ask_more_than_their_share_of_the_cluster():
+    """N actors of T threads on C CPUs ask at most C/N each (else the last ones would wait for
+    CPUs the others hold until the end: a hang)."""
+    from cltrace.ray_pool import actor_options
+
+    for threads, n, cpus in [(2, 3, 2), (1, 4, 2), (8, 2, 16), (4, 1, 2)]:
+        asked = actor_options(threads, False, n, cpus)["num_cpus"]
+        assert asked * n <= cpus and min(threads, cpus / n) - 1e-4 <= asked <= threads
+    assert actor_options(2, False)["num_cpus"] == 2

@@ -5,6 +5,7 @@ front of the queue and a replacement actor is started (at most 2N replacements, 
 stops: a rerun resumes). ``ray`` is imported only through :func:`import_ray`."""
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from contextlib import contextmanager
@@ -37,9 +38,13 @@ def session(address) -> Iterator[Any]:
             ray.shutdown()
 
 
-def actor_options(threads: int, gpu: bool) -> dict:
-    """No restarts by Ray itself: a lost actor is replaced by :func:`dispatch`."""
-    return {"num_cpus": threads, "num_gpus": 1 if gpu else 0, "max_restarts": 0,
+def actor_options(threads: int, gpu: bool, n: int = 1, cpus: float = float("inf")) -> dict:
+    """The resources one of ``n`` actors asks of a cluster with ``cpus`` CPUs: ``threads`` CPUs,
+    but never more than an n-th of the cluster's (fractional when needed), or some actors would
+    wait for CPUs that the others hold until the end: a hang. No restarts by Ray itself: a lost
+    actor is replaced by :func:`dispatch`."""
+    num_cpus = math.floor(min(float(threads), cpus / max(1, n)) * 1e4) / 1e4  # Ray's precision, rounded down
+    return {"num_cpus": num_cpus, "num_gpus": 1 if gpu else 0, "max_restarts": 0,
             "max_task_retries": 0}
 
 

@@ -20,7 +20,7 @@ def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
         if n is None:
             n = int(resources["GPU"]) if gpu else max(1, int(resources.get("CPU", 1) // threads))
         n = min(n, len(todo))
-        Actor = ray.remote(Worker).options(**actor_options(threads, gpu))
+        Actor = ray.remote(Worker).options(**actor_options(threads, gpu, n, resources.get("CPU", 1)))
         # a lost actor's prompt is retraced with the same attempt number: not the prompt's fault
         dispatch(ray, lambda: Actor.remote(loader, settings, threads), n, todo,
                  submit=lambda actor, item: actor.trace.remote(*item),

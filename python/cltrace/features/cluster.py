@@ -109,7 +109,7 @@ def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *
         pbar = _bar(int(per_row.sum()), sum(int(per_row[slice(*shards[i])].sum()) for i in done), bar)
         # the CPUs asked of Ray: never more than an n-th of the cluster's, or actors would wait
         # for each other (the torch threads may still oversubscribe, when asked for)
-        Actor = ray.remote(ScanWorker).options(**actor_options(min(threads, max(1, cpus // n)), gpus > 0))
+        Actor = ray.remote(ScanWorker).options(**actor_options(threads, gpus > 0, n, cpus))
         rows_ref = ray.put(rows)
         last, merging = time.monotonic(), False
 
