@@ -10,9 +10,9 @@ form in milliseconds and answers the calls cltrace makes itself:
   match, on the raw text); every other piece gets the normalizer (' ' -> '▁') and then BPE over
   its characters: characters missing from the vocabulary become their UTF-8 bytes' ``<0xXX>``
   tokens, then the adjacent pair of lowest merge rank (leftmost on ties) is merged until none is
-  left; ``<bos>`` goes in front with ``add_special_tokens``. The result is a
-  ``transformers.BatchEncoding`` with input_ids and attention_mask (its ``encodings`` is None:
-  there are no Rust ``Encoding`` objects);
+  left; ``<bos>`` goes in front with ``add_special_tokens``. The result is an :class:`Encoded`
+  (a dict of input_ids and attention_mask with attribute access and ``.to``, as a
+  ``BatchEncoding``; there are no Rust ``Encoding`` objects);
 * ``decode``, ``batch_decode``: the library's decoder chain: ids outside the vocabulary dropped,
   special added tokens dropped with ``skip_special_tokens``, '▁' -> ' ' in each token, runs of
   ``<0xXX>`` tokens joined into their bytes (one U+FFFD per byte token when those bytes are not
@@ -46,6 +46,21 @@ from .tokenizer_compact import load as load_compact
 LONG_TEXT = 50_000  # characters in one call: beyond, build the full tokenizer
 BUDGET = 200_000  # characters encoded here in all: beyond, build it and use it from then on
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+
+
+class Encoded(dict):
+    """What the fast path's ``tokenizer(...)`` returns: ``input_ids`` and ``attention_mask``, read
+    as keys or attributes, ``.to(device)`` for tensors, as transformers' ``BatchEncoding`` (not
+    used: importing transformers costs ~0.7 s of a start)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "Encoded":
+        return Encoded({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
 
 
 class _Codec:
@@ -309,12 +324,14 @@ class FastPathTokenizer:
         ids = self._fast_encode(text, add) if ok else None
         if ids is None:
             return self.full_tokenizer()(text, *args, **kwargs)
-        from transformers import BatchEncoding
-
         mask = [[1] * len(x) for x in ids]
         if not batched and tensors is None:
-            return BatchEncoding({"input_ids": ids[0], "attention_mask": mask[0]})
-        return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=tensors)
+            return Encoded(input_ids=ids[0], attention_mask=mask[0])
+        if tensors == "pt":
+            import torch
+
+            return Encoded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+        return Encoded(input_ids=ids, attention_mask=mask)
 
     def encode(self, text, *args, **kwargs):
         ids = None
