@@ -27,7 +27,7 @@ class CrashingTokenizer(CharTokenizer):
         return super().__call__(text, *a, **k)
 
     def encode(self, text, add_special_tokens=True):
-        return self(text, add_special_tokens=add_special_tokens)["input_ids"][0].tolist()
+        return self(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def save_tiny(path: Path) -> Path:
@@ -46,3 +46,24 @@ def load_tiny(path: str, crash_on: str = "", marker: str = "", interrupt_on: str
     saved = torch.load(path, weights_only=False)
     tok = CrashingTokenizer(crash_on, marker, interrupt_on)
     return ReplacementModel(saved["model"], saved["transcoders"], tokenizer=tok, model_name="tiny"), tok
+
+
+def build_tiny_pages(path: str, out: Path) -> Path:
+    """Feature pages of the tiny model's transcoders over a few hundred characters of text."""
+    from cltrace.features import build_pages
+    from cltrace.training.corpus import token_rows
+
+    rm, tok = load_tiny(path)
+    texts = ["the cat sat on the mat and the dog sat on the log", "hello world, hello there",
+             "abc def ghi jkl mno pqr stu vwx yz", "a crash here and a crash there"] * 4
+    rows = token_rows(tok, texts, 16)
+    build_pages(rm.model, tok, rm.transcoders, rows, sorted(rm.transcoders.layers), out,
+                top_k=4, n_samples=4, bar=False)
+    return out
+
+
+def load_tiny_with_pages(path: str, pages: str):
+    """(ReplacementModel, tokenizer, FeaturePages): a batch worker that labels its graphs."""
+    from cltrace.features import FeaturePages
+
+    return (*load_tiny(path), FeaturePages(pages))

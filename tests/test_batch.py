@@ -193,3 +193,45 @@ def test_ray_cluster(tiny, sequential, tmp_path, monkeypatch):
         check_batch(store, sequential, runs=2)
     finally:
         ray.shutdown()
+
+
+def test_feature_pages_label_the_graphs(tiny, tmp_path):
+    """With feature pages (a worker process): every graph is the file trace_prompt writes with
+    the same pages (as cltrace attribute), its feature nodes labelled, the kept features' pages
+    under features/ byte for byte; the summary carries the labels."""
+    from cltrace.batch.job import trace_prompt
+    from cltrace.features import FeaturePages
+
+    pages_dir = F.build_tiny_pages(tiny, tmp_path / "pages")
+    good = SPECS[:2]
+    res = run_batch(good, tmp_path / "batch", SETTINGS,
+                    functools.partial(F.load_tiny_with_pages, tiny, str(pages_dir)), workers=1, progress=False)
+    assert (res.ok, res.failed) == (2, 0)
+    rm, tok = F.load_tiny(tiny)
+    for spec in good:
+        trace_prompt(rm, tok, spec, SETTINGS, tmp_path / "ref", pages=FeaturePages(pages_dir))
+    ref = {p.relative_to(tmp_path / "ref").as_posix(): p.read_bytes() for p in (tmp_path / "ref").rglob("*.json")
+           if p.name != "graph-metadata.json"}
+    got = {p.relative_to(tmp_path / "batch").as_posix(): p.read_bytes() for p in (tmp_path / "batch").rglob("*.json")
+           if p.name not in ("graph-metadata.json", "features-summary.json")}
+    assert got == ref and sum(k.startswith("features/") for k in got) > 5
+    for spec in good:
+        data = json.loads(got[f"{spec.slug}.json"])
+        feats = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+        assert feats and all(n["clerp"] for n in feats) and data["metadata"]["scan"] == "./data/features"
+        assert all(f"features/{n['feature']}.json" in got for n in feats)
+    records = [r for r in Store(tmp_path / "batch").records()]
+    assert all(r["feature_pages"] > 0 and not any(f.startswith("features/") for f in r["files"]) for r in records)
+    rows = summarize(str(tmp_path / "batch"), min_count=1)
+    assert rows and all(r.label for r in rows)
+
+
+def test_ray_actors_never_ask_more_than_their_share_of_the_cluster():
+    """N actors of T threads on C CPUs ask at most C/N each (else the last ones would wait for
+    CPUs the others hold until the end: a hang)."""
+    from cltrace.ray_pool import actor_options
+
+    for threads, n, cpus in [(2, 3, 2), (1, 4, 2), (8, 2, 16), (4, 1, 2)]:
+        asked = actor_options(threads, False, n, cpus)["num_cpus"]
+        assert asked * n <= cpus and min(threads, cpus / n) - 1e-4 <= asked <= threads
+    assert actor_options(2, False)["num_cpus"] == 2

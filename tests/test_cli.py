@@ -58,14 +58,17 @@ def test_cli_help(capsys):
 class CharTokenizer:
     """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
 
-    eos_token_id = 1
+    bos_token_id, eos_token_id = 2, 1
 
     def __call__(self, text, return_tensors=None, add_special_tokens=True):
         ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
-        return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
     def decode(self, ids):
         return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def batch_decode(self, seqs):
+        return [self.decode(ids) for ids in seqs]
 
     def convert_tokens_to_ids(self, token):
         return 299

@@ -117,8 +117,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _build(setup, out, **kw):
     model, rows, ts = setup
+    kw.setdefault("batch_rows", 3)
     return build_pages(model, CharTok(), ts, rows, LAYERS, out, top_k=5, n_samples=8, seed=7,
-                       window=4, batch_rows=3, bar=False, **kw)
+                       window=4, bar=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_resumed_and_repeated_runs_give_identical_files(setup, built, tmp_path):
     assert (tmp_path / "r" / ".work" / "state.pt").is_file()
     state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
     assert state.meta["next_batch"] == 2
-    _build(setup, tmp_path / "r")
+    _build(setup, tmp_path / "r", batch_rows=5)  # resumed with the interrupted run's 3 rows a batch
     assert _files(tmp_path / "r") == _files(out)
     with pytest.raises(FileExistsError, match="not empty"):
         _build(setup, tmp_path / "r")
@@ -158,9 +159,10 @@ def test_resumed_and_repeated_runs_give_identical_files(setup, built, tmp_path):
 
 PAGE_SCHEMA = {
     "type": "object",
-    "required": ["index", "examples_quantiles", "top_logits", "bottom_logits", "act_min", "act_max",
-                 "quantile_values", "histogram", "activation_frequency"],
+    "required": ["transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits",
+                 "act_min", "act_max", "quantile_values", "histogram", "activation_frequency"],
     "properties": {
+        "transcoder_id": {"type": "string"},
         "index": {"type": "integer", "minimum": 0},
         "examples_quantiles": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["quantile_name", "examples"],
@@ -327,7 +329,7 @@ def test_cli_builds_labelled_pages(cli_inputs, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing", "corpus file not found"),
     ("empty", "is empty"),
-    ("binary", "is binary"),
+    ("binary", "blob.txt: a binary file, not text"),
     ("other_model", "trained for another model"),
     ("layers", "layers [3, 4, 5] are not in the transcoder set"),
     ("out_not_empty", "exists and is not empty"),
@@ -444,3 +446,106 @@ def test_activation_source_inputs_only(setup):
     inputs = ActivationSource(model, rows, [0, 2], BOS, outputs=False).read(idx)
     assert inputs.y is None and full.y is not None
     torch.testing.assert_close(inputs.x, full.x, rtol=0, atol=0)
+
+
+# --- the scan on Ray actors (--ray) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs whose actors import this checkout (or the installed
+    package) and these tests' helpers."""
+    import os
+
+    ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")  # the test extra: CI runs it
+    import cltrace
+
+    package_root = str(Path(cltrace.__file__).resolve().parents[1])
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, runtime_env={"env_vars": {
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), package_root, os.environ.get("PYTHONPATH", "")])}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(setup, tmp_path_factory):
+    from feature_fixtures import save_tiny
+
+    model, _, ts = setup
+    return str(save_tiny(model, ts, tmp_path_factory.mktemp("ray") / "tiny.pt"))
+
+
+def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tmp_path):
+    """2 actors, 7 shards: every file equals the single-process build's, byte for byte (the
+    actors at this process's torch thread count)."""
+    import functools
+
+    from feature_fixtures import load_tiny
+
+    out, _ = built
+    _build(setup, tmp_path / "r", ray=True, workers=2, threads=torch.get_num_threads(),
+           loader=functools.partial(load_tiny, saved_tiny))
+    assert _files(tmp_path / "r") == _files(out)
+
+
+def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster, saved_tiny, tmp_path,
+                                                      monkeypatch):
+    """An actor dies in the middle of its first shard: a replacement rescans that shard. The
+    driver is then interrupted after 3 shards (checkpointed); the rerun scans only the other
+    4 (7 shards: the 7 batches of 3 rows); the files equal the single-process build's."""
+    import functools
+
+    import cltrace.features.cluster as cluster
+    from feature_fixtures import load_tiny
+
+    out, _ = built
+    marker = tmp_path / "crashed"
+    loader = functools.partial(load_tiny, saved_tiny, str(marker))
+    real, scanned = cluster.scan_ray, []
+
+    def interrupted(*a, **kw):
+        def checkpoint(s):
+            kw["checkpoint"](s)
+            if len(s.meta["done_shards"]) == 3:
+                raise KeyboardInterrupt
+        return real(*a, **{**kw, "checkpoint": checkpoint, "every_s": 0.0})
+
+    monkeypatch.setattr(cluster, "scan_ray", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _build(setup, tmp_path / "r", ray=True, workers=2, threads=torch.get_num_threads(), loader=loader)
+    assert marker.exists()  # an actor did die
+    state = FeatureState.load(tmp_path / "r" / ".work" / "state.pt")
+    first = state.meta["done_shards"]
+    assert len(first) == 3 and [tuple(s) for s in state.meta["shards"]] == \
+        [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
+    monkeypatch.setattr(cluster, "scan_ray", lambda *a, **kw: scanned.extend(real(*a, **kw)) or scanned)
+    _build(setup, tmp_path / "r", ray=True, workers=1, threads=torch.get_num_threads(), loader=loader)  # other --workers: same plan
+    assert sorted(scanned) == sorted(set(range(7)) - set(first))
+    assert _files(tmp_path / "r") == _files(out)
+
+
+def test_cli_ray_end_to_end(cli_inputs, ray_cluster, tmp_path, capsys):
+    """`cltrace features --ray --workers 2` on the saved tiny model: the files of the run
+    without --ray (the actors at this process's torch thread count, as the files' bits want)."""
+    assert _cli(cli_inputs, tmp_path / "ray", "--layers", "1-2", "--ray", "--workers", "2",
+                "--threads", str(torch.get_num_threads())) == 0
+    assert _cli(cli_inputs, tmp_path / "one", "--layers", "1-2") == 0
+    assert "features fired on" in capsys.readouterr().out
+    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ray"], "--ray needs Ray: pip install 'cltrace[ray]'"),
+    (["--ray", "--workers", "0"], "give at least 1 actor"),
+    (["--workers", "2"], "--workers and --threads are for --ray"),
+])
+def test_cli_ray_errors_exit_2(cli_inputs, tmp_path, capsys, monkeypatch, extra, message):
+    import sys
+
+    if message.startswith("--ray needs"):
+        monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    rc = _cli(cli_inputs, tmp_path / "out", *extra)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line or "Traceback" in line]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("cltrace features: error: ") \
+        and message in lines[0], err
+    assert not (tmp_path / "out").exists()

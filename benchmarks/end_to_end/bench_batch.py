@@ -37,6 +37,11 @@ PROMPTS = [
     "The sun rises in the", "Bread is made from", "Paris is the capital of", "Bees make",
     "The Great Wall is in",
 ]
+# --long: each prompt after this passage, 61-67 tokens in all (the 64-token case)
+PREAMBLE = ("Here is a short quiz on general knowledge, of the kind a teacher might hand out at the end "
+            "of a school week. It covers geography, science and history. Each question is answered with "
+            "a single word or a short phrase, and the answers are checked together in class afterwards. "
+            "Question: ")
 
 
 def _cli(*args: str) -> list[str]:
@@ -80,11 +85,12 @@ def main() -> None:
     ap.add_argument("--modes", default="separate,local-1,local-2,ray-1,ray-2")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per batch worker (default: the command's, cores // workers)")
+    ap.add_argument("--long", action="store_true", help="prefix every prompt with PREAMBLE (~64 tokens each)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/batch-<date>.json)")
     args = ap.parse_args()
-    prompts = PROMPTS[: args.prompts]
+    prompts = [(PREAMBLE if args.long else "") + p for p in PROMPTS[: args.prompts]]
     flags = ["--max-feature-nodes", str(args.max_feature_nodes)]
-    results = {"prompts": len(prompts), "max_feature_nodes": args.max_feature_nodes, "threads": args.threads,
+    results = {"prompts": len(prompts), "long": args.long, "max_feature_nodes": args.max_feature_nodes, "threads": args.threads,
                "cores": len(os.sched_getaffinity(0)), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):

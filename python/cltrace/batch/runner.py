@@ -65,6 +65,7 @@ class Collector:
         from tqdm.auto import tqdm
 
         self.store, self.result, self.seen = store, result, set()
+        self.pages_written: set = set()  # features/{c}.json put by this run (the same bytes each time)
         self.bar = tqdm(total=n, unit="prompt", disable=not progress, dynamic_ncols=True,
                         desc="tracing", smoothing=0.1)
 
@@ -74,6 +75,10 @@ class Collector:
             return
         self.seen.add(record["slug"])
         for name, data in out["files"].items():  # the files first: an ok line means they exist
+            if name.startswith("features/"):
+                if name in self.pages_written:
+                    continue
+                self.pages_written.add(name)
             self.store.put(name, data)
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.store.append_record(record)

@@ -55,8 +55,15 @@ class Store:
         return self
 
     def put(self, name: str, data: bytes) -> str:
-        """Write ``name`` atomically: readers see the old file or the whole new one."""
-        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        """Write ``name`` (which may be in a subfolder, e.g. ``features/1.json``) atomically:
+        readers see the old file or the whole new one."""
+        folder, _, base = name.rpartition("/")
+        tmp = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp" if folder else f".{base}.{uuid.uuid4().hex}.tmp"
+        if folder:
+            if self.fs is None:
+                os.makedirs(self._path(folder), exist_ok=True)
+            else:
+                self.fs.makedirs(self._path(folder), exist_ok=True)
         if self.fs is None:
             try:
                 with open(self._path(tmp), "wb") as f:

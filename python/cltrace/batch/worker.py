@@ -20,8 +20,9 @@ from typing import Callable
 
 from .job import PromptSpec, TraceSettings, trace_prompt
 
-# loader() -> (ReplacementModel, tokenizer): a picklable callable (a module-level function or a
-# functools.partial of one), called once per worker
+# loader() -> (ReplacementModel, tokenizer[, FeaturePages]): a picklable callable (a module-level
+# function or a functools.partial of one), called once per worker; with feature pages, the
+# graphs are labelled and the kept features' pages returned as features/{c}.json
 Loader = Callable[[], tuple]
 
 
@@ -34,7 +35,8 @@ class Worker:
 
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        self.rm, self.tokenizer = loader()
+        self.rm, self.tokenizer, *pages = loader()
+        self.pages = pages[0] if pages else None
         self.load_s = time.perf_counter() - t0
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -49,14 +51,19 @@ class Worker:
         files = {}
         try:
             with tempfile.TemporaryDirectory(prefix="cltrace-batch-") as tmp:
-                result = trace_prompt(self.rm, self.tokenizer, spec, self.settings, Path(tmp), times=times)
+                result = trace_prompt(self.rm, self.tokenizer, spec, self.settings, Path(tmp),
+                                      times=times, pages=self.pages)
                 for path in result.written:
                     files[path.name] = path.read_bytes()
+                for path in sorted(Path(tmp, "features").glob("*.json")):  # with pages: the kept ones
+                    files[f"features/{path.name}"] = path.read_bytes()
                 index = Path(tmp, "graph-metadata.json")
                 if index.exists():
                     record["metadata"] = json.loads(index.read_text())["graphs"][0]
             record.update(status="ok", error=None, **result.summary(), warnings=result.warnings,
-                          features=result.kept_features(), files=sorted(files))
+                          features=result.kept_features(),
+                          files=sorted(n for n in files if not n.startswith("features/")),
+                          feature_pages=sum(n.startswith("features/") for n in files))
         except Exception as e:  # a bad prompt (or a bug) fails this prompt, not the batch
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             record.update(status="failed", error=f"{type(e).__name__}: {msg}",

@@ -71,6 +71,20 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                    help="wrap the prompt in Gemma's chat turn (for -it models; works on base models too)")
 
 
+def text_problem(data: bytes, whole: bool = True) -> str | None:
+    """Why ``data`` is not UTF-8 text ("a binary file, not text", "not UTF-8 text (...)"), or
+    None. ``whole=False``: ``data`` is the head of a longer file, so a character cut at its
+    end is not a problem."""
+    if b"\0" in data:
+        return "a binary file, not text"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if whole or e.start < len(data) - 4:
+            return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    return None
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
     if (args.prompt is None) == (args.prompt_file is None):
@@ -85,12 +99,10 @@ def read_prompt(args: argparse.Namespace) -> str:
             raw = path.read_bytes()
         except OSError as e:
             raise OSError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
-        if b"\0" in raw:
-            raise ValueError(f"--prompt-file {path}: a binary file, not text")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        problem = text_problem(raw)
+        if problem:
+            raise ValueError(f"--prompt-file {path}: {problem}")
+        text = raw.decode("utf-8")
     if not text.strip():
         raise ValueError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
     return text
@@ -107,6 +119,41 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     except OSError as e:
         raise OSError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
     return out
+
+
+def add_features_argument(p: argparse.ArgumentParser) -> None:
+    """--features DIR|none: the feature pages that label a graph (attribute and batch)."""
+    p.add_argument("--features", default=None, metavar="DIR",
+                   help="feature pages of the transcoders (cltrace features --out DIR): label the "
+                        "graph's features and copy their pages beside it. Default: with the starter "
+                        "set, its own pages (built on the first run); else none. 'none': no labels")
+
+
+def check_features_dir(features: str | None) -> None:
+    """Before any work: an explicit --features DIR is a feature pages folder."""
+    if features in (None, "none"):
+        return
+    from ..features.store import LABELS_FILE
+
+    if not (Path(features) / LABELS_FILE).is_file():
+        raise FileNotFoundError(f"--features {features}: not a feature pages folder (no "
+                                f"{LABELS_FILE}; make one with `cltrace features --out DIR`)")
+
+
+def feature_pages(features: str | None, loaded, transcoders, say: Callable[..., None]):
+    """The FeaturePages of --features DIR; by default the starter set's own pages (built on
+    first use) or None for another set; None for 'none'."""
+    if features == "none":
+        return None
+    from ..features import FeaturePages
+
+    if features is not None:
+        return FeaturePages(features)
+    if str(transcoders.info.get("set_id", "")).startswith("cltrace-starter/"):
+        from ..features.starter import starter_pages
+
+        return starter_pages(loaded, transcoders, progress=say)
+    return None
 
 
 def load_replacement(args: argparse.Namespace, say: Callable[..., None]):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from pathlib import Path
 
-from ._common import add_prompt_arguments, add_replacement_arguments
+from ._common import add_features_argument, add_prompt_arguments, add_replacement_arguments
 
 NAME = "attribute"
 HELP = "compute the attribution graph of a prompt and export it (JSON, DOT, SVG, full graph)"
@@ -53,10 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attribute this next token instead of the salient ones (repeatable)")
     p.add_argument("--target-diff", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="attribute the logit difference A - B (repeatable)")
-    p.add_argument("--features", default=None, metavar="DIR",
-                   help="feature pages of the transcoders (cltrace features --out DIR): label the "
-                        "graph's features and copy their pages beside it. Default: with the starter "
-                        "set, its own pages (built on the first run); else none. 'none': no labels")
+    add_features_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -91,21 +87,6 @@ def trace_settings(args: argparse.Namespace):
                          formats=parse_formats(args.format)).check()
 
 
-def _feature_pages(args, loaded, transcoders, say):
-    """--features DIR, or the starter set's own pages (built on first use), or None."""
-    if args.features == "none":
-        return None
-    from ..features import FeaturePages
-
-    if args.features is not None:
-        return FeaturePages(args.features)
-    if str(transcoders.info.get("set_id", "")).startswith("cltrace-starter/"):
-        from ..features.starter import starter_pages
-
-        return starter_pages(loaded, transcoders, progress=say)
-    return None
-
-
 def _peak_memory_gib(device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = f"peak RSS {rss:.2f} GiB"
@@ -117,7 +98,8 @@ def _peak_memory_gib(device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import check_output_dir, load_replacement, messenger, read_prompt
+    from ._common import (check_features_dir, check_output_dir, feature_pages, load_replacement,
+                          messenger, read_prompt)
 
     from ..batch.job import PromptSpec, check_slug, trace_prompt
 
@@ -125,12 +107,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     out = check_output_dir(args.out)
     slug = check_slug(args.slug or slugify(text))
-    if args.features not in (None, "none"):
-        from ..features.store import LABELS_FILE
-
-        if not (Path(args.features) / LABELS_FILE).is_file():
-            raise FileNotFoundError(f"--features {args.features}: not a feature pages folder (no "
-                                    f"{LABELS_FILE}; make one with `cltrace features --out DIR`)")
+    check_features_dir(args.features)
     say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
@@ -141,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     times["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pages = _feature_pages(args, loaded, transcoders, say)
+    pages = feature_pages(args.features, loaded, transcoders, say)
     if pages is not None:
         times["pages"] = time.perf_counter() - t0
     targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)

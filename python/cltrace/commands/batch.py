@@ -5,7 +5,7 @@ import argparse
 import functools
 import sys
 
-from ._common import add_replacement_arguments
+from ._common import add_features_argument, add_replacement_arguments
 from .attribute import add_trace_arguments, trace_settings
 
 NAME = "batch"
@@ -18,6 +18,8 @@ object a line: {"prompt": ..., "slug": ..., "target": " Paris" or [...],
 
 Written to --out (a folder, or an fsspec URL such as s3://bucket/run, gs://..., memory://):
   {slug}.json ...        each prompt's outputs (--format, default json), written whole or not at all
+  features/{c}.json      the feature pages of the features the graphs keep (--features; by
+                         default the starter set's own pages), as `cltrace attribute` writes them
   manifest.jsonl         one line per prompt traced: status, error, seconds per phase, node and
                          edge counts, scores, kept features, worker
   graph-metadata.json    every graph of the folder, for the viewers (cltrace serve DIR)
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(a JSONL 'chat' field overrides it)")
     add_replacement_arguments(p)
     add_trace_arguments(p, formats="json")
+    add_features_argument(p)
     p.add_argument("--summary", metavar="DIR", default=None,
                    help="summarize the batch in DIR instead of tracing (see above)")
     p.add_argument("--min-count", type=int, default=2, metavar="K",
@@ -60,15 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def load_for_worker(model, transcoders, device, dtype, skip_positions):
-    """(ReplacementModel, tokenizer) from the command's options, in a worker (picklable).
-    Without --transcoders the workers of a machine take turns (a file lock), so the starter
-    set is trained once, by the first, when it is not cached yet."""
+def load_for_worker(model, transcoders, device, dtype, skip_positions, features=None):
+    """(ReplacementModel, tokenizer, FeaturePages or None) from the command's options, in a
+    worker (picklable). Without --transcoders the workers of a machine take turns (a file
+    lock), so the starter set and its feature pages are built once, by the first, when they
+    are not cached yet."""
     import contextlib
     import fcntl
 
     from ..models import cache_root
-    from ._common import load_replacement
+    from ._common import feature_pages, load_replacement
 
     args = argparse.Namespace(model=model, transcoders=transcoders, device=device, dtype=dtype,
                               skip_positions=skip_positions)
@@ -79,7 +83,8 @@ def load_for_worker(model, transcoders, device, dtype, skip_positions):
             lock = stack.enter_context(open(lock_path, "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         loaded, rm = load_replacement(args, lambda *a: None)
-    return rm, loaded.tokenizer
+        pages = feature_pages(features, loaded, rm.transcoders, lambda *a: None)
+    return rm, loaded.tokenizer, pages
 
 
 def _summary(args) -> int:
@@ -105,16 +110,18 @@ def run(args: argparse.Namespace) -> int:
     from ..batch.prompts import read_prompts
     from ..batch.runner import run_batch
     from ..batch.store import Store
+    from ._common import check_features_dir
 
     if args.prompts is None or args.out is None:
         raise ValueError("give PROMPTS and --out DIR (or --summary DIR)")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     settings = trace_settings(args)
+    check_features_dir(args.features)
     specs = read_prompts(args.prompts, chat=args.chat)
     store = Store(args.out).check_writable()
     loader = functools.partial(load_for_worker, args.model, args.transcoders, args.device,
-                               args.dtype, args.skip_positions)
+                               args.dtype, args.skip_positions, args.features)
     try:
         res = run_batch(specs, store, settings, loader, workers=args.workers, ray=args.ray,
                         threads=args.threads, progress=not args.quiet)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +23,16 @@ the windows around each example, and write --out:
 Interrupted runs resume (rerun the same command); identical inputs give identical files.
 With no --corpus/--dataset, the Python standard library's docstrings are the corpus.
 
+--ray [ADDRESS] distributes the scan (pass 1, the dominant cost on a large corpus) over Ray
+actors: contiguous row shards, each actor loading the model and transcoders once and holding
+one full per-feature state of the set; the shards' states are merged here, exactly (the same
+files as without --ray when --threads is that run's torch thread count). The windows, logits
+and writing stay in this process, which loads the model too. An interrupted --ray run resumes
+with --ray, scanning only the missing shards.
+
 Examples:
   cltrace features --tokens 200000 --out pages/starter
+  cltrace features --tokens 5000000 --ray auto --workers 8 --out pages/starter-5m
   cltrace features --transcoders google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small \\
       --corpus notes.txt --layers 0-5 --out pages/gs2-16k
 """
@@ -47,11 +57,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the example sample (default 0)")
     p.add_argument("--no-json", action="store_true", help="skip the per-feature JSON files (binary layout only)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                   help="scan on a Ray cluster (ray.init(ADDRESS); a local one without ADDRESS); "
+                        "windows, logits and files stay here. Needs pip install 'cltrace[ray]'")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --ray: scan actors (default: one per GPU, else one per 4 CPUs)")
+    p.add_argument("--threads", type=int, default=0, metavar="T",
+                   help="with --ray: torch threads per actor (default: the CPUs split between "
+                        "the actors); the files are bit-identical to a run without --ray when T "
+                        "is that run's thread count")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def load_for_scan(model: str, transcoders, device: str, dtype: str):
+    """(model, transcoders) from the command's options, in a Ray actor (picklable). Without
+    --transcoders the actors of a machine take turns (a file lock), so a starter set not cached
+    on that machine yet is trained once."""
+    import contextlib
+    import fcntl
+
+    from ..models import cache_root, load_config, load_model
+    from ..training.starter import starter_transcoders
+    from ..transcoders import load_transcoders
+
+    with contextlib.ExitStack() as stack:
+        if transcoders is None:
+            lock_path = cache_root() / "starter" / ".features.lock"
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fcntl.flock(stack.enter_context(open(lock_path, "a")), fcntl.LOCK_EX)
+        ts = None if transcoders is None else load_transcoders(transcoders, model_config=load_config(model))
+        loaded = load_model(model, device=device, dtype=dtype)
+        if ts is None:
+            ts = starter_transcoders(loaded, progress=lambda *a: None, bar=False)
+    return loaded.model, ts
+
+
 def check_corpus(paths) -> None:
-    """Each corpus path exists; each file is non-empty UTF-8 text."""
+    """Each corpus path exists; each file is non-empty UTF-8 text (its first 64 KiB read)."""
+    from ._common import text_problem
+
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"corpus file not found: {p}")
@@ -59,14 +103,11 @@ def check_corpus(paths) -> None:
         if not files:
             raise FileNotFoundError(f"corpus folder {p} has no .txt or .md files")
         for f in files:
-            head = f.read_bytes()[:1 << 16]
-            if b"\0" in head:
-                raise ValueError(f"corpus file {f} is binary, not text")
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if e.start < len(head) - 4:  # not just a character cut at the 64 KiB mark
-                    raise ValueError(f"corpus file {f} is not UTF-8 text") from None
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 16)
+            problem = text_problem(head, whole=False)  # a character may be cut at the 64 KiB mark
+            if problem:
+                raise ValueError(f"corpus file {f}: {problem}")
             if not head.strip():
                 raise ValueError(f"corpus file {f} is empty")
 
@@ -108,6 +149,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--ctx must be at least 2 (BOS and one token)")
     if args.window < 0:
         raise ValueError("--window must be >= 0")
+    if (args.workers is not None or args.threads) and not args.ray:
+        raise ValueError("--workers and --threads are for --ray (the scan's actors)")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.ray:
+        from ..ray_pool import import_ray
+
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers {args.workers} with --ray: give at least 1 actor (or leave it out)")
+        import_ray()  # Ray missing: the error now, before any work
     layers = args.layers
     if args.corpus:
         check_corpus(args.corpus)
@@ -140,10 +191,23 @@ def run(args: argparse.Namespace) -> int:
             "transcoder_info": {k: v for k, v in ts.info.items() if isinstance(v, (str, int, float, bool))},
             "corpus": corpus}
     say(f"scanning {rows.shape[0]} rows x {rows.shape[1]} tokens on layers {layers} ...")
-    res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
-                      n_samples=args.samples, seed=args.seed, window=args.window,
-                      batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
-                      bar=not args.quiet, say=say)
+    try:
+        res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
+                          n_samples=args.samples, seed=args.seed, window=args.window,
+                          batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
+                          bar=not args.quiet, say=say, ray=args.ray, workers=args.workers,
+                          threads=args.threads,
+                          loader=functools.partial(load_for_scan, args.model, args.transcoders,
+                                                   args.device, args.dtype) if args.ray else None)
+    except KeyboardInterrupt:
+        print(f"cltrace features: interrupted; the scan is checkpointed in {out}/.work, rerun "
+              "the same command to resume", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # --ray: actors kept dying, or Ray could not place them
+        if not args.ray:
+            raise
+        print(f"cltrace features: error: {e}", file=sys.stderr)
+        return 1
     total = time.perf_counter() - t_start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rate = res.n_tokens / res.seconds["scan"] if res.seconds["scan"] > 0 else float("nan")

@@ -4,6 +4,7 @@ viewer and Neuronpedia read, with a short automatic label per feature (the graph
 
     state     the bounded per-feature state of a corpus scan (exact top-K, sample, histogram)
     scan      pass 1: one forward + one encode per token, folded into the state
+    cluster   pass 1 on Ray actors (``--ray``): row shards scanned remotely, merged here
     windows   pass 2: activations around each kept example, recomputed for those rows only
     logits    top/bottom logits of a feature's decoder direction
     pages     one page (reference JSON format) and its label

@@ -1,7 +1,8 @@
 """Build the feature pages of a transcoder set over a corpus: scan, windows, logits, write.
 
 ``build_pages`` runs pass 1 (:mod:`.scan`, checkpointed atomically to ``DIR/.work/state.pt``
-so an interrupted run resumes where it stopped), pass 2 over the kept contexts only
+so an interrupted run resumes where it stopped; with ``ray``, sharded over Ray actors by
+:mod:`.cluster`, the rest staying in this process), pass 2 over the kept contexts only
 (:mod:`.windows`), the top/bottom logits of the features that fired (:mod:`.logits`), and
 writes every layout (:mod:`.store`). Identical inputs give identical files.
 """
@@ -68,9 +69,18 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
                 top_k: int = 20, n_samples: int = 20, seed: int = 0, window: int = 16,
                 batch_rows: int = 16, n_logits: int = 10, json_files: bool = True,
                 meta: Optional[dict] = None, bar: bool = True,
-                say: Callable[..., None] = lambda *a: None) -> BuildResult:
+                say: Callable[..., None] = lambda *a: None, ray=None,
+                workers: Optional[int] = None, threads: int = 0,
+                loader: Optional[Callable[[], tuple]] = None) -> BuildResult:
     """Feature pages of ``layers`` of ``transcoders`` over the token ``rows [n_rows, ctx]``
-    into the folder ``out`` (new, empty, or an interrupted run with the same inputs)."""
+    into the folder ``out`` (new, empty, or an interrupted run with the same inputs).
+
+    ``ray`` (True: a local Ray cluster, or an address): the scan (pass 1) runs on ``workers``
+    Ray actors of ``threads`` torch threads (0: the CPUs split), each loading ``loader() ->
+    (model, transcoders)`` (picklable; the same model and set as ``model``, ``transcoders``)
+    once; windows, logits and files are made here, from the merged state. The files are the
+    same bytes as without ``ray`` when the actors run this process's number of torch threads
+    (:func:`.cluster.scan_ray`)."""
     import time
 
     out = Path(out)
@@ -85,17 +95,33 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     state_path = work / "state.pt"
     if resume and state_path.is_file():
         state = FeatureState.load(state_path)
+        if state.meta.get("batch_rows", batch_rows) != batch_rows:  # its batch index counts those
+            say(f"resuming with the interrupted run's {state.meta['batch_rows']} rows per batch")
+            batch_rows = state.meta["batch_rows"]
         say(f"resuming the scan at batch {state.meta.get('next_batch', 0)} ({state_path})")
     else:
         work.mkdir(parents=True, exist_ok=True)
         (work / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": settings}))
         state = FeatureState.empty({L: transcoders.layers[L].d_sae for L in layers},
                                    rows.shape[1], top_k, n_samples, seed)
+        state.meta["batch_rows"] = batch_rows
     times = {}
     t0 = time.perf_counter()
     if not state.meta.get("scan_done"):
-        scan(model, rows, encoders, state, bos=bos, batch_rows=batch_rows,
-             checkpoint=lambda s: s.save(state_path), bar=bar)
+        if ray:
+            from .cluster import scan_ray
+
+            if loader is None:
+                raise ValueError("build_pages(ray=...) needs a loader for the actors")
+            scan_ray(loader, rows, layers, state, bos=bos, batch_rows=batch_rows,
+                     address=None if ray is True else ray, workers=workers, threads=threads,
+                     checkpoint=lambda s: s.save(state_path), bar=bar, say=say)
+        else:
+            if "shards" in state.meta:
+                raise ValueError(f"the interrupted scan in {out} ran with --ray; rerun with --ray "
+                                 "to resume it (or remove the folder)")
+            scan(model, rows, encoders, state, bos=bos, batch_rows=batch_rows,
+                 checkpoint=lambda s: s.save(state_path), bar=bar)
         state.meta["scan_done"] = True
         state.save(state_path)
     times["scan"] = time.perf_counter() - t0
@@ -119,6 +145,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
 def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_logits,
            json_files, meta, say) -> int:
     ctx, flat = state.ctx, rows.flatten()
+    transcoder_id = str(transcoders.info.get("set_id") or "")
     writer = PageWriter(out, json_files=json_files)
     n_pages = 0
     for L, st in state.layers.items():
@@ -131,7 +158,7 @@ def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_l
         writer.begin_layer(L, st.d_sae)
         for i, f in enumerate(fired.tolist()):
             page = feature_page(L, f, st, windows[L][f], flat, ctx, window, state.n_tokens,
-                                tokstr, top[i], bottom[i])
+                                tokstr, top[i], bottom[i], transcoder_id)
             writer.add(f, page)
         writer.end_layer()
         n_pages += fired.numel()

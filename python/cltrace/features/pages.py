@@ -8,7 +8,9 @@ around the example token, the feature's activation on every token of it, the ind
 example token in it, and whether that token was already shown higher on the page),
 ``top_logits``/``bottom_logits`` (token strings), ``act_min``/``act_max``, ``quantile_values``
 (100 percentiles), ``histogram`` (counts in 32 equal bins over [act_min, act_max]),
-``activation_frequency`` (firings / tokens scanned). cltrace adds ``layer`` and ``label``.
+``activation_frequency`` (firings / tokens scanned), ``transcoder_id`` (the set's id, as the
+graph's ``transcoder_list``: a string circuit-tracer 0.5.0's ``frontend/feature_models.Model``
+requires, though its viewer never reads it). cltrace adds ``layer`` and ``label``.
 
 The label (the graph node's ``clerp``): the one or two most frequent tokens among the top
 examples and the most promoted token, e.g. ``"Paris"/" France" → " Paris"``.
@@ -96,7 +98,7 @@ def example_groups(st: LayerState, f: int, win: np.ndarray, flat_rows: Tensor, c
 
 def feature_page(layer: int, f: int, st: LayerState, win: np.ndarray, flat_rows: Tensor,
                  ctx: int, window: int, n_tokens: int, tokstr: dict[int, str],
-                 top_ids: Optional[Tensor], bottom_ids: Optional[Tensor]) -> dict:
+                 top_ids: Optional[Tensor], bottom_ids: Optional[Tensor], transcoder_id: str = "") -> dict:
     """The page of feature ``f`` of ``layer`` (which fired at least once)."""
     act_min, act_max = float(st.act_min[f]), float(st.act_max[f])
     groups = example_groups(st, f, win, flat_rows, ctx, window, tokstr)
@@ -104,7 +106,7 @@ def feature_page(layer: int, f: int, st: LayerState, win: np.ndarray, flat_rows:
     bottom_logits = [tokstr[int(i)] for i in bottom_ids] if bottom_ids is not None else []
     top_tokens = [ex["tokens"][ex["train_token_ind"]] for ex in groups[0]["examples"]]
     return {
-        "index": f, "layer": layer,
+        "transcoder_id": transcoder_id, "index": f, "layer": layer,
         "label": auto_label(top_tokens, top_logits),
         "examples_quantiles": groups,
         "top_logits": top_logits, "bottom_logits": bottom_logits,
