@@ -153,7 +153,8 @@ def _hub_download(repo: str, config_only: bool) -> Path:
     except Exception as e:  # offline, missing, gated, network: one message
         hint = (" (HF_HUB_OFFLINE is set: only models already in the Hugging Face cache can "
                 "be loaded)" if _hub_offline() else "")
-        raise OSError(f"cannot load a model config from {repo}{hint}: {e}") from e
+        what = "a model config" if config_only else "the model's files"
+        raise OSError(f"cannot load {what} from {repo}{hint}: {e}") from e
 
 
 def _auto_tokenizer(folder: Path):
