@@ -1,10 +1,15 @@
 """Tiny random Gemma 3 models and synthetic transcoder sets for fast tests.
 
 The model is a real transformers ``Gemma3ForCausalLM`` (sliding and global layers, GQA, QK-norm,
-tied unembedding) with random norm gains, so every frozen scale matters. Transcoder thresholds
-are calibrated on the model's own MLP inputs so that a fair fraction of features is active.
+tied unembedding) with random norm gains, so every frozen scale matters. With
+``CLTRACE_TINY_MODEL=cltrace`` in the environment it is cltrace's own ``Gemma3ForCausalLM``
+sharing those weights (what ``load_model`` returns), so the same suites run on either. Transcoder
+thresholds are calibrated on the model's own MLP inputs so that a fair fraction of features is
+active.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -30,7 +35,12 @@ def tiny_gemma(n_layers: int = 4, n_kv: int = 2, dtype: torch.dtype = torch.floa
                 p.normal_(0.0, 0.3)
             elif p.ndim == 2:
                 p.normal_(0.0, 0.15 if "embed" in name else 1.0 / p.shape[1] ** 0.5)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if os.environ.get("CLTRACE_TINY_MODEL") == "cltrace":
+        from cltrace.models.gemma3_load import from_transformers
+
+        model = from_transformers(model, "tiny_gemma")
+    return model
 
 
 def random_transcoders(mlp_in: Tensor, kind: str = "plt", d_sae: int = 96, skip: bool = False,

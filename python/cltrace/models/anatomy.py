@@ -15,7 +15,7 @@ class TextParts:
     embed: nn.Module  # Gemma3TextScaledWordEmbedding (multiplies by sqrt(d_model))
     norm: nn.Module  # final RMSNorm
     lm_head: nn.Module  # unembedding (tied to the embedding in Gemma 3)
-    config: object  # Gemma3TextConfig
+    config: object  # Gemma3TextConfig (cltrace's dataclass or transformers')
 
     @property
     def n_layers(self) -> int:
@@ -27,7 +27,8 @@ class TextParts:
 
 
 def text_parts(model: nn.Module) -> TextParts:
-    """Find the decoder stack of a Gemma3ForCausalLM or Gemma3ForConditionalGeneration."""
+    """Find the decoder stack of a Gemma3ForCausalLM (cltrace's own, :mod:`.gemma3`, or
+    transformers') or a transformers Gemma3ForConditionalGeneration."""
     inner = getattr(model, "model", None)
     text = getattr(inner, "language_model", inner)  # multimodal wrapper holds the text model
     lm_head = getattr(model, "lm_head", None)

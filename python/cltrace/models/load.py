@@ -12,7 +12,11 @@
 * a ``.gguf`` file.
 
 Multimodal ``Gemma3ForConditionalGeneration`` checkpoints are reduced to their text tower: the
-result is always a ``Gemma3ForCausalLM`` in eval mode (see DESIGN.md section 2 for the block).
+result is always cltrace's own ``Gemma3ForCausalLM`` (:mod:`.gemma3`; the same modules, names
+and function as transformers' class) in eval mode (see DESIGN.md section 2 for the block).
+Safetensors checkpoints are read without importing transformers' modeling stack
+(:mod:`.gemma3_load`); GGUF files and ``.bin`` checkpoints are read by transformers and their
+weights adopted (no copy).
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
+from .gemma3_config import GEMMA3_TYPES, check_gemma3, config_from_dict, read_config  # noqa: F401 (GEMMA3_TYPES re-exported)
+
 DEFAULT_MODEL = "gemma-3-270m"
-GEMMA3_TYPES = ("gemma3_text", "gemma3")  # text-only and multimodal model_type
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE_MARKER = "cltrace-cache.json"  # written last into a finished cache entry
 
@@ -40,7 +45,7 @@ _EMBEDDED_NAMES = {DEFAULT_MODEL, "gemma-3-270m-q4_k_m"}
 class LoadedModel(NamedTuple):
     """A Gemma 3 causal LM with its tokenizer."""
 
-    model: Any  # transformers Gemma3ForCausalLM, eval mode
+    model: Any  # cltrace.models.gemma3.Gemma3ForCausalLM, eval mode
     tokenizer: Any  # transformers tokenizer
     name: str  # what was asked for, e.g. "gemma-3-270m" or "google/gemma-3-1b-pt"
 
@@ -85,19 +90,77 @@ def load_model(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     dt = resolve_dtype(dtype, dev)
     name = str(name_or_path)
     folder, gguf = _resolve(name, progress or _print_progress)
-    model, tokenizer = _load_transformers(folder, gguf, dt)
+    local = None if gguf else _local_checkpoint(folder)
+    if local is not None:
+        from .gemma3_load import load_gemma3
+
+        model = load_gemma3(local, dt, name_or_path=str(folder), where=str(folder))
+        tokenizer = _cached_tokenizer(local) or _auto_tokenizer(local)
+    else:  # GGUF or a checkpoint without safetensors: transformers reads it, cltrace adopts it
+        from .gemma3_load import from_transformers
+
+        hf, tokenizer = _load_transformers(folder, gguf, dt)
+        where = f"{folder}/{gguf}" if gguf else str(folder)
+        model = from_transformers(hf, where, name_or_path=str(folder))
     model = model.to(dev).eval()
     return LoadedModel(model, tokenizer, name)
 
 
 def load_config(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
                 progress: Optional[Callable[[str], None]] = None):
-    """The text config (``Gemma3TextConfig``) of a model, without loading its weights."""
-    from transformers import AutoConfig
-
+    """The text config (:class:`.gemma3_config.Gemma3TextConfig`) of a model, without loading
+    its weights (GGUF files: through transformers)."""
     folder, gguf = _resolve(str(name_or_path), progress or _print_progress)
-    config = _get_config(AutoConfig, folder, gguf)
-    return getattr(config, "text_config", None) or config
+    if gguf:
+        from transformers import AutoConfig
+
+        where = f"{folder}/{gguf}"
+        config = config_from_dict(_get_config(AutoConfig, folder, gguf).to_dict(), where)
+    elif isinstance(folder, str):  # a hub id: its config.json only
+        config = read_config(_hub_download(folder, config_only=True), folder)
+    else:
+        config = read_config(folder)
+    config.name_or_path = str(folder)
+    return config
+
+
+def _local_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
+    """The local folder of a safetensors checkpoint (hub ids downloaded), or None when the
+    checkpoint has no safetensors weights."""
+    from .gemma3_load import safetensors_files
+
+    if isinstance(folder, str):  # hub id
+        read_config(_hub_download(folder, config_only=True), folder)  # not Gemma 3: fail early
+        local = _hub_download(folder, config_only=False)
+    else:
+        local = Path(folder)
+        read_config(local)
+    return local if safetensors_files(local) else None
+
+
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def _hub_download(repo: str, config_only: bool) -> Path:
+    """The snapshot folder of a hub model (``config.json`` only, or config, safetensors and
+    tokenizer files), through huggingface_hub's cache."""
+    import huggingface_hub as hub
+
+    try:
+        if config_only:
+            return Path(hub.hf_hub_download(repo, "config.json")).parent
+        return Path(hub.snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, missing, gated, network: one message
+        hint = (" (HF_HUB_OFFLINE is set: only models already in the Hugging Face cache can "
+                "be loaded)" if _hub_offline() else "")
+        what = "a model config" if config_only else "the model's files"
+        raise OSError(f"cannot load {what} from {repo}{hint}: {e}") from e
+
+
+def _auto_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _resolve(name: str, progress) -> tuple[Union[str, Path], Optional[str]]:
@@ -184,7 +247,7 @@ def _drop_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
-# --- transformers ------------------------------------------------------------------------
+# --- transformers (GGUF files, checkpoints without safetensors) --------------------------
 
 def _load_transformers(folder: Union[str, Path], gguf: Optional[str], dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -258,10 +321,7 @@ def text_tower(full) -> Any:
 
 
 def _check_gemma3(config, where: str) -> None:
-    mt = getattr(config, "model_type", None)
-    if mt not in GEMMA3_TYPES:
-        raise ValueError(f"{where} is a {mt!r} model, not Gemma 3 (cltrace supports Gemma 3 "
-                         f"text models, model_type {' or '.join(GEMMA3_TYPES)})")
+    check_gemma3(getattr(config, "model_type", None), where)
 
 
 def _single_gguf(folder: Path) -> Optional[str]:
