@@ -14,7 +14,7 @@ ROOT = Path(cltrace.__file__).resolve().parent
 # The pipeline, bottom to top: a module may import only from a lower rank (or its own package).
 RANK = {
     "__version__": -1, "_C": -1,
-    "ops": 0, "reference": 0, "atomic": 0,
+    "ops": 0, "reference": 0, "atomic": 0, "ray_pool": 0,
     "graph": 1, "models": 1,
     "transcoders": 2, "export": 2,
     "frozen": 3,
