@@ -10,17 +10,21 @@ from .worker import Worker
 
 def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
     """Trace ``todo`` [(spec, attempt)] on ``n`` actors (None: one per GPU, else one per
-    ``threads`` CPUs), ``collect`` each result in this process."""
+    ``threads`` CPUs; ``threads`` 0 with ``n`` given: the cluster's CPUs split between the
+    actors), ``collect`` each result in this process."""
     if n is not None and n < 1:
         raise ValueError(f"--workers {n} with --ray: give at least 1 actor (or leave it out)")
     with session(address) as ray:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1
-        threads = threads or 1
-        if n is None:
-            n = int(resources["GPU"]) if gpu else max(1, int(resources.get("CPU", 1) // threads))
+        cpus = resources.get("CPU", 1)
+        if n is None:  # one actor per GPU, else one per CPU slot of --threads (default 1) CPUs
+            threads = threads or 1
+            n = int(resources["GPU"]) if gpu else max(1, int(cpus // threads))
+        elif not threads:  # N actors: the cluster's CPUs split between them, as local workers do
+            threads = max(1, int(cpus // n)) if not gpu else 1
         n = min(n, len(todo))
-        Actor = ray.remote(Worker).options(**actor_options(threads, gpu, n, resources.get("CPU", 1)))
+        Actor = ray.remote(Worker).options(**actor_options(threads, gpu, n, cpus))
         # a lost actor's prompt is retraced with the same attempt number: not the prompt's fault
         dispatch(ray, lambda: Actor.remote(loader, settings, threads), n, todo,
                  submit=lambda actor, item: actor.trace.remote(*item),
