@@ -125,13 +125,10 @@ def graph_folder(tmp_path_factory):
     """``cltrace features`` then ``cltrace attribute --features``, the real commands, on a tiny
     random Gemma 3 saved with a word-level tokenizer and its transcoders in the Gemma Scope 2
     layout: the folder the user would point circuit-tracer's server at."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from cltrace.cli import main
     from cltrace.models.activations import ActivationSource
     from cltrace.transcoders.write import save_gemmascope
-    from tiny_gemma import random_transcoders, tiny_gemma
+    from tiny_gemma import random_transcoders, save_word_tokenizer, tiny_gemma
 
     torch.manual_seed(0)
     model = tiny_gemma(n_layers=3, vocab=VOCAB)
@@ -142,11 +139,7 @@ def graph_folder(tmp_path_factory):
     ts = random_transcoders(x, d_sae=40, active=0.08)
     root = tmp_path_factory.mktemp("ctview")
     model.save_pretrained(root / "model")
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>", unk_token="<unk>").save_pretrained(root / "model")
+    save_word_tokenizer(root / "model", WORDS)
     save_gemmascope(ts, root / "tc")
     rng = np.random.default_rng(0)
     (root / "corpus.txt").write_text("\n\n\n".join(" ".join(rng.choice(WORDS, size=40)) for _ in range(12)))

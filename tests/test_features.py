@@ -281,20 +281,14 @@ def test_pages_for_graph(built, tmp_path):
 def cli_inputs(setup, tmp_path_factory):
     """A saved tiny model with a word-level tokenizer, its transcoders in the Gemma Scope 2
     layout, a set for another model, and a text corpus of those words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from cltrace.transcoders.write import save_gemmascope
     from synthetic import random_set
+    from tiny_gemma import save_word_tokenizer
 
     model, _, ts = setup
     root = tmp_path_factory.mktemp("cli")
     model.save_pretrained(root / "model")
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>", unk_token="<unk>").save_pretrained(root / "model")
+    save_word_tokenizer(root / "model", WORDS)
     save_gemmascope(ts, root / "tc")
     save_gemmascope(random_set(n_layers=3, d_model=16, d_sae=8), root / "other")
     g = np.random.default_rng(0)

@@ -62,3 +62,16 @@ def random_transcoders(mlp_in: Tensor, kind: str = "plt", d_sae: int = 96, skip:
         W_skip = 0.1 * torch.randn(d, d, generator=g, dtype=dtype) / d ** 0.5 if skip else None
         out[L] = LayerTranscoder(W_enc, b_enc, threshold, W_dec, b_dec, W_skip)
     return TranscoderSet(kind=kind, n_layers=n_layers, layers=out, model_name="tiny-gemma-3")
+
+
+def save_word_tokenizer(folder, words) -> None:
+    """Save beside a tiny model a word-level tokenizer (<pad> 0, <eos> 1, <bos> 2, <unk> 3, then
+    ``words``) that ``load_model(folder)`` reads back, so CLI tests can run on the saved model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                            pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
