@@ -46,7 +46,7 @@ class LoadedModel(NamedTuple):
     """A Gemma 3 causal LM with its tokenizer."""
 
     model: Any  # cltrace.models.gemma3.Gemma3ForCausalLM, eval mode
-    tokenizer: Any  # transformers tokenizer
+    tokenizer: Any  # cltrace's FastPathTokenizer (the embedded model) or a transformers tokenizer
     name: str  # what was asked for, e.g. "gemma-3-270m" or "google/gemma-3-1b-pt"
 
 
@@ -235,6 +235,9 @@ def _convert_embedded(pkg, tmp: Path) -> Path:
     out = tmp / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from .tokenizer_compact import load as compact_tokenizer
+
+    compact_tokenizer(out / "tokenizer.json")  # the fast-path tokenizer's file, now rather than at the first start
     return out
 
 
