@@ -136,6 +136,7 @@ def _check_layers(layers, ts, text) -> None:
 def run(args: argparse.Namespace) -> int:
     from ._common import messenger
     from ..features import build_pages
+    from ..features.scan import tokens_per_row
     from ..models import load_config, load_model
     from ..training.corpus import dataset_texts, file_texts, stdlib_texts, token_rows
     from ..training.starter import starter_transcoders
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
              stdlib_texts())  # (a dataset is streamed: enough documents for --tokens of 4+ each)
     rows = token_rows(loaded.tokenizer, texts, args.ctx, max_tokens=args.tokens)
     # whole rows, the fewest whose non-BOS tokens reach --tokens (or all the corpus has)
-    per_row = (rows != loaded.tokenizer.bos_token_id).sum(1).cumsum(0)
+    per_row = tokens_per_row(rows, loaded.tokenizer.bos_token_id).cumsum(0)
     rows = rows[:int((per_row < args.tokens).sum()) + 1]
     corpus = (f"files {', '.join(args.corpus)}" if args.corpus else
               f"dataset {args.dataset}" if args.dataset else "Python standard-library docstrings")

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .scan import layer_encoders, scan
+from .scan import layer_encoders, scan, scan_bar, tokens_per_row
 from .state import FeatureState
 
 SHARDS_PER_ACTOR = 4
@@ -105,8 +105,9 @@ def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *
             return []
         settings = dict(bos=bos, batch_rows=batch_rows, top_k=state.top_k,
                         n_samples=state.n_samples, seed=state.seed)
-        per_row = (rows != bos).sum(1) if bos is not None else torch.full((rows.shape[0],), rows.shape[1])
-        pbar = _bar(int(per_row.sum()), sum(int(per_row[slice(*shards[i])].sum()) for i in done), bar)
+        per_row = tokens_per_row(rows, bos)
+        pbar = scan_bar(int(per_row.sum()), sum(int(per_row[slice(*shards[i])].sum()) for i in done), bar,
+                        desc="feature scan (Ray)")
         # the CPUs asked of Ray: never more than an n-th of the cluster's, or actors would wait
         # for each other (the torch threads may still oversubscribe, when asked for)
         Actor = ray.remote(ScanWorker).options(**actor_options(threads, gpus > 0, n, cpus))
@@ -135,9 +136,3 @@ def scan_ray(loader, rows: Tensor, layers: Sequence[int], state: FeatureState, *
                 checkpoint(state)
     return todo
 
-
-def _bar(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not enabled,
-                desc="feature scan (Ray)", dynamic_ncols=True)

@@ -72,10 +72,10 @@ def scan(model, rows: Tensor, encoders: dict[int, Encoder], state: FeatureState,
     src = ActivationSource(model, rows, list(encoders), bos, batch_rows=batch_rows, outputs=False)
     batches = list(torch.split(row_ids, batch_rows))
     start = int(state.meta.get("next_batch", 0))
-    per_row = (rows != bos).sum(1) if bos is not None else torch.full((rows.shape[0],), rows.shape[1])
+    per_row = tokens_per_row(rows, bos)
     total = int(per_row[row_ids].sum())
     done = int(per_row[torch.cat(batches[:start])].sum()) if start else 0
-    pbar = _bar(total, done, bar)
+    pbar = scan_bar(total, done, bar)
     last = time.monotonic()
     try:
         for b in range(start, len(batches)):
@@ -97,8 +97,14 @@ def scan(model, rows: Tensor, encoders: dict[int, Encoder], state: FeatureState,
     return state
 
 
-def _bar(total: int, done: int, enabled: bool):
+def tokens_per_row(rows: Tensor, bos: Optional[int]) -> Tensor:
+    """The tokens of each row that get activations (all but BOS): ``[n_rows]``."""
+    return (rows != bos).sum(1) if bos is not None else torch.full((rows.shape[0],), rows.shape[1])
+
+
+def scan_bar(total: int, done: int, enabled: bool, desc: str = "feature scan"):
+    """The scan's progress bar over tokens (with tokens/s and ETA)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not enabled,
-                desc="feature scan", dynamic_ncols=True)
+                desc=desc, dynamic_ncols=True)
