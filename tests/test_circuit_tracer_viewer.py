@@ -66,7 +66,6 @@ from urllib.parse import urljoin
 
 import numpy as np
 import pytest
-import torch
 
 from peer import PEER_PY, ROOT, peer_available
 
@@ -126,17 +125,10 @@ def graph_folder(tmp_path_factory):
     random Gemma 3 saved with a word-level tokenizer and its transcoders in the Gemma Scope 2
     layout: the folder the user would point circuit-tracer's server at."""
     from cltrace.cli import main
-    from cltrace.models.activations import ActivationSource
     from cltrace.transcoders.write import save_gemmascope
-    from tiny_gemma import random_transcoders, save_word_tokenizer, tiny_gemma
+    from tiny_gemma import save_word_tokenizer, tiny_model_and_set
 
-    torch.manual_seed(0)
-    model = tiny_gemma(n_layers=3, vocab=VOCAB)
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(4, VOCAB, (20, CTX), generator=g)
-    rows[:, 0] = BOS
-    x = ActivationSource(model, rows, [0, 1, 2], BOS, outputs=False).read(torch.arange(6)).x
-    ts = random_transcoders(x, d_sae=40, active=0.08)
+    model, _, ts = tiny_model_and_set(20, VOCAB, CTX, BOS)
     root = tmp_path_factory.mktemp("ctview")
     model.save_pretrained(root / "model")
     save_word_tokenizer(root / "model", WORDS)

@@ -8,17 +8,15 @@ import json
 import os
 
 import pytest
-import torch
 
 from cltrace.attribution import attribute
 from cltrace.export import to_neuronpedia
 from cltrace.features import FeaturePages, build_pages, pages_for_graph
 from cltrace.graph import prune
-from cltrace.models.activations import ActivationSource
 from cltrace.replacement import ReplacementModel
 from cltrace.serve import make_server, serve_in_thread
 from serve_fixtures import browser_missing, cleanup, launch_chromium
-from tiny_gemma import random_transcoders, tiny_gemma
+from tiny_gemma import tiny_model_and_set
 
 BOS, VOCAB, CTX = 2, 300, 24
 
@@ -38,13 +36,7 @@ class Tok:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """(graph folder, graph JSON, pages): a tiny model's graph labelled by its own pages."""
-    torch.manual_seed(0)
-    model = tiny_gemma(n_layers=3, vocab=VOCAB)
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(4, VOCAB, (24, CTX), generator=g)
-    rows[:, 0] = BOS
-    x = ActivationSource(model, rows, [0, 1, 2], BOS, outputs=False).read(torch.arange(6)).x
-    ts = random_transcoders(x, d_sae=40, active=0.08)
+    model, rows, ts = tiny_model_and_set(24, VOCAB, CTX, BOS)
     root = tmp_path_factory.mktemp("labelled")
     build_pages(model, Tok(), ts, rows, [0, 1, 2], root / "pages", top_k=4, n_samples=4, bar=False)
     pages = FeaturePages(root / "pages")

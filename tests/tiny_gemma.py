@@ -75,3 +75,17 @@ def save_word_tokenizer(folder, words) -> None:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
                             pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
+
+
+def tiny_model_and_set(n_rows: int, vocab: int, ctx: int, bos: int = 2):
+    """(3-layer tiny Gemma, random token rows [n_rows, ctx] starting with ``bos``, a 40-wide PLT
+    set fitted to the first 6 rows' MLP inputs): the inputs of the labelled-graph tests."""
+    from cltrace.models.activations import ActivationSource
+
+    torch.manual_seed(0)
+    model = tiny_gemma(n_layers=3, vocab=vocab)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(4, vocab, (n_rows, ctx), generator=g)
+    rows[:, 0] = bos
+    x = ActivationSource(model, rows, [0, 1, 2], bos, outputs=False).read(torch.arange(6)).x
+    return model, rows, random_transcoders(x, d_sae=40, active=0.08)
