@@ -61,7 +61,7 @@ DOC_MODULES = [
 ]
 
 # The starter's mix, as fractions of characters (the README states it).
-STARTER_MIX = {"docstrings": 0.4, "descriptions": 0.35, "reference": 0.25}
+STARTER_MIX = {"docstrings": 0.3, "descriptions": 0.4, "reference": 0.3}
 # Characters of the mix to draw per training token wanted (the mix averages 4.1 characters
 # a token with the Gemma 3 tokenizer; the 10 % surplus is never tokenized).
 CHARS_PER_TOKEN = 4.5
@@ -199,7 +199,9 @@ def language_reference() -> list[str]:
     return [topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) >= 80]
 
 
-# Openings the model continues for :func:`generated_texts` (general English, no code).
+# Openings the model continues for :func:`generated_texts`: general English of many kinds
+# (stories, news, encyclopedia, letters, instructions, opinion, dialogue, science, places,
+# people, history, daily life), no code.
 OPENINGS = [
     "Once upon a time, in a small village,", "The history of the city begins", "Dear Sir or Madam,",
     "In today's news,", "The recipe is simple:", "Scientists have found that", "My favourite book",
@@ -208,14 +210,39 @@ OPENINGS = [
     "In the year 1900,", "The company announced", "Most doctors agree that", "The road to the",
     "It was late in the evening when", "The team played", "Here are some tips for", "The river",
     "Many animals", "The president said", "Our school", "The first time I saw", "In the north of",
+    "The island is located", "She opened the letter and", "The war ended in", "Water boils at",
+    "The village had no electricity until", "Dear Grandma,", "The train was late again, so",
+    "The mountain range stretches", "He was born in a small town", "The new law requires",
+    "Bees are important because", "The old house at the end of the street", "To plant tomatoes,",
+    "The king had three sons.", "The capital of the country is", "Last summer we travelled to",
+    "The doctor told her that", "The farmers in the valley", "A healthy breakfast",
+    "The city council voted", "The ship left the harbour", "Photosynthesis is the process",
+    "The Roman Empire", "My neighbour has a dog that", "The market opens every morning",
+    "In the middle of the desert,", "The children ran to the beach", "The moon orbits",
+    "The bakery on the corner", "During the winter months,", "The judge listened carefully",
+    "The ancient temple was built", "Thank you for your message.", "The storm hit the coast",
+    "The population of the region", "Learning a new language", "The painter spent years",
+    "The football match was", "Our family always celebrates", "The forest is home to",
+    "The engine would not start, so", "The university was founded", "The volcano erupted",
+    "When the guests arrived,", "The price of bread", "The library is quiet except",
+    "The soldiers marched", "The human heart", "The festival takes place every year",
+    "He looked out of the window and", "The bridge was closed because", "Coffee was first grown",
+    "The queen visited", "After dinner, we", "The hospital needs more nurses", "The wolf",
+    "The first settlers arrived", "Every morning at six,", "The scientist carefully measured",
+    "The lake freezes in", "She had always wanted to", "The newspaper reported that",
+    "The garden was full of", "The mayor promised", "Electricity is produced", "The old fisherman",
 ]
 
 
 @torch.no_grad()
 def generated_texts(model, tokenizer, n_texts: int, new_tokens: int = 96, seed: int = 0,
-                    batch: int = 16, temperature: float = 0.8) -> list[str]:
+                    batch: int = 64, temperature: float = 0.8, top_k: int = 50,
+                    progress=None) -> list[str]:
     """``n_texts`` continuations of :data:`OPENINGS` (cycled) sampled from ``model`` (seeded,
-    temperature ``temperature``, ``new_tokens`` each), opening included."""
+    temperature ``temperature`` over the ``top_k`` most likely next tokens, ``new_tokens``
+    each), opening included. Sampling from the top k costs a [B, k] draw per step where the
+    whole vocabulary (262k for Gemma 3) cost a [B, vocab] one, and keeps the text on the
+    plausible path. ``progress(n)`` is called after each batch with the texts written."""
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
@@ -231,10 +258,12 @@ def generated_texts(model, tokenizer, n_texts: int, new_tokens: int = 96, seed: 
         step_in, gen = x, []
         for _ in range(new_tokens):
             o = model(input_ids=step_in, attention_mask=mask, position_ids=pos, past_key_values=past,
-                      use_cache=True)
+                      use_cache=True, logits_to_keep=1)
             past = o.past_key_values
-            probs = torch.softmax(o.logits[:, -1].float().cpu() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=g).to(device)  # [B, 1]
+            top = o.logits[:, -1].float().cpu().topk(min(top_k, o.logits.shape[-1]), -1)
+            probs = torch.softmax(top.values / temperature, -1)  # [B, k]
+            pick = torch.multinomial(probs, 1, generator=g)  # [B, 1] index into the top k
+            nxt = top.indices.gather(1, pick).to(device)  # [B, 1] token ids
             gen.append(nxt)
             step_in = nxt
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
@@ -244,6 +273,8 @@ def generated_texts(model, tokenizer, n_texts: int, new_tokens: int = 96, seed: 
             eos = (t == tokenizer.eos_token_id).nonzero()
             t = t[: int(eos[0])] if len(eos) else t
             out.append(p + tokenizer.decode(t, skip_special_tokens=True))
+        if progress is not None:
+            progress(len(out))
     return out
 
 
