@@ -89,7 +89,10 @@ class Trainer:
         self.eval_sources = dict(eval_sources or {})  # given: every corpus row is trained on
         self.n_eval_rows = 0 if self.eval_sources else min(
             -(-cfg.eval_tokens // source.tokens_per_row), source.n_rows // 4)
-        self.n_train_rows = source.n_rows - self.n_eval_rows
+        # rows [0, n_train) are trained on, [n_train, n_train + n_control) hold the L0 control
+        # set, the last n_eval_rows the held-out evaluation (when no eval_sources are given)
+        self.n_control_rows = -(-cfg.control_tokens // source.tokens_per_row)
+        self.n_train_rows = source.n_rows - self.n_eval_rows - self.n_control_rows
         if self.n_train_rows < 1:
             raise ValueError("the corpus is too short to train on")
         self.rows_per_buffer = max(1, cfg.buffer_tokens // source.tokens_per_row)
@@ -103,6 +106,7 @@ class Trainer:
         self.last_fired = torch.zeros(len(layers), cfg.width, dtype=torch.int64)
         self.elapsed = 0.0
         self._buffer: Optional[tuple[Tensor, Tensor, Tensor]] = None  # x, y, perm
+        self._control_x: Optional[Tensor] = None  # [n_src, T_control, d] raw, bf16
         self.stats: Optional[StepStats] = None
         self._stop = False
 
@@ -148,8 +152,31 @@ class Trainer:
         levels = self.params.threshold_levels()
         self.opt.step()
         self.sched.step()
-        self.params.control_l0(stats.l0, levels)
+        self.params.control_l0(self.control_l0s(stats.l0), levels)
         return stats
+
+    CONTROL_ROWS_PER_STEP = 2
+
+    def control_l0s(self, batch_l0s: list[float]) -> list[float]:
+        """The L0 per source layer that the controller holds at the target.
+
+        Without a control set, the L0 of the training batch (measured before the step). With
+        ``cfg.control_tokens``, the exact L0 of the current weights on
+        :attr:`CONTROL_ROWS_PER_STEP` rows of the control set (rows never trained on, taken in
+        turn): on a corpus seen more than once, a batch already trained on fires fewer features
+        than unseen text does (the encoder learns to silence the features that hurt those very
+        tokens), so a controller on the batches lowers the thresholds until unseen text — the
+        held-out evaluation, a user's prompt — fires several times the target."""
+        if not self.n_control_rows:
+            return batch_l0s
+        if self._control_x is None:  # read once (bf16: 18 layers x 2k tokens = 47 MB)
+            idx = self.n_train_rows + torch.arange(self.n_control_rows)
+            self._control_x = self.source.read(idx).x.to(torch.bfloat16)  # [n_src, T, d]
+        T = self._control_x.shape[1]
+        k = min(self.CONTROL_ROWS_PER_STEP * self.source.tokens_per_row, T)
+        take = (self.step * k + torch.arange(k)) % T
+        x = self._control_x[:, take].float() * self.params.x_scale[:, None, None]
+        return self.params.l0_of(x)
 
     def run(self, checkpoint: Optional[os.PathLike] = None, checkpoint_every: float = 120.0,
             max_steps: Optional[int] = None) -> None:
@@ -260,7 +287,7 @@ class Trainer:
         sources = self.eval_sources or {"held-out rows": self.source}
         evals = {}
         for name, src in sources.items():
-            start = self.n_train_rows if src is self.source else 0
+            start = src.n_rows - self.n_eval_rows if src is self.source else 0
             idx = torch.arange(start, src.n_rows)
             evals[name] = EvalResult(*evaluate(ts, src, idx)) if idx.numel() else EvalResult({}, {}, 0)
         first = next(iter(evals.values()))

@@ -69,6 +69,8 @@ class TrainConfig:
     l0_coef: float = 1.0
     l0_control: str = "threshold"  # "threshold" (controller on the thresholds) or "none"
     l0_gain: float = 0.1  # controller gain: log-threshold step per unit of log(L0 / target)
+    control_tokens: int = 0  # corpus tokens never trained on whose L0 the controller holds (0:
+    # the L0 of each training batch); see loop.Trainer.control_l0s
     matryoshka: Optional[list[int]] = None  # nested prefix sizes (< width) that also reconstruct
     freq_coef: float = 0.1
     max_freq: float = 0.1  # firing frequency above which the frequency penalty applies
@@ -92,6 +94,8 @@ class TrainConfig:
         if self.l0_control not in ("threshold", "none") or self.l0_gain < 0:
             raise ValueError(f"l0_control must be 'threshold' or 'none' (gain >= 0), got "
                              f"{self.l0_control!r}, {self.l0_gain}")
+        if self.control_tokens < 0:
+            raise ValueError(f"control_tokens must be >= 0, got {self.control_tokens}")
         m = self.matryoshka or []
         if any(not a < b for a, b in zip([0, *m], [*m, self.width])):
             raise ValueError(f"--matryoshka prefixes must increase strictly within (0, width="
@@ -261,6 +265,13 @@ class TranscoderParams(nn.Module):
         stats = StepStats(float(loss.detach()), err_f,
                           [e / max(float(v), 1e-12) for e, v in zip(err_f, var)], l0s, fired)
         return loss, stats
+
+    @torch.no_grad()
+    def l0_of(self, x: Tensor) -> list[float]:
+        """Exact L0 (features with z > theta, no band) of each source layer on normalised
+        ``x [n_src, T, d]``."""
+        return [float(((x[i] @ self.W_enc[i] + self.b_enc[i]) > self.log_threshold[i].exp())
+                      .sum()) / x.shape[1] for i in range(len(self.layer_ids))]
 
     @torch.no_grad()
     def threshold_levels(self) -> list[tuple[float, float]]:
