@@ -101,17 +101,43 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
                          source="", info={**info, "graph_info": {"transcoders": info["description"]}})
 
 
-# The trained starter set (recipe v2; figures in benchmarks/RESULTS_training.md): PLT + affine
-# skip, width 2048, target L0 32 held by the L0 controller, STARTER_CONFIG.corpus_tokens
-# distinct tokens of the offline mix (activations cached in memory as bf16) of which
-# STARTER_GENERATED texts are written by the model itself.
-STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=51_200,
-                             corpus_tokens=40_000, cache_activations=True, batch_size=512,
-                             lr=2e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
-                             eval_tokens=4096, l0_control="threshold", l0_gain=0.1)
-STARTER_GENERATED = 56  # model-written texts of STARTER_GENERATED_TOKENS tokens in the mix
-STARTER_GENERATED_TOKENS = 80
-STARTER_VERSION = 2  # bump when the recipe changes (a new cache entry is trained)
+# The trained starter set (recipe v3; figures in benchmarks/RESULTS_training.md): PLT + affine
+# skip, width 2048, target L0 32 held by the L0 controller on 2,048 corpus tokens never trained
+# on, 256 steps of 512 tokens over STARTER_CONFIG.corpus_tokens distinct tokens (activations
+# cached in memory as bf16): about 2/3 English the model writes itself (STARTER_GENERATED texts),
+# 1/3 installed text (STARTER_INSTALLED_TOKENS tokens of the corpus.STARTER_MIX).
+STARTER_CONFIG = TrainConfig(kind="plt", affine_skip=True, width=2048, l0=32, tokens=131_072,
+                             corpus_tokens=48_000, cache_activations=True, batch_size=512,
+                             lr=4e-4, vec_lr_mult=10, warmup_steps=10, buffer_tokens=8192,
+                             eval_tokens=4096, l0_control="threshold", l0_gain=0.1,
+                             control_tokens=2048)
+STARTER_GENERATED = 320  # model-written texts of STARTER_GENERATED_TOKENS tokens in the mix
+STARTER_GENERATED_TOKENS = 96
+STARTER_GENERATION_BATCH = 160
+STARTER_INSTALLED_TOKENS = 16_000  # tokens drawn from the installed texts (docstrings, ...)
+STARTER_VERSION = 3  # bump when the recipe changes (a new cache entry is trained)
+
+
+def starter_tag(loaded, cfg: Optional[TrainConfig] = None) -> str:
+    """The cache name of a model's trained starter set (recipe and version in it)."""
+    cfg = cfg or STARTER_CONFIG
+    name = getattr(loaded, "name", "") or "model"
+    return (f"{_safe(name)}-trained-{cfg.kind}-w{cfg.width}-l0_{cfg.l0:g}"
+            f"{'-affine' if cfg.affine_skip else ''}{'-mat' if cfg.matryoshka else ''}"
+            f"-t{cfg.tokens}-v{STARTER_VERSION}")
+
+
+def starter_corpus(loaded, tag: str, *, progress=print, bar: bool = True):
+    """The starter set's corpus (:class:`cltrace.training.corpus.Corpus`): the model-written
+    texts (written once, kept beside the set as ``{tag}.generated.json``) mixed with
+    STARTER_INSTALLED_TOKENS tokens of installed text. The set is trained on its ``train``
+    documents and its feature pages are built over them."""
+    from ..models import cache_root
+    from .corpus import CHARS_PER_TOKEN, mixed_corpus
+
+    path = cache_root() / "starter" / f"{tag}.generated.json"
+    generated = _generated(loaded, path, progress, bar)
+    return mixed_corpus(CHARS_PER_TOKEN * STARTER_INSTALLED_TOKENS, generated=generated)
 
 
 def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progress=print,
@@ -121,27 +147,17 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
     Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily;
     ``progress`` receives messages (the per-layer FVU and L0 among them)."""
     from ..models import cache_root
-    from .corpus import CHARS_PER_TOKEN, generated_texts, heldout_prose, mixed_corpus
+    from .corpus import heldout_prose
     from . import train_transcoders
     from ..transcoders import load_transcoders
 
     cfg = config or STARTER_CONFIG
-    name = getattr(loaded, "name", "") or "model"
-    tag = (f"{_safe(name)}-trained-{cfg.kind}-w{cfg.width}-l0_{cfg.l0:g}"
-           f"{'-affine' if cfg.affine_skip else ''}{'-mat' if cfg.matryoshka else ''}"
-           f"-t{cfg.tokens}-v{STARTER_VERSION}")
+    tag = starter_tag(loaded, cfg)
     folder = cache_root() / "starter" / tag
     if not folder.exists():
         progress(f"training the starter transcoders {tag} on this machine (first run only; "
                  f"cached in {folder}; Ctrl-C and rerun resumes) ...")
-        generated = []
-        if STARTER_GENERATED:
-            progress(f"the model writes {STARTER_GENERATED} texts of {STARTER_GENERATED_TOKENS} "
-                     "tokens for the corpus ...")
-            generated = generated_texts(loaded.model, loaded.tokenizer, STARTER_GENERATED,
-                                        new_tokens=STARTER_GENERATED_TOKENS, seed=1)
-        corpus = mixed_corpus(CHARS_PER_TOKEN * (cfg.corpus_tokens or cfg.tokens),
-                              generated=generated)
+        corpus = starter_corpus(loaded, tag, progress=progress, bar=bar)
         evals = {"held-out mix": corpus.heldout, "held-out prose": heldout_prose()}
         try:
             train_transcoders(loaded, cfg, corpus.train, eval_texts=evals, out=folder,
@@ -154,6 +170,38 @@ def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progres
     info["set_id"] = f"cltrace-starter/{tag}"
     progress(f"starter transcoders: {info.get('description', tag)}")
     return ts
+
+
+def _generated(loaded, path, progress, bar: bool) -> list[str]:
+    """The starter corpus's model-written texts: read from ``path`` when an earlier run wrote
+    them, else written by the model (a progress bar per text) and saved there."""
+    import json
+
+    from ..atomic import atomic_write_text
+    from .corpus import generated_texts
+
+    if not STARTER_GENERATED:
+        return []
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    progress(f"the model writes {STARTER_GENERATED} texts of {STARTER_GENERATED_TOKENS} tokens "
+             "for the corpus ...")
+    tq = None
+    if bar:
+        from tqdm import tqdm
+
+        tq = tqdm(total=STARTER_GENERATED, unit="text", desc="writing", dynamic_ncols=True)
+    try:
+        texts = generated_texts(loaded.model, loaded.tokenizer, STARTER_GENERATED,
+                                new_tokens=STARTER_GENERATED_TOKENS, seed=1,
+                                batch=STARTER_GENERATION_BATCH,
+                                progress=(lambda n: tq.update(n - tq.n)) if tq else None)
+    finally:
+        if tq is not None:
+            tq.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(texts))
+    return texts
 
 
 def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,
