@@ -5,7 +5,8 @@ model pass feeds every layer), shuffled with a seeded generator and consumed in 
 every token is used once per pass over the corpus. The final FVU and L0 per layer are
 measured on the exported weights on held-out text never trained on: the named evaluation
 sources when given (e.g. held-out training-like text and English prose), else the last rows
-of the corpus.
+of the corpus. With ``control_tokens``, rows before those are the L0 control set: never
+trained on, their L0 is what the controller holds (:meth:`Trainer.control_l0s`).
 
 Checkpoints are single files written to a temporary name and renamed (atomic). They hold the
 weights, Adam and scheduler state, the shuffle generator's state at the start of the current

@@ -2,16 +2,18 @@
 
 The default (:func:`starter_transcoders`) is a TRAINED set: on first use, per-layer JumpReLU
 transcoders with an affine skip are trained on the model's own MLP activations over an
-offline text mix (:func:`cltrace.training.corpus.mixed_corpus`: docstrings of every
-installed Python file, installed packages' long descriptions, the Python language
-reference, and English text the model itself writes from general openings), with the L0
-controller holding the target L0 (:mod:`cltrace.training.model`). The set is written in the
-Gemma Scope 2 layout under ``cache_root()/starter/`` and reused afterwards; an interrupted
-first run resumes from its checkpoint. Its ``info`` records the training and the held-out
-FVU and L0 per layer on held-out documents of the mix and on English prose that no
-training source contains (see benchmarks/RESULTS_training.md for the measured figures and
-the first-run time). These are small transcoders trained briefly: useful for trying the
-tool, not a substitute for Gemma Scope 2.
+offline corpus (:func:`starter_corpus`): two thirds English text the model itself writes
+from general openings, one third installed text (docstrings of installed Python files,
+installed packages' long descriptions, the Python language reference), with the L0
+controller holding the target L0 on corpus rows never trained on (:mod:`cltrace.training.loop`).
+The set is written in the Gemma Scope 2 layout under ``cache_root()/starter/`` and reused
+afterwards; an interrupted first run resumes from its checkpoint (the model-written texts are
+kept beside the set, so a resumed run and the set's feature pages read the same corpus). Its
+``info`` records the training and the held-out FVU and L0 per layer on held-out documents of
+the corpus and on English prose that no training source contains (see
+benchmarks/RESULTS_training.md for the measured figures and the first-run time). These are
+small transcoders trained briefly: useful for trying the tool, not a substitute for Gemma
+Scope 2.
 
 :func:`synthetic_starter_transcoders` keeps the older SYNTHETIC set (not trained): random
 encoders; each feature's JumpReLU threshold is calibrated on the model's real MLP inputs so
