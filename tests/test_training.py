@@ -404,6 +404,42 @@ def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatc
     assert list(out.glob("*.json"))
 
 
+@pytest.mark.real_model
+def test_real_model_first_run_path_with_a_short_budget(real_gemma, tmp_path, monkeypatch, capsys):
+    """The first run on the embedded Gemma 3 270M with a tiny recipe: the model writes its
+    texts, the starter set trains (L0 held on the control set), its feature pages are built
+    over its own corpus, and `cltrace attribute` writes a graph whose features are labelled."""
+    import json
+
+    import cltrace.models
+    import cltrace.training.starter as starter
+    from cltrace.cli import main
+    from cltrace.training.corpus import OPENINGS
+
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))  # the model stays loaded
+    cfg = dataclasses.replace(starter.STARTER_CONFIG, width=256, tokens=24 * 512,
+                              corpus_tokens=4000, eval_tokens=1024, control_tokens=508)
+    monkeypatch.setattr(starter, "STARTER_CONFIG", cfg)
+    monkeypatch.setattr(starter, "STARTER_GENERATED", 8)
+    monkeypatch.setattr(starter, "STARTER_GENERATED_TOKENS", 24)
+    monkeypatch.setattr(starter, "STARTER_INSTALLED_TOKENS", 3000)
+    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: real_gemma)
+    out = tmp_path / "graph"
+    assert main(["attribute", "The capital of France is", "--out", str(out), "--format",
+                 "json", "--max-feature-nodes", "200"]) == 0
+    err = capsys.readouterr().err
+    assert "the model writes 8 texts of 24 tokens" in err and "feature pages" in err
+    tag = starter.starter_tag(real_gemma, cfg)
+    written = json.loads((tmp_path / "cache" / "starter" / f"{tag}.generated.json").read_text())
+    assert len(written) == 8 and all(t.startswith(o) for t, o in zip(written, OPENINGS))
+    info = load_transcoders(tmp_path / "cache" / "starter" / tag).info
+    assert info["trained"] and info["config"]["control_tokens"] == 508
+    graph = json.loads((out / "the-capital-of-france-is.json").read_text())
+    feats = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feats and all(n["clerp"] for n in feats)
+    assert list((out / "features").glob("*.json"))
+
+
 def _circuit_tracer(module: str):
     """circuit-tracer's module when importable (CLTRACE_CIRCUIT_TRACER may name a folder that
     holds the package, e.g. an unpacked circuit_tracer 0.5.0 wheel), else skip."""
