@@ -95,7 +95,7 @@ class TrainConfig:
             raise ValueError(f"l0_control must be 'threshold' or 'none' (gain >= 0), got "
                              f"{self.l0_control!r}, {self.l0_gain}")
         if self.control_tokens < 0:
-            raise ValueError(f"control_tokens must be >= 0, got {self.control_tokens}")
+            raise ValueError(f"--control-tokens must be >= 0, got {self.control_tokens}")
         m = self.matryoshka or []
         if any(not a < b for a, b in zip([0, *m], [*m, self.width])):
             raise ValueError(f"--matryoshka prefixes must increase strictly within (0, width="
