@@ -138,8 +138,14 @@ def starter_corpus(loaded, tag: str, *, progress=print, bar: bool = True):
     from .corpus import CHARS_PER_TOKEN, mixed_corpus
 
     path = cache_root() / "starter" / f"{tag}.generated.json"
-    generated = _generated(loaded, path, progress, bar)
-    return mixed_corpus(CHARS_PER_TOKEN * STARTER_INSTALLED_TOKENS, generated=generated)
+    key = (str(path), STARTER_INSTALLED_TOKENS)
+    if key not in _CORPORA:  # a first run asks twice (training, then pages): walk the files once
+        generated = _generated(loaded, path, progress, bar)
+        _CORPORA[key] = mixed_corpus(CHARS_PER_TOKEN * STARTER_INSTALLED_TOKENS, generated=generated)
+    return _CORPORA[key]
+
+
+_CORPORA: dict = {}  # (written-texts file, installed tokens) -> Corpus, for this process
 
 
 def starter_transcoders(loaded, *, config: Optional[TrainConfig] = None, progress=print,
