@@ -58,9 +58,10 @@ def test_contract_strided_clt_slice_and_empty(device):
                                        (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("d_model", [64, 37])  # 16-byte loads on CUDA / the scalar path
 def test_contract_reads_attribution_layout_in_place(device, dtype, tol, d_model):
-    # Exactly what attribution passes: step.grad is a position-major [n, k, d] gradient and the
-    # op gets its transposed view [k, n, d], strides (d, k * d, 1); W_dec is a CLT slice
-    # w_dec[:, o, :], rows n_out * d apart. Both must be read where they lie.
+    # Attribution passes a contiguous seed-major [k, n, d] gradient; the op reads any strides,
+    # here the transposed view [k, n, d] of a position-major [n, k, d] one, strides
+    # (d, k * d, 1); W_dec is a CLT slice w_dec[:, o, :], rows n_out * d apart. Both must be
+    # read where they lie.
     n, k, d_sae, n_out, S = 7, 5, 40, 3, 90
     step_grad = torch.randn(n, k, d_model, dtype=torch.float64).to(dtype=dtype, device=device)
     g = step_grad.transpose(0, 1)

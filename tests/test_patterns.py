@@ -56,17 +56,20 @@ def test_mix_matches_dense(n_kv, start):
 @pytest.mark.parametrize("n_kv", [1, 2])
 @pytest.mark.parametrize("n", [1, 3, 8, 11])
 def test_mix_t_matches_dense(n_kv, n):
-    H, N, W, C = 4, 11, 3, 6
+    H, N, W, C, B = 4, 11, 3, 6, 5
     P = sliding_pattern(H, N, W, seed=2)
     rep = H // n_kv
-    gz = torch.randn(n_kv, n * rep, C, dtype=torch.float64)
     s_q, s_k = torch.rand(n, dtype=torch.float64) + 0.5, torch.rand(n, dtype=torch.float64) + 0.5
-    ref = mix_t(P, gz, s_q, s_k)
-    for block in (None, 2):
-        torch.testing.assert_close(mix_t(BandedPattern.from_dense(P, W, block), gz, s_q, s_k), ref, rtol=1e-12, atol=1e-12)
-    # written out: grad_v[g, k] = sum_{h in g, q} s_q[q] P[h, q, k] s_k[k] gz[g, (q, h)]
-    gzv = gz.view(n_kv, n, rep, C)
     for g in range(n_kv):
-        want = sum(((s_q[:, None] * P[g * rep + r, :n, :n] * s_k[None]).T @ gzv[g, :, r]) for r in range(rep))
-        torch.testing.assert_close(ref[g], want, rtol=1e-12, atol=1e-12)
+        # B seeds, a strided view as the backward passes it (every other column block)
+        gz = torch.randn(B, n * rep, 2, C, dtype=torch.float64)[:, :, 1]
+        ref = mix_t(P, gz, s_q, s_k, g, rep)
+        for block in (None, 2):
+            torch.testing.assert_close(mix_t(BandedPattern.from_dense(P, W, block), gz, s_q, s_k, g, rep),
+                                       ref, rtol=1e-12, atol=1e-12)
+        # written out: grad_v[b, k] = sum_{h in g, q} s_q[q] P[h, q, k] s_k[k] gz[b, (q, h)]
+        gzv = gz.reshape(B, n, rep, C)
+        for b in range(B):
+            want = sum(((s_q[:, None] * P[g * rep + r, :n, :n] * s_k[None]).T @ gzv[b, :, r]) for r in range(rep))
+            torch.testing.assert_close(ref[b], want, rtol=1e-12, atol=1e-12)
 

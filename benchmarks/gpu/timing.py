@@ -119,10 +119,10 @@ def kernel_cases(dev, dtype, small: bool) -> list[tuple]:
                       (N * D + 2 * uniq * D + F * D) * es + fi.numel() * (8 + 2 * es),
                       (2 * fi.numel() * D + F * D) * es + fi.numel() * (8 + 2 * es),
                       4 * fi.numel() * D))
-    # contraction as attribution calls it: the transposed view [k, n, d] of a position-major
-    # [n, k, d] gradient, sources sorted by position, W_dec a PLT or a CLT slice
+    # contraction as attribution calls it: a seed-major [k, n, d] gradient, sources sorted by
+    # position, W_dec a PLT or a CLT slice
     n, k = (512, 64) if not small else (32, 8)
-    grad = rnd(n, k, d).transpose(0, 1)
+    grad = rnd(k, n, d)
     S = n * L0
     pos = torch.arange(n, device=dev).repeat_interleave(L0)
     sf = torch.randint(0, F, (S,), device=dev, generator=g)

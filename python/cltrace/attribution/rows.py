@@ -40,13 +40,13 @@ class EdgeRows:
         order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
         out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
         for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds))):
-            n, k = step.grad.shape[:2]
+            g = step.grad  # [k, n, d_model]: the live seeds' gradients at the first n positions
+            k, n = g.shape[:2]
             if k == 0:
                 continue
-            g = step.grad.transpose(0, 1)  # [k, n, d_model] view of the position-major grad
             if step.layer == EMBED:
                 tok = slice(self.token_start, self.token_start + n)
-                out[:k, tok] = torch.einsum("pbd,pd->bp", step.grad, st.embed[:n].to(g.dtype))
+                out[:k, tok] = torch.einsum("bpd,pd->bp", g, st.embed[:n].to(g.dtype))
                 continue
             L = step.layer
             for S in self.writers[L]:
@@ -55,7 +55,7 @@ class EdgeRows:
                 cols = slice(self.feature_cols[S].start, self.feature_cols[S].start + m)
                 out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
             err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
-            out[:k, err] = torch.einsum("pbd,pd->bp", step.grad, st.errors[L][:n].to(g.dtype))
+            out[:k, err] = torch.einsum("bpd,pd->bp", g, st.errors[L][:n].to(g.dtype))
         if not bool(torch.isfinite(out).all()):
             b = int((~torch.isfinite(out)).any(1).nonzero()[0])
             raise ValueError(f"non-finite edges (NaN or inf) in the row of the target at layer "

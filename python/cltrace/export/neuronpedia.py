@@ -121,7 +121,9 @@ def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str, *, node_thre
                           edge_threshold=edge_threshold, result=result, **kw)
     out_dir = Path(out_dir)
     path = out_dir / f"{slug}.json"
-    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    # compact: with ``indent`` the json module falls back to its pure-Python encoder, 3x slower
+    # (0.5 s for a graph of 100k links); the index below is small and stays indented
+    atomic_write_text(path, json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n")
     index_path = out_dir / "graph-metadata.json"
     index = {"graphs": []}
     if index_path.exists():

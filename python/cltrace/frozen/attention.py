@@ -11,7 +11,8 @@ save memory, it is stored by query blocks of Bq rows (Bq = 128):
 below touch only the band, so their cost is linear in n_pos instead of quadratic.
 
 * :func:`mix`   (forward):  ``z[h, q] = Σ_k P[h, q, k] v[g(h), k]``
-* :func:`mix_t` (backward): ``grad_v[g, k] = Σ_{h∈g} Σ_q s_q[q] P[h, q, k] s_k[k] gz[g, q, h]``
+* :func:`mix_t` (backward, per KV group g, batched over seeds b):
+  ``grad_v[b, k] = Σ_{h∈g} Σ_q s_q[q] P[h, q, k] s_k[k] gz[b, q, h]``
 
 with ``g(h) = h // rep`` the KV group of head h (GQA), positions restricted to a window
 ``[start, n)``, and ``s_q``, ``s_k`` frozen norm scales folded into the pattern.
@@ -117,25 +118,27 @@ def mix(P: Pattern, v: Tensor, start: int = 0, s_q: Optional[Tensor] = None,
     return z
 
 
-def mix_t(P: Pattern, gz: Tensor, s_q: Tensor, s_k: Tensor) -> Tensor:
-    """The transposed product on the first n positions, with norm scales folded in.
+def mix_t(P: Pattern, gz: Tensor, s_q: Tensor, s_k: Tensor, group: int = 0, rep: int = 1) -> Tensor:
+    """The transposed product of KV group ``group`` (heads ``group·rep ..``) on the first n
+    positions, with norm scales folded in.
 
-    ``gz [n_kv, n * rep, C]`` (rows: query, then the group's head), ``s_q``, ``s_k [n]``:
-    ``grad_v [n_kv, n, C]`` with ``grad_v[g, k] = Σ_{h∈g, q} s_q[q] P[h, q, k] s_k[k] gz[g, (q, h)]``."""
-    n_kv, nr, C = gz.shape
-    H = P.shape[0]
-    rep = H // n_kv
+    ``gz [k, n * rep, C]`` (k seeds; rows: query, then the group's head; may be a strided view),
+    ``s_q``, ``s_k [n]``: ``grad_v [k, n, C]`` with
+    ``grad_v[b, k] = Σ_{h∈group, q} s_q[q] P[h, q, k] s_k[k] gz[b, (q, h)]``: one scaled pattern
+    matrix applied to every seed (a batched GEMM)."""
+    B, nr, C = gz.shape
     n = nr // rep
+    heads = slice(group * rep, (group + 1) * rep)
 
     def scaled_t(A: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
-        # [H, nq, nk] -> [n_kv, nk, nq * rep] with columns (query, head)
-        A = A * s_q[q0:q1, None] * s_k[None, k0:k1]
-        return A.view(n_kv, rep, q1 - q0, k1 - k0).permute(0, 3, 2, 1).reshape(n_kv, k1 - k0, (q1 - q0) * rep)
+        # [rep, nq, nk] -> [nk, nq * rep] with columns (query, head)
+        A = A[heads] * s_q[q0:q1, None] * s_k[None, k0:k1]
+        return A.permute(2, 1, 0).reshape(k1 - k0, (q1 - q0) * rep)
 
     if not isinstance(P, BandedPattern):
-        return torch.bmm(scaled_t(P[:, :n, :n], 0, n, 0, n), gz)
-    out = gz.new_zeros(n_kv, n, C)
+        return torch.matmul(scaled_t(P[:, :n, :n], 0, n, 0, n), gz)
+    out = gz.new_zeros(B, n, C)
     for b, q0, q1, k0, k1 in P._query_blocks(0, n):
         At = scaled_t(P._block(b, q0, q1, k0, k1), q0, q1, k0, k1)
-        out[:, k0:k1].baddbmm_(At, gz[:, q0 * rep:q1 * rep])
+        out[:, k0:k1] += torch.matmul(At, gz[:, q0 * rep:q1 * rep])
     return out

@@ -24,8 +24,8 @@ yields for every layer L the gradient w.r.t. ``m_L`` ([B, n_pos, d_model]) and f
 gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
 :meth:`FrozenLinearModel.iter_backward_live` is the form attribution uses: seeds sorted by
 layer, so that at layer L only the seeds above it are carried (a prefix of the batch) and only
-positions up to the last seed's (causal); position-major ``[n, k, d_model]`` so that every
-product is one GEMM. A seed at (layer ℓ, position p) costs (ℓ + 1)·(p + 1) per-position steps.
+positions up to the last seed's (causal); seed-major ``[k, n, d_model]``, the live seeds a
+prefix, so that every product is one GEMM on a contiguous block. A seed at (layer ℓ, position p) costs (ℓ + 1)·(p + 1) per-position steps.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class LayerGrad(NamedTuple):
     """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
 
     layer: int
-    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [n, k, d_model] position-major
+    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n, d_model] (live seeds, positions)
 
 
 class FrozenOutput(NamedTuple):
@@ -217,30 +217,31 @@ class FrozenLinearModel:
     def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
         """``grad_h + VJP(r -> post-scaled attention)(grad_h)`` at the first n positions.
 
-        Position-major: ``grad_h [n, k, d_model]`` -> ``[n, k, d_model]``. With the frozen
+        Seed-major: ``grad_h [k, n, d_model]`` -> ``[k, n, d_model]``. With the frozen
         pattern's rows scaled by the post-attention norm and its columns by the input norm
         (``P'_h = diag(s_attn) P_h diag(s_in)``, built per call: [n, n] per head) and the
         norms' gains folded into W_O / W_V, per KV group g of heads h = g·rep .. g·rep+rep-1:
 
-            grad_z    = grad_h @ W_O                          # [n, k, n_heads * hd]
-            grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # [n, n·rep] @ [n·rep, k·hd]
-            out       = grad_h + Σ_g grad_v_g @ W_V_g         # [n·k, hd] @ [hd, d_model]
+            grad_z    = grad_h @ W_O                          # [k·n, n_heads * hd]
+            grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # per seed: [n, n·rep] @ [n·rep, hd]
+            out       = grad_h + Σ_g grad_v_g @ W_V_g         # [k·n, hd] @ [hd, d_model]
 
-        three GEMMs per group (the batch folded into the columns of the pattern product, the
-        group's heads into its inner dimension; banded for a sliding-window layer:
-        :func:`cltrace.frozen.attention.mix_t`) and one copy of grad_z into group-major order."""
-        n, k, d = grad_h.shape
+        two GEMMs per group and the pattern product batched over the seeds, the group's heads
+        in its inner dimension (banded for a sliding-window layer:
+        :func:`cltrace.frozen.attention.mix_t`). A seed's rows (position, head) of grad_z are
+        contiguous, so with one KV group (Gemma 3 270M, 1B) nothing is copied."""
+        k, n, d = grad_h.shape
         rep, hd = self.n_heads // self.n_kv, self.head_dim
         self.fold_gains(fl)
-        g2 = grad_h.view(n * k, d)
-        grad_z = (g2 @ fl.W_O_gain).view(n, k, self.n_kv, rep, hd)
-        grad_z = grad_z.permute(2, 0, 3, 1, 4).reshape(self.n_kv, n * rep, k * hd)  # rows (q, h)
-        grad_v = mix_t(fl.pattern, grad_z, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0])
-        grad_v = grad_v.view(self.n_kv, n * k, hd)  # [n_kv, n(k), k * hd] as [n_kv, n * k, hd]
+        g2 = grad_h.view(k * n, d)
+        grad_z = (g2 @ fl.W_O_gain).view(k, n, self.n_kv, rep * hd)
         out = g2
         for g in range(self.n_kv):
-            out = torch.addmm(out, grad_v[g], fl.W_V_gain[g * hd:(g + 1) * hd])
-        return out.view(n, k, d)
+            gz = grad_z[:, :, g]  # [k, n, rep * hd]: rows (q, h) of hd, a view when n_kv == 1
+            gz = gz.reshape(k, n * rep, hd)
+            grad_v = mix_t(fl.pattern, gz, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0], g, rep)  # [k, n, hd]
+            out = torch.addmm(out, grad_v.view(k * n, hd), fl.W_V_gain[g * hd:(g + 1) * hd])
+        return out.view(k, n, d)
 
     def _check(self, seeds: Seeds) -> None:
         B = seeds.n
@@ -251,23 +252,16 @@ class FrozenLinearModel:
         if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
             raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
 
-    def _grow(self, g: Tensor, k: int) -> Tensor:
-        """``g [n, k0, d]`` padded with zero rows to ``[n, k, d]``."""
-        if g.shape[1] == k:
-            return g
-        out = g.new_zeros(g.shape[0], k, g.shape[2])
-        out[:, :g.shape[1]] = g
-        return out
-
     def iter_backward_live(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """The backward on the live part only, for seeds sorted by layer, highest first.
 
-        Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [n, k_L, d_model])``: position-major
+        Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [k_L, n, d_model])``: seed-major
         d(seed . output)/d(m_L) of the first ``k_L`` seeds (those above layer L: the others'
         gradients there are zero) at the first ``n`` positions (max seed position + 1 for a
-        causal model: the rest are zero), then ``LayerGrad(EMBED, grad [n, B, d_model])``. A
+        causal model: the rest are zero), then ``LayerGrad(EMBED, grad [B, n, d_model])``. A
         batch costs Σ_seeds (layer + 1) x n of the per-position work instead of
-        B x n_layers x n_pos. Yielded tensors are never modified afterwards."""
+        B x n_layers x n_pos; the live seeds are a prefix of the rows, so every product is one
+        GEMM on a contiguous block. Yielded tensors are never modified afterwards."""
         self._check(seeds)
         if seeds.n > 1 and bool((seeds.layer[1:] > seeds.layer[:-1]).any()):
             raise ValueError("iter_backward_live needs seeds sorted by layer, highest first")
@@ -275,7 +269,7 @@ class FrozenLinearModel:
         n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
         # live[L] = number of seeds at layer >= L (a prefix, since seeds are sorted)
         live = [int((seeds.layer >= L).sum()) for L in range(self.n_layers + 2)]
-        g = torch.zeros(n, live[self.n_layers], d, dtype=self.dtype, device=self.W_U.device)
+        g = torch.zeros(live[self.n_layers], n, d, dtype=self.dtype, device=self.W_U.device)
         self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
@@ -283,27 +277,28 @@ class FrozenLinearModel:
             if live[L] == 0:
                 continue  # nothing seeded at or above this layer yet: g stays zero
             # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
-            if fl.W_skip is not None and g.shape[1]:
+            k0, k1 = g.shape[0], live[L]
+            grad_h = g if k1 == k0 and fl.W_skip is None else g.new_empty(k1, n, d)
+            if fl.W_skip is not None and k0:
                 self.fold_gains(fl)
-                scale = fl.k_pre.scale[:n]  # [n, 1]
                 skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
-                grad_h = torch.addcmul(g, skip, scale[:, :, None])
-            else:
-                grad_h = g
-            grad_h = self._grow(grad_h, live[L])
-            if live[L] > live[L + 1]:  # grad_h is a fresh tensor here (grown)
+                torch.addcmul(g, skip, fl.k_pre.scale[None, :n], out=grad_h[:k0])
+            elif grad_h is not g:
+                grad_h[:k0] = g
+            if k1 > k0:  # grad_h is a fresh tensor here: the seeds read at L start at zero
+                grad_h[k0:].zero_()
                 self._inject(grad_h, seeds, L, fl.k_pre)
             g = self._attn_backward(fl, grad_h)
-        yield LayerGrad(EMBED, self._grow(g, B))
+        yield LayerGrad(EMBED, g)
 
     def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> None:
-        """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [n, k, d]``."""
+        """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [k, n, d]``."""
         sel = (seeds.layer == layer).nonzero().flatten()
         if sel.numel() == 0:
             return
         pos = seeds.pos[sel]
         vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
-        grad.index_put_((pos, sel), vec if k is None else vec * k.at(pos), accumulate=True)
+        grad.index_put_((sel, pos), vec if k is None else vec * k.at(pos), accumulate=True)
 
     def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
@@ -315,9 +310,9 @@ class FrozenLinearModel:
         self._check(seeds)
         order = seeds.layer.argsort(descending=True, stable=True)
         for step in self.iter_backward_live(Seeds(*(t[order] for t in seeds))):
-            g = step.grad  # [n, k, d]
+            g = step.grad  # [k, n, d]
             full = g.new_zeros(seeds.n, self.n_pos, self.d_model)
-            full[order[:g.shape[1]], :g.shape[0]] = g.transpose(0, 1)
+            full[order[:g.shape[0]], :g.shape[1]] = g
             yield LayerGrad(step.layer, full)
 
     def backward(self, seeds: Seeds) -> "FrozenGrads":
