@@ -283,3 +283,21 @@ def test_graph_names_the_model_as_loaded(real_cli, small_set, tmp_path):
     main(["attribute", "Hi", "--transcoders", str(small_set), "--out", str(tmp_path),
           "--max-feature-nodes", "4", "--format", "pt", "--quiet"])
     assert Graph.load(tmp_path / "hi.graph.safetensors").model_name == "gemma-3-270m"
+
+
+def test_console_script_ends_through_exit_quickly(tmp_path):
+    # the installed `cltrace` is console_main: main(), then gc.freeze() so that interpreter
+    # shutdown does not traverse torch's objects (benchmarks/RESULTS_attribution.md)
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["cltrace"] == "cltrace.cli:console_main"
+    code = ("import gc, sys; from cltrace.cli import console_main; c = console_main(); "
+            "print('frozen', gc.get_freeze_count() > 0); sys.exit(c)")
+    p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "missing")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == 2 and p.stdout.strip() == "frozen True"
+    assert p.stderr.count("\n") == 1 and "transcoders not found" in p.stderr

@@ -77,3 +77,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from cltrace.cli import exit_quickly
+
+    exit_quickly()  # as the cltrace console script ends
