@@ -200,3 +200,40 @@ def test_forward_columns_equal_edge_rows(replacement):
         cols = forward_columns(st.frozen, inj, src.numel(), targets)  # [n_targets, n_src]
         assert full[:, src].abs().max() > 0
         torch.testing.assert_close(cols, full[:, src], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+@pytest.mark.parametrize("skip", [1, 4])
+def test_positions_without_nodes_are_not_carried_yet_give_exact_edges(n_kv, skip):
+    """The backward leaves out the leading positions without nodes (<bos>, a chat prefix): the
+    edges of their tokens come from the prefix paths. Every edge equals the full backward's
+    (all positions carried, frozen.backward), sliding-window layers banded (window 3)."""
+    from cltrace.attribution import EdgeRows
+    from cltrace.frozen import Seeds
+    from cltrace.frozen.attention import BandedPattern
+
+    torch.manual_seed(1)
+    model = tiny_gemma(n_layers=4, n_kv=n_kv, dtype=torch.float64)
+    tokens = torch.tensor(TOKENS + [5, 77, 140])
+    cap = capture(text_parts(model), tokens)
+    assert any(isinstance(c.pattern, BandedPattern) for c in cap.layers)
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers]).double()
+    tcs = random_transcoders(mlp_in, kind="plt", skip=True, d_sae=48)
+    st = ReplacementModel(model, tcs, dtype=torch.float64, skip_positions=skip).run(tokens)
+    rows = EdgeRows(st)
+    assert rows.start == skip and rows.prefix.shape == (4, skip, skip, st.frozen.d_model)
+    af = st.active_features()
+    assert int(af.pos.min()) >= skip
+    seeds = Seeds(*(torch.cat(t) for t in zip(st.logit_seeds(torch.tensor([3, 7, 11])),
+                                               st.feature_seeds(af.layer, af.pos, af.feature))))
+    out = rows(seeds)  # [B, n_cols]
+    ref = st.frozen.backward(seeds)  # every position carried
+    tok = (ref.embed * st.embed[None]).sum(-1)  # [B, n_pos]
+    assert tok[:, :skip].abs().max() > 0
+    torch.testing.assert_close(out[:, rows.token_start:], tok, rtol=1e-10, atol=1e-12)
+    for L in range(4):
+        err = (ref.mlp_out[L] * st.errors[L][None]).sum(-1)  # [B, n_pos]
+        cols = slice(rows.error_start + L * st.n_pos, rows.error_start + (L + 1) * st.n_pos)
+        torch.testing.assert_close(out[:, cols], err, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="positions >= "):
+        list(st.frozen.iter_backward_live(st.logit_seeds(torch.tensor([3]), pos=0), rows.prefix))

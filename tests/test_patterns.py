@@ -54,22 +54,25 @@ def test_mix_matches_dense(n_kv, start):
 
 
 @pytest.mark.parametrize("n_kv", [1, 2])
-@pytest.mark.parametrize("n", [1, 3, 8, 11])
-def test_mix_t_matches_dense(n_kv, n):
+@pytest.mark.parametrize("n,start", [(n, s) for n in (1, 3, 8, 11) for s in (0, 1, 4) if s < n])
+def test_mix_t_matches_dense(n_kv, n, start):
     H, N, W, C, B = 4, 11, 3, 6, 5
     P = sliding_pattern(H, N, W, seed=2)
-    rep = H // n_kv
+    rep, nq = H // n_kv, n - start
     s_q, s_k = torch.rand(n, dtype=torch.float64) + 0.5, torch.rand(n, dtype=torch.float64) + 0.5
     for g in range(n_kv):
         # B seeds, a strided view as the backward passes it (every other column block)
-        gz = torch.randn(B, n * rep, 2, C, dtype=torch.float64)[:, :, 1]
-        ref = mix_t(P, gz, s_q, s_k, g, rep)
+        gz = torch.randn(B, nq * rep, 2, C, dtype=torch.float64)[:, :, 1]
+        main, pre = mix_t(P, gz, s_q, s_k, g, rep, start)
+        assert main.shape == (B, nq, C) and pre.shape == (B, start, C)
         for block in (None, 2):
-            torch.testing.assert_close(mix_t(BandedPattern.from_dense(P, W, block), gz, s_q, s_k, g, rep),
-                                       ref, rtol=1e-12, atol=1e-12)
-        # written out: grad_v[b, k] = sum_{h in g, q} s_q[q] P[h, q, k] s_k[k] gz[b, (q, h)]
-        gzv = gz.reshape(B, n, rep, C)
+            m2, p2 = mix_t(BandedPattern.from_dense(P, W, block), gz, s_q, s_k, g, rep, start)
+            torch.testing.assert_close(m2, main, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(p2, pre, rtol=1e-12, atol=1e-12)
+        # written out: grad_v[b, j] = sum_{h in g, q >= start} s_q[q] P[h, q, j] s_k[j] gz[b, (q, h)]
+        gzv = gz.reshape(B, nq, rep, C)
+        A = s_q[:, None] * P[:, :n, :n] * s_k[None]  # [H, n, n]
         for b in range(B):
-            want = sum(((s_q[:, None] * P[g * rep + r, :n, :n] * s_k[None]).T @ gzv[b, :, r]) for r in range(rep))
-            torch.testing.assert_close(ref[b], want, rtol=1e-12, atol=1e-12)
+            want = sum(A[g * rep + r, start:].T @ gzv[b, :, r] for r in range(rep))  # [n, C]: every key
+            torch.testing.assert_close(torch.cat([pre[b], main[b]]), want, rtol=1e-12, atol=1e-12)
 

@@ -54,24 +54,26 @@ def agreement(a_path: str, b_path: str, n_layers: int, n_pos: int) -> dict:
 
 
 def floor(res: dict, features: torch.Tensor, n_layers=18, d=640, n_heads=4, n_kv=1, hd=256,
-          skip=True, n_out_avg=1.0, batch=64) -> dict:
+          skip=True, n_out_avg=1.0, batch=64, skip_positions=1) -> dict:
     """The minimum work of one attribution, from the case's sizes and visited features.
 
-    Linearised backward of one target row, per position up to the target's (causal): a
-    feature row at (ℓ, p) reads x_ℓ, so its gradient passes the attention of layers ℓ .. 0
-    (ℓ + 1 of them: W_O 2·d·H·hd + W_V 2·n_kv·hd·d + the frozen pattern 2·H·hd·n) and the
-    affine skip of layers ℓ-1 .. 0 (ℓ of them: 2·d²), each at p + 1 positions; a logit row
-    n_layers of both at n_pos positions. (Until 2026-12-02 this counted ℓ attentions, one
-    too few: the earlier floors were 7 % (9 tokens) to 13 % (64 tokens) low.) Edge
-    contraction: 2·d·n_out per (row, active feature). Decoder rows read once per batch of rows:
-    n_batches · n_active · n_out · d · 4 bytes."""
+    Linearised backward of one target row, per position from the first with nodes
+    (``skip_positions``: <bos> has none; the tokens before it need no carried positions,
+    ``FrozenLinearModel.prefix_paths``) up to the target's (causal): a feature row at (ℓ, p)
+    reads x_ℓ, so its gradient passes the attention of layers ℓ .. 0 (ℓ + 1 of them: W_O
+    2·d·H·hd + W_V 2·n_kv·hd·d + the frozen pattern 2·H·hd·n) and the affine skip of layers
+    ℓ-1 .. 0 (ℓ of them: 2·d²), each at p + 1 - skip_positions positions; a logit row
+    n_layers of both at n_pos - skip_positions positions. (Until 2026-12-02 this counted ℓ
+    attentions, one too few, and every position from 0: p + 1; the floors of the fourth
+    session are the p + 1 form.) Edge contraction: 2·d·n_out per (row, active feature).
+    Decoder rows read once per batch of rows: n_batches · n_active · n_out · d · 4 bytes."""
     n, act = res["n_pos"], res["n_active"]
     rows = res["n_visited"] + res["n_logits"]
     attn = 2 * d * n_heads * hd + 2 * n_kv * hd * d + 2 * n_heads * hd * n
     skip_flop = 2 * d * d if skip else 0
-    layer, p1 = features[:, 0].double(), features[:, 1].double() + 1
-    bwd = (attn * ((layer + 1) * p1).sum().item() + skip_flop * (layer * p1).sum().item()
-           + (attn + skip_flop) * res["n_logits"] * n_layers * n)
+    layer, npos = features[:, 0].double(), features[:, 1].double() + 1 - skip_positions
+    bwd = (attn * ((layer + 1) * npos).sum().item() + skip_flop * (layer * npos).sum().item()
+           + (attn + skip_flop) * res["n_logits"] * n_layers * (n - skip_positions))
     contract = rows * act * 2 * d * n_out_avg
     dec_bytes = -(-rows // batch) * act * n_out_avg * d * 4
     return {"backward_flop": bwd, "contract_flop": contract, "decoder_bytes": dec_bytes}

@@ -22,7 +22,15 @@ class EdgeRows:
         starts = [0] + torch.tensor(counts).cumsum(0).tolist()
         self.n_features = starts[-1]
         self.feature_cols = {S: slice(starts[S], starts[S + 1]) for S in range(self.n_layers)}
-        self.rows_of = [a.rows() for a in state.acts]  # positions of each layer's entries
+        # the positions without nodes are not carried by the backward (causal models): their
+        # tokens' edges come from the prefix paths (FrozenLinearModel.prefix_paths)
+        # (every seed lies at or after them: features exist only there, logits at the last)
+        skip = state.skip_positions
+        self.start = skip if state.frozen.causal and skip < state.n_pos else 0
+        self.prefix = state.frozen.prefix_paths(state.embed[:self.start]) if self.start else None
+        # positions of each layer's entries (all >= start: no features before it), as rows of
+        # the backward's gradients
+        self.rows_of = [a.rows() - self.start for a in state.acts]
         # entries are sorted by position: n_entries_before[S][p] = entries at positions < p
         self.n_entries_before = [a.row_offsets.tolist() for a in state.acts]
         self.writers = {L: [S for S in tcs.sources_writing_to(L) if counts[S]] for L in range(self.n_layers)}
@@ -39,14 +47,16 @@ class EdgeRows:
         st, B = self.state, seeds.n
         order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
         out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
-        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds))):
-            g = step.grad  # [k, n, d_model]: the live seeds' gradients at the first n positions
-            k, n = g.shape[:2]
+        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds)), self.prefix):
+            g = step.grad  # [k, n - start, d_model]: the live seeds' gradients at positions start..n-1
+            k, n = g.shape[0], self.start + g.shape[1]
             if k == 0:
                 continue
             if step.layer == EMBED:
-                tok = slice(self.token_start, self.token_start + n)
-                out[:k, tok] = torch.einsum("bpd,pd->bp", g, st.embed[:n].to(g.dtype))
+                tok = slice(self.token_start + self.start, self.token_start + n)
+                out[:k, tok] = torch.einsum("bpd,pd->bp", g, st.embed[self.start:n].to(g.dtype))
+                if step.prefix is not None:
+                    out[:k, self.token_start:self.token_start + self.start] = step.prefix[:k]
                 continue
             L = step.layer
             for S in self.writers[L]:
@@ -54,8 +64,8 @@ class EdgeRows:
                 W = st.transcoders.decoder_slice(S, L)  # [d_sae, d_model], rows strided for a CLT
                 cols = slice(self.feature_cols[S].start, self.feature_cols[S].start + m)
                 out[:k, cols] += attribution_contract(g, self.rows_of[S][:m], W, a.feat_idx[:m], a.acts[:m])
-            err = slice(self.error_start + L * self.n_pos, self.error_start + L * self.n_pos + n)
-            out[:k, err] = torch.einsum("bpd,pd->bp", g, st.errors[L][:n].to(g.dtype))
+            err = slice(self.error_start + L * self.n_pos + self.start, self.error_start + L * self.n_pos + n)
+            out[:k, err] = torch.einsum("bpd,pd->bp", g, st.errors[L][self.start:n].to(g.dtype))
         if not bool(torch.isfinite(out).all()):
             b = int((~torch.isfinite(out)).any(1).nonzero()[0])
             raise ValueError(f"non-finite edges (NaN or inf) in the row of the target at layer "

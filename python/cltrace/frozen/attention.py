@@ -118,16 +118,19 @@ def mix(P: Pattern, v: Tensor, start: int = 0, s_q: Optional[Tensor] = None,
     return z
 
 
-def mix_t(P: Pattern, gz: Tensor, s_q: Tensor, s_k: Tensor, group: int = 0, rep: int = 1) -> Tensor:
-    """The transposed product of KV group ``group`` (heads ``group·rep ..``) on the first n
-    positions, with norm scales folded in.
+def mix_t(P: Pattern, gz: Tensor, s_q: Tensor, s_k: Tensor, group: int = 0, rep: int = 1,
+          start: int = 0) -> tuple[Tensor, Tensor]:
+    """The transposed product of KV group ``group`` (heads ``group·rep ..``) for the queries
+    ``start .. n-1``, with norm scales folded in.
 
-    ``gz [k, n * rep, C]`` (k seeds; rows: query, then the group's head; may be a strided view),
-    ``s_q``, ``s_k [n]``: ``grad_v [k, n, C]`` with
-    ``grad_v[b, k] = Σ_{h∈group, q} s_q[q] P[h, q, k] s_k[k] gz[b, (q, h)]``: one scaled pattern
-    matrix applied to every seed (a batched GEMM)."""
+    ``gz [k, (n - start) * rep, C]`` (k seeds; rows: query, then the group's head; may be a
+    strided view), ``s_q``, ``s_k [n]`` (by absolute position):
+    ``grad_v[b, j] = Σ_{h∈group, q ≥ start} s_q[q] P[h, q, j] s_k[j] gz[b, (q, h)]`` for every
+    key j < n: one scaled pattern matrix applied to every seed (a batched GEMM). Returned as
+    ``(keys start .. n-1 [k, n - start, C], keys 0 .. start-1 [k, start, C])``, each contiguous."""
     B, nr, C = gz.shape
-    n = nr // rep
+    nq = nr // rep
+    n = start + nq
     heads = slice(group * rep, (group + 1) * rep)
 
     def scaled_t(A: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
@@ -136,9 +139,17 @@ def mix_t(P: Pattern, gz: Tensor, s_q: Tensor, s_k: Tensor, group: int = 0, rep:
         return A.permute(2, 1, 0).reshape(k1 - k0, (q1 - q0) * rep)
 
     if not isinstance(P, BandedPattern):
-        return torch.matmul(scaled_t(P[:, :n, :n], 0, n, 0, n), gz)
-    out = gz.new_zeros(B, n, C)
-    for b, q0, q1, k0, k1 in P._query_blocks(0, n):
-        At = scaled_t(P._block(b, q0, q1, k0, k1), q0, q1, k0, k1)
-        out[:, k0:k1] += torch.matmul(At, gz[:, q0 * rep:q1 * rep])
-    return out
+        At = scaled_t(P[:, start:n, :n], start, n, 0, n)  # [n, nq * rep]
+        return torch.matmul(At[start:], gz), torch.matmul(At[:start], gz)
+    main, pre = gz.new_zeros(B, nq, C), gz.new_zeros(B, start, C)
+    Bq, W = P.block, P.window
+    for b in range(start // Bq, -(-n // Bq)):
+        q0, q1 = max(start, b * Bq), min(n, (b + 1) * Bq)
+        k0 = max(0, b * Bq - W + 1)
+        At = scaled_t(P._block(b, q0, q1, k0, q1), q0, q1, k0, q1)  # [q1 - k0, (q1 - q0) * rep]
+        rows = gz[:, (q0 - start) * rep:(q1 - start) * rep]
+        split = min(max(start, k0), q1)  # keys below it are the prefix's
+        if split > k0:
+            pre[:, k0:split] += torch.matmul(At[:split - k0], rows)
+        main[:, split - start:q1 - start] += torch.matmul(At[split - k0:], rows)
+    return main, pre

@@ -58,7 +58,9 @@ class LayerGrad(NamedTuple):
     """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
 
     layer: int
-    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n, d_model] (live seeds, positions)
+    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n - start, d_model] (live seeds, positions start..)
+    start: int = 0  # the position of grad's first row
+    prefix: Optional[Tensor] = None  # EMBED with a prefix: [B, start] direct effects of the prefix tokens
 
 
 class FrozenOutput(NamedTuple):
@@ -214,13 +216,15 @@ class FrozenLinearModel:
             if fl.W_skip is not None:  # d/d(h) of the skip: (g @ W_skip^T) * gain_pre, per row
                 fl.W_skip_gain = fl.W_skip.T * fl.k_pre.gain  # [d_model, d_model]
 
-    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor) -> Tensor:
-        """``grad_h + VJP(r -> post-scaled attention)(grad_h)`` at the first n positions.
+    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor, start: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+        """``grad_h + VJP(r -> post-scaled attention)(grad_h)`` at positions ``start .. n-1``, and
+        the share of that VJP that lands on the positions before ``start``.
 
-        Seed-major: ``grad_h [k, n, d_model]`` -> ``[k, n, d_model]``. With the frozen
-        pattern's rows scaled by the post-attention norm and its columns by the input norm
-        (``P'_h = diag(s_attn) P_h diag(s_in)``, built per call: [n, n] per head) and the
-        norms' gains folded into W_O / W_V, per KV group g of heads h = g·rep .. g·rep+rep-1:
+        Seed-major: ``grad_h [k, n - start, d_model]`` -> ``([k, n - start, d_model],
+        [k, start, d_model] or None)``. With the frozen pattern's rows scaled by the
+        post-attention norm and its columns by the input norm (``P'_h = diag(s_attn) P_h
+        diag(s_in)``, built per call) and the norms' gains folded into W_O / W_V, per KV group
+        g of heads h = g·rep .. g·rep+rep-1:
 
             grad_z    = grad_h @ W_O                          # [k·n, n_heads * hd]
             grad_v_g  = [P'_h^T]_h @ [grad_z_h]_h             # per seed: [n, n·rep] @ [n·rep, hd]
@@ -230,18 +234,24 @@ class FrozenLinearModel:
         in its inner dimension (banded for a sliding-window layer:
         :func:`cltrace.frozen.attention.mix_t`). A seed's rows (position, head) of grad_z are
         contiguous, so with one KV group (Gemma 3 270M, 1B) nothing is copied."""
-        k, n, d = grad_h.shape
+        k, m, d = grad_h.shape
+        n = start + m
         rep, hd = self.n_heads // self.n_kv, self.head_dim
         self.fold_gains(fl)
-        g2 = grad_h.view(k * n, d)
-        grad_z = (g2 @ fl.W_O_gain).view(k, n, self.n_kv, rep * hd)
-        out = g2
+        g2 = grad_h.view(k * m, d)
+        grad_z = (g2 @ fl.W_O_gain).view(k, m, self.n_kv, rep * hd)
+        out, pre = g2, None
         for g in range(self.n_kv):
-            gz = grad_z[:, :, g]  # [k, n, rep * hd]: rows (q, h) of hd, a view when n_kv == 1
-            gz = gz.reshape(k, n * rep, hd)
-            grad_v = mix_t(fl.pattern, gz, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0], g, rep)  # [k, n, hd]
-            out = torch.addmm(out, grad_v.view(k * n, hd), fl.W_V_gain[g * hd:(g + 1) * hd])
-        return out.view(k, n, d)
+            gz = grad_z[:, :, g]  # [k, m, rep * hd]: rows (q, h) of hd, a view when n_kv == 1
+            gz = gz.reshape(k, m * rep, hd)
+            W_V = fl.W_V_gain[g * hd:(g + 1) * hd]  # [hd, d_model]
+            grad_v, grad_v_pre = mix_t(fl.pattern, gz, fl.k_attn.scale[:n, 0], fl.k_in.scale[:n, 0],
+                                       g, rep, start)  # [k, m, hd], [k, start, hd]
+            out = torch.addmm(out, grad_v.view(k * m, hd), W_V)
+            if start:
+                share = (grad_v_pre.view(k * start, hd) @ W_V).view(k, start, d)
+                pre = share if pre is None else pre + share
+        return out.view(k, m, d), pre
 
     def _check(self, seeds: Seeds) -> None:
         B = seeds.n
@@ -252,53 +262,88 @@ class FrozenLinearModel:
         if B and (seeds.pos.min() < 0 or seeds.pos.max() >= self.n_pos):
             raise ValueError(f"seed positions must lie in [0, {self.n_pos})")
 
-    def iter_backward_live(self, seeds: Seeds) -> Iterator[LayerGrad]:
+    def prefix_paths(self, embed: Tensor) -> Tensor:
+        """``U [n_layers, s, s, d_model]``: ``U[L, t, p]`` is the residual stream r_L at position
+        p of the first s positions when the token embedding ``embed[t]`` is the only input
+        (``embed [s, d_model]``: the first s positions' embeddings; no MLP-output sources).
+
+        For a causal model the first s positions attend only among themselves, so this is the
+        whole effect of token t there; :meth:`iter_backward_live` with ``prefix=U`` gets the
+        direct effects of those tokens from the gradient landing on the prefix as
+        ``Σ_L Σ_p grad(r_L[p]) · U[L, t, p]``, without carrying the prefix's positions."""
+        sz, d = embed.shape
+        # run_layers carries every position; those after the prefix are computed and dropped
+        # (one forward of s columns: the cost of a single seed's backward)
+        r = embed.new_zeros(self.n_pos, sz, d, dtype=self.dtype)  # position-major [p, t, d]
+        r[torch.arange(sz), torch.arange(sz)] = embed.to(self.dtype)
+        paths = [r[:sz].transpose(0, 1)]
+
+        def after(L: int, r_next: Tensor) -> None:
+            paths.append(r_next[:sz].transpose(0, 1).clone())
+
+        self.run_layers(r, lambda L, x: None, stop=self.n_layers - 1, after=after)
+        return torch.stack(paths)
+
+    def iter_backward_live(self, seeds: Seeds, prefix: Optional[Tensor] = None) -> Iterator[LayerGrad]:
         """The backward on the live part only, for seeds sorted by layer, highest first.
 
-        Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [k_L, n, d_model])``: seed-major
-        d(seed . output)/d(m_L) of the first ``k_L`` seeds (those above layer L: the others'
-        gradients there are zero) at the first ``n`` positions (max seed position + 1 for a
-        causal model: the rest are zero), then ``LayerGrad(EMBED, grad [B, n, d_model])``. A
-        batch costs Σ_seeds (layer + 1) x n of the per-position work instead of
-        B x n_layers x n_pos; the live seeds are a prefix of the rows, so every product is one
-        GEMM on a contiguous block. Yielded tensors are never modified afterwards."""
+        Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [k_L, n - s, d_model], s)``:
+        seed-major d(seed . output)/d(m_L) of the first ``k_L`` seeds (those above layer L: the
+        others' gradients there are zero) at positions s .. n-1 (n: max seed position + 1 for a
+        causal model: the rest are zero), then ``LayerGrad(EMBED, grad [B, n - s, d_model], s,
+        prefix)``. A batch costs Σ_seeds (layer + 1) x (n - s) of the per-position work instead
+        of B x n_layers x n_pos; the live seeds are a prefix of the rows, so every product is
+        one GEMM on a contiguous block. Yielded tensors are never modified afterwards.
+
+        ``prefix`` (:meth:`prefix_paths` of the first s positions; causal models, seeds at
+        positions >= s): the first s positions are not carried; the gradient that lands on
+        them is dotted with the paths instead, and ``prefix [B, s]`` holds the direct effects
+        of the first s tokens (their gradients, which only those edges need, are not formed).
+        Without it s = 0."""
         self._check(seeds)
         if seeds.n > 1 and bool((seeds.layer[1:] > seeds.layer[:-1]).any()):
             raise ValueError("iter_backward_live needs seeds sorted by layer, highest first")
         B, N, d = seeds.n, self.n_pos, self.d_model
+        s = 0 if prefix is None else prefix.shape[1]
+        if s and not (self.causal and (B == 0 or int(seeds.pos.min()) >= s)):
+            raise ValueError(f"a prefix of {s} positions needs a causal model and seeds at positions >= {s}")
         n = int(seeds.pos.max()) + 1 if (B and self.causal) else N  # positions that matter
         # live[L] = number of seeds at layer >= L (a prefix, since seeds are sorted)
         live = [int((seeds.layer >= L).sum()) for L in range(self.n_layers + 2)]
-        g = torch.zeros(live[self.n_layers], n, d, dtype=self.dtype, device=self.W_U.device)
-        self._inject(g, seeds, self.n_layers, self.k_final)  # grad w.r.t. r_n
+        g = torch.zeros(live[self.n_layers], n - s, d, dtype=self.dtype, device=self.W_U.device)
+        edges_prefix = g.new_zeros(B, s)
+        self._inject(g, seeds, self.n_layers, self.k_final, s)  # grad w.r.t. r_n
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
-            yield LayerGrad(L, g)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
+            yield LayerGrad(L, g, s)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
             if live[L] == 0:
                 continue  # nothing seeded at or above this layer yet: g stays zero
             # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
             k0, k1 = g.shape[0], live[L]
-            grad_h = g if k1 == k0 and fl.W_skip is None else g.new_empty(k1, n, d)
+            grad_h = g if k1 == k0 and fl.W_skip is None else g.new_empty(k1, n - s, d)
             if fl.W_skip is not None and k0:
                 self.fold_gains(fl)
                 skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
-                torch.addcmul(g, skip, fl.k_pre.scale[None, :n], out=grad_h[:k0])
+                torch.addcmul(g, skip, fl.k_pre.scale[None, s:n], out=grad_h[:k0])
             elif grad_h is not g:
                 grad_h[:k0] = g
             if k1 > k0:  # grad_h is a fresh tensor here: the seeds read at L start at zero
                 grad_h[k0:].zero_()
-                self._inject(grad_h, seeds, L, fl.k_pre)
-            g = self._attn_backward(fl, grad_h)
-        yield LayerGrad(EMBED, g)
+                self._inject(grad_h, seeds, L, fl.k_pre, s)
+            g, landed = self._attn_backward(fl, grad_h, s)  # landed: d/d(r_L) at positions < s
+            if landed is not None:
+                edges_prefix[:k1] += torch.einsum("bpd,tpd->bt", landed, prefix[L])
+        yield LayerGrad(EMBED, g, s, edges_prefix if s else None)
 
-    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm]) -> None:
-        """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [k, n, d]``."""
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm], start: int = 0) -> None:
+        """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [k, n - start, d]``
+        (rows: positions start ..)."""
         sel = (seeds.layer == layer).nonzero().flatten()
         if sel.numel() == 0:
             return
         pos = seeds.pos[sel]
         vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
-        grad.index_put_((sel, pos), vec if k is None else vec * k.at(pos), accumulate=True)
+        grad.index_put_((sel, pos - start), vec if k is None else vec * k.at(pos), accumulate=True)
 
     def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
         """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
