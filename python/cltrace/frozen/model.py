@@ -25,7 +25,9 @@ gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
 :meth:`FrozenLinearModel.iter_backward_live` is the form attribution uses: seeds sorted by
 layer, so that at layer L only the seeds above it are carried (a prefix of the batch) and only
 positions up to the last seed's (causal); seed-major ``[k, n, d_model]``, the live seeds a
-prefix, so that every product is one GEMM on a contiguous block. A seed at (layer ℓ, position p) costs (ℓ + 1)·(p + 1) per-position steps.
+prefix, so that every product is one GEMM on a contiguous block. Leading positions without
+nodes (``<bos>``, a chat prefix: s of them) need not be carried (:meth:`prefix_paths`). A seed
+at (layer ℓ, position p) costs (ℓ + 1)·(p + 1 - s) per-position steps.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class LayerGrad(NamedTuple):
     """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
 
     layer: int
-    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n - start, d_model] (live seeds, positions start..)
+    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n - start, d_model]
+    #               (the live seeds at positions start .. n-1)
     start: int = 0  # the position of grad's first row
     prefix: Optional[Tensor] = None  # EMBED with a prefix: [B, start] direct effects of the prefix tokens
 
@@ -216,7 +219,8 @@ class FrozenLinearModel:
             if fl.W_skip is not None:  # d/d(h) of the skip: (g @ W_skip^T) * gain_pre, per row
                 fl.W_skip_gain = fl.W_skip.T * fl.k_pre.gain  # [d_model, d_model]
 
-    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor, start: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    def _attn_backward(self, fl: FrozenLayer, grad_h: Tensor,
+                       start: int = 0) -> tuple[Tensor, Optional[Tensor]]:
         """``grad_h + VJP(r -> post-scaled attention)(grad_h)`` at positions ``start .. n-1``, and
         the share of that VJP that lands on the positions before ``start``.
 
@@ -335,7 +339,8 @@ class FrozenLinearModel:
                 edges_prefix[:k1] += torch.einsum("bpd,tpd->bt", landed, prefix[L])
         yield LayerGrad(EMBED, g, s, edges_prefix if s else None)
 
-    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm], start: int = 0) -> None:
+    def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm],
+                start: int = 0) -> None:
         """Add the seeds of ``layer`` (through the frozen norm ``k``) to ``grad [k, n - start, d]``
         (rows: positions start ..)."""
         sel = (seeds.layer == layer).nonzero().flatten()
