@@ -279,7 +279,8 @@ class FrozenLinearModel:
         # run_layers carries every position; those after the prefix are computed and dropped
         # (one forward of s columns: the cost of a single seed's backward)
         r = embed.new_zeros(self.n_pos, sz, d, dtype=self.dtype)  # position-major [p, t, d]
-        r[torch.arange(sz), torch.arange(sz)] = embed.to(self.dtype)
+        diag = torch.arange(sz, device=r.device)
+        r[diag, diag] = embed.to(self.dtype)
         paths = [r[:sz].transpose(0, 1)]
 
         def after(L: int, r_next: Tensor) -> None:
