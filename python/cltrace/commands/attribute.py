@@ -17,7 +17,7 @@ carries most of the influence, and write it to --out:
 
   {slug}.json     the pruned graph for Neuronpedia / circuit-tracer's viewer / cltrace serve
                   (+ graph-metadata.json). Its size grows with the kept links: at the defaults
-                  a short prompt gives about 550-1,300 nodes and 8k-51k links, 1-5 MB;
+                  a short prompt gives about 550-1,300 nodes and 8k-51k links, 0.7-4 MB;
                   with feature pages, features/ beside it holds ~20 kB per kept feature.
   {slug}.dot, .svg  Graphviz source and picture of the 60 most influential nodes (tens of kB;
                   SVG/PNG need the 'dot' program)
