@@ -144,7 +144,10 @@ def test_same_graph_from_gemmascope_and_circuit_tracer_files(tmp_path, skip):
     for g in graphs[1:]:
         assert torch.equal(g.features, graphs[0].features)
         assert torch.equal(g.logit_tokens, graphs[0].logit_tokens)
-        torch.testing.assert_close(g.edges, graphs[0].edges, rtol=1e-6, atol=1e-7)
+        # to rounding: the layouts load to differently strided tensors, whose GEMMs may take
+        # other kernels (ulp-level differences seen on an AVX2-only CPU)
+        torch.testing.assert_close(g.edges, graphs[0].edges, rtol=1e-6,
+                                   atol=1e-6 * float(graphs[0].edges.abs().max()))
     assert graphs[0].n_features > 20
 
 
