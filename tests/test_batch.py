@@ -38,11 +38,13 @@ def tiny(tmp_path_factory) -> str:
 THREADS = 1
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """This module traces at THREADS threads, as its workers do (restored after the module)."""
     import torch
 
     n = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(n)
 
@@ -225,9 +227,6 @@ def test_feature_pages_label_the_graphs(tiny, tmp_path):
                     functools.partial(F.load_tiny_with_pages, tiny, str(pages_dir)), workers=1,
                     threads=THREADS, progress=False)
     assert (res.ok, res.failed) == (2, 0)
-    import torch
-
-    torch.set_num_threads(THREADS)
     rm, tok = F.load_tiny(tiny)
     for spec in good:
         trace_prompt(rm, tok, spec, SETTINGS, tmp_path / "ref", pages=FeaturePages(pages_dir))
