@@ -3,6 +3,8 @@ tolerances of the kernel tests. Tests marked ``cuda`` (CUDA against the CPU op, 
 errors, allocator peaks) are collected everywhere and skipped without a CUDA device."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -30,6 +32,17 @@ def assert_close_in(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Te
     scale = 1.0 + (expected.abs().max().item() if expected.numel() else 0.0)
     torch.testing.assert_close(actual.detach().cpu().double(), expected, rtol=rtol,
                                atol=atol * scale)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block at ``n`` torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(params=DEVICES)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import batch_fixtures as F
+from conftest import torch_threads
 from cltrace.batch.job import PromptSpec, TraceSettings
 from cltrace.batch.prompts import read_prompts
 from cltrace.batch.runner import run_batch
@@ -41,12 +42,8 @@ THREADS = 1
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """This module traces at THREADS threads, as its workers do (restored after the module)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(THREADS):
+        yield
 
 
 @pytest.fixture(scope="module")

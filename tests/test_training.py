@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cltrace import ops
+from conftest import torch_threads
 from cltrace.models.activations import ActivationSource, Activations
 from cltrace.training.corpus import stdlib_texts
 from cltrace.training import TrainConfig, Trainer, evaluate
@@ -17,10 +18,8 @@ from cltrace.transcoders.write import save_gemmascope
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny steps: thread start-up costs more than it saves (and the CI machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 class SyntheticSource:
