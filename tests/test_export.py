@@ -37,7 +37,7 @@ def test_json_validates_and_is_consistent(graph, tmp_path):
     assert kinds.count("embedding") == graph.n_pos and kinds.count("logit") == graph.n_logits
     assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
     assert data["metadata"]["prompt_tokens"] == NASTY and data["metadata"]["prompt"] == graph.prompt
-    assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.85}  # the defaults (PruneSettings)
     # Every link is an edge of the graph with its weight.
     dense, node_ids = graph.to_dense(), graph.node_ids()
     for l in data["links"][:50]:
@@ -84,8 +84,8 @@ def test_json_is_byte_identical_and_index_updates(graph, tmp_path):
     a = write_neuronpedia(graph, tmp_path / "a", "g1").read_bytes()
     b = write_neuronpedia(graph, tmp_path / "b", "g1").read_bytes()
     assert a == b
-    write_neuronpedia(graph, tmp_path / "a", "g2", node_threshold=0.5)
-    write_neuronpedia(graph, tmp_path / "a", "g1", node_threshold=0.6)
+    write_neuronpedia(graph, tmp_path / "a", "g2", prune(graph, 0.5))
+    write_neuronpedia(graph, tmp_path / "a", "g1", prune(graph, 0.6))
     index = json.loads((tmp_path / "a" / "graph-metadata.json").read_text())
     assert [(g["slug"], g["node_threshold"]) for g in index["graphs"]] == [("g1", 0.6), ("g2", 0.5)]
     with pytest.raises(ValueError, match="slug"):

@@ -148,7 +148,7 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
     t0 = time.perf_counter()
     record = TraceRecord(spec.slug, graph, result, scores, times)
     slug, formats = spec.slug, settings.formats
-    kw = dict(node_threshold=settings.node_threshold, edge_threshold=settings.edge_threshold, result=result)
+    kw = dict(result=result)
     if "json" in formats:
         if pages is not None:
             from ..features import pages_for_graph

@@ -49,12 +49,13 @@ def _select(graph: Graph, result: PruneResult, max_nodes: int, max_edges: int):
     return nodes, edges, capped
 
 
-def to_dot(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-           result: Optional[PruneResult] = None, max_nodes: int = 60, max_edges: int = 200):
-    """A ``graphviz.Digraph`` of the pruned graph (at most ``max_nodes`` nodes, see module doc)."""
+def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int = 60,
+           max_edges: int = 200):
+    """A ``graphviz.Digraph`` of ``graph`` as pruned by ``result`` (default: :func:`prune` at
+    its default thresholds), at most ``max_nodes`` nodes (see module doc)."""
     import graphviz
 
-    result = result if result is not None else prune(graph, node_threshold, edge_threshold)
+    result = result if result is not None else prune(graph)
     table, ids = graph.nodes(), graph.node_ids()
     nodes, edges, capped = _select(graph, result, max_nodes, max_edges)
     dot = graphviz.Digraph(name="attribution", graph_attr={

@@ -15,7 +15,9 @@ from typing import Any, Mapping, Optional
 from .. import __version__
 from ..graph.graph import Graph, NodeKind
 from ..atomic import atomic_write_text
+from ..errors import UsageError
 from ..graph.pruning import PruneResult, prune
+from ..settings import as_dict
 
 SCHEMA_VERSION = 1
 GRAPH_SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")
@@ -75,18 +77,18 @@ def _links(graph: Graph, result: PruneResult, ids: list[str]) -> list[dict[str, 
             for t, s, w in zip(targets, cols.tolist(), weights)]
 
 
-def to_neuronpedia(graph: Graph, slug: str, *, node_threshold: float = 0.8,
-                   edge_threshold: float = 0.98, result: Optional[PruneResult] = None,
+def to_neuronpedia(graph: Graph, slug: str, result: Optional[PruneResult] = None, *,
                    labels: Optional[Mapping[tuple[int, int], str]] = None, scan: Optional[str] = None,
                    feature_details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The viewer JSON of ``graph`` pruned at the given thresholds, as a dict.
+    """The viewer JSON of ``graph`` as pruned by ``result`` (default: :func:`prune` at its
+    default thresholds), as a dict; ``pruning_settings`` records ``result``'s thresholds.
 
     ``labels`` fill the ``clerp`` of feature nodes by (layer, feature index); ``scan``
     overrides the graph's (``"./features"``: the viewers fetch feature pages from that folder
     beside the JSON); ``feature_details`` is written into the metadata as given."""
     if not slug or any(c in slug for c in '/\\\0'):
-        raise ValueError(f"slug {slug!r} must be a non-empty file-name-safe string")
-    result = result if result is not None else prune(graph, node_threshold, edge_threshold)
+        raise UsageError(f"slug {slug!r} must be a non-empty file-name-safe string")
+    result = result if result is not None else prune(graph)
     ids = graph.node_ids()
     links = _links(graph, result, ids)
     connected = {l["source"] for l in links} | {l["target"] for l in links}
@@ -98,13 +100,13 @@ def to_neuronpedia(graph: Graph, slug: str, *, node_threshold: float = 0.8,
         "transcoder_list": list(graph.transcoder_list),
         "prompt_tokens": list(graph.token_strs),
         "prompt": graph.prompt,
-        "node_threshold": node_threshold,
+        "node_threshold": result.settings.node_threshold,
         "schema_version": SCHEMA_VERSION,
         "info": {"generator": {"name": "cltrace", "version": __version__},
                  **({"model": graph.model_name} if graph.model_name else {}),
                  **graph.info},
         "generation_settings": dict(graph.settings),
-        "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+        "pruning_settings": as_dict(result.settings),
     }
     if feature_details:
         metadata["feature_details"] = dict(feature_details)
@@ -112,13 +114,11 @@ def to_neuronpedia(graph: Graph, slug: str, *, node_threshold: float = 0.8,
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
-def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str, *, node_threshold: float = 0.8,
-                      edge_threshold: float = 0.98, result: Optional[PruneResult] = None,
-                      **kw) -> Path:
+def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str,
+                      result: Optional[PruneResult] = None, **kw) -> Path:
     """Write ``out_dir/{slug}.json`` and add/replace its entry in ``out_dir/graph-metadata.json``
-    (``kw``: the options of :func:`to_neuronpedia`)."""
-    data = to_neuronpedia(graph, slug, node_threshold=node_threshold,
-                          edge_threshold=edge_threshold, result=result, **kw)
+    (``result`` and ``kw``: as :func:`to_neuronpedia`)."""
+    data = to_neuronpedia(graph, slug, result, **kw)
     out_dir = Path(out_dir)
     path = out_dir / f"{slug}.json"
     # compact: with ``indent`` the json module falls back to its pure-Python encoder, 3x slower
@@ -130,7 +130,7 @@ def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str, *, node_thre
         try:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{index_path} is not valid JSON ({e}); move it away to start a new index") from e
+            raise UsageError(f"{index_path} is not valid JSON ({e}); move it away to start a new index") from e
     graphs = [g for g in index.get("graphs", []) if g.get("slug") != slug]
     graphs.append(data["metadata"])
     graphs.sort(key=lambda g: g.get("slug", ""))

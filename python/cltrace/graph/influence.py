@@ -18,7 +18,7 @@ from .. import ops
 from .graph import Graph
 
 
-def _row_scale(row_sums: Tensor, dtype: torch.dtype) -> Tensor:
+def abs_row_scale(row_sums: Tensor, dtype: torch.dtype) -> Tensor:
     """The divisor of each row in ``Â``: its float64 sum, at least 1e-10, in the edges' dtype."""
     return row_sums.clamp(min=1e-10).to(dtype)
 
@@ -40,7 +40,7 @@ def _series_on_targets(block: Tensor, seed: Tensor, max_iter: int = 1000) -> Ten
     raise RuntimeError(f"influence did not converge after {max_iter} iterations (is the graph cyclic?)")
 
 
-def _output_influence(edges: Tensor, targets: Tensor, w: Tensor, scale: Tensor,
+def output_influence(edges: Tensor, targets: Tensor, w: Tensor, scale: Tensor,
                       rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> Tensor:
     """``(I + w)`` at the targets (float64) for ``Â = |edges| / scale`` restricted to the block
     ``rows x cols`` (default: everything)."""
@@ -64,16 +64,17 @@ def influence_of_rows(edges: Tensor, targets: Tensor, weights: Tensor) -> tuple[
     ``edges [n_targets, N]`` of the nodes ``targets`` and node weights ``weights [N]``: as
     ``compute_influence(normalize_rows(edges), targets, weights)`` but with two reads of the
     edges (row sums; ``(I + w)[targets] · Â``) and no copy of them."""
-    rows, cols = _everything(edges)
-    scale = _row_scale(ops.edge_abs_row_sums(edges, rows, cols), edges.dtype)
-    out = _output_influence(edges, targets, weights[targets], scale)
+    rows, cols = everything(edges)
+    scale = abs_row_scale(ops.edge_abs_row_sums(edges, rows, cols), edges.dtype)
+    out = output_influence(edges, targets, weights[targets], scale)
     return ops.edge_score_col_sums(edges, scale, out.to(edges.dtype), rows, cols), scale
 
 
-def _influence(graph: Graph) -> tuple[Tensor, Tensor]:
+def graph_influence(graph: Graph) -> tuple[Tensor, Tensor]:
     """:func:`influence_of_rows` of the unpruned graph."""
     return influence_of_rows(graph.edges, graph.edge_targets, graph.logit_weights())
 
 
-def _everything(edges: Tensor) -> tuple[Tensor, Tensor]:
+def everything(edges: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows [n_targets], columns [N]) boolean masks that select every edge of ``edges``."""
     return (torch.ones(edges.shape[0], dtype=torch.bool), torch.ones(edges.shape[1], dtype=torch.bool))

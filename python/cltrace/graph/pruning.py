@@ -22,18 +22,45 @@ edge counts and reads only the edges of the nodes it drops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..errors import UsageError
+from ..settings import option
 from .graph import Graph
-from .influence import _influence, _output_influence, _row_scale
+from .influence import abs_row_scale, graph_influence, output_influence
 
 _SORT_LIMIT = 1 << 22  # up to this many scores, find_threshold simply sorts
 _CHUNK = 1 << 24  # scores processed per chunk by the histogram path
 _N_BUCKETS = 1 << 16  # histogram of bit patterns >> (bits - 17): exponent and top mantissa bits
+
+
+def check_threshold(value: float, name: str) -> float:
+    """``value`` as a float if it is in (0, 1], else a UsageError naming ``name``."""
+    if not (0.0 < value <= 1.0):
+        raise UsageError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """How much of the influence on the logits pruning keeps (defaults: Neuronpedia's)."""
+
+    node_threshold: float = option(0.8, "cumulative influence kept by node pruning, in (0, 1]",
+                                   metavar="X")
+    edge_threshold: float = option(0.85, "cumulative influence kept by edge pruning, in (0, 1]; "
+                                   "Neuronpedia's default (circuit-tracer's CLI: 0.98, which keeps "
+                                   "2-3x the links)", metavar="Y")
+
+    def check(self) -> "PruneSettings":
+        """Raise a UsageError naming the option of a threshold outside (0, 1]."""
+        check_threshold(self.node_threshold, "--node-threshold")
+        check_threshold(self.edge_threshold, "--edge-threshold")
+        return self
 
 
 class PruneResult(NamedTuple):
@@ -42,15 +69,7 @@ class PruneResult(NamedTuple):
     cumulative_scores: Tensor  # [N] float64: cumulative influence fraction up to each node's rank
     influence: Tensor  # [N] float64: influence of each node on the logits
     row_scale: Tensor  # [n_targets]: the divisor of each row of Â (its sum of |edges|)
-
-
-def check_threshold(value: float, name: str) -> float:
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
-
-
-# --- influence ------------------------------------------------------------------------------
+    settings: PruneSettings  # the thresholds these masks were cut at
 
 
 # --- cumulative cut-off ------------------------------------------------------------------------
@@ -168,26 +187,29 @@ def _drop_dangling(graph: Graph, node_mask: Tensor, edge_mask: Tensor, n_out: Te
         n_out[dropped] = 0
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
-    """Keep the nodes and edges that carry most of the influence on the logits (see module doc)."""
+def prune(graph: Graph, node_threshold: float = PruneSettings.node_threshold,
+          edge_threshold: float = PruneSettings.edge_threshold) -> PruneResult:
+    """Keep the nodes and edges that carry most of the influence on the logits (see module
+    doc); the result records the thresholds it was cut at."""
     check_threshold(node_threshold, "node_threshold")
     check_threshold(edge_threshold, "edge_threshold")
     edges, targets = graph.edges, graph.edge_targets
 
-    influence, row_scale = _influence(graph)
+    influence, row_scale = graph_influence(graph)
     node_mask = influence >= find_threshold(influence, node_threshold)
     node_mask[graph.token_start:] = True  # tokens and logits are always kept
 
     # The node-pruned graph: rows of kept targets, columns of kept nodes.
     rows = node_mask[targets]
-    scale = _row_scale(ops.edge_abs_row_sums(edges, rows, node_mask), edges.dtype)
-    out = _output_influence(edges, targets, graph.logit_weights()[targets], scale, rows, node_mask)
+    scale = abs_row_scale(ops.edge_abs_row_sums(edges, rows, node_mask), edges.dtype)
+    out = output_influence(edges, targets, graph.logit_weights()[targets], scale, rows, node_mask)
     edge_mask, n_out, n_in = _edge_cut(edges, scale, out.to(edges.dtype), rows, node_mask, edge_threshold)
     node_mask = _drop_dangling(graph, node_mask, edge_mask, n_out, n_in)
 
     order = influence.sort(descending=True)
     cumulative = torch.zeros_like(influence)
     cumulative[order.indices] = order.values.cumsum(0) / influence.sum().clamp(min=1e-300)
-    return PruneResult(node_mask, edge_mask, cumulative, influence, row_scale)
+    return PruneResult(node_mask, edge_mask, cumulative, influence, row_scale,
+                       PruneSettings(node_threshold, edge_threshold))
 
 
