@@ -219,8 +219,8 @@ def test_load_model_does_not_import_transformers_modeling(tmp_path):
 
 @pytest.mark.real_model
 def test_real_270m_warm_load_imports_no_transformers(real_gemma):
-    """With the cached copy's own tokenizer (models.tokenizer), a warm load_model of the
-    embedded model imports no transformers at all."""
+    """With the cached copy's own tokenizer (cltrace.models.fast_tokenizer), a warm load_model
+    of the embedded model imports no transformers at all."""
     assert not any(_imports_after_load("gemma-3-270m", _HEAVY + ("transformers",)).values())
 
 

@@ -1,5 +1,5 @@
-"""models.tokenizer's fast path against the library on the cached embedded model's tokenizer.json:
-the same ids (corpus documents and random substrings of them, whitespace, byte fallback, every
+"""The fast-path tokenizer (cltrace.models.fast_tokenizer) against the library on the cached
+embedded model's tokenizer.json: the same ids (corpus documents and random substrings of them, whitespace, byte fallback, every
 added token inside text), the same decoded strings (random ids, byte runs valid and invalid
 UTF-8, special ids, out-of-range ids), delegation of what the fast path does not answer, and its
 load time in a fresh process."""
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from cltrace.models import tokenizer as tokmod
+from cltrace.models.fast_tokenizer import tokenizer as tokmod
 
 pytestmark = pytest.mark.real_model
 
@@ -68,7 +68,7 @@ EDGE = ["", " ", "  ", "     ", "\t", "\t\t x", "\n", "\n\n\n", "\n" * 40, "\t" 
 
 
 def test_ids_equal_the_library(fast, ref):
-    from cltrace.models.tokenizer_compact import load
+    from cltrace.models.fast_tokenizer.compact import load
 
     texts = _corpus() + EDGE
     added = [a[1] for a in load(fast._folder / "tokenizer.json").added]

@@ -1,5 +1,5 @@
-"""models.tokenizer on small random Gemma-pipeline tokenizers built with the tokenizers library
-(no real model needed): the BPE's tie-breaking and expired heap entries (merges that give the
+"""The fast-path tokenizer (cltrace.models.fast_tokenizer) on small random Gemma-pipeline
+tokenizers built with the tokenizers library (no real model needed): the BPE's tie-breaking and expired heap entries (merges that give the
 same token from different splits, runs of one character), byte fallback and added tokens, checked
 against the library on random texts over a small alphabet; the compact file's life cycle
 (written once, rebuilt when the tokenizer.json changes, a header-only file for an unsupported
@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from cltrace.models import tokenizer as tokmod
-from cltrace.models import tokenizer_compact
+from cltrace.models.fast_tokenizer import compact
+from cltrace.models.fast_tokenizer import tokenizer as tokmod
 
 SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
 ALPHABET = ["a", "b", "c", " ", "\n", "é", "中"]  # '😀' and 'ß' are not in the vocabulary
@@ -66,7 +66,7 @@ def test_random_tokenizers_match_the_library(tmp_path, seed):
     save_random_tokenizer(tmp_path, seed)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), **SPECIAL)
     fast = tokmod.fast_tokenizer(tmp_path, SPECIAL)
-    assert fast is not None and (tmp_path / tokenizer_compact.FILE).is_file()
+    assert fast is not None and (tmp_path / compact.FILE).is_file()
     rng = random.Random(100 + seed)
     texts = _texts(rng, 1500)
     for special in (True, False):
@@ -85,10 +85,10 @@ def test_random_tokenizers_match_the_library(tmp_path, seed):
 
 def test_compact_file_is_written_once_and_rebuilt_when_the_json_changes(tmp_path):
     save_random_tokenizer(tmp_path, 0)
-    tj, bin_ = tmp_path / "tokenizer.json", tmp_path / tokenizer_compact.FILE
-    assert tokenizer_compact.load(tj) is not None
+    tj, bin_ = tmp_path / "tokenizer.json", tmp_path / compact.FILE
+    assert compact.load(tj) is not None
     first = bin_.stat().st_mtime_ns
-    assert tokenizer_compact.load(tj) is not None and bin_.stat().st_mtime_ns == first
+    assert compact.load(tj) is not None and bin_.stat().st_mtime_ns == first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
     save_random_tokenizer(tmp_path, 1)  # another tokenizer.json in the same folder
     fast = tokmod.fast_tokenizer(tmp_path, SPECIAL)
@@ -106,9 +106,9 @@ def test_unsupported_pipeline_gives_none_once(tmp_path):
     d["decoder"]["decoders"].append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     tj.write_text(json.dumps(d))
     assert tokmod.fast_tokenizer(tmp_path, SPECIAL) is None
-    bin_ = tmp_path / tokenizer_compact.FILE
+    bin_ = tmp_path / compact.FILE
     first = bin_.stat().st_mtime_ns  # a header-only file records the answer
-    assert tokenizer_compact.load(tj) is None and bin_.stat().st_mtime_ns == first
+    assert compact.load(tj) is None and bin_.stat().st_mtime_ns == first
 
 
 def test_byte_value_follows_the_library_byte_fallback():
@@ -117,5 +117,5 @@ def test_byte_value_follows_the_library_byte_fallback():
     dec = decoders.ByteFallback()
     for t in ["<0x41>", "<0xff>", "<0x+A>", "<0x-1>", "<0x 1>", "<0xG0>", "<0x410>", "<0x4>",
               "<0x0a>", "<0xé>", "<0x_1>", "<1x41>"]:
-        b = tokenizer_compact.byte_value(t)
+        b = compact.byte_value(t)
         assert dec.decode([t]) == (t if b < 0 else bytes([b]).decode(errors="replace")), t

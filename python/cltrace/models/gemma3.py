@@ -1,6 +1,6 @@
 """cltrace's own Gemma 3 text model: the function transformers' ``Gemma3ForCausalLM`` computes,
-with the same module names (so hooks, :func:`..anatomy.text_parts` and the callers work on
-either), without importing transformers. The block (DESIGN.md section 2)::
+with the same module names (so hooks, :func:`.anatomy.text_parts` and the callers work on
+either), without importing transformers. The block (docs/gemma3.md)::
 
     x0    = embed(ids) * sqrt(d_model)                       (scale cast to the weight dtype)
     h     = x + post_attention_layernorm(attn(input_layernorm(x)))
@@ -14,11 +14,15 @@ either), without importing transformers. The block (DESIGN.md section 2)::
 
 Attention runs through SDPA by default; ``set_attn_implementation("eager")`` computes it
 explicitly and returns the pattern from ``self_attn`` (what :mod:`..frozen.capture` reads).
-Masks, RoPE and the KV cache are in :mod:`.gemma3_parts`.
+Masks, RoPE and the KV cache are in :mod:`.gemma3_parts`; reading checkpoints is
+:mod:`.gemma3_load` (which imports this module, never the reverse); writing one is
+:func:`save_gemma3`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -245,9 +249,7 @@ class Gemma3ForCausalLM(nn.Module):
         return self.lm_head
 
     def save_pretrained(self, folder) -> None:
-        """``config.json`` + ``model.safetensors`` in ``folder`` (see :func:`.gemma3_load.save_gemma3`)."""
-        from .gemma3_load import save_gemma3
-
+        """``config.json`` + ``model.safetensors`` in ``folder`` (see :func:`save_gemma3`)."""
         save_gemma3(self, folder)
 
     def set_attn_implementation(self, name: str) -> None:
@@ -277,3 +279,21 @@ class Gemma3ForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return CausalLMOutput(logits, out.past_key_values)
+
+
+def save_gemma3(model: Gemma3ForCausalLM, folder: Union[str, Path]) -> None:
+    """Write ``config.json`` (transformers 5 layout) and ``model.safetensors`` (the tied
+    unembedding once, as ``save_pretrained`` does): readable by
+    :func:`.gemma3_load.load_gemma3` and by transformers. Needs safetensors only."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    for k in ("name_or_path", "_attn_implementation"):
+        cfg.pop(k, None)
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -1,4 +1,6 @@
-"""Building cltrace's :class:`~.gemma3.Gemma3ForCausalLM` from a checkpoint, without transformers.
+"""Building cltrace's :class:`~.gemma3.Gemma3ForCausalLM` from a checkpoint, without transformers
+(the other way, :func:`.gemma3.save_gemma3`, lives beside the model: imports go one way, from
+here to :mod:`.gemma3`).
 
 The model is constructed on the meta device (no random init) and each parameter becomes the
 checkpoint's tensor: safetensors files (``model.safetensors`` or the shards listed by
@@ -128,24 +130,6 @@ def build(cfg: Gemma3TextConfig, weights: dict[str, Tensor], dtype: torch.dtype,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-def save_gemma3(model: Gemma3ForCausalLM, folder: Union[str, Path]) -> None:
-    """Write ``config.json`` (transformers 5 layout) and ``model.safetensors`` (the tied
-    unembedding once, as ``save_pretrained`` does): readable by :func:`load_gemma3` and by
-    transformers."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    for k in ("name_or_path", "_attn_implementation"):
-        cfg.pop(k, None)
-    cfg["architectures"] = ["Gemma3ForCausalLM"]
-    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _assign(model: nn.Module, name: str, p: nn.Parameter) -> None:

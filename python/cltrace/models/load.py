@@ -13,7 +13,7 @@
 
 Multimodal ``Gemma3ForConditionalGeneration`` checkpoints are reduced to their text tower: the
 result is always cltrace's own ``Gemma3ForCausalLM`` (:mod:`.gemma3`; the same modules, names
-and function as transformers' class) in eval mode (see DESIGN.md section 2 for the block).
+and function as transformers' class) in eval mode (docs/gemma3.md describes the block).
 Safetensors checkpoints are read without importing transformers' modeling stack
 (:mod:`.gemma3_load`); GGUF files and ``.bin`` checkpoints are read by transformers and their
 weights adopted (no copy).
@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-from .gemma3_config import GEMMA3_TYPES, check_gemma3, config_from_dict, read_config  # noqa: F401 (GEMMA3_TYPES re-exported)
+from .gemma3_config import check_gemma3, config_from_dict, read_config
 
 DEFAULT_MODEL = "gemma-3-270m"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -235,7 +235,7 @@ def _convert_embedded(pkg, tmp: Path) -> Path:
     out = tmp / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    from .tokenizer_compact import load as compact_tokenizer
+    from .fast_tokenizer.compact import load as compact_tokenizer
 
     compact_tokenizer(out / "tokenizer.json")  # the fast-path tokenizer's file, now rather than at the first start
     return out
@@ -274,7 +274,7 @@ def _cached_tokenizer(folder):
     """The tokenizer of cltrace's own cached copy of the embedded model, read straight from its
     tokenizer.json (the saved pipeline, special tokens from tokenizer_config.json): the same
     token ids as AutoTokenizer's GemmaTokenizer (a real_model test compares them). It is
-    ``models.tokenizer``'s fast-path tokenizer over the compact form of that file (written
+    the fast-path tokenizer (:mod:`.fast_tokenizer`) over the compact form of that file (written
     beside it on first use; loads in milliseconds instead of the 1.3-1.6 s the library takes to
     build the merges), which builds the ``PreTrainedTokenizerFast`` itself only when a call
     needs it; that ``PreTrainedTokenizerFast`` directly if the compact form does not support the
@@ -287,7 +287,7 @@ def _cached_tokenizer(folder):
         return None
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
                if isinstance(config.get(k), str)}
-    from .tokenizer import fast_tokenizer
+    from .fast_tokenizer import fast_tokenizer
 
     fast = fast_tokenizer(folder, special)
     if fast is not None:

@@ -2,7 +2,7 @@
 
 ``tokenizers.Tokenizer.from_file`` spends over a second building the 514,906 BPE merges of the
 Gemma 3 tokenizer on every start. This module converts the tokenizer.json once into one file
-beside it, ``tokenizer.cltrace.bin``, that ``models.tokenizer`` memory-maps:
+beside it, ``tokenizer.cltrace.bin``, that :mod:`.tokenizer` memory-maps:
 
 * ``offsets`` int64 [V+1], ``blob`` uint8: the UTF-8 text of token id i is
   ``blob[offsets[i]:offsets[i+1]]`` (the model vocabulary, every id 0..V-1 present);
@@ -42,7 +42,7 @@ _ARRAYS = ("offsets", "blob", "byteval", "merge_keys", "merge_rank", "merge_new"
 
 
 class Compact(NamedTuple):
-    """The tokenizer data ``models.tokenizer`` encodes and decodes with (arrays memory-mapped)."""
+    """The tokenizer data :mod:`.tokenizer` encodes and decodes with (arrays memory-mapped)."""
 
     vocab_size: int
     offsets: np.ndarray

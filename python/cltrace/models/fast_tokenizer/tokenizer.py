@@ -1,5 +1,7 @@
 """A start-up-cheap tokenizer for cltrace's cached embedded model: the library's token ids and
-texts, computed in Python from the compact form of its tokenizer.json (``tokenizer_compact``).
+texts, computed in Python from the compact form of its tokenizer.json (:mod:`.compact`). What
+it supports and what goes to transformers is summed up in the package docstring
+(:mod:`cltrace.models.fast_tokenizer`).
 
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` costs 1.3-1.6 s of every start,
 most of it the Rust library building 514,906 BPE merges. ``FastPathTokenizer`` loads the compact
@@ -37,8 +39,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .tokenizer_compact import Compact
-from .tokenizer_compact import load as load_compact
+from .compact import Compact
+from .compact import load as load_compact
 
 # Chosen by measurement (benchmarks/RESULTS_attribution.md, "Start-up"): the Python BPE encodes
 # about 200k characters per second (load 4, its pair cache cold), the full tokenizer takes
@@ -64,7 +66,7 @@ class Encoded(dict):
 
 
 class _Codec:
-    """Encoding and decoding exactly as the tokenizers pipeline ``tokenizer_compact`` accepts."""
+    """Encoding and decoding exactly as the tokenizers pipeline :mod:`.compact` accepts."""
 
     def __init__(self, c: Compact):
         self.c = c
