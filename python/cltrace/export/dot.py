@@ -5,8 +5,9 @@ labels give the feature id, position/token and activation; edges are coloured by
 (blue positive, red negative) with width growing with |weight|. Pictures of thousands of
 nodes are unreadable (and slow to lay out), so at most ``max_nodes`` nodes are drawn (the
 tokens and logits, then the pruned graph's features and errors of highest influence) and at
-most ``max_edges`` edges among them, the strongest by |weight|.
-``render`` calls the ``dot`` binary (Debian package ``graphviz``) for SVG/PNG.
+most ``max_edges`` edges among them, the strongest by |weight| (:func:`.selection.select`).
+``render`` writes the DOT source, an SVG drawn in Python (:mod:`.svg`, no Graphviz needed), or
+calls the ``dot`` binary (Debian package ``graphviz``) for PNG/PDF.
 """
 from __future__ import annotations
 
@@ -17,36 +18,13 @@ from typing import Optional
 from ..graph.graph import Graph, NodeKind
 from ..atomic import atomic_write_text
 from ..graph.pruning import PruneResult, prune
-
-POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
-FILL = {NodeKind.FEATURE: "#fdf6e3", NodeKind.ERROR: "#e0e0e0", NodeKind.TOKEN: "#d9f0d3",
-        NodeKind.LOGIT: "#fde0ef"}
+from .selection import FILL, NEGATIVE, POSITIVE, select
 
 
 def _quote(text: str) -> str:
     """Token text shown safely inside a label (newlines and control characters escaped)."""
     shown = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return f"“{shown}”" if shown else "“”"
-
-
-def _select(graph: Graph, result: PruneResult, max_nodes: int, max_edges: int):
-    """Nodes and edges to draw: tokens and logits, the most influential features/errors, the
-    strongest edges among them, and no feature/error left without a drawn edge."""
-    rows, cols = result.edge_mask.nonzero(as_tuple=True)
-    weights = graph.edges[rows, cols].tolist()
-    targets, sources = graph.edge_targets[rows].tolist(), cols.tolist()
-    used = set(targets) | set(sources)
-    inner = [i for i in result.node_mask.nonzero().flatten().tolist()
-             if i < graph.token_start and i in used]
-    outer = list(range(graph.token_start, graph.n_nodes))  # tokens and logits
-    room = max(max_nodes - len(outer), 0)
-    capped = len(inner) > room
-    chosen = set(sorted(inner, key=lambda i: -float(result.influence[i]))[:room]) | set(outer)
-    edges = sorted(((t, s, w) for t, s, w in zip(targets, sources, weights)
-                    if s in chosen and t in chosen), key=lambda e: -abs(e[2]))[:max_edges]
-    touched = {t for t, _, _ in edges} | {s for _, s, _ in edges}
-    nodes = [i for i in sorted(chosen) if i >= graph.token_start or i in touched]
-    return nodes, edges, capped
 
 
 def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int = 60,
@@ -57,7 +35,7 @@ def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
 
     result = result if result is not None else prune(graph)
     table, ids = graph.nodes(), graph.node_ids()
-    nodes, edges, capped = _select(graph, result, max_nodes, max_edges)
+    nodes, edges, capped = select(graph, result, max_nodes, max_edges)
     dot = graphviz.Digraph(name="attribution", graph_attr={
         "rankdir": "BT", "ranksep": "0.5", "nodesep": "0.15", "fontname": "Helvetica",
         "label": f"{graph.prompt!r} — {graph.model_name}"
@@ -101,18 +79,23 @@ def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
 
 
 def render(graph: Graph, path: str | Path, fmt: str = "svg", **kwargs) -> Path:
-    """Write the DOT source (``fmt='dot'``) or a picture rendered by Graphviz's ``dot``."""
+    """Write the DOT source (``fmt='dot'``), the SVG of :func:`.svg.to_svg` (``fmt='svg'``, pure
+    Python) or a PNG/PDF rendered by Graphviz's ``dot``; ``kwargs`` go to the drawing function."""
     path = Path(path)
+    if fmt == "svg":
+        from .svg import write_svg
+
+        return write_svg(graph, path, **kwargs)
     source = to_dot(graph, **kwargs).source
     if fmt == "dot":
         atomic_write_text(path, source)
         return path
-    if fmt not in ("svg", "png", "pdf"):
+    if fmt not in ("png", "pdf"):
         raise ValueError(f"unknown format {fmt!r}: use dot, svg, png or pdf")
     exe = shutil.which("dot")
     if exe is None:
         raise RuntimeError(f"cannot render {path.name}: the Graphviz 'dot' program is not installed "
-                           "(Debian/Ubuntu: apt-get install graphviz); the .dot source can still be written")
+                           "(Debian/Ubuntu: apt-get install graphviz); the .dot and .svg can still be written")
     import subprocess
 
     tmp = path.with_name(f".{path.name}.tmp")
