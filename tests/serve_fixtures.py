@@ -6,7 +6,7 @@
   measured with ``scale=0``), one of them left out as if pruned.
 * :func:`synthetic_graph` — a graph JSON of any size (the big-graph test: ~1,200 nodes,
   ~300k links), valid node ids, Cantor-paired ``feature`` fields (schema_version 1).
-* :func:`feature_page` — a hand-written feature page in the DESIGN.md format.
+* :func:`feature_page` — a hand-written feature page in the format of docs/interop.md.
 * :func:`launch_chromium` — Playwright driving the system Chromium (no download).
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def synthetic_graph(n_pos=12, n_layers=18, n_nodes=1184, n_links=296_000, seed=0
 
 
 def feature_page(index: int, tokens=("The", " capital", " of", " France")) -> dict:
-    """A hand-written feature page (DESIGN.md "Feature pages")."""
+    """A hand-written feature page (docs/interop.md, "Feature pages")."""
     ex = lambda acts, ind: {"tokens": list(tokens), "tokens_acts_list": acts,  # noqa: E731
                             "train_token_ind": ind, "is_repeated_datapoint": False}
     return {"index": index, "act_min": 0.0, "act_max": 4.0, "activation_frequency": 0.0123,
