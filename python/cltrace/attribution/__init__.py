@@ -1,7 +1,7 @@
 """Attribution: the direct effects between features, errors, tokens and logits of one prompt.
 
 :mod:`.targets` chooses the logit targets, :mod:`.rows` computes rows of direct effects for a
-batch of targets, :mod:`.attribute` visits the features and assembles the :class:`Graph`.
+batch of targets, :mod:`.trace` visits the features and assembles the :class:`Graph`.
 """
 from .trace import attribute
 from .rows import EdgeRows

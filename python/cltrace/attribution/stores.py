@@ -12,7 +12,7 @@ logits' zero columns. Which store holds a prompt is a memory choice only:
   columns (``n_rows x (n_visit + (n_layers + 1) * n_pos)``: 1M+ active features at 4096 tokens
   would take tens of GB densely). A feature scheduled after some rows were computed gets its
   entries in those rows exactly: by recomputing those rows when that visits fewer
-  layer-positions, else by a forward JVP of the frozen model (:func:`cltrace.frozen.jvp`).
+  layer-positions, else by a forward JVP of the frozen model (:mod:`cltrace.frozen.jvp`).
   Every stored edge is exact; JVP-filled entries equal the backward's to rounding.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _cat_seeds(parts: list[Seeds]) -> Seeds:
 
 
 def _row_cost(seeds: Seeds, n_layers: int) -> int:
-    """Layer-positions the backward of these rows visits (:meth:`iter_backward_live`)."""
+    """Layer-positions the backward of these rows visits
+    (:meth:`~cltrace.frozen.FrozenLinearModel.iter_backward_live`)."""
     return int(((seeds.layer.clamp(max=n_layers) + 1) * (seeds.pos + 1)).sum())
 
 

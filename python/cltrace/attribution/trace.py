@@ -52,7 +52,7 @@ def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
               dense_limit_bytes: int = 1 << 30) -> Graph:
     """The unpruned attribution graph of ``prompt`` (text or token ids) for ``model``.
 
-    ``targets``: token ids/texts, ``(a, b)`` logit differences or :class:`LogitTarget`s;
+    ``targets``: token ids/texts, ``(a, b)`` logit differences or :class:`~.targets.LogitTarget`s;
     by default the salient next-token logits. ``timings`` (a dict), if given, receives the
     seconds spent per phase.
 

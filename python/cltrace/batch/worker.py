@@ -1,6 +1,6 @@
 """A batch worker: the replacement model loaded once, then one prompt per call.
 
-The same code runs in a local worker process (:mod:`.local`), in a Ray actor (:mod:`.ray`) and
+The same code runs in a local worker process (:mod:`.local`), in a Ray actor (:mod:`.cluster`) and
 in-process (``workers=0``). A prompt's outputs are traced into a private temporary folder and
 returned as bytes, with the manifest record, so the coordinator alone writes the batch's
 folder; a failure of the prompt (a ValueError for an empty or over-long prompt, a target that

@@ -61,7 +61,7 @@ def _skip_positions(text: str):
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    """PROMPT or --prompt-file, and --chat: what :func:`read_prompt` and :func:`prompt_tokens` read."""
+    """PROMPT or --prompt-file, and --chat: what :func:`read_prompt` and :func:`cltrace.models.prompt_tokens` read."""
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the prompt text (or use --prompt-file)")
     p.add_argument("--prompt-file", metavar="PATH", default=None,

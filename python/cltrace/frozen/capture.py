@@ -115,7 +115,7 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
                 raise RuntimeError("the attention module returned no pattern; eager attention is needed")
             P = out[1][0].detach()  # [n_heads, n_pos, n_pos]
             window = getattr(parts.layers[idx].self_attn, "sliding_window", None)
-            # a sliding-window layer keeps only its band (linear in n_pos, :mod:`.patterns`)
+            # a sliding-window layer keeps only its band (linear in n_pos, :class:`.attention.BandedPattern`)
             banded = window and BandedPattern.saves_memory(P.shape[-1], window)
             rec[("pattern", idx)] = BandedPattern.from_dense(P, window) if banded else P
         return hook

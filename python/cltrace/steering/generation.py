@@ -1,7 +1,7 @@
 """Steered text generation: the real model with feature interventions applied by hooks.
 
 Each step runs the real Gemma 3 model on the whole sequence so far (no KV cache, batch 1)
-with the free-mode hooks of :mod:`.intervene`: for every intervened feature, ``(new − old) ·
+with the free-mode hooks of :mod:`.modes`: for every intervened feature, ``(new − old) ·
 W_dec`` is added to the MLP outputs it decodes to. By default the interventions act on the
 prompt's positions only (their positions are resolved against the prompt); with
 ``steer_generated=True`` they are resolved against the current sequence, so ``pos=None`` or an

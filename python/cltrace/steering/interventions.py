@@ -3,7 +3,7 @@
 An :class:`Intervention` names a feature ``(layer, feature)``, the positions it acts on and one
 operation on its activation ``a``: ``set`` (a -> v), ``scale`` (a -> s * a) or ``add``
 (a -> a + v). Interventions on the same feature and position compose in list order.
-:class:`InterventionResult` is what :func:`cltrace.steering.modes` returns.
+:class:`InterventionResult` is what :func:`cltrace.steering.modes.intervene` returns.
 """
 from __future__ import annotations
 
