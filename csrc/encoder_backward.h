@@ -7,7 +7,7 @@
 // Each device supplies the sparse linear backward for z = x @ W_enc + b_enc,
 //   sparse_linear_backward(grad_z [nnz], x [N, d_in], W_enc [d_in, d_sae], row_offsets [N+1],
 //                          feat_idx [nnz]) -> (grad_x [N, d_in], grad_W_enc, grad_b_enc [d_sae]),
-// which touches only the nnz entries. Inputs are checked first (checks.h), by the caller.
+// which touches only the nnz entries. Inputs are checked first (csrc/checks/encode.h), by the caller.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>

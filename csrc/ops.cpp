@@ -5,10 +5,18 @@
 //
 // Sparse activations are CSR over rows: row_offsets [N+1] int64, feat_idx [nnz] int64
 // (ascending within a row for the encoders), values [nnz].
+//
+// Every op checks its arguments first (csrc/checks/<op>.h, the same for CPU and CUDA): dtypes,
+// shapes, devices and scalar arguments on every call; index values (feat_idx, pos in range,
+// row_offsets from 0 to nnz and non-decreasing) always on the CPU, and on CUDA only with the
+// value-check switch on (CLTRACE_CHECK_VALUES=1, or cltrace.ops.set_check_values), since there
+// they cost a host synchronisation per call. csrc/checks/common.h has the details.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "checks/switch.h"
 
 TORCH_LIBRARY(cltrace, m) {
   // JumpReLU encode, never holding the dense [N, d_sae] activations: z = x @ W_enc + b_enc,
@@ -63,9 +71,29 @@ TORCH_LIBRARY(cltrace, m) {
 }
 
 namespace {
+// _C.set_check_values(on: bool) -> bool: sets the switch for index-value checks on CUDA
+// (csrc/checks/common.h), returning its previous state. Wrapped by cltrace.ops.set_check_values.
+PyObject* set_check_values(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(cltrace::set_device_value_checks(on != 0));
+}
+
+// _C.check_values() -> bool: the switch's state.
+PyObject* check_values(PyObject*, PyObject*) {
+  return PyBool_FromLong(cltrace::device_value_checks());
+}
+
+PyMethodDef module_methods[] = {
+    {"set_check_values", set_check_values, METH_O,
+     "Switch index-value checks on CUDA on or off; returns the previous state."},
+    {"check_values", check_values, METH_NOARGS, "Whether index-value checks run on CUDA."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // Python module stub: `import cltrace._C` loads this library, whose static initialisers
 // register the ops above with the dispatcher.
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cltrace compiled ops", -1, nullptr};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cltrace compiled ops", -1,
+                          module_methods};
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {

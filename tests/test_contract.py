@@ -120,10 +120,11 @@ def test_contract_bad_input_messages(device):
     grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6, device=device)
     with pytest.raises(RuntimeError, match="grad has d_model = 8 but W_dec rows have 7"):
         ops.attribution_contract(grad, pos, W[:, :7], idx, acts)
-    with pytest.raises(RuntimeError, match="pos\\[0\\] = 5 is out of range for grad with n_pos = 5"):
-        ops.attribution_contract(grad, torch.full_like(pos, 5), W, idx, acts)
-    with pytest.raises(RuntimeError, match="out of range for W_dec with 10 rows"):
-        ops.attribution_contract(grad, pos, W, torch.full_like(idx, 10), acts)
+    with ops.checking_values():  # index values: always on the CPU, on CUDA with the switch
+        with pytest.raises(RuntimeError, match="pos\\[0\\] = 5 is out of range for grad with n_pos = 5"):
+            ops.attribution_contract(grad, torch.full_like(pos, 5), W, idx, acts)
+        with pytest.raises(RuntimeError, match="out of range for W_dec with 10 rows"):
+            ops.attribution_contract(grad, pos, W, torch.full_like(idx, 10), acts)
     with pytest.raises(RuntimeError, match="one entry per source"):
         ops.attribution_contract(grad, pos[:-1], W, idx, acts)
     # raised, not a device-side assert: the device still runs the op
@@ -148,7 +149,7 @@ def test_gather_columns(device, dtype):
     idx = torch.tensor([5, 0, 99, 5, 42], device=device)
     assert torch.equal(ops.gather_columns(W, idx), ref.gather_columns(W, idx))
     assert ops.gather_columns(W, idx[:0]).shape == (0, 37)
-    with pytest.raises(RuntimeError, match="feat_idx\\[0\\] = 100 is out of range"):
+    with ops.checking_values(), pytest.raises(RuntimeError, match="feat_idx\\[0\\] = 100 is out of range"):
         ops.gather_columns(W, torch.tensor([100], device=device))
     torch.library.opcheck(torch.ops.cltrace.gather_columns.default, (W, idx))
 
@@ -207,3 +208,105 @@ def test_contract_and_gather_reject_mixed_devices():
         ops.attribution_contract(grad.cuda(), pos, W.cuda(), idx.cuda(), acts.cuda())
     with pytest.raises(RuntimeError, match="is on"):
         ops.gather_columns(W.t().cuda(), idx)
+
+
+# --- argument checks: metadata on every call; index values always on the CPU, on CUDA with
+# the value-check switch (CLTRACE_CHECK_VALUES=1 / ops.set_check_values / ops.checking_values)
+
+def test_value_check_switch_sets_and_restores():
+    before = ops.check_values_enabled()
+    try:
+        assert ops.set_check_values(True) is before
+        assert ops.check_values_enabled() is True
+        assert ops.set_check_values(False) is True
+        assert ops.check_values_enabled() is False
+        with pytest.raises(ValueError, match="inside"):
+            with ops.checking_values():
+                assert ops.check_values_enabled() is True
+                raise ValueError("inside")
+        assert ops.check_values_enabled() is False  # restored on the way out of an error
+        ops.set_check_values(True)
+        with ops.checking_values(False):
+            assert ops.check_values_enabled() is False
+        assert ops.check_values_enabled() is True
+    finally:
+        ops.set_check_values(before)
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("0", False), (None, False)])
+def test_value_check_switch_reads_the_environment_at_load(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CLTRACE_CHECK_VALUES"}
+    if value is not None:
+        env["CLTRACE_CHECK_VALUES"] = value
+    out = subprocess.run([sys.executable, "-c", "from cltrace import ops; print(ops.check_values_enabled())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_cpu_checks_index_values_with_the_switch_off():
+    grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6)
+    with ops.checking_values(False):
+        with pytest.raises(RuntimeError, match="attribution_contract: pos\\[2\\] = -1 is out of range "
+                                               "for grad with n_pos = 5"):
+            ops.attribution_contract(grad, torch.tensor([0, 4, -1, 0, 0, 0]), W, idx, acts)
+        with pytest.raises(RuntimeError, match="attribution_contract: feat_idx\\[5\\] = 10 is out of "
+                                               "range for W_dec with 10 rows"):
+            ops.attribution_contract(grad, pos, W, torch.tensor([0, 1, 2, 3, 4, 10]), acts)
+        with pytest.raises(RuntimeError, match="gather_columns: feat_idx\\[1\\] = 10 is out of range "
+                                               "for W_enc with d_sae = 6"):
+            ops.gather_columns(W[:6].T, torch.tensor([0, 10]))
+
+
+def test_contract_metadata_messages_name_the_argument():
+    grad, pos, W, idx, acts = contract_inputs(2, 5, 8, 10, 6)
+    cases = [
+        ((grad[0], pos, W, idx, acts), "grad \\[B, n_pos, d_model\\] must be 3-D, got shape \\[5, 8\\]"),
+        ((grad, pos.int(), W, idx, acts), "pos must be int64, got Int"),
+        ((grad, pos, W, idx[None], acts), "feat_idx must be 1-D, got shape \\[1, 6\\]"),
+        ((grad, pos, W.float(), idx, acts), "W_dec has dtype Float but grad has Double"),
+        ((grad.long(), pos, W, idx, acts), "grad must be a floating tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match="attribution_contract: " + message):
+            ops.attribution_contract(*args)
+    with pytest.raises(RuntimeError, match="gather_columns: W_enc \\[d_in, d_sae\\] must be 2-D"):
+        ops.gather_columns(W[0], idx)
+
+
+def _assert_no_host_sync(fn, *args):
+    """fn(*args) on CUDA without a host synchronisation (torch's sync debug mode as an error)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+@pytest.mark.cuda
+def test_contract_and_gather_cuda_value_checks_follow_the_switch():
+    grad, pos, W, idx, acts = (a.cuda() for a in contract_inputs(2, 5, 8, 10, 6))
+    want = ops.attribution_contract(grad, pos, W, idx, acts)
+    with ops.checking_values(False):  # the hot path: no index check, no host sync
+        got = _assert_no_host_sync(ops.attribution_contract, grad, pos, W, idx, acts)
+        cols = _assert_no_host_sync(ops.gather_columns, W.T, idx)
+    assert torch.equal(got, want) and torch.equal(cols, ops.gather_columns(W.T, idx))
+    with ops.checking_values(True):
+        with pytest.raises(RuntimeError, match="synchronizing"):  # the check is what syncs
+            _assert_no_host_sync(ops.attribution_contract, grad, pos, W, idx, acts)
+        with pytest.raises(RuntimeError, match="attribution_contract: pos\\[2\\] = -1 is out of range "
+                                               "for grad with n_pos = 5"):
+            ops.attribution_contract(grad, torch.tensor([0, 4, -1, 0, 0, 0], device="cuda"), W, idx, acts)
+        with pytest.raises(RuntimeError, match="attribution_contract: feat_idx\\[5\\] = 10 is out of "
+                                               "range for W_dec with 10 rows"):
+            ops.attribution_contract(grad, pos, W, torch.tensor([0, 1, 2, 3, 4, 10], device="cuda"), acts)
+        with pytest.raises(RuntimeError, match="gather_columns: feat_idx\\[1\\] = 10 is out of range "
+                                               "for W_enc with d_sae = 6"):
+            ops.gather_columns(W[:6].T, torch.tensor([0, 10], device="cuda"))
+        # raised, not a device-side assert: the device still runs the op
+        assert torch.equal(ops.attribution_contract(grad, pos, W, idx, acts), want)

@@ -81,7 +81,7 @@ def test_decode_bad_input_messages(device):
     W = torch.randn(9, 1, 4, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="W_dec \\[d_sae, n_out, d_model\\] must be 3-D"):
         ops.sparse_decode(off, idx, acts, W[:, 0])
-    with pytest.raises(RuntimeError, match="is out of range for W_dec with d_sae = 9"):
+    with ops.checking_values(), pytest.raises(RuntimeError, match="is out of range for W_dec with d_sae = 9"):
         ops.sparse_decode(off, torch.full_like(idx, 9), acts, W)
     with pytest.raises(RuntimeError, match="feat_idx has .* entries but acts has"):
         ops.sparse_decode(off, idx, acts[:-1], W)
@@ -89,8 +89,8 @@ def test_decode_bad_input_messages(device):
         ops.sparse_decode(off.int(), idx, acts, W)
     with pytest.raises(RuntimeError, match="acts has dtype Float but W_dec has Double"):
         ops.sparse_decode(off, idx, acts.float(), W)
-    with pytest.raises(RuntimeError, match="row_offsets"):  # from 1, not 0
-        ops.sparse_decode(off + 1, idx, acts, W)
+    with ops.checking_values(), pytest.raises(RuntimeError, match="row_offsets must run from 0"):
+        ops.sparse_decode(off + 1, idx, acts, W)  # from 1, not 0
     with pytest.raises(RuntimeError, match="grad_out"):
         bwd(torch.randn(6, 1, 4, dtype=torch.float64, device=device), off, idx, acts, W)
     # raised, not a device-side assert: the device still runs the op
@@ -178,7 +178,7 @@ def test_decode_allocates_no_copy_of_a_clt_slice():
 def test_decode_rejects_decreasing_offsets(device):
     W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
     off = torch.tensor([0, 2, 1, 3], device=device)
-    with pytest.raises(RuntimeError, match="row_offsets decrease at row 1"):  # every device
+    with ops.checking_values(), pytest.raises(RuntimeError, match="row_offsets decrease at row 1"):
         ops.sparse_decode(off, torch.tensor([0, 1, 2], device=device),
                           torch.ones(3, dtype=torch.float64, device=device), W)
 
@@ -207,3 +207,50 @@ def test_decode_rejects_mixed_devices():
     W = torch.randn(10, 1, 8)
     with pytest.raises(RuntimeError, match="is on"):
         ops.sparse_decode(off, idx, acts.cuda(), W.cuda())
+
+
+# --- index values: always on the CPU, on CUDA with the value-check switch -------------------
+
+def _assert_decode_value_errors(device):
+    """Out-of-range feat_idx and bad row_offsets raise, naming the op, entry and value."""
+    W = torch.randn(5, 1, 3, dtype=torch.float64, device=device)
+    acts = torch.ones(3, dtype=torch.float64, device=device)
+    g = torch.randn(2, 1, 3, dtype=torch.float64, device=device)
+    t = lambda *v: torch.tensor(v, device=device)  # noqa: E731
+    off, idx = t(0, 2, 3), t(0, 4, 1)
+    for name, call in (("sparse_decode", lambda o, i: ops.sparse_decode(o, i, acts, W)),
+                       ("sparse_decode_backward", lambda o, i: bwd(g, o, i, acts, W))):
+        with pytest.raises(RuntimeError, match=f"{name}: feat_idx\\[1\\] = 5 is out of range for "
+                                               "W_dec with d_sae = 5"):
+            call(off, t(0, 5, 1))
+        with pytest.raises(RuntimeError, match=f"{name}: feat_idx\\[2\\] = -1 is out of range"):
+            call(off, t(0, 4, -1))
+        with pytest.raises(RuntimeError, match=f"{name}: row_offsets must run from 0 to nnz = 3, "
+                                               "got 0 .. 2"):
+            call(t(0, 2, 2), idx)
+        with pytest.raises(RuntimeError, match=f"{name}: row_offsets decrease at row 1"):
+            call(t(0, 4, 3), idx)
+        call(off, idx)  # and the valid call runs
+
+
+def test_decode_cpu_checks_index_values_with_the_switch_off():
+    with ops.checking_values(False):
+        _assert_decode_value_errors("cpu")
+
+
+@pytest.mark.cuda
+def test_decode_cuda_value_checks_follow_the_switch():
+    off, idx, acts = csr_inputs(6, 40, 5, duplicates=True, device="cuda")
+    W = torch.randn(40, 2, 64, dtype=torch.float64, device="cuda")
+    with ops.checking_values(True):
+        want = ops.sparse_decode(off, idx, acts, W)
+        _assert_decode_value_errors("cuda")
+    with ops.checking_values(False):  # no index check, no host sync
+        torch.cuda.synchronize()
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ops.sparse_decode(off, idx, acts, W)
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    assert torch.equal(got, want)

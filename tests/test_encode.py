@@ -303,6 +303,7 @@ def test_encoder_bad_input_messages(device):
         ops.topk_encode(x, W, b, 11)
 
 
+@ops.checking_values()  # index values: always on the CPU, on CUDA with the switch
 def test_encoder_backward_rejects_bad_indices(device):
     x, W, b, _ = encoder_inputs(4, 6, 10, 3, device=device)
     out = ops.topk_encode(x, W, b, 3)
@@ -316,8 +317,9 @@ def test_encoder_backward_rejects_bad_indices(device):
         bwd(g, x, W, bad, out.feat_idx, out.acts)
 
 
+@ops.checking_values()
 def test_jumprelu_backward_checks_match_on_every_device(device):
-    # One validation (csrc/checks.h) for CPU and CUDA: the same messages on each device.
+    # One contract (csrc/checks/encode.h) for CPU and CUDA: the same messages on each device.
     x, W, b, t = encoder_inputs(4, 6, 10, 3, device=device)
     out = ops.jumprelu_encode(x, W, b, t)
     g = torch.ones_like(out.acts)
@@ -338,7 +340,52 @@ def test_jumprelu_backward_checks_match_on_every_device(device):
         bwd(g, x, W, t, *args, -1.0)
 
 
+def _assert_encoder_backward_value_errors(device):
+    """Out-of-range feat_idx and bad row_offsets raise in both encoder backwards."""
+    x, W, b, t = encoder_inputs(4, 6, 10, 3, device=device)
+    out = ops.jumprelu_encode(x, W, b, t)
+    nnz = out.feat_idx.numel()
+    assert nnz > 1
+    g = torch.ones_like(out.acts)
+    calls = (("jumprelu_encode_backward",
+              lambda ro, fi: bwd_jumprelu(g, x, W, t, ro, fi, out.pre_acts, 0.0)),
+             ("topk_encode_backward", lambda ro, fi: bwd_topk(g, x, W, ro, fi, out.acts)))
+    far = out.feat_idx.clone()
+    far[-1] = 10
+    ends = out.row_offsets.clone()
+    ends[0] = 1
+    down = torch.tensor([0, nnz, 0, 0, nnz], device=device)
+    for name, call in calls:
+        with pytest.raises(RuntimeError, match=f"{name}: feat_idx\\[{nnz - 1}\\] = 10 is out of "
+                                               "range for W_enc with d_sae = 10"):
+            call(out.row_offsets, far)
+        with pytest.raises(RuntimeError, match=f"{name}: row_offsets must run from 0 to nnz = {nnz}, "
+                                               f"got 1 .. {nnz}"):
+            call(ends, out.feat_idx)
+        with pytest.raises(RuntimeError, match=f"{name}: row_offsets decrease at row 1"):
+            call(down, out.feat_idx)
+        call(out.row_offsets, out.feat_idx)  # and the valid call runs
+
+
+def test_encoder_backward_cpu_checks_index_values_with_the_switch_off():
+    with ops.checking_values(False):
+        _assert_encoder_backward_value_errors("cpu")
+
+
 # --- CUDA only: against the CPU op, mixed devices ----------------------------------------------
+
+@pytest.mark.cuda
+def test_encoder_backward_cuda_value_checks_follow_the_switch():
+    with ops.checking_values(True):
+        _assert_encoder_backward_value_errors("cuda")
+    args = tuple(a.cuda() for a in _backward_case(torch.float32))
+    with ops.checking_values(True):
+        want = bwd_jumprelu(*args, 0.0)
+    with ops.checking_values(False):  # valid inputs: the same result without the check
+        got = bwd_jumprelu(*args, 0.0)
+    for a, r in zip(got, want):
+        assert torch.equal(a, r)
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bandwidth", [0.0, 0.3])

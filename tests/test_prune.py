@@ -185,6 +185,21 @@ def test_edge_ops_empty_bad_input_and_opcheck():
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
+def test_edge_ops_name_the_bad_argument():
+    # The passes' contract (csrc/checks/prune.h): metadata only, on every call.
+    edges, scale, weight, rows, cols = edge_inputs(5, 40, torch.float64)
+    args = (scale, weight, rows, cols)
+    with pytest.raises(RuntimeError, match="edge_score_col_sums: edges must be 2-D \\[R, N\\], "
+                                           "got shape \\[200\\]"):
+        ops.edge_score_col_sums(edges.reshape(-1), *args)
+    with pytest.raises(RuntimeError, match="edge_abs_row_sums: row_mask must be a 1-D bool tensor of "
+                                           "5 entries, got Long \\[5\\]"):
+        ops.edge_abs_row_sums(edges, rows.long(), cols)
+    with pytest.raises(RuntimeError, match="edge_score_mask: weight must be a 1-D Double tensor of "
+                                           "R = 5 entries, got Double \\[4\\]"):
+        ops.edge_score_mask(edges, scale, weight[:4], rows, cols, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_edge_cut_equals_dense_threshold(dtype, monkeypatch):
     """The block's entries with score >= find_threshold(all block scores), ties and zeros included."""

@@ -9,7 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "checks/contract.h"
 #include "cpu/vec.h"
 #include "layouts.h"
 

@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
+#include "checks/decode.h"
 #include "cpu/vec.h"
 #include "layouts.h"
 
@@ -61,7 +61,7 @@ void accumulate_entries(const int64_t* f, const scalar_t* a, int64_t j0, int64_t
 
 at::Tensor sparse_decode_cpu(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                              const at::Tensor& acts_, const at::Tensor& W_dec_) {
-  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, "sparse_decode");
+  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_);
   const auto ro = row_offsets_.contiguous();
   const auto fi = feat_idx_.contiguous();
   const auto acts = acts_.contiguous();

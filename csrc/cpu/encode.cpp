@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
+#include "checks/encode.h"
 #include "encoder_backward.h"
 #include "topk_blocks.h"
 #include "cpu/vec.h"

@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "checks/prune.h"
 #include "cpu/vec.h"
 
 namespace cltrace::cpu {

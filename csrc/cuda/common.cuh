@@ -1,6 +1,6 @@
 // Helpers shared by the CUDA kernels (csrc/cuda/*.cu): launch sizes, vectorised loads, warp
-// reductions. Argument validation (shapes, dtypes, devices, index values) is csrc/checks.h,
-// the same for CPU and CUDA.
+// reductions, and check_cuda. Argument validation (shapes, dtypes, devices, index values) is
+// csrc/checks/<op>.h, the same for CPU and CUDA.
 //
 // Headers are kept light (ATen/core/Tensor.h and per-op headers, c10/cuda) so each .cu
 // compiles quickly. c10::cuda::getCurrentCUDAStream is the function that
@@ -14,8 +14,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-
-#include "checks.h"
 
 namespace cltrace::cuda {
 

@@ -18,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "checks/contract.h"
 #include "cuda/common.cuh"
 #include "layouts.h"
 

@@ -18,6 +18,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "checks/decode.h"
 #include "cuda/common.cuh"
 #include "layouts.h"
 
@@ -55,7 +56,7 @@ __global__ void decode_kernel(const int64_t* __restrict__ off, const int64_t* __
 at::Tensor sparse_decode_cuda(const at::Tensor& row_offsets_, const at::Tensor& feat_idx_,
                               const at::Tensor& acts_, const at::Tensor& W_dec_) {
   const char* op = "sparse_decode";
-  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_, op);
+  check_decode_inputs(row_offsets_, feat_idx_, acts_, W_dec_);
   check_cuda(W_dec_, "W_dec", op);
   c10::cuda::CUDAGuard guard(W_dec_.device());
   const auto ro = row_offsets_.contiguous();

@@ -30,6 +30,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "checks/encode.h"
 #include "cuda/common.cuh"
 #include "encoder_backward.h"
 #include "topk_blocks.h"

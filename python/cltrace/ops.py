@@ -5,17 +5,55 @@ and has a pure-torch twin of the same signature in :mod:`cltrace.reference`.
 
 Sparse activations are CSR over rows (one row per token position): ``row_offsets [N+1]``,
 ``feat_idx [nnz]`` (ascending within a row), ``acts [nnz]``.
+
+Argument checks (``csrc/checks/<op>.h``, one contract per op for both devices; errors are
+``RuntimeError`` naming the op, the argument and the bad value):
+
+* dtypes, shapes, devices and scalar arguments (``k``, ``bandwidth``): on every call, on
+  every device (tensor metadata only, no device work);
+* index values (``feat_idx`` and ``pos`` in range, ``row_offsets`` running from 0 to nnz
+  without decreasing): always on the CPU; on CUDA only while value checks are switched on,
+  because there they cost a host synchronisation per call (attribution calls the ops once per
+  batch x layer x writing layer). Switch them on with the environment variable
+  ``CLTRACE_CHECK_VALUES=1`` (read when the library loads), :func:`set_check_values` or
+  :func:`checking_values`. With them off, an out-of-range index on CUDA is undefined
+  (typically an illegal memory access reported by a later CUDA call): rerun with the switch
+  on to get the CPU's message.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library, registering torch.ops.cltrace.*)
+from . import _C  # loads the library, registering torch.ops.cltrace.*
 
 _ops = torch.ops.cltrace
+
+
+def set_check_values(on: bool) -> bool:
+    """Switch the index-value checks on CUDA on or off (process-wide); returns the previous
+    state. The CPU always checks index values."""
+    return _C.set_check_values(bool(on))
+
+
+def check_values_enabled() -> bool:
+    """Whether the ops check index values on CUDA (``CLTRACE_CHECK_VALUES`` or
+    :func:`set_check_values`)."""
+    return _C.check_values()
+
+
+@contextlib.contextmanager
+def checking_values(on: bool = True) -> Iterator[None]:
+    """Run the block with the index-value checks on CUDA switched ``on`` (or off), then
+    restore the previous state."""
+    before = set_check_values(on)
+    try:
+        yield
+    finally:
+        set_check_values(before)
 
 
 class SparseActs(NamedTuple):
