@@ -62,7 +62,8 @@ TORCH_LIBRARY(cltrace, m) {
   // With the normalised scores s[i, j] = (|edges[i, j]| / scale[i]) * weight[i] (edges' dtype,
   // scale and weight [R] of that dtype): column sums -> [N] float64, sum_i s[i, j].
   m.def("edge_score_col_sums(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
-  // Sum of the scores s per bucket of their bit patterns (prune.find_threshold's) -> [65536] float64.
+  // Sum of the scores s per bucket of their bit patterns (those of
+  // cltrace.graph.pruning.find_threshold) -> [65536] float64.
   m.def("edge_score_histogram(Tensor edges, Tensor scale, Tensor weight, Tensor row_mask, Tensor col_mask) -> Tensor");
   // The entries with s >= min_score, and those of them with s < band_end (row-major):
   //   -> mask [R, N] bool, n_in [R] and n_out [N] int64 (its row and column counts),

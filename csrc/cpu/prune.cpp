@@ -1,4 +1,5 @@
-// CPU passes over an attribution graph's edge rows for pruning (python/cltrace/prune.py).
+// CPU passes over an attribution graph's edge rows for pruning and influence
+// (python/cltrace/graph/pruning.py, influence.py and scores.py).
 //
 // Each op reads edges [R, N] once, row by row, computing on the fly what the pure-torch
 // version would materialise as whole [R, N] copies (|A|, the normalised rows, the scores, a
@@ -152,7 +153,7 @@ std::vector<T> keep_of(const at::Tensor& col_mask) {
 
 // Histogram bucket of a non-negative score: its IEEE bit pattern shifted right by
 // (bits - 17), i.e. the exponent and leading mantissa bits below the (zero) sign bit, so
-// buckets ascend with the score (the same buckets as prune.find_threshold).
+// buckets ascend with the score (the same buckets as cltrace.graph.pruning.find_threshold).
 inline int64_t bucket_of(float s) {
   uint32_t b;
   std::memcpy(&b, &s, sizeof b);
