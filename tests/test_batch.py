@@ -13,14 +13,15 @@ import pytest
 
 import batch_fixtures as F
 from conftest import torch_threads
-from cltrace.batch.job import PromptSpec, TraceSettings
+from cltrace.attribution import AttributionSettings
+from cltrace.pipeline import PromptSpec, TraceSettings
 from cltrace.batch.prompts import read_prompts
 from cltrace.batch.runner import run_batch
 from cltrace.batch.store import Store
 from cltrace.batch.summary import summarize
 from cltrace.cli import main
 
-SETTINGS = TraceSettings(max_feature_nodes=32, batch_size=16)
+SETTINGS = TraceSettings(AttributionSettings(max_feature_nodes=32, batch_size=16))
 FLAGS = ["--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
 GOOD = ["hello world", "the cat sat on", "crash here", "abc def"]
 BAD = {"empty": "ValueError: the prompt is empty", "two-tokens": "a target must be one token"}
@@ -215,7 +216,7 @@ def test_feature_pages_label_the_graphs(tiny, tmp_path):
     """With feature pages (a worker process): every graph is the file trace_prompt writes with
     the same pages (as cltrace attribute), its feature nodes labelled, the kept features' pages
     under features/ byte for byte; the summary carries the labels."""
-    from cltrace.batch.job import trace_prompt
+    from cltrace.pipeline import trace_prompt
     from cltrace.features import FeaturePages
 
     pages_dir = F.build_tiny_pages(tiny, tmp_path / "pages")

@@ -87,10 +87,6 @@ class BoundedStore:
         self.row_feat = torch.full((n_rows,), -1, dtype=torch.int64)
         self.filled = self.n_slots = 0
 
-    @staticmethod
-    def nbytes(rows_fn, n_rows: int, n_visit: int) -> int:
-        return 4 * n_rows * (n_visit + rows_fn.n_cols - rows_fn.n_features)
-
     def schedule(self, pending: Tensor, seeds_done: list[Seeds]) -> None:
         """New columns ``pending``: their exact entries in the rows computed so far."""
         k, new = pending.numel(), slice(self.n_slots, self.n_slots + pending.numel())
@@ -131,3 +127,15 @@ class BoundedStore:
             edges[i:i + r.numel(), :n_visit] = self.F[r][:, col_order]
             edges[i:i + r.numel(), n_visit:n_visit + n_et] = self.ET[r]
         return edges, selected
+
+
+def make_store(state, rows_fn, af, n_visit: int, n_logits: int, batch_size: int,
+               dense_limit_bytes: int, bounded=None):
+    """The dense store when its rows fit ``dense_limit_bytes`` (or ``bounded=False``), else the
+    memory-bounded one."""
+    n_rows = n_logits + n_visit
+    if bounded is None:
+        bounded = DenseStore.nbytes(rows_fn, n_rows, n_logits) > dense_limit_bytes
+    if bounded:
+        return BoundedStore(rows_fn, n_rows, n_visit, n_logits, state, af, batch_size)
+    return DenseStore(rows_fn, n_rows, n_visit, n_logits)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from ..errors import UsageError
 
 
 @dataclass
@@ -38,13 +39,13 @@ def salient_logits(logits: Tensor, max_n_logits: int, desired_logit_prob: float)
 def _token_id(spec: Union[int, str], tokenizer, vocab_size: int) -> int:
     if isinstance(spec, int):
         if not 0 <= spec < vocab_size:
-            raise ValueError(f"target token id {spec} is outside the vocabulary [0, {vocab_size})")
+            raise UsageError(f"target token id {spec} is outside the vocabulary [0, {vocab_size})")
         return spec
     if tokenizer is None:
-        raise ValueError(f"target {spec!r} is text but the model has no tokenizer; pass a token id")
+        raise UsageError(f"target {spec!r} is text but the model has no tokenizer; pass a token id")
     ids = tokenizer.encode(spec, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"target {spec!r} is {len(ids)} tokens ({ids}); a target must be one token "
+        raise UsageError(f"target {spec!r} is {len(ids)} tokens ({ids}); a target must be one token "
                          "(mind the leading space, e.g. ' Paris')")
     return ids[0]
 
@@ -66,7 +67,7 @@ def resolve_targets(specs: Sequence[TargetSpec], *, logits: Tensor, direction, t
             n_custom += spec.token_id >= vocab
         elif isinstance(spec, tuple):
             if len(spec) not in (2, 3):
-                raise ValueError(f"a logit-difference target is (a, b) or (a, b, weight), got {spec!r}")
+                raise UsageError(f"a logit-difference target is (a, b) or (a, b, weight), got {spec!r}")
             a, b = (_token_id(s, tokenizer, vocab) for s in spec[:2])
             vec = direction(torch.tensor([a, b]))
             weight = float(spec[2]) if len(spec) == 3 else 1.0
@@ -76,7 +77,7 @@ def resolve_targets(specs: Sequence[TargetSpec], *, logits: Tensor, direction, t
             t = _token_id(spec, tokenizer, vocab)
             out.append(LogitTarget(decode(t), t, direction(torch.tensor([t]))[0], float(probs[t])))
     if not out:
-        raise ValueError("no targets given")
+        raise UsageError("no targets given")
     return out
 
 

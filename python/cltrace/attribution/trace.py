@@ -15,6 +15,7 @@ targets and assembles the :class:`Graph`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional, Sequence
 
@@ -27,53 +28,61 @@ from ..graph.graph import Graph
 from ..replacement.model import ReplacementModel
 from ..replacement.state import ReplacementState
 from .rows import EdgeRows
-from .stores import BoundedStore
+from .settings import AttributionSettings
+from .stores import BoundedStore, make_store
 from .targets import TargetSpec, default_targets
-from .visit import make_store, visit
+from .visit import visit
+from ..errors import UsageError
 
 
-def _check_args(max_n_logits: int, desired_logit_prob: float, batch_size: int,
-                max_feature_nodes: Optional[int]) -> None:
-    if max_n_logits < 1:
-        raise ValueError(f"max_n_logits must be >= 1, got {max_n_logits}")
-    if not 0 < desired_logit_prob <= 1:
-        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero inside the block, then restore the caller's setting.
+
+    Gradients far from their seed underflow to denormals, which make CPU arithmetic ~10x
+    slower; flushing them changes edges by < 1e-38. torch has no getter for the setting, so
+    whether it was on is read from the arithmetic itself (a denormal times one is zero)."""
+    was_on = float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
 
 
-def attribute(prompt, model: ReplacementModel, *, max_n_logits: int = 10,
-              desired_logit_prob: float = 0.95, max_feature_nodes: Optional[int] = None,
-              batch_size: int = 64, targets: Optional[Sequence[TargetSpec]] = None,
+def attribute(prompt, model: ReplacementModel, *,
+              max_feature_nodes: Optional[int] = AttributionSettings.max_feature_nodes,
+              batch_size: int = AttributionSettings.batch_size,
+              max_n_logits: int = AttributionSettings.max_n_logits,
+              desired_logit_prob: float = AttributionSettings.desired_logit_prob,
+              targets: Optional[Sequence[TargetSpec]] = None, prompt_text: Optional[str] = None,
               update_interval: int = 4, verbose: bool = False,
               timings: Optional[dict] = None, bounded: Optional[bool] = None,
               dense_limit_bytes: int = 1 << 30) -> Graph:
     """The unpruned attribution graph of ``prompt`` (text or token ids) for ``model``.
 
-    ``targets``: token ids/texts, ``(a, b)`` logit differences or :class:`~.targets.LogitTarget`s;
-    by default the salient next-token logits. ``timings`` (a dict), if given, receives the
-    seconds spent per phase.
+    The settings are those of :class:`AttributionSettings` (defaults there):
+    ``max_feature_nodes`` (None: every active feature) features are visited, chosen by
+    estimated influence (:mod:`.visit`) when fewer than the active ones; ``targets``: token
+    ids/texts, ``(a, b)`` logit differences or :class:`~.targets.LogitTarget`s, by default the salient
+    next-token logits. ``prompt_text``: the text the graph records when ``prompt`` is token ids
+    (default: the decoded tokens). ``timings`` (a dict), if given, receives the seconds spent
+    per phase.
 
-    With ``max_feature_nodes`` below the number of active features, the features are chosen
-    by estimated influence (:mod:`.visit`). The rows live in the dense store, or in the
-    memory-bounded one when the dense rows would exceed ``dense_limit_bytes`` (``bounded``
-    forces the choice); both give the same graph (:mod:`.stores`)."""
-    _check_args(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes)
-    # gradients far from their seed underflow to denormals, which make CPU arithmetic ~10x
-    # slower; flushing them to zero changes edges by < 1e-38
-    torch.set_flush_denormal(True)
-    try:
-        return _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_nodes,
-                          batch_size, targets, update_interval, verbose, timings, bounded,
-                          dense_limit_bytes)
-    finally:
-        torch.set_flush_denormal(False)
+    The rows live in the dense store, or in the memory-bounded one when the dense rows would
+    exceed ``dense_limit_bytes`` (``bounded`` forces the choice); both give the same graph
+    (:mod:`.stores`)."""
+    settings = AttributionSettings(max_feature_nodes, batch_size, max_n_logits,
+                                   desired_logit_prob).check()
+    if isinstance(prompt, str):
+        prompt_text = prompt
+    with flush_denormals():
+        return _attribute(prompt, model, settings, targets, prompt_text, update_interval, verbose,
+                          timings, bounded, dense_limit_bytes)
 
 
-def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size,
-               targets, update_interval, verbose, timings, bounded, dense_limit_bytes) -> Graph:
+def _attribute(prompt, model, settings: AttributionSettings, targets, prompt_text,
+               update_interval, verbose, timings, bounded, dense_limit_bytes) -> Graph:
     times = timings if timings is not None else {}
     t0 = time.perf_counter()
     state = model.run(prompt, all_logits=False)
@@ -81,14 +90,14 @@ def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_node
 
     t0 = time.perf_counter()
     decode = _decoder(model)
-    logit_targets = default_targets(state.logits[-1], max_n_logits=max_n_logits,
-                                    desired_logit_prob=desired_logit_prob,
+    logit_targets = default_targets(state.logits[-1], max_n_logits=settings.max_n_logits,
+                                    desired_logit_prob=settings.desired_logit_prob,
                                     direction=state.frozen.logit_direction, decode=decode,
                                     targets=targets, tokenizer=model.tokenizer)
     rows_fn = EdgeRows(state)
     af = state.active_features()
     n_feat, n_logits = rows_fn.n_features, len(logit_targets)
-    n_visit = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    n_visit = n_feat if settings.max_feature_nodes is None else min(settings.max_feature_nodes, n_feat)
     last = state.n_pos - 1
     logit_seeds = Seeds(torch.full((n_logits,), state.n_layers), torch.full((n_logits,), last),
                         torch.stack([t.vec for t in logit_targets]).to(state.frozen.dtype))
@@ -96,17 +105,20 @@ def _attribute(prompt, model, max_n_logits, desired_logit_prob, max_feature_node
 
     t0 = time.perf_counter()
     logit_weights = torch.tensor([t.weight for t in logit_targets], dtype=torch.float64)
-    store = make_store(state, rows_fn, af, n_visit, n_logits, batch_size, dense_limit_bytes, bounded)
+    store = make_store(state, rows_fn, af, n_visit, n_logits, settings.batch_size,
+                       dense_limit_bytes, bounded)
     bar = tqdm(total=n_visit, desc="feature rows", unit="feat", disable=not verbose)
-    edges, selected = visit(state, rows_fn, af, logit_seeds, logit_weights, n_visit, batch_size,
-                            update_interval, store, bar.update)
+    edges, selected = visit(state, rows_fn, af, logit_seeds, logit_weights, n_visit,
+                            settings.batch_size, update_interval, store, bar.update)
     bar.close()
     times["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    graph = _assemble(state, model, prompt, af, logit_targets, edges, selected, decode)
-    graph.settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
-                      "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
+    graph = _assemble(state, model, prompt_text, af, logit_targets, edges, selected, decode)
+    graph.settings = {"max_n_logits": settings.max_n_logits,
+                      "desired_logit_prob": settings.desired_logit_prob,
+                      "max_feature_nodes": settings.max_feature_nodes,
+                      "batch_size": settings.batch_size,
                       "n_active_features": n_feat, "skip_positions": state.skip_positions,
                       "bounded": isinstance(store, BoundedStore)}
     times["assemble"] = time.perf_counter() - t0
@@ -120,8 +132,8 @@ def _decoder(model: ReplacementModel):
     return lambda t: tok.decode([int(t)])
 
 
-def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logit_targets,
-              edges: Tensor, selected: Tensor, decode) -> Graph:
+def _assemble(state: ReplacementState, model: ReplacementModel, prompt_text: Optional[str], af,
+              logit_targets, edges: Tensor, selected: Tensor, decode) -> Graph:
     """The Graph of the visited features (rows: features, then logits)."""
     n_logits = len(logit_targets)
     n_sel = selected.numel()
@@ -129,7 +141,7 @@ def _assemble(state: ReplacementState, model: ReplacementModel, prompt, af, logi
     tokens = state.tokens.cpu()
     tcs = state.transcoders
     return Graph(
-        prompt=prompt if isinstance(prompt, str) else "".join(decode(t) for t in tokens),
+        prompt=prompt_text if prompt_text is not None else "".join(decode(t) for t in tokens),
         tokens=tokens, token_strs=[decode(t) for t in tokens], n_layers=state.n_layers,
         features=torch.stack([af.layer[selected], af.pos[selected], af.feature[selected]], 1).cpu(),
         activations=af.value[selected].float().cpu(),

@@ -23,24 +23,11 @@ import torch
 from torch import Tensor
 
 from ..frozen.model import Seeds
-from .stores import BoundedStore, DenseStore
 
 
 def position_order(af, idx: Tensor, n_layers: int) -> Tensor:
     """The order of features ``idx`` by position, then layer."""
     return (af.pos[idx] * (n_layers + 1) + af.layer[idx]).argsort(stable=True)
-
-
-def make_store(state, rows_fn, af, n_visit: int, n_logits: int, batch_size: int,
-               dense_limit_bytes: int, bounded=None):
-    """The dense store when its rows fit ``dense_limit_bytes`` (or ``bounded=False``), else the
-    memory-bounded one."""
-    n_rows = n_logits + n_visit
-    if bounded is None:
-        bounded = DenseStore.nbytes(rows_fn, n_rows, n_logits) > dense_limit_bytes
-    if bounded:
-        return BoundedStore(rows_fn, n_rows, n_visit, n_logits, state, af, batch_size)
-    return DenseStore(rows_fn, n_rows, n_visit, n_logits)
 
 
 def visit(state, rows_fn, af, logit_seeds: Seeds, logit_weights: Tensor, n_visit: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..ray_pool import actor_options, dispatch, session
 from .worker import Worker
+from ..errors import UsageError
 
 
 def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
@@ -13,7 +14,7 @@ def run_ray(todo, n, address, loader, settings, threads: int, collect) -> None:
     ``threads`` CPUs; ``threads`` 0 with ``n`` given: the cluster's CPUs split between the
     actors), ``collect`` each result in this process."""
     if n is not None and n < 1:
-        raise ValueError(f"--workers {n} with --ray: give at least 1 actor (or leave it out)")
+        raise UsageError(f"--workers {n} with --ray: give at least 1 actor (or leave it out)")
     with session(address) as ray:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .job import PromptSpec, check_slug, slugify
+from ..pipeline import PromptSpec, check_slug, slugify
+from ..errors import UsageError
 
 
 def _targets(obj: dict, where: str) -> tuple:
@@ -15,14 +16,14 @@ def _targets(obj: dict, where: str) -> tuple:
     if target is not None:
         items = [target] if isinstance(target, str) else target
         if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise ValueError(f"{where}: 'target' must be a string or a list of strings")
+            raise UsageError(f"{where}: 'target' must be a string or a list of strings")
         out += items
     diff = obj.get("target_diff")
     if diff is not None:
         pairs = [diff] if diff and isinstance(diff[0], str) else diff
         if not isinstance(pairs, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in pairs):
-            raise ValueError(f"{where}: 'target_diff' must be [A, B] or a list of [A, B] pairs")
+            raise UsageError(f"{where}: 'target_diff' must be [A, B] or a list of [A, B] pairs")
         out += [tuple(p) for p in pairs]
     return tuple(out)
 
@@ -38,7 +39,7 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
     except OSError as e:
         raise OSError(f"PROMPTS {path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"PROMPTS {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"PROMPTS {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     jsonl = path.suffix in (".jsonl", ".ndjson") or (lines and lines[0][1].lstrip().startswith("{"))
     rows = []  # (prompt, slug or None, targets, chat)
@@ -50,20 +51,20 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            raise UsageError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise ValueError(f"{where}: expected an object with a string 'prompt'")
+            raise UsageError(f"{where}: expected an object with a string 'prompt'")
         slug = obj.get("slug")
         if slug is not None:
             check_slug(slug if isinstance(slug, str) else "", f"{where}: slug")
         rows.append((obj["prompt"], slug, _targets(obj, where), bool(obj.get("chat", chat))))
     if not rows:
-        raise ValueError(f"PROMPTS {path}: no prompts in the file")
+        raise UsageError(f"PROMPTS {path}: no prompts in the file")
     taken = set()
     for n, (_, slug, _, _) in zip([n for n, _ in lines], rows):
         if slug is not None:
             if slug in taken:
-                raise ValueError(f"PROMPTS {path} line {n}: slug {slug!r} used twice")
+                raise UsageError(f"PROMPTS {path} line {n}: slug {slug!r} used twice")
             taken.add(slug)
     specs = []
     for prompt, slug, targets, is_chat in rows:

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .job import PromptSpec, TraceSettings
+from ..pipeline import PromptSpec, TraceSettings
 from .store import Store
 from .worker import Loader, Worker
+from ..errors import UsageError
 
 MAX_ATTEMPTS = 2  # a failed prompt is retried once, on the next run
 WORKER_GIB = 3.0  # memory one worker of Gemma 3 270M needs at most (benchmarks/end_to_end/bench_batch.py)
@@ -104,7 +105,7 @@ def write_graph_index(store: Store) -> int:
         try:
             graphs = {g.get("slug"): g for g in json.loads(raw).get("graphs", [])}
         except json.JSONDecodeError as e:
-            raise ValueError(f"{store.location}/graph-metadata.json is not valid JSON ({e}); "
+            raise UsageError(f"{store.location}/graph-metadata.json is not valid JSON ({e}); "
                              "move it away to start a new index") from None
     for r in store.records():
         if r.get("status") == "ok" and r.get("metadata"):
@@ -128,7 +129,7 @@ def run_batch(specs: Sequence[PromptSpec], out: str | os.PathLike | Store, setti
     store.check_writable()
     slugs = [s.slug for s in specs]
     if len(set(slugs)) != len(slugs):
-        raise ValueError("two prompts have the same slug")
+        raise UsageError("two prompts have the same slug")
     todo = plan(specs, store)
     result = BatchResult(total=len(specs), skipped=len(specs) - len(todo))
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
+from ..errors import UsageError
 
 
 MANIFEST = "manifest.jsonl"
@@ -28,7 +29,7 @@ class Store:
             try:
                 import fsspec
             except ImportError:
-                raise ValueError(f"--out {self.location}: URLs need fsspec (pip install 'cltrace[ray]')") from None
+                raise UsageError(f"--out {self.location}: URLs need fsspec (pip install 'cltrace[ray]')") from None
             self.fs, self.root = fsspec.core.url_to_fs(self.location)
             self.root = self.root.rstrip("/")
         else:

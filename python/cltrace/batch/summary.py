@@ -14,6 +14,7 @@ import json
 from typing import NamedTuple
 
 from .store import Store
+from ..errors import UsageError
 
 
 class RecurringFeature(NamedTuple):
@@ -50,7 +51,7 @@ def summarize(store: Store | str, min_count: int = 2, labels: bool = True) -> li
     store = store if isinstance(store, Store) else Store(store)
     records = _done(store)
     if not records:
-        raise ValueError(f"{store.location}: no traced prompts in its manifest.jsonl")
+        raise UsageError(f"{store.location}: no traced prompts in its manifest.jsonl")
     acc: dict = {}
     for slug, r in records.items():
         for layer, feat, infl in r.get("features", []):

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .job import PromptSpec, TraceSettings, trace_prompt
+from ..pipeline import PromptSpec, TraceSettings, trace_prompt
 
 # loader() -> (ReplacementModel, tokenizer[, FeaturePages]): a picklable callable (a module-level
 # function or a functools.partial of one), called once per worker; with feature pages, the

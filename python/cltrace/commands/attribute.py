@@ -28,10 +28,11 @@ carries most of the influence, and write it to --out:
 With no --transcoders, a TRAINED starter set for the model is used: on the first run, small
 per-layer JumpReLU transcoders (width 2048, affine skip, L0 32) are trained on the model's own
 activations over an offline text mix (docstrings, package descriptions, the Python language
-reference, text the model writes), and their feature pages are built to label the graph (23
-minutes on a loaded 2-core machine for Gemma 3 270M, conversion included; cached and reused
-after). They are small and briefly trained: for research, use Gemma Scope 2
-(--transcoders google/gemma-scope-2-...) or `cltrace train`.
+reference, text the model writes), and their feature pages are built to label the graph
+(about 15 minutes on a quiet 2-core AVX-512 machine for Gemma 3 270M, conversion included;
+longer where matrix products are slower; cached and reused after). They are small and
+briefly trained: for research, use Gemma Scope 2 (--transcoders google/gemma-scope-2-...)
+or `cltrace train`.
 
 Examples:
   cltrace attribute "The capital of France is" --out graphs/
@@ -39,7 +40,6 @@ Examples:
   cltrace attribute "How do I pick a lock?" --model google/gemma-3-270m-it --chat \\
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
 """
-from ..batch.job import EDGE_THRESHOLD, FORMATS, MAX_FEATURE_NODES, slugify  # noqa: E402,F401 (the names of this command)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,21 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg") -> None:
-    """The options of the graph of every prompt (also those of ``cltrace batch``):
-    what :func:`trace_settings` reads."""
-    p.add_argument("--max-feature-nodes", type=int, default=MAX_FEATURE_NODES, metavar="N",
-                   help=f"visit at most N features, most influential first (default "
-                        f"{MAX_FEATURE_NODES}, as Neuronpedia; circuit-tracer's CLI: 7500; 0 or more than the active "
-                        f"features: all). Time and the rows held grow linearly with N")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="targets per backward pass")
-    p.add_argument("--node-threshold", type=float, default=0.8, metavar="X",
-                   help="cumulative influence kept by node pruning, in (0, 1] (default 0.8)")
-    p.add_argument("--edge-threshold", type=float, default=EDGE_THRESHOLD, metavar="Y",
-                   help=f"cumulative influence kept by edge pruning, in (0, 1] (default {EDGE_THRESHOLD}, as "
-                        "Neuronpedia; circuit-tracer's CLI: 0.98, which keeps 2-3x the links)")
-    p.add_argument("--max-n-logits", type=int, default=10, metavar="K", help="at most K logit targets")
-    p.add_argument("--desired-logit-prob", type=float, default=0.95, metavar="P",
-                   help="logit targets up to this cumulative probability (default 0.95)")
+    """The options of the graph of every prompt (also those of ``cltrace batch``), made from
+    the settings dataclasses (their defaults and help): what :func:`trace_settings` reads."""
+    from ..attribution import AttributionSettings
+    from ..graph import PruneSettings
+    from ..pipeline import FORMATS
+    from ..settings import add_options
+
+    add_options(p, AttributionSettings)
+    add_options(p, PruneSettings)
     p.add_argument("--format", default=formats,
                    help=f"comma-separated outputs among {', '.join(FORMATS)} (default {formats}; "
                         "pt writes the full unpruned graph, see 'cltrace attribute --help' for sizes)")
@@ -79,12 +73,13 @@ def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg
 
 def trace_settings(args: argparse.Namespace):
     """The checked TraceSettings of the options of :func:`add_trace_arguments`."""
-    from ..batch.job import TraceSettings, parse_formats
+    from ..attribution import AttributionSettings
+    from ..graph import PruneSettings
+    from ..pipeline import TraceSettings, parse_formats
+    from ..settings import from_args
 
-    return TraceSettings(max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-                         max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
-                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                         formats=parse_formats(args.format)).check()
+    return TraceSettings(from_args(AttributionSettings, args), from_args(PruneSettings, args),
+                         parse_formats(args.format)).check()
 
 
 def _peak_memory_gib(device) -> str:
@@ -101,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ._common import (check_features_dir, check_output_dir, feature_pages, load_replacement,
                           messenger, read_prompt)
 
-    from ..batch.job import PromptSpec, check_slug, trace_prompt
+    from ..pipeline import PromptSpec, check_slug, slugify, trace_prompt
 
     settings = trace_settings(args)
     text = read_prompt(args)

@@ -7,6 +7,7 @@ import sys
 
 from ._common import add_features_argument, add_replacement_arguments
 from .attribute import add_trace_arguments, trace_settings
+from ..errors import UsageError
 
 NAME = "batch"
 HELP = "trace many prompts (local worker processes or a Ray cluster); summarize recurring features"
@@ -113,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from ._common import check_features_dir
 
     if args.prompts is None or args.out is None:
-        raise ValueError("give PROMPTS and --out DIR (or --summary DIR)")
+        raise UsageError("give PROMPTS and --out DIR (or --summary DIR)")
     if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     settings = trace_settings(args)
     check_features_dir(args.features)
     specs = read_prompts(args.prompts, chat=args.chat)

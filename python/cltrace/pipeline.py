@@ -1,20 +1,25 @@
-"""One prompt's job: tokenize, attribute, prune, score and export the graph of a prompt.
+"""One prompt, end to end: tokenize, attribute, prune, score and export its graph.
 
 :func:`trace_prompt` is the single implementation behind ``cltrace attribute`` and the batch
-workers (:mod:`cltrace.batch.runner`), so a graph traced either way is the same file. The
-method is Ameisen et al. 2025, "Circuit Tracing" (see :mod:`cltrace.attribution`).
+workers (:mod:`cltrace.batch.worker`), so a graph traced either way is the same file. It sits
+above the stages it strings together (attribution, graph, export, features) and below the
+commands and the batch runner. The method is Ameisen et al. 2025, "Circuit Tracing" (see
+:mod:`cltrace.attribution`).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .attribution.settings import AttributionSettings
+from .errors import UsageError
+from .graph.pruning import PruneSettings
+
 FORMATS = ("json", "dot", "svg", "png", "pt")
-MAX_FEATURE_NODES = 5000  # Neuronpedia's default (it offers 1,500-10,000; circuit-tracer's CLI: 7,500)
-EDGE_THRESHOLD = 0.85  # Neuronpedia's default (circuit-tracer's CLI: 0.98, 2-3x the links)
 Target = Union[str, tuple]  # a next token, or (a, b): the logit difference a - b
 
 
@@ -25,8 +30,9 @@ def slugify(text: str) -> str:
 
 
 def check_slug(slug: str, flag: str = "--slug") -> str:
+    """``slug`` if it can name a file, else a UsageError naming ``flag``."""
     if not slug or any(c in slug for c in '/\\\0'):
-        raise ValueError(f"{flag} {slug!r} must be a non-empty file name (no '/')")
+        raise UsageError(f"{flag} {slug!r} must be a non-empty file name (no '/')")
     return slug
 
 
@@ -35,32 +41,26 @@ def parse_formats(text: str) -> tuple[str, ...]:
     out = tuple(f.strip() for f in text.split(",") if f.strip())
     bad = [f for f in out if f not in FORMATS]
     if bad or not out:
-        raise ValueError(f"--format {text!r}: choose among {', '.join(FORMATS)}")
+        raise UsageError(f"--format {text!r}: choose among {', '.join(FORMATS)}")
     return out
 
 
 @dataclass(frozen=True)
 class TraceSettings:
-    """The attribute options shared by every prompt of a run (defaults as ``cltrace attribute``)."""
+    """Everything that decides a prompt's outputs, shared by every prompt of a run: what is
+    attributed, how it is pruned, which files are written."""
 
-    max_n_logits: int = 10
-    desired_logit_prob: float = 0.95
-    max_feature_nodes: int = MAX_FEATURE_NODES  # 0: all active features
-    batch_size: int = 64
-    node_threshold: float = 0.8
-    edge_threshold: float = EDGE_THRESHOLD
+    attribution: AttributionSettings = AttributionSettings()
+    pruning: PruneSettings = PruneSettings()
     formats: tuple = ("json",)
 
     def check(self) -> "TraceSettings":
-        from ..graph import check_threshold
-
-        check_threshold(self.node_threshold, "--node-threshold")
-        check_threshold(self.edge_threshold, "--edge-threshold")
-        if self.max_feature_nodes < 0:
-            raise ValueError(f"--max-feature-nodes must be >= 0, got {self.max_feature_nodes}")
+        """Raise a UsageError naming the option of a bad value."""
+        self.attribution.check()
+        self.pruning.check()
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
-            raise ValueError(f"formats {self.formats!r}: choose among {', '.join(FORMATS)}")
+            raise UsageError(f"--format {','.join(self.formats)!r}: choose among {', '.join(FORMATS)}")
         return self
 
 
@@ -113,57 +113,51 @@ class TraceRecord:
 def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: Path, *,
                  verbose: bool = False, times: Optional[dict] = None, pages=None,
                  say: Callable[..., None] = lambda *a: None) -> TraceRecord:
-    """Attribute ``spec.prompt`` with the replacement model ``rm``, prune and score the graph,
-    and write ``settings.formats`` as ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
+    """Attribute ``spec.prompt`` with the replacement model ``rm`` (``settings.attribution``),
+    prune (``settings.pruning``) and score the graph, and write ``settings.formats`` as
+    ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
     With ``pages`` (:class:`cltrace.features.FeaturePages` of ``rm``'s transcoders) the JSON's
     feature nodes carry their labels and the pages of the kept features go to
     ``out/features/`` (the ``./data/features`` scan both viewers read).
 
     ``times`` (a dict) receives the seconds per phase, after what it already holds. Raises
-    ValueError for a bad prompt (empty, too long, a target that is not one token)."""
-    from ..attribution import attribute
-    from ..export import render, write_neuronpedia
-    from ..graph import graph_scores, prune
+    UsageError for a bad prompt (empty, too long, a target that is not one token)."""
+    from .attribution import attribute
+    from .export import render, write_neuronpedia
+    from .graph import graph_scores, prune
+    from .models import prompt_tokens
 
     if not spec.prompt.strip():
-        raise ValueError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
-    from ..models import prompt_tokens
-
     prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat)
     say("attributing ...")
-    graph = attribute(ids, rm, max_n_logits=settings.max_n_logits,
-                      desired_logit_prob=settings.desired_logit_prob,
-                      max_feature_nodes=settings.max_feature_nodes or None,
-                      batch_size=settings.batch_size, targets=list(spec.targets) or None,
-                      verbose=verbose, timings=times)
-    graph.prompt = prompt
+    graph = attribute(ids, rm, **dataclasses.asdict(settings.attribution), prompt_text=prompt,
+                      targets=list(spec.targets) or None, verbose=verbose, timings=times)
 
     t0 = time.perf_counter()
-    result = prune(graph, settings.node_threshold, settings.edge_threshold)
+    result = prune(graph, settings.pruning.node_threshold, settings.pruning.edge_threshold)
     scores = graph_scores(graph, result)
     times["prune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     record = TraceRecord(spec.slug, graph, result, scores, times)
     slug, formats = spec.slug, settings.formats
-    kw = dict(result=result)
     if "json" in formats:
+        labelled = {}
         if pages is not None:
-            from ..features import pages_for_graph
+            from .features import pages_for_graph
 
-            kept = result.node_mask[:graph.n_features]
-            info = pages_for_graph(pages, sorted({(int(l), int(f)) for l, _, f in graph.features[kept].tolist()}), out)
-            kw_json = dict(kw, labels=info["clerps"], scan=info["scan"])
-        else:
-            kw_json = kw
-        record.written.append(write_neuronpedia(graph, out, slug, **kw_json))
+            kept = graph.features[result.node_mask[:graph.n_features]].tolist()  # [k, 3]
+            info = pages_for_graph(pages, sorted({(int(l), int(f)) for l, _, f in kept}), out)
+            labelled = dict(labels=info["clerps"], scan=info["scan"])
+        record.written.append(write_neuronpedia(graph, out, slug, result, **labelled))
     for fmt in ("dot", "svg", "png"):
         if fmt in formats:
             try:
-                record.written.append(render(graph, out / f"{slug}.{fmt}", fmt=fmt, **kw))
-            except RuntimeError as e:  # no Graphviz: say so, keep the other outputs
+                record.written.append(render(graph, out / f"{slug}.{fmt}", fmt=fmt, result=result))
+            except RuntimeError as e:  # no Graphviz for png: say so, keep the other outputs
                 record.warnings.append(str(e))
     if "pt" in formats:
         path = out / f"{slug}.graph.safetensors"
