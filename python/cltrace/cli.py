@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from .errors import UsageError
+
 COMMANDS = ["attribute", "batch", "steer", "features", "serve", "inspect", "train"]  # modules of cltrace.commands, in --help order
 
 
@@ -35,12 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. What the user can fix (a :class:`~cltrace.errors.UsageError`, or an
+    ``OSError`` about a file or folder: missing, unreadable, no space) is one line on stderr
+    and exit status 2; Ctrl-C is one line saying what it interrupted, exit status 130 (every
+    output is written atomically and the caches are left clean, so a rerun resumes); any
+    other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (OSError, ValueError) as e:  # user errors: one clear line, no traceback
+    except (UsageError, OSError) as e:
         print(f"cltrace {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        from .commands._common import CURRENT_STEP
+
+        resume = getattr(args, "resume_hint", "run it again to resume")
+        print(f"cltrace {args.command}: interrupted ({e or CURRENT_STEP[0]}); nothing is left "
+              f"half-written, {resume}", file=sys.stderr)
+        return 130
 
 
 def exit_quickly() -> None:

@@ -10,6 +10,7 @@ import os
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
+from .errors import UsageError
 
 
 def import_ray():
@@ -17,7 +18,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("--ray needs Ray: pip install 'cltrace[ray]'") from None
+        raise UsageError("--ray needs Ray: pip install 'cltrace[ray]'") from None
     return ray
 
 

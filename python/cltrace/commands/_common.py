@@ -8,11 +8,20 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
+from ..errors import UsageError
+
+
+CURRENT_STEP = ["starting"]  # the last progress message: what an interrupt interrupted
 
 
 def messenger(quiet: bool) -> Callable[..., None]:
-    """Print progress to stderr (nothing with --quiet)."""
-    return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    """Print progress to stderr (nothing with --quiet); the last message is kept in
+    CURRENT_STEP, so that Ctrl-C can say what it interrupted."""
+    def say(*parts) -> None:
+        CURRENT_STEP[0] = " ".join(map(str, parts)).strip().rstrip(" .")
+        if not quiet:
+            print(*parts, file=sys.stderr, flush=True)
+    return say
 
 
 def parse_layers(text: str) -> list[int]:
@@ -88,7 +97,7 @@ def text_problem(data: bytes, whole: bool = True) -> str | None:
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
     if (args.prompt is None) == (args.prompt_file is None):
-        raise ValueError("give the prompt either as PROMPT or with --prompt-file PATH (one of them)")
+        raise UsageError("give the prompt either as PROMPT or with --prompt-file PATH (one of them)")
     if args.prompt_file is None:
         text = args.prompt
     elif args.prompt_file == "-":
@@ -101,10 +110,10 @@ def read_prompt(args: argparse.Namespace) -> str:
             raise OSError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
         problem = text_problem(raw)
         if problem:
-            raise ValueError(f"--prompt-file {path}: {problem}")
+            raise UsageError(f"--prompt-file {path}: {problem}")
         text = raw.decode("utf-8")
     if not text.strip():
-        raise ValueError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
+        raise UsageError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
     return text
 
 

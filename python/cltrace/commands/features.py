@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from ..errors import UsageError
 
 NAME = "features"
 HELP = "build feature pages (top examples, logits, histogram) and labels for a transcoder set"
@@ -107,9 +108,9 @@ def check_corpus(paths) -> None:
                 head = fh.read(1 << 16)
             problem = text_problem(head, whole=False)  # a character may be cut at the 64 KiB mark
             if problem:
-                raise ValueError(f"corpus file {f}: {problem}")
+                raise UsageError(f"corpus file {f}: {problem}")
             if not head.strip():
-                raise ValueError(f"corpus file {f} is empty")
+                raise UsageError(f"corpus file {f} is empty")
 
 
 def check_out_early(out: Path) -> None:
@@ -129,7 +130,7 @@ def check_out_early(out: Path) -> None:
 def _check_layers(layers, ts, text) -> None:
     bad = [L for L in layers or [] if L not in ts.layers]
     if bad:
-        raise ValueError(f"--layers: layers {bad} are not in the transcoder set "
+        raise UsageError(f"--layers: layers {bad} are not in the transcoder set "
                          f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
 
 
@@ -145,20 +146,20 @@ def run(args: argparse.Namespace) -> int:
     say = messenger(args.quiet)
     for name in ("tokens", "top_k", "samples", "ctx", "batch_rows"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.ctx < 2:
-        raise ValueError("--ctx must be at least 2 (BOS and one token)")
+        raise UsageError("--ctx must be at least 2 (BOS and one token)")
     if args.window < 0:
-        raise ValueError("--window must be >= 0")
+        raise UsageError("--window must be >= 0")
     if (args.workers is not None or args.threads) and not args.ray:
-        raise ValueError("--workers and --threads are for --ray (the scan's actors)")
+        raise UsageError("--workers and --threads are for --ray (the scan's actors)")
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.ray:
         from ..ray_pool import import_ray
 
         if args.workers is not None and args.workers < 1:
-            raise ValueError(f"--workers {args.workers} with --ray: give at least 1 actor (or leave it out)")
+            raise UsageError(f"--workers {args.workers} with --ray: give at least 1 actor (or leave it out)")
         import_ray()  # Ray missing: the error now, before any work
     layers = args.layers
     if args.corpus:

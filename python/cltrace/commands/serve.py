@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ._common import add_replacement_arguments
+from ..errors import UsageError
 
 NAME = "serve"
 HELP = "view the graphs of a folder in the browser (offline), pin, group and run experiments"
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ._common import load_replacement, messenger
 
     if not 0 <= args.port < 65536:
-        raise ValueError(f"--port {args.port}: must be in 0..65535")
+        raise UsageError(f"--port {args.port}: must be in 0..65535")
     say = messenger(args.quiet)
     rm = None
     if args.model is not None or args.transcoders is not None:

@@ -5,6 +5,7 @@ import argparse
 import re
 
 from ._common import add_prompt_arguments, add_replacement_arguments
+from ..errors import UsageError
 
 NAME = "steer"
 HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
@@ -53,7 +54,7 @@ def parse_pos(text: str):
             return slice(num(parts[0]), num(parts[1]))
         return int(text)
     except ValueError:
-        raise ValueError(f"position {text!r} is not an int or a START:STOP slice") from None
+        raise UsageError(f"position {text!r} is not an int or a START:STOP slice") from None
 
 
 def parse_feature(text: str):
@@ -121,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_prompt(args)
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.freeze_features and args.mode != "frozen":
-        raise ValueError("--freeze-features needs --mode frozen")
+        raise UsageError("--freeze-features needs --mode frozen")
     say = messenger(args.quiet)
 
     loaded, rm = load_replacement(args, say)

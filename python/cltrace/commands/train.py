@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._common import add_model_arguments, parse_layers
+from ._common import add_model_arguments, messenger, parse_layers
+from ..errors import UsageError
 
 NAME = "train"
 HELP = "train per-layer or cross-layer JumpReLU transcoders (Gemma Scope 2 layout)"
@@ -82,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--checkpoint-every", type=float, default=120, metavar="SECONDS")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt")
+    p.set_defaults(resume_hint="add --resume to the same command to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -91,7 +92,7 @@ def corpus_texts(args: argparse.Namespace, tokens: int):
                                    mixed_corpus)
 
     if args.corpus and args.dataset:
-        raise ValueError("give --corpus or --dataset, not both")
+        raise UsageError("give --corpus or --dataset, not both")
     if args.corpus:
         return file_texts(args.corpus), None, ", ".join(map(str, args.corpus))
     if args.dataset:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..training import TrainConfig, train_transcoders
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = messenger(args.quiet)
     cfg = TrainConfig(kind=args.kind, affine_skip=args.affine_skip, width=args.width, l0=args.l0,
                       tokens=args.tokens, corpus_tokens=args.corpus_tokens,
                       cache_activations=args.cache_activations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"loading model {args.model} ...")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.tokenizer is None:
-        raise ValueError(f"model {args.model} has no tokenizer; training reads text")
+        raise UsageError(f"model {args.model} has no tokenizer; training reads text")
     r = train_transcoders(loaded, cfg, texts, eval_texts=evals, out=args.out, corpus_name=name,
                           resume=args.resume,
                           checkpoint_every=args.checkpoint_every, log=say, bar=not args.quiet)

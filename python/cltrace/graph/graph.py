@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import _atomic
+from ..errors import UsageError
 
 FORMAT_VERSION = 1
 
@@ -187,7 +188,7 @@ class Graph:
                 raise FileNotFoundError(f"graph file {p} is missing (Graph.save writes {path} and {side})")
         meta = json.loads(side.read_text())
         if meta.pop("format_version", None) != FORMAT_VERSION:
-            raise ValueError(f"{side}: not a cltrace graph of format version {FORMAT_VERSION}")
+            raise UsageError(f"{side}: not a cltrace graph of format version {FORMAT_VERSION}")
         return cls(**meta, **load_file(path))
 
     def _tensors(self) -> dict[str, Tensor]:

@@ -2,12 +2,28 @@
 
 ``<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n``: the tokenizer's own
 chat template when it has one, else this fixed Gemma 3 turn format (base checkpoints, such as
-the embedded 270M, ship without a template). The first 4 positions are the prefix that gets no
-features in the replacement model of an -it model.
+the embedded 270M, ship without a template).
+
+*Positions without nodes*: the replacement model gives no features and no error node to the
+leading positions whose MLP outputs are constants of every prompt (circuit-tracer's
+``zero_positions``): ``<bos>``, and for a chat turn its prefix ``<bos><start_of_turn>user\n``
+(:data:`CHAT_PREFIX_TOKENS` tokens). :func:`skip_positions` is the one place that rule lives;
+the count is passed down as ``skip_positions`` everywhere.
 """
 from __future__ import annotations
 
-GEMMA_TURN = "{bos}<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
+USER_TURN_PREFIX = "{bos}<start_of_turn>user\n"
+GEMMA_TURN = USER_TURN_PREFIX + "{text}<end_of_turn>\n<start_of_turn>model\n"
+CHAT_PREFIX_TOKENS = 4  # USER_TURN_PREFIX in Gemma 3's vocabulary: <bos> <start_of_turn> user \n
+
+
+def skip_positions(tokens, start_of_turn_id, instruction_tuned: bool) -> int:
+    """How many leading positions of ``tokens [n_pos]`` get no nodes, by the rule above: the
+    chat prefix for an instruction-tuned model or a prompt whose second token is
+    ``<start_of_turn>`` (``start_of_turn_id``; None when unknown), else ``<bos>`` alone."""
+    n = int(tokens.numel())
+    chat = n > 1 and start_of_turn_id is not None and int(tokens[1]) == start_of_turn_id
+    return min(CHAT_PREFIX_TOKENS if (instruction_tuned or chat) else 1, n)
 
 
 def chat_prompt(tokenizer, text: str) -> str:

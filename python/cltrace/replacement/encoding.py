@@ -8,7 +8,7 @@ each MLP output ``m_L`` is replaced by the transcoder reconstruction plus an *er
     error_L = m_L - recon_L
 
 (the decode is the compiled, CLT-aware ``sparse_decode``; a PLT is a CLT with ``n_out = 1``).
-*Positions without nodes* (the first ``n_skip``: ``<bos>``, and the chat-template prefix of
+*Positions without nodes* (the first ``skip_positions``: ``<bos>``, and the chat-template prefix of
 ``-it`` prompts, circuit-tracer's ``zero_positions``) get no features and no error node: their
 MLP output minus the affine skip (which stays a linear path there, as in circuit-tracer) is a
 constant of the linearisation, kept in ``Reconstruction.bias`` like ``b_dec``.
@@ -45,29 +45,29 @@ def empty_acts(n_rows: int, like: Tensor) -> SparseActs:
                       like.new_zeros(0), like.new_zeros(0))
 
 
-def encode_layer(tc, x: Tensor, n_skip: int) -> SparseActs:
+def encode_layer(tc, x: Tensor, skip_positions: int) -> SparseActs:
     """JumpReLU features of one layer's MLP input ``x [n_pos, d_model]``: CSR over positions,
-    the first ``n_skip`` rows empty."""
+    the first ``skip_positions`` rows empty."""
     n_pos = x.shape[0]
-    if n_skip >= n_pos:
+    if skip_positions >= n_pos:
         return empty_acts(n_pos, x.new_zeros(0, dtype=tc.W_enc.dtype))
-    a = jumprelu_encode(x[n_skip:].to(tc.W_enc.dtype), tc.W_enc, tc.b_enc, tc.threshold)
-    offsets = torch.cat([a.row_offsets.new_zeros(n_skip), a.row_offsets])
+    a = jumprelu_encode(x[skip_positions:].to(tc.W_enc.dtype), tc.W_enc, tc.b_enc, tc.threshold)
+    offsets = torch.cat([a.row_offsets.new_zeros(skip_positions), a.row_offsets])
     return SparseActs(offsets, a.feat_idx, a.acts, a.pre_acts)
 
 
-def encode(tcs: TranscoderSet, mlp_in: Tensor, n_skip: int) -> list[SparseActs]:
+def encode(tcs: TranscoderSet, mlp_in: Tensor, skip_positions: int) -> list[SparseActs]:
     """Active features of every layer: ``mlp_in [n_layers, n_pos, d]`` -> n_layers SparseActs
     (rows are positions; layers without a transcoder get empty activations)."""
     n_layers, n_pos, _ = mlp_in.shape
-    return [encode_layer(tcs.layers[L], mlp_in[L], n_skip) if L in tcs.layers
+    return [encode_layer(tcs.layers[L], mlp_in[L], skip_positions) if L in tcs.layers
             else empty_acts(n_pos, mlp_in.new_zeros(0, dtype=tcs.dtype)) for L in range(n_layers)]
 
 
 def reconstruct(tcs: TranscoderSet, acts: list[SparseActs], mlp_in: Tensor, mlp_out: Tensor,
-                n_skip: int) -> Reconstruction:
+                skip_positions: int) -> Reconstruction:
     """Reconstructions of every layer's MLP output from ``acts`` and ``mlp_in [n_layers, n_pos, d]``;
-    at the first ``n_skip`` positions (no nodes) the true ``mlp_out [n_layers, n_pos, d]``."""
+    at the first ``skip_positions`` positions (no nodes) the true ``mlp_out [n_layers, n_pos, d]``."""
     n_layers, n_pos, d_model = mlp_in.shape
     dtype = tcs.dtype
     features = mlp_in.new_zeros(n_layers, n_pos, d_model, dtype=dtype)
@@ -80,11 +80,11 @@ def reconstruct(tcs: TranscoderSet, acts: list[SparseActs], mlp_in: Tensor, mlp_
                 check_decoder_rows(tcs, S, a.feat_idx)
             n_out = min(tc.n_out, n_layers - S)
             features[S:S + n_out] += dec[:, :n_out].transpose(0, 1)
-        bias[S, n_skip:] = tc.b_dec
+        bias[S, skip_positions:] = tc.b_dec
         if tc.W_skip is not None:  # linear in x: part of the frozen model at every position
             skip[S] = mlp_in[S].to(dtype) @ tc.W_skip
     # positions without nodes: what the skip does not explain is a constant (no error node)
-    bias[:, :n_skip] = mlp_out[:, :n_skip].to(dtype) - skip[:, :n_skip]
+    bias[:, :skip_positions] = mlp_out[:, :skip_positions].to(dtype) - skip[:, :skip_positions]
     return Reconstruction(features, bias, skip)
 
 

@@ -15,15 +15,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ..frozen.capture import capture
 from ..models.anatomy import TextParts, text_parts
+from ..models.chat import skip_positions
 from ..frozen.model import FrozenLinearModel
 from .encoding import encode, reconstruct, skip_matrices
 from ..transcoders.checks import check_fits
 from ..transcoders.base import TranscoderSet
 from .state import ReplacementState
-
-CHAT_PREFIX_LEN = 4  # <bos><start_of_turn>user\n  (Gemma chat template)
 
 
 class ReplacementModel:
@@ -41,8 +41,8 @@ class ReplacementModel:
         check_fits(transcoders, self.parts.config, transcoders.source or transcoders.model_name or "transcoders")
         self.transcoders = transcoders.to(device=self.device, dtype=self.dtype)
         if not (skip_positions == "auto" or (isinstance(skip_positions, int) and skip_positions >= 0)):
-            raise ValueError(f"skip_positions must be 'auto' or an int >= 0, got {skip_positions!r}")
-        self.skip_positions = skip_positions
+            raise UsageError(f"skip_positions must be 'auto' or an int >= 0, got {skip_positions!r}")
+        self.skip_setting = skip_positions  # "auto" or a count: see skip_positions_for
 
     @classmethod
     def from_pretrained(cls, model: Union[str, nn.Module], transcoders: Union[str, TranscoderSet],
@@ -72,20 +72,20 @@ class ReplacementModel:
         """Token ids [n_pos] of a string (tokenizer adds <bos>) or of given ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a string prompt needs a tokenizer: pass tokenizer= or token ids")
+                raise UsageError("a string prompt needs a tokenizer: pass tokenizer= or token ids")
             if not prompt:
-                raise ValueError("the prompt is empty")
+                raise UsageError("the prompt is empty")
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
         else:
             ids = torch.as_tensor(prompt).reshape(-1)
         if ids.numel() == 0:
-            raise ValueError("the prompt has no tokens")
+            raise UsageError("the prompt has no tokens")
         limit = getattr(self.parts.config, "max_position_embeddings", None)
         if limit is not None and ids.numel() > limit:
-            raise ValueError(f"the prompt has {ids.numel()} tokens; the model takes at most {limit}")
+            raise UsageError(f"the prompt has {ids.numel()} tokens; the model takes at most {limit}")
         vocab = self.parts.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+            raise UsageError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
         return ids.long().to(self.device)
 
     def is_instruction_tuned(self) -> bool:
@@ -93,18 +93,16 @@ class ReplacementModel:
         names = (self.model_name, self.transcoders.model_name or "")
         return any(n.rstrip("/").endswith("-it") for n in names)
 
-    def n_skip(self, tokens: Tensor) -> int:
-        """Leading positions without nodes (no features, no error node; circuit-tracer's
-        ``zero_positions``): ``skip_positions`` when given, else ("auto") the ``<bos>``
-        position 0 of every prompt, and the 4-token chat prefix ``<bos><start_of_turn>user\n``
-        of -it models and chat prompts."""
-        if self.skip_positions != "auto":
-            return min(int(self.skip_positions), tokens.numel())
-        start = None
+    def skip_positions_for(self, tokens: Tensor) -> int:
+        """Leading positions of ``tokens`` without nodes (no features, no error node): the
+        ``skip_positions`` given to the model, or with "auto" the rule of
+        :func:`cltrace.models.chat.skip_positions`."""
+        if self.skip_setting != "auto":
+            return min(int(self.skip_setting), tokens.numel())
+        start_of_turn = None
         if self.tokenizer is not None:
-            start = self.tokenizer.convert_tokens_to_ids("<start_of_turn>")
-        chat = tokens.numel() > 1 and start is not None and int(tokens[1]) == start
-        return min(CHAT_PREFIX_LEN if (self.is_instruction_tuned() or chat) else 1, tokens.numel())
+            start_of_turn = self.tokenizer.convert_tokens_to_ids("<start_of_turn>")
+        return skip_positions(tokens, start_of_turn, self.is_instruction_tuned())
 
     # --- the replacement state -------------------------------------------------------------
 
@@ -115,19 +113,19 @@ class ReplacementModel:
         tokens all of them take 4 GB)."""
         tokens = self.tokenize(prompt)
         cap = capture(self.parts, tokens, all_logits=all_logits)
-        n_skip = self.n_skip(tokens)
+        skip_positions = self.skip_positions_for(tokens)
         mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
         mlp_out = torch.stack([c.mlp_out for c in cap.layers])
-        acts = encode(self.transcoders, mlp_in, n_skip)
-        recon = reconstruct(self.transcoders, acts, mlp_in, mlp_out, n_skip)
+        acts = encode(self.transcoders, mlp_in, skip_positions)
+        recon = reconstruct(self.transcoders, acts, mlp_in, mlp_out, skip_positions)
         errors = mlp_out.to(self.dtype) - recon.total
-        errors[:, :n_skip] = 0  # no error nodes there (exactly, not to rounding)
+        errors[:, :skip_positions] = 0  # no error nodes there (exactly, not to rounding)
         if not bool(torch.isfinite(errors).all()):
             L = int((~torch.isfinite(errors)).flatten(1).any(1).nonzero()[0])
-            raise ValueError(f"the model's MLP output or the transcoder reconstruction of layer {L} "
+            raise UsageError(f"the model's MLP output or the transcoder reconstruction of layer {L} "
                              "is not finite (NaN or inf): check the model's weights and dtype")
         frozen = FrozenLinearModel(self.parts, cap, self.dtype,
                                    W_skip=skip_matrices(self.transcoders, self.parts.n_layers))
         return ReplacementState(tokens=tokens, logits=cap.logits, capture=cap, acts=acts,
-                                recon=recon, errors=errors, skip_positions=n_skip, frozen=frozen,
+                                recon=recon, errors=errors, skip_positions=skip_positions, frozen=frozen,
                                 transcoders=self.transcoders)

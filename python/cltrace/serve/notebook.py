@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Union
 
 from .server import asset
+from ..errors import UsageError
 
 MAX_PAGES = 2000  # inlined feature pages at most
 
@@ -83,8 +84,8 @@ def show(graph_or_path: Union[str, Path, dict], height: int = 720) -> Viewer:
         try:
             graph = json.loads(path.read_text())
         except ValueError as e:
-            raise ValueError(f"{path}: not a graph JSON ({e})") from None
+            raise UsageError(f"{path}: not a graph JSON ({e})") from None
         name, pages = path.stem, _pages(graph, path.parent)
     if not isinstance(graph, dict) or "nodes" not in graph:
-        raise ValueError("not a graph: expected a JSON object with 'nodes' and 'links'")
+        raise UsageError("not a graph: expected a JSON object with 'nodes' and 'links'")
     return Viewer(page_html(graph, name, pages), height)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .interventions import Intervention, check_interventions
 from .modes import steering_hooks
+from ..errors import UsageError
 
 
 @dataclass
@@ -37,11 +38,11 @@ class Generation:
 
 def _check(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not (temperature >= 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
 
 
 def next_token(logits: Tensor, temperature: float, top_k: Optional[int],
@@ -66,13 +67,13 @@ def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tok
     Deterministic: greedy, or sampled with a generator seeded by ``seed`` (0 when None)."""
     _check(max_new_tokens, temperature, top_k)
     tokens = rm.tokenize(prompt)
-    n_prompt, n_skip = tokens.numel(), rm.n_skip(tokens)
-    ivs = check_interventions(interventions, rm.transcoders, n_prompt, n_skip)
+    n_prompt, skip_positions = tokens.numel(), rm.skip_positions_for(tokens)
+    ivs = check_interventions(interventions, rm.transcoders, n_prompt, skip_positions)
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
     eos = _eos_ids(rm) if stop_at_eos else set()
     limit = getattr(rm.parts.config, "max_position_embeddings", None)
     seq = tokens
-    with steering_hooks(rm, ivs, n_skip, n_ref=None if steer_generated else n_prompt):
+    with steering_hooks(rm, ivs, skip_positions, n_ref=None if steer_generated else n_prompt):
         for _ in range(max_new_tokens):
             if limit is not None and seq.numel() >= limit:
                 break

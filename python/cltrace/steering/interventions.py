@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..ops import SparseActs
+from ..errors import UsageError
 
 
 Pos = Union[None, int, slice]
@@ -40,34 +41,34 @@ class Intervention:
             try:
                 v = operator.index(getattr(self, name))
             except TypeError:
-                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}") from None
+                raise UsageError(f"{name} must be an int, got {getattr(self, name)!r}") from None
             if v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
+                raise UsageError(f"{name} must be >= 0, got {v}")
             object.__setattr__(self, name, v)
         given = [k for k in ("set", "scale", "add") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of set=, scale=, add= per intervention"
+            raise UsageError("give exactly one of set=, scale=, add= per intervention"
                              + (f" (got {' and '.join(given)})" if given else " (got none)"))
         op = given[0]
         try:
             value = float(getattr(self, op))
         except (TypeError, ValueError):
-            raise ValueError(f"{op} must be a number, got {getattr(self, op)!r}") from None
+            raise UsageError(f"{op} must be a number, got {getattr(self, op)!r}") from None
         if not math.isfinite(value):
-            raise ValueError(f"{op} must be a finite number, got {value}")
+            raise UsageError(f"{op} must be a finite number, got {value}")
         object.__setattr__(self, op, value)
         if isinstance(self.pos, slice):
             for part in ("start", "stop", "step"):
                 v = getattr(self.pos, part)
                 if v is not None and not isinstance(v, int):
-                    raise ValueError(f"pos slice {part} must be an int or None, got {v!r}")
+                    raise UsageError(f"pos slice {part} must be an int or None, got {v!r}")
             if self.pos.step is not None and self.pos.step <= 0:
-                raise ValueError(f"pos slice step must be positive, got {self.pos.step}")
+                raise UsageError(f"pos slice step must be positive, got {self.pos.step}")
         elif self.pos is not None:
             try:
                 object.__setattr__(self, "pos", operator.index(self.pos))
             except TypeError:
-                raise ValueError(f"pos must be None, an int or a slice, got {self.pos!r}") from None
+                raise UsageError(f"pos must be None, an int or a slice, got {self.pos!r}") from None
 
     @property
     def op(self) -> str:
@@ -81,21 +82,21 @@ class Intervention:
             return a * self.scale
         return a + self.add
 
-    def positions(self, n_pos: int, n_skip: int = 0, device=None) -> Tensor:
-        """The positions [k] (ascending, >= n_skip) this acts on in a sequence of ``n_pos``."""
+    def positions(self, n_pos: int, skip_positions: int = 0, device=None) -> Tensor:
+        """The positions [k] (ascending, >= skip_positions) this acts on in a sequence of ``n_pos``."""
         if self.pos is None:
-            idx = range(n_skip, n_pos)
+            idx = range(skip_positions, n_pos)
         elif isinstance(self.pos, slice):
-            idx = [p for p in range(*self.pos.indices(n_pos)) if p >= n_skip]
+            idx = [p for p in range(*self.pos.indices(n_pos)) if p >= skip_positions]
             if not idx:
-                raise ValueError(f"pos {_fmt_pos(self.pos)} selects no position with features "
-                                 f"(sequence of {n_pos} tokens, first {n_skip} without features)")
+                raise UsageError(f"pos {_fmt_pos(self.pos)} selects no position with features "
+                                 f"(sequence of {n_pos} tokens, first {skip_positions} without features)")
         else:
             if not -n_pos <= self.pos < n_pos:
-                raise ValueError(f"pos {self.pos} is out of range for a sequence of {n_pos} tokens")
+                raise UsageError(f"pos {self.pos} is out of range for a sequence of {n_pos} tokens")
             p = self.pos % n_pos
-            if p < n_skip:
-                raise ValueError(f"pos {self.pos} lies in the first {n_skip} positions, which have "
+            if p < skip_positions:
+                raise UsageError(f"pos {self.pos} lies in the first {skip_positions} positions, which have "
                                  f"no features (chat-template prefix)")
             idx = [p]
         return torch.tensor(list(idx), dtype=torch.int64, device=device)
@@ -114,24 +115,24 @@ def _fmt_pos(pos: Pos) -> str:
 
 
 def check_interventions(interventions: Sequence[Intervention], tcs, n_pos: int,
-                        n_skip: int) -> list[Intervention]:
+                        skip_positions: int) -> list[Intervention]:
     """Validate against a transcoder set and a sequence length; clear ValueErrors."""
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     out = list(interventions)
     for iv in out:
         if not isinstance(iv, Intervention):
-            raise ValueError(f"interventions must be Intervention objects, got {type(iv).__name__}")
+            raise UsageError(f"interventions must be Intervention objects, got {type(iv).__name__}")
         if iv.layer >= tcs.n_layers:
-            raise ValueError(f"layer {iv.layer} is out of range: the model has {tcs.n_layers} layers")
+            raise UsageError(f"layer {iv.layer} is out of range: the model has {tcs.n_layers} layers")
         if iv.layer not in tcs.layers:
-            raise ValueError(f"layer {iv.layer} has no transcoder (layers with one: "
+            raise UsageError(f"layer {iv.layer} has no transcoder (layers with one: "
                              f"{sorted(tcs.layers)})")
         d_sae = tcs.layers[iv.layer].d_sae
         if iv.feature >= d_sae:
-            raise ValueError(f"feature {iv.feature} is out of range: layer {iv.layer}'s "
+            raise UsageError(f"feature {iv.feature} is out of range: layer {iv.layer}'s "
                              f"transcoder has {d_sae} features")
-        iv.positions(n_pos, n_skip)  # raises for a bad position
+        iv.positions(n_pos, skip_positions)  # raises for a bad position
     return out
 
 
@@ -163,7 +164,7 @@ class InterventionResult:
 
 
 def new_values(ivs: Sequence[Intervention], old_of: Callable[[int], Tensor], n_ref: int,
-               n_skip: int) -> dict[int, tuple[Tensor, Tensor]]:
+               skip_positions: int) -> dict[int, tuple[Tensor, Tensor]]:
     """Apply one layer's interventions in order: feature -> (old [n], new [n]) activations.
     Positions are resolved against a sequence of ``n_ref`` tokens."""
     out: dict[int, tuple[Tensor, Tensor]] = {}
@@ -172,7 +173,7 @@ def new_values(ivs: Sequence[Intervention], old_of: Callable[[int], Tensor], n_r
             old = old_of(iv.feature)
             out[iv.feature] = (old, old.clone())
         old, new = out[iv.feature]
-        pos = iv.positions(n_ref, n_skip, device=new.device)
+        pos = iv.positions(n_ref, skip_positions, device=new.device)
         new[pos] = iv.apply(new[pos])
     return out
 

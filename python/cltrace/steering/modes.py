@@ -42,6 +42,7 @@ from ..frozen.capture import eager_attention
 from ..ops import SparseActs, gather_columns, sparse_decode
 from ..replacement.encoding import encode_layer
 from .interventions import Intervention, InterventionResult, by_layer, check_interventions, new_values
+from ..errors import UsageError
 
 MODES = ("frozen", "free")
 
@@ -159,7 +160,7 @@ def _decode(a: SparseActs, W_dec: Tensor) -> Tensor:
 # --- free mode ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def steering_hooks(rm, interventions: Sequence[Intervention], n_skip: int,
+def steering_hooks(rm, interventions: Sequence[Intervention], skip_positions: int,
                    n_ref: Optional[int] = None) -> Iterator[dict]:
     """Hooks on the real model adding ``(new − old) W_dec`` to MLP outputs (free mode).
 
@@ -187,10 +188,10 @@ def steering_hooks(rm, interventions: Sequence[Intervention], n_skip: int,
             def old(f: int) -> Tensor:
                 z = xe @ tc.W_enc[:, f] + tc.b_enc[f]  # [n_pos]
                 z = z * (z > tc.threshold[f])
-                z[:n_skip] = 0
+                z[:skip_positions] = 0
                 return z
 
-            vals = new_values(groups[L], old, n_ref or n, n_skip)
+            vals = new_values(groups[L], old, n_ref or n, skip_positions)
             for o in range(min(tc.n_out, parts.n_layers - L)):
                 add = pending.setdefault(L + o, x.new_zeros(n, x.shape[1], dtype=tc.W_dec.dtype))
                 for f, (a0, a1) in vals.items():
@@ -222,9 +223,9 @@ def steering_hooks(rm, interventions: Sequence[Intervention], n_skip: int,
 @torch.no_grad()
 def intervene_free(rm, state, interventions: Sequence[Intervention]) -> InterventionResult:
     """Free-mode interventions: the real model with decoder deltas added at its MLP outputs."""
-    tcs, n, n_skip = rm.transcoders, state.n_pos, state.skip_positions
-    ivs = check_interventions(interventions, tcs, n, n_skip)
-    with steering_hooks(rm, ivs, n_skip) as rec, eager_attention(rm.model):
+    tcs, n, skip_positions = rm.transcoders, state.n_pos, state.skip_positions
+    ivs = check_interventions(interventions, tcs, n, skip_positions)
+    with steering_hooks(rm, ivs, skip_positions) as rec, eager_attention(rm.model):
         out = rm.model(input_ids=state.tokens[None], use_cache=False)
     mlp_in = torch.stack(rec["mlp_in"]).to(rm.dtype)  # [n_layers, n_pos, d_model]
     acts = []
@@ -233,7 +234,7 @@ def intervene_free(rm, state, interventions: Sequence[Intervention]) -> Interven
         if tc is None:
             acts.append(state.acts[L])
             continue
-        a = encode_layer(tc, mlp_in[L], n_skip)
+        a = encode_layer(tc, mlp_in[L], skip_positions)
         new = {f: v for (S, f), v in rec["values"].items() if S == L}
         acts.append(with_pre_acts(with_columns(a, new, tc.d_sae), tc, mlp_in[L]))
     return InterventionResult("free", state.tokens, out.logits[0], state.logits, acts, mlp_in,
@@ -248,12 +249,12 @@ def intervene(rm, prompt, interventions: Sequence[Intervention], mode: str = "fr
     ``freeze_features`` (frozen mode only): hold every non-intervened feature at its clean
     value. ``state``: a :class:`ReplacementState` of the prompt from ``rm.run`` to reuse."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
     if freeze_features and mode != "frozen":
-        raise ValueError("freeze_features=True needs mode='frozen'")
+        raise UsageError("freeze_features=True needs mode='frozen'")
     if state is None:
         if prompt is None:
-            raise ValueError("give a prompt or a state")
+            raise UsageError("give a prompt or a state")
         state = rm.run(prompt)
     if mode == "frozen":
         return intervene_frozen(state, interventions, freeze_features)

@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
+from ..errors import UsageError
 
 # Modules whose documentation `stdlib_texts` reads by default (all ship with CPython).
 DOC_MODULES = [
@@ -305,14 +306,14 @@ def dataset_texts(spec: str, max_docs: Optional[int] = None) -> list[str]:
     try:
         import datasets
     except ImportError as e:
-        raise ValueError("--dataset needs the 'datasets' package (pip install datasets)") from e
+        raise UsageError("--dataset needs the 'datasets' package (pip install datasets)") from e
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     out = []
     for row in ds:
         if "text" not in row:
-            raise ValueError(f"dataset {spec} has no 'text' column (columns: {sorted(row)})")
+            raise UsageError(f"dataset {spec} has no 'text' column (columns: {sorted(row)})")
         out.append(row["text"])
         if max_docs and len(out) >= max_docs:
             break
@@ -341,7 +342,7 @@ def mixed_corpus(chars: int, mix: Optional[dict[str, float]] = None,
     mix = dict(STARTER_MIX if mix is None else mix)
     unknown = set(mix) - {"docstrings", "descriptions", "reference"}
     if unknown:
-        raise ValueError(f"unknown corpus sources {sorted(unknown)}")
+        raise UsageError(f"unknown corpus sources {sorted(unknown)}")
     chars, docs, drawn = int(chars), [], {}
     for src, frac in mix.items():
         want = int(chars * frac)  # characters of this source
@@ -374,7 +375,7 @@ def token_rows(tokenizer, texts: Sequence[str], ctx: int, max_tokens: Optional[i
     non-BOS tokens are covered (no more rows than that needs); a last partial row is dropped."""
     bos = tokenizer.bos_token_id
     if bos is None:
-        raise ValueError("the tokenizer has no BOS token")
+        raise UsageError("the tokenizer has no BOS token")
     stream, need = [], None if max_tokens is None else max_tokens * ctx // (ctx - 1) + ctx
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -386,6 +387,6 @@ def token_rows(tokenizer, texts: Sequence[str], ctx: int, max_tokens: Optional[i
     if max_tokens is not None:
         n = min(n, -(-max_tokens // body))
     if n == 0:
-        raise ValueError(f"the corpus is too short: {len(stream)} tokens, need at least {body}")
+        raise UsageError(f"the corpus is too short: {len(stream)} tokens, need at least {body}")
     rows = torch.tensor(stream[: n * body], dtype=torch.int64).view(n, body)
     return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), rows], 1)

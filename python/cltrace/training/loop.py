@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import ops
 from ..transcoders.base import TranscoderSet
 from .model import StepStats, TrainConfig, TranscoderParams
+from ..errors import UsageError
 
 CHECKPOINT_VERSION = 2
 
@@ -82,9 +83,9 @@ class Trainer:
         cfg.check()
         layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
         if cfg.kind == "clt" and layers != list(range(n_layers)):
-            raise ValueError("a cross-layer transcoder is trained on all layers (omit --layers)")
+            raise UsageError("a cross-layer transcoder is trained on all layers (omit --layers)")
         if not layers or not all(0 <= L < n_layers for L in layers):
-            raise ValueError(f"--layers must lie in 0..{n_layers - 1}, got {cfg.layers}")
+            raise UsageError(f"--layers must lie in 0..{n_layers - 1}, got {cfg.layers}")
         self.cfg, self.source, self.layers = cfg, source, layers
         self.model_name, self.log, self.bar = model_name, log, bar
         self.eval_sources = dict(eval_sources or {})  # given: every corpus row is trained on
@@ -95,7 +96,7 @@ class Trainer:
         self.n_control_rows = -(-cfg.control_tokens // source.tokens_per_row)
         self.n_train_rows = source.n_rows - self.n_eval_rows - self.n_control_rows
         if self.n_train_rows < 1:
-            raise ValueError("the corpus is too short to train on")
+            raise UsageError("the corpus is too short to train on")
         self.rows_per_buffer = max(1, cfg.buffer_tokens // source.tokens_per_row)
         self.params = TranscoderParams(cfg, layers, n_layers, d_model)
         self.opt = torch.optim.Adam(self.params.param_groups(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -133,7 +134,7 @@ class Trainer:
             self.gen.set_state(self.buffer_gen_state)
         p = self.params
         if act.x.shape[1] < self.cfg.batch_size:
-            raise ValueError(f"a buffer holds {act.x.shape[1]} tokens, fewer than the batch size "
+            raise UsageError(f"a buffer holds {act.x.shape[1]} tokens, fewer than the batch size "
                              f"{self.cfg.batch_size}: raise buffer_tokens")
         x = act.x * p.x_scale[:, None, None]  # [n_src, T, d]
         y = act.y * p.y_scale[:, None, None]
@@ -260,12 +261,12 @@ class Trainer:
 
     def load_state(self, state: dict) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+            raise UsageError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
         saved = TrainConfig(**state["config"])
         if dataclasses.replace(saved, backend=self.cfg.backend) != self.cfg:
             diff = {k: (v, getattr(self.cfg, k)) for k, v in dataclasses.asdict(saved).items()
                     if getattr(self.cfg, k) != v and k != "backend"}
-            raise ValueError(f"the checkpoint was made with other settings (saved, now): {diff}")
+            raise UsageError(f"the checkpoint was made with other settings (saved, now): {diff}")
         self.params.load_state_dict(state["params"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])

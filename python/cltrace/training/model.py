@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..transcoders.base import LayerTranscoder, TranscoderSet
+from ..errors import UsageError
 
 
 @dataclass
@@ -82,23 +83,23 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.kind not in ("plt", "clt"):
-            raise ValueError(f"kind must be 'plt' or 'clt', got {self.kind!r}")
+            raise UsageError(f"kind must be 'plt' or 'clt', got {self.kind!r}")
         if not 0 < self.l0 < self.width:
-            raise ValueError(f"--l0 must be in (0, width={self.width}), got {self.l0}")
+            raise UsageError(f"--l0 must be in (0, width={self.width}), got {self.l0}")
         if self.tokens < 1 or self.batch_size < 1 or self.buffer_tokens < self.batch_size:
-            raise ValueError("need tokens >= 1, batch_size >= 1 and buffer_tokens >= batch_size")
+            raise UsageError("need tokens >= 1, batch_size >= 1 and buffer_tokens >= batch_size")
         if self.backend not in ("sparse", "dense"):
-            raise ValueError(f"backend must be 'sparse' or 'dense', got {self.backend!r}")
+            raise UsageError(f"backend must be 'sparse' or 'dense', got {self.backend!r}")
         if self.lr <= 0 or self.bandwidth <= 0:
-            raise ValueError("lr and bandwidth must be > 0")
+            raise UsageError("lr and bandwidth must be > 0")
         if self.l0_control not in ("threshold", "none") or self.l0_gain < 0:
-            raise ValueError(f"l0_control must be 'threshold' or 'none' (gain >= 0), got "
+            raise UsageError(f"l0_control must be 'threshold' or 'none' (gain >= 0), got "
                              f"{self.l0_control!r}, {self.l0_gain}")
         if self.control_tokens < 0:
-            raise ValueError(f"--control-tokens must be >= 0, got {self.control_tokens}")
+            raise UsageError(f"--control-tokens must be >= 0, got {self.control_tokens}")
         m = self.matryoshka or []
         if any(not a < b for a, b in zip([0, *m], [*m, self.width])):
-            raise ValueError(f"--matryoshka prefixes must increase strictly within (0, width="
+            raise UsageError(f"--matryoshka prefixes must increase strictly within (0, width="
                              f"{self.width}), got {m}")
 
     @property

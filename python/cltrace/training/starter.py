@@ -33,6 +33,7 @@ from ..models.anatomy import text_parts
 from ..transcoders.base import LayerTranscoder, TranscoderSet
 from .corpus import stdlib_texts, token_rows
 from .model import TrainConfig
+from ..errors import UsageError
 
 CALIBRATION_MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools",
                        "re", "string", "textwrap", "datetime", "random", "statistics", "csv",
@@ -70,9 +71,9 @@ def fit_starter_set(X: Tensor, Y: Tensor, *, kind: str = "plt", width: int = 409
                     progress: Optional[Callable[[int], None]] = None) -> TranscoderSet:
     """Build the synthetic set from MLP inputs/outputs ``X, Y [n_layers, T, d_model]``."""
     if kind not in ("plt", "clt"):
-        raise ValueError(f"kind must be 'plt' or 'clt', got {kind!r}")
+        raise UsageError(f"kind must be 'plt' or 'clt', got {kind!r}")
     if not 0 < l0 < width:
-        raise ValueError(f"l0 must be in (0, width={width}), got {l0}")
+        raise UsageError(f"l0 must be in (0, width={width}), got {l0}")
     n_layers, T, d = X.shape
     g = torch.Generator().manual_seed(seed)
     layers = {}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import HOOK_IN, HOOK_OUT, LayerTranscoder, TranscoderSet
+from ..errors import UsageError
 
 Verify = Literal["none", "encoder", "all"]
 VERIFY_LEVELS = ("none", "encoder", "all")
@@ -25,7 +26,7 @@ _GEMMA3_NAME = re.compile(r"gemma-3-(\d+[mb])\b", re.IGNORECASE)
 _CHUNK_ELEMS = 1 << 24  # 16M elements per finiteness chunk
 
 
-class TranscoderLoadError(ValueError):
+class TranscoderLoadError(UsageError):
     """Transcoder files that cannot be used as asked (wrong shapes, layers, model, NaNs...)."""
 
 
@@ -83,7 +84,7 @@ def check_hooks(config: dict, layer: Optional[int], where: str) -> None:
 def check_finite(tc: LayerTranscoder, level: Verify, where: str) -> None:
     """Raise if a weight holds NaN or inf; ``level`` says which tensors are scanned."""
     if level not in VERIFY_LEVELS:
-        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
+        raise UsageError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
     if level == "none":
         return
     names = ["b_enc", "threshold", "b_dec", "W_skip", "W_enc"]

@@ -19,6 +19,8 @@ from typing import NamedTuple, Union
 
 import numpy as np
 import torch
+
+from ..errors import UsageError
 from torch import Tensor
 
 DTYPES = {
@@ -29,7 +31,7 @@ DTYPES = {
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the header size
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UsageError):
     """A safetensors file that cannot be read: truncated, corrupt, or missing a tensor."""
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .base import HOOK_IN, HOOK_OUT, TranscoderSet
+from ..errors import UsageError
 
 
 def _width_name(d_sae: int) -> str:
@@ -44,7 +45,7 @@ def _published_w_dec(W_dec, layer: int, n_layers: int):
     if n_out == n_layers:
         return W_dec
     if n_out != n_layers - layer:
-        raise ValueError(f"CLT source layer {layer} writes to {n_out} layers; a {n_layers}-layer "
+        raise UsageError(f"CLT source layer {layer} writes to {n_out} layers; a {n_layers}-layer "
                          f"CLT's source layer {layer} writes to {n_layers - layer}")
     full = torch.zeros(d_sae, n_layers, d_model, dtype=W_dec.dtype)
     full[:, layer:] = W_dec.detach().cpu()
