@@ -79,3 +79,25 @@ def from_args(cls: type[S], args: argparse.Namespace, **extra: Any) -> S:
 def as_dict(settings: Any) -> dict[str, Any]:
     """The settings as plain JSON values (tuples as lists), as files record them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (an argparse ``type``: a bad list is a usage error)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (s.strip() for s in text.split(","))):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; use e.g. '0-5,9'") from None
+    return sorted(set(out))
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'256,512,1024' -> [256, 512, 1024]: a list of sizes, given one by one (an argparse
+    ``type``; a range 'a-b' would mean every size between, never what is meant)."""
+    try:
+        return [int(part) for part in filter(None, (s.strip() for s in text.split(",")))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size list {text!r}; list the sizes, e.g. "
+                                         "'256,512,1024'") from None

@@ -24,18 +24,6 @@ def messenger(quiet: bool) -> Callable[..., None]:
     return say
 
 
-def parse_layers(text: str) -> list[int]:
-    """'0-3,7' -> [0, 1, 2, 3, 7] (an argparse ``type``: a bad list is a usage error)."""
-    out: list[int] = []
-    try:
-        for part in filter(None, (s.strip() for s in text.split(","))):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; use e.g. '0-5,9'") from None
-    return sorted(set(out))
-
-
 def add_model_arguments(p: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
     """--model, --device and --dtype: what :func:`cltrace.models.load_model` reads."""
     p.add_argument("--model", default="gemma-3-270m",

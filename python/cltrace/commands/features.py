@@ -40,7 +40,8 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ._common import add_replacement_arguments, parse_layers
+    from ._common import add_replacement_arguments
+    from ..settings import parse_layers
 
     add_replacement_arguments(p)
     src = p.add_mutually_exclusive_group()

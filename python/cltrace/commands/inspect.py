@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Optional
 
-from ._common import parse_layers
+from ..settings import parse_layers
 
 NAME = "inspect"
 HELP = "show what a transcoder set holds (type, layers, width, L0, skip, dtype, size)"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_model_arguments, messenger, parse_layers
+from ._common import add_model_arguments, messenger
 from ..errors import UsageError
 
 NAME = "train"
@@ -40,47 +40,18 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..settings import add_options
+    from ..training import TrainConfig
+
     add_model_arguments(p, dtype_default="float32")
-    p.add_argument("--kind", choices=("plt", "clt"), default="plt",
-                   help="per-layer (plt, default) or cross-layer (clt) transcoders")
-    p.add_argument("--affine-skip", action="store_true", help="learn an affine skip connection")
-    p.add_argument("--width", type=int, default=4096, metavar="W", help="features per layer")
-    p.add_argument("--l0", type=float, default=32, metavar="TARGET",
-                   help="target active features per token (default 32)")
-    p.add_argument("--tokens", type=int, default=200_000, metavar="N", help="training tokens")
-    p.add_argument("--corpus-tokens", type=int, default=None, metavar="M",
-                   help="distinct training tokens (default N); M < N makes several passes")
-    p.add_argument("--cache-activations", action="store_true",
-                   help="keep activations in memory (bf16) so later passes skip the model")
+    add_options(p, TrainConfig)
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
                    help="text files or folders (default: the offline mix)")
     p.add_argument("--dataset", default=None, metavar="NAME[:CONFIG][@SPLIT]",
                    help="a Hugging Face dataset with a 'text' column (needs 'datasets')")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
-    p.add_argument("--layers", type=parse_layers, default=None, metavar="LIST",
-                   help="source layers, e.g. 0-5,9 (default: all)")
-    p.add_argument("--batch-size", type=int, default=1024, metavar="B", help="tokens per step")
-    p.add_argument("--lr", type=float, default=2e-4,
-                   help="Adam learning rate of the matrices (default 2e-4; thresholds and biases "
-                        "use 10x)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--l0-coef", type=float, default=1.0, help="weight of the L0 penalty")
-    p.add_argument("--l0-control", choices=("threshold", "none"), default="threshold",
-                   help="keep the L0 on target by moving the thresholds (default), or not")
-    p.add_argument("--l0-gain", type=float, default=0.1, help="L0 controller gain (default 0.1)")
-    p.add_argument("--control-tokens", type=int, default=0, metavar="K",
-                   help="hold the L0 of K corpus tokens never trained on (default 0: of each "
-                        "batch; use ~2048 when --corpus-tokens < --tokens)")
-    p.add_argument("--matryoshka", type=parse_layers, default=None, metavar="SIZES",
-                   help="nested dictionary prefixes that also reconstruct, e.g. 256,512,1024")
-    p.add_argument("--freq-coef", type=float, default=0.1,
-                   help="weight of the penalty on features firing above --max-freq")
-    p.add_argument("--max-freq", type=float, default=0.1, help="(default 0.1 of tokens)")
-    p.add_argument("--bandwidth", type=float, default=0.1, help="STE width (normalised units)")
-    p.add_argument("--buffer-tokens", type=int, default=8192,
-                   help="activations read from the model at a time (default 8192)")
-    p.add_argument("--ctx", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--checkpoint-every", type=float, default=120, metavar="SECONDS")
+    p.add_argument("--checkpoint-every", type=float, default=120, metavar="SECONDS",
+                   help="seconds between checkpoints (default 120)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt")
     p.set_defaults(resume_hint="add --resume to the same command to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,17 +74,11 @@ def corpus_texts(args: argparse.Namespace, tokens: int):
 
 def run(args: argparse.Namespace) -> int:
     from ..models import load_model
+    from ..settings import from_args
     from ..training import TrainConfig, train_transcoders
 
     say = messenger(args.quiet)
-    cfg = TrainConfig(kind=args.kind, affine_skip=args.affine_skip, width=args.width, l0=args.l0,
-                      tokens=args.tokens, corpus_tokens=args.corpus_tokens,
-                      cache_activations=args.cache_activations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      layers=args.layers, bandwidth=args.bandwidth, l0_coef=args.l0_coef,
-                      l0_control=args.l0_control, l0_gain=args.l0_gain,
-                      control_tokens=args.control_tokens,
-                      matryoshka=args.matryoshka, freq_coef=args.freq_coef,
-                      max_freq=args.max_freq, buffer_tokens=args.buffer_tokens, ctx=args.ctx)
+    cfg = from_args(TrainConfig, args)
     cfg.check()
     texts, evals, name = corpus_texts(args, tokens=cfg.corpus_tokens or cfg.tokens)
     say(f"loading model {args.model} ...")

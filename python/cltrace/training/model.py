@@ -42,41 +42,56 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..transcoders.base import LayerTranscoder, TranscoderSet
 from ..errors import UsageError
+from ..settings import option, parse_layers, parse_sizes
+from ..transcoders.base import LayerTranscoder, TranscoderSet
 
 
 @dataclass
 class TrainConfig:
-    """What to train and how (saved in checkpoints and in the written set's info)."""
+    """What to train and how: the one source of these defaults, for :func:`train_transcoders`
+    and ``cltrace train``'s options (made from the :func:`~cltrace.settings.option` fields);
+    saved in checkpoints and in the written set's info."""
 
-    kind: str = "plt"  # "plt" (per-layer) or "clt" (cross-layer: source S writes to S..n-1)
-    affine_skip: bool = False  # learn an affine skip x @ W_skip
-    width: int = 4096  # d_sae
-    l0: float = 32.0  # target L0 (active features per token, per source layer)
-    tokens: int = 200_000  # training tokens (each step uses batch_size of them)
-    corpus_tokens: Optional[int] = None  # distinct training tokens (default: tokens); fewer
-    # means several passes over the same text
-    cache_activations: bool = False  # keep activations in memory (bf16) for later passes
-    batch_size: int = 1024
-    lr: float = 2e-4  # Adam on the matrices (W_enc, W_dec, W_skip); linear warmup, then linear
-    # decay over the last decay_frac
+    kind: str = option("plt", "per-layer (plt) or cross-layer (clt: source S writes to S..n-1) "
+                       "transcoders", choices=("plt", "clt"))
+    affine_skip: bool = option(False, "learn an affine skip connection x @ W_skip")
+    width: int = option(4096, "features per layer (d_sae)", metavar="W")
+    l0: float = option(32.0, "target active features per token, per source layer", metavar="TARGET")
+    tokens: int = option(200_000, "training tokens (each step uses --batch-size of them)", metavar="N")
+    corpus_tokens: Optional[int] = option(
+        None, "distinct training tokens (none: N); M < N makes several passes over the same text",
+        metavar="M", type=int, default_text="N")
+    cache_activations: bool = option(False, "keep activations in memory (bf16) so later passes "
+                                     "skip the model")
+    batch_size: int = option(1024, "tokens per step", metavar="B")
+    lr: float = option(2e-4, "Adam learning rate of the matrices (W_enc, W_dec, W_skip); linear "
+                       "warmup, then linear decay over the last decay_frac; thresholds and biases "
+                       "use vec_lr_mult times it")
     vec_lr_mult: float = 10.0  # thresholds and biases learn this much faster (short runs)
     warmup_steps: int = 50
     decay_frac: float = 0.3
-    seed: int = 0
-    layers: Optional[list[int]] = None  # source layers (default all); a CLT needs all
-    bandwidth: float = 0.1  # STE rectangle width, in normalised pre-activation units
-    l0_coef: float = 1.0
-    l0_control: str = "threshold"  # "threshold" (controller on the thresholds) or "none"
-    l0_gain: float = 0.1  # controller gain: log-threshold step per unit of log(L0 / target)
-    control_tokens: int = 0  # corpus tokens never trained on whose L0 the controller holds (0:
-    # the L0 of each training batch); see loop.Trainer.control_l0s
-    matryoshka: Optional[list[int]] = None  # nested prefix sizes (< width) that also reconstruct
-    freq_coef: float = 0.1
-    max_freq: float = 0.1  # firing frequency above which the frequency penalty applies
-    buffer_tokens: int = 8192  # activations read from the model at a time (all layers)
-    ctx: int = 128  # tokens per row (BOS + 127)
+    seed: int = option(0, "seed of the initialisation and the batch order")
+    layers: Optional[list[int]] = option(None, "source layers, e.g. 0-5,9 (none: all; a CLT needs "
+                                         "all)", metavar="LIST", type=parse_layers, default_text="all")
+    bandwidth: float = option(0.1, "straight-through estimator's rectangle width, in normalised "
+                              "pre-activation units", metavar="X")
+    l0_coef: float = option(1.0, "weight of the L0 penalty", metavar="X")
+    l0_control: str = option("threshold", "keep the L0 on target by moving the thresholds "
+                             "(threshold), or not (none)", choices=("threshold", "none"))
+    l0_gain: float = option(0.1, "L0 controller gain: log-threshold step per unit of log(L0 / target)", metavar="X")
+    control_tokens: int = option(0, "hold the L0 of K corpus tokens never trained on (0: of each "
+                                 "batch; use ~2048 when --corpus-tokens < --tokens)", metavar="K")
+    matryoshka: Optional[list[int]] = option(
+        None, "nested dictionary prefixes (< width) that also reconstruct, e.g. 256,512,1024",
+        metavar="SIZES", type=parse_sizes)
+    freq_coef: float = option(0.1, "weight of the penalty on features firing above --max-freq",
+                              metavar="X")
+    max_freq: float = option(0.1, "firing frequency (fraction of tokens) above which the "
+                             "frequency penalty applies", metavar="X")
+    buffer_tokens: int = option(8192, "activations read from the model at a time (all layers)",
+                                metavar="N")
+    ctx: int = option(128, "tokens per sequence (BOS + T - 1)", metavar="T")
     eval_tokens: int = 4096  # held-out tokens (never trained on) for the final FVU / L0
     dead_window: int = 50_000  # a feature is dead if it has not fired in this many tokens
     backend: str = "sparse"  # "sparse" (compiled ops) or "dense" (torch autograd)
