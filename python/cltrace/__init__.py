@@ -8,11 +8,18 @@ The pipeline, one package per stage (each imports only the stages before it)::
     replacement   transcoder features, reconstructions and errors of one prompt
     attribution   logit targets, rows of direct effects, the visit of the features -> Graph
     graph         the Graph as data: influence, pruning, scores
-    export        Neuronpedia / circuit-tracer JSON, Graphviz DOT/SVG
+    export        Neuronpedia / circuit-tracer JSON, SVG (pure Python), Graphviz DOT/PNG
     steering      interventions (frozen or free mode) and steered generation
     training      corpora, the training loop, the starter sets
     features      feature pages and automatic labels from a corpus (any transcoder set)
+    pipeline      one prompt end to end (attribute, prune, score, export): trace_prompt
+    batch         many prompts, local worker processes or a Ray cluster
     serve         the offline viewer (cltrace serve, cltrace.show in notebooks)
+    commands      the command line (cltrace <command>)
+
+Settings: one frozen dataclass per job holds its defaults (``AttributionSettings``,
+``PruneSettings``, ``TrainConfig``, ``TraceSettings``); the command-line options are made
+from it (:mod:`cltrace.settings`). Bad input raises :class:`cltrace.errors.UsageError`.
 
 The compiled core (``cltrace._C``) provides the sparse kernels (:mod:`cltrace.ops`, with a
 pure-torch twin of every op in :mod:`cltrace.reference`). ``import cltrace`` is cheap: the
@@ -36,6 +43,9 @@ _LAZY = {
     "FrozenLinearModel": "cltrace.frozen",
     "Seeds": "cltrace.frozen",
     "attribute": "cltrace.attribution",
+    "AttributionSettings": "cltrace.attribution",
+    "PruneSettings": "cltrace.graph",
+    "UsageError": "cltrace.errors",
     "Graph": "cltrace.graph",
     "prune": "cltrace.graph",
     "graph_scores": "cltrace.graph",
@@ -50,10 +60,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
-    from .attribution import attribute  # noqa: F401
+    from .attribution import AttributionSettings, attribute  # noqa: F401
+    from .errors import UsageError  # noqa: F401
     from .features import FeaturePages  # noqa: F401
     from .frozen import FrozenLinearModel, Seeds  # noqa: F401
-    from .graph import Graph, graph_scores, prune  # noqa: F401
+    from .graph import Graph, PruneSettings, graph_scores, prune  # noqa: F401
     from .models import load_model  # noqa: F401
     from .ops import SparseActs  # noqa: F401
     from .replacement import ActiveFeatures, ReplacementModel, ReplacementState  # noqa: F401

@@ -49,7 +49,7 @@ from ..transcoders.base import LayerTranscoder, TranscoderSet
 
 @dataclass
 class TrainConfig:
-    """What to train and how: the one source of these defaults, for :func:`train_transcoders`
+    """What to train and how: the one source of these defaults, for :func:`cltrace.training.train_transcoders`
     and ``cltrace train``'s options (made from the :func:`~cltrace.settings.option` fields);
     saved in checkpoints and in the written set's info."""
 
