@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .commands._common import CURRENT_STEP
 
         resume = getattr(args, "resume_hint", "run it again to resume")
-        print(f"cltrace {args.command}: interrupted ({e or CURRENT_STEP[0]}); nothing is left "
+        print(f"cltrace {args.command}: interrupted ({str(e) or CURRENT_STEP[0]}); nothing is left "
               f"half-written, {resume}", file=sys.stderr)
         return 130
 
