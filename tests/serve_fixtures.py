@@ -1,9 +1,11 @@
 """Fixtures for the viewer tests: graph JSONs, a feature page, a headless Chromium.
 
 * :func:`tiny_setup` — a tiny random Gemma 3 with calibrated transcoders, and a graph JSON of
-  it whose feature → logit edge weights are the direct effects ``A[t, s]`` measured through
-  the API (frozen mode, other features held: ``Δ(centred logit_t) = A[t, s] / a_s · Δa_s``,
-  measured with ``scale=0``), one of them left out as if pruned.
+  it whose token → feature and feature → logit link weights are the edges ``A[t, s]`` of
+  :func:`cltrace.attribute` (the real attribution, every active feature visited), one of them
+  left out as if pruned. The viewer's "edges predict the change" check then compares the
+  attribution with an intervention (frozen mode, other features held:
+  ``Δ(centred logit_t) = A[t, s] / a_s · Δa_s``), two independent computations.
 * :func:`synthetic_graph` — a graph JSON of any size (the big-graph test: ~1,200 nodes,
   ~300k links), valid node ids, Cantor-paired ``feature`` fields (schema_version 1).
 * :func:`feature_page` — a hand-written feature page in the format of docs/interop.md.
@@ -111,18 +113,32 @@ def _mlp_inputs(model, tokens):
 
 
 def tiny_setup(per_cell: int = 2):
-    """(ReplacementModel, graph JSON) for a tiny random Gemma 3 (4 layers, vocab 300)."""
-    from cltrace import Intervention, ReplacementModel, intervene
+    """(ReplacementModel, graph JSON) for a tiny random Gemma 3 (4 layers, vocab 300).
+
+    Nodes: every embedding, the ``per_cell`` most active features of each (layer, position)
+    past ``<bos>``, one error node a layer, the 4 most likely next tokens. Links: each feature's
+    edge from its own position's token and its edges into the 4 logits, read from the
+    attribution graph (``attribute(..., targets=top)``), except the first feature's link to the
+    top logit ("pruned")."""
+    from cltrace import ReplacementModel, attribute
     from tiny_gemma import random_transcoders, tiny_gemma
 
     model = tiny_gemma(n_layers=4)
     tcs = random_transcoders(_mlp_inputs(model, TOKENS), kind="plt", skip=True, d_sae=48)
     rm = ReplacementModel(model, tcs, skip_positions=1)
-    clean = intervene(rm, TOKENS, [], mode="frozen")
+    clean = rm.run(TOKENS)
     n_layers, last = 4, len(TOKENS) - 1
     tokens = [f"t{t}" for t in TOKENS]
     probs = torch.softmax(clean.logits[-1].double(), -1)
     top = probs.topk(4).indices.tolist()
+    graph = attribute(TOKENS, rm, targets=top, max_feature_nodes=None)  # every active feature
+    assert graph.logit_tokens.tolist() == top
+    node = {tuple(r): i for i, r in enumerate(graph.features.tolist())}  # (layer, pos, f) -> node
+    row = {int(t): r for r, t in enumerate(graph.edge_targets.tolist())}  # node -> its edge row
+
+    def edge(target: int, source: int) -> float:
+        return float(graph.edges[row[target], source])
+
     nodes, feats = embed_nodes(TOKENS, tokens), []
     for L in range(n_layers):
         a = clean.acts[L]
@@ -131,6 +147,7 @@ def tiny_setup(per_cell: int = 2):
             pick = sorted(range(lo, hi), key=lambda k: -float(a.acts[k]))[:per_cell]
             for k in pick:
                 f, act = int(a.feat_idx[k]), float(a.acts[k])
+                assert float(graph.activations[node[(L, p, f)]]) == act
                 feats.append((L, f, p, act))
         nodes.append(_node(f"{L}_-1_{last}", -1, L, last, "mlp reconstruction error", influence=0.7))
     for i, (L, f, p, act) in enumerate(feats):
@@ -139,16 +156,14 @@ def tiny_setup(per_cell: int = 2):
     for t in top:
         nodes.append(_node(f"{n_layers + 1}_{t}_{last}", t, n_layers + 1, last, "logit",
                            clerp=f'Output "t{t}" (p={float(probs[t]):.3f})', prob=float(probs[t])))
-    centred = lambda lg: lg[-1].double() - lg[-1].double().mean()  # noqa: E731
-    links = [{"source": f"E_{TOKENS[p]}_{p}", "target": f"{L}_{f}_{p}", "weight": 0.5}
-             for (L, f, p, _) in feats]
-    for j, (L, f, p, act) in enumerate(feats):  # direct effects, measured with the API
-        res = intervene(rm, TOKENS, [Intervention(L, f, pos=p, scale=0.0)], mode="frozen", freeze_features=True)
-        d = centred(res.logits) - centred(clean.logits)
-        for t in top:
-            if j == 0 and t == top[0]:
+    links = [{"source": f"E_{TOKENS[p]}_{p}", "target": f"{L}_{f}_{p}",
+              "weight": edge(node[(L, p, f)], graph.token_start + p)} for (L, f, p, _) in feats]
+    for j, (L, f, p, act) in enumerate(feats):
+        for k, t in enumerate(top):
+            if j == 0 and k == 0:
                 continue  # "pruned": the viewer must say this link is missing
-            links.append({"source": f"{L}_{f}_{p}", "target": f"{n_layers + 1}_{t}_{last}", "weight": -float(d[t])})
+            links.append({"source": f"{L}_{f}_{p}", "target": f"{n_layers + 1}_{t}_{last}",
+                          "weight": edge(graph.logit_start + k, node[(L, p, f)])})
     g = _graph("tiny", tokens, TOKENS, nodes, links)
     g["metadata"]["feats"] = len(feats)
     return rm, g

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,6 @@ from serve_fixtures import (TOKENS, browser_missing, cleanup, feature_page, laun
                             synthetic_graph, tiny_setup)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")
-OPEN_BUDGET_MS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +331,10 @@ def test_ablation_from_page_matches_api(page, server, folder, tiny):
         measured, predicted = float(r.get_attribute("data-measured")), float(r.get_attribute("data-predicted"))
         if "pruned" in r.inner_text():
             continue
-        assert predicted == pytest.approx(measured, rel=1e-3, abs=1e-6)
+        # attribution (attribute()) against intervention: float32 rounding only (measured: at most
+        # 2.2e-7 apart, 6.8e-5 relative at |Δ| ~ 1e-3, over every single-feature ablation, all but
+        # one at once, and scale/add; was rel 1e-3 when both sides were intervene())
+        assert predicted == pytest.approx(measured, rel=1e-4, abs=1e-6)
     assert "link pruned from JSON" in page.inner_text("#exp-logits")
 
 
@@ -354,26 +355,24 @@ def test_invalid_experiments_show_clear_errors(page, server, tiny):
     assert "max_new_tokens 999 is out of range" in page.inner_text("#exp-error")
 
 
-def test_big_graph_opens_in_budget_and_stays_responsive(page, server, folder):
+def test_big_graph_opens_and_stays_usable(page, server, folder):
+    """The big graph opens with every node drawn; selecting its busiest node and moving the
+    pruning slider work, under the density cap. (How long they take is measured by
+    benchmarks/end_to_end/bench_viewer.py, not here: a wall-clock limit in a test fails from
+    machine load alone.)"""
     g = json.loads((folder / "big.json").read_text())
-    t0 = time.perf_counter()
     open_graph(page, server, "big.json")
-    wall_ms = 1000 * (time.perf_counter() - t0)
-    open_ms = page.evaluate("window.cltraceOpenMs")  # fetch + parse + index + draw, in the page
-    print(f"big graph ({len(g['nodes'])} nodes, {len(g['links'])} links, "
-          f"{(folder / 'big.json').stat().st_size / 1e6:.1f} MB): opened in {open_ms:.0f} ms in the page, "
-          f"{wall_ms:.0f} ms from navigation; {page.evaluate('window.cltraceTimings')}")
-    assert open_ms < OPEN_BUDGET_MS and wall_ms < OPEN_BUDGET_MS + 1000
+    print(f"big graph ({len(g['nodes'])} nodes, {len(g['links'])} links): opened in "
+          f"{page.evaluate('window.cltraceOpenMs'):.0f} ms in the page (informative only)")
     assert page.locator("#graph .node").count() == len(g["nodes"])
+    assert int(page.evaluate("document.body.dataset.nodesShown")) == len(g["nodes"])
     busiest = max(g["nodes"], key=lambda n: sum(1 for link in g["links"] if n["node_id"] in (link["source"], link["target"]))
                   if n["feature_type"] == "logit" else 0)
-    click_ms = page.evaluate(f"""() => {{ const t = performance.now();
-        window.cltrace.select(window.cltrace.byId.get({json.dumps(busiest["node_id"])}));
-        return performance.now() - t; }}""")
-    slider_ms = page.evaluate("""() => { const t = performance.now(), s = document.getElementById('threshold');
-        s.value = 0.4; s.dispatchEvent(new Event('input')); return performance.now() - t; }""")
-    print(f"select busiest node: {click_ms:.0f} ms; move pruning slider: {slider_ms:.0f} ms")
-    assert click_ms < 250 and slider_ms < 250
+    page.evaluate(f"""() => window.cltrace.select(window.cltrace.byId.get({json.dumps(busiest["node_id"])}))""")
+    assert page.evaluate("document.body.dataset.selected") == busiest["node_id"]
+    set_threshold(page, 0.4)  # pruning slider: features with influence <= 0.4 stay
+    kept = sum(1 for n in g["nodes"] if n["feature_type"] in ("embedding", "logit") or n["influence"] <= 0.4)
+    assert int(page.evaluate("document.body.dataset.nodesShown")) == kept < len(g["nodes"])
     assert 0 < int(page.evaluate("document.body.dataset.linksDrawn")) <= 300  # density cap
     shot(page, "big-graph")
 

@@ -1,8 +1,10 @@
 """The fast-path tokenizer (cltrace.models.fast_tokenizer) against the library on the cached
 embedded model's tokenizer.json: the same ids (corpus documents and random substrings of them, whitespace, byte fallback, every
 added token inside text), the same decoded strings (random ids, byte runs valid and invalid
-UTF-8, special ids, out-of-range ids), delegation of what the fast path does not answer, and its
-load time in a fresh process."""
+UTF-8, special ids, out-of-range ids), delegation of what the fast path does not answer, and
+what a fresh process loads (the fast path, without importing transformers). Its load time is
+measured in benchmarks/end_to_end/bench_tokenizer.py, not here: a wall-clock limit in a test
+fails from machine load alone."""
 from __future__ import annotations
 
 import pickle
@@ -151,7 +153,7 @@ def test_load_model_takes_the_fast_path(real_gemma):
     assert isinstance(real_gemma.tokenizer, tokmod.FastPathTokenizer)
 
 
-def test_load_time_in_a_fresh_process(folder):
+def test_fresh_process_takes_the_fast_path_without_transformers(folder):
     from cltrace.models.load import _cached_tokenizer
 
     _cached_tokenizer(folder)  # the compact form exists from here on
@@ -163,6 +165,7 @@ def test_load_time_in_a_fresh_process(folder):
             "print(type(tok).__name__, time.perf_counter() - t, 'transformers' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     name, seconds, imported = out.stdout.split()
-    print(f"fast-path tokenizer built and used in {float(seconds):.3f} s")
-    # (transformers itself is not imported: ~0.7 s of a start)
-    assert name == "FastPathTokenizer" and float(seconds) < 0.5 and imported == "False"
+    print(f"fast-path tokenizer built and used in {float(seconds):.3f} s (informative only; "
+          "timed in benchmarks/end_to_end/bench_tokenizer.py)")
+    # transformers itself is not imported (it is ~0.7 s of a start)
+    assert name == "FastPathTokenizer" and imported == "False"
