@@ -130,20 +130,35 @@ def test_hub_id_offline_without_cache(tmp_path, monkeypatch):
 
 @pytest.mark.real_model
 def test_real_gemma3_270m_capital_of_france(real_gemma):
-    """The embedded Gemma 3 270M: " Paris" in the top 5 after "The capital of France is"."""
+    """The embedded Gemma 3 270M: " Paris" in the top 5 after "The capital of France is", and
+    its next-token distribution is transformers' own Gemma3ForCausalLM's (eager attention, the
+    reference implementation) on the same cached weights."""
+    from transformers import Gemma3ForCausalLM as Reference
+
+    from cltrace.models import embedded_model_dir
+
     lm = real_gemma
     cfg = lm.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (18, 640, 2048)
     assert lm.model.dtype == torch.float32
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert ids[0, 0].item() == lm.tokenizer.bos_token_id
+    ref = Reference.from_pretrained(embedded_model_dir(), dtype=torch.float32,
+                                    attn_implementation="eager").eval()
     with torch.no_grad():
-        probs = lm.model(ids).logits[0, -1].softmax(-1)
+        logits = lm.model(ids).logits[0]
+        want = ref(ids).logits[0]
+    # float32 rounding of the same computation in another order (measured 1.8e-5 at logits up
+    # to 22.4; transformers' SDPA path: bit-identical)
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)
+    probs, ref_probs = logits[-1].double().softmax(-1), want[-1].double().softmax(-1)
     top = probs.topk(5)
+    assert top.indices.tolist() == ref_probs.topk(5).indices.tolist()
     words = [lm.tokenizer.decode(int(i)) for i in top.indices]
     paris = lm.tokenizer.encode(" Paris", add_special_tokens=False)
     assert len(paris) == 1 and " Paris" in words, words
-    assert 0.03 < probs[paris[0]].item() < 0.2, probs[paris[0]].item()
+    # p(" Paris") = 0.0840 in both (measured 7e-6 apart, relative)
+    assert probs[paris[0]].item() == pytest.approx(ref_probs[paris[0]].item(), rel=1e-4)
 
 
 def test_embedded_model_cache_is_atomic(tmp_path, tiny_dir, monkeypatch):
