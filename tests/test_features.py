@@ -2,11 +2,13 @@
 page format, labels, and the command's errors. Tiny random Gemma 3; one test on the real 270M."""
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 from cltrace.features import FeaturePages, FeatureState, build_pages, cantor, merge_states, pages_for_graph, uncantor
+from cltrace.features.logits import feature_logits, unembedding
+from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE, auto_label
 from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
 from cltrace.features.selection import EMPTY_TOK, sample_keys
 from cltrace.features.state import HIST_BINS, quantile_values
@@ -78,12 +82,15 @@ def test_state_equals_brute_force(setup):
             if a_f.numel() == 0:
                 assert int(st.top.tok[f, 0]) == EMPTY_TOK
                 continue
-            torch.testing.assert_close(st.act_max[f], a_f.max(), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(st.act_min[f], a_f.min(), rtol=1e-5, atol=1e-6)
+            # the scan's batches against one dense pass: measured bit-equal (also one-thread and
+            # with CLTRACE_TINY_MODEL=cltrace); 8 float32 ulps leave room for another BLAS's
+            # summation order (was rtol 1e-5)
+            torch.testing.assert_close(st.act_max[f], a_f.max(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(st.act_min[f], a_f.min(), rtol=1e-6, atol=1e-7)
             # top-K: largest activations, ties by token id
             order = sorted(range(a_f.numel()), key=lambda j: (-float(a_f[j]), int(t_f[j])))[:5]
             assert st.top.tok[f, :len(order)].tolist() == [int(t_f[j]) for j in order]
-            torch.testing.assert_close(st.top.act[f, :len(order)], a_f[order], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(st.top.act[f, :len(order)], a_f[order], rtol=1e-6, atol=1e-7)
             # sample: the smallest hash keys, computed directly
             keys = sample_keys(7, L, torch.full_like(t_f, f), t_f)
             want = sorted(range(t_f.numel()), key=lambda j: (float(keys[j]), int(t_f[j])))[:8]
@@ -180,8 +187,79 @@ PAGE_SCHEMA = {
         "quantile_values": {"type": "array", "items": {"type": "number"}, "minItems": 100, "maxItems": 100},
         "histogram": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
         "activation_frequency": {"type": "number", "minimum": 0, "maximum": 1},
+        # cltrace's own (extra fields: the viewers ignore them)
+        "label": {"type": "string", "minLength": 1},
+        "label_examples": {"type": "integer", "minimum": 1},
+        "top_logit_score": {"type": ["number", "null"]},
     },
 }
+
+
+# --- top/bottom logits and labels against a dense computation ---------------------------------
+
+def dense_logits(model, ts, L, f):
+    """The computation logits.py documents, dense and in float64: ``(sum of f's decoder rows *
+    (1 + final norm weight)) @ W_U^T``, demeaned over the vocabulary. (token ids most promoted
+    first, the logits, (max - mean) / population std)."""
+    W_U = model.lm_head.weight.detach().double()
+    gain = 1.0 + model.model.norm.weight.detach().double()
+    lg = W_U @ (ts.layers[L].W_dec[f].double().sum(0) * gain)
+    lg = lg - lg.mean()
+    order = torch.argsort(lg, descending=True)
+    return order, lg, float(lg.max() / lg.std(correction=0))
+
+
+def float32_error_bound(model, ts, L, f) -> float:
+    """A bound on how far the code's float32 logits can be from the exact ones: the standard
+    (m + 1) u sum|a_i b_i| of an m-term float32 dot product (u = 2^-24), m = d_model plus the
+    decoder rows summed and the gain multiplied."""
+    W = ts.layers[L].W_dec[f].double()  # [n_out, d_model]
+    gain = 1.0 + model.model.norm.weight.detach().double()
+    m = W.shape[1] + W.shape[0] + 2
+    return float(((W.abs().sum(0) * gain.abs()) @ model.lm_head.weight.detach().double().abs().T).max()) * (m + 1) * 2.0 ** -24
+
+
+def assert_sorted_like(top, bottom, order, lg, bound, n):
+    """``top``/``bottom`` (token ids) are the dense sort's first / last ``n``: distinct, and the
+    i-th has the i-th largest / smallest exact logit, to twice the float32 error ``bound`` (so
+    the ids equal the dense order wherever neighbours differ by more than that: all but
+    near-ties, which float32 may order either way; counted, they must be rare)."""
+    srt = lg[order]
+    for ids, want in ((top, srt[:n]), (bottom, srt.flip(0)[:n])):
+        assert len(ids) == len(set(ids)) == n
+        assert float((lg[ids] - want).abs().max()) <= 2 * bound, (ids, lg[ids], want)
+    exact = [i for i in range(n) if top[i] == int(order[i])] + \
+        [i for i in range(n) if bottom[i] == int(order[-1 - i])]
+    return len(exact)
+
+
+def expected_label(top_tokens, top_logit, score):
+    """What a label must be: the two most frequent top-example tokens (first seen first among
+    equals), then ``→ top logit`` exactly when its score reaches LOGIT_LABEL_MIN_SCORE."""
+    first, counts = {}, Counter(top_tokens)
+    for i, t in enumerate(top_tokens):
+        first.setdefault(t, i)
+    act = "/".join(json.dumps(t) for t in sorted(counts, key=lambda t: (-counts[t], first[t]))[:2])
+    return act + (f" → {json.dumps(top_logit)}" if score >= LOGIT_LABEL_MIN_SCORE else "")
+
+
+def check_logits_and_label(page, model, ts, rows, st, L, f, n=10):
+    """The page's top/bottom logits, score and label against :func:`dense_logits` and the top
+    examples of the scan state ``st`` (itself checked against brute force). Returns the
+    score."""
+    order, lg, score = dense_logits(model, ts, L, f)
+    top = [int(t[1:]) for t in page["top_logits"]]
+    bottom = [int(t[1:]) for t in page["bottom_logits"]]
+    assert_sorted_like(top, bottom, order, lg, float32_error_bound(model, ts, L, f), n)
+    # score: rounded to 3 decimals on the page
+    assert abs(page["top_logit_score"] - score) <= 5e-4 + 1e-6 * score, (page["top_logit_score"], score)
+    assert abs(score - LOGIT_LABEL_MIN_SCORE) > 1e-3  # which side of the threshold is not rounding
+    tok = st.top.tok[f][st.top.tok[f] != EMPTY_TOK]
+    flat = rows.flatten()
+    top_tokens = [f"t{int(flat[t])}" for t in tok.tolist()]
+    assert page["label_examples"] == len(top_tokens) == min(st.top.k, int(st.count[f])) > 0
+    assert page["label"] == expected_label(top_tokens, f"t{int(order[0])}", score), (page["label"], score)
+    return score
 
 
 def test_pages_valid_labelled_and_in_every_layout(setup, built):
@@ -203,6 +281,7 @@ def test_pages_valid_labelled_and_in_every_layout(setup, built):
             assert path.exists() == fired and bool(pages.label(L, f)) == fired
             if not fired:
                 assert offsets[f] == offsets[f + 1] and pages.page(L, f) is None
+                assert pages.label_examples(L, f) == 0
                 continue
             n_fired += 1
             page = json.loads(path.read_text())
@@ -210,7 +289,11 @@ def test_pages_valid_labelled_and_in_every_layout(setup, built):
             rec = blob[offsets[f]:offsets[f + 1]]
             (n,) = struct.unpack("<I", rec[:4])
             assert json.loads(zlib.decompress(rec[4:4 + n])) == page == pages.page(L, f)
-            assert page["index"] == f and page["label"] == pages.label(L, f) and " → " in page["label"]
+            assert page["index"] == f and page["label"] == pages.label(L, f)
+            assert pages.label_examples(L, f) == page["label_examples"]
+            # random decoders: no top logit stands out of 300, so no label shows one
+            assert check_logits_and_label(page, model, ts, rows, state.layers[L], L, f) < LOGIT_LABEL_MIN_SCORE
+            assert " → " not in page["label"]
             assert sum(page["histogram"]) == int(state.layers[L].count[f])
             assert page["activation_frequency"] == int(state.layers[L].count[f]) / state.n_tokens
             top = page["examples_quantiles"][0]["examples"]
@@ -227,6 +310,104 @@ def test_pages_valid_labelled_and_in_every_layout(setup, built):
             assert got == [w for w in want if w]
     assert n_fired == res.n_pages > 0
     assert uncantor(cantor(17, 2047)) == (17, 2047)
+    labels = json.loads(gzip.decompress((out / "labels.json.gz").read_bytes()))
+    assert labels["format"] == "cltrace.features/2" and pages.current
+    for L in LAYERS:
+        want = [min(5, int(c)) for c in state.layers[L].count]  # top_k 5; 0: never fired
+        assert labels["layers"][str(L)]["label_examples"] == want
+
+
+OUT_TOKEN = 1  # <eos>: in no row, so its unembedding row can change without changing activations
+BIG_VOCAB = 4096  # a noise top logit as Gemma's 262k make it: ~4 SD, not the ~3 of 300 tokens
+
+
+@pytest.fixture(scope="module")
+def aligned(setup, tmp_path_factory):
+    """Pages of a tiny model with a 4096-token vocabulary (the rows of ``setup``: tokens < 300)
+    where token OUT_TOKEN's unembedding row is 2.5 times a typical row's norm, and in each layer
+    the first feature that fires has the decoder ``W_U[OUT_TOKEN] / (1 + w_norm)`` (so its
+    direction through the final norm's gain is that row); the other features keep their random
+    decoders. (out, rows, model, transcoders, aligned features {layer: feature})."""
+    _, rows, _ = setup
+    assert not (rows == OUT_TOKEN).any()
+    model = tiny_gemma(n_layers=3, vocab=BIG_VOCAB)
+    x = ActivationSource(model, rows, LAYERS, BOS, outputs=False).read(torch.arange(6)).x
+    ts = random_transcoders(x, d_sae=40, active=0.08)
+    state = run_scan(model, rows, ts)
+    feats = {L: int(torch.nonzero(state.layers[L].count > 0)[0]) for L in LAYERS}
+    with torch.no_grad():
+        W_U = model.lm_head.weight
+        u = torch.randn(W_U.shape[1], generator=torch.Generator().manual_seed(5))
+        W_U[OUT_TOKEN] = 2.5 * W_U.norm(dim=1).median() * u / u.norm()
+        gain = 1.0 + model.model.norm.weight
+        for L, f in feats.items():
+            ts.layers[L].W_dec[f, 0] = W_U[OUT_TOKEN] / gain
+    out = tmp_path_factory.mktemp("aligned") / "out"
+    build_pages(model, CharTok(), ts, rows, LAYERS, out, top_k=5, n_samples=8, seed=7, window=4,
+                batch_rows=3, bar=False)
+    return out, rows, model, ts, feats
+
+
+def test_logits_and_labels_of_an_aligned_feature_and_random_ones(aligned):
+    """A feature whose decoder writes one unembedding row's direction: its top logit is that
+    token, 19 SD out, and its label ends ``→ "t1"``; every other feature's top logit is the
+    noise of 4096 (< 7 SD), and its label has no logit half. Every page's logits, score and
+    label as the dense computation says."""
+    out, rows, model, ts, feats = aligned
+    state = run_scan(model, rows, ts)
+    pages = FeaturePages(out)
+    seen = {True: 0, False: 0}
+    for L in LAYERS:
+        for f in range(40):
+            page = pages.page(L, f)
+            if page is None:
+                continue
+            score = check_logits_and_label(page, model, ts, rows, state.layers[L], L, f)
+            is_aligned = f == feats[L]
+            assert (score >= LOGIT_LABEL_MIN_SCORE) == is_aligned, (L, f, score)
+            assert page["label"].endswith(f' → "t{OUT_TOKEN}"') == is_aligned
+            assert page["label"] == pages.label(L, f)
+            if is_aligned:
+                assert page["top_logits"][0] == f"t{OUT_TOKEN}" and score > 18
+            else:
+                assert score < 7
+            seen[is_aligned] += 1
+    assert seen[True] == len(LAYERS) and seen[False] > 10
+
+
+def test_feature_logits_scores_equal_the_dense_ones(aligned):
+    """Unrounded: the closed-form score (mean g.mu, variance g^T C g over the vocabulary) is the
+    dense (max - mean) / std of the logits to float rounding; top/bottom ids as sorted."""
+    _, _, model, ts, _ = aligned
+    U = unembedding(model)
+    n_exact = n_all = 0
+    for L in LAYERS:
+        fl = feature_logits(model, ts, L, torch.arange(40), n=7, chunk=16, unemb=U)
+        for f in range(40):
+            order, lg, score = dense_logits(model, ts, L, f)
+            n_exact += assert_sorted_like(fl.top[f].tolist(), fl.bottom[f].tolist(), order, lg,
+                                          float32_error_bound(model, ts, L, f), 7)
+            n_all += 14
+            # float32 logits and Gram chunks against float64: measured 2.9e-7 relative at most
+            assert abs(float(fl.score[f]) - score) <= 1e-6 * score, (L, f, float(fl.score[f]), score)
+    assert n_exact >= n_all - 2, (n_exact, n_all)  # near-ties: at most one swapped pair
+    empty = feature_logits(model, ts, 0, torch.zeros(0, dtype=torch.int64), unemb=U)
+    assert empty.top.shape == (0, 10) and empty.score.shape == (0,)
+    zero = copy.deepcopy(ts)
+    zero.layers[0].W_dec[3] = 0.0  # no direction at all: score 0, no logit in the label
+    assert float(feature_logits(model, zero, 0, torch.tensor([3]), unemb=U).score[0]) == 0.0
+
+
+def test_auto_label_threshold():
+    """The logit half appears exactly from LOGIT_LABEL_MIN_SCORE up (no score: never)."""
+    k = LOGIT_LABEL_MIN_SCORE
+    toks = [" a", "b", " a", "c", "b", "\n"]
+    assert auto_label(toks, [" x"], k) == '" a"/"b" → " x"'
+    assert auto_label(toks, [" x"], math.inf) == '" a"/"b" → " x"'
+    for score in (math.nextafter(k, 0.0), None, math.nan, 0.0):
+        assert auto_label(toks, [" x"], score) == '" a"/"b"'
+    assert auto_label(["\n", "q"], [], 100.0) == '"\\n"/"q"'
+    assert auto_label([], [" x"], k) == '→ " x"' and auto_label([], [" x"], 1.0) == ""
 
 
 def test_page_examples_recompute_through_the_model(setup, built):
@@ -256,8 +437,12 @@ def test_page_examples_recompute_through_the_model(setup, built):
             assert ex["tokens"] == [f"t{int(i)}" for i in rows[row, start:end + 1]]
             assert ex["train_token_ind"] == pos - start
             want = [acts.get(p, 0.0) for p in range(start, end + 1)]
-            np.testing.assert_allclose(ex["tokens_acts_list"], want, rtol=2e-3, atol=2e-3)
-            assert ex["tokens_acts_list"][pos - start] == pytest.approx(acts[pos], rel=1e-4, abs=1e-5)
+            # the window is float16: round-to-nearest is within 2^-11 = 4.9e-4 of the value
+            # (measured 4.3e-4 rel, 8.6e-4 abs at 4.1), then 5 decimals (5e-6); was 2e-3 / 2e-3
+            np.testing.assert_allclose(ex["tokens_acts_list"], want, rtol=6e-4, atol=1e-5)
+            # the centre is the scan's float32 value to 5 decimals (5e-6) recomputed on one row
+            # (measured 4.1e-6 in all; was rel 1e-4, abs 1e-5)
+            assert abs(ex["tokens_acts_list"][pos - start] - acts[pos]) <= 5e-6 + 1e-6 * abs(acts[pos])
             checked += 1
     assert checked >= 3
 
@@ -273,6 +458,50 @@ def test_pages_for_graph(built, tmp_path):
     for L, f in fired:
         assert json.loads((tmp_path / "graph" / "features" / f"{cantor(L, f)}.json").read_text()) == pages.page(L, f)
     assert len(list((tmp_path / "graph" / "features").iterdir())) == len(fired)
+
+
+def test_older_format_is_read_and_the_starter_cache_rebuilt(built, tmp_path, monkeypatch):
+    """A folder in the previous format (cltrace.features/1: no label_examples) still reads, as
+    not current; the starter set's cached pages in that format are rebuilt once, then reused."""
+    import shutil
+    from types import SimpleNamespace
+
+    import cltrace.features.starter as starter
+    import cltrace.training.corpus as corpus
+    import cltrace.training.starter as training_starter
+
+    out, _ = built
+    old = tmp_path / "cache" / "starter" / "t-pages"
+    shutil.copytree(out, old)
+    data = json.loads(gzip.decompress((old / "labels.json.gz").read_bytes()))
+    data["format"] = "cltrace.features/1"
+    for v in data["layers"].values():
+        del v["label_examples"]
+    (old / "labels.json.gz").write_bytes(gzip.compress(json.dumps(data).encode()))
+    pages, now = FeaturePages(old), FeaturePages(out)
+    assert not pages.current and now.current
+    for L in LAYERS:
+        for f in range(40):
+            assert pages.label(L, f) == now.label(L, f)
+            assert pages.label_examples(L, f) == (None if now.label(L, f) else 0)
+
+    built_into = []
+
+    def fake_build(model, tokenizer, transcoders, rows, layers, folder, **kw):
+        built_into.append(folder)
+        shutil.copytree(out, folder)
+
+    monkeypatch.setattr(starter, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(starter, "build_pages", fake_build)
+    monkeypatch.setattr(training_starter, "starter_corpus", lambda loaded, tag, progress: SimpleNamespace(train=["x"]))
+    monkeypatch.setattr(corpus, "token_rows", lambda *a, **kw: torch.zeros(1, 4, dtype=torch.int64))
+    loaded = SimpleNamespace(model=None, tokenizer=None)
+    ts = SimpleNamespace(info={"set_id": "cltrace-starter/t"}, layers={0: None})
+    said = []
+    for _ in range(2):
+        got = starter.starter_pages(loaded, ts, progress=said.append)
+        assert got.current and got.label_examples(0, 0) == now.label_examples(0, 0)
+    assert built_into == [old] and "older format" in said[0]
 
 
 # --- the command -----------------------------------------------------------------------------

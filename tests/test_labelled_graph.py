@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
 from cltrace.attribution import attribute
 from cltrace.export import to_neuronpedia
 from cltrace.features import FeaturePages, build_pages, pages_for_graph
+from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE
 from cltrace.graph import prune
 from cltrace.replacement import ReplacementModel
 from cltrace.serve import make_server, serve_in_thread
@@ -58,7 +60,12 @@ def test_json_carries_labels_and_a_viewer_scan(labelled):
     for n in feats:
         layer, f, _ = map(int, n["node_id"].split("_"))
         assert n["clerp"] == pages.label(layer, f) != ""  # every feature that fired has a label
-        assert json.loads((out / "features" / f"{n['feature']}.json").read_text()) == pages.page(layer, f)
+        page = json.loads((out / "features" / f"{n['feature']}.json").read_text())
+        assert page == pages.page(layer, f)
+        # the logit half only where the top logit stands out (random decoders: nowhere here)
+        shown = page["top_logit_score"] >= LOGIT_LABEL_MIN_SCORE
+        assert (" → " in n["clerp"]) == shown and not shown
+        assert page["label_examples"] == len(page["examples_quantiles"][0]["examples"]) == pages.label_examples(layer, f)
 
 
 def test_viewer_shows_a_clicked_features_examples(labelled):
@@ -89,6 +96,11 @@ def test_viewer_shows_a_clicked_features_examples(labelled):
             pg.wait_for_selector("#feature-body .example")
             body = pg.inner_text("#feature-body")
             assert node["clerp"] in body
+            n_ex = page_json["label_examples"]  # the card says what the label rests on
+            assert pg.inner_text("#feature-body .label-basis") == f"label from {n_ex} example{'' if n_ex == 1 else 's'}"
+            # JS toFixed(1) of a positive number: the nearest, ties up (Decimal: the exact binary value)
+            score = Decimal(page_json["top_logit_score"]).quantize(Decimal("0.1"), ROUND_HALF_UP)
+            assert f"{score} SD above the vocabulary mean" in body
             shown = pg.locator("#feature-body .quantile.top .example").count()
             assert shown == len(page_json["examples_quantiles"][0]["examples"]) > 0
             first = pg.locator("#feature-body .quantile.top .example").first.locator("span.tok")

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .logits import token_strings, top_bottom_logits
+from .logits import feature_logits, token_strings, unembedding
 from .pages import feature_page, page_token_ids
 from .scan import layer_encoders, scan
 from .state import FeatureState
@@ -148,9 +148,10 @@ def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_l
     transcoder_id = str(transcoders.info.get("set_id") or "")
     writer = PageWriter(out, json_files=json_files)
     n_pages = 0
+    unemb = unembedding(model)  # once for every layer
     for L, st in state.layers.items():
         fired = torch.nonzero(st.count > 0).flatten()
-        top, bottom = top_bottom_logits(model, transcoders, L, fired, n=n_logits)
+        top, bottom, score = feature_logits(model, transcoders, L, fired, n=n_logits, unemb=unemb)
         ids = top.flatten().tolist() + bottom.flatten().tolist()
         for f in fired.tolist():
             ids += page_token_ids(st, f, flat, ctx, window)
@@ -158,7 +159,7 @@ def _write(model, tokenizer, transcoders, state, windows, rows, out, window, n_l
         writer.begin_layer(L, st.d_sae)
         for i, f in enumerate(fired.tolist()):
             page = feature_page(L, f, st, windows[L][f], flat, ctx, window, state.n_tokens,
-                                tokstr, top[i], bottom[i], transcoder_id)
+                                tokstr, top[i], bottom[i], transcoder_id, float(score[i]))
             writer.add(f, page)
         writer.end_layer()
         n_pages += fired.numel()

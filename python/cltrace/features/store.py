@@ -10,8 +10,10 @@ A pages folder ``DIR`` holds::
     features/layer_{L}.bin     records of 4-byte little-endian length + zlib-compressed page
                                JSON (an unfired feature has an empty record: equal offsets)
     labels.json.gz             cltrace's compact index: ``{"format", "model", "transcoders",
-                               "n_tokens", "layers": {"<layer>": {"d_sae", "labels": [str]}}}``
-                               (label "" = the feature never fired, so it has no page)
+                               "n_tokens", "layers": {"<layer>": {"d_sae", "labels": [str],
+                               "label_examples": [int]}}}`` (label "" = the feature never fired,
+                               so it has no page; label_examples: the number of top examples its
+                               label is made from, 0 when it never fired; the page's own field)
 
 :class:`FeaturePages` reads it (labels and pages by (layer, feature)); :func:`pages_for_graph`
 copies the pages of a graph's features next to the graph for circuit-tracer's local viewer.
@@ -31,7 +33,9 @@ from ..export.neuronpedia import cantor_pair as cantor, cantor_unpair as uncanto
 
 LABELS_FILE = "labels.json.gz"
 INDEX_FILE = "index.json.gz"
-FORMAT = "cltrace.features/1"
+FORMAT = "cltrace.features/2"  # /2 added label_examples and labels showing a top logit only
+# where it stands out; /1 folders are still read (label_examples: None)
+READABLE_FORMATS = ("cltrace.features/1", FORMAT)
 
 
 def page_json(page: dict) -> bytes:
@@ -62,6 +66,7 @@ class PageWriter:
     def begin_layer(self, layer: int, d_sae: int) -> None:
         self.layer, self.d_sae = layer, d_sae
         self.offsets, self.layer_labels = [0] * (d_sae + 1), [""] * d_sae
+        self.layer_counts = [0] * d_sae
         self.filename = f"layer_{layer}.bin"
         self._ctx = _atomic(self.dir / self.filename)
         self._bin = open(self._ctx.__enter__(), "wb")
@@ -76,6 +81,7 @@ class PageWriter:
         self._bin.write(rec)
         self._pos += len(rec)
         self.layer_labels[f] = page["label"]
+        self.layer_counts[f] = int(page["label_examples"])
         if self.json_files:
             with open(self.dir / f"{cantor(self.layer, f)}.json", "wb") as fh:
                 fh.write(text)
@@ -87,7 +93,8 @@ class PageWriter:
         self._bin.close()
         self._ctx.__exit__(None, None, None)
         self.index[str(self.layer)] = {"filename": self.filename, "offsets": self.offsets}
-        self.labels[str(self.layer)] = {"d_sae": self.d_sae, "labels": self.layer_labels}
+        self.labels[str(self.layer)] = {"d_sae": self.d_sae, "labels": self.layer_labels,
+                                        "label_examples": self.layer_counts}
 
     def close(self, meta: dict) -> None:
         _write_gz_json(self.dir / INDEX_FILE, self.index)
@@ -104,10 +111,11 @@ class FeaturePages:
             raise FileNotFoundError(f"{self.folder} is not a feature pages folder (no {LABELS_FILE}; "
                                     "make one with `cltrace features --out DIR`)")
         data = json.loads(gzip.decompress(path.read_bytes()))
-        if data.get("format") != FORMAT:
+        if data.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT})")
         self.meta = {k: v for k, v in data.items() if k != "layers"}
         self._labels = {int(L): v["labels"] for L, v in data["layers"].items()}
+        self._counts = {int(L): v.get("label_examples") for L, v in data["layers"].items()}
         self._index: Optional[dict] = None
 
     @property
@@ -118,6 +126,20 @@ class FeaturePages:
         """The automatic label ("" when the feature never fired or its layer was not scanned)."""
         labels = self._labels.get(int(layer))
         return labels[feature] if labels is not None and 0 <= feature < len(labels) else ""
+
+    @property
+    def current(self) -> bool:
+        """Whether the folder was written in this version's format (labels and counts as made
+        now); an older folder's labels may show a top logit that does not stand out."""
+        return self.meta.get("format") == FORMAT
+
+    def label_examples(self, layer: int, feature: int) -> Optional[int]:
+        """How many top examples the label of (layer, feature) is made from (0 when it never
+        fired or its layer was not scanned; None in a folder of the older format)."""
+        if not self.label(layer, feature):
+            return 0
+        counts = self._counts.get(int(layer))
+        return None if counts is None else int(counts[feature])
 
     def page(self, layer: int, feature: int) -> Optional[dict]:
         """The page of (layer, feature), or None if it never fired (or was not scanned)."""

@@ -86,11 +86,15 @@
     body.replaceChildren();
     const label = n.clerp || (page && (page.label || page.explanation)) || "(no label)";
     body.append(el("h3", { class: "feature-label", text: label }), el("p", { class: "muted", text: `layer ${n.layerNum}, feature ${n.featIdx}` }));
+    // how many top examples the label rests on (cltrace pages' label_examples; other pages: none)
+    const nEx = page ? page.label_examples : undefined;
+    if (Number.isInteger(nEx)) body.append(el("p", { class: "muted label-basis", text: `label from ${nEx} example${nEx === 1 ? "" : "s"}` }));
     if (!page) { body.append(el("p", { class: "nopage", text: "No feature page available for this feature (build feature pages to see its examples)." })); return; }
     const dl = el("dl", {});
     const add = (k, v) => dl.append(el("dt", { text: k }), el("dd", { text: v }));
     if (page.activation_frequency !== undefined) add("frequency", `${fmt(100 * page.activation_frequency, 3)} %`);
     if (page.act_max !== undefined) add("activation range", `${fmt(page.act_min)} … ${fmt(page.act_max)}`);
+    if (typeof page.top_logit_score === "number") add("top logit", `${fmt(page.top_logit_score, 1)} SD above the vocabulary mean`);
     body.append(dl);
     const hist = histogram(page.histogram); if (hist) body.append(el("h4", { text: "histogram" }), hist);
     for (const [name, list] of [["top logits", page.top_logits], ["bottom logits", page.bottom_logits]]) {
