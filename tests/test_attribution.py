@@ -240,3 +240,21 @@ def test_positions_without_nodes_are_not_carried_yet_give_exact_edges(n_kv, skip
         torch.testing.assert_close(out[:, cols], err, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="positions >= "):
         list(st.frozen.iter_backward_live(st.logit_seeds(torch.tensor([3]), pos=0), rows.prefix))
+
+
+def test_attribute_leaves_the_callers_flush_denormal_setting(replacement):
+    """attribute() flushes denormals while it runs (speed) and gives the caller's setting back,
+    on or off (it used to turn it off after every call)."""
+    def flushing() -> bool:
+        return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        attribute(TOKENS, replacement, max_feature_nodes=0)
+        assert flushing()
+        torch.set_flush_denormal(False)
+        attribute(TOKENS, replacement, max_feature_nodes=0)
+        assert not flushing()
+    finally:
+        torch.set_flush_denormal(False)
