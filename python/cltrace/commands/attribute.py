@@ -17,13 +17,16 @@ carries most of the influence, and write it to --out:
 
   {slug}.json     the pruned graph for Neuronpedia / circuit-tracer's viewer / cltrace serve
                   (+ graph-metadata.json). Its size grows with the kept links: at the defaults
-                  a short prompt gives about 550-1,300 nodes and 8k-51k links, 0.7-4 MB;
-                  with feature pages, features/ beside it holds ~20 kB per kept feature.
-  {slug}.dot, .svg  Graphviz source and picture of the 60 most influential nodes (tens of kB;
-                  SVG/PNG need the 'dot' program)
+                  a short prompt gave 551-1,306 nodes and 8k-51k links, 0.75-4.0 MB (the
+                  example graphs); with feature pages, features/ beside it holds ~20 kB per
+                  kept feature.
+  {slug}.svg      a picture of the 60 most influential nodes on the position x layer grid
+                  (drawn by cltrace itself, tens of kB)
+  {slug}.dot      Graphviz source of the same picture (--format png renders it with Graphviz's
+                  'dot' program, if installed)
   {slug}.graph.safetensors (+ .json)   --format pt: the full unpruned graph, 4 bytes per
-                  (target, node) pair: (features + logits) x nodes, e.g. 130 MB for 5,000
-                  features on 9 tokens; read it back with cltrace.Graph.load
+                  (target, node) pair: (visited features + logits) x nodes; read it back with
+                  cltrace.Graph.load
 
 With no --transcoders, a TRAINED starter set for the model is used: on the first run, small
 per-layer JumpReLU transcoders (width 2048, affine skip, L0 32) are trained on the model's own
