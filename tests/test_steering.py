@@ -217,12 +217,19 @@ def test_bad_interventions():
 
 @pytest.mark.real_model
 def test_real_gemma_top_influence_ablation(real_gemma):
-    """Ablating the 10 features the graph says support the target most (of its 30 most
-    influential nodes, those with the largest direct effect on the target logit) lowers the
-    target logit more than ablating 10 random active features (mean of 5 draws), in the real
-    model (free mode) and in the replacement model with features held fixed. (The frozen mode
-    with features re-encoded is not compared: with these synthetic transcoders its cascades of
-    re-encoded features are large and erratic, so no ordering holds.)"""
+    """The graph's influence ranking finds features that matter to the real model: ablating the
+    10 most influential features on the target logit among those whose direct effect on it is
+    positive (the ones the graph says support it) lowers the target logit in FREE mode (the real
+    model, attention and norms recomputed) by more than twice what ablating 10 random active
+    features changes it either way, in each of 5 seeded draws; and ablating the 10 most
+    influential features regardless of sign changes it by more than twice any of those draws.
+
+    Influence is pruning's node influence in a graph whose only logit is the target (the
+    model's most likely next token), so it is the influence on that logit. It is unsigned:
+    features that push the target down rank high too, hence the positive-direct-effect filter
+    for the signed claim and |change| for the unsigned one. (Frozen mode with features held is
+    not compared: there the change is the edges' prediction exactly, tested in
+    test_frozen_edges_predict_interventions.)"""
     from cltrace.graph import prune
     from cltrace.training.starter import synthetic_starter_transcoders
 
@@ -230,39 +237,40 @@ def test_real_gemma_top_influence_ablation(real_gemma):
     rm = ReplacementModel(loaded.model, synthetic_starter_transcoders(loaded), tokenizer=loaded.tokenizer)
     prompt = "The capital of France is"
     state = rm.run(prompt)
-    graph = attribute(prompt, rm, max_feature_nodes=100)
-    # node influence is unsigned (a feature that pushes the target down is influential too):
-    # of the 30 most influential features, the 10 whose direct effect on the target (its row of
-    # the graph) is largest, i.e. those the graph says support it
+    target = int(state.logits[-1].argmax())
+    graph = attribute(prompt, rm, targets=[target], max_feature_nodes=100)
+    assert graph.logit_tokens.tolist() == [target]
     influence = prune(graph).influence[:graph.n_features]
-    direct = graph.edges[graph.n_features, :graph.n_features]  # [n_features] -> target logit
-    target = int(graph.logit_tokens[0])
-    af = state.active_features()
-    cand = influence.argsort(descending=True)[:30]
-    top = cand[direct[cand].argsort(descending=True)[:10]]
-    top_ivs = [Intervention(int(graph.features[i, 0]), int(graph.features[i, 2]),
-                            pos=int(graph.features[i, 1]), set=0.0) for i in top]
+    direct = graph.edges[graph.n_features, :graph.n_features]  # [n_features] -> the target logit
+    order = influence.argsort(descending=True)
+    supporting = order[direct[order] > 0][:10]
+    assert supporting.numel() == 10
+
+    def ivs_of(layer, pos, feature, idx):
+        return [Intervention(int(layer[i]), int(feature[i]), pos=int(pos[i]), set=0.0) for i in idx]
+
+    F, af = graph.features, state.active_features()
     gen = torch.Generator().manual_seed(0)
-    random_ivs = []
-    for _ in range(5):
-        idx = torch.randperm(af.layer.numel(), generator=gen)[:10]
-        random_ivs.append([Intervention(int(af.layer[i]), int(af.feature[i]), pos=int(af.pos[i]),
-                                        set=0.0) for i in idx])
+    random_ivs = [ivs_of(af.layer, af.pos, af.feature, torch.randperm(af.layer.numel(), generator=gen)[:10])
+                  for _ in range(5)]
 
-    def drop(ivs, mode, freeze=False):
-        res = intervene(rm, None, ivs, mode=mode, freeze_features=freeze, state=state)
-        return float(state.logits[-1, target] - res.logits[-1, target])
+    def change(ivs):  # of the target logit, free mode
+        res = intervene(rm, None, ivs, mode="free", state=state)
+        return float(res.logits[-1, target] - state.logits[-1, target])
 
-    results = {}
-    for name, mode, freeze in [("free", "free", False), ("frozen, features fixed", "frozen", True)]:
-        draws = [drop(ivs, mode, freeze) for ivs in random_ivs]
-        results[name] = (drop(top_ivs, mode, freeze), sum(draws) / len(draws))
-        print(f"{name}: target {graph.logit_labels[0]!r} logit {float(state.logits[-1, target]):.3f}; "
-              f"top-10 ablation lowers it by {results[name][0]:.3f}, 10 random active features by "
-              f"{results[name][1]:.3f} (draws {[round(d, 3) for d in draws]})")
-    for name in ("free", "frozen, features fixed"):
-        top_drop, random_drop = results[name]
-        assert top_drop > random_drop and top_drop > 0, name
+    support_drop = -change(ivs_of(F[:, 0], F[:, 1], F[:, 2], supporting))
+    top_change = change(ivs_of(F[:, 0], F[:, 1], F[:, 2], order[:10]))
+    draws = [change(ivs) for ivs in random_ivs]
+    print(f"target {graph.logit_labels[0]!r} logit {float(state.logits[-1, target]):.3f}: the 10 most "
+          f"influential supporting features lower it by {support_drop:.3f}, the 10 most influential "
+          f"change it by {top_change:+.3f}, 10 random active features by {[round(d, 3) for d in draws]}")
+    # measured (synthetic starter set, target ' the', logit 19.09): the supporting features'
+    # drop 1.713, the top 10's change +2.189 (ablated, ' the' rises: together they push it down); the
+    # random draws -0.331, +0.026, -0.079, +0.122, +0.100: 5.2x and 6.6x the largest, so a
+    # factor of 2 is asserted
+    biggest_random = max(abs(d) for d in draws)
+    assert support_drop > 2 * biggest_random
+    assert abs(top_change) > 2 * biggest_random
 
 
 # --- the command line -------------------------------------------------------------------
