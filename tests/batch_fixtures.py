@@ -50,7 +50,7 @@ def load_tiny(path: str, crash_on: str = "", marker: str = "", interrupt_on: str
 
 def build_tiny_pages(path: str, out: Path) -> Path:
     """Feature pages of the tiny model's transcoders over a few hundred characters of text."""
-    from cltrace.features import build_pages
+    from cltrace.features import FeatureSettings, build_pages
     from cltrace.training.corpus import token_rows
 
     rm, tok = load_tiny(path)
@@ -58,7 +58,7 @@ def build_tiny_pages(path: str, out: Path) -> Path:
              "abc def ghi jkl mno pqr stu vwx yz", "a crash here and a crash there"] * 4
     rows = token_rows(tok, texts, 16)
     build_pages(rm.model, tok, rm.transcoders, rows, sorted(rm.transcoders.layers), out,
-                top_k=4, n_samples=4, bar=False)
+                settings=FeatureSettings(top_k=4, n_samples=4), bar=False)
     return out
 
 

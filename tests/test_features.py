@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cltrace.features import FeaturePages, FeatureState, build_pages, cantor, merge_states, pages_for_graph, uncantor
+from cltrace.features import FeaturePages, FeatureSettings, FeatureState, build_pages, cantor, merge_states, pages_for_graph, uncantor
 from cltrace.features.logits import feature_logits, unembedding
 from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE, auto_label
 from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
@@ -122,11 +122,11 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _build(setup, out, **kw):
+def _build(setup, out, batch_rows: int = 3, **kw):
     model, rows, ts = setup
-    kw.setdefault("batch_rows", 3)
-    return build_pages(model, CharTok(), ts, rows, LAYERS, out, top_k=5, n_samples=8, seed=7,
-                       window=4, bar=False, **kw)
+    return build_pages(model, CharTok(), ts, rows, LAYERS, out, bar=False, **kw,
+                       settings=FeatureSettings(top_k=5, n_samples=8, seed=7, window=4,
+                                                batch_rows=batch_rows))
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +343,8 @@ def aligned(setup, tmp_path_factory):
         for L, f in feats.items():
             ts.layers[L].W_dec[f, 0] = W_U[OUT_TOKEN] / gain
     out = tmp_path_factory.mktemp("aligned") / "out"
-    build_pages(model, CharTok(), ts, rows, LAYERS, out, top_k=5, n_samples=8, seed=7, window=4,
-                batch_rows=3, bar=False)
+    build_pages(model, CharTok(), ts, rows, LAYERS, out, bar=False,
+                settings=FeatureSettings(top_k=5, n_samples=8, seed=7, window=4, batch_rows=3))
     return out, rows, model, ts, feats
 
 

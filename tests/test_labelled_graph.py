@@ -12,7 +12,7 @@ import pytest
 
 from cltrace.attribution import attribute
 from cltrace.export import to_neuronpedia
-from cltrace.features import FeaturePages, build_pages, pages_for_graph
+from cltrace.features import FeaturePages, FeatureSettings, build_pages, pages_for_graph
 from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE
 from cltrace.graph import prune
 from cltrace.replacement import ReplacementModel
@@ -40,7 +40,8 @@ def labelled(tmp_path_factory):
     """(graph folder, graph JSON, pages): a tiny model's graph labelled by its own pages."""
     model, rows, ts = tiny_model_and_set(24, VOCAB, CTX, BOS)
     root = tmp_path_factory.mktemp("labelled")
-    build_pages(model, Tok(), ts, rows, [0, 1, 2], root / "pages", top_k=4, n_samples=4, bar=False)
+    build_pages(model, Tok(), ts, rows, [0, 1, 2], root / "pages",
+                settings=FeatureSettings(top_k=4, n_samples=4), bar=False)
     pages = FeaturePages(root / "pages")
     rm = ReplacementModel(model, ts)
     graph = attribute(rows[0, :10], rm)

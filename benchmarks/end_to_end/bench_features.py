@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_features.md")))
     args = ap.parse_args()
 
-    from cltrace.features import FeatureState, build_pages
+    from cltrace.features import FeatureSettings, FeatureState, build_pages
     from cltrace.features.scan import encode_batch, layer_encoders, scan
     from cltrace.features.state import bytes_per_feature
     from cltrace.models import load_model
@@ -143,7 +143,7 @@ def main() -> None:
         t0 = time.perf_counter()
         blayers = [int(x) for x in args.build_layers.split(",")]
         b = build_pages(loaded.model, loaded.tokenizer, ts, rows[:n_rows], blayers, Path(tmp) / "p",
-                        batch_rows=args.batch_rows, bar=False)
+                        settings=FeatureSettings(batch_rows=args.batch_rows), bar=False)
         res["build"] = {"layers": blayers, "tokens": b.n_tokens, "pages": b.n_pages, "features": b.n_features,
                         "seconds": b.seconds, "total_s": time.perf_counter() - t0, "load": la,
                         "scan_tokens_per_s": b.n_tokens / b.seconds["scan"]}

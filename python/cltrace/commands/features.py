@@ -41,22 +41,16 @@ Examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ._common import add_replacement_arguments
-    from ..settings import parse_layers
+    from ..features.settings import FeatureSettings
+    from ..settings import add_options, parse_layers
 
     add_replacement_arguments(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--corpus", nargs="+", metavar="FILE", help="text files or folders (*.txt, *.md)")
     src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset name[:config][@split]")
-    p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="tokens to scan, in whole rows (default 100000)")
     p.add_argument("--layers", type=parse_layers, default=None, metavar="L",
                    help="layers, e.g. 0-5 or 0,3,7 (default: all of the set)")
-    p.add_argument("--top-k", type=int, default=20, metavar="K", help="top examples per feature (default 20)")
-    p.add_argument("--samples", type=int, default=20, metavar="S",
-                   help="sampled examples per feature, shown by activation quantile (default 20)")
-    p.add_argument("--window", type=int, default=16, metavar="W", help="tokens each side of an example (default 16)")
-    p.add_argument("--ctx", type=int, default=128, metavar="T", help="tokens per row (default 128)")
-    p.add_argument("--batch-rows", type=int, default=16, metavar="B", help="rows per forward pass (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example sample (default 0)")
+    add_options(p, FeatureSettings)
     p.add_argument("--no-json", action="store_true", help="skip the per-feature JSON files (binary layout only)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
@@ -139,19 +133,15 @@ def run(args: argparse.Namespace) -> int:
     from ._common import messenger
     from ..features import build_pages
     from ..features.scan import tokens_per_row
+    from ..features.settings import FeatureSettings
+    from ..settings import from_args
     from ..models import load_config, load_model
     from ..training.corpus import dataset_texts, file_texts, stdlib_texts, token_rows
     from ..training.starter import starter_transcoders
     from ..transcoders import load_transcoders
 
     say = messenger(args.quiet)
-    for name in ("tokens", "top_k", "samples", "ctx", "batch_rows"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.ctx < 2:
-        raise UsageError("--ctx must be at least 2 (BOS and one token)")
-    if args.window < 0:
-        raise UsageError("--window must be >= 0")
+    settings = from_args(FeatureSettings, args).check()
     if (args.workers is not None or args.threads) and not args.ray:
         raise UsageError("--workers and --threads are for --ray (the scan's actors)")
     if args.threads < 0:
@@ -182,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
     layers = sorted(ts.layers) if layers is None else layers
 
     texts = (file_texts(args.corpus) if args.corpus else
-             dataset_texts(args.dataset, max_docs=args.tokens // 4 + 100) if args.dataset else
+             dataset_texts(args.dataset, max_docs=settings.tokens // 4 + 100) if args.dataset else
              stdlib_texts())  # (a dataset is streamed: enough documents for --tokens of 4+ each)
-    rows = token_rows(loaded.tokenizer, texts, args.ctx, max_tokens=args.tokens)
+    rows = token_rows(loaded.tokenizer, texts, settings.ctx, max_tokens=settings.tokens)
     # whole rows, the fewest whose non-BOS tokens reach --tokens (or all the corpus has)
     per_row = tokens_per_row(rows, loaded.tokenizer.bos_token_id).cumsum(0)
-    rows = rows[:int((per_row < args.tokens).sum()) + 1]
+    rows = rows[:int((per_row < settings.tokens).sum()) + 1]
     corpus = (f"files {', '.join(args.corpus)}" if args.corpus else
               f"dataset {args.dataset}" if args.dataset else "Python standard-library docstrings")
     meta = {"model": loaded.name, "transcoders": ts.source or "starter",
@@ -195,9 +185,8 @@ def run(args: argparse.Namespace) -> int:
             "corpus": corpus}
     say(f"scanning {rows.shape[0]} rows x {rows.shape[1]} tokens on layers {layers} ...")
     try:
-        res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out, top_k=args.top_k,
-                          n_samples=args.samples, seed=args.seed, window=args.window,
-                          batch_rows=args.batch_rows, json_files=not args.no_json, meta=meta,
+        res = build_pages(loaded.model, loaded.tokenizer, ts, rows, layers, out,
+                          settings=settings, json_files=not args.no_json, meta=meta,
                           bar=not args.quiet, say=say, ray=args.ray, workers=args.workers,
                           threads=args.threads,
                           loader=functools.partial(load_for_scan, args.model, args.transcoders,

@@ -10,10 +10,12 @@ viewer and Neuronpedia read, with a short automatic label per feature (the graph
     pages     one page (reference JSON format) and its label
     store     the files (per-feature JSON, hosted binary layout, labels), FeaturePages
     build     the whole job, resumable
+    settings  FeatureSettings: the one source of the job's defaults (and its options)
 """
 from .build import BuildResult, build_pages
+from .settings import FeatureSettings
 from .state import FeatureState, LayerState, merge_states
 from .store import FeaturePages, cantor, pages_for_graph, uncantor
 
-__all__ = ["BuildResult", "FeaturePages", "FeatureState", "LayerState", "build_pages", "cantor",
+__all__ = ["BuildResult", "FeaturePages", "FeatureSettings", "FeatureState", "LayerState", "build_pages", "cantor",
            "merge_states", "pages_for_graph", "uncantor"]

@@ -20,6 +20,7 @@ from torch import Tensor
 from .logits import feature_logits, token_strings, unembedding
 from .pages import feature_page, page_token_ids
 from .scan import layer_encoders, scan
+from .settings import FeatureSettings
 from .state import FeatureState
 from .store import PageWriter
 from .windows import cut_windows
@@ -66,8 +67,7 @@ def check_out(out: Path, fp: str) -> bool:
 
 
 def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[int], out, *,
-                top_k: int = 20, n_samples: int = 20, seed: int = 0, window: int = 16,
-                batch_rows: int = 16, n_logits: int = 10, json_files: bool = True,
+                settings: Optional[FeatureSettings] = None, json_files: bool = True,
                 meta: Optional[dict] = None, bar: bool = True,
                 say: Callable[..., None] = lambda *a: None, ray=None,
                 workers: Optional[int] = None, threads: int = 0,
@@ -80,14 +80,18 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     (model, transcoders)`` (picklable; the same model and set as ``model``, ``transcoders``)
     once; windows, logits and files are made here, from the merged state. The files are the
     same bytes as without ``ray`` when the actors run this process's number of torch threads
-    (:func:`.cluster.scan_ray`)."""
+    (:func:`.cluster.scan_ray`). ``settings``: what each page keeps (its ``tokens`` and ``ctx``
+    are those of ``rows``, chosen by the caller); default :class:`FeatureSettings`."""
     import time
 
+    s = settings or FeatureSettings()
+    top_k, n_samples, seed, window = s.top_k, s.n_samples, s.seed, s.window
+    batch_rows, n_logits = s.batch_rows, s.n_logits
     out = Path(out)
     meta = dict(meta or {})
-    settings = dict(meta, layers=list(layers), top_k=top_k, n_samples=n_samples, seed=seed,
+    inputs = dict(meta, layers=list(layers), top_k=top_k, n_samples=n_samples, seed=seed,
                     window=window, ctx=rows.shape[1], version=VERSION)
-    fp = fingerprint(rows, settings)
+    fp = fingerprint(rows, inputs)
     resume = check_out(out, fp)
     work = out / WORK
     bos = tokenizer.bos_token_id
@@ -101,7 +105,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
         say(f"resuming the scan at batch {state.meta.get('next_batch', 0)} ({state_path})")
     else:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": settings}))
+        (work / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": inputs}))
         state = FeatureState.empty({L: transcoders.layers[L].d_sae for L in layers},
                                    rows.shape[1], top_k, n_samples, seed)
         state.meta["batch_rows"] = batch_rows
