@@ -460,7 +460,13 @@ def test_real_model_ablation_matches_api_and_edges(browser, real):
         assert float(r.get_attribute("data-after")) == float(p1[int(r.get_attribute("data-token"))])
     row = pg.locator(f'#exp-logits tr[data-node="{top["node_id"]}"]')
     measured, predicted = float(row.get_attribute("data-measured")), float(row.get_attribute("data-predicted"))
-    assert predicted == pytest.approx(measured, rel=1e-2)
+    print(f"ablate {src} (edge {edge['weight']:.6g} into {top['node_id']}): Δ measured {measured:.8g}, "
+          f"predicted {predicted:.8g}, relative difference {abs(predicted - measured) / abs(measured):.2e}")
+    # the edge (attribute()) against the intervention: the same number up to float32 rounding, as
+    # in tests/test_attribution.py. Measured: 3.2e-6 relative for this link (|Δ| 0.25); over 228
+    # (feature, logit) pairs of this graph (40 features ablated one at a time) at most 1.0e-6
+    # apart (the rounding of logits near 20), 9.2e-5 relative at |Δ| > 1e-2. (Was rel 1e-2.)
+    assert predicted == pytest.approx(measured, rel=1e-4)
     assert predicted == pytest.approx(-edge["weight"], rel=1e-6)  # ablation: Δa = -a, so Δ = -A[t, s]
     assert (measured > 0) == (edge["weight"] < 0)
     assert errors == []
