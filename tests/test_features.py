@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cltrace.features import FeaturePages, FeatureSettings, FeatureState, build_pages, cantor, merge_states, pages_for_graph, uncantor
-from cltrace.features.logits import feature_logits, unembedding
+from cltrace.features.logits import feature_logits, top_bottom_logits, unembedding
 from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE, auto_label
 from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
 from cltrace.features.selection import EMPTY_TOK, sample_keys
@@ -391,6 +391,9 @@ def test_feature_logits_scores_equal_the_dense_ones(aligned):
             # float32 logits and Gram chunks against float64: measured 2.9e-7 relative at most
             assert abs(float(fl.score[f]) - score) <= 1e-6 * score, (L, f, float(fl.score[f]), score)
     assert n_exact >= n_all - 2, (n_exact, n_all)  # near-ties: at most one swapped pair
+    top, bottom = top_bottom_logits(model, ts, 1, torch.arange(40), n=7)  # the ids alone
+    fl = feature_logits(model, ts, 1, torch.arange(40), n=7, unemb=U)
+    assert torch.equal(top, fl.top) and torch.equal(bottom, fl.bottom)
     empty = feature_logits(model, ts, 0, torch.zeros(0, dtype=torch.int64), unemb=U)
     assert empty.top.shape == (0, 10) and empty.score.shape == (0,)
     zero = copy.deepcopy(ts)

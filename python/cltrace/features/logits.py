@@ -20,7 +20,9 @@ score does not change when every logit is shifted by a constant or scaled by a p
 so neither the demeaning nor the RMS denominator affects it. A single token moves the std of
 262k logits by a negligible amount, so the std is not inflated by the outlier it judges. Score
 ``inf`` when the std is 0 and the max is above the mean, 0 when every logit is equal (a zero
-decoder row).
+decoder row). Why not the median and MAD: on 768 starter features the MAD-based score
+``(max - median) / (1.4826 MAD)`` follows this one (correlation 0.96, 1.03 times it at the
+median), and exact medians over the vocabulary cost 2.5 times the logits' own matmul on a CPU.
 """
 from __future__ import annotations
 
@@ -43,15 +45,20 @@ class FeatureLogits(NamedTuple):
     score: Tensor  # [F] float64: (top logit - mean) / std over the vocabulary (module doc)
 
 
-@torch.no_grad()
-def unembedding(model, chunk: int = 16384) -> Unembedding:
-    """The unembedding, its gain, and its rows' mean and covariance (float64 accumulation over
-    vocabulary chunks of float32 products of centred rows)."""
+def _unembedding_and_gain(model) -> tuple[Tensor, Tensor]:
     from ..models.anatomy import text_parts
 
     parts = text_parts(model)
     W_U = parts.lm_head.weight.detach().float()  # [vocab, d_model]
-    gain = 1.0 + parts.norm.weight.detach().float()  # [d_model]
+    return W_U, 1.0 + parts.norm.weight.detach().float()  # [d_model]
+
+
+@torch.no_grad()
+def unembedding(model, chunk: int = 16384) -> Unembedding:
+    """The unembedding, its gain, and its rows' mean and covariance (float64 accumulation over
+    vocabulary chunks of float32 products of centred rows; ``2 * vocab * d_model^2`` FLOP, once
+    per build)."""
+    W_U, gain = _unembedding_and_gain(model)
     vocab, d = W_U.shape
     mean = sum(c.double().sum(0) for c in torch.split(W_U, chunk)) / vocab
     m32 = mean.float()
@@ -83,20 +90,29 @@ def outlier_score(top: Tensor, g: Tensor, U: Unembedding) -> Tensor:
 
 @torch.no_grad()
 def feature_logits(model, transcoders, layer: int, feats: Tensor, n: int = 10,
-                   chunk: int = 256, unemb: Optional[Unembedding] = None) -> FeatureLogits:
+                   chunk: int = 256, unemb: Optional[Unembedding] = None,
+                   score: bool = True) -> FeatureLogits:
     """The ``n`` most promoted and most suppressed tokens of each feature ``feats [F]`` and how
-    far its top logit stands out (``score``, module doc). ``unemb``: :func:`unembedding` of
-    ``model`` (computed here when not given; pass it to reuse it across layers)."""
-    U = unembedding(model) if unemb is None else unemb
-    n = min(n, U.W_U.shape[0])
+    far its top logit stands out (``score``, module doc; with ``score=False`` it is NaN and the
+    unembedding's moments are not computed). ``unemb``: :func:`unembedding` of ``model``
+    (computed here when needed and not given; pass it to reuse it across layers)."""
+    if unemb is not None:
+        W_U, gain, U = unemb.W_U, unemb.gain, unemb
+    elif score:
+        U = unembedding(model)
+        W_U, gain = U.W_U, U.gain
+    else:
+        (W_U, gain), U = _unembedding_and_gain(model), None
+    n = min(n, W_U.shape[0])
     tops, bottoms, scores = [], [], []
     for c in torch.split(feats, chunk):
-        g = decoder_directions(transcoders, layer, c).to(U.W_U.device) * U.gain  # [c, d_model]
-        lg = g @ U.W_U.T  # [c, vocab]  (the demeaned logits + a per-row constant)
+        g = decoder_directions(transcoders, layer, c).to(W_U.device) * gain  # [c, d_model]
+        lg = g @ W_U.T  # [c, vocab]  (the demeaned logits + a per-row constant)
         top = lg.topk(n, dim=1)
         tops.append(top.indices.cpu())
         bottoms.append(lg.topk(n, dim=1, largest=False).indices.cpu())
-        scores.append(outlier_score(top.values[:, 0], g, U))
+        scores.append(outlier_score(top.values[:, 0], g, U) if score
+                      else torch.full((c.numel(),), torch.nan, dtype=torch.float64))
     if not tops:
         empty = torch.zeros(0, n, dtype=torch.int64)
         return FeatureLogits(empty, empty, torch.zeros(0, dtype=torch.float64))
@@ -107,7 +123,7 @@ def top_bottom_logits(model, transcoders, layer: int, feats: Tensor, n: int = 10
                       chunk: int = 256) -> tuple[Tensor, Tensor]:
     """Token ids of the ``n`` most promoted and most suppressed tokens of each feature
     ``feats [F]``: ``(top [F, n], bottom [F, n])`` int64, strongest first."""
-    fl = feature_logits(model, transcoders, layer, feats, n, chunk)
+    fl = feature_logits(model, transcoders, layer, feats, n, chunk, score=False)
     return fl.top, fl.bottom
 
 

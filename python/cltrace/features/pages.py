@@ -40,9 +40,18 @@ from .state import LayerState, linear_histogram, quantile_values
 N_QUANTILES = 4  # groups the sample is split into
 HIST_BINS_PAGE = 32
 # The one threshold on ``top_logit_score`` for a label to show its top logit (module doc).
-# Gemma 3 270M's unembedding (262,144 tokens): 512 random directions score 4.8 at the median,
-# 5.7 at the 99th percentile, 6.7 at most; a direction along a token's own unembedding row
-# scores 11.7 at the median.
+# Measured on Gemma 3 270M (262,144 tokens) and its starter set (18 x 2048 features):
+# - noise: 8,704 random directions score 4.6-4.8 at the median, at most 6.7; the starter
+#   features alike (median 4.74, 99th percentile 6.63): for 99 % of them the top logit is
+#   the largest of 262k draws, not a token they promote (" Helsing", "ufth", "FileDialog" for
+#   the most influential features at " capital" of "The capital of France is", 3.7-6.2);
+# - junk top tokens ("しも", " \u200b\u200b", "orship") reach 7.6; from about 8 up the top
+#   tokens are coherent (" but"/"but"/" BUT", " than", "<h3>"), except a few layer 0-1
+#   features whose decoders share the direction of the "s"/"的"/"<bos>" rows;
+# - a direction along a token's own unembedding row scores 11.7 at the median.
+# 10 keeps a margin above the junk for sets 10x larger (the noise's maximum grows with the
+# number of features): 23 of the 36,755 starter features that fired keep a logit half
+# (116 at 8, 260 at 7).
 LOGIT_LABEL_MIN_SCORE = 10.0
 
 
