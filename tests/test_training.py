@@ -379,6 +379,45 @@ class _CharTokenizer:
         return 299
 
 
+def assert_sane_graph(out, slug: str, printed: str, set_id: str) -> None:
+    """``out/{slug}.json`` (and the unpruned ``out/{slug}.graph.safetensors``) of a first run:
+    valid against the graph schema, every node kind present, the prompt's tokens as embedding
+    nodes, one target logit (the most likely one), a label on every feature node, links between
+    listed nodes, and replacement/completeness scores in (0, 1] that are the ones printed."""
+    import json
+    import re
+
+    import jsonschema
+
+    from cltrace.export import GRAPH_SCHEMA_PATH
+    from cltrace.graph import Graph, graph_scores, prune
+
+    data = json.loads((out / f"{slug}.json").read_text())
+    jsonschema.validate(data, json.loads(GRAPH_SCHEMA_PATH.read_text()))
+    meta, nodes = data["metadata"], data["nodes"]
+    assert meta["slug"] == slug and meta["transcoder_list"] == [set_id]
+    kinds = {}
+    for n in nodes:
+        kinds.setdefault(n["feature_type"], []).append(n)
+    assert set(kinds) == {"embedding", "cross layer transcoder", "mlp reconstruction error", "logit"}, set(kinds)
+    assert sorted(n["ctx_idx"] for n in kinds["embedding"]) == list(range(len(meta["prompt_tokens"])))
+    logits = kinds["logit"]
+    target = [n for n in logits if n["is_target_logit"]]
+    assert len(target) == 1 and target[0]["token_prob"] == max(n["token_prob"] for n in logits)
+    assert all(0 < n["token_prob"] <= 1 and n["clerp"].startswith("Output ") for n in logits)
+    assert all(n["clerp"].strip() for n in kinds["cross layer transcoder"]), "unlabelled feature nodes"
+    assert all(n["activation"] > 0 for n in kinds["cross layer transcoder"])
+    ids = {n["node_id"] for n in nodes}
+    assert data["links"] and all(l["source"] in ids and l["target"] in ids for l in data["links"])
+    graph = Graph.load(out / f"{slug}.graph.safetensors")
+    ps = meta["pruning_settings"]
+    scores = graph_scores(graph, prune(graph, ps["node_threshold"], ps["edge_threshold"]))
+    assert 0 < scores.replacement <= 1 and 0 < scores.completeness <= 1, scores
+    shown = re.search(r"scores: replacement ([0-9.]+), completeness ([0-9.]+)", printed)
+    assert shown, printed
+    assert (float(shown[1]), float(shown[2])) == (round(scores.replacement, 3), round(scores.completeness, 3))
+
+
 def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatch, capsys):
     """The first-run path on the tiny model: the starter set is trained (a CLT here, on the
     offline mix, evaluated on held-out mix and prose), written in the published shapes, loaded
@@ -408,9 +447,10 @@ def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatc
         assert tc.W_dec.shape == (64, 4 - i, 64)
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
     out = tmp_path / "graph"
-    assert main(["attribute", "hello world", "--out", str(out), "--format", "json",
+    capsys.readouterr()
+    assert main(["attribute", "hello world", "--out", str(out), "--format", "json,pt",
                  "--max-feature-nodes", "32", "--quiet"]) == 0
-    assert list(out.glob("*.json"))
+    assert_sane_graph(out, "hello-world", capsys.readouterr().out, ts.info["set_id"])
 
 
 @pytest.mark.real_model
