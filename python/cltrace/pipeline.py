@@ -17,6 +17,7 @@ from typing import Callable, Optional, Union
 
 from .attribution.settings import AttributionSettings
 from .errors import UsageError
+from .export.neuronpedia import check_slug
 from .graph.pruning import PruneSettings
 
 FORMATS = ("json", "dot", "svg", "png", "pt")
@@ -27,13 +28,6 @@ def slugify(text: str) -> str:
     """A file-name-safe graph name from a prompt: lower-case words joined by '-', 48 chars."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-")
     return slug or "graph"
-
-
-def check_slug(slug: str, flag: str = "--slug") -> str:
-    """``slug`` if it can name a file, else a UsageError naming ``flag``."""
-    if not slug or any(c in slug for c in '/\\\0'):
-        raise UsageError(f"{flag} {slug!r} must be a non-empty file name (no '/')")
-    return slug
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -58,9 +52,7 @@ class TraceSettings:
         """Raise a UsageError naming the option of a bad value."""
         self.attribution.check()
         self.pruning.check()
-        bad = [f for f in self.formats if f not in FORMATS]
-        if bad or not self.formats:
-            raise UsageError(f"--format {','.join(self.formats)!r}: choose among {', '.join(FORMATS)}")
+        parse_formats(",".join(self.formats))
         return self
 
 

@@ -39,6 +39,14 @@ def cantor_unpair(z: int) -> tuple[int, int]:
     return w - feature, feature
 
 
+def check_slug(slug: str, flag: str = "--slug") -> str:
+    """``slug`` if it can name a file (non-empty, no '/', '\\' or NUL), else a UsageError
+    naming ``flag``."""
+    if not slug or any(c in slug for c in '/\\\0'):
+        raise UsageError(f"{flag} {slug!r} must be a non-empty file name (no '/')")
+    return slug
+
+
 def _nodes(graph: Graph, result: PruneResult, labels: Mapping[tuple[int, int], str]) -> list[dict[str, Any]]:
     table, ids = graph.nodes(), graph.node_ids()
     kinds, layers, poss = table.kind.tolist(), table.layer.tolist(), table.pos.tolist()
@@ -86,8 +94,7 @@ def to_neuronpedia(graph: Graph, slug: str, result: Optional[PruneResult] = None
     ``labels`` fill the ``clerp`` of feature nodes by (layer, feature index); ``scan``
     overrides the graph's (``"./features"``: the viewers fetch feature pages from that folder
     beside the JSON); ``feature_details`` is written into the metadata as given."""
-    if not slug or any(c in slug for c in '/\\\0'):
-        raise UsageError(f"slug {slug!r} must be a non-empty file-name-safe string")
+    check_slug(slug, "slug")
     result = result if result is not None else prune(graph)
     ids = graph.node_ids()
     links = _links(graph, result, ids)
