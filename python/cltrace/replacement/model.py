@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from ..frozen.capture import capture
 from ..models.anatomy import TextParts, text_parts
-from ..models.chat import skip_positions
+from ..models import chat
 from ..frozen.model import FrozenLinearModel
 from .encoding import encode, reconstruct, skip_matrices
 from ..transcoders.checks import check_fits
@@ -102,7 +102,7 @@ class ReplacementModel:
         start_of_turn = None
         if self.tokenizer is not None:
             start_of_turn = self.tokenizer.convert_tokens_to_ids("<start_of_turn>")
-        return skip_positions(tokens, start_of_turn, self.is_instruction_tuned())
+        return chat.skip_positions(tokens, start_of_turn, self.is_instruction_tuned())
 
     # --- the replacement state -------------------------------------------------------------
 
