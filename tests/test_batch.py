@@ -24,7 +24,7 @@ from cltrace.cli import main
 SETTINGS = TraceSettings(AttributionSettings(max_feature_nodes=32, batch_size=16))
 FLAGS = ["--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
 GOOD = ["hello world", "the cat sat on", "crash here", "abc def"]
-BAD = {"empty": "ValueError: the prompt is empty", "two-tokens": "a target must be one token"}
+BAD = {"empty": "UsageError: the prompt is empty", "two-tokens": "a target must be one token"}
 SPECS = [PromptSpec(p, p.replace(" ", "-")) for p in GOOD] + [
     PromptSpec("  ", "empty"), PromptSpec("xyz", "two-tokens", ("zz",))]
 
