@@ -5,23 +5,15 @@ import pytest
 import torch
 
 from cltrace.attribution import attribute
-from cltrace.frozen.capture import capture
-from cltrace.models.anatomy import text_parts
 from cltrace.replacement import ReplacementModel
-from tiny_gemma import random_transcoders, tiny_gemma
-
-TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]
+from support.frozen import backward, logit_seeds
+from support.tiny_gemma import TOKENS, mlp_inputs, tiny_gemma, tiny_replacement
+from support.transcoders import random_transcoders
 
 
 @pytest.fixture(scope="module", params=["plt", "plt+skip", "clt"])
 def replacement(request):
-    torch.manual_seed(0)
-    model = tiny_gemma(n_layers=4, dtype=torch.float64)
-    cap = capture(text_parts(model), torch.tensor(TOKENS))
-    mlp_in = torch.stack([c.mlp_in for c in cap.layers]).double()
-    kind = "clt" if request.param == "clt" else "plt"
-    tcs = random_transcoders(mlp_in, kind=kind, skip=request.param.endswith("skip"), d_sae=48)
-    return ReplacementModel(model, tcs, dtype=torch.float64)
+    return tiny_replacement(request.param)
 
 
 def target_values(state, graph):
@@ -132,12 +124,10 @@ def test_same_graph_from_gemmascope_and_circuit_tracer_files(tmp_path, skip):
     """A PLT set written in the Gemma Scope 2 layout and in circuit-tracer's layout (the same
     weights) loads to the same transcoders and gives the same graph, edge for edge."""
     from cltrace.transcoders import load_transcoders
-    from synthetic import write_circuit_tracer_plt, write_gemmascope_plt
+    from support.layouts import write_circuit_tracer_plt, write_gemmascope_plt
 
     model = tiny_gemma(n_layers=3, dtype=torch.float32)
-    cap = capture(text_parts(model), torch.tensor(TOKENS))
-    mlp_in = torch.stack([c.mlp_in for c in cap.layers])
-    ts = random_transcoders(mlp_in, kind="plt", skip=skip, d_sae=40)
+    ts = random_transcoders("plt", mlp_in=mlp_inputs(model, TOKENS), skip=skip, d_sae=40)
     gs = load_transcoders(write_gemmascope_plt(tmp_path / "gs", ts))
     ct = load_transcoders(write_circuit_tracer_plt(tmp_path / "ct", ts))
     graphs = [attribute(TOKENS, ReplacementModel(model, t), batch_size=16) for t in (ts, gs, ct)]
@@ -197,7 +187,7 @@ def test_forward_columns_equal_edge_rows(replacement):
         if trial == 2:  # sources at late positions only: the JVP starts past position 0
             src = (af.pos >= 5).nonzero().flatten()[:6]
         targets = Seeds(*(torch.cat(t) for t in zip(
-            st.logit_seeds(torch.tensor([3, 7])), st.feature_seeds(af.layer[tgt], af.pos[tgt], af.feature[tgt]))))
+            logit_seeds(st, torch.tensor([3, 7])), st.feature_seeds(af.layer[tgt], af.pos[tgt], af.feature[tgt]))))
         full = EdgeRows(st)(targets)  # [n_targets, n_cols]
         inj = feature_injections(st, af.layer[src], af.pos[src], af.feature[src], af.value[src])
         cols = forward_columns(st.frozen, inj, src.numel(), targets)  # [n_targets, n_src]
@@ -210,7 +200,7 @@ def test_forward_columns_equal_edge_rows(replacement):
 def test_positions_without_nodes_are_not_carried_yet_give_exact_edges(n_kv, skip):
     """The backward leaves out the leading positions without nodes (<bos>, a chat prefix): the
     edges of their tokens come from the prefix paths. Every edge equals the full backward's
-    (all positions carried, frozen.backward), sliding-window layers banded (window 3)."""
+    (all positions carried, support.frozen.backward), sliding-window layers banded (window 3)."""
     from cltrace.attribution import EdgeRows
     from cltrace.frozen import Seeds
     from cltrace.frozen.attention import BandedPattern
@@ -218,19 +208,17 @@ def test_positions_without_nodes_are_not_carried_yet_give_exact_edges(n_kv, skip
     torch.manual_seed(1)
     model = tiny_gemma(n_layers=4, n_kv=n_kv, dtype=torch.float64)
     tokens = torch.tensor(TOKENS + [5, 77, 140])
-    cap = capture(text_parts(model), tokens)
-    assert any(isinstance(c.pattern, BandedPattern) for c in cap.layers)
-    mlp_in = torch.stack([c.mlp_in for c in cap.layers]).double()
-    tcs = random_transcoders(mlp_in, kind="plt", skip=True, d_sae=48)
+    tcs = random_transcoders("plt", mlp_in=mlp_inputs(model, tokens), skip=True, d_sae=48)
     st = ReplacementModel(model, tcs, dtype=torch.float64, skip_positions=skip).run(tokens)
+    assert any(isinstance(c.pattern, BandedPattern) for c in st.capture.layers)
     rows = EdgeRows(st)
     assert rows.start == skip and rows.prefix.shape == (4, skip, skip, st.frozen.d_model)
     af = st.active_features()
     assert int(af.pos.min()) >= skip
-    seeds = Seeds(*(torch.cat(t) for t in zip(st.logit_seeds(torch.tensor([3, 7, 11])),
+    seeds = Seeds(*(torch.cat(t) for t in zip(logit_seeds(st, torch.tensor([3, 7, 11])),
                                                st.feature_seeds(af.layer, af.pos, af.feature))))
     out = rows(seeds)  # [B, n_cols]
-    ref = st.frozen.backward(seeds)  # every position carried
+    ref = backward(st.frozen, seeds)  # every position carried
     tok = (ref.embed * st.embed[None]).sum(-1)  # [B, n_pos]
     assert tok[:, :skip].abs().max() > 0
     torch.testing.assert_close(out[:, rows.token_start:], tok, rtol=1e-10, atol=1e-12)
@@ -239,7 +227,7 @@ def test_positions_without_nodes_are_not_carried_yet_give_exact_edges(n_kv, skip
         cols = slice(rows.error_start + L * st.n_pos, rows.error_start + (L + 1) * st.n_pos)
         torch.testing.assert_close(out[:, cols], err, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="positions >= "):
-        list(st.frozen.iter_backward_live(st.logit_seeds(torch.tensor([3]), pos=0), rows.prefix))
+        list(st.frozen.iter_backward_live(logit_seeds(st, torch.tensor([3]), pos=0), rows.prefix))
 
 
 def test_attribute_leaves_the_callers_flush_denormal_setting(replacement):

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import batch_fixtures as F
-from conftest import torch_threads
 from cltrace.attribution import AttributionSettings
 from cltrace.pipeline import PromptSpec, TraceSettings
 from cltrace.batch.prompts import read_prompts
@@ -20,6 +18,8 @@ from cltrace.batch.runner import run_batch
 from cltrace.batch.store import Store
 from cltrace.batch.summary import summarize
 from cltrace.cli import main
+from support import batch as F
+from support.numerics import torch_threads
 
 SETTINGS = TraceSettings(AttributionSettings(max_feature_nodes=32, batch_size=16))
 FLAGS = ["--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]

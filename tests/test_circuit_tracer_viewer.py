@@ -67,7 +67,7 @@ from urllib.parse import urljoin
 import numpy as np
 import pytest
 
-from peer import PEER_PY, ROOT, peer_available
+from support.peer import PEER_PY, ROOT, peer_available
 
 BOS, VOCAB, CTX = 2, 64, 24
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]  # the tokenizer's words after the 4 specials
@@ -115,7 +115,7 @@ def peer_python():
     if not peer_available():
         if os.environ.get("CI"):
             pytest.fail("circuit-tracer's venv (benchmarks/.venv-peer) is missing: .ci/run creates it")
-        pytest.skip("circuit-tracer's venv is not there (`python tests/peer.py` creates it)")
+        pytest.skip("circuit-tracer's venv is not there (`python tests/support/peer.py` creates it)")
     return str(PEER_PY)
 
 
@@ -126,7 +126,7 @@ def graph_folder(tmp_path_factory):
     layout: the folder the user would point circuit-tracer's server at."""
     from cltrace.cli import main
     from cltrace.transcoders.write import save_gemmascope
-    from tiny_gemma import save_word_tokenizer, tiny_model_and_set
+    from support.tiny_gemma import save_word_tokenizer, tiny_model_and_set
 
     model, _, ts = tiny_model_and_set(20, VOCAB, CTX, BOS)
     root = tmp_path_factory.mktemp("ctview")

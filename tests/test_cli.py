@@ -14,14 +14,15 @@ import jsonschema
 import pytest
 import torch
 
-import synthetic as S
 from cltrace.cli import main
 from cltrace.steering import Intervention
-from test_steering import build
+from support import layouts as S
+from support.tiny_gemma import CharTokenizer, tiny_replacement
+from support.transcoders import random_transcoders
 
 
 def test_inspect_cli(tmp_path, capsys):
-    ts = S.random_set("clt", n_layers=3, skip=True, seed=17)
+    ts = random_transcoders("clt", n_layers=3, skip=True, seed=17)
     folder = S.write_gemmascope_clt(tmp_path / "clt", ts)
     assert main(["inspect", str(folder), "--per-layer"]) == 0
     out = capsys.readouterr().out
@@ -41,7 +42,7 @@ def test_inspect_cli(tmp_path, capsys):
 def test_inspect_cli_checks_the_model(tmp_path, capsys):
     from transformers import Gemma3TextConfig
 
-    folder = S.write_gemmascope_plt(tmp_path / "plt", S.random_set("plt", n_layers=2, seed=18))
+    folder = S.write_gemmascope_plt(tmp_path / "plt", random_transcoders("plt", n_layers=2, seed=18))
     Gemma3TextConfig(hidden_size=64, num_hidden_layers=2).save_pretrained(tmp_path / "model")
     assert main(["inspect", str(folder), "--model", str(tmp_path / "model")]) == 2
     assert "d_model 16 but the model" in capsys.readouterr().err
@@ -55,31 +56,12 @@ def test_cli_help(capsys):
     assert "--verify" in out
 
 
-class CharTokenizer:
-    """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
-
-    bos_token_id, eos_token_id = 2, 1
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def decode(self, ids):
-        return "".join(chr(97 + int(i) % 26) for i in ids)
-
-    def batch_decode(self, seqs):
-        return [self.decode(ids) for ids in seqs]
-
-    def convert_tokens_to_ids(self, token):
-        return 299
-
-
 @pytest.fixture
 def tiny_cli(monkeypatch):
     import cltrace.models
     import cltrace.training.starter
 
-    rm = build("clt", dtype=torch.float32)
+    rm = tiny_replacement("clt", dtype=torch.float32)
     loaded = cltrace.models.LoadedModel(rm.model, CharTokenizer(), "tiny")
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
     monkeypatch.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)

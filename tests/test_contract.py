@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltrace import ops, reference as ref
-from conftest import FLOATS
+from support.numerics import FLOATS
 
 # (dtype, tol): rtol, and atol relative to the largest |expected|
 DTYPE_TOL = [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 5e-2),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltrace import ops, reference as ref
-from conftest import FLOATS, csr_inputs
+from support.numerics import FLOATS, csr_inputs
 
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
        torch.bfloat16: dict(rtol=2e-2, atol=5e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltrace import ops, reference as ref
-from conftest import FLOATS, assert_close_in, encoder_inputs
+from support.numerics import FLOATS, assert_close_in, encoder_inputs
 
 # Tolerances on values relative to max |z|: fp64 exact up to summation order, fp32 and bf16
 # as the dtype's rounding of a d_in-term dot product.

@@ -25,8 +25,8 @@ from cltrace.export import (GRAPH_SCHEMA_PATH, render, to_dot, to_neuronpedia, t
 from cltrace.export.selection import NEGATIVE, POSITIVE, select
 from cltrace.export.svg import fit, shown
 from cltrace.graph import Graph, prune
-from graph_fixtures import random_graph
-from serve_fixtures import browser_missing, cleanup, launch_chromium
+from support.graphs import random_graph
+from support.serve import browser_missing, cleanup, launch_chromium
 
 NASTY = ['"quoted"', "new\nline", "ünï 😀", "", "tab\t\\"]
 # ... and for the SVG: markup, entities, quotes, control characters (C0, DEL, C1), CR, an emoji

@@ -22,8 +22,8 @@ from cltrace.features.scan import encode_batch, layer_encoders, scan, token_ids
 from cltrace.features.selection import EMPTY_TOK, sample_keys
 from cltrace.features.state import HIST_BINS, quantile_values
 from cltrace.models.activations import ActivationSource
-
-from tiny_gemma import random_transcoders, tiny_gemma
+from support.tiny_gemma import tiny_gemma, tiny_model_and_set
+from support.transcoders import random_transcoders
 
 BOS, VOCAB, CTX, LAYERS = 2, 300, 24, [0, 1, 2]
 WORDS = [f"w{i}" for i in range(60)]  # tokenizer vocabulary beyond the 4 specials
@@ -40,14 +40,9 @@ class CharTok:
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_gemma(n_layers=3, vocab=VOCAB)
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(4, VOCAB, (20, CTX), generator=g)
-    rows[:, 0] = BOS
-    rows[3, 9] = BOS  # a document boundary inside a row: no activations there
-    x = ActivationSource(model, rows, LAYERS, BOS, outputs=False).read(torch.arange(6)).x
-    ts = random_transcoders(x, d_sae=40, active=0.08)
-    return model, rows, ts
+    """(3-layer tiny model, 20 rows of CTX tokens, a 40-wide PLT set); row 3 holds a document
+    boundary (<bos> at position 9): no activations there."""
+    return tiny_model_and_set(20, VOCAB, CTX, BOS, boundaries=[(3, 9)])
 
 
 def dense_acts(model, rows, ts):
@@ -332,7 +327,7 @@ def aligned(setup, tmp_path_factory):
     assert not (rows == OUT_TOKEN).any()
     model = tiny_gemma(n_layers=3, vocab=BIG_VOCAB)
     x = ActivationSource(model, rows, LAYERS, BOS, outputs=False).read(torch.arange(6)).x
-    ts = random_transcoders(x, d_sae=40, active=0.08)
+    ts = random_transcoders(mlp_in=x, d_sae=40, active=0.08)
     state = run_scan(model, rows, ts)
     feats = {L: int(torch.nonzero(state.layers[L].count > 0)[0]) for L in LAYERS}
     with torch.no_grad():
@@ -514,15 +509,14 @@ def cli_inputs(setup, tmp_path_factory):
     """A saved tiny model with a word-level tokenizer, its transcoders in the Gemma Scope 2
     layout, a set for another model, and a text corpus of those words."""
     from cltrace.transcoders.write import save_gemmascope
-    from synthetic import random_set
-    from tiny_gemma import save_word_tokenizer
+    from support.tiny_gemma import save_word_tokenizer
 
     model, _, ts = setup
     root = tmp_path_factory.mktemp("cli")
     model.save_pretrained(root / "model")
     save_word_tokenizer(root / "model", WORDS)
     save_gemmascope(ts, root / "tc")
-    save_gemmascope(random_set(n_layers=3, d_model=16, d_sae=8), root / "other")
+    save_gemmascope(random_transcoders(n_layers=3, d_model=16, d_sae=8), root / "other")
     g = np.random.default_rng(0)
     docs = [" ".join(g.choice(WORDS, size=40)) for _ in range(12)]
     (root / "corpus.txt").write_text("\n\n\n".join(docs))
@@ -694,7 +688,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def saved_tiny(setup, tmp_path_factory):
-    from feature_fixtures import save_tiny
+    from support.features import save_tiny
 
     model, _, ts = setup
     return str(save_tiny(model, ts, tmp_path_factory.mktemp("ray") / "tiny.pt"))
@@ -705,7 +699,7 @@ def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tm
     actors at this process's torch thread count)."""
     import functools
 
-    from feature_fixtures import load_tiny
+    from support.features import load_tiny
 
     out, _ = built
     _build(setup, tmp_path / "r", ray=True, workers=2, threads=torch.get_num_threads(),
@@ -721,7 +715,7 @@ def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster,
     import functools
 
     import cltrace.features.cluster as cluster
-    from feature_fixtures import load_tiny
+    from support.features import load_tiny
 
     out, _ = built
     marker = tmp_path / "crashed"

@@ -208,10 +208,10 @@ def _imports_after_load(target: str, heavy=_HEAVY) -> dict:
 
 
 def test_load_model_does_not_import_transformers_modeling(tmp_path):
-    from test_models import save_tiny_tokenizer
+    from support.tiny_gemma import CAPITAL_WORDS, save_word_tokenizer
 
     hf_tiny("mha").save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
+    save_word_tokenizer(tmp_path, CAPITAL_WORDS)
     # (AutoTokenizer, used for folders other than the embedded model's cache, imports the
     # lazy transformers.models.gemma3 package for its tokenizer mapping, not the modeling)
     assert not any(_imports_after_load(str(tmp_path)).values())
@@ -274,14 +274,14 @@ def test_hub_id_from_the_hf_cache_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
     from cltrace.models import load_config, load_model
-    from test_models import save_tiny_tokenizer
+    from support.tiny_gemma import CAPITAL_WORDS, save_word_tokenizer
 
     commit = "0" * 40
     repo = tmp_path / "models--someone--tiny-gemma3"
     snap = repo / "snapshots" / commit
     hf = hf_tiny("gqa-sliding")
     hf.save_pretrained(snap)
-    save_tiny_tokenizer(snap)
+    save_word_tokenizer(snap, CAPITAL_WORDS)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -299,11 +299,11 @@ def test_bin_checkpoint_is_read_by_transformers_and_adopted(tmp_path):
     from safetensors.torch import load_file
 
     from cltrace.models import load_model
-    from test_models import save_tiny_tokenizer
+    from support.tiny_gemma import CAPITAL_WORDS, save_word_tokenizer
 
     hf = hf_tiny("mha")
     hf.save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
+    save_word_tokenizer(tmp_path, CAPITAL_WORDS)
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
     lm = load_model(tmp_path, device="cpu")

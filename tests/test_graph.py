@@ -8,7 +8,7 @@ import torch
 
 from cltrace.graph import Graph, NodeKind
 from cltrace.graph import prune
-from graph_fixtures import random_graph
+from support.graphs import random_graph
 
 
 def test_node_table_and_ids():

@@ -17,8 +17,8 @@ from cltrace.features.pages import LOGIT_LABEL_MIN_SCORE
 from cltrace.graph import prune
 from cltrace.replacement import ReplacementModel
 from cltrace.serve import make_server, serve_in_thread
-from serve_fixtures import browser_missing, cleanup, launch_chromium
-from tiny_gemma import tiny_model_and_set
+from support.serve import browser_missing, cleanup, launch_chromium
+from support.tiny_gemma import tiny_model_and_set
 
 BOS, VOCAB, CTX = 2, 300, 24
 

@@ -2,7 +2,8 @@
 cheap (no torch, no transformers until a name is used), and what the docstrings and comments
 point at exists: every ``:mod:``/``:func:``/``:class:``/``:meth:`` target and plain
 ``cltrace.<package>.<name>`` mention resolves, every ``docs/<page>.md`` path cited is in the repository, and
-nothing cites the design notes kept outside it."""
+nothing cites the design notes kept outside it. The tests' shape: helpers only in tests/support
+(no test module imports another)."""
 from __future__ import annotations
 
 import ast
@@ -199,7 +200,7 @@ def _candidates(target: str, module: str, package: str) -> list[str]:
 def _broken_references() -> list[str]:
     broken = []
     files = [(p, *_module_of(p)) for p in sorted(ROOT.rglob("*.py"))]
-    files += [(p, "", "") for p in sorted((REPO / "tests").glob("*.py"))]
+    files += [(p, "", "") for p in sorted((REPO / "tests").rglob("*.py"))]
     for path, module, package in files:
         own = None if module else _own_names(path)
         for line, text in _prose(path):
@@ -226,6 +227,33 @@ def test_docstring_references_resolve():
     :class:, a callable for :func:/:meth:)."""
     broken = _broken_references()
     assert not broken, "references to nothing:\n" + "\n".join(broken)
+
+
+# --- the tests' own layout ----------------------------------------------------------------------
+
+def _imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in the file, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+    return out
+
+
+def test_tests_share_helpers_only_through_the_support_package():
+    """tests/ holds test modules, conftest.py and the ``support`` package, nothing else; no
+    file under tests/ imports a test module or conftest (helpers live in tests/support)."""
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    stray = sorted(p.name for p in tests.glob("*.py") if p.stem not in test_modules)
+    assert not stray, f"helpers belong in tests/support/: {stray}"
+    assert (tests / "support" / "__init__.py").is_file()
+    imports = [f"{p.relative_to(REPO)}:{line} imports {module}"
+               for p in sorted(tests.rglob("*.py")) for line, module in _imported_modules(p)
+               if module.split(".")[0] in test_modules]
+    assert not imports, "import helpers from tests/support instead:\n" + "\n".join(imports)
 
 
 def _repo_files(*folders: str) -> list[Path]:

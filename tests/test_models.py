@@ -1,11 +1,11 @@
 """Loading Gemma 3 models: local folders, multimodal checkpoints, dtypes, errors, the real 270M."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from cltrace.models import LoadedModel, load_config, load_model, resolve_dtype, resolve_device
+from support.tiny_gemma import CAPITAL_WORDS, save_word_tokenizer
 
 
 def tiny_text_config():
@@ -14,18 +14,6 @@ def tiny_text_config():
     return Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                             head_dim=32, sliding_window=8)
-
-
-def save_tiny_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({w: 4 + i for i, w in enumerate("the capital of france is paris".split())})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,7 @@ def tiny_dir(tmp_path_factory):
     model = Gemma3ForCausalLM(tiny_text_config()).eval()
     folder = tmp_path_factory.mktemp("tiny-gemma3")
     model.save_pretrained(folder)
-    save_tiny_tokenizer(folder)
+    save_word_tokenizer(folder, CAPITAL_WORDS)
     return folder, model
 
 
@@ -85,7 +73,7 @@ def test_multimodal_checkpoint_gives_the_text_tower(tmp_path):
     torch.manual_seed(1)
     full = Gemma3ForConditionalGeneration(config).eval()
     full.save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
+    save_word_tokenizer(tmp_path, CAPITAL_WORDS)
     lm = load_model(tmp_path, device="cpu")
     assert type(lm.model).__name__ == "Gemma3ForCausalLM"
     assert lm.model.config.model_type == "gemma3_text"

@@ -1,6 +1,6 @@
 """The same graph as circuit-tracer 0.5.0 on the same inputs (real Gemma 3 270M).
 
-The reference runs from its own venv (``tests/peer.py``; ``.ci/run`` creates it, so in CI
+The reference runs from its own venv (``tests/support/peer.py``; ``.ci/run`` creates it, so in CI
 this test runs rather than skips). Same model, same transcoders in each tool's layout (ours:
 Gemma Scope 2; the peer's: its own, read by its ``load_transcoder_set`` / ``load_clt``), all
 active features visited, for two sets: a per-layer transcoder (PLT) with an affine skip, and
@@ -22,8 +22,8 @@ import torch
 from cltrace.attribution import attribute
 from cltrace.replacement import ReplacementModel
 from cltrace.transcoders import load_transcoders
-from peer import agreement, peer_available, peer_model_dir, run_peer
-from synthetic import write_circuit_tracer_clt, write_circuit_tracer_plt
+from support.layouts import write_circuit_tracer_clt, write_circuit_tracer_plt
+from support.peer import agreement, peer_available, peer_model_dir, run_peer
 
 pytestmark = pytest.mark.real_model
 
@@ -51,7 +51,7 @@ def peer_inputs(request, real_gemma, mlp_io, tmp_path_factory):
     if not peer_available():
         if os.environ.get("CI"):
             pytest.fail("circuit-tracer's venv (benchmarks/.venv-peer) is missing: .ci/run creates it")
-        pytest.skip("circuit-tracer's venv is not there (`python tests/peer.py` creates it)")
+        pytest.skip("circuit-tracer's venv is not there (`python tests/support/peer.py` creates it)")
     from cltrace.training.starter import fit_starter_set
     from cltrace.transcoders.write import save_gemmascope
 

@@ -8,7 +8,7 @@ import torch
 from cltrace import ops, reference as ref
 import cltrace.graph.pruning as P
 from cltrace.graph import graph_scores, influence_of_rows
-from graph_fixtures import random_graph
+from support.graphs import random_graph
 
 
 def dense_reference(A, w, n_features, keep_from, node_t, edge_t):

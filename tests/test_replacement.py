@@ -6,24 +6,24 @@ transcoders; one test uses the real Gemma 3 270M (marked ``real_model``).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_gemma import random_transcoders, tiny_gemma  # noqa: E402
-
 from cltrace.frozen.capture import capture
-from cltrace.models.anatomy import text_parts  # noqa: E402
-from cltrace.frozen import EMBED, Seeds  # noqa: E402
-from cltrace.ops import attribution_contract  # noqa: E402
-from cltrace.frozen.attention import BandedPattern  # noqa: E402
-from cltrace.replacement import ReplacementModel  # noqa: E402
-from cltrace.transcoders.base import LayerTranscoder, TranscoderSet  # noqa: E402
+from cltrace.models.anatomy import text_parts
+from cltrace.frozen import EMBED, Seeds
+from cltrace.ops import attribution_contract
+from cltrace.frozen.attention import BandedPattern
+from cltrace.replacement import ReplacementModel
+from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
+from support.frozen import backward, iter_backward, logit_seeds
+from support.tiny_gemma import tiny_gemma
+from support.transcoders import random_transcoders
 
 N_POS = 12
+D_SAE = 96  # the transcoder width of these tests
 VARIANTS = [("plt", False), ("plt", True), ("clt", False), ("clt", True)]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-6}  # fp64 limited by Gemma's fp32 norms/softmax
 
@@ -53,7 +53,7 @@ def setup64():
 
 def build(setup, kind, skip, skip_positions=0, **kw):
     model, tokens, mlp_in, dtype = setup
-    tcs = random_transcoders(mlp_in, kind, skip=skip, **kw)
+    tcs = random_transcoders(kind, mlp_in=mlp_in, d_sae=D_SAE, skip=skip, **kw)
     rm = ReplacementModel.from_pretrained(model, tcs, skip_positions=skip_positions)
     return rm, rm.run(tokens)
 
@@ -104,8 +104,8 @@ def test_state_contents(setup):
 
 def mixed_seeds(st, gen):
     """Logit seeds at several positions and feature seeds at every layer."""
-    logit = st.logit_seeds(torch.tensor([3, 17, 250]), pos=-1)
-    logit2 = st.logit_seeds(torch.tensor([5]), pos=4)
+    logit = logit_seeds(st, torch.tensor([3, 17, 250]), pos=-1)
+    logit2 = logit_seeds(st, torch.tensor([5]), pos=4)
     n = 6
     layer = torch.randint(0, st.n_layers, (n,), generator=gen)
     pos = torch.randint(0, N_POS, (n,), generator=gen)
@@ -137,7 +137,7 @@ def test_backward_matches_autograd(setup, kind, skip):
     *_, dtype = setup
     _, st = build(setup, kind, skip, skip_positions=3)
     seeds = mixed_seeds(st, torch.Generator().manual_seed(2))
-    grads = st.frozen.backward(seeds)
+    grads = backward(st.frozen, seeds)
     out, objs, vjps = autograd_vjps(st, seeds, dtype)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     for b, (g_emb, g_src) in enumerate(vjps):
@@ -163,7 +163,7 @@ def test_linear_and_finite_differences(setup64, kind, skip):
         torch.testing.assert_close(x, a * y1 + b * y2, rtol=1e-10, atol=1e-10)
     # directional derivatives of every seed objective at the prompt's inputs
     seeds = mixed_seeds(st, g)
-    grads = st.frozen.backward(seeds)
+    grads = backward(st.frozen, seeds)
     e0, s0 = st.embed.to(dtype), st.sources()
     de, ds = torch.randn_like(e0), torch.randn_like(s0)
     eps = 1e-3
@@ -176,7 +176,7 @@ def test_linear_and_finite_differences(setup64, kind, skip):
 def test_backward_streams_layers(setup):
     _, st = build(setup, "plt", True)
     seeds = st.feature_seeds(torch.tensor([3, 1]), torch.tensor([5, 9]), torch.tensor([0, 1]))
-    steps = list(st.frozen.iter_backward(seeds))
+    steps = list(iter_backward(st.frozen, seeds))
     assert [s.layer for s in steps] == [4, 3, 2, 1, 0, EMBED]
     for s in steps[:-1]:
         assert s.grad.shape == (2, N_POS, 64)
@@ -184,7 +184,7 @@ def test_backward_streams_layers(setup):
         assert (s.grad[0] == 0).all() == (s.layer >= 3) and (s.grad[1] == 0).all() == (s.layer >= 1)
         assert (s.grad[0, 6:] == 0).all() and (s.grad[1, 10:] == 0).all()
     with pytest.raises(ValueError, match="positions"):
-        list(st.frozen.iter_backward(Seeds(seeds.layer, seeds.pos + 100, seeds.vec)))
+        list(iter_backward(st.frozen, Seeds(seeds.layer, seeds.pos + 100, seeds.vec)))
 
 
 # --- 3. chat-template positions carry no features ---------------------------------------
@@ -201,7 +201,7 @@ def _without_skip(tcs):
 
 def test_skip_positions(setup):
     model, tokens, mlp_in, dtype = setup
-    tcs = random_transcoders(mlp_in, "clt", skip=True, active=0.5)
+    tcs = random_transcoders("clt", mlp_in=mlp_in, d_sae=D_SAE, skip=True, active=0.5)
     st = ReplacementModel.from_pretrained(model, tcs, skip_positions=4).run(tokens)
     assert st.skip_positions == 4
     for a in st.acts:
@@ -216,16 +216,16 @@ def test_skip_positions(setup):
     assert rel_err(st.replacement_forward().logits, st.logits) <= TOL[dtype]
     # as in circuit-tracer, the gradient passes through the skip at those positions too
     seeds = st.feature_seeds(torch.tensor([2]), torch.tensor([1]), torch.tensor([0]))
-    g = st.frozen.backward(seeds)
+    g = backward(st.frozen, seeds)
     no_skip = ReplacementModel.from_pretrained(model, _without_skip(tcs), skip_positions=4).run(tokens)
-    g0 = no_skip.frozen.backward(seeds)
+    g0 = backward(no_skip.frozen, seeds)
     assert not torch.allclose(g.mlp_out[0, 0, 1], g0.mlp_out[0, 0, 1])  # layer 0 sees the skip of layer 1
     # default ("auto"): <bos> at position 0 of every prompt; 4 for -it models and chat prompts
     assert ReplacementModel(model, tcs).run(tokens).skip_positions == 1
     chat = tokens.clone()
     chat[1] = 105
     assert ReplacementModel(model, tcs, tokenizer=_StubTokenizer()).run(chat).skip_positions == 4
-    tcs_it = random_transcoders(mlp_in, "plt")
+    tcs_it = random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)
     tcs_it.model_name = "tiny-gemma-it"  # an -it model by name
     assert ReplacementModel(model, tcs_it).run(tokens).skip_positions == 4
     assert ReplacementModel(model, tcs, skip_positions=0).run(chat).skip_positions == 0
@@ -235,7 +235,7 @@ def test_skip_positions(setup):
 
 def test_plt_is_clt_with_one_output(setup):
     model, tokens, mlp_in, dtype = setup
-    plt = random_transcoders(mlp_in, "plt", skip=True)
+    plt = random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE, skip=True)
     as_clt = TranscoderSet(kind="clt", n_layers=plt.n_layers, layers=dict(plt.layers))
     padded = TranscoderSet(kind="clt", n_layers=plt.n_layers, layers={
         L: LayerTranscoder(tc.W_enc, tc.b_enc, tc.threshold,
@@ -243,15 +243,15 @@ def test_plt_is_clt_with_one_output(setup):
                            tc.b_dec, tc.W_skip) for L, tc in plt.layers.items()})
     states = [ReplacementModel(model, t, skip_positions=1).run(tokens) for t in (plt, as_clt, padded)]
     ref = states[0]
-    seeds = ref.logit_seeds([1, 2])
-    g_ref = ref.frozen.backward(seeds)
+    seeds = logit_seeds(ref, [1, 2])
+    g_ref = backward(ref.frozen, seeds)
     for st in states[1:]:
         for a, b in zip(st.acts, ref.acts):
             assert torch.equal(a.row_offsets, b.row_offsets) and torch.equal(a.feat_idx, b.feat_idx)
             assert torch.equal(a.acts, b.acts)
         assert torch.equal(st.recon.total, ref.recon.total) and torch.equal(st.errors, ref.errors)
         assert torch.equal(st.replacement_forward().logits, ref.replacement_forward().logits)
-        g = st.frozen.backward(seeds)
+        g = backward(st.frozen, seeds)
         assert torch.equal(g.mlp_out, g_ref.mlp_out) and torch.equal(g.embed, g_ref.embed)
 
 
@@ -285,7 +285,7 @@ def test_completeness(setup, kind, skip):
     pos = torch.cat([af.pos[pick], torch.tensor([0, 11, 5])])
     feat = torch.cat([af.feature[pick], torch.tensor([3, 50, 7])])
     seeds = st.feature_seeds(layer, pos, feat)
-    grads = st.frozen.backward(seeds)
+    grads = backward(st.frozen, seeds)
     feat_c, err_c, bias_c, emb_c = contributions(st, grads)
     b_enc = torch.stack([st.transcoders.layers[int(L)].b_enc[int(f)] for L, f in zip(layer, feat)])
     total = feat_c + err_c + bias_c + emb_c + b_enc
@@ -306,7 +306,7 @@ def test_completeness(setup, kind, skip):
     assert (feat_c[layer == 0] == 0).all() and (err_c[layer == 0] == 0).all()
     # the same identity for logit targets: logit - mean logit = sum of contributions
     tokens = torch.tensor([0, 42, 299])
-    lg = st.frozen.backward(st.logit_seeds(tokens))
+    lg = backward(st.frozen, logit_seeds(st, tokens))
     total = sum(contributions(st, lg))
     logits = st.logits[-1].to(dtype)
     torch.testing.assert_close(total, logits[tokens] - logits.mean(), **tol)
@@ -319,29 +319,29 @@ def test_completeness(setup, kind, skip):
 def test_incompatible_transcoders(setup):
     model, tokens, mlp_in, dtype = setup
     with pytest.raises(ValueError, match="d_model"):
-        ReplacementModel(model, random_transcoders(mlp_in[..., :32], "plt"))
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in[..., :32], d_sae=D_SAE))
     with pytest.raises(ValueError, match="layers"):
-        ReplacementModel(model, random_transcoders(mlp_in[:3], "plt"))
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in[:3], d_sae=D_SAE))
     with pytest.raises(ValueError, match="tokenizer"):
-        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run("hello")
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)).run("hello")
     with pytest.raises(ValueError, match="token ids"):
-        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([1, 2, 300])
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)).run([1, 2, 300])
     with pytest.raises(ValueError, match="at most 256"):
-        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run(torch.zeros(257, dtype=torch.long))
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)).run(torch.zeros(257, dtype=torch.long))
     with pytest.raises(ValueError, match="no tokens"):
-        ReplacementModel(model, random_transcoders(mlp_in, "plt")).run([])
+        ReplacementModel(model, random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)).run([])
 
 
 def test_gqa_single_kv_head_and_partial_set():
     model = tiny_gemma(n_layers=3, n_kv=1)
     tokens = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(5))
     mlp_in = torch.stack([c.mlp_in for c in capture(text_parts(model), tokens).layers])
-    tcs = random_transcoders(mlp_in, "plt", skip=True, layers=[1])  # one layer only
+    tcs = random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE, skip=True, layers=[1])  # one layer only
     st = ReplacementModel(model, tcs).run(tokens)
     assert rel_err(st.replacement_forward().logits, st.logits) <= 1e-5
     assert st.acts[0].feat_idx.numel() == 0 and st.acts[1].feat_idx.numel() > 0
-    seeds = st.logit_seeds([7])
-    grads = st.frozen.backward(seeds)
+    seeds = logit_seeds(st, [7])
+    grads = backward(st.frozen, seeds)
     embed = st.embed.clone().requires_grad_()
     sources = st.sources().clone().requires_grad_()
     out = st.frozen(embed, sources)
@@ -362,7 +362,7 @@ def test_real_gemma_270m_logits(kind, skip, real_gemma):
     parts = text_parts(loaded.model)
     assert (parts.n_layers, parts.d_model) == (18, 640)
     mlp_in = torch.stack([c.mlp_in for c in capture(parts, tokens).layers])
-    tcs = random_transcoders(mlp_in, kind, d_sae=1024, skip=skip, active=0.02)  # realistic shapes
+    tcs = random_transcoders(kind, mlp_in=mlp_in, d_sae=1024, skip=skip, active=0.02)  # realistic shapes
     rm = ReplacementModel.from_pretrained(loaded.model, tcs, tokenizer=loaded.tokenizer)
     st = rm.run("The capital of France is")
     assert torch.equal(st.tokens.cpu(), tokens)
@@ -383,7 +383,7 @@ def test_real_gemma_270m_banded_sliding_window(real_gemma):
     assert n > 600
     parts = text_parts(loaded.model)
     mlp_in = torch.stack([c.mlp_in for c in capture(parts, tokens[:64]).layers])
-    tcs = random_transcoders(mlp_in, "plt", d_sae=256, skip=True, active=0.02)
+    tcs = random_transcoders("plt", mlp_in=mlp_in, d_sae=256, skip=True, active=0.02)
     st = ReplacementModel(loaded.model, tcs, tokenizer=loaded.tokenizer).run(tokens)
     kinds = [type(c.pattern) for c in st.capture.layers]
     assert kinds.count(BandedPattern) == 15 and kinds.count(torch.Tensor) == 3
@@ -391,8 +391,8 @@ def test_real_gemma_270m_banded_sliding_window(real_gemma):
     assert band.blocks.numel() < n * n * 4  # smaller than dense (1/6 of it at 4096 tokens)
     assert rel_err(st.replacement_forward().logits[-5:], st.logits[-5:]) <= 1e-5
     seeds = Seeds(*(torch.cat(t) for t in zip(
-        st.logit_seeds([100], pos=n - 1), st.feature_seeds(torch.tensor([9]), torch.tensor([n - 2]), torch.tensor([3])))))
-    grads = st.frozen.backward(seeds)
+        logit_seeds(st, [100], pos=n - 1), st.feature_seeds(torch.tensor([9]), torch.tensor([n - 2]), torch.tensor([3])))))
+    grads = backward(st.frozen, seeds)
     for b, (g_emb, g_src) in enumerate(autograd_vjps(st, seeds)[2]):
         scale = g_src.abs().max()
         torch.testing.assert_close(grads.mlp_out[:, b] / scale, g_src / scale, rtol=0, atol=1e-5)
@@ -404,9 +404,9 @@ def test_backward_early_positions_only(setup):
     *_, dtype = setup
     _, st = build(setup, "clt", True, skip_positions=1)
     seeds = Seeds(*(torch.cat(t) for t in zip(
-        st.logit_seeds([9], pos=2), st.feature_seeds(torch.tensor([4, 2]), torch.tensor([0, 3]),
+        logit_seeds(st, [9], pos=2), st.feature_seeds(torch.tensor([4, 2]), torch.tensor([0, 3]),
                                                      torch.tensor([5, 6])))))
-    grads = st.frozen.backward(seeds)
+    grads = backward(st.frozen, seeds)
     for b, (g_emb, g_src) in enumerate(autograd_vjps(st, seeds)[2]):
         torch.testing.assert_close(grads.embed[b], g_emb, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads.mlp_out[:, b], g_src, rtol=1e-4, atol=1e-6)
@@ -420,7 +420,7 @@ def test_from_pretrained_by_name(setup, monkeypatch):
     import cltrace.transcoders
 
     model, tokens, mlp_in, dtype = setup
-    tcs = random_transcoders(mlp_in, "plt")
+    tcs = random_transcoders("plt", mlp_in=mlp_in, d_sae=D_SAE)
     calls = []
 
     def load_model(name, device=None, dtype=None):

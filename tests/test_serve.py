@@ -17,7 +17,7 @@ import torch
 
 from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
-from serve_fixtures import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
+from support.serve import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
                             synthetic_graph, tiny_setup)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")

@@ -60,10 +60,9 @@ def test_matryoshka_sizes_are_listed_not_ranges(capsys):
 def test_the_graph_json_says_what_was_done(tmp_path):
     """The metadata records the settings that made the graph, and pruning again at the
     recorded thresholds keeps the same nodes and links as the file."""
-    from test_cli import CharTokenizer
-    from test_steering import build
+    from support.tiny_gemma import CharTokenizer, tiny_replacement
 
-    rm = build("clt", dtype=torch.float32)
+    rm = tiny_replacement("clt", dtype=torch.float32)
     settings = TraceSettings(AttributionSettings(max_feature_nodes=20, batch_size=8, max_n_logits=3,
                                                  desired_logit_prob=0.9),
                              PruneSettings(0.7, 0.9), ("json",))

@@ -8,29 +8,16 @@ import pytest
 import torch
 
 from cltrace.attribution import attribute
-from cltrace.frozen.capture import capture
-from cltrace.models.anatomy import text_parts
 from cltrace.steering import Intervention, generate, intervene
 from cltrace.replacement.encoding import encode_layer
 from cltrace.steering.modes import column, pre_activations, with_columns
 from cltrace.replacement import ReplacementModel
-from tiny_gemma import random_transcoders, tiny_gemma
-
-TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]
-
-
-def build(kind: str, dtype=torch.float64, skip_positions=0) -> ReplacementModel:
-    torch.manual_seed(0)
-    model = tiny_gemma(n_layers=4, dtype=dtype)
-    cap = capture(text_parts(model), torch.tensor(TOKENS))
-    mlp_in = torch.stack([c.mlp_in for c in cap.layers])
-    tcs = random_transcoders(mlp_in, kind=kind[:3], skip=kind.endswith("skip"), d_sae=48)
-    return ReplacementModel(model, tcs, dtype=dtype, skip_positions=skip_positions)
+from support.tiny_gemma import TOKENS, tiny_replacement
 
 
 @pytest.fixture(scope="module", params=["plt", "plt+skip", "clt"])
 def rm(request):
-    return build(request.param)
+    return tiny_replacement(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +92,7 @@ def test_frozen_matches_direct_recomputation(rm):
 
 @pytest.mark.parametrize("kind", ["plt+skip", "clt"])
 def test_no_intervention_reproduces_real_logits_fp32(kind):
-    rm32 = build(kind, dtype=torch.float32)
+    rm32 = tiny_replacement(kind, dtype=torch.float32)
     state = rm32.run(TOKENS)
     res = intervene(rm32, TOKENS, [])
     with torch.no_grad():
@@ -163,7 +150,7 @@ def test_free_and_frozen_agree_on_last_layer(rm):
 
 
 def test_generate_deterministic_and_steerable():
-    rm = build("clt")
+    rm = tiny_replacement("clt")
     a = generate(rm, TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
     b = generate(rm, TOKENS, max_new_tokens=6, temperature=1.0, seed=3)
     assert torch.equal(a.tokens, b.tokens) and a.new_tokens.numel() == 6
@@ -180,7 +167,7 @@ def test_generate_deterministic_and_steerable():
 
 
 def test_bad_interventions():
-    rm = build("plt")
+    rm = tiny_replacement("plt")
     cases = [
         (lambda: Intervention(9, 0, set=1.0), "layer"),
         (lambda: Intervention(0, 48, set=1.0), "feature"),
@@ -206,7 +193,7 @@ def test_bad_interventions():
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(rm, TOKENS, max_new_tokens=-1)
     # positions in the skipped prefix have no features
-    rm_skip = build("plt", skip_positions=2)
+    rm_skip = tiny_replacement("plt", skip_positions=2)
     with pytest.raises(ValueError, match="pos 1"):
         intervene(rm_skip, TOKENS, [Intervention(0, 1, pos=1, set=1.0)])
     res = intervene(rm_skip, TOKENS, [Intervention(0, 1, set=1.0)])  # all positions: 2..7
@@ -231,7 +218,7 @@ def test_real_gemma_top_influence_ablation(real_gemma):
     not compared: there the change is the edges' prediction exactly, tested in
     test_frozen_edges_predict_interventions.)"""
     from cltrace.graph import prune
-    from cltrace.training.starter import synthetic_starter_transcoders
+    from support.transcoders import synthetic_starter_transcoders
 
     loaded = real_gemma
     rm = ReplacementModel(loaded.model, synthetic_starter_transcoders(loaded), tokenizer=loaded.tokenizer)

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from cltrace import ops
-from conftest import torch_threads
 from cltrace.models.activations import ActivationSource, Activations
 from cltrace.training.corpus import stdlib_texts
 from cltrace.training import TrainConfig, Trainer, evaluate
 from cltrace.transcoders import load_transcoders
 from cltrace.transcoders.write import save_gemmascope
+from support.numerics import torch_threads
+from support.tiny_gemma import CharTokenizer, tiny_gemma
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +130,6 @@ def test_written_files_reproduce_the_trained_model(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_source():
     """MLP activations of the tiny Gemma on 256 random rows of 32 tokens (cached in memory)."""
-    from tiny_gemma import tiny_gemma
 
     rows = torch.randint(3, 300, (256, 33), generator=torch.Generator().manual_seed(0))
     rows[:, 0] = 2
@@ -266,7 +266,6 @@ def test_sparse_step_matches_dense_autograd(kind):
 def test_activation_source_reads_the_hook_points():
     from cltrace.frozen.capture import capture
     from cltrace.models.anatomy import text_parts
-    from tiny_gemma import tiny_gemma
 
     model = tiny_gemma()
     g = torch.Generator().manual_seed(0)
@@ -283,7 +282,6 @@ def test_activation_source_reads_the_hook_points():
 
 
 def test_activation_cache_serves_the_same_values():
-    from tiny_gemma import tiny_gemma
 
     model = tiny_gemma()
     rows = torch.randint(3, 300, (4, 8), generator=torch.Generator().manual_seed(1))
@@ -360,25 +358,6 @@ def test_cli_train_real_model_then_resume(tmp_path, capsys):
     assert main(args) == 2  # the folder exists
 
 
-class _CharTokenizer:
-    """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
-
-    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(97 + int(i) % 26) for i in ids)
-
-    def batch_decode(self, ids):
-        return [self.decode(i) for i in ids]
-
-    def convert_tokens_to_ids(self, token):
-        return 299
-
-
 def assert_sane_graph(out, slug: str, printed: str, set_id: str) -> None:
     """``out/{slug}.json`` (and the unpruned ``out/{slug}.graph.safetensors``) of a first run:
     valid against the graph schema, every node kind present, the prompt's tokens as embedding
@@ -425,10 +404,9 @@ def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatc
     import cltrace.models
     import cltrace.training.starter as starter
     from cltrace.cli import main
-    from tiny_gemma import tiny_gemma
 
     monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
-    loaded = cltrace.models.LoadedModel(tiny_gemma(), _CharTokenizer(), "tiny")
+    loaded = cltrace.models.LoadedModel(tiny_gemma(), CharTokenizer(), "tiny")
     cfg = _cfg(kind="clt", width=64, l0=6, tokens=120 * 128, corpus_tokens=8192,
                cache_activations=True, buffer_tokens=2048, eval_tokens=1024)
     monkeypatch.setattr(starter, "STARTER_CONFIG", cfg)

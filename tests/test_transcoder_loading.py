@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import synthetic as S
-from cltrace.transcoders import (SafetensorsError, SafetensorsFile, TranscoderLoadError,
-                                 load_transcoders)
+from cltrace.transcoders import (LayerTranscoder, SafetensorsError, SafetensorsFile, TranscoderLoadError,
+                                 TranscoderSet, load_transcoders)
 from cltrace.transcoders.safetensors_mmap import is_file_backed
+from support import layouts as S
+from support.transcoders import MODEL_NAME, random_transcoders
 
 PLT_WRITERS = {"gemmascope": S.write_gemmascope_plt, "circuit_tracer": S.write_circuit_tracer_plt}
 CLT_WRITERS = {
@@ -24,14 +25,14 @@ CLT_WRITERS = {
 
 def _load(path, **kw):
     ts = load_transcoders(path, **kw)
-    ts.model_name = S.MODEL_NAME  # circuit-tracer files carry no model name
+    ts.model_name = MODEL_NAME  # circuit-tracer files carry no model name
     return ts
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("layout", sorted(PLT_WRITERS))
 def test_plt_round_trip(tmp_path, layout, skip):
-    ts = S.random_set("plt", n_layers=3, skip=skip, seed=1)
+    ts = random_transcoders("plt", n_layers=3, skip=skip, seed=1)
     folder = PLT_WRITERS[layout](tmp_path / layout, ts)
     got = _load(folder)
     S.assert_sets_equal(ts, got)
@@ -42,7 +43,7 @@ def test_plt_round_trip(tmp_path, layout, skip):
 @pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("layout", sorted(CLT_WRITERS))
 def test_clt_round_trip(tmp_path, layout, skip):
-    ts = S.random_set("clt", n_layers=4, skip=skip, seed=2)
+    ts = random_transcoders("clt", n_layers=4, skip=skip, seed=2)
     got = _load(CLT_WRITERS[layout](tmp_path / layout, ts))
     S.assert_sets_equal(ts, got)
     assert [tc.n_out for _, tc in sorted(got.layers.items())] == [4, 3, 2, 1]
@@ -51,7 +52,7 @@ def test_clt_round_trip(tmp_path, layout, skip):
 
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_same_weights_give_identical_sets_in_every_layout(tmp_path, kind):
-    ts = S.random_set(kind, n_layers=3, skip=True, seed=3, dtype=torch.bfloat16)
+    ts = random_transcoders(kind, n_layers=3, skip=True, seed=3, dtype=torch.bfloat16)
     writers = PLT_WRITERS if kind == "plt" else CLT_WRITERS
     sets = [_load(w(tmp_path / name, ts)) for name, w in writers.items()]
     for other in sets[1:]:
@@ -63,7 +64,7 @@ def test_same_weights_give_identical_sets_in_every_layout(tmp_path, kind):
                                     "circuit_tracer_clt"])
 def test_layer_subset(tmp_path, layout):
     kind = layout.rsplit("_", 1)[1]
-    ts = S.random_set(kind, n_layers=4, seed=4)
+    ts = random_transcoders(kind, n_layers=4, seed=4)
     writers = PLT_WRITERS if kind == "plt" else CLT_WRITERS
     folder = writers[layout.rsplit("_", 1)[0]](tmp_path / "set", ts)
     got = load_transcoders(folder, layers=[1, 3])
@@ -76,8 +77,8 @@ def test_layer_subset(tmp_path, layout):
 
 def test_gemmascope_variants_and_single_folders(tmp_path):
     root = tmp_path / "transcoder_all"
-    small = S.random_set("plt", n_layers=2, seed=5)
-    big = S.random_set("plt", n_layers=2, d_sae=48, skip=True, seed=6)
+    small = random_transcoders("plt", n_layers=2, seed=5)
+    big = random_transcoders("plt", n_layers=2, d_sae=48, skip=True, seed=6)
     S.write_gemmascope_plt(root, small, variant="width_16k_l0_small")
     S.write_gemmascope_plt(root, big, variant="width_16k_l0_big")
     with pytest.raises(TranscoderLoadError, match="width_16k_l0_big_affine, width_16k_l0_small"):
@@ -94,7 +95,7 @@ def test_gemmascope_variants_and_single_folders(tmp_path):
 
 
 def test_lazy_tensors_are_file_backed_views(tmp_path):
-    ts = S.random_set("plt", n_layers=2, skip=True, seed=7)
+    ts = random_transcoders("plt", n_layers=2, skip=True, seed=7)
     for name, writer in PLT_WRITERS.items():
         folder = writer(tmp_path / name, ts)
         got = load_transcoders(folder)
@@ -120,12 +121,12 @@ def _rss_file_bytes() -> int:
 def test_loading_does_not_read_the_decoders(tmp_path):
     """A 64 MiB decoder: loading (default verify) and reading 3 rows maps only a few pages."""
     d_model, d_sae = 64, 1 << 18
-    ts = S.random_set("plt", n_layers=1, d_model=d_model, d_sae=16, seed=8)
+    ts = random_transcoders("plt", n_layers=1, d_model=d_model, d_sae=16, seed=8)
     tc = ts.layers[0]
-    big = S.LayerTranscoder(W_enc=torch.randn(d_model, d_sae), b_enc=torch.zeros(d_sae),
+    big = LayerTranscoder(W_enc=torch.randn(d_model, d_sae), b_enc=torch.zeros(d_sae),
                             threshold=torch.ones(d_sae), W_dec=torch.randn(d_sae, 1, d_model),
                             b_dec=tc.b_dec)
-    S.write_circuit_tracer_plt(tmp_path, S.TranscoderSet("plt", 1, {0: big}))
+    S.write_circuit_tracer_plt(tmp_path, TranscoderSet("plt", 1, {0: big}))
     del big
     S.write_circuit_tracer_plt(tmp_path / "warm", ts)
     load_transcoders(tmp_path / "warm").layers[0].W_dec[[1]]  # imports and first-use costs
@@ -141,8 +142,8 @@ def test_loading_does_not_read_the_decoders(tmp_path):
 
 
 def test_inconsistent_widths(tmp_path):
-    ts = S.random_set("plt", n_layers=2, seed=9)
-    other = S.random_set("plt", n_layers=2, d_sae=40, seed=9)
+    ts = random_transcoders("plt", n_layers=2, seed=9)
+    other = random_transcoders("plt", n_layers=2, d_sae=40, seed=9)
     ts.layers[1] = other.layers[1]
     S.write_circuit_tracer_plt(tmp_path, ts)
     with pytest.raises(TranscoderLoadError, match="inconsistent widths: layer 1 has 40"):
@@ -150,7 +151,7 @@ def test_inconsistent_widths(tmp_path):
 
 
 def test_missing_layers_of_the_model(tmp_path):
-    ts = S.random_set("plt", n_layers=4, seed=10, layers=[0, 1, 3])
+    ts = random_transcoders("plt", n_layers=4, seed=10, layers=[0, 1, 3])
     S.write_gemmascope_plt(tmp_path, ts)
     config = SimpleNamespace(num_hidden_layers=4, hidden_size=16)
     with pytest.raises(TranscoderLoadError, match=r"missing transcoders for layers \[2\]"):
@@ -160,7 +161,7 @@ def test_missing_layers_of_the_model(tmp_path):
 
 
 def test_transcoders_for_another_model(tmp_path):
-    S.write_gemmascope_plt(tmp_path, S.random_set("plt", n_layers=2, seed=11))
+    S.write_gemmascope_plt(tmp_path, random_transcoders("plt", n_layers=2, seed=11))
     from transformers import Gemma3TextConfig
 
     config = Gemma3TextConfig(hidden_size=64, num_hidden_layers=2)
@@ -177,7 +178,7 @@ def test_transcoders_for_another_model(tmp_path):
 
 
 def test_truncated_and_corrupt_files(tmp_path):
-    S.write_circuit_tracer_plt(tmp_path, S.random_set("plt", n_layers=2, seed=12))
+    S.write_circuit_tracer_plt(tmp_path, random_transcoders("plt", n_layers=2, seed=12))
     path = tmp_path / "layer_1.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:-100])
@@ -192,7 +193,7 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 
 def test_nan_weights(tmp_path):
-    ts = S.random_set("plt", n_layers=2, seed=13)
+    ts = random_transcoders("plt", n_layers=2, seed=13)
     ts.layers[1].W_dec[3, 0, 2] = math.nan
     S.write_gemmascope_plt(tmp_path / "dec", ts)
     load_transcoders(tmp_path / "dec")  # decoders are not scanned by default
@@ -214,7 +215,7 @@ def test_nan_weights(tmp_path):
     ({"affine_connection": True}, "affine_skip_connection is missing"),
 ])
 def test_bad_gemmascope_config(tmp_path, change, match):
-    S.write_gemmascope_plt(tmp_path, S.random_set("plt", n_layers=1, seed=14))
+    S.write_gemmascope_plt(tmp_path, random_transcoders("plt", n_layers=1, seed=14))
     cfg = tmp_path / "layer_0_width_16k_l0_small" / "config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **change}))
     with pytest.raises(TranscoderLoadError, match=match):
@@ -238,9 +239,9 @@ def test_hub_reference_offline_from_cache(tmp_path, monkeypatch):
     (store / "refs").mkdir(parents=True)
     (store / "refs" / "main").write_text(commit)
     snap = store / "snapshots" / commit
-    ts = S.random_set("plt", n_layers=3, skip=True, seed=15)
+    ts = random_transcoders("plt", n_layers=3, skip=True, seed=15)
     S.write_gemmascope_plt(snap / "transcoder_all", ts, variant="width_16k_l0_small")
-    S.write_circuit_tracer_clt(snap / "clt" / "native", S.random_set("clt", n_layers=3, seed=16))
+    S.write_circuit_tracer_clt(snap / "clt" / "native", random_transcoders("clt", n_layers=3, seed=16))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -262,7 +263,7 @@ def test_circuit_tracer_config_yaml(tmp_path, monkeypatch):
     store = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
     (store / "refs").mkdir(parents=True)
     (store / "refs" / "main").write_text(commit)
-    ts = S.random_set("plt", n_layers=3, skip=True, seed=19)
+    ts = random_transcoders("plt", n_layers=3, skip=True, seed=19)
     S.write_gemmascope_plt(store / "snapshots" / commit / "transcoder_all", ts)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
@@ -286,7 +287,7 @@ def test_circuit_tracer_config_yaml(tmp_path, monkeypatch):
 
 
 def test_dtype_and_device_conversion(tmp_path):
-    ts = S.random_set("clt", n_layers=2, seed=20)
+    ts = random_transcoders("clt", n_layers=2, seed=20)
     folder = S.write_circuit_tracer_clt(tmp_path, ts)
     got = load_transcoders(folder, device="cpu", dtype="bf16")
     assert got.dtype == torch.bfloat16 and got.layers[0].W_dec.dtype == torch.bfloat16
@@ -308,11 +309,11 @@ def test_hub_download_fetches_only_the_asked_files(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
     remote = tmp_path / "remote"
-    S.write_gemmascope_plt(remote / "transcoder_all", S.random_set("plt", n_layers=3, seed=21))
-    S.write_gemmascope_plt(remote / "transcoder_all", S.random_set("plt", n_layers=3, seed=22),
+    S.write_gemmascope_plt(remote / "transcoder_all", random_transcoders("plt", n_layers=3, seed=21))
+    S.write_gemmascope_plt(remote / "transcoder_all", random_transcoders("plt", n_layers=3, seed=22),
                            variant="width_262k_l0_big")
     S.write_gemmascope_clt(remote / "clt" / "width_16k_l0_small",
-                           S.random_set("clt", n_layers=3, seed=23))
+                           random_transcoders("clt", n_layers=3, seed=23))
     listing = [p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()]
     asked = []
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-from tests.peer import PEER_PY, ensure_peer  # noqa: E402  (the reference's venv)
-from tests.peer import agreement as peer_agreement  # noqa: E402
+from tests.support.peer import PEER_PY, ensure_peer  # noqa: E402  (the reference's venv)
+from tests.support.peer import agreement as peer_agreement  # noqa: E402
 
 CASES = [(k, n, m) for k in ("plt", "clt") for n in (8, 64, 512) for m in (2048, 8192)]
 QUICK = [("plt", 8, 2048), ("plt", 64, 2048)]

@@ -4,7 +4,7 @@ navigation to ready), to select the busiest logit node and to move the pruning s
 
   PYTHONPATH=python python -m benchmarks.end_to_end.bench_viewer --repeat 5
 
-The graph is tests/serve_fixtures.py's synthetic one (~1,200 nodes, ~300k links, as
+The graph is tests/support/serve.py's synthetic one (~1,200 nodes, ~300k links, as
 tests/test_serve.py opens it). The figures were a test's wall-clock limits before (open
 < 2 s in the page, < 3 s from navigation; select and slider < 250 ms each): they are measured
 here, on a quiet machine, with the load (``uptime``) recorded beside them. Each repeat is a
@@ -29,7 +29,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from cltrace.serve import make_server, serve_in_thread
-    from tests.serve_fixtures import browser_missing, cleanup, launch_chromium, synthetic_graph
+    from tests.support.serve import browser_missing, cleanup, launch_chromium, synthetic_graph
 
     why = browser_missing()
     if why:

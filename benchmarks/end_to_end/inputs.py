@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-from tests.peer import peer_model_dir  # noqa: E402,F401  (re-exported for bench_attribution)
+from tests.support.peer import peer_model_dir  # noqa: E402,F401  (re-exported for bench_attribution)
 
 
 def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> dict:
@@ -30,7 +30,7 @@ def transcoder_sets(out: Path, loaded, width: int, l0: int, n_tokens: int) -> di
     from cltrace.transcoders import load_transcoders
     from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
     from cltrace.transcoders.write import save_gemmascope
-    from tests.synthetic import write_circuit_tracer_clt, write_circuit_tracer_plt
+    from tests.support.layouts import write_circuit_tracer_clt, write_circuit_tracer_plt
 
     sets, plt = {}, None
     for kind in ("plt", "clt"):

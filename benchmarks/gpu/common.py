@@ -7,7 +7,7 @@ wrote the reference graphs (benchmarks/gpu/reference/) and the GPU that compares
 build the same model whatever their torch versions, and the GPU builds it in place without a
 CPU copy.
 
-Shapes (``SHAPES``): the tiny test model of tests/tiny_gemma.py, and the real Gemma 3 1B and 4B
+Shapes (``SHAPES``): the tiny test model of tests/support/tiny_gemma.py, and the real Gemma 3 1B and 4B
 language models (vocabulary 262144). ``pool``: the 4B shape draws its MLP / attention weights
 and its transcoders' encoders and decoders from ``pool`` distinct sets cycled over the layers
 (layer L uses set L % pool; norms and thresholds stay per layer), so that its CPU reference fits
@@ -53,7 +53,7 @@ class Shape:
 
 
 SHAPES = {
-    # tests/tiny_gemma.py: d_model 64, 4 heads of 16, 2 KV heads, layer 2 global, window 3
+    # tests/support/tiny_gemma.py: d_model 64, 4 heads of 16, 2 KV heads, layer 2 global, window 3
     "tiny": Shape("tiny", 4, 64, 4, 2, 16, 128, 300, 3, 3, 512, 16),
     "tiny-clt": Shape("tiny-clt", 4, 64, 4, 2, 16, 128, 300, 3, 3, 512, 16, kind="clt"),
     # Gemma 3 1B: 26 layers, d_model 1152, 4 heads, 1 KV head, head_dim 256, d_mlp 6912

@@ -24,7 +24,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from cltrace.serve import make_server, serve_in_thread
-    from serve_fixtures import cleanup, launch_chromium
+    from support.serve import cleanup, launch_chromium
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
     tmp = Path(tempfile.mkdtemp())

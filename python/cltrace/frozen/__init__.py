@@ -7,7 +7,7 @@ linear map with its forward and its hand-written backward (VJP); :mod:`.jvp` its
 (columns of the attribution matrix).
 """
 from .capture import Capture, LayerCapture, capture
-from .model import EMBED, FrozenGrads, FrozenLinearModel, FrozenOutput, LayerGrad, Seeds
+from .model import EMBED, FrozenLinearModel, FrozenOutput, LayerGrad, Seeds
 
-__all__ = ["Capture", "EMBED", "FrozenGrads", "FrozenLinearModel", "FrozenOutput", "LayerCapture",
+__all__ = ["Capture", "EMBED", "FrozenLinearModel", "FrozenOutput", "LayerCapture",
            "LayerGrad", "Seeds", "capture"]

@@ -16,16 +16,15 @@ linear. Per layer L, with frozen norms ``k_*(y) = (y * scale_*) * (1 + w_*)`` (s
     r_L+1 = h_L + m_L
     logits = k_final(r_n) @ W_U^T
 
-:meth:`FrozenLinearModel.iter_backward` is the vector-Jacobian product of that map for a batch
-of B seeds at once (no autograd, no replicated forward): a seed is a direction at one position,
-either at the final-norm input (a logit direction, through the frozen final norm) or at a
-layer's MLP input (a feature's encoder column, through the frozen pre-FF norm). Going down, it
-yields for every layer L the gradient w.r.t. ``m_L`` ([B, n_pos, d_model]) and finally the
-gradient w.r.t. the token embeddings. Memory is O(B * n_pos * d_model) per step.
-:meth:`FrozenLinearModel.iter_backward_live` is the form attribution uses: seeds sorted by
-layer, so that at layer L only the seeds above it are carried (a prefix of the batch) and only
-positions up to the last seed's (causal); seed-major ``[k, n, d_model]``, the live seeds a
-prefix, so that every product is one GEMM on a contiguous block. Leading positions without
+:meth:`FrozenLinearModel.iter_backward_live` is the vector-Jacobian product of that map for a
+batch of B seeds at once (no autograd, no replicated forward): a seed is a direction at one
+position, either at the final-norm input (a logit direction, through the frozen final norm) or
+at a layer's MLP input (a feature's encoder column, through the frozen pre-FF norm). Going down,
+it yields for every layer L the gradient w.r.t. ``m_L`` and finally the gradient w.r.t. the
+token embeddings. Seeds are sorted by layer, so that at layer L only the seeds above it are
+carried (a prefix of the batch) and only positions up to the last seed's (causal); seed-major
+``[k, n, d_model]``, the live seeds a prefix, so that every product is one GEMM on a contiguous
+block. Memory is O(B * n_pos * d_model) per step. Leading positions without
 nodes (``<bos>``, a chat prefix: s of them) need not be carried (:meth:`prefix_paths`). A seed
 at (layer ℓ, position p) costs (ℓ + 1)·(p + 1 - s) per-position steps.
 """
@@ -60,8 +59,7 @@ class LayerGrad(NamedTuple):
     """One step of the backward: layer L and d(seeds)/d(m_L), or EMBED and d(seeds)/d(e)."""
 
     layer: int
-    grad: Tensor  # iter_backward: [B, n_pos, d_model]; iter_backward_live: [k, n - start, d_model]
-    #               (the live seeds at positions start .. n-1)
+    grad: Tensor  # [k, n - start, d_model]: the live seeds at positions start .. n-1
     start: int = 0  # the position of grad's first row
     prefix: Optional[Tensor] = None  # EMBED with a prefix: [B, start] direct effects of the prefix tokens
 
@@ -201,13 +199,6 @@ class FrozenLinearModel:
         if self._W_U_mean is None:
             self._W_U_mean = self.W_U.mean(0, dtype=acc)  # [d_model]
         return (self.W_U[token_ids].to(acc) - self._W_U_mean).to(self.dtype)
-
-    def logit_seeds(self, token_ids: Tensor, pos: int | Tensor = -1) -> Seeds:
-        """Seeds of the logit directions of ``token_ids [T]`` at ``pos`` (default: last)."""
-        token_ids = torch.as_tensor(token_ids, device=self.W_U.device).reshape(-1)
-        pos = torch.as_tensor(pos, device=token_ids.device).expand(token_ids.shape) % self.n_pos
-        layer = torch.full_like(token_ids, self.n_layers)
-        return Seeds(layer, pos.long(), self.logit_direction(token_ids))
 
     # --- the linearised backward -----------------------------------------------------------
 
@@ -350,34 +341,3 @@ class FrozenLinearModel:
         pos = seeds.pos[sel]
         vec = seeds.vec[sel].to(self.dtype)  # [n_sel, d_model]
         grad.index_put_((sel, pos - start), vec if k is None else vec * k.at(pos), accumulate=True)
-
-    def iter_backward(self, seeds: Seeds) -> Iterator[LayerGrad]:
-        """Yield d(seed . output)/d(m_L) for L = n_layers-1 .. 0, then d/d(embed) (layer EMBED).
-
-        Seeds in any order; each yielded ``grad`` is ``[B, n_pos, d_model]`` in seed order
-        (a fresh tensor). Transcoder features and error nodes are constants: only the residual
-        stream, the frozen attention (OV with frozen patterns) and the affine skip carry
-        gradient. See :meth:`iter_backward_live` for the fast form this one scatters."""
-        self._check(seeds)
-        order = seeds.layer.argsort(descending=True, stable=True)
-        for step in self.iter_backward_live(Seeds(*(t[order] for t in seeds))):
-            g = step.grad  # [k, n, d]
-            full = g.new_zeros(seeds.n, self.n_pos, self.d_model)
-            full[order[:g.shape[0]], :g.shape[1]] = g
-            yield LayerGrad(step.layer, full)
-
-    def backward(self, seeds: Seeds) -> "FrozenGrads":
-        """All of :meth:`iter_backward` at once (holds n_layers + 1 gradients: small cases)."""
-        mlp_out: list[Optional[Tensor]] = [None] * self.n_layers
-        embed = None
-        for step in self.iter_backward(seeds):
-            if step.layer == EMBED:
-                embed = step.grad
-            else:
-                mlp_out[step.layer] = step.grad
-        return FrozenGrads(torch.stack(mlp_out), embed)
-
-
-class FrozenGrads(NamedTuple):
-    mlp_out: Tensor  # [n_layers, B, n_pos, d_model]  d(seeds)/d(m_L)
-    embed: Tensor  # [B, n_pos, d_model]  d(seeds)/d(e)

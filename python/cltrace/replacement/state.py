@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,10 +84,6 @@ class ReplacementState:
         """The frozen linear model on the prompt (with errors: reproduces ``logits``)."""
         src = self.sources() if include_errors else self.recon.features + self.recon.bias
         return self.frozen(self.embed, src)
-
-    def logit_seeds(self, token_ids: Union[Tensor, Sequence[int]], pos: int = -1) -> Seeds:
-        """Backward seeds of logit directions (unembedding minus vocabulary mean) at ``pos``."""
-        return self.frozen.logit_seeds(torch.as_tensor(token_ids), pos)
 
     def feature_seeds(self, layer: Tensor, pos: Tensor, feature: Tensor) -> Seeds:
         """Backward seeds of feature pre-activations: encoder columns at their MLP input."""

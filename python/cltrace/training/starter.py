@@ -15,11 +15,12 @@ benchmarks/RESULTS_training.md for the measured figures and the first-run time).
 small transcoders trained briefly: useful for trying the tool, not a substitute for Gemma
 Scope 2.
 
-:func:`synthetic_starter_transcoders` keeps the older SYNTHETIC set (not trained): random
-encoders; each feature's JumpReLU threshold is calibrated on the model's real MLP inputs so
-that about ``l0`` features fire per token; the affine skip and ``b_dec`` are a least-squares fit
-of the MLP output on its input, and the decoders a ridge fit of what remains on the feature
-activations. Graphs on it are exact, but its features carry no learned meaning.
+:func:`fit_starter_set` builds the older SYNTHETIC kind of set (not trained) from MLP inputs and
+outputs (:func:`collect_mlp_io`): random encoders; each feature's JumpReLU threshold is
+calibrated on the model's real MLP inputs so that about ``l0`` features fire per token; the
+affine skip and ``b_dec`` are a least-squares fit of the MLP output on its input, and the
+decoders a ridge fit of what remains on the feature activations. Graphs on it are exact, but its
+features carry no learned meaning (tests and benchmarks use it).
 """
 from __future__ import annotations
 
@@ -211,35 +212,6 @@ def _generated(loaded, path, progress, bar: bool) -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(texts))
     return texts
-
-
-def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,
-                        affine: bool = True, n_tokens: int = 4096, progress=print) -> TranscoderSet:
-    """The cached SYNTHETIC (untrained) starter set of a loaded model (built on first use, then reused).
-
-    Cached in the Gemma Scope 2 layout under ``cache_root()/starter/`` and loaded back lazily."""
-    from ..models import cache_root
-    from ..transcoders import load_transcoders
-    from ..transcoders.write import save_gemmascope
-
-    name = getattr(loaded, "name", "") or "model"
-    tag = f"{_safe(name)}-synthetic-{kind}-w{width}-l0_{l0}{'-affine' if affine else ''}-t{n_tokens}"
-    folder = cache_root() / "starter" / tag
-    if not folder.exists():
-        progress(f"building the synthetic starter transcoders {tag} (once; cached in {folder}) ...")
-        X, Y = collect_mlp_io(loaded.model, loaded.tokenizer, n_tokens)
-        ts = fit_starter_set(X, Y, kind=kind, width=width, l0=l0, affine=affine, model_name=name)
-        try:
-            save_gemmascope(ts, folder, l0=l0)
-        except FileExistsError:  # another process finished first: use its copy
-            pass
-    ts = load_transcoders(folder)
-    ts.info["set_id"] = f"cltrace-starter/{tag}"
-    info = ts.info or {}
-    if not info.get("synthetic"):  # the loaders keep config fields; restore the provenance
-        ts.info = {**info, "synthetic": True, "trained": False,
-                   "graph_info": {"transcoders": f"SYNTHETIC, NOT TRAINED starter set {tag}"}}
-    return ts
 
 
 def _safe(name: str) -> str:

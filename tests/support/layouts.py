@@ -1,41 +1,20 @@
-"""Synthetic transcoders written in every layout cltrace reads, for tests.
+"""A transcoder set written in every layout cltrace reads, for tests.
 
-``random_set`` makes a small TranscoderSet; the ``write_*`` functions write the *same* weights
-in the exact Gemma Scope 2 and circuit-tracer file layouts, so a test can load each layout and
-compare against the original (``assert_sets_equal``).
+The ``write_*`` functions write the *same* weights (a set of
+:func:`support.transcoders.random_transcoders`, say) in the exact Gemma Scope 2 and
+circuit-tracer file layouts, so a test can load each layout and compare against the original
+(``assert_sets_equal``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
 
-from cltrace.transcoders import HOOK_IN, HOOK_OUT, LayerTranscoder, TranscoderSet
-
-MODEL_NAME = "test/tiny-gemma-3"  # not a real Gemma 3 size, so no d_model is implied
-
-
-def random_set(kind: str = "plt", n_layers: int = 3, d_model: int = 16, d_sae: int = 32, *,
-               skip: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
-               layers: Optional[Sequence[int]] = None) -> TranscoderSet:
-    """Random weights; a CLT source layer i writes to layers i .. n_layers - 1."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    out = {}
-    for i in (range(n_layers) if layers is None else layers):
-        n_out = 1 if kind == "plt" else n_layers - i
-        out[i] = LayerTranscoder(
-            W_enc=rnd(d_model, d_sae), b_enc=rnd(d_sae),
-            threshold=torch.rand(d_sae, generator=g).to(dtype),
-            W_dec=rnd(d_sae, n_out, d_model), b_dec=rnd(d_model),
-            W_skip=rnd(d_model, d_model) if skip else None)
-    return TranscoderSet(kind, n_layers, out, model_name=MODEL_NAME)
+from cltrace.transcoders import HOOK_IN, HOOK_OUT, TranscoderSet
+from .transcoders import MODEL_NAME
 
 
 def gemmascope_config(layer: int, d_sae: int, skip: bool, **overrides) -> dict:

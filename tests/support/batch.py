@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from test_cli import CharTokenizer
+from .tiny_gemma import CharTokenizer, tiny_replacement
 
 
 class CrashingTokenizer(CharTokenizer):
@@ -32,9 +32,7 @@ class CrashingTokenizer(CharTokenizer):
 
 def save_tiny(path: Path) -> Path:
     """The CLT tiny model of test_cli's tiny_cli, saved for the workers."""
-    from test_steering import build
-
-    rm = build("clt", dtype=torch.float32)
+    rm = tiny_replacement("clt", dtype=torch.float32)
     torch.save({"model": rm.model, "transcoders": rm.transcoders}, path)
     return path
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 VENV = ROOT / "benchmarks" / ".venv-peer"
 PEER_PY = VENV / "bin" / "python"
 
@@ -113,5 +113,5 @@ def agreement(A: dict, B: dict, n_layers: int, n_pos: int) -> dict:
             "token_max_abs_over_max": float((tok_a - tok_b * ratio).abs().max() / tok_scale)}
 
 
-if __name__ == "__main__":  # python tests/peer.py: create the venv (.ci/run does)
+if __name__ == "__main__":  # python tests/support/peer.py: create the venv (.ci/run does)
     ensure_peer()

@@ -1,11 +1,11 @@
-"""Tiny random Gemma 3 models and synthetic transcoder sets for fast tests.
+"""A tiny random Gemma 3 for fast tests, and what the tests build on it.
 
 The model is a real transformers ``Gemma3ForCausalLM`` (sliding and global layers, GQA, QK-norm,
 tied unembedding) with random norm gains, so every frozen scale matters. With
 ``CLTRACE_TINY_MODEL=cltrace`` in the environment it is cltrace's own ``Gemma3ForCausalLM``
-sharing those weights (what ``load_model`` returns), so the same suites run on either. Transcoder
-thresholds are calibrated on the model's own MLP inputs so that a fair fraction of features is
-active.
+sharing those weights (what ``load_model`` returns), so the same suites run on either.
+Transcoder sets on it come from :func:`support.transcoders.random_transcoders`, calibrated on
+the model's own MLP inputs so that a fair fraction of features is active.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import os
 import torch
 from torch import Tensor
 
-from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
+from .transcoders import random_transcoders
+
+TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]  # <bos> and 7 tokens: the prompt of the graph tests
 
 
 def tiny_gemma(n_layers: int = 4, n_kv: int = 2, dtype: torch.dtype = torch.float32,
@@ -43,25 +45,49 @@ def tiny_gemma(n_layers: int = 4, n_kv: int = 2, dtype: torch.dtype = torch.floa
     return model
 
 
-def random_transcoders(mlp_in: Tensor, kind: str = "plt", d_sae: int = 96, skip: bool = False,
-                       active: float = 0.15, seed: int = 1, layers=None) -> TranscoderSet:
-    """Random transcoders calibrated on ``mlp_in [n_layers, n_pos, d]`` (about ``active`` of
-    the features active per position). ``kind`` "plt", or "clt" (layer S writes to S..n-1)."""
-    n_layers, _, d = mlp_in.shape
-    g = torch.Generator().manual_seed(seed)
-    dtype = mlp_in.dtype
-    out = {}
-    for L in (range(n_layers) if layers is None else layers):
-        W_enc = torch.randn(d, d_sae, generator=g, dtype=dtype) / d ** 0.5
-        b_enc = 0.1 * torch.randn(d_sae, generator=g, dtype=dtype)
-        z = mlp_in[L].cpu() @ W_enc + b_enc  # [n_pos, d_sae]
-        threshold = torch.quantile(z.double(), 1.0 - active, dim=0).to(dtype).clamp_min(1e-3)
-        n_out = 1 if kind == "plt" else n_layers - L
-        W_dec = torch.randn(d_sae, n_out, d, generator=g, dtype=dtype) / d_sae ** 0.5
-        b_dec = 0.1 * torch.randn(d, generator=g, dtype=dtype)
-        W_skip = 0.1 * torch.randn(d, d, generator=g, dtype=dtype) / d ** 0.5 if skip else None
-        out[L] = LayerTranscoder(W_enc, b_enc, threshold, W_dec, b_dec, W_skip)
-    return TranscoderSet(kind=kind, n_layers=n_layers, layers=out, model_name="tiny-gemma-3")
+def mlp_inputs(model, tokens) -> Tensor:
+    """Each layer's MLP input on ``tokens`` (as the replacement model captures it):
+    ``[n_layers, n_pos, d_model]``."""
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
+
+    cap = capture(text_parts(model), torch.as_tensor(tokens))
+    return torch.stack([c.mlp_in for c in cap.layers])
+
+
+def tiny_replacement(kind: str, dtype: torch.dtype = torch.float64, skip_positions: int = 0,
+                     n_layers: int = 4, n_kv: int = 2):
+    """A ReplacementModel on a tiny Gemma 3 (4 layers by default) and a 48-wide set calibrated
+    on :data:`TOKENS`: ``kind`` "plt", "plt+skip", "clt" or "clt+skip"."""
+    from cltrace.replacement import ReplacementModel
+
+    torch.manual_seed(0)
+    model = tiny_gemma(n_layers=n_layers, n_kv=n_kv, dtype=dtype)
+    tcs = random_transcoders(kind[:3], mlp_in=mlp_inputs(model, TOKENS), skip=kind.endswith("skip"),
+                             d_sae=48)
+    return ReplacementModel(model, tcs, dtype=dtype, skip_positions=skip_positions)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the tiny model: <bos> (2) then one id per character."""
+
+    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = ([2] if add_special_tokens else []) + [3 + ord(c) % 290 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def batch_decode(self, seqs):
+        return [self.decode(ids) for ids in seqs]
+
+    def convert_tokens_to_ids(self, token):
+        return 299
+
+
+CAPITAL_WORDS = "the capital of france is paris".split()  # "<bos> the capital of france is": 2, 4 .. 8
 
 
 def save_word_tokenizer(folder, words) -> None:
@@ -77,9 +103,10 @@ def save_word_tokenizer(folder, words) -> None:
                             pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
 
 
-def tiny_model_and_set(n_rows: int, vocab: int, ctx: int, bos: int = 2):
+def tiny_model_and_set(n_rows: int, vocab: int, ctx: int, bos: int = 2, boundaries=()):
     """(3-layer tiny Gemma, random token rows [n_rows, ctx] starting with ``bos``, a 40-wide PLT
-    set fitted to the first 6 rows' MLP inputs): the inputs of the labelled-graph tests."""
+    set fitted to the first 6 rows' MLP inputs): the inputs of the feature-page tests.
+    ``boundaries``: (row, position) pairs set to ``bos`` too (documents inside a row)."""
     from cltrace.models.activations import ActivationSource
 
     torch.manual_seed(0)
@@ -87,5 +114,7 @@ def tiny_model_and_set(n_rows: int, vocab: int, ctx: int, bos: int = 2):
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(4, vocab, (n_rows, ctx), generator=g)
     rows[:, 0] = bos
+    for r, p in boundaries:
+        rows[r, p] = bos
     x = ActivationSource(model, rows, [0, 1, 2], bos, outputs=False).read(torch.arange(6)).x
-    return model, rows, random_transcoders(x, d_sae=40, active=0.08)
+    return model, rows, random_transcoders(mlp_in=x, d_sae=40, active=0.08)

@@ -22,7 +22,8 @@ import torch
 
 from cltrace.export.neuronpedia import cantor_pair as cantor
 
-TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]
+from .tiny_gemma import TOKENS, tiny_replacement
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -99,19 +100,6 @@ def feature_page(index: int, tokens=("The", " capital", " of", " France")) -> di
                 {"quantile_name": "Quantile 0.5", "examples": [ex([0.0, 0.3, 0.6, 0.0], 2)]}]}
 
 
-def _mlp_inputs(model, tokens):
-    """Each layer's MLP input [n_layers, n_pos, d] (forward hooks on pre_feedforward_layernorm)."""
-    got, hooks = [], []
-    for layer in model.model.layers:
-        hooks.append(layer.pre_feedforward_layernorm.register_forward_hook(
-            lambda _m, _a, out: got.append(out[0].detach())))
-    with torch.no_grad():
-        model(input_ids=torch.tensor([tokens]), use_cache=False)
-    for h in hooks:
-        h.remove()
-    return torch.stack(got)
-
-
 def tiny_setup(per_cell: int = 2):
     """(ReplacementModel, graph JSON) for a tiny random Gemma 3 (4 layers, vocab 300).
 
@@ -120,12 +108,9 @@ def tiny_setup(per_cell: int = 2):
     edge from its own position's token and its edges into the 4 logits, read from the
     attribution graph (``attribute(..., targets=top)``), except the first feature's link to the
     top logit ("pruned")."""
-    from cltrace import ReplacementModel, attribute
-    from tiny_gemma import random_transcoders, tiny_gemma
+    from cltrace import attribute
 
-    model = tiny_gemma(n_layers=4)
-    tcs = random_transcoders(_mlp_inputs(model, TOKENS), kind="plt", skip=True, d_sae=48)
-    rm = ReplacementModel(model, tcs, skip_positions=1)
+    rm = tiny_replacement("plt+skip", torch.float32, skip_positions=1)
     clean = rm.run(TOKENS)
     n_layers, last = 4, len(TOKENS) - 1
     tokens = [f"t{t}" for t in TOKENS]
