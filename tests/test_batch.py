@@ -134,6 +134,7 @@ def test_read_prompts(tmp_path):
             read_prompts(tmp_path / "e.jsonl")
 
 
+@pytest.mark.slow
 def test_local_workers(tiny, sequential, tmp_path):
     """2 spawned workers; one dies mid-prompt (its pool is restarted once and the prompts it
     held retraced); a rerun retries only the failed prompts, a third does nothing."""
@@ -186,6 +187,7 @@ def test_summary_counts(tiny, tmp_path, min_count):
     assert any(r.label == "a label" for r in rows if (r.layer, r.feature) == (layer, feat)) or expect[(layer, feat)] < min_count
 
 
+@pytest.mark.ray
 def test_ray_cluster(tiny, sequential, tmp_path, monkeypatch):
     """A local Ray cluster, 2 CPUs, output to memory://: the sequential run's bytes; an actor
     killed mid-prompt is replaced and its prompt retraced; a rerun retries the failed ones."""
@@ -212,6 +214,7 @@ def test_ray_cluster(tiny, sequential, tmp_path, monkeypatch):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_feature_pages_label_the_graphs(tiny, tmp_path):
     """With feature pages (a worker process): every graph is the file trace_prompt writes with
     the same pages (as cltrace attribute), its feature nodes labelled, the kept features' pages

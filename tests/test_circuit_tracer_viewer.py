@@ -69,6 +69,8 @@ import pytest
 
 from support.peer import PEER_PY, ROOT, peer_available
 
+pytestmark = pytest.mark.peer  # circuit-tracer 0.5.0 in its venv
+
 BOS, VOCAB, CTX = 2, 64, 24
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]  # the tokenizer's words after the 4 specials
 PROMPT = "w10 w20 w30 w40 w50"  # kept features in layers 0 and 1

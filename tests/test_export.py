@@ -267,6 +267,7 @@ BOXES = """() => {
 }"""
 
 
+@pytest.mark.browser
 def test_svg_in_a_real_browser(browser, svg_graph, tmp_path):
     """Chromium opens the SVG without errors; every node's box lies inside the picture, no two
     overlap, and each label stays inside its box; axis labels and title stay inside too."""

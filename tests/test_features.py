@@ -694,6 +694,7 @@ def saved_tiny(setup, tmp_path_factory):
     return str(save_tiny(model, ts, tmp_path_factory.mktemp("ray") / "tiny.pt"))
 
 
+@pytest.mark.ray
 def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tmp_path):
     """2 actors, 7 shards: every file equals the single-process build's, byte for byte (the
     actors at this process's torch thread count)."""
@@ -707,6 +708,7 @@ def test_ray_scan_gives_the_same_files(setup, built, ray_cluster, saved_tiny, tm
     assert _files(tmp_path / "r") == _files(out)
 
 
+@pytest.mark.ray
 def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster, saved_tiny, tmp_path,
                                                       monkeypatch):
     """An actor dies in the middle of its first shard: a replacement rescans that shard. The
@@ -743,6 +745,7 @@ def test_ray_lost_actor_and_interrupted_driver_resume(setup, built, ray_cluster,
     assert _files(tmp_path / "r") == _files(out)
 
 
+@pytest.mark.ray
 def test_cli_ray_end_to_end(cli_inputs, ray_cluster, tmp_path, capsys):
     """`cltrace features --ray --workers 2` on the saved tiny model: the files of the run
     without --ray (the actors at this process's torch thread count, as the files' bits want)."""

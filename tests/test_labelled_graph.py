@@ -69,6 +69,7 @@ def test_json_carries_labels_and_a_viewer_scan(labelled):
         assert page["label_examples"] == len(page["examples_quantiles"][0]["examples"]) == pages.label_examples(layer, f)
 
 
+@pytest.mark.browser
 def test_viewer_shows_a_clicked_features_examples(labelled):
     why = browser_missing()
     if why:

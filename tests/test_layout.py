@@ -3,7 +3,7 @@ cheap (no torch, no transformers until a name is used), and what the docstrings 
 point at exists: every ``:mod:``/``:func:``/``:class:``/``:meth:`` target and plain
 ``cltrace.<package>.<name>`` mention resolves, every ``docs/<page>.md`` path cited is in the repository, and
 nothing cites the design notes kept outside it. The tests' shape: helpers only in tests/support
-(no test module imports another)."""
+(no test module imports another), and CI runs the README's test command, the full suite."""
 from __future__ import annotations
 
 import ast
@@ -254,6 +254,16 @@ def test_tests_share_helpers_only_through_the_support_package():
                for p in sorted(tests.rglob("*.py")) for line, module in _imported_modules(p)
                if module.split(".")[0] in test_modules]
     assert not imports, "import helpers from tests/support instead:\n" + "\n".join(imports)
+
+
+def test_ci_runs_the_readme_test_command_on_the_full_suite():
+    """.ci/run runs the README's test command verbatim, and that command runs every tier."""
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    block = re.search(r"\*\*Tests\*\*.*?```bash\n(.*?)\n```", readme, re.S)
+    assert block, "README.md: no Tests block"
+    command = block.group(1).strip()
+    assert command in ci.splitlines(), f".ci/run does not run the README's test command: {command}"
+    assert re.search(r"pytest\b.*--full\b", command), f"the README's test command is not the full suite: {command}"
 
 
 def _repo_files(*folders: str) -> list[Path]:

@@ -25,7 +25,7 @@ from cltrace.transcoders import load_transcoders
 from support.layouts import write_circuit_tracer_clt, write_circuit_tracer_plt
 from support.peer import agreement, peer_available, peer_model_dir, run_peer
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.peer]
 
 PROMPTS = ["The capital of France is", "Fact: Michael Jordan plays the sport of"]
 # max |ours - theirs| / max |theirs| over the feature and error edges, and the same for the

@@ -204,6 +204,7 @@ def shot(page, name):
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=False)
 
 
+@pytest.mark.browser
 def test_page_draws_every_node_and_selects(page, server, tiny):
     g = tiny[1]
     open_graph(page, server, "tiny.json")
@@ -228,6 +229,7 @@ def test_page_draws_every_node_and_selects(page, server, tiny):
     assert page.evaluate("document.body.dataset.selected") == "E_201_2"
 
 
+@pytest.mark.browser
 def test_committed_graphs_open(browser, tmp_path):
     """Every graph the writer produced (graphs/*.json) opens with all its nodes drawn."""
     root = Path(__file__).resolve().parents[1] / "graphs"
@@ -253,6 +255,7 @@ def test_committed_graphs_open(browser, tmp_path):
     assert errors == [] and opened >= 1
 
 
+@pytest.mark.browser
 def test_feature_card_with_and_without_page(page, server, tiny):
     feats = [n for n in tiny[1]["nodes"] if n["feature_type"] == "cross layer transcoder"]
     open_graph(page, server, "tiny.json")
@@ -273,6 +276,7 @@ def test_feature_card_with_and_without_page(page, server, tiny):
     page.wait_for_selector("#feature-body .nopage")
 
 
+@pytest.mark.browser
 def test_pin_group_save_reload(page, server, folder, tiny):
     a, b = [n["node_id"] for n in tiny[1]["nodes"] if n["feature_type"] == "cross layer transcoder"][:2]
     reset(folder, tiny[1])
@@ -298,6 +302,7 @@ def test_pin_group_save_reload(page, server, folder, tiny):
     assert page.locator("#graph .node.pinned").count() == 2
 
 
+@pytest.mark.browser
 def test_ablation_from_page_matches_api(page, server, folder, tiny):
     rm, g = tiny
     feats = [n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"]
@@ -338,6 +343,7 @@ def test_ablation_from_page_matches_api(page, server, folder, tiny):
     assert "link pruned from JSON" in page.inner_text("#exp-logits")
 
 
+@pytest.mark.browser
 def test_invalid_experiments_show_clear_errors(page, server, tiny):
     err = next(n for n in tiny[1]["nodes"] if n["feature_type"] == "mlp reconstruction error")
     open_graph(page, server, "tiny.json")
@@ -355,6 +361,7 @@ def test_invalid_experiments_show_clear_errors(page, server, tiny):
     assert "max_new_tokens 999 is out of range" in page.inner_text("#exp-error")
 
 
+@pytest.mark.browser
 def test_big_graph_opens_and_stays_usable(page, server, folder):
     """The big graph opens with every node drawn; selecting its busiest node and moving the
     pruning slider work, under the density cap. (How long they take is measured by
@@ -377,6 +384,7 @@ def test_big_graph_opens_and_stays_usable(page, server, folder):
     shot(page, "big-graph")
 
 
+@pytest.mark.browser
 def test_notebook_show_renders_inline(browser, folder, tiny):
     viewer = show(folder / "tiny.json")
     assert viewer._repr_html_().startswith("<iframe srcdoc=")
@@ -430,6 +438,7 @@ def real(tmp_path_factory):
     srv.server_close()
 
 
+@pytest.mark.browser
 @pytest.mark.real_model
 def test_real_model_ablation_matches_api_and_edges(browser, real):
     """Ablate the feature with the strongest direct link to the top logit, from the page."""

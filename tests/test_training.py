@@ -170,6 +170,7 @@ class _FirstRows:
         return self.source.read(idx)
 
 
+@pytest.mark.slow
 def test_control_set_holds_the_l0_of_unseen_text_over_many_passes(tiny_source):
     """28 training rows passed over 28 times: the batches the encoder has learned fire fewer
     features than unseen rows, so a controller on the batches' L0 leaves the held-out L0 far
@@ -311,6 +312,7 @@ def test_a_short_run_is_reported_as_too_short_to_mean_anything():
     assert set(info["evals"]) == {"held-out rows"} and info["evals"]["held-out rows"]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_mixed_corpus_states_its_mix_and_holds_out_documents():
     from cltrace.training.corpus import heldout_prose, mixed_corpus
 
@@ -397,6 +399,7 @@ def assert_sane_graph(out, slug: str, printed: str, set_id: str) -> None:
     assert (float(shown[1]), float(shown[2])) == (round(scores.replacement, 3), round(scores.completeness, 3))
 
 
+@pytest.mark.slow
 def test_first_run_trains_a_clt_starter_then_traces_a_graph(tmp_path, monkeypatch, capsys):
     """The first-run path on the tiny model: the starter set is trained (a CLT here, on the
     offline mix, evaluated on held-out mix and prose), written in the published shapes, loaded
@@ -483,6 +486,7 @@ def _circuit_tracer(module: str):
     return pytest.importorskip(f"circuit_tracer.transcoder.{module}")
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_circuit_tracers_gemma_scope_2_loaders_read_what_cltrace_writes(tmp_path, kind):
     """A cltrace-trained PLT / CLT loads with circuit-tracer's Gemma Scope 2 loaders and
