@@ -61,3 +61,12 @@ def test_to_networkx_full_and_pruned():
     ids = g.node_ids()
     assert w == pytest.approx(float(g.to_dense()[ids.index(dst), ids.index(src)]))
     assert small.nodes[ids[g.logit_start]]["kind"] == "logit"
+
+
+def test_save_load_round_trips_any_token_text(tmp_path):
+    """Graph.save writes its sidecar as ASCII JSON: tokens that are not valid UTF-8 on their own
+    (a lone surrogate, as a byte-level tokenizer can decode) come back as they were."""
+    g = random_graph(token_strs=["<bos>", "\ud800x", "é", "\n", "😀"])
+    g.save(tmp_path / "g.safetensors")
+    back = Graph.load(tmp_path / "g.safetensors")
+    assert back.token_strs == g.token_strs and torch.equal(back.edges, g.edges)

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 
-class _atomic:
+class atomic_path:
     """Context manager yielding a temp path next to ``path``; renamed onto it on success."""
 
     def __init__(self, path: Path):
@@ -30,5 +30,5 @@ class _atomic:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    with _atomic(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -32,7 +32,6 @@ from .settings import AttributionSettings
 from .stores import BoundedStore, make_store
 from .targets import TargetSpec, default_targets
 from .visit import visit
-from ..errors import UsageError
 
 
 @contextlib.contextmanager

@@ -152,12 +152,12 @@ class FeatureState:
 
     def save(self, path) -> None:
         """Write atomically (readers see the old file or the whole new one)."""
-        from ..atomic import _atomic
+        from ..atomic import atomic_path
         from pathlib import Path
 
         head = dict(ctx=self.ctx, top_k=self.top_k, n_samples=self.n_samples, seed=self.seed,
                     n_tokens=self.n_tokens, meta=self.meta, layers=sorted(self.layers))
-        with _atomic(Path(path)) as tmp:
+        with atomic_path(Path(path)) as tmp:
             torch.save({"head": head, "tensors": self.tensors()}, tmp)
 
     @classmethod

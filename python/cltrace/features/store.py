@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..atomic import _atomic
+from ..atomic import atomic_path
 from ..export.neuronpedia import cantor_pair as cantor, cantor_unpair as uncantor  # noqa: F401
 
 LABELS_FILE = "labels.json.gz"
@@ -49,7 +49,7 @@ def record(page: dict, text: Optional[bytes] = None) -> bytes:
 
 
 def _write_gz_json(path: Path, obj) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         Path(tmp).write_bytes(gzip.compress(json.dumps(obj, ensure_ascii=False).encode("utf-8"), mtime=0))
 
 
@@ -68,7 +68,7 @@ class PageWriter:
         self.offsets, self.layer_labels = [0] * (d_sae + 1), [""] * d_sae
         self.layer_counts = [0] * d_sae
         self.filename = f"layer_{layer}.bin"
-        self._ctx = _atomic(self.dir / self.filename)
+        self._ctx = atomic_path(self.dir / self.filename)
         self._bin = open(self._ctx.__enter__(), "wb")
         self._pos, self._next = 0, 0
 
@@ -174,6 +174,6 @@ def pages_for_graph(pages: FeaturePages, features: Iterable[tuple[int, int]], ou
         if not label:
             continue
         clerps[(layer, feature)] = label
-        with _atomic(folder / f"{cantor(layer, feature)}.json") as tmp:
+        with atomic_path(folder / f"{cantor(layer, feature)}.json") as tmp:
             Path(tmp).write_bytes(page_json(pages.page(layer, feature)))
     return {"scan": f"./data/{subdir}", "clerps": clerps}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..atomic import _atomic
+from ..atomic import atomic_path
 from ..errors import UsageError
 
 FORMAT_VERSION = 1
@@ -171,10 +171,11 @@ class Graph:
         tensors = {k: v.contiguous() for k, v in self._tensors().items()}
         meta = {k: v for k, v in asdict(self).items() if k not in self._tensors()}
         meta["format_version"] = FORMAT_VERSION
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp)
-        with _atomic(Path(str(path) + ".json")) as tmp:
-            Path(tmp).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        with atomic_path(Path(str(path) + ".json")) as tmp:
+            # ASCII with escapes: any token text round-trips, a lone surrogate included
+            Path(tmp).write_text(json.dumps(meta, indent=1), encoding="ascii")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Graph":
@@ -186,7 +187,7 @@ class Graph:
         for p in (path, side):
             if not p.exists():
                 raise FileNotFoundError(f"graph file {p} is missing (Graph.save writes {path} and {side})")
-        meta = json.loads(side.read_text())
+        meta = json.loads(side.read_text(encoding="utf-8"))
         if meta.pop("format_version", None) != FORMAT_VERSION:
             raise UsageError(f"{side}: not a cltrace graph of format version {FORMAT_VERSION}")
         return cls(**meta, **load_file(path))
