@@ -18,8 +18,9 @@ from pathlib import Path
 
 import cltrace
 
-ROOT = Path(cltrace.__file__).resolve().parent
-REPO = ROOT.parent.parent
+REPO = Path(__file__).resolve().parents[1]  # the checkout (cltrace itself may be installed elsewhere)
+ROOT = REPO / "python" / "cltrace"  # its sources: what these tests read
+assert ROOT.is_dir() and Path(cltrace.__file__).name == "__init__.py"
 
 # The pipeline, bottom to top: a module may import only from a lower rank (or its own package).
 RANK = {
