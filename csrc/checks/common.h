@@ -179,4 +179,13 @@ inline void check_index_values(std::initializer_list<IndexBound> bounds, const C
     detail::check_values_device(bounds, csr, op);
 }
 
+// A CSR's values: feat_idx < d_sae (the rows of `matrix`, named in the message) and row_offsets
+// running from 0 to nnz without decreasing; as check_index_values.
+inline void check_csr_values(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
+                             int64_t d_sae, const char* matrix, const char* op) {
+  const CsrOffsets csr{row_offsets, feat_idx.size(0)};
+  check_index_values({{feat_idx, d_sae, "feat_idx", c10::str(matrix, " with d_sae = ", d_sae)}},
+                     &csr, op);
+}
+
 }  // namespace cltrace

@@ -16,15 +16,6 @@ inline void check_decode_shapes(const at::Tensor& row_offsets, const at::Tensor&
   check_csr(row_offsets, feat_idx, acts, -1, "acts", op);
 }
 
-// feat_idx < d_sae; row_offsets from 0 to nnz, non-decreasing.
-inline void check_decode_values(const at::Tensor& row_offsets, const at::Tensor& feat_idx,
-                                const at::Tensor& W_dec, const char* op) {
-  const CsrOffsets csr{row_offsets, feat_idx.size(0)};
-  check_index_values(
-      {{feat_idx, W_dec.size(0), "feat_idx", c10::str("W_dec with d_sae = ", W_dec.size(0))}},
-      &csr, op);
-}
-
 }  // namespace detail
 
 // sparse_decode: CSR (row_offsets, feat_idx, acts) over N rows, W_dec [d_sae, n_out, d_model].
@@ -32,7 +23,7 @@ inline void check_decode_inputs(const at::Tensor& row_offsets, const at::Tensor&
                                 const at::Tensor& acts, const at::Tensor& W_dec) {
   const char* op = "sparse_decode";
   detail::check_decode_shapes(row_offsets, feat_idx, acts, W_dec, op);
-  detail::check_decode_values(row_offsets, feat_idx, W_dec, op);
+  check_csr_values(row_offsets, feat_idx, W_dec.size(0), "W_dec", op);
 }
 
 // sparse_decode_backward: as sparse_decode, and grad_out [N, n_out, d_model].
@@ -47,7 +38,7 @@ inline void check_decode_backward_inputs(const at::Tensor& grad_out, const at::T
                   grad_out.size(2) == W_dec.size(2),
               op, ": grad_out must be [N, n_out, d_model] = [", n, ", ", W_dec.size(1), ", ",
               W_dec.size(2), "], got ", grad_out.sizes());
-  detail::check_decode_values(row_offsets, feat_idx, W_dec, op);
+  check_csr_values(row_offsets, feat_idx, W_dec.size(0), "W_dec", op);
 }
 
 }  // namespace cltrace

@@ -51,15 +51,6 @@ inline void check_encoder_backward_shapes(const at::Tensor& grad, const at::Tens
               " and grad_acts differ in length (", saved.sizes(), " vs ", grad.sizes(), ")");
 }
 
-// feat_idx < d_sae; row_offsets from 0 to nnz, non-decreasing.
-inline void check_encoder_backward_values(const at::Tensor& W_enc, const at::Tensor& row_offsets,
-                                          const at::Tensor& feat_idx, const char* op) {
-  const CsrOffsets csr{row_offsets, feat_idx.size(0)};
-  check_index_values(
-      {{feat_idx, W_enc.size(1), "feat_idx", c10::str("W_enc with d_sae = ", W_enc.size(1))}},
-      &csr, op);
-}
-
 }  // namespace detail
 
 // jumprelu_encode: x, W_enc, b_enc and threshold [d_sae]; bandwidth >= 0.
@@ -93,7 +84,7 @@ inline void check_jumprelu_backward_inputs(const at::Tensor& grad_acts, const at
   TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == W_enc.size(1), op,
               ": threshold must be [d_sae = ", W_enc.size(1), "], got ", threshold.sizes());
   TORCH_CHECK(bandwidth >= 0, op, ": bandwidth must be >= 0, got ", bandwidth);
-  detail::check_encoder_backward_values(W_enc, row_offsets, feat_idx, op);
+  check_csr_values(row_offsets, feat_idx, W_enc.size(1), "W_enc", op);
 }
 
 // topk_encode_backward: the encoder backward inputs (acts saved by the forward).
@@ -103,7 +94,7 @@ inline void check_topk_backward_inputs(const at::Tensor& grad_acts, const at::Te
   const char* op = "topk_encode_backward";
   detail::check_encoder_backward_shapes(grad_acts, x, W_enc, row_offsets, feat_idx, acts, "acts",
                                         op);
-  detail::check_encoder_backward_values(W_enc, row_offsets, feat_idx, op);
+  check_csr_values(row_offsets, feat_idx, W_enc.size(1), "W_enc", op);
 }
 
 }  // namespace cltrace
