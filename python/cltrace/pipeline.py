@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from .attribution.settings import AttributionSettings
 from .errors import UsageError
@@ -21,7 +21,6 @@ from .export.neuronpedia import check_slug
 from .graph.pruning import PruneSettings
 
 FORMATS = ("json", "dot", "svg", "png", "pt")
-Target = Union[str, tuple]  # a next token, or (a, b): the logit difference a - b
 
 
 def slugify(text: str) -> str:

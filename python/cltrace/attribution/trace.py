@@ -114,6 +114,7 @@ def _attribute(prompt, model, settings: AttributionSettings, targets, prompt_tex
 
     t0 = time.perf_counter()
     graph = _assemble(state, model, prompt_text, af, logit_targets, edges, selected, decode)
+    # keys in the order graphs have always recorded them (the JSON stays byte-identical)
     graph.settings = {"max_n_logits": settings.max_n_logits,
                       "desired_logit_prob": settings.desired_logit_prob,
                       "max_feature_nodes": settings.max_feature_nodes,
