@@ -9,7 +9,7 @@ const PINNED_LINK_CAP = 3000; // ... and among the nodes of the pinned subgraph
 const ROW_H = 34, MARGIN_L = 56, MARGIN_T = 84, MARGIN_B = 64;
 
 const S = window.cltrace = {
-  graph: null, path: null, nodes: [], byId: new Map(), links: [], inL: [], outL: [],
+  graph: null, path: null, nodes: [], byId: new Map(), links: [], inL: [], outL: [], cell: null, edge: null,
   nLayers: 0, nPos: 0, selected: -1, pinned: new Set(), supernodes: [], threshold: 1,
   pinnedOnly: false, inline: null, model: { available: false }, hooks: {},
 };
@@ -37,6 +37,7 @@ function kindOf(n) {
   if (t === "embedding") return "embedding";
   if (t === "logit") return "logit";
   if (t.includes("error")) return "error";
+  if (t === "bias") return "const";  // a QK constant, `{L}_const_{pos}` (qk_only_nodes only)
   return "feature";
 }
 
@@ -50,19 +51,26 @@ function nodeLabel(n) {
   if (n.kind === "logit") { const m = /^Output "(.*)" \(p=/.exec(n.clerp || ""); return m ? m[1] : n.clerp || n.node_id; }
   if (n.kind === "embedding") return (S.graph.metadata.prompt_tokens || [])[n.pos] ?? n.node_id;
   if (n.kind === "error") return `error L${n.layerNum} @${n.pos}`;
+  if (n.kind === "const") return `constant L${n.layerNum} @${n.pos}`;
   return n.clerp || `L${n.layerNum} #${n.featIdx}`;
 }
 
+// The derived fields every node gets (graph nodes, and qk_only_nodes when they are shown).
+function prepNode(n) {
+  n.kind = kindOf(n); n.pos = Number(n.ctx_idx);
+  n.layerNum = n.kind === "embedding" ? -1 : Number(n.layer);
+  n.featIdx = n.kind === "feature" ? featureIndex(n.node_id) : null;
+  return n;
+}
+
 function setGraph(g, path) {
-  S.graph = g; S.path = path; S.selected = -1;
+  S.graph = g; S.path = path; S.selected = -1; S.cell = null; S.edge = null;
   const meta = g.metadata || (g.metadata = {});
   const nodes = S.nodes = g.nodes || [];
   S.byId = new Map();
   let maxLogitLayer = -1, maxLayer = -1, maxPos = (meta.prompt_tokens || []).length - 1, maxInf = 0;
   nodes.forEach((n, i) => {
-    n.idx = i; n.kind = kindOf(n); n.pos = Number(n.ctx_idx);
-    n.layerNum = n.kind === "embedding" ? -1 : Number(n.layer);
-    n.featIdx = n.kind === "feature" ? featureIndex(n.node_id) : null;
+    n.idx = i; prepNode(n);
     if (n.kind === "logit") maxLogitLayer = Math.max(maxLogitLayer, n.layerNum);
     else if (n.kind !== "embedding") maxLayer = Math.max(maxLayer, n.layerNum);
     if (n.kind !== "logit" && n.kind !== "embedding" && typeof n.influence === "number") maxInf = Math.max(maxInf, n.influence);
@@ -77,7 +85,7 @@ function setGraph(g, path) {
   for (const l of g.links || []) {
     const s = S.byId.get(l.source), t = S.byId.get(l.target);
     if (s === undefined || t === undefined) continue;
-    const k = links.length; links.push({ s, t, w: Number(l.weight) });
+    const k = links.length; links.push({ s, t, w: Number(l.weight), h: l.heads || null });  // h: its split by heads (--qk)
     outL[s].push(k); inL[t].push(k);
   }
   S.sortedLinks = new Set();  // nodes whose link lists are sorted (lazily, on selection)
@@ -147,7 +155,7 @@ function render() {
     grid.append(el("text", { x: S.colX[p] + S.colW[p] / 2, y: S.height - MARGIN_B + 26, class: "toklabel", "text-anchor": "middle",
       text: tokenText(toks[p] ?? `#${p}`) }));
   }
-  svg.append(grid, el("g", { id: "groups" }), el("g", { id: "links" }), el("g", { id: "nodes" }));
+  svg.append(grid, el("g", { id: "marks" }), el("g", { id: "groups" }), el("g", { id: "links" }), el("g", { id: "nodes" }));
   const g = svg.lastChild;
   for (const n of S.nodes) {
     const cls = `node ${n.kind}` + (S.pinned.has(n.node_id) ? " pinned" : "");
@@ -165,6 +173,7 @@ function render() {
   }
   applyVisibility();
   drawLinks();
+  drawMarks();
 }
 
 function applyVisibility() {
@@ -181,6 +190,31 @@ function applyVisibility() {
 function linkPath(a, b) {
   const my = (a.y + b.y) / 2;
   return `M${a.x},${a.y} C${a.x},${my} ${b.x},${my} ${b.x},${b.y}`;
+}
+
+// Marks under the nodes: the flow cell chosen in the Flow panel (a box over that layer and
+// position of the grid; its nodes get the class "incell") and the edge chosen in a links list
+// (one thick orange curve). S.cell = {row: "E" | layer, pos}, S.edge = link index; both may be null.
+function drawMarks() {
+  const g = $("marks"); if (!g) return;
+  g.replaceChildren();
+  for (const n of S.nodes) if (n.elem) n.elem.classList.toggle("incell", !!S.cell && cellHas(S.cell, n));
+  if (S.cell) {
+    const r = S.cell.row === "E" ? 0 : Number(S.cell.row) + 1, p = S.cell.pos;
+    if (p < S.nPos) g.append(el("rect", { class: "cellmark", x: S.colX[p] + 1, width: S.colW[p] - 2,
+      y: S.height - MARGIN_B - r * ROW_H - ROW_H / 2, height: ROW_H }));
+  }
+  if (S.edge !== null && S.edge !== undefined && S.links[S.edge]) {
+    const l = S.links[S.edge];
+    g.append(el("path", { d: linkPath(S.nodes[l.s], S.nodes[l.t]), class: "edgemark" }));
+  }
+}
+
+// Is node n in the flow cell c ("E": the token nodes at c.pos; a layer: its features and errors)?
+function cellHas(c, n) {
+  if (n.pos !== c.pos) return false;
+  if (c.row === "E") return n.kind === "embedding";
+  return (n.kind === "feature" || n.kind === "error") && n.layerNum === Number(c.row);
 }
 
 // Each supernode: a dashed box around its visible members, with its name.
@@ -247,12 +281,19 @@ function togglePin(id) {
   if (S.hooks.onPins) S.hooks.onPins();
 }
 
-function tooltip(ev, n) {
+// The tooltip: `text` next to the pointer, or hidden when text is empty.
+function showTip(ev, text) {
   const t = $("tooltip");
-  if (!n) { t.hidden = true; return; }
-  t.textContent = `${n.label}\n${n.node_id} · ${n.kind}` + (typeof n.influence === "number" ? ` · influence ${fmt(n.influence)}` : "") +
-    (typeof n.activation === "number" ? ` · act ${fmt(n.activation)}` : "");
-  t.hidden = false; t.style.left = `${ev.pageX + 12}px`; t.style.top = `${ev.pageY + 12}px`;
+  if (!text) { t.hidden = true; return; }
+  t.textContent = text; t.hidden = false;
+  const right = window.scrollX + document.documentElement.clientWidth;  // flip left of the pointer near the right edge
+  t.style.left = `${ev.pageX + 12 + t.offsetWidth > right ? Math.max(0, ev.pageX - 12 - t.offsetWidth) : ev.pageX + 12}px`;
+  t.style.top = `${ev.pageY + 12}px`;
+}
+
+function tooltip(ev, n) {
+  showTip(ev, n && `${n.label}\n${n.node_id} · ${n.kind}` + (typeof n.influence === "number" ? ` · influence ${fmt(n.influence)}` : "") +
+    (typeof n.activation === "number" ? ` · act ${fmt(n.activation)}` : ""));
 }
 
 function nodeOf(ev) { const id = ev.target && ev.target.getAttribute && ev.target.getAttribute("data-id"); return id ? S.nodes[S.byId.get(id)] : null; }
@@ -343,5 +384,6 @@ async function boot() {
   } catch (e) { showError(String(e.message || e)); }
 }
 
-Object.assign(S, { el, $, fmt, select, togglePin, showError, drawLinks, drawGroups, applyVisibility, tokenText, featureIndex });
+Object.assign(S, { el, $, fmt, select, togglePin, showError, drawLinks, drawGroups, drawMarks, cellHas, applyVisibility,
+  tokenText, featureIndex, prepNode, nodeLabel, tooltip: showTip });
 document.addEventListener("DOMContentLoaded", boot);
