@@ -18,7 +18,7 @@ import torch
 from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
 from support.serve import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
-                            synthetic_graph, tiny_setup)
+                            qk_graph, synthetic_graph, tiny_setup)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")
 
@@ -169,9 +169,9 @@ def browser():
         cleanup(profile)
 
 
-@pytest.fixture
-def page(browser, server):
-    """A fresh tab that records JS errors and every request that leaves 127.0.0.1:port."""
+def recording_page(browser, server):
+    """A fresh tab that records JS errors and every request that leaves 127.0.0.1:port; checks
+    there were none when the test is done."""
     pg = browser.new_page()
     pg.errors, pg.foreign = [], []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
@@ -182,6 +182,11 @@ def page(browser, server):
     yield pg
     assert pg.errors == [] and pg.foreign == []
     pg.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    yield from recording_page(browser, server)
 
 
 def set_threshold(page, value):
@@ -220,6 +225,7 @@ def test_page_draws_every_node_and_selects(page, server, tiny):
     assert int(page.evaluate("document.body.dataset.linksDrawn")) == incoming
     shown = [float(x) for x in page.locator("#links-body .incoming .w").all_text_contents()]
     assert shown == sorted(shown, key=abs, reverse=True)
+    assert page.is_hidden("#tabs") and page.locator("#links-body .edge-btn").count() == 0  # (no attention fields)
     set_threshold(page, 0.3)  # pruning slider: features with influence <= 0.3 stay
     kept = sum(1 for n in g["nodes"] if n["feature_type"] in ("embedding", "logit") or n["influence"] <= 0.3)
     assert int(page.evaluate("document.body.dataset.nodesShown")) == kept < len(g["nodes"])
@@ -404,6 +410,207 @@ def test_notebook_show_renders_inline(browser, folder, tiny):
     assert frame.locator("#graph .node").count() == len(tiny[1]["nodes"])
     assert errors == [] and [u for u in requests if not u.startswith(("data:", "about:"))] == []
     pg.close()
+
+
+# --- the attention panels: Flow heatmap, edge → heads, head pattern and QK traces --------------
+
+@pytest.fixture(scope="module")
+def qk(tmp_path_factory):
+    """A server (no model) over qk.json (support.serve.qk_graph: every attention field), with the
+    feature pages of one graph feature and of the qk-only feature, and flow.json (the same graph
+    with `relevance` only)."""
+    root = tmp_path_factory.mktemp("qk")
+    g = qk_graph()
+    (root / "qk.json").write_text(json.dumps(g))
+    flow_only = {k: v for k, v in g.items() if k not in ("qk_traces", "qk_only_nodes", "head_patterns")}
+    flow_only["links"] = [{k: v for k, v in link.items() if k != "heads"} for link in g["links"]]
+    (root / "flow.json").write_text(json.dumps(flow_only))
+    (root / "features").mkdir()
+    nodes = {n["node_id"]: n for n in g["nodes"]} | g["qk_only_nodes"]
+    for nid in ("0_12_2", g["metadata"]["qk"]["qk_only"]):
+        c = nodes[nid]["feature"]
+        (root / "features" / f"{c}.json").write_text(json.dumps(feature_page(c)))
+    srv = make_server(root, port=0)
+    serve_in_thread(srv)
+    yield g, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def qk_page(browser, qk):
+    yield from recording_page(browser, qk[1])
+
+
+def ids_of(page, selector, attr="data-id"):
+    return {e.get_attribute(attr) for e in page.locator(selector).all()}
+
+
+@pytest.mark.browser
+def test_flow_heatmap_selects_a_cells_nodes(qk_page, qk):
+    """Flow tab: a (layers + 1) × positions heatmap of `relevance`, rows as on the grid (the last
+    layer on top, E at the bottom); a click selects exactly the nodes of that layer and position."""
+    page, (g, url) = qk_page, qk
+    rel, n_pos = g["relevance"], len(g["metadata"]["prompt_tokens"])
+    open_graph(page, url, "qk.json")
+    page.click("#tab-flow")
+    cells = page.locator("#flow-map .hcell")
+    assert cells.count() == len(rel["rows"]) * n_pos == 4 * 6
+    rows_drawn = [cells.nth(i * n_pos).get_attribute("data-r") for i in range(len(rel["rows"]))]
+    assert rows_drawn == list(reversed(rel["rows"]))  # top: the last layer; bottom: the tokens
+    for i in range(cells.count()):
+        c = cells.nth(i)
+        r, p = c.get_attribute("data-r"), int(c.get_attribute("data-c"))
+        assert float(c.get_attribute("data-v")) == rel["values"][rel["rows"].index(r)][p]
+    labels = page.locator("#flow-map text").all_text_contents()
+    assert labels[:4] == ["L2", "L1", "L0", "E"] and "␣capital" in labels
+    page.hover('#flow-map .hcell[data-r="1"][data-c="5"]')
+    assert f"relevance {rel['values'][2][5]:.4f}" in page.inner_text("#tooltip")
+
+    def cell(r, p):
+        return {n["node_id"] for n in g["nodes"] if n["layer"] == r and n["ctx_idx"] == p}
+
+    for r, p in [("0", 4), ("E", 2), ("1", 5), ("2", 0)]:
+        page.click(f'#flow-map .hcell[data-r="{r}"][data-c="{p}"]')
+        assert int(page.evaluate("document.body.dataset.cellSelected")) == len(cell(r, p))
+        assert ids_of(page, "#graph .node.incell") == cell(r, p)
+        assert page.locator("#cell-list li").count() == len(cell(r, p))
+    assert cell("0", 4) == {"0_30_4", "0_31_4"} and cell("1", 5) == {"1_21_5", "1_-1_5"} and not cell("2", 0)
+    page.click('#flow-map .hcell[data-r="0"][data-c="4"]')
+    assert page.locator("#graph .cellmark").count() == 1
+    page.mouse.move(5, 890)  # (no tooltip over the screenshot)
+    shot(page, "flow-heatmap")
+    page.click('#flow-map .hcell[data-r="0"][data-c="4"]')  # the same cell again: cleared
+    assert page.evaluate("document.body.dataset.cellSelected") == "0"
+    assert page.locator("#graph .node.incell").count() == 0 and page.locator("#graph .cellmark").count() == 0
+    page.click('#flow-map .hcell[data-r="0"][data-c="2"]')
+    page.click("#cell-list button")  # a listed node: selected, its card shown
+    assert page.evaluate("document.body.dataset.selected") == "0_12_2"
+    assert page.evaluate("document.body.dataset.tab") == "node" and page.is_visible("#node-card")
+
+
+@pytest.mark.browser
+def test_graph_with_relevance_only(qk_page, qk):
+    """A graph with `relevance` but no attention fields: the Flow tab and no Heads tab, no
+    clickable weights."""
+    page, (g, url) = qk_page, qk
+    open_graph(page, url, "flow.json")
+    assert page.is_visible("#tab-flow") and page.is_hidden("#tab-heads")
+    page.click('[data-id="2_40_5"]')
+    assert page.locator("#links-body li").count() > 0 and page.locator("#links-body .edge-btn").count() == 0
+    page.click("#tab-flow")
+    assert page.locator("#flow-map .hcell").count() == 24
+
+
+@pytest.mark.browser
+def test_edge_heads_split_sums_to_weight(qk_page, qk):
+    """A link's weight clicked in the links list: its split by heads, the parts summing to it."""
+    page, (g, url) = qk_page, qk
+    src, tgt = g["metadata"]["qk"]["edge"]
+    link = next(lk for lk in g["links"] if (lk["source"], lk["target"]) == (src, tgt))
+    h = link["heads"]
+    open_graph(page, url, "qk.json")
+    page.click(f'[data-id="{tgt}"]')
+    assert page.locator("#links-body .edge-btn").count() == sum(1 for lk in g["links"] if tgt in (lk["source"], lk["target"]))
+    page.locator("#links-body .incoming li").filter(has_text=f"({src})").locator(".edge-btn").click()
+    assert page.evaluate("document.body.dataset.edge") == f"{src}>{tgt}"
+    parts = page.locator("#edge-body tr.part")
+    want = [h["residual"], *[w for _, _, w in h["one_hop"]], h["other_one_hop"], h["multi_hop"]]
+    assert [float(parts.nth(i).get_attribute("data-v")) for i in range(parts.count())] == want
+    assert sum(want) == pytest.approx(link["weight"], abs=1e-9)
+    assert float(page.evaluate("document.body.dataset.edgeSum")) == pytest.approx(link["weight"], abs=1e-9)
+    assert float(page.evaluate("document.body.dataset.edgeWeight")) == link["weight"]
+    assert page.locator("#edge-body .sum:not(.bad)").count() == 1
+    heads = page.locator("#edge-body .head-btn")
+    assert [(int(b.get_attribute("data-layer")), int(b.get_attribute("data-head"))) for b in heads.all()] == \
+        [(L, hd) for L, hd, _ in h["one_hop"]]
+    assert "traced" in heads.first.inner_text()  # (layer 1, head 0) has a QK trace for this edge
+    assert page.locator("#graph .edgemark").count() == 1
+    shot(page, "edge-heads")
+    page.click(f'[data-id="{src}"]')  # one of the edge's ends: the edge stays
+    assert page.is_visible("#edge-card")
+    page.click('[data-id="E_818_1"]')  # another node: it goes
+    assert page.is_hidden("#edge-card") and page.locator("#graph .edgemark").count() == 0
+
+
+@pytest.mark.browser
+def test_head_pattern_traces_and_contributors(qk_page, qk):
+    """A head from an edge's split: its pattern (query × key, the traced cell outlined), its trace
+    with every pair and marginal; a pair's sides select their node or show the qk-only card."""
+    page, (g, url) = qk_page, qk
+    src, tgt = g["metadata"]["qk"]["edge"]
+    n_pos = len(g["metadata"]["prompt_tokens"])
+    t = g["qk_traces"][0]
+    pattern = next(p["pattern"] for p in g["head_patterns"] if (p["layer"], p["head"]) == (t["layer"], t["head"]))
+    open_graph(page, url, "qk.json")
+    page.click(f'[data-id="{tgt}"]')
+    page.locator("#links-body .incoming li").filter(has_text=f"({src})").locator(".edge-btn").click()
+    page.click(f'#edge-body .head-btn[data-layer="{t["layer"]}"][data-head="{t["head"]}"]')
+    assert page.evaluate("document.body.dataset.tab") == "heads"
+    assert page.evaluate("document.body.dataset.head") == f"{t['layer']}:{t['head']}"
+    cells = page.locator("#head-body svg.pattern .hcell")
+    assert cells.count() == n_pos * n_pos
+    for i in range(cells.count()):
+        c = cells.nth(i)
+        assert float(c.get_attribute("data-v")) == pattern[int(c.get_attribute("data-r"))][int(c.get_attribute("data-c"))]
+    active = page.locator("#head-body .tracecell.active")
+    assert (active.get_attribute("data-r"), active.get_attribute("data-c")) == (str(t["query_pos"]), str(t["key_pos"]))
+    assert page.locator(f'#head-body .edgecell[data-r="{t["query_pos"]}"][data-c="{t["key_pos"]}"]').count() == 1
+    traces = [x for x in g["qk_traces"] if (x["layer"], x["head"]) == (t["layer"], t["head"])]
+    assert page.locator("#head-body .trace").count() == len(traces) == 1
+    block = page.locator("#head-body .trace.active")
+    assert f"{t['score']:.4f}" in block.inner_text() and f"{t['prob']:.4f}" in block.inner_text()
+    assert block.locator(".pairs tr.pair").count() == len(t["pair_wise_contributors"])
+    assert [float(r.get_attribute("data-attr")) for r in block.locator(".pairs tr.pair").all()] == \
+        [a for _, _, a in t["pair_wise_contributors"]]
+    assert block.locator(".qmarg tr.marg-row").count() == len(t["top_q_marginal_contributors"])
+    assert block.locator(".kmarg tr.marg-row").count() == len(t["top_k_marginal_contributors"])
+    shot(page, "head-qk")
+    q_id, k_id, _ = t["pair_wise_contributors"][0]  # both in the graph
+    block.locator(f'.pairs tr.pair >> nth=0 >> button.side[data-node="{q_id}"]').click()
+    assert page.evaluate("document.body.dataset.selected") == q_id  # selected in the graph ...
+    assert page.evaluate("document.body.dataset.tab") == "heads"  # ... the head stays open
+    assert page.locator(f'#graph .node.selected[data-id="{q_id}"]').count() == 1
+    assert page.evaluate("document.body.dataset.contributorInGraph") == "1"
+    only = g["metadata"]["qk"]["qk_only"]
+    block.locator(f'.pairs button.side[data-node="{only}"]').first.click()
+    assert page.evaluate("document.body.dataset.contributor") == only
+    assert page.evaluate("document.body.dataset.contributorInGraph") == "0"
+    assert page.evaluate("document.body.dataset.selected") == q_id  # not a graph node: selection kept
+    card = page.locator("#contrib-card")
+    assert g["qk_only_nodes"][only]["clerp"] in card.locator("h3").first.inner_text()
+    page.wait_for_selector("#contrib-body .example")  # its feature page, fetched as for a node
+    assert "layer 0, feature 777" in card.inner_text()
+    shot(page, "qk-contributor")
+    block.locator('.pairs button.side[data-node="1_const_5"]').click()
+    assert "constant" in card.inner_text() and page.locator("#contrib-body .example").count() == 0
+
+
+@pytest.mark.browser
+def test_trace_list_opens_every_trace(qk_page, qk):
+    """The Heads tab lists every QK trace (and every head with a pattern); each opens its head."""
+    page, (g, url) = qk_page, qk
+    open_graph(page, url, "qk.json")
+    page.click("#tab-heads")
+    rows = page.locator("#trace-list tr.trace-row")
+    assert rows.count() == len(g["qk_traces"]) == 2
+    for i, t in enumerate(g["qk_traces"]):
+        rows.nth(i).locator("button.open-trace").click()
+        assert page.evaluate("document.body.dataset.head") == f"{t['layer']}:{t['head']}"
+        block = page.locator("#head-body .trace.active")
+        assert block.get_attribute("data-trace") == str(i)
+        assert block.locator(".pairs tr.pair").count() == len(t["pair_wise_contributors"])
+        assert ("traced by hand" in block.inner_text()) == ("source" not in t)
+    heads = page.locator("#pattern-heads .head-btn")
+    assert heads.count() == len(g["head_patterns"])
+    heads.first.click()  # layer 0, head 0: a pattern, no trace
+    assert page.evaluate("document.body.dataset.headTraces") == "0"
+    assert page.locator("#head-body svg.pattern .hcell").count() == 36
+    assert "No QK trace of this head" in page.inner_text("#head-body")
+    page.click('[data-id="2_40_5"]')  # the traced edge's target: its node card links the trace
+    assert page.evaluate("document.body.dataset.tab") == "node"
+    page.locator("#node-card .node-traces button").first.click()
+    assert page.evaluate("document.body.dataset.head") == "1:0"
 
 
 # --- the real Gemma 3 270M with the starter transcoders the committed graph was made with ---

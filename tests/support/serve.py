@@ -8,6 +8,8 @@
   ``Δ(centred logit_t) = A[t, s] / a_s · Δa_s``), two independent computations.
 * :func:`synthetic_graph` — a graph JSON of any size (the big-graph test: ~1,200 nodes,
   ~300k links), valid node ids, Cantor-paired ``feature`` fields (schema_version 1).
+* :func:`qk_graph` — a small graph JSON with the attention fields (``relevance``, ``heads`` on
+  links, ``qk_traces``, ``qk_only_nodes``, ``head_patterns``), consistent with itself.
 * :func:`feature_page` — a hand-written feature page in the format of docs/interop.md.
 * :func:`launch_chromium` — Playwright driving the system Chromium (no download).
 """
@@ -86,6 +88,131 @@ def synthetic_graph(n_pos=12, n_layers=18, n_nodes=1184, n_links=296_000, seed=0
         seen.add(key)
         links.append({"source": key[0], "target": key[1], "weight": rng.gauss(0, 1)})
     return _graph("big-synthetic", tokens, ids, nodes, links)
+
+
+def qk_graph(seed: int = 0) -> dict:
+    """A small graph JSON carrying every attention field of docs/interop.md ("Every graph also
+    carries relevance", "Attention"), consistent with itself: 6 tokens, 3 layers.
+
+    * ``relevance``: rows E, 0, 1, 2 × 6 positions, non-negative;
+    * links with ``heads`` whose parts sum to the weight (residual only on same-position links);
+    * ``head_patterns``: causal, row-stochastic patterns of the heads named below;
+    * ``qk_traces``: two traces: (layer 1, head 0, query 5, key 2) for the edge
+      ``0_12_2`` → ``2_40_5`` (its target carries ``qk_tracing_results``), and one asked by hand
+      (layer 2, head 1, query 4, key 4); every identity holds (Σ pairs + pairs_rest = score, ...);
+    * ``qk_only_nodes``: a feature the graph did not visit (``0_777_2``) and the constants
+      ``1_const_2``, ``1_const_5``, ``2_const_4``.
+
+    ``metadata["qk"]`` records the ids the tests look for (the traced edge, the cell with two
+    nodes, the qk-only feature)."""
+    rng = random.Random(seed)
+    tokens = ["<bos>", "The", " capital", " of", " France", " is"]
+    ids = [2, 818, 6451, 529, 7001, 563]
+    n_layers, n_pos = 3, len(tokens)
+    nodes = embed_nodes(ids, tokens)
+    feats = [(0, 12, 2, "capital (noun)"), (0, 30, 4, "France"), (0, 31, 4, "country names"),
+             (1, 7, 4, "European country"), (0, 5, 5, "'is' (copula)"), (1, 21, 5, "'is' after a subject"), (2, 40, 5, "say a capital city"),
+             (2, 41, 5, "say Paris"), (1, 3, 2, "capital of ...")]
+    for i, (L, f, p, label) in enumerate(feats):
+        nodes.append(_node(f"{L}_{f}_{p}", cantor(L, f), L, p, "cross layer transcoder",
+                           influence=round(0.05 + 0.09 * i, 3), activation=round(rng.uniform(0.5, 6), 3), clerp=label))
+    nodes.append(_node("1_-1_5", -1, 1, 5, "mlp reconstruction error", influence=0.6))
+    for k, (tok, word, prob) in enumerate([(9079, " Paris", 0.62), (9080, " Lyon", 0.05)]):
+        nodes.append(_node(f"{n_layers + 1}_{tok}_{n_pos - 1}", tok, n_layers + 1, n_pos - 1, "logit",
+                           clerp=f'Output "{word}" (p={prob:.3f})', prob=prob))
+
+    def layer(nid):
+        head = nid.split("_")[0]
+        return -1 if head == "E" else int(head)
+
+    def pos(nid):
+        return int(nid.rsplit("_", 1)[1])
+
+    pairs = [("E_6451_2", "0_12_2"), ("E_7001_4", "0_30_4"), ("E_7001_4", "0_31_4"), ("0_30_4", "1_7_4"),
+             ("0_12_2", "1_3_2"), ("0_12_2", "2_40_5"), ("0_30_4", "2_41_5"), ("1_7_4", "2_41_5"),
+             ("1_21_5", "2_40_5"), ("E_563_5", "0_5_5"), ("0_5_5", "1_21_5"), ("1_-1_5", "2_40_5"), ("1_3_2", "2_40_5"),
+             ("2_40_5", "4_9079_5"), ("2_41_5", "4_9079_5"), ("2_40_5", "4_9080_5"), ("1_7_4", "4_9079_5")]
+    heads_named = set()
+    links = []
+    for s, t in pairs:
+        w = round(rng.choice([-1, 1, 1, 1]) * rng.uniform(0.05, 1.5), 6)
+        if (s, t) == ("0_12_2", "2_40_5"):
+            w = 1.079867  # the traced edge: a strong positive one
+        lo, hi = layer(s) + 1, min(n_layers - 1, layer(t))  # the layers of heads between the two nodes
+        heads = [(L, h) for L in range(lo, hi + 1) for h in range(2)]
+        if (s, t) == ("0_12_2", "2_40_5"):  # the traced edge: its two heads listed first
+            heads = [(1, 0), (2, 1)] + [x for x in heads if x not in ((1, 0), (2, 1))]
+        same = pos(s) == pos(t)
+        residual = (w if not heads else round(w * rng.uniform(0.2, 0.5), 6)) if same else 0.0
+        listed = heads[:3]  # "at most 8" in real graphs; 3 here, so that other_one_hop is used
+        other = round(w * 0.04, 6) if len(heads) > 3 else 0.0
+        multi = round(w * 0.12, 6) if hi > lo else 0.0  # two or more heads: only across two layers
+        shares = [rng.uniform(0.2, 1.0) + (2.0 if (s, t) == ("0_12_2", "2_40_5") and k == 0 else 0) for k in range(len(listed))]
+        left = w - residual - other - multi
+        hops = [[L, h, round(left * x / sum(shares), 6)] for (L, h), x in zip(listed, shares)]
+        if hops:  # the last listed head takes the rounding: the parts sum to the weight
+            hops[-1][2] = w - residual - other - multi - sum(x[2] for x in hops[:-1])
+        hops.sort(key=lambda x: -abs(x[2]))
+        heads_named.update((L, h) for L, h, _ in hops)
+        links.append({"source": s, "target": t, "weight": w,
+                      "heads": {"residual": residual, "one_hop": hops, "other_one_hop": other, "multi_hop": multi}})
+
+    def trace(L, h, q, k, pairs, qm, km, q_const, k_const, edge=None):
+        score = round(sum(a for _, _, a in pairs) + 0.25, 6)  # pairs_rest 0.25 by construction
+        t = {"layer": L, "head": h, "query_pos": q, "key_pos": k, "score": score, "prob": 0.0,
+             "pair_wise_contributors": [list(p) for p in pairs],
+             "top_q_marginal_contributors": [list(m) for m in qm], "top_k_marginal_contributors": [list(m) for m in km],
+             "q_constant": q_const, "k_constant": k_const, "pairs_rest": 0.25,
+             "q_rest": score - sum(a for _, a in qm) - q_const, "k_rest": score - sum(a for _, a in km) - k_const}
+        if edge:
+            t["source"], t["target"] = edge
+        heads_named.add((L, h))
+        return t
+
+    traces = [
+        trace(1, 0, 5, 2, [("0_5_5", "0_12_2", 1.8), ("E_563_5", "0_777_2", 0.9), ("1_const_5", "0_12_2", -0.4),
+                           ("0_5_5", "E_6451_2", 0.3), ("E_563_5", "1_const_2", 0.12)],
+              [("0_5_5", 2.0), ("E_563_5", 0.8)], [("0_12_2", 1.6), ("0_777_2", 0.85), ("E_6451_2", 0.2)],
+              q_const=-0.3, k_const=0.1, edge=("0_12_2", "2_40_5")),
+        trace(2, 1, 4, 4, [("1_7_4", "0_30_4", 1.1), ("0_31_4", "E_7001_4", -0.35), ("2_const_4", "0_30_4", 0.2)],
+              [("1_7_4", 1.2), ("0_31_4", -0.3)], [("0_30_4", 1.0), ("E_7001_4", -0.2)], q_const=0.15, k_const=0.05),
+    ]
+    patterns = {}
+    for L, h in sorted(heads_named):
+        pat = []
+        for q in range(n_pos):
+            w = [rng.random() ** 3 for _ in range(q + 1)]
+            w[0] += 0.5  # the usual sink on <bos>
+            z = sum(w)
+            pat.append([round(x / z, 5) for x in w] + [0.0] * (n_pos - q - 1))
+        patterns[(L, h)] = pat
+    for t in traces:  # prob: the pattern's entry, pattern[q, k]
+        t["prob"] = patterns[(t["layer"], t["head"])][t["query_pos"]][t["key_pos"]]
+    by_id = {n["node_id"]: n for n in nodes}
+    first = traces[0]
+    by_id[first["target"]]["qk_tracing_results"] = {
+        k: first[k] for k in ("pair_wise_contributors", "top_q_marginal_contributors", "top_k_marginal_contributors")}
+    qk_only = {"0_777_2": _node("0_777_2", cantor(0, 777), 0, 2, "cross layer transcoder", influence=None,
+                                activation=1.7, clerp="capital cities (qk only)")}
+    for L, p in [(1, 2), (1, 5), (2, 4)]:
+        qk_only[f"{L}_const_{p}"] = _node(f"{L}_const_{p}", 0, L, p, "bias", influence=None, clerp="")
+    # relevance: the unpruned influence of each (layer, position); larger where the graph's nodes are
+    rows = ["E"] + [str(L) for L in range(n_layers)]
+    values = [[0.0] * n_pos for _ in rows]
+    for n in nodes:
+        if n["feature_type"] == "logit":
+            continue
+        r = 0 if n["layer"] == "E" else int(n["layer"]) + 1
+        values[r][n["ctx_idx"]] += 0.08 + 0.3 * (1 - (n["influence"] or 0))
+    values = [[round(v + rng.uniform(0, 0.04), 5) for v in row] for row in values]
+    g = _graph("qk-synthetic", tokens, ids, nodes, links)
+    g["metadata"]["prompt"] = "The capital of France is"
+    g["relevance"] = {"rows": rows, "values": values}
+    g["qk_traces"] = traces
+    g["qk_only_nodes"] = qk_only
+    g["head_patterns"] = [{"layer": L, "head": h, "pattern": patterns[(L, h)]} for L, h in sorted(patterns)]
+    g["metadata"]["qk"] = {"edge": ["0_12_2", "2_40_5"], "cell": ["0", 4], "qk_only": "0_777_2"}
+    return g
 
 
 def feature_page(index: int, tokens=("The", " capital", " of", " France")) -> dict:
