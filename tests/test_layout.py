@@ -31,7 +31,7 @@ RANK = {
     "frozen": 3,
     "replacement": 4,
     "attribution": 5, "steering": 5, "training": 5,
-    "features": 6,
+    "features": 6, "attention": 6,
     "pipeline": 7,  # one prompt end to end: strings the stages above together
     "batch": 8, "serve": 8,
     "commands": 9, "cli": 10,  # cli dispatches to the commands

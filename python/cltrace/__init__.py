@@ -7,10 +7,11 @@ The pipeline, one package per stage (each imports only the stages before it)::
     frozen        one recorded forward pass and the frozen linear model (forward, VJP, JVP)
     replacement   transcoder features, reconstructions and errors of one prompt
     attribution   logit targets, rows of direct effects, the visit of the features -> Graph
-    graph         the Graph as data: influence, pruning, scores
+    graph         the Graph as data: influence, pruning, scores, relevance
     export        Neuronpedia / circuit-tracer JSON, SVG (pure Python), Graphviz DOT/PNG
     steering      interventions (frozen or free mode) and steered generation
     training      corpora, the training loop, the starter sets
+    attention     head loadings of edges and QK attribution of heads' scores (--qk)
     features      feature pages and automatic labels from a corpus (any transcoder set)
     pipeline      one prompt end to end (attribute, prune, score, export): trace_prompt
     batch         many prompts, local worker processes or a Ray cluster
@@ -44,6 +45,9 @@ _LAZY = {
     "Seeds": "cltrace.frozen",
     "attribute": "cltrace.attribution",
     "AttributionSettings": "cltrace.attribution",
+    "explain_attention": "cltrace.attention",
+    "qk_attribution": "cltrace.attention",
+    "QKSettings": "cltrace.attention",
     "PruneSettings": "cltrace.graph",
     "UsageError": "cltrace.errors",
     "Graph": "cltrace.graph",
@@ -60,6 +64,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from .attention import QKSettings, explain_attention, qk_attribution  # noqa: F401
     from .attribution import AttributionSettings, attribute  # noqa: F401
     from .errors import UsageError  # noqa: F401
     from .features import FeaturePages  # noqa: F401

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .attention.settings import QKSettings
 from .attribution.settings import AttributionSettings
 from .errors import UsageError
 from .export.neuronpedia import check_slug
@@ -46,11 +47,13 @@ class TraceSettings:
     attribution: AttributionSettings = AttributionSettings()
     pruning: PruneSettings = PruneSettings()
     formats: tuple = ("json",)
+    attention: QKSettings = QKSettings()  # --qk: head loadings and QK traces in the JSON
 
     def check(self) -> "TraceSettings":
         """Raise a UsageError naming the option of a bad value."""
         self.attribution.check()
         self.pruning.check()
+        self.attention.check()
         parse_formats(",".join(self.formats))
         return self
 
@@ -76,6 +79,7 @@ class TraceRecord:
     times: dict  # seconds per phase
     written: list = field(default_factory=list)  # paths, in write order
     warnings: list = field(default_factory=list)
+    attention: object = None  # cltrace.attention.AttentionReport, with --qk
 
     def summary(self) -> dict:
         """Counts and scores as plain JSON values (one manifest line's numbers)."""
@@ -105,8 +109,9 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
                  verbose: bool = False, times: Optional[dict] = None, pages=None,
                  say: Callable[..., None] = lambda *a: None) -> TraceRecord:
     """Attribute ``spec.prompt`` with the replacement model ``rm`` (``settings.attribution``),
-    prune (``settings.pruning``) and score the graph, and write ``settings.formats`` as
-    ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
+    prune (``settings.pruning``) and score the graph, explain its attention if
+    ``settings.attention.qk`` (:func:`cltrace.attention.explain_attention`, into the JSON), and
+    write ``settings.formats`` as ``out/{slug}.*`` (json adds ``out/graph-metadata.json``).
     With ``pages`` (:class:`cltrace.features.FeaturePages` of ``rm``'s transcoders) the JSON's
     feature nodes carry their labels and the pages of the kept features go to
     ``out/features/`` (the ``./data/features`` scan both viewers read).
@@ -132,8 +137,17 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
     scores = graph_scores(graph, result)
     times["prune"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     record = TraceRecord(spec.slug, graph, result, scores, times)
+    if settings.attention.qk:
+        from .attention import explain_attention
+
+        say("explaining attention (head loadings, QK traces) ...")
+        t0 = time.perf_counter()
+        record.attention = explain_attention(rm, graph, result, settings.attention,
+                                             targets=list(spec.targets) or None)
+        times["attention"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     slug, formats = spec.slug, settings.formats
     if "json" in formats:
         labelled = {}
@@ -143,7 +157,8 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
             kept = graph.features[result.node_mask[:graph.n_features]].tolist()  # [k, 3]
             info = pages_for_graph(pages, sorted({(int(l), int(f)) for l, _, f in kept}), out)
             labelled = dict(labels=info["clerps"], scan=info["scan"])
-        record.written.append(write_neuronpedia(graph, out, slug, result, **labelled))
+        record.written.append(write_neuronpedia(graph, out, slug, result, attention=record.attention,
+                                                **labelled))
     for fmt in ("dot", "svg", "png"):
         if fmt in formats:
             try:

@@ -45,6 +45,16 @@ def tiny_gemma(n_layers: int = 4, n_kv: int = 2, dtype: torch.dtype = torch.floa
     return model
 
 
+def exact_norms(model) -> None:
+    """Make every RMSNorm of ``model`` compute in its input's dtype (Gemma3RMSNorm computes in
+    fp32 whatever the dtype), so that an fp64 model is fp64 throughout and its frozen linear
+    model is exact to fp64 rounding: identities can then be checked to 1e-9."""
+    for m in model.modules():
+        if type(m).__name__ == "Gemma3RMSNorm":
+            m.forward = (lambda x, m=m: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
+                         * (1.0 + m.weight))
+
+
 def mlp_inputs(model, tokens) -> Tensor:
     """Each layer's MLP input on ``tokens`` (as the replacement model captures it):
     ``[n_layers, n_pos, d_model]``."""

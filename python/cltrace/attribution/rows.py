@@ -12,9 +12,12 @@ from ..replacement.state import ReplacementState
 class EdgeRows:
     """Computes rows of direct effects for batches of seeds on one replacement state.
 
-    Columns: [active features (state order), errors (layer-major), tokens]."""
+    Columns: [active features (state order), errors (layer-major), tokens].
+    ``carry_prefix=True`` carries the positions without nodes through the backward too (every
+    seed position allowed, at a little more cost); by default their tokens' edges come from
+    the prefix paths."""
 
-    def __init__(self, state: ReplacementState):
+    def __init__(self, state: ReplacementState, carry_prefix: bool = False):
         self.state = state
         self.n_layers, self.n_pos = state.n_layers, state.n_pos
         tcs = state.transcoders
@@ -26,7 +29,7 @@ class EdgeRows:
         # tokens' edges come from the prefix paths (FrozenLinearModel.prefix_paths)
         # (every seed lies at or after them: features exist only there, logits at the last)
         skip = state.skip_positions
-        self.start = skip if state.frozen.causal and skip < state.n_pos else 0
+        self.start = skip if state.frozen.causal and skip < state.n_pos and not carry_prefix else 0
         self.prefix = state.frozen.prefix_paths(state.embed[:self.start]) if self.start else None
         # positions of each layer's entries (all >= start: no features before it), as rows of
         # the backward's gradients
@@ -38,8 +41,9 @@ class EdgeRows:
         self.token_start = self.n_features + self.n_layers * self.n_pos
         self.n_cols = self.token_start + self.n_pos
 
-    def __call__(self, seeds: Seeds) -> Tensor:
-        """[B, n_cols] direct effects of every source on each seed's target.
+    def __call__(self, seeds: Seeds, at_resid: bool = False) -> Tensor:
+        """[B, n_cols] direct effects of every source on each seed's target (``at_resid``:
+        seeds on the residual streams, :meth:`FrozenLinearModel.iter_backward_live`).
 
         The backward runs on the live part only (:meth:`FrozenLinearModel.iter_backward_live`:
         seeds above each layer, positions up to the last seed's), so the contractions touch
@@ -47,7 +51,7 @@ class EdgeRows:
         st, B = self.state, seeds.n
         order = seeds.layer.argsort(descending=True, stable=True)  # highest layer first
         out = torch.zeros(B, self.n_cols, dtype=st.frozen.dtype, device=st.tokens.device)
-        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds)), self.prefix):
+        for step in st.frozen.iter_backward_live(Seeds(*(t[order] for t in seeds)), self.prefix, at_resid):
             g = step.grad  # [k, n - start, d_model]: the live seeds' gradients at positions start..n-1
             k, n = g.shape[0], self.start + g.shape[1]
             if k == 0:

@@ -24,6 +24,9 @@ carries most of the influence, and write it to --out:
                   (drawn by cltrace itself, tens of kB)
   {slug}.dot      Graphviz source of the same picture (--format png renders it with Graphviz's
                   'dot' program, if installed)
+  With --qk the JSON also splits every kept link by the attention heads its paths cross, and
+  traces the scores of the heads carrying the top edges into the most influential nodes to
+  the query-side and key-side sources that made them attend there (QK attribution).
   {slug}.graph.safetensors (+ .json)   --format pt: the full unpruned graph, 4 bytes per
                   (target, node) pair: (visited features + logits) x nodes; read it back with
                   cltrace.Graph.load
@@ -40,6 +43,7 @@ or `cltrace train`.
 Examples:
   cltrace attribute "The capital of France is" --out graphs/
   cltrace attribute "Fact: Paris is in" --target " France" --target-diff " France" " Spain"
+  cltrace attribute "The capital of France is" --qk      # + which heads carried each link, and why
   cltrace attribute "How do I pick a lock?" --model google/gemma-3-270m-it --chat \\
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
 """
@@ -62,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg") -> None:
     """The options of the graph of every prompt (also those of ``cltrace batch``), made from
     the settings dataclasses (their defaults and help): what :func:`trace_settings` reads."""
+    from ..attention import QKSettings
     from ..attribution import AttributionSettings
     from ..graph import PruneSettings
     from ..pipeline import FORMATS
@@ -69,6 +74,7 @@ def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg
 
     add_options(p, AttributionSettings)
     add_options(p, PruneSettings)
+    add_options(p.add_argument_group("attention (--qk; docs/method.md)"), QKSettings)
     p.add_argument("--format", default=formats,
                    help=f"comma-separated outputs among {', '.join(FORMATS)} (default {formats}; "
                         "pt writes the full unpruned graph, see 'cltrace attribute --help' for sizes)")
@@ -76,13 +82,14 @@ def add_trace_arguments(p: argparse.ArgumentParser, formats: str = "json,dot,svg
 
 def trace_settings(args: argparse.Namespace):
     """The checked TraceSettings of the options of :func:`add_trace_arguments`."""
+    from ..attention import QKSettings
     from ..attribution import AttributionSettings
     from ..graph import PruneSettings
     from ..pipeline import TraceSettings, parse_formats
     from ..settings import from_args
 
     return TraceSettings(from_args(AttributionSettings, args), from_args(PruneSettings, args),
-                         parse_formats(args.format)).check()
+                         parse_formats(args.format), from_args(QKSettings, args)).check()
 
 
 def _peak_memory_gib(device) -> str:

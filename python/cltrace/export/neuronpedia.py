@@ -17,6 +17,8 @@ from ..graph.graph import Graph, NodeKind
 from ..atomic import atomic_write_text
 from ..errors import UsageError
 from ..graph.pruning import PruneResult, prune
+from ..graph.relevance import relevance
+from .attention import link_heads, qk_fields
 from ..settings import as_dict
 
 SCHEMA_VERSION = 1
@@ -47,13 +49,14 @@ def check_slug(slug: str, flag: str = "--slug") -> str:
     return slug
 
 
-def _nodes(graph: Graph, result: PruneResult, labels: Mapping[tuple[int, int], str]) -> list[dict[str, Any]]:
+def _node_maker(graph: Graph, result: PruneResult, labels: Mapping[tuple[int, int], str]):
+    """A function from a node index to its JSON object (the node table read once)."""
     table, ids = graph.nodes(), graph.node_ids()
     kinds, layers, poss = table.kind.tolist(), table.layer.tolist(), table.pos.tolist()
     feats, toks, acts = table.feature.tolist(), table.token_id.tolist(), table.activation.tolist()
     cumulative = result.cumulative_scores.tolist()
-    out = []
-    for i in result.node_mask.nonzero().flatten().tolist():
+
+    def make(i: int) -> dict[str, Any]:
         kind, layer, pos = NodeKind(kinds[i]), layers[i], poss[i]
         node = {"node_id": ids[i], "feature": feats[i], "layer": str(layer), "ctx_idx": pos,
                 "feature_type": FEATURE_TYPE[kind], "jsNodeId": "", "clerp": "", "token_prob": 0.0,
@@ -73,8 +76,25 @@ def _nodes(graph: Graph, result: PruneResult, labels: Mapping[tuple[int, int], s
             node.update(feature=toks[i], layer=str(graph.n_layers + 1), jsNodeId=f"L_{toks[i]}-{pos}",
                         token_prob=prob, is_target_logit=j == 0, influence=None,
                         clerp=f'Output "{graph.logit_labels[j]}" (p={prob:.3f})')
-        out.append(node)
-    return out
+        return node
+
+    return make
+
+
+def _unvisited_feature(c, labels: Mapping[tuple[int, int], str]) -> dict[str, Any]:
+    """The JSON object of an active feature the graph did not visit (a QK contributor)."""
+    return {"node_id": f"{c.layer}_{c.feature}_{c.pos}", "feature": cantor_pair(c.layer, c.feature),
+            "layer": str(c.layer), "ctx_idx": c.pos, "feature_type": FEATURE_TYPE[NodeKind.FEATURE],
+            "jsNodeId": f"{c.layer}_{c.feature}-0", "clerp": labels.get((c.layer, c.feature), ""),
+            "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+            "influence": None, "activation": c.activation}
+
+
+def relevance_field(graph: Graph, result: PruneResult) -> dict[str, Any]:
+    """The ``relevance`` object: the token x layer map of the nodes' influence."""
+    values = relevance(graph, result.influence)
+    return {"rows": ["E"] + [str(L) for L in range(graph.n_layers)],
+            "values": [[float(f"{x:.6g}") for x in row] for row in values.tolist()]}
 
 
 def _links(graph: Graph, result: PruneResult, ids: list[str]) -> list[dict[str, Any]]:
@@ -87,19 +107,24 @@ def _links(graph: Graph, result: PruneResult, ids: list[str]) -> list[dict[str, 
 
 def to_neuronpedia(graph: Graph, slug: str, result: Optional[PruneResult] = None, *,
                    labels: Optional[Mapping[tuple[int, int], str]] = None, scan: Optional[str] = None,
-                   feature_details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   feature_details: Optional[dict[str, Any]] = None, attention=None) -> dict[str, Any]:
     """The viewer JSON of ``graph`` as pruned by ``result`` (default: :func:`prune` at its
     default thresholds), as a dict; ``pruning_settings`` records ``result``'s thresholds.
 
     ``labels`` fill the ``clerp`` of feature nodes by (layer, feature index); ``scan``
     overrides the graph's (``"./features"``: the viewers fetch feature pages from that folder
-    beside the JSON); ``feature_details`` is written into the metadata as given."""
+    beside the JSON); ``feature_details`` is written into the metadata as given.
+    ``attention`` (an attention report of the same pruning,
+    :func:`cltrace.attention.explain_attention`) adds the head splits of the links and the QK
+    traces (docs/interop.md, "Attention")."""
     check_slug(slug, "slug")
     result = result if result is not None else prune(graph)
     ids = graph.node_ids()
+    labels = labels or {}
     links = _links(graph, result, ids)
     connected = {l["source"] for l in links} | {l["target"] for l in links}
-    nodes = [n for n in _nodes(graph, result, labels or {})
+    make = _node_maker(graph, result, labels)
+    nodes = [n for n in (make(i) for i in result.node_mask.nonzero().flatten().tolist())
              if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     metadata = {
         "slug": slug,
@@ -118,7 +143,23 @@ def to_neuronpedia(graph: Graph, slug: str, result: Optional[PruneResult] = None
     if feature_details:
         metadata["feature_details"] = dict(feature_details)
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
-    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+    data = {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links,
+            "relevance": relevance_field(graph, result)}
+    if attention is not None:
+        metadata["attention_settings"] = as_dict(attention.settings)
+        heads = link_heads(attention, ids, attention.settings.link_heads)
+        for link in links:
+            split = heads.get((link["target"], link["source"]))
+            if split is not None:
+                link["heads"] = split
+        qk = qk_fields(graph, attention, ids, {n["node_id"] for n in nodes}, make,
+                       lambda c: _unvisited_feature(c, labels))
+        for node in nodes:
+            if node["node_id"] in qk["by_node"]:
+                node["qk_tracing_results"] = qk["by_node"][node["node_id"]]
+        data.update(qk_traces=qk["qk_traces"], qk_only_nodes=qk["qk_only_nodes"],
+                    head_patterns=qk["head_patterns"])
+    return data
 
 
 def write_neuronpedia(graph: Graph, out_dir: str | Path, slug: str,

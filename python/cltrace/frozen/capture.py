@@ -14,7 +14,8 @@ with forward hooks and keeps, per layer L (Gemma 3 block, transformers ``modelin
     logits = norm(r_n) @ W_U^T                         scale_final   = 1/rms(r_n)
 
 An RMSNorm here is ``y = x * scale * (1 + w)`` with ``scale = rsqrt(mean(x^2) + eps)`` in fp32;
-the scales are stored in fp32. QK-norm does not matter once the patterns are frozen.
+the scales are stored in fp32 (fp64 for an fp64 model). The layer's rotary embedding (cos, sin) is
+kept for the query and key maps of :mod:`cltrace.attention.maps`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ class LayerCapture:
     scale_attn: Tensor  # [n_pos] fp32  1/rms of attn_out     (post_attention_layernorm)
     scale_pre: Tensor  # [n_pos] fp32  1/rms of h_L           (pre_feedforward_layernorm)
     scale_post: Tensor  # [n_pos] fp32  1/rms of mlp(x_L)     (post_feedforward_layernorm)
+    rope: tuple[Tensor, Tensor]  # (cos, sin) [n_pos, head_dim]: the rotary embedding the layer's
+    #                              attention applied to q and k (shared by layers of one type)
 
 
 @dataclass(repr=False)
@@ -67,8 +70,9 @@ class Capture:
 
 
 def rms_scale(x: Tensor, eps: float) -> Tensor:
-    """``rsqrt(mean(x^2) + eps)`` over the last dimension, in fp32, as Gemma3RMSNorm does."""
-    x = x.float()
+    """``rsqrt(mean(x^2) + eps)`` over the last dimension, in fp32 as Gemma3RMSNorm does (in
+    fp64 for an fp64 model, whose frozen model is then exact to fp64 rounding)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.rsqrt(x.pow(2).mean(-1) + eps)
 
 
@@ -109,6 +113,14 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
                 rec[(name + "_out", idx)] = _first(out)[0].detach()
         return hook
 
+    def keep_rope(idx: int):
+        def hook(_mod, args, kwargs):
+            rope = args[1] if len(args) > 1 else kwargs.get("position_embeddings")
+            if rope is None:  # cltrace's model passes it second, transformers' by keyword
+                raise RuntimeError("the attention module received no rotary embedding (cos, sin)")
+            rec[("rope", idx)] = tuple(x[0].detach() if x.dim() == 3 else x.detach() for x in rope)
+        return hook
+
     def keep_pattern(idx: int):
         def hook(_mod, _args, out):
             if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
@@ -125,6 +137,7 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
         for i, layer in enumerate(parts.layers):
             handles += [
                 layer.input_layernorm.register_forward_hook(keep("ln_in", i, True)),
+                layer.self_attn.register_forward_pre_hook(keep_rope(i), with_kwargs=True),
                 layer.self_attn.register_forward_hook(keep_pattern(i)),
                 layer.post_attention_layernorm.register_forward_hook(keep("ln_attn", i, True)),
                 layer.pre_feedforward_layernorm.register_forward_hook(keep("ln_pre", i, True)),
@@ -145,7 +158,7 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
         layers.append(LayerCapture(
             resid_in=r, attn_out=rec[("ln_attn", i)], resid_mid=h,
             mlp_in=rec[("ln_pre_out", i)], mlp_out=rec[("ln_post_out", i)],
-            pattern=rec[("pattern", i)],
+            pattern=rec[("pattern", i)], rope=rec[("rope", i)],
             scale_in=rms_scale(r, eps), scale_attn=rms_scale(rec[("ln_attn", i)], eps),
             scale_pre=rms_scale(h, eps), scale_post=rms_scale(rec[("ln_post", i)], eps)))
     return Capture(tokens=tokens.detach().to(device), embed=rec[("embed", 0)], layers=layers,

@@ -102,8 +102,9 @@ class FrozenNorm(NamedTuple):
 
 
 def _norm(scale: Tensor, norm: torch.nn.Module, dtype: torch.dtype) -> FrozenNorm:
-    # as Gemma3RMSNorm: (x * rsqrt(mean(x^2) + eps)) * (1 + w)
-    return FrozenNorm(scale[:, None].to(dtype), (1.0 + norm.weight.detach().float()).to(dtype))
+    # as Gemma3RMSNorm: (x * rsqrt(mean(x^2) + eps)) * (1 + w), 1 + w in fp32 (fp64 for fp64)
+    w = norm.weight.detach()
+    return FrozenNorm(scale[:, None].to(dtype), (1.0 + w.to(torch.promote_types(w.dtype, torch.float32))).to(dtype))
 
 
 class FrozenLinearModel:
@@ -280,7 +281,8 @@ class FrozenLinearModel:
         self.run_layers(r, lambda L, x: None, stop=self.n_layers - 1, after=after)
         return torch.stack(paths)
 
-    def iter_backward_live(self, seeds: Seeds, prefix: Optional[Tensor] = None) -> Iterator[LayerGrad]:
+    def iter_backward_live(self, seeds: Seeds, prefix: Optional[Tensor] = None,
+                           at_resid: bool = False) -> Iterator[LayerGrad]:
         """The backward on the live part only, for seeds sorted by layer, highest first.
 
         Yields for L = n_layers-1 .. 0 ``LayerGrad(L, grad [k_L, n - s, d_model], s)``:
@@ -290,6 +292,12 @@ class FrozenLinearModel:
         prefix)``. A batch costs Σ_seeds (layer + 1) x (n - s) of the per-position work instead
         of B x n_layers x n_pos; the live seeds are a prefix of the rows, so every product is
         one GEMM on a contiguous block. Yielded tensors are never modified afterwards.
+
+        ``at_resid``: a seed of layer L is a direction on the residual stream ``r_L`` itself,
+        the input of layer L (L = n_layers: the final norm's input), applied as given (no
+        norm); it is live at the steps of the layers below L. (Otherwise it is read at the MLP
+        input ``x_L`` through the frozen pre-FF norm, or at layer n_layers through the final
+        norm.) Attention scores are read this way (:mod:`cltrace.attention.qk`).
 
         ``prefix`` (:meth:`prefix_paths` of the first s positions; causal models, seeds at
         positions >= s): the first s positions are not carried; the gradient that lands on
@@ -308,27 +316,30 @@ class FrozenLinearModel:
         live = [int((seeds.layer >= L).sum()) for L in range(self.n_layers + 2)]
         g = torch.zeros(live[self.n_layers], n - s, d, dtype=self.dtype, device=self.W_U.device)
         edges_prefix = g.new_zeros(B, s)
-        self._inject(g, seeds, self.n_layers, self.k_final, s)  # grad w.r.t. r_n
+        self._inject(g, seeds, self.n_layers, None if at_resid else self.k_final, s)  # grad w.r.t. r_n
         for L in range(self.n_layers - 1, -1, -1):
             fl = self.layers[L]
             yield LayerGrad(L, g, s)  # r_L+1 = h_L + m_L: d/d(m_L) = d/d(r_L+1)
-            if live[L] == 0:
-                continue  # nothing seeded at or above this layer yet: g stays zero
-            # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
-            k0, k1 = g.shape[0], live[L]
-            grad_h = g if k1 == k0 and fl.W_skip is None else g.new_empty(k1, n - s, d)
-            if fl.W_skip is not None and k0:
-                self.fold_gains(fl)
-                skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
-                torch.addcmul(g, skip, fl.k_pre.scale[None, s:n], out=grad_h[:k0])
-            elif grad_h is not g:
-                grad_h[:k0] = g
-            if k1 > k0:  # grad_h is a fresh tensor here: the seeds read at L start at zero
-                grad_h[k0:].zero_()
-                self._inject(grad_h, seeds, L, fl.k_pre, s)
-            g, landed = self._attn_backward(fl, grad_h, s)  # landed: d/d(r_L) at positions < s
-            if landed is not None:
-                edges_prefix[:k1] += torch.einsum("bpd,tpd->bt", landed, prefix[L])
+            k0 = g.shape[0]
+            k1 = k0 if at_resid else live[L]  # rows of d/d(h_L): the seeds read at x_L join
+            if k1:
+                # d/d(h_L) = g + k_pre(d/d(x_L)), d/d(x_L) = skip share of g + the seeds read at L
+                grad_h = g if k1 == k0 and fl.W_skip is None else g.new_empty(k1, n - s, d)
+                if fl.W_skip is not None and k0:
+                    self.fold_gains(fl)
+                    skip = (g.view(-1, d) @ fl.W_skip_gain).view(g.shape)
+                    torch.addcmul(g, skip, fl.k_pre.scale[None, s:n], out=grad_h[:k0])
+                elif grad_h is not g:
+                    grad_h[:k0] = g
+                if k1 > k0:  # grad_h is a fresh tensor here: the seeds read at L start at zero
+                    grad_h[k0:].zero_()
+                    self._inject(grad_h, seeds, L, fl.k_pre, s)
+                g, landed = self._attn_backward(fl, grad_h, s)  # landed: d/d(r_L) at positions < s
+                if landed is not None:
+                    edges_prefix[:k1] += torch.einsum("bpd,tpd->bt", landed, prefix[L])
+            if at_resid and live[L] > g.shape[0]:  # the seeds on r_L join: d/d(r_L) += seed
+                g = torch.cat([g, g.new_zeros(live[L] - g.shape[0], n - s, d)])
+                self._inject(g, seeds, L, None, s)
         yield LayerGrad(EMBED, g, s, edges_prefix if s else None)
 
     def _inject(self, grad: Tensor, seeds: Seeds, layer: int, k: Optional[FrozenNorm],

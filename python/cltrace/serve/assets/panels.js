@@ -390,6 +390,7 @@
     const nodes = cellNodes(row, pos).sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0));
     body.append(el("h3", { text: `${row === "E" ? "tokens" : `layer ${row}`} · position ${pos} “${tok(pos)}”` }),
       el("p", { class: "muted", text: `relevance ${fmt(relevance().values[relevance().rows.map(String).indexOf(row)][pos], 4)} · ${nodes.length} node${nodes.length === 1 ? "" : "s"} in the graph` }));
+    body.append(el("button", { type: "button", id: "cell-clear", text: "clear", on: { click: () => selectCell(row, pos) } }));
     const ul = el("ul", { class: "linklist", id: "cell-list" });
     for (const n of nodes) ul.append(el("li", {}, el("button", { type: "button", class: "linkish", text: `${n.label} (${n.node_id})`, on: { click: () => S.select(n.idx) } }),
       el("span", { class: "muted", text: n.shown ? (typeof n.influence === "number" ? fmt(n.influence, 3) : "") : "pruned by the slider" })));
@@ -549,6 +550,7 @@
     const dl = el("dl", {});
     const add = (k, v) => dl.append(el("dt", { text: k }), el("dd", { text: v }));
     add("id", id); add("kind", n.kind === "const" ? "constant (b_dec, positions without nodes)" : n.kind);
+    if (n.clerp && n.clerp !== n.label) add("label", n.clerp);
     add("in the graph", inGraph ? "yes (selected)" : "no (qk_only_nodes)");
     if (n.kind !== "embedding") add("layer", String(n.layerNum));
     add("position", `${n.pos} (${tok(n.pos)})`);

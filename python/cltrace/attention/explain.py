@@ -1,0 +1,231 @@
+"""Attention for a pruned graph: the head split of its links and the QK traces of its top heads.
+
+:func:`explain_attention` reruns the prompt's forward pass (the replacement state is not kept
+by :func:`cltrace.attribution.attribute`), splits the kept edges by head (:mod:`.loadings`),
+picks the heads that carry the largest share of the top edges into the most influential
+nodes, and splits those heads' scores (:mod:`.qk`). Sources are named by graph node where
+they are nodes; a contributor the graph does not hold (a feature it did not visit, the
+constants) is described in :attr:`AttentionReport.contributors`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attribution.rows import EdgeRows
+from ..attribution.targets import default_targets
+from ..errors import UsageError
+from ..frozen.model import Seeds
+from ..graph.graph import Graph, NodeKind
+from .loadings import HeadLoadings, Sources, head_loadings
+from .maps import QKMaps
+from .qk import CONST, QKDecomposition, QKTrace, constant_streams, decompose
+from .settings import QKSettings
+
+
+@dataclass
+class Contributor:
+    """A QK source: a graph node (``node >= 0``) or one the graph does not hold."""
+
+    kind: str  # "feature", "error", "token", "const"
+    layer: int  # the feature's or error's layer; -1 a token; the traced layer for "const"
+    pos: int
+    feature: int = -1
+    activation: float = 0.0
+    token_id: int = -1
+    node: int = -1  # the graph node index, -1 if not a node
+
+
+@dataclass
+class AttentionReport:
+    """What ``--qk`` adds to a pruned graph (JSON: docs/interop.md, "Attention")."""
+
+    edges: Tensor  # [E, 2] int64  (target node, source node) of each split edge
+    loadings: HeadLoadings  # the split of those edges
+    traces: list[QKTrace]  # in the order traced
+    trace_edges: list  # per trace: (target node, source node) of the edge it explains, or None
+    contributors: dict[tuple, Contributor]  # (layer, col) -> source; col CONST: the constants
+    patterns: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (layer, head) -> [n, n]
+    settings: QKSettings = QKSettings()
+
+
+def _columns(graph: Graph, state, af, rows: EdgeRows) -> Tensor:
+    """``[N]`` each graph node's column in ``rows`` (-1 for logits); ``af``: the state's
+    active features (the feature columns, in order)."""
+    n_pos = state.n_pos
+    key = (af.layer * n_pos + af.pos) * (1 << 32) + af.feature  # sorted: (layer, pos, feature)
+    g = graph.features
+    gkey = (g[:, 0] * n_pos + g[:, 1]) * (1 << 32) + g[:, 2]
+    col = torch.searchsorted(key.cpu(), gkey)
+    if len(gkey) and not bool((key.cpu()[col.clamp(max=len(key) - 1)] == gkey).all()):
+        raise UsageError("the graph's features are not active on its prompt with this model and "
+                         "dictionary set: trace it again with the same ones")
+    out = torch.full((graph.n_nodes,), -1, dtype=torch.int64)
+    out[:graph.n_features] = col
+    E = graph.n_layers * n_pos
+    out[graph.error_start:graph.error_start + E] = rows.error_start + torch.arange(E)
+    out[graph.token_start:graph.token_start + n_pos] = rows.token_start + torch.arange(n_pos)
+    return out
+
+
+def _target_seeds(graph: Graph, state, nodes: Tensor, logit_vecs: Tensor) -> Seeds:
+    """Seeds of the target nodes ``nodes`` (features: encoder columns; logits: directions)."""
+    table = graph.nodes()
+    fz = state.frozen
+    layer, pos = table.layer[nodes].clone(), table.pos[nodes].clone()
+    vec = torch.empty(len(nodes), fz.d_model, dtype=fz.dtype)
+    is_feat = table.kind[nodes] == NodeKind.FEATURE
+    if bool(is_feat.any()):
+        f = nodes[is_feat]
+        vec[is_feat] = state.feature_seeds(table.layer[f], table.pos[f], table.feature[f]).vec.to(fz.dtype)
+    if bool((~is_feat).any()):
+        vec[~is_feat] = logit_vecs[nodes[~is_feat] - graph.logit_start].to(fz.dtype)
+        layer[~is_feat] = graph.n_layers
+    return Seeds(layer, pos, vec)
+
+
+def _sources(graph: Graph, state, af, nodes: Tensor, cols: Tensor) -> Sources:
+    """What the source nodes ``nodes`` (features, errors, tokens; ``cols``: their columns,
+    ``af``: the active features) write, layer by layer (activations in the model's dtype)."""
+    table = graph.nodes()
+    fz, tcs = state.frozen, state.transcoders
+    S, n, d = len(nodes), fz.n_layers, fz.d_model
+    embed = torch.zeros(S, d, dtype=fz.dtype)
+    writes = torch.zeros(S, n, d, dtype=fz.dtype)
+    for i, node in enumerate(nodes.tolist()):
+        kind, layer, pos = NodeKind(int(table.kind[node])), int(table.layer[node]), int(table.pos[node])
+        if kind == NodeKind.TOKEN:
+            embed[i] = state.embed[pos].to(fz.dtype)
+        elif kind == NodeKind.ERROR:
+            writes[i, layer] = state.errors[layer, pos].to(fz.dtype)
+        else:
+            f, a = int(table.feature[node]), af.value[cols[i]].to(fz.dtype)
+            for L in range(layer, n):
+                if layer in tcs.sources_writing_to(L):
+                    writes[i, L] = a * tcs.decoder_slice(layer, L)[f].to(fz.dtype)
+    return Sources(table.pos[nodes], embed, writes)
+
+
+def _logit_vectors(graph: Graph, state, model, targets) -> Tensor:
+    """The graph's logit directions, recomputed (custom directions need their ``targets``)."""
+    vocab = state.logits.shape[-1]
+    if targets is None and bool((graph.logit_tokens >= vocab).any()):
+        raise UsageError("the graph has custom logit directions: pass the targets it was traced with")
+    found = default_targets(state.logits[-1], max_n_logits=graph.n_logits, desired_logit_prob=1.0,
+                            direction=state.frozen.logit_direction, decode=str, targets=targets,
+                            tokenizer=model.tokenizer) if targets else None
+    if found is not None:
+        if [t.token_id for t in found] != graph.logit_tokens.tolist():
+            raise UsageError("the targets given are not the graph's logit targets")
+        return torch.stack([t.vec for t in found])
+    return state.frozen.logit_direction(graph.logit_tokens.to(state.tokens.device))
+
+
+def _chosen_traces(graph: Graph, result, report_edges: Tensor, L: HeadLoadings,
+                   settings: QKSettings) -> list[tuple]:
+    """(layer, head, query, key, (target, source)) of the heads carrying the most of the top
+    edges into the top nodes: the logits (by probability), then features by influence; per
+    node its ``qk_edges`` edges with the largest one-hop share, per edge its largest head."""
+    table = graph.nodes()
+    feats = torch.arange(graph.n_features)[result.node_mask[:graph.n_features]]
+    feats = feats[result.influence[feats].argsort(descending=True, stable=True)]
+    logits = torch.arange(graph.logit_start, graph.n_nodes)
+    logits = logits[graph.logit_probs.argsort(descending=True, stable=True)]
+    out, seen = [], set()
+    for t in torch.cat([logits, feats])[:settings.qk_nodes].tolist():
+        rows = (report_edges[:, 0] == t).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        share = L.one_hop[rows].sum((1, 2)).abs()
+        for r in rows[share.argsort(descending=True, stable=True)][:settings.qk_edges].tolist():
+            if float(L.one_hop[r].abs().max()) == 0.0:
+                continue
+            flat = int(L.one_hop[r].abs().flatten().argmax())
+            layer, head = divmod(flat, L.one_hop.shape[2])
+            s = int(report_edges[r, 1])
+            key = (layer, head, int(table.pos[t]), int(table.pos[s]))
+            if key not in seen:
+                seen.add(key)
+                out.append((*key, (t, s)))
+    return out
+
+
+def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSettings(), *,
+                      targets: Optional[Sequence] = None, edges: Optional[Tensor] = None,
+                      verbose: bool = False) -> AttentionReport:
+    """Head loadings of ``edges`` (``[E, 2]`` (target, source) node indices; default: the
+    edges ``result`` kept) and QK traces of the heads that carry the top ones (and of
+    ``settings.qk_trace``), for ``graph`` traced with ``model`` (a ReplacementModel).
+    ``targets``: the targets the graph was traced with, if they were custom directions."""
+    settings.check()
+    state = model.run(graph.tokens, all_logits=False)
+    if not torch.equal(state.tokens.cpu(), graph.tokens.cpu()):
+        raise UsageError("the graph's tokens differ from the model's tokenization")
+    rows = EdgeRows(state, carry_prefix=True)
+    af = state.active_features()
+    cols = _columns(graph, state, af, rows)
+    if edges is None:
+        r, c = result.edge_mask.nonzero(as_tuple=True)
+        edges = torch.stack([graph.edge_targets[r], c], 1)
+    edges = edges.long().reshape(-1, 2)
+    t_nodes, t_idx = edges[:, 0].unique(return_inverse=True)
+    s_nodes, s_idx = edges[:, 1].unique(return_inverse=True)
+    logit_vecs = _logit_vectors(graph, state, model, targets)
+    loadings = head_loadings(rows, _target_seeds(graph, state, t_nodes, logit_vecs),
+                             _sources(graph, state, af, s_nodes, cols[s_nodes]), t_idx, s_idx, cols[s_nodes])
+    loadings = HeadLoadings(*(x.float().cpu() for x in loadings))
+
+    chosen = _chosen_traces(graph, result, edges, loadings, settings) if result is not None else []
+    chosen += [(*t, None) for t in settings.qk_trace if t not in {c[:4] for c in chosen}]
+    maps = QKMaps(state, model.parts)
+    node_of_col = {int(c): i for i, c in enumerate(cols.tolist()) if c >= 0}
+    consts: dict[int, Tensor] = {}
+    traces, trace_edges, contributors = [], [], {}
+    for layer, head, q, k, edge in chosen:
+        maps.check(layer, head, q, k)
+        if layer not in consts:
+            consts[layer] = constant_streams(rows, layer)
+        dec = decompose(rows, maps, layer, head, q, k, consts[layer])
+        tr = dec.summary(q, k, float(maps.pattern(layer, head)[q, k]), settings.qk_pairs, settings.qk_marginals)
+        traces.append(tr)
+        trace_edges.append(edge)
+        used = [(i, q) for i, _, _ in tr.pairs] + [(j, k) for _, j, _ in tr.pairs]
+        used += [(i, q) for i, _ in tr.q_marginals] + [(j, k) for j, _ in tr.k_marginals]
+        for col, pos in used:
+            contributors[(layer, col, pos) if col == CONST else (layer, col)] = _contributor(
+                rows, state, af, layer, col, pos, node_of_col)
+    heads = {(t.layer, t.head) for t in traces}
+    totals = loadings.one_hop.abs().sum(0)  # [n_layers, n_heads]: each head's share of the links
+    for flat in totals.flatten().argsort(descending=True)[:max(0, 32 - len(heads))].tolist():
+        if float(totals.flatten()[flat]) > 0:
+            heads.add(divmod(flat, totals.shape[1]))
+    patterns = {(L, h): maps.pattern(L, h).float().cpu() for L, h in sorted(heads)}
+    return AttentionReport(edges, loadings, traces, trace_edges, contributors, patterns, settings)
+
+
+def _contributor(rows: EdgeRows, state, af, layer: int, col: int, pos: int, node_of_col: dict) -> Contributor:
+    """Describe column ``col`` of ``rows`` (``CONST``: the constants of ``layer`` at ``pos``)."""
+    if col == CONST:
+        return Contributor("const", layer, pos)
+    node = node_of_col.get(col, -1)
+    if col >= rows.token_start:
+        p = col - rows.token_start
+        return Contributor("token", -1, p, token_id=int(state.tokens[p]), node=node)
+    if col >= rows.error_start:
+        L, p = divmod(col - rows.error_start, state.n_pos)
+        return Contributor("error", L, p, node=node)
+    return Contributor("feature", int(af.layer[col]), int(af.pos[col]), int(af.feature[col]),
+                       float(af.value[col]), node=node)
+
+
+def qk_attribution(model, prompt, layer: int, head: int, query: int, key: int) -> QKDecomposition:
+    """The whole split of one head's score on ``prompt`` (text or token ids) at (``query``,
+    ``key``): both sides' matrices over every source (:class:`.qk.QKDecomposition`; its
+    ``summary`` gives the top pairs and marginals)."""
+    state = model.run(prompt, all_logits=False)
+    maps = QKMaps(state, model.parts)
+    maps.check(layer, head, query, key)
+    return decompose(EdgeRows(state, carry_prefix=True), maps, layer, head, query, key)

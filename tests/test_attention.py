@@ -1,0 +1,262 @@
+"""Attention in the graph (cltrace.attention): the frozen query/key maps, the QK split of a score
+and the head split of an edge, each against an identity it must satisfy and a brute-force
+oracle through the frozen model, on tiny fp64 Gemma 3 models whose norms compute in fp64
+(:func:`support.tiny_gemma.exact_norms`), so that every identity holds to 1e-9."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from cltrace.attention.explain import explain_attention
+from cltrace.attention.loadings import Sources, head_loadings
+from cltrace.attention.maps import QKMaps
+from cltrace.attention.qk import CONST, constant_streams, decompose
+from cltrace.attention.settings import QKSettings
+from cltrace.attribution import attribute
+from cltrace.attribution.rows import EdgeRows
+from cltrace.errors import UsageError
+from cltrace.frozen.attention import as_dense
+from cltrace.frozen.model import Seeds
+from cltrace.graph import prune
+from support.tiny_gemma import TOKENS, exact_norms, tiny_replacement
+
+KINDS = ["plt", "plt+skip", "clt", "clt+skip"]
+
+
+def exact_tiny(kind: str, skip_positions: int = 1, n_kv: int = 2):
+    rm = tiny_replacement(kind, skip_positions=skip_positions, n_kv=n_kv)
+    exact_norms(rm.model)
+    return rm
+
+
+def rel(a, b) -> float:
+    return abs(float(a) - float(b)) / max(1e-12, abs(float(b)))
+
+
+# --- the query and key maps --------------------------------------------------------------
+
+
+def recorded_queries_and_keys(rm, tokens):
+    """The post-RoPE queries and keys the model itself computed: [n_layers] of ([H, n, hd],
+    [H_kv, n, hd]), recorded by wrapping transformers' eager attention."""
+    from transformers.models.gemma3 import modeling_gemma3 as mg
+
+    seen, original = [], mg.eager_attention_forward
+
+    def record(module, query, key, *args, **kwargs):
+        seen.append((query[0].detach(), key[0].detach()))
+        return original(module, query, key, *args, **kwargs)
+
+    mg.eager_attention_forward = record
+    try:
+        rm.run(torch.tensor(tokens))
+    finally:
+        mg.eager_attention_forward = original
+    return seen
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+def test_query_key_maps_are_the_models_own(n_kv):
+    rm = exact_tiny("plt", n_kv=n_kv)
+    if not type(rm.model).__module__.startswith("transformers"):
+        pytest.skip("records transformers' attention")
+    state = rm.run(torch.tensor(TOKENS))
+    maps = QKMaps(state, rm.parts)
+    seen = recorded_queries_and_keys(rm, TOKENS)
+    worst = 0.0
+    for L, (q, k) in enumerate(seen):  # the model's own q and k, per head
+        for h in range(maps.n_heads):
+            for p in range(state.n_pos):
+                worst = max(worst, float((maps.query_map(L, h, p) @ maps.resid(L, p) - q[h, p]).abs().max()),
+                            float((maps.key_map(L, h, p) @ maps.resid(L, p) - k[h // maps.rep, p]).abs().max()))
+        # the scores' softmax over the allowed keys is the captured pattern
+        for h in range(maps.n_heads):
+            P = maps.pattern(L, h)
+            S = torch.tensor([[maps.score(L, h, qi, ki) for ki in range(state.n_pos)]
+                              for qi in range(state.n_pos)], dtype=torch.float64)
+            allowed = P > 0
+            S[~allowed] = float("-inf")
+            assert torch.allclose(torch.softmax(S, -1), P, atol=1e-12)
+    assert worst < 1e-12
+
+
+# --- QK attribution ----------------------------------------------------------------------
+
+
+def stream_of(fz, layer: int, embed, sources):
+    """r_layer [n_pos, d] of the frozen model from ``embed`` and MLP-output ``sources``."""
+    r = embed[:, None].clone()
+    if layer == 0:
+        return r[:, 0]
+    return fz.run_layers(r, lambda L, x: sources[L][:, None], stop=layer)[:, 0]
+
+
+def source_write(state, rows: EdgeRows, col: int):
+    """(embed [n, d], sources [n_layers, n, d]) of the one source in column ``col``."""
+    fz, tcs = state.frozen, state.transcoders
+    n, d = state.n_pos, fz.d_model
+    embed = torch.zeros(n, d, dtype=fz.dtype)
+    src = torch.zeros(fz.n_layers, n, d, dtype=fz.dtype)
+    if col >= rows.token_start:
+        p = col - rows.token_start
+        embed[p] = state.embed[p]
+    elif col >= rows.error_start:
+        L, p = divmod(col - rows.error_start, n)
+        src[L, p] = state.errors[L, p]
+    else:
+        af = state.active_features()
+        S, p, f, a = (int(af.layer[col]), int(af.pos[col]), int(af.feature[col]), af.value[col])
+        for L in range(S, fz.n_layers):
+            if S in tcs.sources_writing_to(L):
+                src[L, p] += a * tcs.decoder_slice(S, L)[f]
+    return embed, src
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("skip", [0, 1])
+def test_qk_split_sums_to_the_score_and_matches_the_oracle(kind, skip):
+    rm = exact_tiny(kind, skip_positions=skip)
+    state = rm.run(torch.tensor(TOKENS))
+    maps, rows = QKMaps(state, rm.parts), EdgeRows(state, carry_prefix=True)
+    fz = state.frozen
+    for layer, head, q, k in [(2, 1, 7, 4), (3, 3, 6, 0), (1, 0, 5, 5)]:  # k = 0: <bos>
+        d = decompose(rows, maps, layer, head, q, k)
+        # identities: all pairs, each side's marginals with its constants, each side's total
+        assert rel(d.pair_matrix().sum(), d.score) < 1e-9
+        q_const = float(d.scaling * (d.q.const @ d.k.total))
+        assert rel(d.q_marginals().sum() + q_const, d.score) < 1e-9
+        assert rel(d.k_marginals().sum() + d.scaling * (d.q.total @ d.k.const), d.score) < 1e-9
+        assert rel(d.score, maps.score(layer, head, q, k)) < 1e-12
+        # the constants: r_L from b_dec (and the prefix's MLP outputs) alone
+        const = constant_streams(rows, layer)
+        assert torch.allclose(d.q.const, maps.query_map(layer, head, q) @ const[q], atol=1e-12)
+        # brute force: each source alone through the frozen model, read by the maps
+        live = [c for c in (d.q.M != 0).any(0).nonzero().flatten().tolist()]
+        assert live, "no source reaches the query"
+        for col in live[:: max(1, len(live) // 6)] + [rows.token_start + q]:
+            e, s = source_write(state, rows, col)
+            r = stream_of(fz, layer, e, s)
+            assert torch.allclose(d.q.M[:, col], maps.query_map(layer, head, q) @ r[q], atol=1e-10)
+            assert torch.allclose(d.k.M[:, col], maps.key_map(layer, head, k) @ r[k], atol=1e-10)
+        # the summary's identities and its top pairs are the pair matrix's top entries
+        tr = d.summary(q, k, 0.5, 6, 4)
+        pm = d.pair_matrix()
+        top = pm.flatten().abs().topk(6).values
+        assert torch.allclose(torch.tensor([abs(v) for *_, v in tr.pairs], dtype=torch.float64), top, atol=1e-12)
+        n = pm.shape[0] - 1
+        for i, j, v in tr.pairs:
+            assert pm[n if i == CONST else i, n if j == CONST else j] == pytest.approx(v, abs=1e-12)
+        assert rel(sum(v for *_, v in tr.pairs) + tr.pairs_rest, d.score) < 1e-9
+        assert rel(sum(v for _, v in tr.q_marginals) + tr.q_rest + tr.q_constant, d.score) < 1e-9
+        assert rel(sum(v for _, v in tr.k_marginals) + tr.k_rest + tr.k_constant, d.score) < 1e-9
+
+
+def test_qk_bad_requests_name_the_value():
+    rm = exact_tiny("plt")
+    state = rm.run(torch.tensor(TOKENS))
+    maps, rows = QKMaps(state, rm.parts), EdgeRows(state, carry_prefix=True)
+    for args, word in [((4, 0, 3, 1), "layer 4"), ((0, 4, 3, 1), "head 4"), ((0, 0, 8, 1), "query position 8"),
+                       ((0, 0, 3, -1), "key position -1"), ((0, 0, 3, 5), "comes after")]:
+        with pytest.raises(UsageError, match=word):
+            decompose(rows, maps, *args)
+    with pytest.raises(ValueError, match="carry_prefix"):
+        decompose(EdgeRows(state), maps, 0, 0, 3, 1)
+
+
+# --- head loadings -----------------------------------------------------------------------
+
+
+def with_heads(fz, keep):
+    """A copy of the frozen model whose patterns keep only the heads ``keep(L, h)``."""
+    out = copy.copy(fz)
+    out.layers = []
+    for L, fl in enumerate(fz.layers):
+        mask = torch.tensor([float(keep(L, h)) for h in range(fz.n_heads)], dtype=fz.dtype)
+        out.layers.append(dataclasses.replace(fl, pattern=as_dense(fl.pattern) * mask[:, None, None]))
+    return out
+
+
+def edge_by_forward(fz, embed, src, target: Seeds) -> float:
+    """The target's read of the frozen model's forward from ``embed``, ``src`` alone."""
+    out = fz.forward(embed, src)
+    L, p, v = int(target.layer[0]), int(target.pos[0]), target.vec[0]
+    if L == fz.n_layers:
+        return float(v @ fz.k_final(out.resid_final)[p])
+    return float(v @ out.mlp_in[L, p])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_head_loadings_match_the_oracle(kind):
+    rm = exact_tiny(kind)
+    state = rm.run(torch.tensor(TOKENS))
+    fz = state.frozen
+    rows = EdgeRows(state, carry_prefix=True)
+    af = state.active_features()
+    # targets: two features late in the prompt and a logit direction at the last position
+    late = (af.pos >= 5) & (af.layer >= 2)
+    pick = late.nonzero().flatten()[:2]
+    feat = state.feature_seeds(af.layer[pick], af.pos[pick], af.feature[pick])
+    logit = fz.logit_direction(torch.tensor([7]))
+    targets = Seeds(torch.cat([feat.layer, torch.tensor([fz.n_layers])]),
+                    torch.cat([feat.pos, torch.tensor([state.n_pos - 1])]),
+                    torch.cat([feat.vec, logit]).to(fz.dtype))
+    # sources: tokens (one at the target's position), errors, features at earlier layers
+    cols = [rows.token_start + 1, rows.token_start + 5, rows.token_start + 7,
+            rows.error_start + 0 * state.n_pos + 3, rows.error_start + 1 * state.n_pos + 7]
+    cols += (af.layer <= 1).nonzero().flatten()[:4].tolist()
+    writes = [source_write(state, rows, c) for c in cols]
+    pos = torch.tensor([int(e.abs().sum(1).nonzero()[0]) if e.abs().sum() > 0 else int(s.abs().sum((0, 2)).nonzero()[0])
+                        for e, s in writes])
+    embed = torch.stack([e[p] for (e, _), p in zip(writes, pos.tolist())])
+    per_layer = torch.stack([s[:, p] for (_, s), p in zip(writes, pos.tolist())])
+    sources = Sources(pos, embed, per_layer)
+    T, S = targets.n, len(cols)
+    t_idx = torch.arange(T).repeat_interleave(S)
+    s_idx = torch.arange(S).repeat(T)
+    got = head_loadings(rows, targets, sources, t_idx, s_idx, torch.tensor(cols))
+    none = with_heads(fz, lambda L, h: False)
+    checked_cross = 0
+    for e in range(T * S):
+        t, s = int(t_idx[e]), int(s_idx[e])
+        tgt = Seeds(*(x[t:t + 1] for x in targets))
+        emb, src = writes[s]
+        full = edge_by_forward(fz, emb, src, tgt)
+        assert got.edge[e] == pytest.approx(full, abs=1e-10)
+        base = edge_by_forward(none, emb, src, tgt)
+        assert got.residual[e] == pytest.approx(base, abs=1e-10)
+        if int(targets.pos[t]) != int(pos[s]):
+            assert base == 0.0
+            checked_cross += 1
+        for L in range(fz.n_layers):
+            for h in range(fz.n_heads):
+                one = edge_by_forward(with_heads(fz, lambda a, b: (a, b) == (L, h)), emb, src, tgt) - base
+                assert got.one_hop[e, L, h] == pytest.approx(one, abs=1e-10)
+        total = got.residual[e] + got.one_hop[e].sum() + got.multi_hop[e]
+        assert total == pytest.approx(full, abs=1e-12)
+    assert checked_cross > 0
+
+
+# --- the whole report --------------------------------------------------------------------
+
+
+def test_explain_attention_on_a_graph():
+    rm = exact_tiny("clt+skip")
+    graph = attribute(TOKENS, rm, max_feature_nodes=None)
+    result = prune(graph, 0.8, 0.85)
+    report = explain_attention(rm, graph, result, QKSettings(qk=True, qk_nodes=3, qk_trace=((3, 1, 7, 0),)))
+    kept = int(result.edge_mask.sum())
+    assert report.edges.shape == (kept, 2)
+    # the exact edges are the graph's (float32) edges
+    r, c = result.edge_mask.nonzero(as_tuple=True)
+    assert torch.allclose(report.loadings.edge, graph.edges[r, c], rtol=1e-5, atol=1e-6)
+    assert len(report.traces) >= 2 and report.traces[-1].layer == 3 and report.trace_edges[-1] is None
+    assert report.trace_edges[0] is not None
+    for tr in report.traces:
+        for i, j, _ in tr.pairs:
+            assert (tr.layer, i) in report.contributors or (tr.layer, i, tr.query_pos) in report.contributors
+    assert all(p.shape == (graph.n_pos, graph.n_pos) for p in report.patterns.values())
+    with pytest.raises(UsageError, match="head 9"):
+        explain_attention(rm, graph, result, QKSettings(qk=True, qk_trace=((1, 9, 3, 1),)))
