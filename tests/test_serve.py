@@ -483,6 +483,9 @@ def test_flow_heatmap_selects_a_cells_nodes(qk_page, qk):
     page.click('#flow-map .hcell[data-r="0"][data-c="4"]')  # the same cell again: cleared
     assert page.evaluate("document.body.dataset.cellSelected") == "0"
     assert page.locator("#graph .node.incell").count() == 0 and page.locator("#graph .cellmark").count() == 0
+    page.click('#flow-map .hcell[data-r="E"][data-c="4"]')
+    page.click("#cell-clear")  # or its clear button
+    assert page.evaluate("document.body.dataset.cellSelected") == "0" and page.is_hidden("#cell-card")
     page.click('#flow-map .hcell[data-r="0"][data-c="2"]')
     page.click("#cell-list button")  # a listed node: selected, its card shown
     assert page.evaluate("document.body.dataset.selected") == "0_12_2"
