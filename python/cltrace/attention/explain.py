@@ -22,7 +22,7 @@ from ..frozen.model import Seeds
 from ..graph.graph import Graph, NodeKind
 from .loadings import HeadLoadings, Sources, head_loadings
 from .maps import QKMaps
-from .qk import CONST, QKDecomposition, QKTrace, constant_streams, decompose
+from .qk import CONST, QKDecomposition, QKTrace, decompose
 from .settings import QKSettings
 
 
@@ -174,21 +174,24 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
     t_nodes, t_idx = edges[:, 0].unique(return_inverse=True)
     s_nodes, s_idx = edges[:, 1].unique(return_inverse=True)
     logit_vecs = _logit_vectors(graph, state, model, targets)
+    row_of = torch.full((graph.n_nodes,), -1, dtype=torch.int64)
+    row_of[graph.edge_targets] = torch.arange(len(graph.edge_targets))
+    if bool((row_of[edges[:, 0]] < 0).any()):
+        raise UsageError("an edge's target is not a target of the graph (a visited feature or a logit)")
+    known = graph.edges[row_of[edges[:, 0]], edges[:, 1]]  # as attributed (float32)
     loadings = head_loadings(rows, _target_seeds(graph, state, t_nodes, logit_vecs),
-                             _sources(graph, state, af, s_nodes, cols[s_nodes]), t_idx, s_idx, cols[s_nodes])
+                             _sources(graph, state, af, s_nodes, cols[s_nodes]), t_idx, s_idx,
+                             cols[s_nodes], edge=known)
     loadings = HeadLoadings(*(x.float().cpu() for x in loadings))
 
     chosen = _chosen_traces(graph, result, edges, loadings, settings) if result is not None else []
     chosen += [(*t, None) for t in settings.qk_trace if t not in {c[:4] for c in chosen}]
     maps = QKMaps(state, model.parts)
     node_of_col = {int(c): i for i, c in enumerate(cols.tolist()) if c >= 0}
-    consts: dict[int, Tensor] = {}
+    sides: dict = {}
     traces, trace_edges, contributors = [], [], {}
     for layer, head, q, k, edge in chosen:
-        maps.check(layer, head, q, k)
-        if layer not in consts:
-            consts[layer] = constant_streams(rows, layer)
-        dec = decompose(rows, maps, layer, head, q, k, consts[layer])
+        dec = decompose(rows, maps, layer, head, q, k, sides=sides)
         tr = dec.summary(q, k, float(maps.pattern(layer, head)[q, k]), settings.qk_pairs, settings.qk_marginals)
         traces.append(tr)
         trace_edges.append(edge)

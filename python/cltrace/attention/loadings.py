@@ -18,12 +18,12 @@ position, scaled by that head's frozen pattern entry. So
 * ``multi_hop``: the rest, the paths through two or more heads (``A`` minus the others).
 
 Both head-free passes carry one d_model vector per source or target through the layers (no
-position is carried), so the split costs (kept sources + kept targets) x n_layers
-matrix-vector products, plus one backward row per kept target for the exact ``A``.
+position is carried); the one-hop terms of every (target, source, head) are then GEMMs of
+T x S x n_heads x head_dim per layer (:func:`one_hop_terms`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -100,43 +100,62 @@ def head_free_grads(fz: FrozenLinearModel, targets: Seeds) -> Tensor:
     return gh
 
 
-def one_hop_terms(fz: FrozenLinearModel, gh: Tensor, f: Tensor, t_pos: Tensor, s_pos: Tensor,
-                  top: Tensor) -> Tensor:
+def one_hop_terms(fz: FrozenLinearModel, gh: Tensor, f: Tensor, t_idx: Tensor, s_idx: Tensor,
+                  t_pos: Tensor, s_pos: Tensor, top: Tensor, block: int = 256) -> Tensor:
     """``[E, n_layers, n_heads]``: the paths of E (target, source) pairs through exactly one
-    head; ``gh [E, n_layers, d]`` the targets' head-free gradients, ``f [E, n_layers + 1, d]``
-    the sources' head-free streams, ``t_pos``/``s_pos [E]`` their positions, ``top [E]`` the
-    targets' layers (heads above a target do not reach it)."""
-    E = gh.shape[0]
+    head. ``gh [T, n_layers, d]``: the targets' head-free gradients, ``f [S, n_layers + 1, d]``:
+    the sources' head-free streams, ``t_idx``/``s_idx [E]`` each pair's target and source,
+    ``t_pos``/``s_pos``/``top [E]`` their positions and the target's layer (heads above a
+    target do not reach it).
+
+    Per layer, the heads' output gradients ``go [T, H, hd]`` of the targets and the values
+    ``fv [S, n_kv, hd]`` of the sources are formed once, and every (target, head) is dotted
+    with every source of its KV head by one GEMM per block of ``block`` targets
+    (``[block·rep, hd] @ [hd, S]``); the pairs' entries are gathered from it, times the
+    frozen pattern entry and norm scales. T·S·H·hd multiply-adds per layer, at GEMM speed."""
+    E, T, S = t_idx.numel(), gh.shape[0], f.shape[0]
     H, n_kv, hd = fz.n_heads, fz.n_kv, fz.head_dim
+    rep = H // n_kv
     out = gh.new_zeros(E, fz.n_layers, H)
+    order = t_idx.argsort(stable=True)  # the pairs by target, so that a block's are contiguous
+    bounds = torch.searchsorted(t_idx[order], torch.arange(0, T + block, block).clamp(max=T)).tolist()
     for L in range(fz.n_layers):
         fl = fz.layers[L]
-        live = (top >= L).nonzero().flatten()
-        if live.numel() == 0:
-            continue
         fz.fold_gains(fl)
-        go = (gh[live, L] @ fl.W_O_gain).view(-1, H, hd)  # the heads' outputs' gradient
-        fv = (f[live, L] @ fl.W_V_gain.T).view(-1, n_kv, hd)  # the values the source writes
-        fv = fv.repeat_interleave(H // n_kv, dim=1)  # [e, H, hd]: each head's KV head
-        P = as_dense(fl.pattern)[:, t_pos[live], s_pos[live]].T  # [e, H]
-        scale = fl.k_attn.scale[t_pos[live], 0] * fl.k_in.scale[s_pos[live], 0]
-        out[live, L] = P * scale[:, None] * (go * fv).sum(-1)
+        fv = (f[:, L] @ fl.W_V_gain.T).view(S, n_kv, hd)  # the values each source writes
+        dense = as_dense(fl.pattern)  # [H, n, n]
+        for b, t0 in enumerate(range(0, T, block)):
+            e = order[bounds[b]:bounds[b + 1]]
+            if e.numel() == 0:
+                continue
+            go = (gh[t0:t0 + block, L] @ fl.W_O_gain).view(-1, n_kv, rep, hd)  # [tb, n_kv, rep, hd]
+            dots = torch.stack([(go[:, g].reshape(-1, hd) @ fv[:, g].T).view(-1, rep, S)
+                                for g in range(n_kv)], 1)  # [tb, n_kv, rep, S]: (target, head) x source
+            d = dots[t_idx[e] - t0, :, :, s_idx[e]].reshape(-1, H)  # [e, H]
+            P = dense[:, t_pos[e], s_pos[e]].T  # [e, H]
+            scale = fl.k_attn.scale[t_pos[e], 0] * fl.k_in.scale[s_pos[e], 0]
+            out[e, L] = torch.where((top[e] >= L)[:, None], P * scale[:, None] * d, 0.0)
     return out
 
 
 def head_loadings(rows: EdgeRows, targets: Seeds, sources: Sources, t_idx: Tensor,
-                  s_idx: Tensor, s_col: Tensor) -> HeadLoadings:
+                  s_idx: Tensor, s_col: Tensor, edge: Optional[Tensor] = None) -> HeadLoadings:
     """The head split of the E edges ``(targets[t_idx[e]], sources[s_idx[e]])``.
 
     ``targets``: the targets' seeds (:meth:`ReplacementState.feature_seeds`, or logit
     directions at layer n_layers), ``sources``: what they write, ``s_col [S]`` each source's
-    column in ``rows`` (:class:`EdgeRows`), which gives the exact edge."""
+    column in ``rows`` (:class:`EdgeRows`), which gives the exact edges (the targets' rows,
+    computed unless ``edge [E]``, the edges already known, is given)."""
     fz = rows.state.frozen
-    edge = rows(targets)[t_idx, s_col[s_idx]]  # the exact rows of the targets
+    if edge is None:
+        edge = rows(targets)[t_idx, s_col[s_idx]]
+    edge = edge.to(fz.dtype)
     gh = head_free_grads(fz, targets)  # [T, n, d]
     f = head_free_streams(fz, sources)  # [S, n + 1, d]
     t_pos, s_pos, top = targets.pos[t_idx], sources.pos[s_idx], targets.layer[t_idx]
-    at_top = f[s_idx, top]  # [E, d]: the source's head-free stream where the target reads
-    residual = torch.where(t_pos == s_pos, (read_vectors(fz, targets)[t_idx] * at_top).sum(-1), 0.0)
-    one = one_hop_terms(fz, gh[t_idx], f[s_idx], t_pos, s_pos, top)
+    read = read_vectors(fz, targets)
+    residual = edge.new_zeros(edge.shape)
+    same = (t_pos == s_pos).nonzero().flatten()  # the head-free path stays at its position
+    residual[same] = (read[t_idx[same]] * f[s_idx[same], top[same]]).sum(-1)
+    one = one_hop_terms(fz, gh, f, t_idx, s_idx, t_pos, s_pos, top)
     return HeadLoadings(edge, residual, one, edge - residual - one.sum((1, 2)))

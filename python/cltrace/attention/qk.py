@@ -165,15 +165,23 @@ class QKDecomposition:
 
 
 def decompose(rows: EdgeRows, maps: QKMaps, layer: int, head: int, query: int, key: int,
-              const: Optional[Tensor] = None) -> QKDecomposition:
+              const: Optional[Tensor] = None, sides: Optional[dict] = None) -> QKDecomposition:
     """The split of head ``head`` of layer ``layer``'s score at (``query``, ``key``).
     ``rows`` must carry every position (``EdgeRows(state, carry_prefix=True)``): a key may
     lie among the positions without nodes (``<bos>`` often takes most of the attention).
-    ``const``: :func:`constant_streams` of the layer, if already computed."""
+    ``const``: :func:`constant_streams` of the layer, if already computed; ``sides``: a dict
+    keeping the sides computed, shared by the traces of one prompt (a query side is the
+    head's at its position, a key side the KV head's: GQA heads share it)."""
     maps.check(layer, head, query, key)
     if rows.start:
         raise ValueError("QK attribution needs EdgeRows(state, carry_prefix=True)")
-    const = constant_streams(rows, layer) if const is None else const
-    q = side(rows, maps, maps.query_map(layer, head, query), layer, query, const)
-    k = side(rows, maps, maps.key_map(layer, head, key), layer, key, const)
-    return QKDecomposition(layer, head, maps.scaling, q, k)
+    sides = {} if sides is None else sides
+    if ("const", layer) not in sides:
+        sides[("const", layer)] = constant_streams(rows, layer) if const is None else const
+    const = sides[("const", layer)]
+    qkey, kkey = ("q", layer, head, query), ("k", layer, head // maps.rep, key)
+    if qkey not in sides:
+        sides[qkey] = side(rows, maps, maps.query_map(layer, head, query), layer, query, const)
+    if kkey not in sides:
+        sides[kkey] = side(rows, maps, maps.key_map(layer, head, key), layer, key, const)
+    return QKDecomposition(layer, head, maps.scaling, sides[qkey], sides[kkey])
