@@ -417,14 +417,18 @@ def test_notebook_show_renders_inline(browser, folder, tiny):
 @pytest.fixture(scope="module")
 def qk(tmp_path_factory):
     """A server (no model) over qk.json (support.serve.qk_graph: every attention field), with the
-    feature pages of one graph feature and of the qk-only feature, and flow.json (the same graph
-    with `relevance` only)."""
+    feature pages of one graph feature and of the qk-only feature, flow.json (the same graph
+    with `relevance` only) and old.json (head_patterns without `queries`, as written before it:
+    every row; the head with some rows only left out)."""
     root = tmp_path_factory.mktemp("qk")
     g = qk_graph()
     (root / "qk.json").write_text(json.dumps(g))
     flow_only = {k: v for k, v in g.items() if k not in ("qk_traces", "qk_only_nodes", "head_patterns")}
     flow_only["links"] = [{k: v for k, v in link.items() if k != "heads"} for link in g["links"]]
     (root / "flow.json").write_text(json.dumps(flow_only))
+    old = dict(g, head_patterns=[{k: v for k, v in p.items() if k != "queries"}  # before `queries`:
+                                 for p in g["head_patterns"] if len(p["queries"]) == len(p["pattern"][0])])  # all rows
+    (root / "old.json").write_text(json.dumps(old))
     (root / "features").mkdir()
     nodes = {n["node_id"]: n for n in g["nodes"]} | g["qk_only_nodes"]
     for nid in ("0_12_2", g["metadata"]["qk"]["qk_only"]):
@@ -587,6 +591,68 @@ def test_head_pattern_traces_and_contributors(qk_page, qk):
     shot(page, "qk-contributor")
     block.locator('.pairs button.side[data-node="1_const_5"]').click()
     assert "constant" in card.inner_text() and page.locator("#contrib-body .example").count() == 0
+
+
+@pytest.mark.browser
+def test_head_pattern_draws_only_its_stored_rows(qk_page, qk):
+    """A head_patterns entry with some `queries` only (the traced ones and the last position, as
+    written for prompts over 128 tokens): exactly those rows are drawn, labelled by their query
+    token, the traced cell outlined; a cell whose row is not stored gets no outline. Entries
+    without `queries` (older graphs) are every row."""
+    page, (g, url) = qk_page, qk
+    L, h = g["metadata"]["qk"]["subset_head"]
+    tokens, n_pos = g["metadata"]["prompt_tokens"], len(g["metadata"]["prompt_tokens"])
+    hp = next(p for p in g["head_patterns"] if (p["layer"], p["head"]) == (L, h))
+    i, t = next((i, t) for i, t in enumerate(g["qk_traces"]) if (t["layer"], t["head"]) == (L, h))
+    assert hp["queries"] == [t["query_pos"], n_pos - 1] == [4, 5] and len(hp["pattern"]) == 2
+    open_graph(page, url, "qk.json")
+    page.click("#tab-heads")
+    page.locator(f'#trace-list tr.trace-row[data-trace="{i}"] button.open-trace').click()
+    assert page.evaluate("document.body.dataset.head") == f"{L}:{h}"
+    svg = page.locator("#head-body svg.pattern")
+    assert (svg.get_attribute("data-rows"), svg.get_attribute("data-cols")) == ("2", str(n_pos))
+    cells = svg.locator(".hcell")
+    assert cells.count() == 2 * n_pos
+    assert [cells.nth(j * n_pos).get_attribute("data-r") for j in range(2)] == ["4", "5"]
+    for c in cells.all():
+        q, k = int(c.get_attribute("data-r")), int(c.get_attribute("data-c"))
+        assert float(c.get_attribute("data-v")) == hp["pattern"][hp["queries"].index(q)][k]
+    labels = svg.locator("text").all_text_contents()
+    assert labels[:2] == [f"{q} {tokens[q].replace(' ', '␣')}" for q in hp["queries"]] == ["4 ␣France", "5 ␣is"]
+    assert "2 of 6 query rows stored" in page.inner_text("#head-body .pattern-wrap")
+    active = page.locator("#head-body .tracecell.active")
+    assert (active.get_attribute("data-r"), active.get_attribute("data-c")) == (str(t["query_pos"]), str(t["key_pos"]))
+    page.hover(f'#head-body svg.pattern .hcell[data-r="5"][data-c="2"]')
+    assert f"probability {hp['pattern'][1][2]:.5f}" in page.inner_text("#tooltip")
+    # from the traced edge's split: the edge's cell (query 5, key 2) is stored, so it is marked
+    src, tgt = g["metadata"]["qk"]["edge"]
+    page.click(f'[data-id="{tgt}"]')
+    page.locator("#links-body .incoming li").filter(has_text=f"({src})").locator(".edge-btn").click()
+    page.click(f'#edge-body .head-btn[data-layer="{L}"][data-head="{h}"]')
+    assert page.locator("#head-body .edgecell").count() == 1
+    assert page.locator('#head-body .edgecell[data-r="5"][data-c="2"]').count() == 1
+    page.evaluate(f"window.cltrace.openHead({L}, {h}, {{q: 2, k: 1}})")  # query 2: its row is not stored
+    assert page.locator("#head-body .edgecell").count() == 0 and page.locator("#head-body .tracecell").count() == 1
+    assert page.locator("#head-body svg.pattern .hcell").count() == 2 * n_pos
+    # every other head: all its rows
+    page.click("#tab-heads")
+    page.locator('#pattern-heads .head-btn[data-layer="1"][data-head="0"]').click()
+    assert page.locator("#head-body svg.pattern .hcell").count() == n_pos * n_pos
+    assert page.locator("#head-body .pattern-rows").count() == 0
+    # a graph written before `queries`: the rows are the positions 0 .. n-1
+    open_graph(page, url, "old.json")
+    page.click("#tab-heads")
+    page.locator("#trace-list tr.trace-row >> nth=0 >> button.open-trace").click()
+    t0 = g["qk_traces"][0]
+    pattern = next(p["pattern"] for p in g["head_patterns"] if (p["layer"], p["head"]) == (t0["layer"], t0["head"]))
+    cells = page.locator("#head-body svg.pattern .hcell")
+    assert cells.count() == n_pos * n_pos
+    for c in cells.all():
+        assert float(c.get_attribute("data-v")) == pattern[int(c.get_attribute("data-r"))][int(c.get_attribute("data-c"))]
+    active = page.locator("#head-body .tracecell.active")
+    assert (active.get_attribute("data-r"), active.get_attribute("data-c")) == (str(t0["query_pos"]), str(t0["key_pos"]))
+    page.locator("#trace-list tr.trace-row >> nth=1 >> button.open-trace").click()  # its head: not in old.json
+    assert "No attention pattern stored for this head" in page.inner_text("#head-body")
 
 
 @pytest.mark.browser

@@ -96,7 +96,8 @@ def qk_graph(seed: int = 0) -> dict:
 
     * ``relevance``: rows E, 0, 1, 2 × 6 positions, non-negative;
     * links with ``heads`` whose parts sum to the weight (residual only on same-position links);
-    * ``head_patterns``: causal, row-stochastic patterns of the heads named below;
+    * ``head_patterns``: causal, row-stochastic patterns of the heads named below, with their
+      ``queries``: every position, except head (2, 1): rows 4 (its trace's) and 5 (the last);
     * ``qk_traces``: two traces: (layer 1, head 0, query 5, key 2) for the edge
       ``0_12_2`` → ``2_40_5`` (its target carries ``qk_tracing_results``), and one asked by hand
       (layer 2, head 1, query 4, key 4); every identity holds (Σ pairs + pairs_rest = score, ...);
@@ -104,7 +105,7 @@ def qk_graph(seed: int = 0) -> dict:
       ``1_const_2``, ``1_const_5``, ``2_const_4``.
 
     ``metadata["qk"]`` records the ids the tests look for (the traced edge, the cell with two
-    nodes, the qk-only feature)."""
+    nodes, the qk-only feature, the head with some query rows only)."""
     rng = random.Random(seed)
     tokens = ["<bos>", "The", " capital", " of", " France", " is"]
     ids = [2, 818, 6451, 529, 7001, 563]
@@ -210,8 +211,16 @@ def qk_graph(seed: int = 0) -> dict:
     g["relevance"] = {"rows": rows, "values": values}
     g["qk_traces"] = traces
     g["qk_only_nodes"] = qk_only
-    g["head_patterns"] = [{"layer": L, "head": h, "pattern": patterns[(L, h)]} for L, h in sorted(patterns)]
-    g["metadata"]["qk"] = {"edge": ["0_12_2", "2_40_5"], "cell": ["0", 4], "qk_only": "0_777_2"}
+    # head_patterns: every query row (as the writer stores them for prompts up to 128 tokens),
+    # except for head (2, 1): only its traced query and the last position (as for longer prompts)
+    subset = {(2, 1): [4, n_pos - 1]}
+    g["head_patterns"] = []
+    for L, h in sorted(patterns):
+        queries = subset.get((L, h), list(range(n_pos)))
+        g["head_patterns"].append({"layer": L, "head": h, "queries": queries,
+                                   "pattern": [patterns[(L, h)][q] for q in queries]})
+    g["metadata"]["qk"] = {"edge": ["0_12_2", "2_40_5"], "cell": ["0", 4], "qk_only": "0_777_2",
+                           "subset_head": [2, 1]}
     return g
 
 

@@ -460,25 +460,39 @@
     if (act && ctx.trace !== undefined) act.scrollIntoView({ block: "nearest" }); else $("side").scrollTop = 0;
   }
 
-  // The head's pattern (rows: query positions, columns: key positions), each traced cell outlined
-  // (the active trace's thicker), the opening edge's cell dashed; a click on a traced cell opens it.
+  // The head's pattern (rows: the stored query positions, columns: key positions), each traced
+  // cell outlined when its query row is stored (the active trace's thicker), the opening edge's
+  // cell dashed; a click on a traced cell opens it. head_patterns lists its rows in `queries`:
+  // every position for short prompts, else the traced queries and the last one (a line marks
+  // where rows are skipped).
   function patternMap(L, h, traces) {
-    const pat = A.patterns.get(headKey(L, h));
-    if (!pat) return el("p", { class: "muted", text: "No attention pattern stored for this head." });
-    const n = pat.length, m = Math.max(...pat.map((r) => r.length));
-    const rows = [...Array(n).keys()].map((q) => ({ key: q, label: `${q} ${short(tok(q), 8)}` }));
+    const hp = A.patterns.get(headKey(L, h));
+    if (!hp) return el("p", { class: "muted", text: "No attention pattern stored for this head." });
+    const { queries, pattern: pat } = hp;
+    const n = queries.length, m = Math.max(...pat.map((r) => r.length)), nPos = tokens().length || m;
+    const row = new Map(queries.map((q, i) => [String(q), i]));
+    const rows = queries.map((q) => ({ key: q, label: `${q} ${short(tok(q), 8)}` }));
     const cols = [...Array(m).keys()].map((k) => ({ key: k, label: short(tok(k), 8) }));
     const max = Math.max(1e-12, ...pat.flat().map(Number).filter(Number.isFinite));
-    const cell = Math.max(6, Math.min(30, Math.floor(290 / Math.max(n, m))));
-    const svg = heatmap({ rows, cols, max, cellW: cell, cellH: cell, labW: 78, aria: `attention pattern of layer ${L} head ${h}`,
-      value: (q, k) => Number(pat[q][k]),
-      tip: (q, k) => `query ${q} “${tok(Number(q))}” → key ${k} “${tok(Number(k))}”\nprobability ${fmt(pat[q][k], 5)}`,
+    const cellW = Math.max(6, Math.min(30, Math.floor(290 / Math.max(n, m))));
+    const cellH = n < nPos ? Math.max(12, cellW) : cellW;  // some rows only: each one labelled
+    const svg = heatmap({ rows, cols, max, cellW, cellH, labW: 78, aria: `attention pattern of layer ${L} head ${h}`,
+      value: (q, k) => Number(pat[row.get(String(q))][k]),
+      tip: (q, k) => `query ${q} “${tok(Number(q))}” → key ${k} “${tok(Number(k))}”\nprobability ${fmt(pat[row.get(String(q))][k], 5)}`,
       click: (q, k) => { const m2 = traces.find(([t]) => t.query_pos === Number(q) && t.key_pos === Number(k)); if (m2) activateTrace(m2[1]); } });
     svg.classList.add("pattern");
+    svg.dataset.rows = n; svg.dataset.cols = m;
+    queries.forEach((q, i) => {  // skipped query positions: a line between the rows around them
+      if (i > 0 && q !== queries[i - 1] + 1) svg.append(el("line", { class: "rowgap", x1: 78, x2: 78 + m * cellW, y1: i * cellH, y2: i * cellH }));
+    });
     if (headCtx.q !== undefined && headCtx.k !== undefined) outline(svg, headCtx.q, headCtx.k, "edgecell");
     for (const [t, i] of traces) outline(svg, t.query_pos, t.key_pos, i === headCtx.trace ? "tracecell active" : "tracecell");
-    return el("div", { class: "pattern-wrap" }, el("h4", { text: "attention pattern (rows: query, columns: key)" }), svg,
-      legend(max, false, "probability"));
+    const wrap = el("div", { class: "pattern-wrap" }, el("h4", { text: "attention pattern (rows: query, columns: key)" }));
+    if (n < nPos) wrap.append(el("p", { class: "muted pattern-rows", text: `${n} of ${nPos} query rows stored (the traced queries and the last position)` }));
+    const missing = traces.filter(([t]) => !row.has(String(t.query_pos))).length;
+    if (missing) wrap.append(el("p", { class: "muted", text: `query row not stored for ${missing} of the head's trace${traces.length === 1 ? "" : "s"}` }));
+    wrap.append(svg, legend(max, false, "probability"));
+    return wrap;
   }
 
   // Open trace i in its head's card (keeping the edge's cell mark when the head stays the same).
@@ -605,7 +619,13 @@
     A.traces = (Array.isArray(g.qk_traces) ? g.qk_traces : []).filter((t) => t && typeof t === "object")
       .map((t) => ({ ...t, layer: Number(t.layer), head: Number(t.head), query_pos: Number(t.query_pos), key_pos: Number(t.key_pos) }));
     A.patterns = new Map();
-    for (const p of Array.isArray(g.head_patterns) ? g.head_patterns : []) if (p && Array.isArray(p.pattern) && p.pattern.length) A.patterns.set(headKey(p.layer, p.head), p.pattern);
+    for (const p of Array.isArray(g.head_patterns) ? g.head_patterns : []) {
+      if (!p || !Array.isArray(p.pattern) || !p.pattern.length || !p.pattern.every(Array.isArray)) continue;
+      // `queries`: the query position of each row (graphs before it: every row, 0 .. n-1)
+      const queries = Array.isArray(p.queries) ? p.queries.map(Number) : p.pattern.map((_, i) => i);
+      if (queries.length !== p.pattern.length || !queries.every(Number.isInteger)) continue;  // (malformed: not drawn)
+      A.patterns.set(headKey(p.layer, p.head), { queries, pattern: p.pattern });
+    }
     A.qkOnly = new Map(Object.entries(g.qk_only_nodes && typeof g.qk_only_nodes === "object" ? g.qk_only_nodes : {})
       .map(([id, n]) => [id, { ...n, node_id: n.node_id ?? id }]));
   }
