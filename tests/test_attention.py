@@ -26,8 +26,8 @@ from support.tiny_gemma import TOKENS, exact_norms, tiny_replacement
 KINDS = ["plt", "plt+skip", "clt", "clt+skip"]
 
 
-def exact_tiny(kind: str, skip_positions: int = 1, n_kv: int = 2):
-    rm = tiny_replacement(kind, skip_positions=skip_positions, n_kv=n_kv)
+def exact_tiny(kind: str, skip_positions: int = 1, n_kv: int = 2, rope_scaling: bool = False):
+    rm = tiny_replacement(kind, skip_positions=skip_positions, n_kv=n_kv, rope_scaling=rope_scaling)
     exact_norms(rm.model)
     return rm
 
@@ -58,9 +58,11 @@ def recorded_queries_and_keys(rm, tokens):
     return seen
 
 
-@pytest.mark.parametrize("n_kv", [1, 2])
-def test_query_key_maps_are_the_models_own(n_kv):
-    rm = exact_tiny("plt", n_kv=n_kv)
+@pytest.mark.parametrize("n_kv,rope_scaling", [(1, False), (2, False), (2, True)])
+def test_query_key_maps_are_the_models_own(n_kv, rope_scaling):
+    """GQA (1 or 2 KV heads for 4 query heads), sliding and global layers, and linear RoPE
+    scaling on the global layer (Gemma 3 4B+): the maps give the model's own q and k."""
+    rm = exact_tiny("plt", n_kv=n_kv, rope_scaling=rope_scaling)
     if not type(rm.model).__module__.startswith("transformers"):
         pytest.skip("records transformers' attention")
     state = rm.run(torch.tensor(TOKENS))
@@ -164,6 +166,33 @@ def test_qk_bad_requests_name_the_value():
             decompose(rows, maps, *args)
     with pytest.raises(ValueError, match="carry_prefix"):
         decompose(EdgeRows(state), maps, 0, 0, 3, 1)
+    # a model whose attention weights were not loaded (on the meta device)
+    attn = rm.parts.layers[2].self_attn
+    real_weight = attn.k_proj.weight
+    attn.k_proj.weight = torch.nn.Parameter(torch.empty_like(real_weight, device="meta"))
+    try:
+        with pytest.raises(UsageError, match=r"layer 2: the model's attention weights \(k_proj\)"):
+            QKMaps(state, rm.parts)
+    finally:
+        attn.k_proj.weight = real_weight
+
+
+def test_pattern_entries_read_the_band():
+    """Entries and rows of a sliding-window pattern, read from its blocks, are the dense ones."""
+    from cltrace.frozen.attention import BandedPattern, entries, pattern_rows
+
+    n, W = 300, 130
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None]
+    band = (k <= q) & (k > q - W)
+    P = torch.rand(3, n, n, dtype=torch.float64) * band
+    P = P / P.sum(-1, keepdim=True)
+    banded = BandedPattern.from_dense(P, W)
+    qs, ks = torch.randint(0, n, (2, 5000))
+    assert torch.equal(entries(banded, qs, ks), P[:, qs, ks].T)
+    assert torch.equal(entries(P, qs, ks), P[:, qs, ks].T)
+    rows = torch.tensor([0, 129, 130, 299])
+    assert torch.equal(pattern_rows(banded, 2, rows), P[2, rows])
 
 
 # --- head loadings -----------------------------------------------------------------------
@@ -257,6 +286,101 @@ def test_explain_attention_on_a_graph():
     for tr in report.traces:
         for i, j, _ in tr.pairs:
             assert (tr.layer, i) in report.contributors or (tr.layer, i, tr.query_pos) in report.contributors
-    assert all(p.shape == (graph.n_pos, graph.n_pos) for p in report.patterns.values())
+    for (L, h), (queries, rows) in report.patterns.items():
+        assert queries.tolist() == list(range(graph.n_pos)) and rows.shape == (graph.n_pos, graph.n_pos)
+        assert torch.allclose(rows.sum(1), torch.ones(graph.n_pos), atol=1e-5)  # probabilities
     with pytest.raises(UsageError, match="head 9"):
         explain_attention(rm, graph, result, QKSettings(qk=True, qk_trace=((1, 9, 3, 1),)))
+
+
+# --- the command line and the JSON --------------------------------------------------------
+
+
+def check_attention_json(data: dict) -> None:
+    """The JSON's attention fields say what docs/interop.md says: schema, sums, references."""
+    import json as _json
+
+    import jsonschema
+
+    from cltrace.export import GRAPH_SCHEMA_PATH
+
+    jsonschema.validate(data, _json.loads(GRAPH_SCHEMA_PATH.read_text()))
+    ids = {n["node_id"] for n in data["nodes"]}
+    only = data["qk_only_nodes"]
+    assert not ids & set(only)
+    split = [link for link in data["links"] if "heads" in link]
+    assert split and len(split) == len(data["links"])
+    for link in split:
+        h = link["heads"]
+        total = h["residual"] + sum(w for *_, w in h["one_hop"]) + h["other_one_hop"] + h["multi_hop"]
+        assert total == pytest.approx(link["weight"], rel=1e-4, abs=1e-5)
+    assert data["qk_traces"]
+    for tr in data["qk_traces"]:
+        pairs, qm, km = (tr[k] for k in ("pair_wise_contributors", "top_q_marginal_contributors",
+                                         "top_k_marginal_contributors"))
+        assert sum(v for *_, v in pairs) + tr["pairs_rest"] == pytest.approx(tr["score"], rel=1e-4, abs=1e-5)
+        assert sum(v for _, v in qm) + tr["q_rest"] + tr["q_constant"] == pytest.approx(tr["score"], rel=1e-4, abs=1e-5)
+        assert sum(v for _, v in km) + tr["k_rest"] + tr["k_constant"] == pytest.approx(tr["score"], rel=1e-4, abs=1e-5)
+        for ref in [i for i, _, _ in pairs] + [j for _, j, _ in pairs] + [i for i, _ in qm + km]:
+            assert ref in ids or ref in only, ref
+        if "target" in tr:
+            node = next(n for n in data["nodes"] if n["node_id"] == tr["target"])
+            assert "qk_tracing_results" in node
+    n = len(data["metadata"]["prompt_tokens"])
+    rel_ = data["relevance"]
+    assert len(rel_["rows"]) == len(rel_["values"]) and all(len(r) == n for r in rel_["values"])
+    for hp in data["head_patterns"]:
+        assert len(hp["pattern"]) == len(hp["queries"]) and all(len(r) == n for r in hp["pattern"])
+
+
+def test_attribute_qk_cli(monkeypatch, tmp_path, capsys):
+    import json
+
+    from cltrace.cli import main
+    from support.tiny_gemma import use_tiny_model
+
+    use_tiny_model(monkeypatch, tiny_replacement("clt+skip", dtype=torch.float32, skip_positions=1))
+    out = tmp_path / "g"
+    assert main(["attribute", "hello world", "--out", str(out), "--format", "json", "--qk",
+                 "--qk-trace", "3.1@6:0", "--quiet"]) == 0
+    assert "attention" in capsys.readouterr().out  # its time is reported
+    data = json.loads((out / "hello-world.json").read_text())
+    check_attention_json(data)
+    assert any(t["layer"] == 3 and t["head"] == 1 and "target" not in t for t in data["qk_traces"])
+    assert data["metadata"]["attention_settings"]["qk_trace"] == [[3, 1, 6, 0]]
+    # without --qk: relevance only
+    assert main(["attribute", "hello world", "--out", str(out), "--slug", "plain", "--format", "json",
+                 "--quiet"]) == 0
+    plain = json.loads((out / "plain.json").read_text())
+    assert "relevance" in plain and "qk_traces" not in plain and all("heads" not in x for x in plain["links"])
+    # bad requests: one line, exit 2, nothing written
+    for argv, needle in [(["--qk-trace", "3.9@6:0"], "head 9"), (["--qk-trace", "3.1@2:6"], "comes after"),
+                         (["--qk-trace", "7.0@2:1"], "layer 7"), (["--qk-trace", "3.1@40:1"], "query position 40"),
+                         (["--qk-nodes", "-1"], "--qk-nodes")]:
+        bad = tmp_path / "bad"
+        assert main(["attribute", "hello world", "--out", str(bad), "--qk", "--quiet", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and "Traceback" not in err, err
+        assert not bad.exists() or list(bad.iterdir()) == []
+    with pytest.raises(SystemExit):
+        main(["attribute", "hello", "--qk-trace", "3:1"])
+    assert "LAYER.HEAD@QUERY:KEY" in capsys.readouterr().err
+
+
+def test_batch_qk(monkeypatch, tmp_path):
+    import json
+
+    from cltrace.cli import main
+    from support.tiny_gemma import use_tiny_model
+
+    use_tiny_model(monkeypatch, tiny_replacement("plt", dtype=torch.float32, skip_positions=1))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello world\nsecond prompt\n")
+    out = tmp_path / "b"
+    assert main(["batch", str(prompts), "--out", str(out), "--workers", "0", "--qk", "--qk-nodes", "2",
+                 "--quiet"]) == 0
+    graphs = sorted(p for p in out.rglob("*.json") if p.name not in ("graph-metadata.json",)
+                    and "qk_traces" in p.read_text())
+    assert len(graphs) == 2
+    for p in graphs:
+        check_attention_json(json.loads(p.read_text()))

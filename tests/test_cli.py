@@ -17,7 +17,7 @@ import torch
 from cltrace.cli import main
 from cltrace.steering import Intervention
 from support import layouts as S
-from support.tiny_gemma import CharTokenizer, tiny_replacement
+from support.tiny_gemma import tiny_replacement, use_tiny_model
 from support.transcoders import random_transcoders
 
 
@@ -58,13 +58,8 @@ def test_cli_help(capsys):
 
 @pytest.fixture
 def tiny_cli(monkeypatch):
-    import cltrace.models
-    import cltrace.training.starter
-
     rm = tiny_replacement("clt", dtype=torch.float32)
-    loaded = cltrace.models.LoadedModel(rm.model, CharTokenizer(), "tiny")
-    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
-    monkeypatch.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+    use_tiny_model(monkeypatch, rm)
     return rm
 
 

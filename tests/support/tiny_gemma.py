@@ -20,12 +20,16 @@ TOKENS = [2, 17, 201, 45, 99, 12, 250, 31]  # <bos> and 7 tokens: the prompt of 
 
 
 def tiny_gemma(n_layers: int = 4, n_kv: int = 2, dtype: torch.dtype = torch.float32,
-               vocab: int = 300, window: int = 3, seed: int = 0):
-    """A random Gemma3ForCausalLM: d_model 64, 4 heads of 16, ``n_kv`` KV heads, layer 2 global."""
+               vocab: int = 300, window: int = 3, seed: int = 0, rope_scaling: bool = False):
+    """A random Gemma3ForCausalLM: d_model 64, 4 heads of 16, ``n_kv`` KV heads, layer 2 global
+    (``rope_scaling``: its RoPE scaled linearly by 8, as in Gemma 3 4B and larger)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     types = ["full_attention" if L % 3 == 2 else "sliding_attention" for L in range(n_layers)]
-    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+    rope = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+            } if rope_scaling else {}
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, **rope,
                            num_hidden_layers=n_layers, num_attention_heads=4,
                            num_key_value_heads=n_kv, head_dim=16, sliding_window=window,
                            layer_types=types, max_position_embeddings=256)
@@ -66,16 +70,27 @@ def mlp_inputs(model, tokens) -> Tensor:
 
 
 def tiny_replacement(kind: str, dtype: torch.dtype = torch.float64, skip_positions: int = 0,
-                     n_layers: int = 4, n_kv: int = 2):
+                     n_layers: int = 4, n_kv: int = 2, rope_scaling: bool = False):
     """A ReplacementModel on a tiny Gemma 3 (4 layers by default) and a 48-wide set calibrated
     on :data:`TOKENS`: ``kind`` "plt", "plt+skip", "clt" or "clt+skip"."""
     from cltrace.replacement import ReplacementModel
 
     torch.manual_seed(0)
-    model = tiny_gemma(n_layers=n_layers, n_kv=n_kv, dtype=dtype)
+    model = tiny_gemma(n_layers=n_layers, n_kv=n_kv, dtype=dtype, rope_scaling=rope_scaling)
     tcs = random_transcoders(kind[:3], mlp_in=mlp_inputs(model, TOKENS), skip=kind.endswith("skip"),
                              d_sae=48)
     return ReplacementModel(model, tcs, dtype=dtype, skip_positions=skip_positions)
+
+
+def use_tiny_model(monkeypatch, rm) -> None:
+    """Make the commands load ``rm``'s model (with a :class:`CharTokenizer`) and its
+    transcoders as the starter set, whatever model they are asked for."""
+    import cltrace.models
+    import cltrace.training.starter
+
+    loaded = cltrace.models.LoadedModel(rm.model, CharTokenizer(), "tiny")
+    monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: loaded)
+    monkeypatch.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
 
 
 class CharTokenizer:

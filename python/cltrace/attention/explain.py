@@ -25,6 +25,8 @@ from .maps import QKMaps
 from .qk import CONST, QKDecomposition, QKTrace, decompose
 from .settings import QKSettings
 
+FULL_PATTERNS = 128  # prompts up to this many positions get whole head patterns in the report
+MAX_PATTERN_HEADS = 32  # patterns kept: the traced heads, then the heads carrying most of the links
 
 @dataclass
 class Contributor:
@@ -48,7 +50,9 @@ class AttentionReport:
     traces: list[QKTrace]  # in the order traced
     trace_edges: list  # per trace: (target node, source node) of the edge it explains, or None
     contributors: dict[tuple, Contributor]  # (layer, col) -> source; col CONST: the constants
-    patterns: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (layer, head) -> [n, n]
+    # (layer, head) -> (query positions [m], their pattern rows [m, n_pos]): every row up to
+    # FULL_PATTERNS positions, else the rows of the traced queries and the last position
+    patterns: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
     settings: QKSettings = QKSettings()
 
 
@@ -192,7 +196,7 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
     traces, trace_edges, contributors = [], [], {}
     for layer, head, q, k, edge in chosen:
         dec = decompose(rows, maps, layer, head, q, k, sides=sides)
-        tr = dec.summary(q, k, float(maps.pattern(layer, head)[q, k]), settings.qk_pairs, settings.qk_marginals)
+        tr = dec.summary(q, k, maps.prob(layer, head, q, k), settings.qk_pairs, settings.qk_marginals)
         traces.append(tr)
         trace_edges.append(edge)
         used = [(i, q) for i, _, _ in tr.pairs] + [(j, k) for _, j, _ in tr.pairs]
@@ -202,10 +206,13 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
                 rows, state, af, layer, col, pos, node_of_col)
     heads = {(t.layer, t.head) for t in traces}
     totals = loadings.one_hop.abs().sum(0)  # [n_layers, n_heads]: each head's share of the links
-    for flat in totals.flatten().argsort(descending=True)[:max(0, 32 - len(heads))].tolist():
+    for flat in totals.flatten().argsort(descending=True)[:max(0, MAX_PATTERN_HEADS - len(heads))].tolist():
         if float(totals.flatten()[flat]) > 0:
             heads.add(divmod(flat, totals.shape[1]))
-    patterns = {(L, h): maps.pattern(L, h).float().cpu() for L, h in sorted(heads)}
+    n = state.n_pos  # whole patterns up to FULL_PATTERNS positions, else the traced queries' rows
+    queries = torch.arange(n) if n <= FULL_PATTERNS else torch.tensor(
+        sorted({t.query_pos for t in traces} | {n - 1}))
+    patterns = {(L, h): (queries, maps.pattern(L, h, queries).float().cpu()) for L, h in sorted(heads)}
     return AttentionReport(edges, loadings, traces, trace_edges, contributors, patterns, settings)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..attribution.rows import EdgeRows
-from ..frozen.attention import as_dense
+from ..frozen.attention import entries
 from ..frozen.model import FrozenLinearModel, Seeds
 
 
@@ -123,7 +123,6 @@ def one_hop_terms(fz: FrozenLinearModel, gh: Tensor, f: Tensor, t_idx: Tensor, s
         fl = fz.layers[L]
         fz.fold_gains(fl)
         fv = (f[:, L] @ fl.W_V_gain.T).view(S, n_kv, hd)  # the values each source writes
-        dense = as_dense(fl.pattern)  # [H, n, n]
         for b, t0 in enumerate(range(0, T, block)):
             e = order[bounds[b]:bounds[b + 1]]
             if e.numel() == 0:
@@ -132,7 +131,7 @@ def one_hop_terms(fz: FrozenLinearModel, gh: Tensor, f: Tensor, t_idx: Tensor, s
             dots = torch.stack([(go[:, g].reshape(-1, hd) @ fv[:, g].T).view(-1, rep, S)
                                 for g in range(n_kv)], 1)  # [tb, n_kv, rep, S]: (target, head) x source
             d = dots[t_idx[e] - t0, :, :, s_idx[e]].reshape(-1, H)  # [e, H]
-            P = dense[:, t_pos[e], s_pos[e]].T  # [e, H]
+            P = entries(fl.pattern, t_pos[e], s_pos[e])  # [e, H]
             scale = fl.k_attn.scale[t_pos[e], 0] * fl.k_in.scale[s_pos[e], 0]
             out[e, L] = torch.where((top[e] >= L)[:, None], P * scale[:, None] * d, 0.0)
     return out

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from ..frozen.attention import as_dense
+from ..frozen.attention import entries, pattern_rows
 from ..replacement.state import ReplacementState
 
 
@@ -50,6 +50,11 @@ class QKMaps:
         self.dtype = fz.dtype
         for L, layer in enumerate(parts.layers):
             attn = layer.self_attn
+            for name in ("q_proj", "k_proj"):
+                w = getattr(getattr(attn, name, None), "weight", None)
+                if w is None or w.is_meta or w.numel() == 0:
+                    raise UsageError(f"layer {L}: the model's attention weights ({name}) are not "
+                                     "loaded: QK attribution needs them (load the whole model)")
             if attn.q_proj.bias is not None or attn.k_proj.bias is not None:
                 raise UsageError(f"layer {L}: Q/K biases (Gemma 3 has none): scores would not be bilinear")
 
@@ -104,6 +109,14 @@ class QKMaps:
         k = self.key_map(layer, head, key) @ self.resid(layer, key)
         return float(self.scaling * (q @ k))
 
-    def pattern(self, layer: int, head: int) -> Tensor:
-        """The attention probabilities of the head on the prompt: [n_pos (query), n_pos (key)]."""
-        return as_dense(self.state.capture.layers[layer].pattern)[head]
+    def pattern(self, layer: int, head: int, queries: Optional[Tensor] = None) -> Tensor:
+        """The attention probabilities of the head on the prompt at the rows ``queries``
+        (default: all): ``[n_queries, n_pos (key)]``."""
+        n = self.state.n_pos
+        queries = torch.arange(n) if queries is None else torch.as_tensor(queries).reshape(-1)
+        return pattern_rows(self.state.capture.layers[layer].pattern, head, queries.long())
+
+    def prob(self, layer: int, head: int, query: int, key: int) -> float:
+        """The attention probability of the head at (query, key)."""
+        q, k = torch.tensor([query]), torch.tensor([key])
+        return float(entries(self.state.capture.layers[layer].pattern, q, k)[0, head])

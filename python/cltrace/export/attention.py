@@ -86,6 +86,7 @@ def qk_fields(graph: Graph, report, ids: list[str], shown: set[str],
         entry.update({key: _round(getattr(tr, key)) for key in
                       ("q_constant", "k_constant", "pairs_rest", "q_rest", "k_rest")})
         traces.append(entry)
-    patterns = [{"layer": L, "head": h, "pattern": [[round(float(x), 5) for x in row] for row in P]}
-                for (L, h), P in sorted(report.patterns.items())]
+    patterns = [{"layer": L, "head": h, "queries": q.tolist(),
+                 "pattern": [[round(float(x), 5) for x in row] for row in P.tolist()]}
+                for (L, h), (q, P) in sorted(report.patterns.items())]
     return {"qk_traces": traces, "qk_only_nodes": only, "head_patterns": patterns, "by_node": by_node}

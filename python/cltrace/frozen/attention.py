@@ -95,6 +95,27 @@ def as_dense(P: Pattern) -> Tensor:
     return P.dense() if isinstance(P, BandedPattern) else P
 
 
+def entries(P: Pattern, q: Tensor, k: Tensor) -> Tensor:
+    """``P[:, q[e], k[e]]`` for E (query, key) pairs: ``[E, n_heads]``, read from the band of a
+    sliding-window pattern without forming the dense one (zero outside the band)."""
+    if not isinstance(P, BandedPattern):
+        return P[:, q, k].T
+    Bq, W = P.block, P.window
+    b = q // Bq
+    j = k - b * Bq + W  # the key's column in its query block
+    inside = (j >= 0) & (j < Bq + W)
+    vals = P.blocks[b, :, q - b * Bq, j.clamp(0, Bq + W - 1)]  # [E, H]
+    return vals * inside[:, None]
+
+
+def pattern_rows(P: Pattern, head: int, queries: Tensor) -> Tensor:
+    """``P[head, queries, :]``: ``[len(queries), n_pos]`` (any pattern, banded included)."""
+    n = P.shape[1]
+    q = queries.repeat_interleave(n)
+    k = torch.arange(n, device=queries.device).repeat(len(queries))
+    return entries(P, q, k)[:, head].view(len(queries), n)
+
+
 def mix(P: Pattern, v: Tensor, start: int = 0, s_q: Optional[Tensor] = None,
         s_k: Optional[Tensor] = None) -> Tensor:
     """Attention of values ``v [n_kv, n - start, C]`` at positions ``start .. n-1`` (queries and
