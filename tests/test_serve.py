@@ -682,6 +682,146 @@ def test_trace_list_opens_every_trace(qk_page, qk):
     assert page.evaluate("document.body.dataset.head") == "1:0"
 
 
+# --- the attention panels on a graph of the real writer (the tiny model, traced with --qk) ------
+
+@pytest.fixture(scope="module")
+def tiny_qk(tmp_path_factory):
+    """A server (no model) over tinyqk.json: the tiny model's graph (clt+skip, every active feature
+    visited), pruned, its attention explained (QK traces of the heads of the top edges into 3
+    nodes) and written by cltrace.export.neuronpedia as `cltrace attribute --qk` writes it."""
+    from cltrace.attention import QKSettings, explain_attention
+    from cltrace.attribution import attribute
+    from cltrace.export.neuronpedia import to_neuronpedia
+    from cltrace.graph import prune
+    from support.tiny_gemma import tiny_replacement
+
+    rm = tiny_replacement("clt+skip", skip_positions=1)
+    graph = attribute(TOKENS, rm, max_feature_nodes=None)
+    result = prune(graph)
+    report = explain_attention(rm, graph, result, QKSettings(qk=True, qk_nodes=3))
+    g = to_neuronpedia(graph, "tinyqk", result, attention=report)
+    root = tmp_path_factory.mktemp("tinyqk")
+    (root / "tinyqk.json").write_text(json.dumps(g, separators=(",", ":"), allow_nan=False))
+    g = json.loads((root / "tinyqk.json").read_text())  # (as the page reads it)
+    srv = make_server(root, port=0)
+    serve_in_thread(srv)
+    yield g, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def tiny_qk_page(browser, tiny_qk):
+    yield from recording_page(browser, tiny_qk[1])  # (no page error, no foreign request)
+
+
+@pytest.mark.browser
+def test_attention_panels_on_a_written_graph(tiny_qk_page, tiny_qk):
+    """The real writer's graph, clicked through: every Flow cell selects exactly the nodes of its
+    layer and position; the traced links' splits by heads sum to their weights as shown; every
+    QK trace opens its head, whose pattern has a row and a column per position, with all its
+    pairs and marginals; a contributor only in qk_only_nodes shows its card."""
+    import re
+
+    page, (g, url) = tiny_qk_page, tiny_qk
+    n_pos, ids = len(g["metadata"]["prompt_tokens"]), {n["node_id"] for n in g["nodes"]}
+    rel, traces, only = g["relevance"], g["qk_traces"], g["qk_only_nodes"]
+    assert traces and g["head_patterns"] and all("heads" in lk for lk in g["links"])
+    open_graph(page, url, "tinyqk.json")
+    assert page.locator("#graph .node").count() == len(g["nodes"])
+    assert page.is_visible("#tab-flow") and page.is_visible("#tab-heads")
+
+    # Flow: each cell selects the nodes with its layer (E: the tokens) and ctx_idx
+    page.click("#tab-flow")
+    assert page.locator("#flow-map .hcell").count() == len(rel["rows"]) * n_pos
+    sizes = []
+    for r, values in zip(rel["rows"], rel["values"]):
+        for p in range(n_pos):
+            want = {n["node_id"] for n in g["nodes"] if n["layer"] == r and n["ctx_idx"] == p}
+            c = page.locator(f'#flow-map .hcell[data-r="{r}"][data-c="{p}"]')
+            assert float(c.get_attribute("data-v")) == values[p]
+            c.click()
+            assert page.evaluate("document.body.dataset.cell") == f"{r}:{p}"
+            assert int(page.evaluate("document.body.dataset.cellSelected")) == len(want)
+            assert ids_of(page, "#graph .node.incell") == want, (r, p)
+            assert page.locator("#cell-list li").count() == len(want)
+            sizes.append(len(want))
+    assert max(sizes) >= 2 and min(sizes) == 0
+
+    # Edge cards: the links QK traces explain, each split by heads summing to its weight
+    links = {(lk["source"], lk["target"]): lk for lk in g["links"]}
+    for src, tgt in dict.fromkeys((t["source"], t["target"]) for t in traces if "source" in t):
+        link, h = links[(src, tgt)], links[(src, tgt)]["heads"]
+        page.click(f'[data-id="{tgt}"]')
+        page.locator("#links-body .incoming li").filter(has_text=f"({src})").locator(".edge-btn").click()
+        assert page.evaluate("document.body.dataset.edge") == f"{src}>{tgt}"
+        parts = [float(x.get_attribute("data-v")) for x in page.locator("#edge-body tr.part").all()]
+        assert parts == [h["residual"], *[w for _, _, w in h["one_hop"]], h["other_one_hop"], h["multi_hop"]]
+        assert len(h["one_hop"]) >= 1 and sum(parts) == pytest.approx(link["weight"], rel=1e-5, abs=1e-7)
+        assert float(page.evaluate("document.body.dataset.edgeWeight")) == link["weight"]
+        shown = page.inner_text("#edge-body .sum:not(.bad)")  # "sum of the parts +x = weight +y"
+        m = re.fullmatch(r"sum of the parts ([-+][0-9.]+) = weight ([-+][0-9.]+)", shown)
+        assert m and float(m[1]) == pytest.approx(float(m[2]), abs=2e-6), shown
+        assert [(int(b.get_attribute("data-layer")), int(b.get_attribute("data-head")))
+                for b in page.locator("#edge-body .head-btn").all()] == [(L, hd) for L, hd, _ in h["one_hop"]]
+
+    # Heads: every trace, its head's pattern (n × n) and its contributors
+    page.click("#tab-heads")
+    assert page.locator("#trace-list tr.trace-row").count() == len(traces)
+    assert page.locator("#pattern-heads .head-btn").count() == len(g["head_patterns"])
+    patterns = {(p["layer"], p["head"]): p for p in g["head_patterns"]}
+    for i, t in enumerate(traces):
+        page.click("#tab-heads")
+        page.locator(f'#trace-list tr.trace-row[data-trace="{i}"] button.open-trace').click()
+        assert page.evaluate("document.body.dataset.head") == f"{t['layer']}:{t['head']}"
+        hp = patterns[(t["layer"], t["head"])]
+        assert hp["queries"] == list(range(n_pos))  # (a short prompt: every row)
+        svg = page.locator("#head-body svg.pattern")
+        assert (svg.get_attribute("data-rows"), svg.get_attribute("data-cols")) == (str(n_pos), str(n_pos))
+        cells = svg.locator(".hcell")
+        assert cells.count() == n_pos * n_pos
+        assert [float(c.get_attribute("data-v")) for c in cells.all()] == [x for row in hp["pattern"] for x in row]
+        active = page.locator("#head-body .tracecell.active")
+        assert (active.get_attribute("data-r"), active.get_attribute("data-c")) == (str(t["query_pos"]), str(t["key_pos"]))
+        assert float(cells.nth(t["query_pos"] * n_pos + t["key_pos"]).get_attribute("data-v")) == \
+            pytest.approx(t["prob"], abs=1e-5)  # (the pattern: rounded to 5 decimals)
+        block = page.locator("#head-body .trace.active")
+        assert block.get_attribute("data-trace") == str(i)
+        assert block.locator(".pairs tr.pair").count() == len(t["pair_wise_contributors"])
+        assert [float(r.get_attribute("data-attr")) for r in block.locator(".pairs tr.pair").all()] == \
+            [a for _, _, a in t["pair_wise_contributors"]]
+        assert block.locator(".qmarg tr.marg-row").count() == len(t["top_q_marginal_contributors"])
+        assert block.locator(".kmarg tr.marg-row").count() == len(t["top_k_marginal_contributors"])
+        sides = [x for q, k, _ in t["pair_wise_contributors"] for x in (q, k)]
+        assert {b.get_attribute("data-node") for b in block.locator(".pairs button.side.in-graph").all()} == set(sides) & ids
+        assert {b.get_attribute("data-node") for b in block.locator(".pairs button.side.qk-only").all()} == set(sides) - ids
+        assert set(sides) <= ids | set(only)  # every contributor described
+
+    # a contributor that is only in qk_only_nodes (a feature the graph did not visit, if any;
+    # else one it pruned): its card
+    cands = [(i, x) for i, t in enumerate(traces) for q, k, _ in t["pair_wise_contributors"]
+             for x in (q, k) if x in only and x not in ids and only[x]["feature_type"] == "cross layer transcoder"]
+    i, cid = min(cands, key=lambda c: only[c[1]]["influence"] is not None)
+    n = only[cid]
+    page.click("#tab-heads")
+    page.locator(f'#trace-list tr.trace-row[data-trace="{i}"] button.open-trace').click()
+    selected = page.evaluate("document.body.dataset.selected")
+    page.locator(f'#head-body .trace.active .pairs button.side[data-node="{cid}"]').first.click()
+    assert page.evaluate("document.body.dataset.contributor") == cid
+    assert page.evaluate("document.body.dataset.contributorInGraph") == "0"
+    assert page.evaluate("document.body.dataset.selected") == selected  # not a graph node: selection kept
+    card = page.locator("#contrib-card")
+    assert card.is_visible() and "no (qk_only_nodes)" in card.inner_text()
+    L, f, p = cid.split("_")
+    assert card.locator("h3").first.inner_text() == (n["clerp"] or f"L{L} #{f}")
+    dl = card.locator("#contrib-body > dl")
+    fields = dict(zip(dl.locator("dt").all_text_contents(), dl.locator("dd").all_text_contents()))
+    assert fields["id"] == cid and fields["layer"] == L and fields["feature"] == f
+    assert fields["position"].startswith(f"{p} (") and fields["activation"] == f"{n['activation']:.4f}"
+    assert fields["influence"] == ("– (not visited)" if n["influence"] is None else f"{n['influence']:.4f}")
+    page.wait_for_selector("#contrib-body .nopage")  # (the graph's scan is a model name: no pages)
+
+
 # --- the real Gemma 3 270M with the starter transcoders the committed graph was made with ---
 
 GRAPH = "the-capital-of-france-is.json"  # the README's main graph, as `cltrace attribute` names it
