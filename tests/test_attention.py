@@ -384,3 +384,106 @@ def test_batch_qk(monkeypatch, tmp_path):
     assert len(graphs) == 2
     for p in graphs:
         check_attention_json(json.loads(p.read_text()))
+
+
+# --- what it means, on the real Gemma 3 270M -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_rm(real_gemma):
+    from cltrace.replacement import ReplacementModel
+    from support.transcoders import synthetic_starter_transcoders
+
+    return ReplacementModel(real_gemma.model, synthetic_starter_transcoders(real_gemma),
+                            tokenizer=real_gemma.tokenizer)
+
+
+def contribution_to_stream(state, rows: EdgeRows, col: int, layer: int):
+    """r_layer [n_pos, d] from source ``col`` alone, through the frozen model."""
+    embed, src = source_write(state, rows, col)
+    return stream_of(state.frozen, layer, embed, src)
+
+
+@pytest.mark.real_model
+def test_ablating_a_key_source_moves_the_unfrozen_head_as_predicted(real_rm):
+    """Unfreeze one head's pattern (its scores recomputed from the streams, norms frozen as in
+    the replacement model), remove the top key-side source of a traced (q, k) from every
+    stream, and compare the change of P[q, k] with the first-order prediction from the QK
+    marginals at every key of that query: Δs(k') ≈ -(q marginal + k marginal of the source)
+    (exact up to the pair term Q_j·K_j, checked), Δp_k ≈ p_k (Δs_k - Σ p_k' Δs_k')."""
+    prompt = "The capital of France is"
+    graph = attribute(prompt, real_rm)
+    result = prune(graph)
+    report = explain_attention(real_rm, graph, result, QKSettings(qk=True, qk_nodes=2))
+    state = real_rm.run(prompt)
+    maps, rows = QKMaps(state, real_rm.parts), EdgeRows(state, carry_prefix=True)
+    agreement = []
+    for tr in report.traces[:3]:
+        L, h, q, k = tr.layer, tr.head, tr.query_pos, tr.key_pos
+        j = next(c for c, _ in tr.k_marginals if c != CONST)
+        c = contribution_to_stream(state, rows, j, L)
+        keys = [kk for kk in range(q + 1) if maps.prob(L, h, q, kk) > 0]
+        sides = {}
+        decs = {kk: decompose(rows, maps, L, h, q, kk, sides=sides) for kk in keys}
+        A_q, r = maps.query_map(L, h, q), [maps.resid(L, p) for p in range(state.n_pos)]
+        p_old = torch.tensor([maps.prob(L, h, q, kk) for kk in keys], dtype=torch.float64)
+        for frac in (0.1, 1.0):
+            s_old, s_new, ds_pred = [], [], []
+            for kk in keys:
+                A_k = maps.key_map(L, h, kk)
+                s_old.append(maps.scaling * (A_q @ r[q]) @ (A_k @ r[kk]))
+                s_new.append(maps.scaling * (A_q @ (r[q] - frac * c[q])) @ (A_k @ (r[kk] - frac * c[kk])))
+                d = decs[kk]
+                ds_pred.append(-frac * (d.q_marginals()[j] + d.k_marginals()[j]))
+                pair = frac * frac * d.scaling * (d.q.M[:, j] @ d.k.M[:, j])
+                # the bilinear score: the change is exactly the marginals' and the pair's
+                assert float(s_new[-1] - s_old[-1]) == pytest.approx(float(ds_pred[-1] + pair), rel=1e-3, abs=1e-3)
+            s_old, s_new, ds_pred = (torch.stack(x).double() for x in (s_old, s_new, ds_pred))
+            assert torch.allclose(torch.softmax(s_old, 0), p_old, atol=1e-4)  # the frozen pattern
+            i = keys.index(k)
+            actual = float(torch.softmax(s_new, 0)[i] - p_old[i])
+            predicted = float(p_old[i] * (ds_pred[i] - (p_old * ds_pred).sum()))
+            agreement.append((L, h, q, k, frac, actual, predicted))
+            if frac == 0.1:  # a small ablation: first order holds
+                assert predicted == pytest.approx(actual, rel=0.1, abs=1e-4), agreement[-1]
+            else:  # the whole source: the softmax's curvature shows, the sign and size hold
+                assert predicted * actual > 0 and 1 / 3 < predicted / actual < 3, agreement[-1]
+    print("\n(layer, head, q, k, fraction ablated, Δp actual, Δp first-order):")
+    for row in agreement:
+        print("  ", row[:5], f"{row[5]:+.5f} {row[6]:+.5f}")
+
+
+@pytest.mark.real_model
+def test_induction_heads_read_the_earlier_copy(real_rm):
+    """On [<bos>] + S + S (S: 12 random tokens), the heads that attend from each token of the
+    second copy to the position after its earlier copy (k = q - 11) are found from the
+    patterns; their QK traces put the earlier copy itself (the key's previous token, k - 1,
+    the same token as the query's) at the top of the key side, and the pair (the query's own
+    token, that earlier copy) at the top of the pairs: the induction mechanism."""
+    g = torch.Generator().manual_seed(0)
+    m = 12
+    seq = torch.randint(1000, 30000, (m,), generator=g)
+    tokens = torch.cat([torch.tensor([2]), seq, seq])
+    state = real_rm.run(tokens)
+    maps, rows = QKMaps(state, real_rm.parts), EdgeRows(state, carry_prefix=True)
+    qs = torch.arange(m + 1, len(tokens))
+    score = torch.stack([torch.stack([maps.pattern(L, h)[qs, qs - m + 1].mean() for h in range(maps.n_heads)])
+                         for L in range(maps.n_layers)])  # [n_layers, n_heads]: mean P[q, q - 11]
+    heads = [divmod(int(f), maps.n_heads) for f in score.flatten().argsort(descending=True)[:2]]
+    assert all(score[L, h] > 0.4 for L, h in heads), score
+    tok = lambda col: col - rows.token_start if col >= rows.token_start else None  # noqa: E731
+    hits, pair_hits, n = 0, 0, 0
+    for L, h in heads:
+        for q in qs[1::2].tolist():
+            k = q - m + 1
+            tr = decompose(rows, maps, L, h, q, k).summary(q, k, maps.prob(L, h, q, k), 3, 3)
+            top_k = tr.k_marginals[0][0]
+            hits += tok(top_k) == k - 1
+            pair_hits += (tok(tr.pairs[0][0]), tok(tr.pairs[0][1])) == (q, k - 1)
+            n += 1
+            print(f"L{L}.h{h} q={q} k={k} p={tr.prob:.2f}: top key-side {top_k} (pos {tok(top_k)}), "
+                  f"top pair {tr.pairs[0][:2]}")
+    print(f"induction heads {heads} (mean P[q, q-11] {[round(float(score[L, h]), 3) for L, h in heads]}): "
+          f"top key-side source = the earlier copy in {hits}/{n}, top pair = (query token, earlier copy) "
+          f"in {pair_hits}/{n}")
+    assert hits >= 0.75 * n and pair_hits >= 0.5 * n
