@@ -415,11 +415,11 @@ def test_notebook_show_renders_inline(browser, folder, tiny):
 # --- the attention panels: Flow heatmap, edge → heads, head pattern and QK traces --------------
 
 @pytest.fixture(scope="module")
-def qk(tmp_path_factory):
-    """A server (no model) over qk.json (support.serve.qk_graph: every attention field), with the
-    feature pages of one graph feature and of the qk-only feature, flow.json (the same graph
-    with `relevance` only) and old.json (head_patterns without `queries`, as written before it:
-    every row; the head with some rows only left out)."""
+def qk_folder(tmp_path_factory):
+    """(DIR, graph): qk.json (support.serve.qk_graph: every attention field), with the feature
+    pages of one graph feature and of the qk-only feature, flow.json (the same graph with
+    `relevance` only) and old.json (head_patterns without `queries`, as written before it: every
+    row; the head with some rows only left out)."""
     root = tmp_path_factory.mktemp("qk")
     g = qk_graph()
     (root / "qk.json").write_text(json.dumps(g))
@@ -434,6 +434,13 @@ def qk(tmp_path_factory):
     for nid in ("0_12_2", g["metadata"]["qk"]["qk_only"]):
         c = nodes[nid]["feature"]
         (root / "features" / f"{c}.json").write_text(json.dumps(feature_page(c)))
+    return root, g
+
+
+@pytest.fixture(scope="module")
+def qk(qk_folder):
+    """A server (no model) over qk_folder."""
+    root, g = qk_folder
     srv = make_server(root, port=0)
     serve_in_thread(srv)
     yield g, f"http://127.0.0.1:{srv.server_address[1]}"
@@ -680,6 +687,53 @@ def test_trace_list_opens_every_trace(qk_page, qk):
     assert page.evaluate("document.body.dataset.tab") == "node"
     page.locator("#node-card .node-traces button").first.click()
     assert page.evaluate("document.body.dataset.head") == "1:0"
+
+
+def inlined(viewer) -> dict:
+    """The data a notebook viewer's page embeds: {"graph", "pages", "name"}."""
+    import re
+
+    m = re.search(r'<script type="application/json" id="cltrace-inline">(.*?)</script>', viewer.document, re.S)
+    return json.loads(m[1])  # ("<\\/" in it: JSON's escape of "/")
+
+
+def test_notebook_inlines_qk_only_feature_pages(qk_folder):
+    """show() inlines the feature pages of the QK contributors only qk_only_nodes describes, as
+    of the graph's own features (and none for the constants)."""
+    root, g = qk_folder
+    only = g["metadata"]["qk"]["qk_only"]
+    data = inlined(show(root / "qk.json"))
+    want = {str(n["feature"]) for n in g["nodes"] if n["node_id"] == "0_12_2"} | {str(g["qk_only_nodes"][only]["feature"])}
+    assert set(data["pages"]) == want and len(want) == 2
+    assert data["pages"][str(g["qk_only_nodes"][only]["feature"])] == feature_page(g["qk_only_nodes"][only]["feature"])
+    assert inlined(show(g))["pages"] == {}  # a dict: no folder, no pages
+
+
+@pytest.mark.browser
+def test_notebook_shows_a_qk_only_contributors_page(browser, qk_folder):
+    """In the notebook page (no server), a qk-only feature contributor's card shows its inlined
+    feature page, as a graph node's card does; no request leaves the page."""
+    root, g = qk_folder
+    only, t = g["metadata"]["qk"]["qk_only"], g["qk_traces"][0]
+    pg = browser.new_page()
+    errors, requests = [], []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.set_content(show(root / "qk.json").document)
+    pg.wait_for_function("document.body.dataset.ready === '1'")
+    pg.click("#tab-heads")
+    pg.locator('#trace-list tr.trace-row[data-trace="0"] button.open-trace').click()
+    assert pg.evaluate("document.body.dataset.head") == f"{t['layer']}:{t['head']}"
+    pg.locator(f'#head-body .trace.active .pairs button.side[data-node="{only}"]').first.click()
+    assert pg.evaluate("document.body.dataset.contributorInGraph") == "0"
+    pg.wait_for_selector("#contrib-body .example")
+    assert pg.locator("#contrib-body .quantile.top .example").count() == 2
+    assert "layer 0, feature 777" in pg.inner_text("#contrib-card")
+    pg.locator('#head-body .trace.active .pairs button.side[data-node="0_12_2"]').first.click()  # a graph node
+    pg.wait_for_selector("#contrib-body .example")
+    assert pg.evaluate("document.body.dataset.selected") == "0_12_2"
+    assert errors == [] and [u for u in requests if not u.startswith(("data:", "about:"))] == []
+    pg.close()
 
 
 # --- the attention panels on a graph of the real writer (the tiny model, traced with --qk) ------

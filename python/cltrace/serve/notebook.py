@@ -2,9 +2,10 @@
 
 Builds one self-contained HTML document from the viewer's own assets (style sheet and
 scripts inlined, the graph JSON embedded as ``<script type="application/json">``, plus the
-feature pages of its features when ``metadata.scan`` is a local ``./`` folder next to the
-graph file) and shows it in an ``<iframe srcdoc=...>`` so its styles and scripts stay apart
-from the notebook's. Read-only: no server, so no saving and no experiments.
+feature pages of its features, and of the feature contributors of its QK traces that only
+``qk_only_nodes`` describes, when ``metadata.scan`` is a local ``./`` folder next to the graph
+file) and shows it in an ``<iframe srcdoc=...>`` so its styles and scripts stay apart from
+the notebook's. Read-only: no server, so no saving and no experiments.
 """
 from __future__ import annotations
 
@@ -26,10 +27,14 @@ def _pages(graph: dict, folder: Path) -> dict:
     rel = scan[2:]
     rel = rel[len("data/"):] if rel.startswith("data/") else rel  # circuit-tracer's /data/ = the graph folder
     base = (folder / rel).resolve()
+    only = graph.get("qk_only_nodes")
+    only = list(only.values()) if isinstance(only, dict) else []  # QK contributors not among nodes
     out = {}
-    for n in graph.get("nodes", []):
+    for n in [*graph.get("nodes", []), *only]:
+        if not isinstance(n, dict) or n.get("feature") is None:
+            continue
         key = str(n.get("feature"))
-        if len(out) >= MAX_PAGES or key in out or n.get("feature_type") in ("embedding", "logit") \
+        if len(out) >= MAX_PAGES or key in out or n.get("feature_type") in ("embedding", "logit", "bias") \
                 or "error" in str(n.get("feature_type", "")):
             continue
         f = base / f"{key}.json"
