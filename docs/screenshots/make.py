@@ -6,7 +6,10 @@ Serves a temporary copy of graphs/ with ``cltrace serve``'s server (with the rea
 and the graph's transcoders when they are cached, for the experiment view) and drives the
 system Chromium: graph overview, a selected logit with its links, a feature card, a pinned
 subgraph with supernodes, an ablation. (big-graph.png and feature-card.png come from
-``CLTRACE_SCREENSHOTS=docs/screenshots pytest tests/test_serve.py``.)
+``CLTRACE_SCREENSHOTS=docs/screenshots pytest --full tests/test_serve.py``, and so do the
+attention panels' screenshots, on ``support.serve.qk_graph``: flow-heatmap.png (the Flow tab, a
+cell's nodes selected), edge-heads.png (a link's split by heads), head-qk.png (a head's pattern
+and its QK trace), qk-contributor.png (the card of a contributor only in qk_only_nodes).)
 """
 from __future__ import annotations
 
