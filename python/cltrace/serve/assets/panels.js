@@ -490,7 +490,7 @@
     const wrap = el("div", { class: "pattern-wrap" }, el("h4", { text: "attention pattern (rows: query, columns: key)" }));
     if (n < nPos) wrap.append(el("p", { class: "muted pattern-rows", text: `${n} of ${nPos} query rows stored (the traced queries and the last position)` }));
     const missing = traces.filter(([t]) => !row.has(String(t.query_pos))).length;
-    if (missing) wrap.append(el("p", { class: "muted", text: `query row not stored for ${missing} of the head's trace${traces.length === 1 ? "" : "s"}` }));
+    if (missing) wrap.append(el("p", { class: "muted", text: `not stored: the query row of ${missing} of the head's ${traces.length} trace${traces.length === 1 ? "" : "s"}` }));
     wrap.append(svg, legend(max, false, "probability"));
     return wrap;
   }
