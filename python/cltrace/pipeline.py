@@ -145,7 +145,7 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         t0 = time.perf_counter()
         record.attention = explain_attention(rm, graph, result, settings.attention,
                                              targets=list(spec.targets) or None)
-        times["attention"] = time.perf_counter() - t0
+        times["attention"] = time.perf_counter() - t0  # its forward, head loadings and QK traces
 
     t0 = time.perf_counter()
     slug, formats = spec.slug, settings.formats
@@ -155,7 +155,11 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
             from .features import pages_for_graph
 
             kept = graph.features[result.node_mask[:graph.n_features]].tolist()  # [k, 3]
-            info = pages_for_graph(pages, sorted({(int(l), int(f)) for l, _, f in kept}), out)
+            wanted = {(int(l), int(f)) for l, _, f in kept}
+            if record.attention is not None:  # and the QK contributors' pages
+                wanted |= {(c.layer, c.feature) for c in record.attention.contributors.values()
+                           if c.kind == "feature"}
+            info = pages_for_graph(pages, sorted(wanted), out)
             labelled = dict(labels=info["clerps"], scan=info["scan"])
         record.written.append(write_neuronpedia(graph, out, slug, result, attention=record.attention,
                                                 **labelled))

@@ -9,6 +9,7 @@ constants) is described in :attr:`AttentionReport.contributors`.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -131,15 +132,14 @@ def _logit_vectors(graph: Graph, state, model, targets) -> Tensor:
 def _chosen_traces(graph: Graph, result, report_edges: Tensor, L: HeadLoadings,
                    settings: QKSettings) -> list[tuple]:
     """(layer, head, query, key, (target, source)) of the heads carrying the most of the top
-    edges into the top nodes: the logits (by probability), then features by influence; per
-    node its ``qk_edges`` edges with the largest one-hop share, per edge its largest head."""
+    edges into the top nodes: the most probable logit, then the kept features by influence;
+    per node its ``qk_edges`` edges with the largest one-hop share, per edge its largest head."""
     table = graph.nodes()
     feats = torch.arange(graph.n_features)[result.node_mask[:graph.n_features]]
     feats = feats[result.influence[feats].argsort(descending=True, stable=True)]
-    logits = torch.arange(graph.logit_start, graph.n_nodes)
-    logits = logits[graph.logit_probs.argsort(descending=True, stable=True)]
+    top_logit = graph.logit_start + graph.logit_probs.argmax().reshape(1)
     out, seen = [], set()
-    for t in torch.cat([logits, feats])[:settings.qk_nodes].tolist():
+    for t in torch.cat([top_logit, feats])[:settings.qk_nodes].tolist():
         rows = (report_edges[:, 0] == t).nonzero().flatten()
         if rows.numel() == 0:
             continue
@@ -159,18 +159,24 @@ def _chosen_traces(graph: Graph, result, report_edges: Tensor, L: HeadLoadings,
 
 def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSettings(), *,
                       targets: Optional[Sequence] = None, edges: Optional[Tensor] = None,
-                      verbose: bool = False) -> AttentionReport:
+                      timings: Optional[dict] = None) -> AttentionReport:
     """Head loadings of ``edges`` (``[E, 2]`` (target, source) node indices; default: the
     edges ``result`` kept) and QK traces of the heads that carry the top ones (and of
     ``settings.qk_trace``), for ``graph`` traced with ``model`` (a ReplacementModel).
-    ``targets``: the targets the graph was traced with, if they were custom directions."""
+    ``targets``: the targets the graph was traced with, if they were custom directions.
+    ``timings`` (a dict), if given, receives the seconds of the forward, the head loadings and
+    the QK traces."""
     settings.check()
+    times = timings if timings is not None else {}
+    t0 = time.perf_counter()
     state = model.run(graph.tokens, all_logits=False)
     if not torch.equal(state.tokens.cpu(), graph.tokens.cpu()):
         raise UsageError("the graph's tokens differ from the model's tokenization")
     rows = EdgeRows(state, carry_prefix=True)
     af = state.active_features()
     cols = _columns(graph, state, af, rows)
+    times["forward"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if edges is None:
         r, c = result.edge_mask.nonzero(as_tuple=True)
         edges = torch.stack([graph.edge_targets[r], c], 1)
@@ -187,6 +193,8 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
                              _sources(graph, state, af, s_nodes, cols[s_nodes]), t_idx, s_idx,
                              cols[s_nodes], edge=known)
     loadings = HeadLoadings(*(x.float().cpu() for x in loadings))
+    times["loadings"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
 
     chosen = _chosen_traces(graph, result, edges, loadings, settings) if result is not None else []
     chosen += [(*t, None) for t in settings.qk_trace if t not in {c[:4] for c in chosen}]
@@ -213,6 +221,7 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
     queries = torch.arange(n) if n <= FULL_PATTERNS else torch.tensor(
         sorted({t.query_pos for t in traces} | {n - 1}))
     patterns = {(L, h): (queries, maps.pattern(L, h, queries).float().cpu()) for L, h in sorted(heads)}
+    times["qk"] = time.perf_counter() - t0
     return AttentionReport(edges, loadings, traces, trace_edges, contributors, patterns, settings)
 
 

@@ -32,8 +32,8 @@ class QKSettings:
     qk: bool = option(False, "explain attention: split every kept link by the heads that carry "
                       "it, and trace the scores of the heads that carry the top edges into the "
                       "most influential nodes (QK attribution; docs/method.md)")
-    qk_nodes: int = option(4, "trace the heads of the top edges into this many nodes (the "
-                           "logits, then features by influence)", metavar="N")
+    qk_nodes: int = option(4, "trace the heads of the top edges into this many nodes (the most "
+                           "probable logit, then the kept features by influence)", metavar="N")
     qk_edges: int = option(2, "edges per node whose main head is traced", metavar="K")
     qk_trace: tuple = option((), "trace these heads as well: LAYER.HEAD@QUERY:KEY[,...] "
                              "(positions count from 0)", metavar="L.H@Q:K", type=parse_traces,
