@@ -144,7 +144,19 @@ def test_qk_split_sums_to_the_score_and_matches_the_oracle(kind, skip):
             assert torch.allclose(d.q.M[:, col], maps.query_map(layer, head, q) @ r[q], atol=1e-10)
             assert torch.allclose(d.k.M[:, col], maps.key_map(layer, head, k) @ r[k], atol=1e-10)
         # the summary's identities and its top pairs are the pair matrix's top entries
-        tr = d.summary(q, k, 0.5, 6, 4)
+        tr = d.summary(6, 4, 0.5)
+        assert (tr.query_pos, tr.key_pos, tr.prob) == (q, k, 0.5)
+        af = state.active_features()
+        for col in [rows.token_start + 3, rows.error_start + 2 * state.n_pos + 5, 0, rows.n_features - 1, CONST]:
+            name = d.source_name(col)
+            if col == CONST:
+                assert name == f"constants into layer {layer}"
+            elif col >= rows.token_start:
+                assert name == f"token 3 '<{TOKENS[3]}>'"
+            elif col >= rows.error_start:
+                assert name == "error L2@5"
+            else:
+                assert name.startswith(f"feature L{int(af.layer[col])}#{int(af.feature[col])}@{int(af.pos[col])} ")
         pm = d.pair_matrix()
         top = pm.flatten().abs().topk(6).values
         assert torch.allclose(torch.tensor([abs(v) for *_, v in tr.pairs], dtype=torch.float64), top, atol=1e-12)
@@ -476,7 +488,7 @@ def test_induction_heads_read_the_earlier_copy(real_rm):
     for L, h in heads:
         for q in qs[1::2].tolist():
             k = q - m + 1
-            tr = decompose(rows, maps, L, h, q, k).summary(q, k, maps.prob(L, h, q, k), 3, 3)
+            tr = decompose(rows, maps, L, h, q, k).summary(3, 3, maps.prob(L, h, q, k))
             top_k = tr.k_marginals[0][0]
             hits += tok(top_k) == k - 1
             pair_hits += (tok(tr.pairs[0][0]), tok(tr.pairs[0][1])) == (q, k - 1)

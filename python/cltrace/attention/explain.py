@@ -204,7 +204,7 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
     traces, trace_edges, contributors = [], [], {}
     for layer, head, q, k, edge in chosen:
         dec = decompose(rows, maps, layer, head, q, k, sides=sides)
-        tr = dec.summary(q, k, maps.prob(layer, head, q, k), settings.qk_pairs, settings.qk_marginals)
+        tr = dec.summary(settings.qk_pairs, settings.qk_marginals, maps.prob(layer, head, q, k))
         traces.append(tr)
         trace_edges.append(edge)
         used = [(i, q) for i, _, _ in tr.pairs] + [(j, k) for _, j, _ in tr.pairs]

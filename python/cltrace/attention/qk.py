@@ -27,6 +27,7 @@ from torch import Tensor
 from ..attribution.rows import EdgeRows
 from ..frozen.model import Seeds
 from .maps import QKMaps
+from .settings import QKSettings
 
 CONST = -1  # the source index of the constants in pairs and marginals
 
@@ -95,6 +96,27 @@ class QKDecomposition:
     scaling: float
     q: QKSide
     k: QKSide
+    rows: Optional[EdgeRows] = None  # what the columns are (for :meth:`source_name`)
+
+    def source_name(self, col: int, decode=lambda t: f"<{t}>") -> str:
+        """What column ``col`` (or ``CONST``) is, e.g. ``token 4 ' France'``, ``error L3@4``,
+        ``feature L5#123@4 (a=1.21)``, ``constants`` (``decode``: a token id's text)."""
+        if col == CONST:
+            return f"constants into layer {self.layer}"
+        st = self.rows.state
+        if col >= self.rows.token_start:
+            p = col - self.rows.token_start
+            return f"token {p} {decode(int(st.tokens[p]))!r}"
+        if col >= self.rows.error_start:
+            L, p = divmod(col - self.rows.error_start, st.n_pos)
+            return f"error L{L}@{p}"
+        layer, pos, i = 0, 0, col
+        for layer, a in enumerate(st.acts):  # the columns run layer by layer, then by position
+            if i < a.feat_idx.numel():
+                pos = int(a.rows()[i])
+                return f"feature L{layer}#{int(a.feat_idx[i])}@{pos} (a={float(a.acts[i]):.3g})"
+            i -= a.feat_idx.numel()
+        raise IndexError(f"column {col} is out of range")
 
     @property
     def score(self) -> float:
@@ -145,8 +167,10 @@ class QKDecomposition:
         return [(int(qi[i]), int(ki[j]), float(v)) for (i, j), v in zip(best_i[order].tolist(), best_v[order])
                 if v != 0]
 
-    def summary(self, query_pos: int, key_pos: int, prob: float, n_pairs: int, n_marginals: int) -> QKTrace:
-        """The top ``n_pairs`` pairs and ``n_marginals`` marginals per side, with the rest."""
+    def summary(self, n_pairs: int = QKSettings.qk_pairs, n_marginals: int = QKSettings.qk_marginals,
+                prob: float = float("nan")) -> QKTrace:
+        """The top ``n_pairs`` pairs and ``n_marginals`` marginals per side, with the rest
+        (``prob``: the head's attention probability at (query, key), recorded as given)."""
         score = self.score
 
         def top(marg: Tensor) -> list:
@@ -159,7 +183,7 @@ class QKDecomposition:
         k_const = float(self.scaling * (self.q.total @ self.k.const))
         q_top, k_top = top(qm), top(km)
         pairs = self.top_pairs(n_pairs)
-        return QKTrace(self.layer, self.head, query_pos, key_pos, score, prob, pairs, q_top, k_top,
+        return QKTrace(self.layer, self.head, self.q.pos, self.k.pos, score, prob, pairs, q_top, k_top,
                        q_const, k_const, score - sum(v for *_, v in pairs),
                        score - q_const - sum(v for _, v in q_top), score - k_const - sum(v for _, v in k_top))
 
@@ -184,4 +208,4 @@ def decompose(rows: EdgeRows, maps: QKMaps, layer: int, head: int, query: int, k
         sides[qkey] = side(rows, maps, maps.query_map(layer, head, query), layer, query, const)
     if kkey not in sides:
         sides[kkey] = side(rows, maps, maps.key_map(layer, head, key), layer, key, const)
-    return QKDecomposition(layer, head, maps.scaling, sides[qkey], sides[kkey])
+    return QKDecomposition(layer, head, maps.scaling, sides[qkey], sides[kkey], rows)
