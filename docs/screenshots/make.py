@@ -1,15 +1,28 @@
 """Regenerate the viewer screenshots of this folder from the committed example graphs.
 
-    PYTHONPATH=python:tests python docs/screenshots/make.py [OUT_DIR]
+    PYTHONPATH=python:tests python docs/screenshots/make.py [OUT_DIR] [--only main|paris-qk]
 
-Serves a temporary copy of graphs/ with ``cltrace serve``'s server (with the real Gemma 3 270M
-and the graph's transcoders when they are cached, for the experiment view) and drives the
-system Chromium: graph overview, a selected logit with its links, a feature card, a pinned
-subgraph with supernodes, an ablation. (big-graph.png and feature-card.png come from
+``main`` (graph.png, selected-logit.png, selected-feature.png, pinned-supernodes.png,
+experiment.png): serves a temporary copy of graphs/*.json with ``cltrace serve``'s server (with
+the real Gemma 3 270M and the graph's transcoders when they are cached, for the experiment view)
+and drives the system Chromium: graph overview, a selected logit with its links, a feature card,
+a pinned subgraph with supernodes, an ablation (experiment.png only when the model is cached).
+
+``paris-qk``: the attention panels on the real graph written with ``--qk``
+(graphs/the-capital-of-france-is-paris-qk.json, graphs/ served as it is, feature pages included,
+no model; 1500x900, the head 1500x1300): paris-qk-flow.png (the Flow tab, the most relevant cell
+of a layer selected, layer 0 at " France": its nodes outlined in the graph and listed),
+paris-qk-edge.png (the Edge card of the link from the " France" token to the " Paris" logit, its
+weight split by heads: layer 12 head 2 the largest), paris-qk-head.png (the Heads tab on layer 12
+head 2, opened from that split: its pattern, the trace query 5 " is" -> key 4 " France", its
+pairs and marginals). The run fails on a page error or a failed request. Without ``--only``: both.
+
+(big-graph.png and feature-card.png come from
 ``CLTRACE_SCREENSHOTS=docs/screenshots pytest --full tests/test_serve.py``, and so do the
-attention panels' screenshots, on ``support.serve.qk_graph``: flow-heatmap.png (the Flow tab, a
-cell's nodes selected), edge-heads.png (a link's split by heads), head-qk.png (a head's pattern
-and its QK trace), qk-contributor.png (the card of a contributor only in qk_only_nodes).)
+attention panels' screenshots of the small synthetic ``support.serve.qk_graph``:
+flow-heatmap.png (the Flow tab, a cell's nodes selected), edge-heads.png (a link's split by heads),
+head-qk.png (a head's pattern and its QK trace), qk-contributor.png (the card of a contributor
+only in qk_only_nodes).)
 """
 from __future__ import annotations
 
@@ -21,15 +34,28 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+QK_GRAPH = "the-capital-of-france-is-paris-qk.json"
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent, help="where the PNGs go")
+    ap.add_argument("--only", choices=("main", "paris-qk"), help="make only these screenshots")
+    a = ap.parse_args()
+    if a.only != "paris-qk":
+        main_shots(a.out)
+    if a.only != "main":
+        paris_qk_shots(a.out)
+    print(f"screenshots in {a.out}")
+    return 0
+
+
+def main_shots(out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     from cltrace.serve import make_server, serve_in_thread
     from support.serve import cleanup, launch_chromium
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
     tmp = Path(tempfile.mkdtemp())
     for f in (ROOT / "graphs").glob("*.json"):
         shutil.copy(f, tmp / f.name)
@@ -80,9 +106,68 @@ def main() -> int:
         ctx.close()
         cleanup(profile)
     srv.shutdown()
+    srv.server_close()
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"screenshots in {out}")
-    return 0
+
+
+def paris_qk_shots(out: Path) -> None:
+    """The Flow tab, an Edge card and the Heads tab on the real --qk graph (see the docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    from cltrace.serve import make_server, serve_in_thread
+    from support.serve import cleanup, launch_chromium
+
+    root = ROOT / "graphs"
+    g = json.loads((root / QK_GRAPH).read_text())
+    ids = {n["node_id"] for n in g["nodes"]}
+    src = next(i for i in ids if i.startswith("E_") and i.endswith("_4"))  # the " France" token
+    tgt = next(n["node_id"] for n in g["nodes"] if n["feature_type"] == "logit" and '" Paris"' in n["clerp"])
+    link = next(lk for lk in g["links"] if (lk["source"], lk["target"]) == (src, tgt))
+    L, h, _ = max(link["heads"]["one_hop"], key=lambda x: abs(x[2]))
+    assert (L, h) == (12, 2), (L, h)  # the largest head of the split, as the docstring says
+    trace = next(t for t in g["qk_traces"]
+                 if (t["layer"], t["head"], t.get("source"), t.get("target")) == (L, h, src, tgt))
+    assert (trace["query_pos"], trace["key_pos"]) == (5, 4)
+    rel = g["relevance"]  # the most relevant cell of a layer (row E: a token alone)
+    _, row, pos = max((v, r, p) for r, vs in zip(rel["rows"], rel["values"]) if r != "E" for p, v in enumerate(vs))
+    srv = make_server(root, port=0)
+    serve_in_thread(srv)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        pg = ctx.new_page()
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+        def shot(name, height):
+            pg.set_viewport_size({"width": 1500, "height": height})
+            pg.mouse.move(5, height - 5)  # (no tooltip over the screenshot)
+            pg.screenshot(path=str(out / f"{name}.png"))
+
+        pg.set_viewport_size({"width": 1500, "height": 900})
+        pg.goto(f"{url}/#graph={QK_GRAPH}")
+        pg.wait_for_function("document.body.dataset.ready === '1'")
+        pg.click("#tab-flow")
+        pg.click(f'#flow-map .hcell[data-r="{row}"][data-c="{pos}"]')
+        assert pg.evaluate("document.body.dataset.cell") == f"{row}:{pos}"
+        shot("paris-qk-flow", 900)
+        pg.click("#cell-clear")  # (its outline off the next shots)
+        pg.click("#tab-node")
+        pg.click(f'[data-id="{tgt}"]')
+        pg.locator("#links-body .incoming li").filter(has_text=f"({src})").locator(".edge-btn").click()
+        assert pg.evaluate("document.body.dataset.edge") == f"{src}>{tgt}"
+        pg.evaluate("document.getElementById('edge-card').scrollIntoView({block: 'start'})")
+        shot("paris-qk-edge", 900)
+        pg.click(f'#edge-body .head-btn[data-layer="{L}"][data-head="{h}"]')
+        assert pg.evaluate("document.body.dataset.head") == f"{L}:{h}"
+        pg.wait_for_selector("#head-body .trace.active .pairs tr.pair")
+        shot("paris-qk-head", 1300)
+        ctx.close()
+        cleanup(profile)
+    srv.shutdown()
+    srv.server_close()
+    assert not errors, errors
 
 
 if __name__ == "__main__":
