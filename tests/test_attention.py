@@ -499,3 +499,30 @@ def test_induction_heads_read_the_earlier_copy(real_rm):
           f"top key-side source = the earlier copy in {hits}/{n}, top pair = (query token, earlier copy) "
           f"in {pair_hits}/{n}")
     assert hits >= 0.75 * n and pair_hits >= 0.5 * n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explain_attention_in_model_precision(device, dtype):
+    """fp32 and bf16 (CPU, and CUDA where there is one), with a 4-position prefix without
+    nodes (a chat turn's): the report's splits sum to the graph's edges and its traces' scores
+    are the fp64 model's, to the precision's rounding."""
+    from cltrace.replacement import ReplacementModel
+
+    ref = exact_tiny("plt+skip", skip_positions=4)
+    low = tiny_replacement("plt+skip", dtype=torch.float32, skip_positions=4)  # the same weights
+    rm = ReplacementModel(low.model.to(device=device, dtype=dtype), low.transcoders, dtype=dtype,
+                          skip_positions=4)
+    graph = attribute(TOKENS, rm, max_feature_nodes=None)
+    result = prune(graph, 0.8, 0.85)
+    trace = (3, 2, 7, 0)  # a key at <bos>, inside the prefix
+    report = explain_attention(rm, graph, result, QKSettings(qk=True, qk_nodes=2, qk_trace=(trace,)))
+    L = report.loadings
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    total = L.residual + L.one_hop.sum((1, 2)) + L.multi_hop
+    assert torch.allclose(total, L.edge, atol=tol * L.edge.abs().max())
+    assert (graph.features[:, 1] >= 4).all()  # no feature in the prefix
+    hand = next(t for t in report.traces if (t.layer, t.head, t.query_pos, t.key_pos) == trace)
+    state64 = ref.run(torch.tensor(TOKENS))
+    exact = QKMaps(state64, ref.parts).score(*trace)
+    assert hand.score == pytest.approx(exact, rel=tol, abs=tol)
+    assert sum(v for *_, v in hand.pairs) + hand.pairs_rest == pytest.approx(hand.score, rel=1e-6, abs=1e-6)

@@ -123,7 +123,7 @@ def peer_python():
 
 @pytest.fixture(scope="module")
 def graph_folder(tmp_path_factory):
-    """``cltrace features`` then ``cltrace attribute --features``, the real commands, on a tiny
+    """``cltrace features`` then ``cltrace attribute --features --qk``, the real commands, on a tiny
     random Gemma 3 saved with a word-level tokenizer and its transcoders in the Gemma Scope 2
     layout: the folder the user would point circuit-tracer's server at."""
     from cltrace.cli import main
@@ -141,7 +141,7 @@ def graph_folder(tmp_path_factory):
     assert main(["features", *common, "--corpus", str(root / "corpus.txt"), "--tokens", "300",
                  "--ctx", str(CTX), "--top-k", "5", "--samples", "8", "--window", "3",
                  "--batch-rows", "4", "--out", str(root / "pages")]) == 0
-    assert main(["attribute", PROMPT, *common, "--features", str(root / "pages"),
+    assert main(["attribute", PROMPT, *common, "--features", str(root / "pages"), "--qk",
                  "--out", str(root / "graph"), "--slug", SLUG, "--format", "json"]) == 0
     return root / "graph"
 
@@ -267,7 +267,9 @@ def test_a_clicked_features_page_is_that_feature(server, graph_folder):
         assert page["quantile_values"] and all(is_num(v) for v in page["quantile_values"])
         assert page["histogram"] and all(is_num(v) for v in page["histogram"]) and sum(page["histogram"]) > 0
         assert is_num(page["activation_frequency"]) and 0 < page["activation_frequency"] <= 1
-    assert len(list((graph_folder / "features").iterdir())) == len({n["feature"] for n in feats})
+    # the pages of the feature nodes and of the QK contributors the graph describes aside (--qk)
+    extra = [n for n in data.get("qk_only_nodes", {}).values() if n["feature_type"] == FEATURE]
+    assert len(list((graph_folder / "features").iterdir())) == len({n["feature"] for n in feats + extra})
     assert get(f"{server}data/features/{max(n['feature'] for n in feats) + 1}.json")[0] == 404
 
 

@@ -80,8 +80,9 @@ def _target_seeds(graph: Graph, state, nodes: Tensor, logit_vecs: Tensor) -> See
     """Seeds of the target nodes ``nodes`` (features: encoder columns; logits: directions)."""
     table = graph.nodes()
     fz = state.frozen
+    dev = state.tokens.device
     layer, pos = table.layer[nodes].clone(), table.pos[nodes].clone()
-    vec = torch.empty(len(nodes), fz.d_model, dtype=fz.dtype)
+    vec = torch.empty(len(nodes), fz.d_model, dtype=fz.dtype, device=dev)
     is_feat = table.kind[nodes] == NodeKind.FEATURE
     if bool(is_feat.any()):
         f = nodes[is_feat]
@@ -89,7 +90,7 @@ def _target_seeds(graph: Graph, state, nodes: Tensor, logit_vecs: Tensor) -> See
     if bool((~is_feat).any()):
         vec[~is_feat] = logit_vecs[nodes[~is_feat] - graph.logit_start].to(fz.dtype)
         layer[~is_feat] = graph.n_layers
-    return Seeds(layer, pos, vec)
+    return Seeds(layer.to(dev), pos.to(dev), vec)
 
 
 def _sources(graph: Graph, state, af, nodes: Tensor, cols: Tensor) -> Sources:
@@ -98,8 +99,9 @@ def _sources(graph: Graph, state, af, nodes: Tensor, cols: Tensor) -> Sources:
     table = graph.nodes()
     fz, tcs = state.frozen, state.transcoders
     S, n, d = len(nodes), fz.n_layers, fz.d_model
-    embed = torch.zeros(S, d, dtype=fz.dtype)
-    writes = torch.zeros(S, n, d, dtype=fz.dtype)
+    dev = state.tokens.device
+    embed = torch.zeros(S, d, dtype=fz.dtype, device=dev)
+    writes = torch.zeros(S, n, d, dtype=fz.dtype, device=dev)
     for i, node in enumerate(nodes.tolist()):
         kind, layer, pos = NodeKind(int(table.kind[node])), int(table.layer[node]), int(table.pos[node])
         if kind == NodeKind.TOKEN:
@@ -111,7 +113,7 @@ def _sources(graph: Graph, state, af, nodes: Tensor, cols: Tensor) -> Sources:
             for L in range(layer, n):
                 if layer in tcs.sources_writing_to(L):
                     writes[i, L] = a * tcs.decoder_slice(layer, L)[f].to(fz.dtype)
-    return Sources(table.pos[nodes], embed, writes)
+    return Sources(table.pos[nodes].to(dev), embed, writes)
 
 
 def _logit_vectors(graph: Graph, state, model, targets) -> Tensor:

@@ -146,9 +146,12 @@ def head_loadings(rows: EdgeRows, targets: Seeds, sources: Sources, t_idx: Tenso
     column in ``rows`` (:class:`EdgeRows`), which gives the exact edges (the targets' rows,
     computed unless ``edge [E]``, the edges already known, is given)."""
     fz = rows.state.frozen
+    dev = fz.W_U.device
+    targets, sources = Seeds(*(x.to(dev) for x in targets)), Sources(*(x.to(dev) for x in sources))
+    t_idx, s_idx, s_col = t_idx.to(dev), s_idx.to(dev), s_col.to(dev)
     if edge is None:
         edge = rows(targets)[t_idx, s_col[s_idx]]
-    edge = edge.to(fz.dtype)
+    edge = edge.to(device=dev, dtype=fz.dtype)
     gh = head_free_grads(fz, targets)  # [T, n, d]
     f = head_free_streams(fz, sources)  # [S, n + 1, d]
     t_pos, s_pos, top = targets.pos[t_idx], sources.pos[s_idx], targets.layer[t_idx]

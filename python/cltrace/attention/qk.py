@@ -58,7 +58,7 @@ def constant_streams(rows: EdgeRows, layer: int) -> Tensor:
 def side(rows: EdgeRows, maps: QKMaps, A: Tensor, layer: int, pos: int, const: Tensor) -> QKSide:
     """The side read by the map ``A [head_dim, d_model]`` from r_layer[pos]."""
     hd = A.shape[0]
-    seeds = Seeds(torch.full((hd,), layer), torch.full((hd,), pos), A)
+    seeds = Seeds(torch.full((hd,), layer, device=A.device), torch.full((hd,), pos, device=A.device), A)
     M = rows(seeds, at_resid=True)  # [hd, n_cols]
     return QKSide(pos, M, A @ const[pos], A @ maps.resid(layer, pos))
 
@@ -151,7 +151,7 @@ class QKDecomposition:
         order = qn.argsort(descending=True)
         k_max = float(Kv.norm(dim=1).max()) if len(ki) else 0.0
         best_v = Qv.new_zeros(0)
-        best_i = torch.zeros(0, 2, dtype=torch.int64)
+        best_i = torch.zeros(0, 2, dtype=torch.int64, device=Qv.device)
         for b in range(0, len(order), 512):
             blk = order[b:b + 512]
             if len(best_v) >= k and float(qn[blk[0]]) * k_max < float(best_v.abs().min()):

@@ -98,6 +98,8 @@ def as_dense(P: Pattern) -> Tensor:
 def entries(P: Pattern, q: Tensor, k: Tensor) -> Tensor:
     """``P[:, q[e], k[e]]`` for E (query, key) pairs: ``[E, n_heads]``, read from the band of a
     sliding-window pattern without forming the dense one (zero outside the band)."""
+    dev = P.blocks.device if isinstance(P, BandedPattern) else P.device
+    q, k = q.to(dev), k.to(dev)
     if not isinstance(P, BandedPattern):
         return P[:, q, k].T
     Bq, W = P.block, P.window
