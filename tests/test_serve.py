@@ -18,7 +18,7 @@ import torch
 from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
 from support.serve import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
-                            qk_graph, synthetic_graph, tiny_setup)
+                            qk_graph, serving, synthetic_graph, tiny_setup)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")
 
@@ -441,11 +441,8 @@ def qk_folder(tmp_path_factory):
 def qk(qk_folder):
     """A server (no model) over qk_folder."""
     root, g = qk_folder
-    srv = make_server(root, port=0)
-    serve_in_thread(srv)
-    yield g, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(root) as url:
+        yield g, url
 
 
 @pytest.fixture
@@ -757,11 +754,8 @@ def tiny_qk(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinyqk")
     (root / "tinyqk.json").write_text(json.dumps(g, separators=(",", ":"), allow_nan=False))
     g = json.loads((root / "tinyqk.json").read_text())  # (as the page reads it)
-    srv = make_server(root, port=0)
-    serve_in_thread(srv)
-    yield g, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(root) as url:
+        yield g, url
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -312,3 +313,18 @@ def browser_missing() -> str:
 
 def cleanup(profile):
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(root, **kw):
+    """``cltrace serve`` of the folder ``root`` on a free local port (``kw``: make_server's),
+    in a thread: yields its base URL, then shuts it down."""
+    from cltrace.serve import make_server, serve_in_thread
+
+    srv = make_server(root, port=0, **kw)
+    serve_in_thread(srv)
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
