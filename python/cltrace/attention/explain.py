@@ -23,11 +23,12 @@ from ..frozen.model import Seeds
 from ..graph.graph import Graph, NodeKind
 from .loadings import HeadLoadings, Sources, head_loadings
 from .maps import QKMaps
-from .qk import CONST, QKDecomposition, QKTrace, decompose
+from .qk import CONST, QKDecomposition, QKTrace, decompose, side_keys
 from .settings import QKSettings
 
 FULL_PATTERNS = 128  # prompts up to this many positions get whole head patterns in the report
 MAX_PATTERN_HEADS = 32  # patterns kept: the traced heads, then the heads carrying most of the links
+
 
 @dataclass
 class Contributor:
@@ -65,7 +66,7 @@ def _columns(graph: Graph, state, af, rows: EdgeRows) -> Tensor:
     g = graph.features
     gkey = (g[:, 0] * n_pos + g[:, 1]) * (1 << 32) + g[:, 2]
     col = torch.searchsorted(key.cpu(), gkey)
-    if len(gkey) and not bool((key.cpu()[col.clamp(max=len(key) - 1)] == gkey).all()):
+    if len(gkey) and (len(key) == 0 or not bool((key.cpu()[col.clamp(max=len(key) - 1)] == gkey).all())):
         raise UsageError("the graph's features are not active on its prompt with this model and "
                          "dictionary set: trace it again with the same ones")
     out = torch.full((graph.n_nodes,), -1, dtype=torch.int64)
@@ -131,7 +132,7 @@ def _logit_vectors(graph: Graph, state, model, targets) -> Tensor:
     return state.frozen.logit_direction(graph.logit_tokens.to(state.tokens.device))
 
 
-def _chosen_traces(graph: Graph, result, report_edges: Tensor, L: HeadLoadings,
+def _chosen_traces(graph: Graph, result, report_edges: Tensor, loads: HeadLoadings,
                    settings: QKSettings) -> list[tuple]:
     """(layer, head, query, key, (target, source)) of the heads carrying the most of the top
     edges into the top nodes: the most probable logit, then the kept features by influence;
@@ -145,12 +146,12 @@ def _chosen_traces(graph: Graph, result, report_edges: Tensor, L: HeadLoadings,
         rows = (report_edges[:, 0] == t).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        share = L.one_hop[rows].sum((1, 2)).abs()
+        share = loads.one_hop[rows].sum((1, 2)).abs()
         for r in rows[share.argsort(descending=True, stable=True)][:settings.qk_edges].tolist():
-            if float(L.one_hop[r].abs().max()) == 0.0:
+            if float(loads.one_hop[r].abs().max()) == 0.0:
                 continue
-            flat = int(L.one_hop[r].abs().flatten().argmax())
-            layer, head = divmod(flat, L.one_hop.shape[2])
+            flat = int(loads.one_hop[r].abs().flatten().argmax())
+            layer, head = divmod(flat, loads.one_hop.shape[2])
             s = int(report_edges[r, 1])
             key = (layer, head, int(table.pos[t]), int(table.pos[s]))
             if key not in seen:
@@ -174,6 +175,9 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
     state = model.run(graph.tokens, all_logits=False)
     if not torch.equal(state.tokens.cpu(), graph.tokens.cpu()):
         raise UsageError("the graph's tokens differ from the model's tokenization")
+    maps = QKMaps(state, model.parts)
+    for trace in settings.qk_trace:  # a bad request fails before the work
+        maps.check(*trace)
     rows = EdgeRows(state, carry_prefix=True)
     af = state.active_features()
     cols = _columns(graph, state, af, rows)
@@ -200,11 +204,13 @@ def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSett
 
     chosen = _chosen_traces(graph, result, edges, loadings, settings) if result is not None else []
     chosen += [(*t, None) for t in settings.qk_trace if t not in {c[:4] for c in chosen}]
-    maps = QKMaps(state, model.parts)
     node_of_col = {int(c): i for i, c in enumerate(cols.tolist()) if c >= 0}
-    sides: dict = {}
+    sides: dict = {}  # shared between traces; a side is dropped once no later trace needs it
     traces, trace_edges, contributors = [], [], {}
-    for layer, head, q, k, edge in chosen:
+    for i, (layer, head, q, k, edge) in enumerate(chosen):
+        later = {key for c in chosen[i:] for key in side_keys(maps, *c[:4])}
+        for key in [key for key in sides if key not in later]:
+            del sides[key]
         dec = decompose(rows, maps, layer, head, q, k, sides=sides)
         tr = dec.summary(settings.qk_pairs, settings.qk_marginals, maps.prob(layer, head, q, k))
         traces.append(tr)

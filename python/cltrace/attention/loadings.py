@@ -36,14 +36,14 @@ from ..frozen.model import FrozenLinearModel, Seeds
 class HeadLoadings(NamedTuple):
     """The head split of E edges (``edge = residual + one_hop.sum((1, 2)) + multi_hop``)."""
 
-    edge: Tensor  # [E]  the edge A[t, s], from the exact backward row
+    edge: Tensor  # [E]  the edge A[t, s]: the targets' backward rows, or the values given
     residual: Tensor  # [E]  paths through no head
     one_hop: Tensor  # [E, n_layers, n_heads]  paths through exactly that head
     multi_hop: Tensor  # [E]  paths through two or more heads
 
 
 class Sources(NamedTuple):
-    """E sources as the frozen model sees them: where they enter and what they write."""
+    """S sources as the frozen model sees them: where they enter and what they write."""
 
     pos: Tensor  # [S] int64  position
     embed: Tensor  # [S, d_model]  written into r_0 (a token's embedding; zero otherwise)
@@ -72,11 +72,11 @@ def head_free_streams(fz: FrozenLinearModel, src: Sources) -> Tensor:
 def read_vectors(fz: FrozenLinearModel, targets: Seeds) -> Tensor:
     """Each target's direction through its frozen norm, ``[T, d]``: what it reads from h_L at
     its position (through k_pre at layer L), or from r_n (through the final norm, a logit)."""
-    out = targets.vec.to(fz.dtype).clone()
-    for i, (L, p) in enumerate(zip(targets.layer.tolist(), targets.pos.tolist())):
-        norm = fz.k_final if L == fz.n_layers else fz.layers[L].k_pre
-        out[i] *= norm.scale[p, 0] * norm.gain
-    return out
+    norms = [fl.k_pre for fl in fz.layers] + [fz.k_final]  # indexed by the target's layer
+    scale = torch.stack([k.scale[:, 0] for k in norms])  # [n_layers + 1, n_pos]
+    gain = torch.stack([k.gain for k in norms])  # [n_layers + 1, d]
+    L, p = targets.layer, targets.pos
+    return targets.vec.to(fz.dtype) * scale[L, p][:, None] * gain[L]
 
 
 def head_free_grads(fz: FrozenLinearModel, targets: Seeds) -> Tensor:

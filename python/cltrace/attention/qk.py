@@ -188,6 +188,12 @@ class QKDecomposition:
                        score - q_const - sum(v for _, v in q_top), score - k_const - sum(v for _, v in k_top))
 
 
+def side_keys(maps: QKMaps, layer: int, head: int, query: int, key: int) -> tuple:
+    """The keys of a score's constant streams, query side and key side in :func:`decompose`'s
+    ``sides``: the query side is the head's at its position, the key side its KV head's."""
+    return ("const", layer), ("q", layer, head, query), ("k", layer, head // maps.rep, key)
+
+
 def decompose(rows: EdgeRows, maps: QKMaps, layer: int, head: int, query: int, key: int,
               const: Optional[Tensor] = None, sides: Optional[dict] = None) -> QKDecomposition:
     """The split of head ``head`` of layer ``layer``'s score at (``query``, ``key``).
@@ -200,10 +206,10 @@ def decompose(rows: EdgeRows, maps: QKMaps, layer: int, head: int, query: int, k
     if rows.start:
         raise ValueError("QK attribution needs EdgeRows(state, carry_prefix=True)")
     sides = {} if sides is None else sides
-    if ("const", layer) not in sides:
-        sides[("const", layer)] = constant_streams(rows, layer) if const is None else const
-    const = sides[("const", layer)]
-    qkey, kkey = ("q", layer, head, query), ("k", layer, head // maps.rep, key)
+    ckey, qkey, kkey = side_keys(maps, layer, head, query, key)
+    if ckey not in sides:
+        sides[ckey] = constant_streams(rows, layer) if const is None else const
+    const = sides[ckey]
     if qkey not in sides:
         sides[qkey] = side(rows, maps, maps.query_map(layer, head, query), layer, query, const)
     if kkey not in sides:
