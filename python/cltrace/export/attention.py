@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..graph.graph import Graph
-
 
 def _round(x: float) -> float:
     return float(f"{x:.7g}")
@@ -47,7 +45,7 @@ def contributor_id(c, ids: list[str]) -> str:
     return f"{c.layer}_{c.feature}_{c.pos}"  # a feature the graph did not visit
 
 
-def qk_fields(graph: Graph, report, ids: list[str], shown: set[str],
+def qk_fields(report, ids: list[str], shown: set[str],
               describe: Callable[[int], dict], describe_feature: Callable[[Any], dict]) -> dict[str, Any]:
     """The top-level ``qk_traces``, ``qk_only_nodes`` and ``head_patterns``, and per node id
     its Neuronpedia ``qk_tracing_results`` (under ``"by_node"``). ``shown``: the ids among

@@ -1,7 +1,8 @@
 """The graph JSON read by Neuronpedia and circuit-tracer's local viewer, and graph-metadata.json.
 
 Only what pruning kept is written: the kept nodes that have a kept edge (tokens and logits
-always), and the kept edges, ordered by (target, source) node index. Output is a pure
+always), and the kept edges, ordered by (target, source) node index, and the token x layer
+``relevance`` map; with an attention report, its fields (:mod:`.attention`). Output is a pure
 function of the graph and the settings, so identical inputs give byte-identical files.
 Schema: ``graph_schema.json`` beside this file.
 """
@@ -152,7 +153,7 @@ def to_neuronpedia(graph: Graph, slug: str, result: Optional[PruneResult] = None
             split = heads.get((link["target"], link["source"]))
             if split is not None:
                 link["heads"] = split
-        qk = qk_fields(graph, attention, ids, {n["node_id"] for n in nodes}, make,
+        qk = qk_fields(attention, ids, {n["node_id"] for n in nodes}, make,
                        lambda c: _unvisited_feature(c, labels))
         for node in nodes:
             if node["node_id"] in qk["by_node"]:
