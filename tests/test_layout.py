@@ -28,7 +28,7 @@ RANK = {
     "ops": 0, "reference": 0, "atomic": 0, "ray_pool": 0,
     "graph": 1, "models": 1,
     "transcoders": 2, "export": 2,
-    "frozen": 3,
+    "frozen": 3, "evaluation": 3,  # evaluation: models, transcoders and ops only (its docstring)
     "replacement": 4,
     "attribution": 5, "steering": 5, "training": 5,
     "features": 6, "attention": 6,

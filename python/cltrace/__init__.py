@@ -61,12 +61,16 @@ _LAZY = {
     "SparseActs": "cltrace.ops",
     "show": "cltrace.serve",
     "FeaturePages": "cltrace.features",
+    "evaluate_set": "cltrace.evaluation",
+    "EvalSettings": "cltrace.evaluation",
+    "EvalReport": "cltrace.evaluation",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .attention import QKSettings, explain_attention, qk_attribution  # noqa: F401
     from .attribution import AttributionSettings, attribute  # noqa: F401
     from .errors import UsageError  # noqa: F401
+    from .evaluation import EvalReport, EvalSettings, evaluate_set  # noqa: F401
     from .features import FeaturePages  # noqa: F401
     from .frozen import FrozenLinearModel, Seeds  # noqa: F401
     from .graph import Graph, PruneSettings, graph_scores, prune  # noqa: F401

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..evaluation.metrics import FVUSums
 from ..transcoders.base import TranscoderSet
 from .model import StepStats, TrainConfig, TranscoderParams
 from ..errors import UsageError
@@ -305,9 +306,7 @@ def evaluate(ts: TranscoderSet, source, idx: Tensor, chunk_rows: int = 16,
     the rows ``idx`` of ``source``: ``({layer: fvu}, {layer: l0}, n_tokens)``. With ``prefix``
     only features ``< prefix`` take part (a Matryoshka prefix of the dictionary)."""
     layers = sorted(ts.layers)
-    err = {L: 0.0 for L in layers}
-    ss = {L: torch.zeros(()) for L in layers}
-    s1 = {L: 0.0 for L in layers}
+    sums = {L: FVUSums() for L in layers}  # the FVU as cltrace.evaluation defines it
     nnz = {L: 0 for L in layers}
     n = 0
     for c in range(0, idx.numel(), chunk_rows):
@@ -325,12 +324,9 @@ def evaluate(ts: TranscoderSet, source, idx: Tensor, chunk_rows: int = 16,
                 recon[L] += x @ tc.W_skip
             nnz[L] += int((acts != 0).sum())
         for i, L in enumerate(layers):
-            y = act.y[i].double()
-            err[L] += float((recon[L].double() - y).square().sum())
-            ss[L] = ss[L] + y.square().sum()
-            s1[L] = s1[L] + y.sum(0)
+            sums[L].add(recon[L], act.y[i])
         n += act.x.shape[1]
-    fvu = {L: err[L] / max(float(ss[L] - (s1[L] ** 2).sum() / n), 1e-30) for L in layers}
+    fvu = {L: sums[L].value for L in layers}
     return fvu, {L: nnz[L] / max(n, 1) for L in layers}, n
 
 
