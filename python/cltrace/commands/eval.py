@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if json_path is not None:
         data = report.to_json()
         data["corpus"] = str(args.corpus)
+        data["set_source"] = args.transcoders or "starter"
         atomic_write_text(json_path, json.dumps(data, indent=1) + "\n")
         written.append(json_path)
     if plot_path is not None:
