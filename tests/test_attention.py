@@ -422,9 +422,10 @@ def test_ablating_a_key_source_moves_the_unfrozen_head_as_predicted(real_rm):
     the replacement model), remove the top key-side source of a traced (q, k) from every
     stream, and compare the change of P[q, k] with the first-order prediction from the QK
     marginals at every key of that query: Δs(k') ≈ -(q marginal + k marginal of the source)
-    (exact up to the pair term Q_j·K_j, checked), Δp_k ≈ p_k (Δs_k - Σ p_k' Δs_k')."""
+    (exact up to the pair term Q_j·K_j, checked), Δp_k ≈ p_k (Δs_k - Σ p_k' Δs_k'), for 1 %,
+    10 % and all of the source (first order: within 3 % at 1 %; the sign and size at 100 %)."""
     prompt = "The capital of France is"
-    graph = attribute(prompt, real_rm)
+    graph = attribute(prompt, real_rm, max_feature_nodes=500)
     result = prune(graph)
     report = explain_attention(real_rm, graph, result, QKSettings(qk=True, qk_nodes=2))
     state = real_rm.run(prompt)
@@ -439,7 +440,7 @@ def test_ablating_a_key_source_moves_the_unfrozen_head_as_predicted(real_rm):
         decs = {kk: decompose(rows, maps, L, h, q, kk, sides=sides) for kk in keys}
         A_q, r = maps.query_map(L, h, q), [maps.resid(L, p) for p in range(state.n_pos)]
         p_old = torch.tensor([maps.prob(L, h, q, kk) for kk in keys], dtype=torch.float64)
-        for frac in (0.1, 1.0):
+        for frac in (0.01, 0.1, 1.0):
             s_old, s_new, ds_pred = [], [], []
             for kk in keys:
                 A_k = maps.key_map(L, h, kk)
@@ -456,9 +457,9 @@ def test_ablating_a_key_source_moves_the_unfrozen_head_as_predicted(real_rm):
             actual = float(torch.softmax(s_new, 0)[i] - p_old[i])
             predicted = float(p_old[i] * (ds_pred[i] - (p_old * ds_pred).sum()))
             agreement.append((L, h, q, k, frac, actual, predicted))
-            if frac == 0.1:  # a small ablation: first order holds
-                assert predicted == pytest.approx(actual, rel=0.1, abs=1e-4), agreement[-1]
-            else:  # the whole source: the softmax's curvature shows, the sign and size hold
+            if frac == 0.01:  # a small ablation: first order holds
+                assert predicted == pytest.approx(actual, rel=0.03, abs=1e-5), agreement[-1]
+            elif frac == 1.0:  # the whole source: the softmax's curvature shows, the sign and size hold
                 assert predicted * actual > 0 and 1 / 3 < predicted / actual < 3, agreement[-1]
     print("\n(layer, head, q, k, fraction ablated, Δp actual, Δp first-order):")
     for row in agreement:
