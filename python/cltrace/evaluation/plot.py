@@ -1,7 +1,8 @@
 """SVG picture of an evaluation, drawn in pure Python (no plotting library).
 
 Two panels over the layers (x): above, the FVU (blue) and the fraction of loss recovered
-(orange) on one axis from min(0, lowest) to max(1, highest); below, the mean L0 (green dots)
+(orange) on one axis from min(0, lowest) to max(1, highest), clipped to [-1, 2] (a value beyond
+is an open circle at the edge; its tooltip has the value); below, the mean L0 (green dots)
 with a bar from its 10th to its 90th percentile over tokens and a tick at the max. Layers
 whose value is not finite are left out of a line. Identical reports give byte-identical output.
 """
@@ -16,6 +17,7 @@ from .report import EvalReport
 
 WIDTH, PANEL_H, ML, MR, MT, GAP, MB = 640, 200, 60, 130, 40, 60, 40
 FVU_COLOUR, RECOVERED_COLOUR, L0_COLOUR = "#3b6fb6", "#d9822b", "#2f8f5b"
+CLIP = (-1.0, 2.0)  # the first panel's axis never reaches beyond these
 
 
 def _esc(text: str) -> str:
@@ -54,7 +56,7 @@ def to_svg(report: EvalReport) -> str:
     def x_of(i: int) -> float:
         return ML + (plot_w * (i + 0.5) / n if n else plot_w / 2)
 
-    title = f"{report.set_name} on {report.model_name or 'the model'}: {report.tokens} tokens"
+    title = f"{report.set_name or 'transcoders'} on {report.model_name or 'the model'}: {report.tokens} tokens"
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
            f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif">',
            f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
@@ -85,14 +87,16 @@ def to_svg(report: EvalReport) -> str:
                            f'text-anchor="middle">{L}</text>')
         return y_of
 
-    def line(values: list[float], y_of, colour: str, name: str, legend_y: float) -> None:
-        pts = [(x_of(i), y_of(v), L, v) for i, (L, v) in enumerate(zip(layers, values))
-               if math.isfinite(v)]
+    def line(values: list[float], y_of, colour: str, name: str, legend_y: float, lo: float,
+             hi: float) -> None:
+        pts = [(x_of(i), y_of(min(max(v, lo), hi)), L, v)
+               for i, (L, v) in enumerate(zip(layers, values)) if math.isfinite(v)]
         if len(pts) > 1:
             out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="'
                        + " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in pts) + '"/>')
         for x, y, L, v in pts:
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}">'
+            fill = colour if lo <= v <= hi else "white"  # open: off the axis, drawn at its edge
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" stroke="{colour}">'
                        f"<title>{_esc(f'layer {L}: {name} {v:.4g}')}</title></circle>")
         lx = ML + plot_w + 12
         out.append(f'<line x1="{lx}" y1="{legend_y:.1f}" x2="{lx + 18}" y2="{legend_y:.1f}" '
@@ -103,13 +107,13 @@ def to_svg(report: EvalReport) -> str:
     fvu = [e.fvu for e in report.layers]
     rec = [e.loss_recovered for e in report.layers]
     finite = [v for v in fvu + rec if math.isfinite(v)]
-    lo, hi = min([0.0, *finite]), max([1.0, *finite])
+    lo, hi = max(min([0.0, *finite]), CLIP[0]), min(max([1.0, *finite]), CLIP[1])
     top1 = MT
     y1 = panel(top1, lo, hi, "FVU, loss recovered")
     if lo < 0 < hi:
         out.append(f'<line x1="{ML}" y1="{y1(0):.1f}" x2="{ML + plot_w}" y2="{y1(0):.1f}" stroke="#999"/>')
-    line(fvu, y1, FVU_COLOUR, "FVU", top1 + 12)
-    line(rec, y1, RECOVERED_COLOUR, "loss recovered", top1 + 30)
+    line(fvu, y1, FVU_COLOUR, "FVU", top1 + 12, lo, hi)
+    line(rec, y1, RECOVERED_COLOUR, "loss recovered", top1 + 30, lo, hi)
 
     # panel 2: L0 (mean, p10-p90 bar, max tick)
     top2 = MT + PANEL_H + GAP

@@ -102,7 +102,7 @@ class EvalReport:
     def summary(self) -> str:
         """One line: the set, the model, the tokens and the clean CE."""
         ce = f"{self.clean_ce:.3f}" if math.isfinite(self.clean_ce) else "-"
-        return (f"set {self.set_name} ({self.set_kind}, {self.d_sae} features"
+        return (f"set {self.set_name or 'transcoders'} ({self.set_kind}, {self.d_sae} features"
                 f"{', affine skip' if self.skip else ''}) on {self.model_name or 'the model'}: "
                 f"{self.tokens} tokens ({self.rows} rows of {self.ctx}); clean CE {ce} nats/token "
                 f"over {self.ce_tokens} predictions")

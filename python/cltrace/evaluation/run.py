@@ -136,8 +136,9 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
     ``bos_token_id`` and whose name ``model_name``). ``settings.layers`` restricts the layers,
     ``settings.dense_threshold`` defines a dense feature and ``settings.batch`` the rows per
     pass; the first ``settings.tokens`` evaluated positions (row by row) are evaluated and the
-    rest of the rows ignored (``settings.ctx`` is the row length ``cltrace eval`` cut). ``bar``: a tqdm progress bar over the passes on stderr;
-    ``progress(passes_done)`` is called after each pass. See the module doc for the passes and
+    rest of the rows ignored (``settings.ctx`` is the row length ``cltrace eval`` cut).
+    ``bar``: a tqdm progress bar over the passes on stderr; ``progress(passes_done)`` is called
+    after each pass. See the module doc for the passes and
     docs/method.md for the definitions."""
     settings = (settings or EvalSettings()).check()
     if hasattr(model, "tokenizer") and hasattr(model, "model"):  # a LoadedModel
