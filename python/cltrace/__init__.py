@@ -5,6 +5,7 @@ The pipeline, one package per stage (each imports only the stages before it)::
     models        load Gemma 3, its anatomy, batched MLP activations, the chat turn
     transcoders   transcoder sets: formats, validation, writing
     frozen        one recorded forward pass and the frozen linear model (forward, VJP, JVP)
+    evaluation    how good a dictionary is on a corpus: FVU, L0, dead/dense, spliced loss
     replacement   transcoder features, reconstructions and errors of one prompt
     attribution   logit targets, rows of direct effects, the visit of the features -> Graph
     graph         the Graph as data: influence, pruning, scores, relevance
