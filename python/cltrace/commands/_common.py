@@ -82,6 +82,21 @@ def text_problem(data: bytes, whole: bool = True) -> str | None:
     return None
 
 
+def read_text_file(path: Path, flag: str) -> str:
+    """The UTF-8 text of the file ``path``, checked: readable, not a folder, not binary (the
+    errors name ``flag`` and the file)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: a folder, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    problem = text_problem(raw)
+    if problem:
+        raise UsageError(f"{flag} {path}: {problem}")
+    return raw.decode("utf-8")
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
     if (args.prompt is None) == (args.prompt_file is None):
@@ -91,15 +106,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     elif args.prompt_file == "-":
         text = sys.stdin.read()
     else:
-        path = Path(args.prompt_file)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise OSError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
-        problem = text_problem(raw)
-        if problem:
-            raise UsageError(f"--prompt-file {path}: {problem}")
-        text = raw.decode("utf-8")
+        text = read_text_file(Path(args.prompt_file), "--prompt-file")
     if not text.strip():
         raise UsageError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
     return text

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import add_model_arguments, messenger, text_problem
+from ._common import add_model_arguments, messenger, read_text_file
 from ..errors import UsageError
 
 NAME = "eval"
@@ -65,19 +65,11 @@ def _one_line_error(message: str):
 def read_corpus(path: str) -> list[str]:
     """The documents of a UTF-8 text file (split at two blank lines), checked: a readable,
     non-empty text file."""
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"--corpus {p}: a folder, not a text file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise OSError(f"--corpus {p}: cannot read it ({e.strerror or e})") from None
-    problem = text_problem(raw)
-    if problem:
-        raise UsageError(f"--corpus {p}: {problem}")
-    docs = [d.strip() for d in raw.decode("utf-8").split("\n\n\n") if d.strip()]
+    from ..training.corpus import split_documents
+
+    docs = split_documents(read_text_file(Path(path), "--corpus"))
     if not docs:
-        raise UsageError(f"--corpus {p}: the file is empty")
+        raise UsageError(f"--corpus {path}: the file is empty")
     return docs
 
 

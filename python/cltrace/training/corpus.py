@@ -284,6 +284,11 @@ def heldout_prose() -> list[str]:
     return [d.strip() for d in _PROSE_FILE.read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
+def split_documents(text: str) -> list[str]:
+    """The documents of a text: separated by 3+ newlines (two blank lines), stripped, none empty."""
+    return [d.strip() for d in text.split("\n\n\n") if d.strip()]
+
+
 def file_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Text of files (a folder contributes its ``*.txt`` and ``*.md`` files, sorted); documents
     are separated by blank lines of 3+ newlines or by file."""
@@ -295,8 +300,7 @@ def file_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"corpus file not found: {f}")
-            text = f.read_text(encoding="utf-8", errors="replace")
-            out += [d.strip() for d in text.split("\n\n\n") if d.strip()]
+            out += split_documents(f.read_text(encoding="utf-8", errors="replace"))
     return out
 
 
