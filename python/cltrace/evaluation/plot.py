@@ -138,6 +138,8 @@ def to_svg(report: EvalReport) -> str:
     out.append(f'<line x1="{lx + 9}" y1="{top2 + 24}" x2="{lx + 9}" y2="{top2 + 40}" '
                f'stroke="{L0_COLOUR}" stroke-width="3" stroke-opacity="0.45"/>')
     out.append(f'<text x="{lx + 24}" y="{top2 + 36}" font-size="11">p10-p90</text>')
+    out.append(f'<line x1="{lx + 5}" y1="{top2 + 52}" x2="{lx + 13}" y2="{top2 + 52}" stroke="{L0_COLOUR}"/>')
+    out.append(f'<text x="{lx + 24}" y="{top2 + 56}" font-size="11">max</text>')
     out.append(f'<text x="{ML + plot_w / 2:.1f}" y="{height - 8}" font-size="11" '
                'text-anchor="middle">layer</text>')
     out.append("</svg>\n")
