@@ -93,6 +93,19 @@ def parse_layers(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def format_layers(xs) -> str:
+    """[0, 1, 2, 5] -> '0-2,5': the inverse of :func:`parse_layers` (for messages and tables)."""
+    xs = sorted(set(xs))
+    parts, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(parts)
+
+
 def parse_sizes(text: str) -> list[int]:
     """'256,512,1024' -> [256, 512, 1024]: a list of sizes, given one by one (an argparse
     ``type``; a range 'a-b' would mean every size between, never what is meant)."""

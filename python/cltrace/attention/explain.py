@@ -103,18 +103,19 @@ def _sources(graph: Graph, state, af, nodes: Tensor, cols: Tensor) -> Sources:
     dev = state.tokens.device
     embed = torch.zeros(S, d, dtype=fz.dtype, device=dev)
     writes = torch.zeros(S, n, d, dtype=fz.dtype, device=dev)
-    for i, node in enumerate(nodes.tolist()):
-        kind, layer, pos = NodeKind(int(table.kind[node])), int(table.layer[node]), int(table.pos[node])
-        if kind == NodeKind.TOKEN:
-            embed[i] = state.embed[pos].to(fz.dtype)
-        elif kind == NodeKind.ERROR:
-            writes[i, layer] = state.errors[layer, pos].to(fz.dtype)
-        else:
-            f, a = int(table.feature[node]), af.value[cols[i]].to(fz.dtype)
-            for L in range(layer, n):
-                if layer in tcs.sources_writing_to(L):
-                    writes[i, L] = a * tcs.decoder_slice(layer, L)[f].to(fz.dtype)
-    return Sources(table.pos[nodes].to(dev), embed, writes)
+    kind, layer, pos, feat = (x[nodes] for x in (table.kind, table.layer, table.pos, table.feature))
+    tok = (kind == NodeKind.TOKEN).nonzero().flatten()
+    embed[tok] = state.embed[pos[tok]].to(fz.dtype)
+    err = (kind == NodeKind.ERROR).nonzero().flatten()
+    writes[err, layer[err]] = state.errors[layer[err], pos[err]].to(fz.dtype)
+    is_feat = kind == NodeKind.FEATURE
+    for S in layer[is_feat].unique().tolist():  # per source layer: its decoder rows, gathered
+        sel = (is_feat & (layer == S)).nonzero().flatten()
+        a = af.value[cols[sel]].to(fz.dtype)[:, None]  # [k, 1]
+        for L in range(S, n):
+            if S in tcs.sources_writing_to(L):
+                writes[sel, L] = a * tcs.decoder_slice(S, L)[feat[sel]].to(device=dev, dtype=fz.dtype)
+    return Sources(pos.to(dev), embed, writes)
 
 
 def _logit_vectors(graph: Graph, state, model, targets) -> Tensor:

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Optional
 
-from ..settings import parse_layers
+from ..settings import format_layers, parse_layers
 
 NAME = "inspect"
 HELP = "show what a transcoder set holds (type, layers, width, L0, skip, dtype, size)"
@@ -80,7 +80,7 @@ def format_summary(s: dict, per_layer: bool = False) -> str:
         ("layout", s["layout"] + (f" ({s['variant']})" if s["variant"] else "")),
         ("type", _KINDS.get(s["kind"], s["kind"])),
         ("model", (s["model_name"] or "?") + f", {s['n_layers']} layers"),
-        ("layers", f"{len(s['layers'])} of {s['n_layers']}: {_ranges(s['layers'])}"),
+        ("layers", f"{len(s['layers'])} of {s['n_layers']}: {format_layers(s['layers'])}"),
         ("d_model", str(s["d_model"])),
         ("width", f"{s['d_sae']} features per layer (d_sae)"),
         ("L0", (f"{min(l0s)}..{max(l0s)} (config)" if len(set(l0s)) > 1 else f"{l0s[0]} (config)")
@@ -102,17 +102,6 @@ def format_summary(s: dict, per_layer: bool = False) -> str:
                        f" {'' if x['l0'] is None else x['l0']:>6} {'yes' if x['skip'] else 'no':>5}"
                        f" {x['bytes']:>12,}")
     return "\n".join(out)
-
-
-def _ranges(xs: list[int]) -> str:
-    parts, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            parts.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(parts)
 
 
 def _human(n: float) -> str:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from ..models.anatomy import text_parts
+from ..settings import format_layers
+from ..models.anatomy import module_output, text_parts
 from ..ops import jumprelu_encode, sparse_decode
 from ..transcoders.base import TranscoderSet
 from ..transcoders.checks import check_fits
@@ -49,26 +50,9 @@ def evaluated_layers(ts: TranscoderSet, layers: Optional[Sequence[int]] = None) 
         return have
     missing = sorted(set(layers) - set(have))
     if missing:
-        raise UsageError(f"--layers: the set has no transcoder at layer(s) {_ranges(missing)} "
-                         f"(it has {_ranges(have)})")
+        raise UsageError(f"--layers: the set has no transcoder at layer(s) {format_layers(missing)} "
+                         f"(it has {format_layers(have)})")
     return sorted(set(layers))
-
-
-def _ranges(xs: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    out, xs = [], sorted(xs)
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @contextlib.contextmanager
@@ -81,12 +65,12 @@ def _hooks(parts, record_in: Sequence[int] = (), record_out: Sequence[int] = (),
 
     def keep(key):
         def hook(_mod, _args, out):
-            rec[key] = _first(out).detach()
+            rec[key] = module_output(out).detach()
         return hook
 
     def splice(mask: Tensor, values: Tensor):
         def hook(_mod, _args, out):
-            out = _first(out).clone()
+            out = module_output(out).clone()
             out[mask] = values.to(out.dtype)
             return out
         return hook

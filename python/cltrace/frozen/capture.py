@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import BandedPattern, Pattern
-from ..models.anatomy import TextParts
+from ..models.anatomy import TextParts, module_output
 
 
 @dataclass(repr=False)
@@ -92,10 +92,6 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 @torch.no_grad()
 def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Capture:
     """Run the model once on ``tokens [n_pos]`` and record the frozen quantities per layer
@@ -108,9 +104,9 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
 
     def keep(name: str, idx: int, want_input: bool):
         def hook(_mod, args, out):
-            rec[(name, idx)] = (_first(args) if want_input else _first(out))[0].detach()
+            rec[(name, idx)] = (module_output(args) if want_input else module_output(out))[0].detach()
             if name in ("ln_pre", "ln_post"):  # the MLP input and output, too
-                rec[(name + "_out", idx)] = _first(out)[0].detach()
+                rec[(name + "_out", idx)] = module_output(out)[0].detach()
         return hook
 
     def keep_rope(idx: int):

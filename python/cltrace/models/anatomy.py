@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from torch import nn
 
 
+def module_output(x):
+    """A module's main tensor: the first element of a tuple/list output (or of hook args)."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
 @dataclass
 class TextParts:
     """The pieces of a Gemma 3 causal LM the replacement model reads (no copies)."""
