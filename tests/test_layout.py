@@ -29,6 +29,7 @@ RANK = {
     "graph": 1, "models": 1,
     "transcoders": 2, "export": 2,
     "frozen": 3, "evaluation": 3,  # evaluation: models, transcoders and ops only (its docstring)
+    "lens": 3,  # the top latents of dictionaries on a text: models, transcoders and ops only
     "replacement": 4,
     "attribution": 5, "steering": 5, "training": 5,
     "features": 6, "attention": 6,

@@ -207,10 +207,10 @@ def test_nan_weights(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hf_hook_point_in": "model.layers.0.output"}, "not the MLP input"),
+    ({"hf_hook_point_in": "blocks.0.hook_resid_pre"}, "not a hook point cltrace reads"),
     ({"hf_hook_point_out": "model.layers.1.post_feedforward_layernorm.output"},
-     "not the MLP output"),
-    ({"type": "sae"}, "not a transcoder"),
+     "a hook point of layer 1, but the folder is for layer 0"),
+    ({"architecture": "topk"}, "architecture 'topk' is not supported"),
     ({"width": 999}, "width 999 but the weights have 32"),
     ({"affine_connection": True}, "affine_skip_connection is missing"),
 ])

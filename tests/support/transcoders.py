@@ -18,10 +18,14 @@ MODEL_NAME = "test/tiny-gemma-3"  # not a real Gemma 3 size, so no d_model is im
 def random_transcoders(kind: str = "plt", *, mlp_in: Optional[Tensor] = None, n_layers: int = 3,
                        d_model: int = 16, d_sae: int = 32, skip: bool = False, active: float = 0.15,
                        seed: int = 1, layers: Optional[Sequence[int]] = None,
-                       dtype: torch.dtype = torch.float32, model_name: str = MODEL_NAME) -> TranscoderSet:
+                       dtype: torch.dtype = torch.float32, model_name: str = MODEL_NAME,
+                       site: Optional[str] = None, sites: Optional[Sequence[int]] = None) -> TranscoderSet:
     """A random JumpReLU transcoder set: ``kind`` "plt" (one output layer each) or "clt" (the
     source layer L writes to L .. n_layers - 1), with an affine skip when ``skip``, over
-    ``layers`` (default: all).
+    ``layers`` (default: all). ``site``: SAEs reading and writing that site instead
+    (``d_model`` is then the site's width, and ``mlp_in`` the activations at the site);
+    ``sites``: a crosscoder over those layers (kind "clt", the source ``sites[i]`` writes to
+    ``sites[i:]``).
 
     Weights, per layer from one generator seeded with ``seed``, in this order: ``W_enc [d_model,
     d_sae]`` ~ N(0, 1/d_model), ``b_enc`` ~ N(0, 0.1²), ``W_dec [d_sae, n_out, d_model]`` ~ N(0,
@@ -49,8 +53,10 @@ def random_transcoders(kind: str = "plt", *, mlp_in: Optional[Tensor] = None, n_
         return torch.randn(*shape, generator=g, dtype=draw)
 
     out = {}
+    if sites is not None:
+        kind, layers, site = "clt", list(sites), site or "resid_post"
     for L in (range(n_layers) if layers is None else layers):
-        n_out = 1 if kind == "plt" else n_layers - L
+        n_out = (1 if kind == "plt" else n_layers - L) if sites is None else len(sites) - sites.index(L)
         W_enc = randn(d_model, d_sae) / d_model ** 0.5
         b_enc = 0.1 * randn(d_sae)
         threshold = None
@@ -64,7 +70,11 @@ def random_transcoders(kind: str = "plt", *, mlp_in: Optional[Tensor] = None, n_
             threshold = torch.rand(d_sae, generator=g, dtype=draw)
         out[L] = LayerTranscoder(*(t if t is None else t.to(dtype)
                                    for t in (W_enc, b_enc, threshold, W_dec, b_dec, W_skip)))
-    return TranscoderSet(kind=kind, n_layers=n_layers, layers=out, model_name=model_name)
+    ts = TranscoderSet(kind=kind, n_layers=n_layers, layers=out, model_name=model_name)
+    if site is not None:
+        ts.site_in = ts.site_out = site
+        ts.sites = None if sites is None else tuple(sites)
+    return ts
 
 
 def synthetic_starter_transcoders(loaded, *, kind: str = "plt", width: int = 4096, l0: int = 32,

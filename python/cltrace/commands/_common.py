@@ -167,15 +167,18 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
     from ..replacement import ReplacementModel
     from ..training.starter import starter_transcoders
 
-    say(f"loading model {args.model} ...")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.transcoders is None:
-        transcoders = starter_transcoders(loaded, progress=say)
-    else:
+    transcoders = None
+    if args.transcoders is not None:  # read (lazily) and checked before the model loads
         from ..transcoders import load_transcoders
+        from ..transcoders.checks import check_transcoders
 
         say(f"loading transcoders {args.transcoders} ...")
         transcoders = load_transcoders(args.transcoders)
+        check_transcoders(transcoders, args.transcoders, "attribution graphs and features")
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if transcoders is None:
+        transcoders = starter_transcoders(loaded, progress=say)
     return loaded, ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer,
                                     model_name=loaded.name,
                                     skip_positions=getattr(args, "skip_positions", "auto"))

@@ -21,7 +21,7 @@ from ..models.anatomy import TextParts, text_parts
 from ..models import chat
 from ..frozen.model import FrozenLinearModel
 from .encoding import encode, reconstruct, skip_matrices
-from ..transcoders.checks import check_fits
+from ..transcoders.checks import check_fits, check_transcoders
 from ..transcoders.base import TranscoderSet
 from .state import ReplacementState
 
@@ -38,7 +38,9 @@ class ReplacementModel:
         self.tokenizer = tokenizer
         self.device = self.parts.lm_head.weight.device
         self.dtype = dtype or self.parts.lm_head.weight.dtype
-        check_fits(transcoders, self.parts.config, transcoders.source or transcoders.model_name or "transcoders")
+        where = transcoders.source or transcoders.model_name or "transcoders"
+        check_transcoders(transcoders, where, "replacement models")
+        check_fits(transcoders, self.parts.config, where)
         self.transcoders = transcoders.to(device=self.device, dtype=self.dtype)
         if not (skip_positions == "auto" or (isinstance(skip_positions, int) and skip_positions >= 0)):
             raise UsageError(f"skip_positions must be 'auto' or an int >= 0, got {skip_positions!r}")

@@ -45,40 +45,57 @@ def expect_shape(t: Tensor, shape: Sequence[Optional[int]], what: str) -> None:
 
 
 def check_layer(tc: LayerTranscoder, where: str) -> None:
-    """Shapes of one source layer's transcoder agree with each other."""
-    d_model, d_sae = tc.W_enc.shape
+    """Shapes of one source layer's dictionary agree with each other (d_out = d_in)."""
+    d_in, d_sae = tc.W_enc.shape
     expect_shape(tc.b_enc, [d_sae], f"{where}: b_enc")
     expect_shape(tc.threshold, [d_sae], f"{where}: threshold")
-    expect_shape(tc.W_dec, [d_sae, None, d_model], f"{where}: W_dec")
-    expect_shape(tc.b_dec, [d_model], f"{where}: b_dec")
+    expect_shape(tc.W_dec, [d_sae, None, d_in], f"{where}: W_dec")
+    expect_shape(tc.b_dec, [d_in], f"{where}: b_dec")
     if tc.W_skip is not None:
-        expect_shape(tc.W_skip, [d_model, d_model], f"{where}: W_skip")
+        expect_shape(tc.W_skip, [d_in, d_in], f"{where}: W_skip")
     if tc.W_dec.shape[1] < 1:
         raise TranscoderLoadError(f"{where}: W_dec writes to no layer")
 
 
-def check_hooks(config: dict, layer: Optional[int], where: str) -> None:
-    """Gemma Scope 2 config.json hook points must be the MLP input and output of ``layer``
-    (any layer when ``layer`` is None, as in a CLT's shared config)."""
-    for key, template, what in (("hf_hook_point_in", HOOK_IN, "MLP input"),
-                                ("hf_hook_point_out", HOOK_OUT, "MLP output")):
+def read_sites(config: dict, layer: Optional[int], where: str,
+               default: tuple[str, str] = ("mlp_in", "mlp_out")) -> tuple[str, str]:
+    """(site in, site out) from a Gemma Scope 2 config.json's hook points (``default`` for
+    those it lacks; an SAE's config names only ``hf_hook_point_in``: out = in). Each hook point
+    must be a site (:mod:`cltrace.models.sites`) of ``layer`` (any layer when None, as in a
+    CLT's shared config)."""
+    from ..models.sites import SITES, parse_hook
+
+    sites = {}
+    for key in ("hf_hook_point_in", "hf_hook_point_out"):
         got = config.get(key)
         if got is None:
             continue
-        pattern = re.escape(template).replace(re.escape("{L}"), r"(\d+|\{L\}|\*)")
-        m = re.fullmatch(pattern, got)
-        if m is None or (layer is not None and m.group(1) != str(layer)):
-            want = template.format(L=layer if layer is not None else "{L}")
+        parsed = parse_hook(got)
+        if parsed is None:
             raise TranscoderLoadError(
-                f"{where}: {key} is {got!r}, not the {what} {want!r}; cltrace needs MLP "
-                "transcoders (Gemma Scope 2 'transcoder_all'/'clt'), not SAEs on other hooks")
-    kind = config.get("type")
-    if kind is not None and kind not in ("transcoder", "clt", "crosscoder"):
-        raise TranscoderLoadError(f"{where}: config type is {kind!r}, not a transcoder")
+                f"{where}: {key} is {got!r}, not a hook point cltrace reads ("
+                + ", ".join(t.format(L="{L}") for t in SITES.values()) + ")")
+        if layer is not None and parsed[1] is not None and parsed[1] != layer:
+            raise TranscoderLoadError(f"{where}: {key} is {got!r}, a hook point of layer "
+                                      f"{parsed[1]}, but the folder is for layer {layer}")
+        sites[key] = parsed[0]
+    site_in = sites.get("hf_hook_point_in", default[0])
+    site_out = sites.get("hf_hook_point_out", site_in if "hf_hook_point_in" in sites else default[1])
     arch = config.get("architecture")
-    if arch is not None and arch != "jump_relu":
+    if arch is not None and arch not in ("jump_relu", "jumprelu"):
         raise TranscoderLoadError(f"{where}: architecture {arch!r} is not supported "
-                                  "(cltrace reads JumpReLU transcoders)")
+                                  "(cltrace reads JumpReLU dictionaries)")
+    return site_in, site_out
+
+
+def check_transcoders(ts: TranscoderSet, where: str, need: str = "attribution graphs") -> None:
+    """Raise unless ``ts`` reads the MLP input and writes the MLP output (``need``: what needs
+    transcoders, for the message)."""
+    if not ts.is_transcoder:
+        raise TranscoderLoadError(
+            f"{where} holds {ts.what}; {need} need transcoders (MLP input -> MLP output: "
+            "Gemma Scope 2 'transcoder_all' or 'clt'); use SAEs with `cltrace lens`, `eval`, "
+            "`steer --sae` or `features`")
 
 
 def check_finite(tc: LayerTranscoder, level: Verify, where: str) -> None:
@@ -141,11 +158,15 @@ def check_set(ts: TranscoderSet, where: str) -> None:
         if not 0 <= layer < ts.n_layers:
             raise TranscoderLoadError(f"{where}: layer {layer} outside the model's "
                                       f"{ts.n_layers} layers")
-        if layer + tc.n_out > ts.n_layers:
+        if ts.sites is not None:
+            if layer not in ts.sites or ts.sites.index(layer) + tc.n_out > len(ts.sites):
+                raise TranscoderLoadError(f"{where}: layer {layer} writes to {tc.n_out} of the "
+                                          f"layers {list(ts.sites)}, past the last")
+        elif layer + tc.n_out > ts.n_layers:
             raise TranscoderLoadError(f"{where}: layer {layer} writes to {tc.n_out} layers, "
                                       f"past the model's {ts.n_layers}")
     size = gemma3_size(ts.model_name)
-    if size is not None and size[1] != d_model:
+    if size is not None and ts.site_in != "attn_out" and size[1] != d_model:
         raise TranscoderLoadError(f"{where}: config says model {ts.model_name!r} (d_model "
                                   f"{size[1]}) but the weights have d_model {d_model}")
 
@@ -173,13 +194,20 @@ def model_dims(model_or_config: Any) -> tuple[int, int, str]:
 
 
 def check_model(ts: TranscoderSet, model_config: Any, where: str) -> None:
-    """The set was trained for this model: same d_model and number of layers."""
+    """The set was trained for this model: its sites' widths and number of layers."""
+    from ..models.sites import site_width
+
     n_layers, d_model, name = model_dims(model_config)
-    if ts.d_model != d_model:
+    cfg = getattr(model_config, "config", model_config)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    width = site_width(cfg, ts.site_in)
+    if ts.d_model != width:
         extra = f" (config.json model_name: {ts.model_name})" if ts.model_name else ""
+        dim, what = (("d_model", "hidden_size") if ts.site_in != "attn_out"
+                     else ("input width", "heads x head_dim"))
         raise TranscoderLoadError(
-            f"{where}: transcoders have d_model {ts.d_model} but the model {name!r} has "
-            f"hidden_size {d_model}: they were trained for another model{extra}")
+            f"{where}: {ts.what} have {dim} {ts.d_model} but the model {name!r} has {what} "
+            f"{width}: they were trained for another model{extra}")
     if ts.n_layers != n_layers:
         raise TranscoderLoadError(f"{where}: transcoders are for a {ts.n_layers}-layer model "
                                   f"but {name!r} has {n_layers} layers")

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 from . import circuit_tracer as ct
 from . import gemmascope as gs
 from .base import TranscoderSet
-from .checks import TranscoderLoadError
+from .checks import TranscoderLoadError, read_sites
 
 
 def read_yaml(folder: Path) -> dict:
@@ -57,7 +57,10 @@ def load_yaml_set(folder: Path, layers: Optional[Sequence[int]],
             out[i] = gs.load_clt_layer(path, i, n_layers, {}, w)
         elif path.name == "params.safetensors":
             _fetch_sibling(str(entries[i]), "config.json")
-            out[i], _ = gs.load_plt_layer(path.parent, i, w)
+            out[i], cfg = gs.load_plt_layer(path.parent, w)
+            if read_sites(cfg, i, w) != ("mlp_in", "mlp_out"):
+                raise TranscoderLoadError(f"{w}: config.json's hook points are not the MLP "
+                                          "input and output: circuit-tracer lists transcoders")
         elif not clt:
             out[i], act = ct.load_plt_layer(path, w)
             acts.add(act)

@@ -1,7 +1,9 @@
-"""Readers of the Gemma Scope 2 transcoder files (google/gemma-scope-2-*).
+"""Readers of the Gemma Scope 2 dictionary files (google/gemma-scope-2-*).
 
-Per-layer transcoders (PLT): one folder per layer,
-``transcoder_all/layer_{L}_width_{16k|262k}_l0_{small|medium|big}[_affine]/`` holding
+Per-layer dictionaries (transcoders, and SAEs at ``resid_post``/``attn_out``/``mlp_out``): one
+folder per layer, ``transcoder_all/layer_{L}_width_{16k|262k}_l0_{small|medium|big}[_affine]/``
+(SAEs: ``resid_post_all/``, ``attn_out_all/``, ``mlp_out_all/``, and the wider sweeps of a
+few layers under ``resid_post/``, ``attn_out/``, ``mlp_out/``) holding
 ``config.json`` and ``params.safetensors`` with
 ``w_enc [d_in, d_sae]``, ``w_dec [d_sae, d_out]``, ``b_enc [d_sae]``, ``b_dec [d_out]``,
 ``threshold [d_sae]`` and, for ``_affine``, ``affine_skip_connection [d_in, d_out]`` applied as
@@ -11,6 +13,15 @@ Cross-layer transcoders (CLT): ``clt/width_{W}_l0_{..}[_affine]/params_layer_{i}
 the same keys per source layer i but ``w_dec [d_sae, n_layers, d_model]`` (or
 ``[d_sae, n_layers - i, d_model]``): source i writes to layers >= i, kept here as
 ``W_dec [d_sae, n_layers - i, d_model]``.
+
+Crosscoders: ``crosscoder/layer_7_13_17_22_width_{W}_l0_{..}/params_layer_{i}.safetensors``,
+i indexing the folder's layers (7, 13, 17, 22): the features of file i read the residual
+stream of the i-th layer and write, like a CLT's, to it and the later ones
+(``w_dec [d_sae, n, d_model]`` or ``[d_sae, n - i, d_model]`` for n layers; a 2-D
+``w_dec [d_sae, d_model]`` writes to its own layer only).
+
+Which activation a folder reads and writes is named by its config.json's
+``hf_hook_point_in``/``hf_hook_point_out`` (read by :func:`.checks.read_sites`).
 
 Every tensor stays a view of the file's memory map (see :mod:`.safetensors_mmap`).
 """
@@ -22,10 +33,11 @@ from pathlib import Path
 from typing import Optional
 
 from .base import LayerTranscoder
-from .checks import TranscoderLoadError, check_hooks, expect_shape
+from .checks import TranscoderLoadError, expect_shape
 from .safetensors_mmap import SafetensorsFile
 
 PLT_FOLDER = re.compile(r"layer_(\d+)_(width_\w+?)$")  # layer_5_width_16k_l0_small_affine
+CROSSCODER_FOLDER = re.compile(r"layer_(\d+(?:_\d+)+)_(width_\w+?)$")  # layer_7_13_17_22_width_..
 CLT_FILE = re.compile(r"params_layer_(\d+)\.safetensors$")
 WIDTHS = {"16k": 16384, "65k": 65536, "262k": 262144, "1m": 1048576}
 
@@ -50,10 +62,9 @@ def parse_variant(variant: str) -> dict:
             "affine": m.group(3) is not None}
 
 
-def load_plt_layer(folder: Path, layer: int, where: str) -> tuple[LayerTranscoder, dict]:
-    """One Gemma Scope 2 per-layer transcoder folder -> (transcoder, its config.json)."""
+def load_plt_layer(folder: Path, where: str) -> tuple[LayerTranscoder, dict]:
+    """One Gemma Scope 2 per-layer folder -> (dictionary, its config.json)."""
     config = read_config(folder)
-    check_hooks(config, layer, where)
     tc = _layer_tensors(SafetensorsFile(folder / "params.safetensors"), None, where)
     _check_width(config, tc, where)
     return tc, config
@@ -61,7 +72,8 @@ def load_plt_layer(folder: Path, layer: int, where: str) -> tuple[LayerTranscode
 
 def load_clt_layer(path: Path, layer: int, n_layers: int, config: dict,
                    where: str) -> LayerTranscoder:
-    """One ``params_layer_{i}.safetensors`` of a Gemma Scope 2 CLT with ``n_layers`` layers."""
+    """One ``params_layer_{i}.safetensors`` of a Gemma Scope 2 CLT with ``n_layers`` layers
+    (of a crosscoder: ``layer`` = i and ``n_layers`` = its number of layers)."""
     tc = _layer_tensors(SafetensorsFile(path), (layer, n_layers), where)
     _check_width(config, tc, where)
     return tc
@@ -73,7 +85,7 @@ def _layer_tensors(f: SafetensorsFile, clt: Optional[tuple[int, int]],
     expect_shape(w_enc, [None, None], f"{where}: w_enc")
     d_model, d_sae = w_enc.shape
     w_dec = f.tensor("w_dec")  # PLT [d_sae, d_out]; CLT [d_sae, n_layers (- i), d_model]
-    if clt is None:
+    if clt is None or w_dec.dim() == 2:  # a crosscoder's 2-D w_dec: its own layer only
         expect_shape(w_dec, [d_sae, d_model], f"{where}: w_dec")
         W_dec = w_dec.unsqueeze(1)  # [d_sae, 1, d_model]
     else:

@@ -23,8 +23,8 @@ from . import circuit_tracer as ct
 from . import gemmascope as gs
 from .checks import TranscoderLoadError
 
-LAYOUTS = ("gemmascope_plt", "gemmascope_clt", "circuit_tracer_plt", "circuit_tracer_clt",
-           "circuit_tracer_yaml")
+LAYOUTS = ("gemmascope_plt", "gemmascope_clt", "gemmascope_crosscoder", "circuit_tracer_plt",
+           "circuit_tracer_clt", "circuit_tracer_yaml")
 _HUB_REF = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)((?:/[^@]+)?)(?:@(.+))?$")
 
 
@@ -39,6 +39,7 @@ class Plan:
     variant: str = ""  # Gemma Scope 2 width/L0 variant, e.g. "width_16k_l0_small"
     single: bool = False  # one Gemma Scope 2 layer folder: a set of just that layer
     layers: Optional[list[int]] = None  # asked-for layers, for layouts listing files later
+    sites: Optional[list[int]] = None  # a crosscoder's layers (file i holds sites[i])
 
     def all_files(self) -> list[str]:
         return sorted({f for fs in self.files.values() for f in fs} | set(self.shared))
@@ -57,6 +58,19 @@ def plan(files: Iterable[str], name: str, layers: Optional[Sequence[int]],
         p = Plan("gemmascope_plt", {layer: ["params.safetensors", "config.json"]}, [layer],
                  variant=m.group(2) if m else "", single=True)
         return _narrow(p, layers, where) if layer >= 0 else p
+    cc = gs.CROSSCODER_FOLDER.match(name)
+    if cc and any(gs.CLT_FILE.fullmatch(f) for f in top):
+        sites = [int(x) for x in cc.group(1).split("_")]
+        found = sorted(int(m.group(1)) for f in top if (m := gs.CLT_FILE.fullmatch(f)))
+        if found != list(range(len(sites))):
+            raise TranscoderLoadError(
+                f"{where}: a crosscoder over layers {sites} needs params_layer_0.."
+                f"{len(sites) - 1}.safetensors, found params_layer_{found}")
+        p = Plan("gemmascope_crosscoder",
+                 {L: [f"params_layer_{i}.safetensors"] for i, L in enumerate(sites)}, sites,
+                 ["config.json"] if "config.json" in top else [], variant=cc.group(2),
+                 sites=sites)
+        return _narrow(p, layers, where)
     for layout, pattern, needs in (
         ("gemmascope_clt", gs.CLT_FILE, lambda i: [f"params_layer_{i}.safetensors"]),
         ("circuit_tracer_plt", ct.PLT_FILE, lambda i: [f"layer_{i}.safetensors"]),
