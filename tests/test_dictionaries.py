@@ -131,3 +131,18 @@ def test_sae_errors_name_the_problem(tmp_path):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "hf_hook_point_in": hook_point("resid_post", 1)}))
     with pytest.raises(TranscoderLoadError, match="layers read or write different sites"):
         load_transcoders(tmp_path / "attn_out_all")
+
+
+def test_inspect_describes_the_sites(tmp_path, capsys):
+    from cltrace.cli import main
+
+    ts = random_transcoders(n_layers=4, d_model=64, d_sae=16, sites=[0, 2, 3], seed=9)
+    root = save_gemmascope(ts, tmp_path / "crosscoder" / "layer_0_2_3_width_16_l0_small")
+    assert main(["inspect", str(root), "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    for text in ("crosscoder at resid_post", "reads resid_post, writes resid_post (layers 0,2-3)",
+                 "gemmascope_crosscoder", "    0       16      0,2-3"):
+        assert text in out, (text, out)
+    assert main(["inspect", str(root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sites"] == [0, 2, 3] and summary["per_layer"][1]["writes_to"] == [2, 3]

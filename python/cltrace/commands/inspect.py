@@ -50,18 +50,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarize(ts) -> dict:
-    """A JSON-able description of a TranscoderSet."""
+    """A JSON-able description of a TranscoderSet (any dictionary: its sites included)."""
     info = ts.info
     l0 = info.get("l0")
     layers = []
     for i, tc in sorted(ts.layers.items()):
-        layers.append({"layer": i, "d_sae": tc.d_sae, "writes_to": [i, i + tc.n_out - 1],
+        layers.append({"layer": i, "d_sae": tc.d_sae, "writes_to": ts.targets(i),
                        "skip": tc.W_skip is not None,
                        "l0": l0.get(i) if isinstance(l0, dict) else l0,
                        "bytes": sum(t.numel() * t.element_size() for t in tc.tensors().values())})
     return {
         "source": ts.source, "folder": info.get("folder", ""), "layout": info.get("layout", ""),
-        "kind": ts.kind, "variant": info.get("variant", ""), "model_name": ts.model_name,
+        "kind": ts.kind, "what": ts.what, "site_in": ts.site_in, "site_out": ts.site_out,
+        "sites": None if ts.sites is None else list(ts.sites),
+        "variant": info.get("variant", ""), "model_name": ts.model_name,
         "n_layers": ts.n_layers, "layers": sorted(ts.layers), "d_model": ts.d_model,
         "d_sae": ts.d_sae, "skip": bool(info.get("skip")),
         "activation": info.get("activation", "jump_relu"), "dtype": str(ts.dtype).split(".")[-1],
@@ -78,7 +80,10 @@ def format_summary(s: dict, per_layer: bool = False) -> str:
         ("source", s["source"]),
         ("folder", s["folder"]) if s["folder"] != s["source"] else None,
         ("layout", s["layout"] + (f" ({s['variant']})" if s["variant"] else "")),
-        ("type", _KINDS.get(s["kind"], s["kind"])),
+        ("type", _KINDS.get(s["kind"], s["kind"]) if s["site_in"] == "mlp_in" and s["site_out"] == "mlp_out"
+         else s["what"]),
+        ("sites", f"reads {s['site_in']}, writes {s['site_out']}"
+         + (f" (layers {format_layers(s['sites'])})" if s["sites"] else "")),
         ("model", (s["model_name"] or "?") + f", {s['n_layers']} layers"),
         ("layers", f"{len(s['layers'])} of {s['n_layers']}: {format_layers(s['layers'])}"),
         ("d_model", str(s["d_model"])),
@@ -97,8 +102,7 @@ def format_summary(s: dict, per_layer: bool = False) -> str:
         out.append(f"{'layer':>5} {'d_sae':>8} {'writes to':>10} {'L0':>6} {'skip':>5} "
                    f"{'bytes':>12}")
         for x in s["per_layer"]:
-            lo, hi = x["writes_to"]
-            out.append(f"{x['layer']:>5} {x['d_sae']:>8} {f'{lo}-{hi}' if hi > lo else str(lo):>10}"
+            out.append(f"{x['layer']:>5} {x['d_sae']:>8} {format_layers(x['writes_to']):>10}"
                        f" {'' if x['l0'] is None else x['l0']:>6} {'yes' if x['skip'] else 'no':>5}"
                        f" {x['bytes']:>12,}")
     return "\n".join(out)
