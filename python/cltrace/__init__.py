@@ -65,6 +65,7 @@ _LAZY = {
     "evaluate_set": "cltrace.evaluation",
     "EvalSettings": "cltrace.evaluation",
     "EvalReport": "cltrace.evaluation",
+    "lens": "cltrace.lens",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily

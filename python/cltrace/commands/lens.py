@@ -1,0 +1,152 @@
+"""``cltrace lens "text"``: the top active latents of dictionary sets (SAEs, transcoders, CLTs,
+crosscoders) at every token of a text, layer by layer (:func:`cltrace.lens.lens`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ._common import add_model_arguments, add_prompt_arguments, messenger, read_prompt
+from ..errors import UsageError
+
+NAME = "lens"
+HELP = "the top active latents of dictionaries at each token of a text (a feature lens)"
+DESCRIPTION = """\
+For each token of a text, the top --top-k active latents of each dictionary set at each of
+its layers, with their activation (and label, from feature pages given with --features): one
+forward pass, then a JumpReLU encode per layer. Sets: --dict SET, repeated (SAEs at
+resid_post, attn_out or mlp_out, transcoders, CLTs, crosscoders; a folder in the Gemma Scope 2
+or circuit-tracer layout, or a hub reference); default: the starter transcoders. Each set
+reads its own site at its layer (a crosscoder: resid_post of each of its layers).
+
+<bos> positions are listed but not encoded (Gemma Scope 2 dictionaries are trained without
+them); --bos encodes them too. It prints one line per token, set and layer; --json writes the
+lens as JSON (with, for sets given --features, their feature pages copied beside it), which
+`cltrace serve DIR` shows on its lens page (/lens.html): a token x layer grid whose cells open
+the feature card.
+
+Examples:
+  cltrace lens "The capital of France is Paris"
+  cltrace lens --prompt-file notes.txt --dict google/gemma-scope-2-270m-pt/resid_post_all/width_16k_l0_small \\
+      --dict starter --layers 6-11 --top-k 3 --json out/lens.json
+  cltrace serve out      # then open http://127.0.0.1:8000/lens.html
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..settings import parse_layers
+
+    add_prompt_arguments(p)
+    p.add_argument("--dict", "--sae", dest="dicts", action="append", default=None, metavar="SET",
+                   help="a dictionary set (folder or hub reference; 'starter': the starter "
+                        "transcoders); repeat for several. Default: the starter transcoders")
+    p.add_argument("--features", action="append", default=None, metavar="DIR",
+                   help="feature pages (cltrace features --out DIR) of the i-th set, for labels "
+                        "and links; repeat in the order of --dict ('none' to skip a set)")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="LIST",
+                   help="only these layers, e.g. '0-5,9' (each set must have them); default: all of each set's")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="latents per token and layer (default 5)")
+    p.add_argument("--bos", action="store_true", help="encode <bos> positions too")
+    add_model_arguments(p)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the lens as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.error = _one_line_error
+
+
+def _one_line_error(message: str):
+    print(f"cltrace lens: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_sets(refs: list[str], loaded, say) -> list:
+    """The sets of --dict, in order ('starter': the starter transcoders)."""
+    from ..transcoders import load_transcoders
+
+    out = []
+    for ref in refs:
+        if ref == "starter":
+            from ..training.starter import starter_transcoders
+
+            out.append(starter_transcoders(loaded, progress=say, bar=False))
+        else:
+            say(f"loading dictionaries {ref} ...")
+            out.append(load_transcoders(ref, model_config=loaded.model))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write_text
+    from .eval import check_output_file
+
+    text = read_prompt(args)
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    refs = args.dicts or ["starter"]
+    features = args.features or []
+    if len(features) > len(refs):
+        raise UsageError(f"{len(features)} --features for {len(refs)} set(s): give one per --dict, in order")
+    for f in features:
+        from ._common import check_features_dir
+
+        check_features_dir(f)
+    json_path = check_output_file(args.json, "--json")
+    say = messenger(args.quiet)
+
+    from ..lens import lens
+    from ..models import load_model
+
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.tokenizer is None:
+        raise UsageError(f"model {args.model} has no tokenizer; the lens reads text")
+    sets = _load_sets(refs, loaded, say)
+    names = [str(ts.info.get("set_id", "") or ref) for ts, ref in zip(sets, refs)]
+    say(f"lens: {len(sets)} set(s), one forward pass ...")
+    report = lens(loaded, sets, text, top_k=args.top_k, layers=args.layers, names=names,
+                  chat=args.chat, include_bos=args.bos)
+    report.text = text
+    pages = _pages(features, len(sets))
+    label = (lambda s, L, i: pages[s].label(L, i) if pages[s] is not None else None) if any(pages) else None
+    print(report.summary())
+    print(report.table(label=label))
+    if json_path is not None:
+        page_of, folders = _copy_pages(report, pages, json_path)
+        data = report.to_json(label=label, page=page_of, pages=folders)
+        data["sources"] = refs
+        atomic_write_text(json_path, json.dumps(data, indent=None, separators=(",", ":")) + "\n")
+        print(f"wrote {json_path}")
+    return 0
+
+
+def _pages(features: list[str], n_sets: int) -> list:
+    """Per set, its FeaturePages or None."""
+    from ..features import FeaturePages
+
+    out = [None] * n_sets
+    for s, f in enumerate(features):
+        if f != "none":
+            out[s] = FeaturePages(f)
+    return out
+
+
+def _copy_pages(report, pages: list, json_path: Path):
+    """Copy the pages of the latents the lens shows beside the JSON
+    (``<stem>-pages/set<s>/<cantor(layer, latent)>.json``); return (page path of a latent
+    relative to the JSON's folder or None, per set the folder of its pages or None)."""
+    from ..export.neuronpedia import cantor_pair
+    from ..features.store import pages_for_graph
+
+    folders: list = [None] * len(pages)
+    have: list = [dict() for _ in pages]
+    for s, fp in enumerate(pages):
+        if fp is None:
+            continue
+        shown = {(L, i) for s2, L, _pos, top in report.cells() if s2 == s for i, _a in top}
+        sub = f"{json_path.stem}-pages/set{s}"
+        have[s] = pages_for_graph(fp, shown, json_path.parent, subdir=sub)["clerps"]
+        folders[s] = f"./{sub}"
+
+    def page_of(s: int, L: int, i: int):
+        return f"{folders[s][2:]}/{cantor_pair(L, i)}.json" if (L, i) in have[s] else None
+    return page_of, folders

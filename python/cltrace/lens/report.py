@@ -1,0 +1,142 @@
+"""The lens's result: per set, per layer, per encoded position the top-k latents; its terminal
+table and its JSON (``cltrace.lens/1``, the input of the viewer's lens page).
+
+JSON layout::
+
+    {"format": "cltrace.lens/1", "model", "text", "top_k", "include_bos",
+     "tokens": [{"pos", "id", "token", "bos"}],
+     "sets": [{"set", "name", "what", "site", "d_sae", "layers", "pages"}],
+     "cells": [{"set", "layer", "pos", "latents": [{"index", "act", "label"?, "page"?}]}]}
+
+``cells`` holds one entry per (set, layer, encoded position), its latents by activation,
+largest first (fewer than top_k when fewer are active). ``label`` and ``page`` (a path
+relative to the JSON's folder) are there when feature pages were given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from torch import Tensor
+
+LENS_FORMAT = "cltrace.lens/1"
+Labeler = Callable[[int, int, int], Optional[str]]  # (set number, layer, latent) -> text or None
+
+
+@dataclass
+class LensSet:
+    """The lens of one dictionary set: ``latents[L] = (index [N, k], act [N, k], count [N])``
+    over the report's encoded positions (``count``: how many of the k are active)."""
+
+    name: str
+    what: str  # e.g. "SAEs at resid_post", "transcoders"
+    site: str  # the site its encoders read
+    d_sae: int
+    layers: list[int]
+    latents: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class LensReport:
+    """The top latents of each set at each token (:func:`cltrace.lens.lens`)."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    bos: list[bool]  # per token: a <bos> (not encoded unless include_bos)
+    positions: list[int]  # the encoded positions (rows of each latents tensor)
+    sets: list[LensSet]
+    top_k: int
+    model: str = ""
+    include_bos: bool = False
+    text: str = ""
+
+    def top(self, set_no: int, layer: int, pos: int) -> list[tuple[int, float]]:
+        """[(latent, activation)] at ``pos`` (largest first); [] at a position not encoded."""
+        if pos not in self.positions:
+            return []
+        r = self.positions.index(pos)
+        idx, act, count = self.sets[set_no].latents[layer]
+        n = int(count[r])
+        return list(zip(idx[r, :n].tolist(), act[r, :n].tolist()))
+
+    def cells(self) -> Iterator[tuple[int, int, int, list[tuple[int, float]]]]:
+        """(set number, layer, position, top latents) of every encoded cell."""
+        for s, ls in enumerate(self.sets):
+            for L in ls.layers:
+                idx, act, count = ls.latents[L]
+                for r, pos in enumerate(self.positions):
+                    n = int(count[r])
+                    yield s, L, pos, list(zip(idx[r, :n].tolist(), act[r, :n].tolist()))
+
+    def to_json(self, label: Optional[Labeler] = None, page: Optional[Labeler] = None,
+                pages: Optional[list[Optional[str]]] = None) -> dict:
+        """The JSON (module doc). ``label``/``page``: the label and feature page path of a
+        latent, or None; ``pages``: per set, the folder of its pages (for the viewer)."""
+        cells = []
+        for s, L, pos, top in self.cells():
+            lat = []
+            for i, a in top:
+                d = {"index": int(i), "act": round(float(a), 6)}
+                text = label(s, L, i) if label else None
+                if text:
+                    d["label"] = text
+                where = page(s, L, i) if page else None
+                if where:
+                    d["page"] = where
+                lat.append(d)
+            cells.append({"set": s, "layer": L, "pos": pos, "latents": lat})
+        return {
+            "format": LENS_FORMAT, "model": self.model, "text": self.text, "top_k": self.top_k,
+            "include_bos": self.include_bos,
+            "tokens": [{"pos": p, "id": int(i), "token": t, "bos": bool(b)}
+                       for p, (i, t, b) in enumerate(zip(self.token_ids, self.tokens, self.bos))],
+            "sets": [{"set": s, "name": ls.name, "what": ls.what, "site": ls.site,
+                      "d_sae": ls.d_sae, "layers": ls.layers,
+                      "pages": (pages[s] if pages else None)} for s, ls in enumerate(self.sets)],
+            "cells": cells,
+        }
+
+    def table(self, label: Optional[Labeler] = None, width: int = 40) -> str:
+        """One line per (token, set, layer): position, token, set, layer and the top latents
+        as ``index:activation`` (with ``label`` quoted after each when given); a <bos> token is
+        one line saying it is not encoded."""
+        multi = len(self.sets) > 1
+        head = f"{'pos':>4}  {'token':<14} " + (f"{'set':<4}" if multi else "") + f"{'layer':>5}  top latents (index:activation)"
+        lines = [head]
+        for p, (t, b) in enumerate(zip(self.tokens, self.bos)):
+            tok = _show(t)
+            if p not in self.positions:
+                lines.append(f"{p:>4}  {tok:<14} " + ("<bos>: not encoded (--bos to include)" if b else "not encoded"))
+                continue
+            first = True
+            for s, ls in enumerate(self.sets):
+                for L in ls.layers:
+                    items = []
+                    for i, a in self.top(s, L, p):
+                        text = label(s, L, i) if label else None
+                        items.append(f"{i}:{a:.2f}" + (f' "{_cut(text, width)}"' if text else ""))
+                    lines.append((f"{p:>4}  {tok:<14} " if first else " " * 21)
+                                 + (f"{s:<4}" if multi else "") + f"{L:>5}  " + ("  ".join(items) or "-"))
+                    first = False
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: the model, tokens and what each set is."""
+        sets = "; ".join(f"[{s}] {ls.name} ({ls.what}, {ls.d_sae} latents, layers "
+                         f"{_layers(ls.layers)})" for s, ls in enumerate(self.sets))
+        return (f"lens of {len(self.tokens)} tokens" + (f" on {self.model}" if self.model else "")
+                + f", top {self.top_k} per layer: {sets}")
+
+
+def _show(token: str) -> str:
+    return _cut(repr(token)[1:-1], 14)
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _layers(ls: list[int]) -> str:
+    from ..settings import format_layers
+
+    return format_layers(ls)

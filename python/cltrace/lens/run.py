@@ -1,0 +1,154 @@
+"""One forward pass recording the sites the sets read, then a JumpReLU encode per (set, layer)
+and the top-k latents of every position.
+
+The pass runs the decoder stack only up to the last layer any set reads (no later layer, no
+unembedding): a hook on that block stops it. Each set's layer L is encoded from its
+``site_in`` at L (``resid_post`` for crosscoders and resid_post SAEs, the ``heads x head_dim``
+input of ``o_proj`` for attn_out SAEs, the MLP input for transcoders), exactly as
+``acts = z * (z > threshold)``, ``z = x @ W_enc + b_enc`` (:func:`cltrace.ops.jumprelu_encode`).
+
+``<bos>`` positions: Gemma Scope 2 dictionaries are trained without them (their activations
+there are outliers), so by default they are listed, flagged ``bos``, and not encoded (no
+latents); ``include_bos=True`` encodes them too.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import UsageError
+from ..models.anatomy import text_parts
+from ..models.sites import site_hooks
+from ..ops import jumprelu_encode
+from ..settings import format_layers
+from ..transcoders.base import TranscoderSet
+from ..transcoders.checks import check_fits
+from .report import LensReport, LensSet
+
+
+class _Stop(Exception):
+    """Raised by the hook after the last needed layer: the rest of the pass is not needed."""
+
+
+def lens_layers(ts: TranscoderSet, layers: Optional[Sequence[int]], name: str) -> list[int]:
+    """The layers of ``ts`` the lens reads: ``layers`` (each must be one of the set's source
+    layers) or all of them."""
+    have = sorted(ts.layers)
+    if layers is None:
+        return have
+    missing = sorted(set(int(L) for L in layers) - set(have))
+    if missing:
+        raise UsageError(f"--layers: {name} ({ts.what}) has no dictionary at layer(s) "
+                         f"{format_layers(missing)} (it has {format_layers(have)})")
+    return sorted(set(int(L) for L in layers))
+
+
+def _body(model):
+    inner = getattr(model, "model", None)
+    return getattr(inner, "language_model", inner)  # the decoder stack, without the unembedding
+
+
+def _tokens(tokenizer, text: Union[str, Tensor, Sequence[int]], chat: bool) -> Tensor:
+    """Token ids ``[T]`` of ``text`` (a string, with ``<bos>``; or ids as given)."""
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise UsageError("a text needs a tokenizer: pass a LoadedModel or tokenizer=")
+        if not text.strip():
+            raise UsageError("the text is empty")
+        from ..models.chat import prompt_tokens
+
+        _, text = prompt_tokens(tokenizer, text, chat)
+        if isinstance(text, str):
+            text = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = torch.as_tensor(text, dtype=torch.long).flatten()
+    if ids.numel() == 0:
+        raise UsageError("the text is empty (no tokens)")
+    return ids
+
+
+def _top_k(sp, n_rows: int, d_sae: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(index [N, k], activation [N, k], count [N]) of the ``k`` largest active latents of each
+    row of the CSR ``sp`` (count: how many of the k are active; the rest are padding)."""
+    dense = torch.full((n_rows, d_sae), float("-inf"), dtype=sp.acts.dtype)
+    dense[sp.rows(), sp.feat_idx] = sp.acts  # only active latents leave -inf
+    k = min(k, d_sae)
+    act, idx = dense.topk(k, dim=1)  # [N, k], sorted descending
+    count = sp.row_offsets.diff().clamp_max(k)
+    return idx, act, count
+
+
+@torch.no_grad()
+def lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
+         text: Union[str, Tensor, Sequence[int]], *, top_k: int = 5,
+         layers: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
+         tokenizer=None, chat: bool = False, include_bos: bool = False,
+         bos_token_id: Optional[int] = None, model_name: str = "") -> LensReport:
+    """The top ``top_k`` active latents of each set in ``dictionaries`` at each token of
+    ``text`` (a string, tokenized with ``<bos>``, wrapped in the chat turn with ``chat``; or
+    token ids ``[T]``) and each of the set's layers (``layers``: only those, which every set
+    must have). ``model``: a :class:`cltrace.models.LoadedModel` (its tokenizer and name are
+    used) or a Gemma 3 causal LM. ``names``: one name per set for the report (default: its
+    set id or source). One forward pass (module doc); each set is checked against the model
+    first (:func:`cltrace.transcoders.checks.check_fits`)."""
+    if hasattr(model, "tokenizer") and hasattr(model, "model"):  # a LoadedModel
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        model_name = model_name or getattr(model, "name", "")
+        model = model.model
+    if bos_token_id is None and tokenizer is not None:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    sets = [dictionaries] if isinstance(dictionaries, TranscoderSet) else list(dictionaries)
+    if not sets:
+        raise UsageError("no dictionary set given")
+    if int(top_k) < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    names = list(names) if names is not None else [
+        str(ts.info.get("set_id", "") or ts.source or f"set {i}") for i, ts in enumerate(sets)]
+    if len(names) != len(sets):
+        raise ValueError(f"{len(names)} names for {len(sets)} sets")
+    parts = text_parts(model)
+    for ts, name in zip(sets, names):
+        check_fits(ts, model, name)
+    read = [lens_layers(ts, layers, name) for ts, name in zip(sets, names)]
+    ids = _tokens(tokenizer, text, chat)
+    device = next(model.parameters()).device
+
+    sites = sorted({(ts.site_in, L) for ts, ls in zip(sets, read) for L in ls})
+    last = max(L for _, L in sites)
+
+    def stop(_m, _a, _out):
+        raise _Stop
+
+    with site_hooks(parts, record=sites) as rec:  # {(site, L): [1, T, width]}
+        handle = parts.layers[last].register_forward_hook(stop)
+        try:
+            _body(model)(input_ids=ids[None].to(device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+
+    bos = (ids == bos_token_id) if bos_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+    rows = torch.arange(ids.numel()) if include_bos else (~bos).nonzero()[:, 0]  # encoded positions
+    out = []
+    for ts, name, ls in zip(sets, names, read):
+        per_layer = {}
+        for L in ls:
+            tc = ts.layers[L]
+            x = rec[(ts.site_in, L)][0].to(device=tc.W_enc.device, dtype=tc.W_enc.dtype)[rows]  # [N, d_in]
+            sp = jumprelu_encode(x.contiguous(), tc.W_enc, tc.b_enc, tc.threshold)
+            per_layer[L] = _top_k(sp, rows.numel(), tc.d_sae, int(top_k))
+        out.append(LensSet(name=name, what=ts.what, site=ts.site_in, d_sae=ts.d_sae, layers=ls,
+                           latents=per_layer))
+    tokens = _decode(tokenizer, ids)
+    return LensReport(token_ids=ids.tolist(), tokens=tokens, bos=bos.tolist(),
+                      positions=rows.tolist(), sets=out, top_k=int(top_k), model=model_name,
+                      include_bos=include_bos)
+
+
+def _decode(tokenizer, ids: Tensor) -> list[str]:
+    """Each token's text (its id as text without a tokenizer)."""
+    if tokenizer is None:
+        return [str(int(i)) for i in ids]
+    return [tokenizer.decode([int(i)]) for i in ids]

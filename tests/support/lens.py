@@ -1,0 +1,71 @@
+"""What the lens tests build on: a tiny Gemma 3 with random dictionaries at every SAE site
+(and a crosscoder), calibrated on the model's own activations, written in the Gemma Scope 2
+layout and loaded back; and a plain hook-based reference encode."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .tiny_gemma import TOKENS, tiny_gemma
+from .transcoders import random_transcoders
+
+LENS_TOKENS = TOKENS + [77, 140, 2, 63]  # a second <bos> inside: flagged like the first
+
+
+def hook_activations(model, site: str, ids: Tensor) -> Tensor:
+    """The activation at ``site`` of every layer, ``[n_layers, T, width]``, from plain forward
+    hooks on the transformers modules (not cltrace's site_hooks)."""
+    layers = model.model.layers
+    got = {}
+
+    def keep(L, where):
+        def hook(_m, args, out=None):
+            got[L] = (args[0] if where == "input" else (out[0] if isinstance(out, tuple) else out)).detach()
+        return hook
+
+    handles = []
+    for L, block in enumerate(layers):
+        if site == "resid_post":
+            handles.append(block.register_forward_hook(lambda m, a, o, f=keep(L, "output"): f(m, a, o)))
+        elif site == "attn_out":
+            handles.append(block.self_attn.o_proj.register_forward_pre_hook(keep(L, "input")))
+        elif site == "mlp_out":
+            handles.append(block.post_feedforward_layernorm.register_forward_hook(
+                lambda m, a, o, f=keep(L, "output"): f(m, a, o)))
+        else:
+            handles.append(block.pre_feedforward_layernorm.register_forward_hook(
+                lambda m, a, o, f=keep(L, "output"): f(m, a, o)))
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(ids)[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([got[L][0] for L in range(len(layers))])
+
+
+def reference_encode(x: Tensor, tc) -> Tensor:
+    """Dense JumpReLU activations ``[T, d_sae]``: relu(x @ W_enc + b_enc) * (pre > threshold)."""
+    pre = x @ tc.W_enc + tc.b_enc
+    return torch.relu(pre) * (pre > tc.threshold)
+
+
+def lens_setup(tmp_path, n_layers: int = 3, d_sae: int = 40):
+    """(tiny model, {name: set loaded back from the Gemma Scope 2 layout}): SAEs at resid_post,
+    attn_out and mlp_out, and a crosscoder over layers 0 and 2, each calibrated so that about
+    15 % of its latents fire."""
+    from cltrace.transcoders import load_transcoders
+    from cltrace.transcoders.write import save_gemmascope
+
+    model = tiny_gemma(n_layers=n_layers)
+    out = {}
+    for site in ("resid_post", "attn_out", "mlp_out"):
+        acts = hook_activations(model, site, torch.tensor(LENS_TOKENS))
+        ts = random_transcoders(mlp_in=acts, d_sae=d_sae, site=site, seed=11)
+        root = save_gemmascope(ts, tmp_path / f"{site}_all")
+        out[site] = load_transcoders(root, model_config=model)
+    acts = hook_activations(model, "resid_post", torch.tensor(LENS_TOKENS))
+    cc = random_transcoders(mlp_in=acts, d_sae=d_sae, sites=[0, 2], seed=12)
+    root = save_gemmascope(cc, tmp_path / "crosscoder" / f"layer_0_2_width_{d_sae}_l0_medium")
+    out["crosscoder"] = load_transcoders(root, model_config=model)
+    return model, out
