@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from cltrace.cli import main
+from cltrace.errors import UsageError
 from cltrace.evaluation import EvalSettings, evaluate_set
-from support.tiny_gemma import CharTokenizer, tiny_replacement, use_tiny_model
+from support.dictionaries import random_saes, site_hook
+from support.tiny_gemma import CharTokenizer, tiny_gemma, tiny_replacement, use_tiny_model
 from support.transcoders import random_transcoders
 
 BOS = 2
@@ -27,11 +29,19 @@ def _rows(n_rows: int = 5, ctx: int = 16, seed: int = 0) -> torch.Tensor:
     return rows
 
 
+def _writers(ts, L):
+    """(S, k) for each source S whose W_dec[:, k] writes to layer L, from the set's layout."""
+    order = list(ts.sites) if ts.sites is not None else list(range(ts.n_layers))
+    return [(S, order.index(L) - order.index(S)) for S, tc in ts.layers.items()
+            if S in order and 0 <= order.index(L) - order.index(S) < tc.n_out]
+
+
 def brute_force(model, ts, rows, layers, dense_threshold, max_tokens):
-    """Every metric written out plainly: dense encodes, hooks that splice from the spliced
-    run's own MLP inputs, log-softmax of the full logits."""
-    parts_layers = model.model.layers
-    n_layers = len(parts_layers)
+    """Every metric written out plainly for any set (transcoders, SAEs, crosscoder): dense
+    encodes, plain module hooks (support.dictionaries.site_hook) that splice from the spliced
+    run's own inputs, log-softmax of the full logits."""
+    site_in, site_out = ts.site_in, ts.site_out
+    n_layers = len(model.model.layers)
     mask = torch.ones_like(rows, dtype=torch.bool)
     mask[:, 0] = False
     mask &= rows != BOS
@@ -44,11 +54,10 @@ def brute_force(model, ts, rows, layers, dense_threshold, max_tokens):
         z = x @ tc.W_enc + tc.b_enc
         return z * (z > tc.threshold)
 
-    def recon_of(L, xs):  # xs: {S: MLP input [..., d]}
+    def recon_of(L, xs):  # xs: {S: input site [..., d]}
         r = ts.layers[L].b_dec.clone()
-        for S, tc in ts.layers.items():
-            if 0 <= L - S < tc.n_out:
-                r = r + acts_of(S, xs[S]) @ tc.W_dec[:, L - S]
+        for S, k in _writers(ts, L):
+            r = r + acts_of(S, xs[S]) @ ts.layers[S].W_dec[:, k]
         if ts.layers[L].W_skip is not None:
             r = r + xs[L] @ ts.layers[L].W_skip
         return r
@@ -60,10 +69,8 @@ def brute_force(model, ts, rows, layers, dense_threshold, max_tokens):
         return float(per[ce_mask].sum() / ce_mask.sum())
 
     xs, ys = {}, {}
-    hs = [parts_layers[L].pre_feedforward_layernorm.register_forward_hook(
-        lambda m, a, o, L=L: xs.__setitem__(L, o)) for L in range(n_layers)]
-    hs += [parts_layers[L].post_feedforward_layernorm.register_forward_hook(
-        lambda m, a, o, L=L: ys.__setitem__(L, o)) for L in range(n_layers)]
+    hs = [site_hook(model, site_in, L, lambda a, L=L: xs.__setitem__(L, a)) for L in range(n_layers)]
+    hs += [site_hook(model, site_out, L, lambda a, L=L: ys.__setitem__(L, a)) for L in range(n_layers)]
     with torch.no_grad():
         clean = nll(model(input_ids=rows).logits)
     for h in hs:
@@ -80,27 +87,29 @@ def brute_force(model, ts, rows, layers, dense_threshold, max_tokens):
 
         run_xs = {}
 
-        def record(m, a_, o, S=None):
-            run_xs[S] = o
-
-        def splice(m, a_, o):
+        def splice(o):
+            if site_in == site_out:  # an SAE's input is the activation it replaces
+                run_xs[L] = o
             o = o.clone()
             o[mask] = recon_of(L, run_xs)[mask]
             return o
 
-        def zero(m, a_, o):
+        def zero(o):
             o = o.clone()
             o[mask] = 0
             return o
 
         with torch.no_grad():
-            hs = [parts_layers[S].pre_feedforward_layernorm.register_forward_hook(
-                lambda m, a_, o, S=S: record(m, a_, o, S)) for S in range(L + 1)]
-            hs.append(parts_layers[L].post_feedforward_layernorm.register_forward_hook(splice))
+            hs = [site_hook(model, site_in, S, lambda a_, S=S: run_xs.__setitem__(S, a_))
+                  for S in range(L + (site_in != site_out))]
+            hs.append(site_hook(model, site_out, L, splice))
             ce_splice = nll(model(input_ids=rows).logits)
             for h in hs:
                 h.remove()
-            h = parts_layers[L].mlp.register_forward_hook(zero)  # post-norm of 0 is 0
+            if site_out == "mlp_out":  # post-norm of 0 is 0: zero the MLP itself
+                h = model.model.layers[L].mlp.register_forward_hook(lambda m, a_, o: zero(o))
+            else:
+                h = site_hook(model, site_out, L, zero)
             ce_zero = nll(model(input_ids=rows).logits)
             h.remove()
         q = torch.quantile(l0, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
@@ -135,6 +144,52 @@ def test_every_metric_against_brute_force(kind):
     assert len(text.splitlines()) == 2 + 4 + 2 and text.splitlines()[-1].split()[0] == "mean"
 
 
+def _check(report, want, layers):
+    assert report.tokens == want["tokens"] and report.ce_tokens == want["ce_tokens"]
+    assert report.clean_ce == pytest.approx(want["clean"], rel=1e-9)
+    assert [e.layer for e in report.layers] == list(layers)
+    for e in report.layers:
+        for k, v in want[e.layer].items():
+            assert getattr(e, k) == pytest.approx(v, rel=1e-7, abs=1e-9), (e.layer, k)
+
+
+@pytest.mark.parametrize("site", ["resid_post", "attn_out", "mlp_out"])
+def test_saes_at_each_site_against_brute_force(site):
+    """An SAE at each site reads and reconstructs that site; splice and zero replace it."""
+    model = tiny_gemma(dtype=torch.float64)
+    rows = _rows()
+    ts = random_saes(model, rows, site)
+    assert (ts.site_in, ts.site_out) == (site, site)
+    settings = EvalSettings(tokens=60, ctx=16, batch=2, dense_threshold=0.2)
+    report = evaluate_set(model, ts, rows, settings, bos_token_id=BOS)
+    want = brute_force(model, ts, rows, [0, 1, 2, 3], 0.2, 60)
+    _check(report, want, [0, 1, 2, 3])
+    assert report.set_what == f"SAEs at {site}" and report.to_json()["site_out"] == site
+    # zeroing the last resid_post zeroes the final norm's input: uniform logits, CE = ln(vocab)
+    if site == "resid_post":
+        assert report.layer(3).ce_zero == pytest.approx(math.log(300), rel=1e-12)
+
+
+def test_crosscoder_against_brute_force():
+    """A crosscoder over layers 0, 2, 3: layer 3's reconstruction sums the features read at
+    0, 2 and 3 (brute force: from the spliced run's own resid_post of those layers)."""
+    model = tiny_gemma(dtype=torch.float64)
+    rows = _rows()
+    ts = random_saes(model, rows, "resid_post", sites=[0, 2, 3])
+    assert ts.sources_writing_to(3) == [0, 2, 3]
+    settings = EvalSettings(tokens=60, ctx=16, batch=2, dense_threshold=0.2)
+    report = evaluate_set(model, ts, rows, settings, bos_token_id=BOS)
+    _check(report, brute_force(model, ts, rows, [0, 2, 3], 0.2, 60), [0, 2, 3])
+    assert report.set_what == "crosscoder at resid_post"
+    # --layers 3 alone still sums the features of 0 and 2
+    only = evaluate_set(model, ts, rows, EvalSettings(tokens=60, ctx=16, batch=3, layers=(3,),
+                                                      dense_threshold=0.2), bos_token_id=BOS)
+    assert only.layers[0].fvu == pytest.approx(report.layer(3).fvu, rel=1e-9)
+    assert only.layers[0].ce_splice == pytest.approx(report.layer(3).ce_splice, rel=1e-9)
+    with pytest.raises(UsageError, match=r"no dictionary at layer\(s\) 1 \(it has 0,2-3\)"):
+        evaluate_set(model, ts, rows, EvalSettings(layers=(1,)), bos_token_id=BOS)
+
+
 def test_layers_tokens_and_a_loaded_model():
     """--layers restricts (a CLT still sums every source layer below), the token budget
     counts <bos>-free positions, a LoadedModel gives the <bos> id and the model's name."""
@@ -153,7 +208,7 @@ def test_layers_tokens_and_a_loaded_model():
             assert getattr(e, k) == pytest.approx(v, rel=1e-7, abs=1e-9), (e.layer, k)
     from cltrace.errors import UsageError
 
-    with pytest.raises(UsageError, match="no transcoder at layer"):
+    with pytest.raises(UsageError, match="no dictionary at layer"):
         evaluate_set(loaded, rm.transcoders, rows, EvalSettings(layers=(5,)))
     with pytest.raises(UsageError, match="--dense-threshold"):
         evaluate_set(loaded, rm.transcoders, rows, EvalSettings(dense_threshold=2.0))
@@ -263,12 +318,61 @@ def test_cli_with_a_set_folder(tiny_cli, tmp_path, capsys):
     assert main(["eval", str(folder), "--corpus", str(corpus), "--tokens", "30", "--ctx", "16",
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "set set (clt, 48 features, affine skip)" in out
+    assert "set set (CLT, 48 features, affine skip)" in out
     ct = write_circuit_tracer_clt(tmp_path / "ct", rm.transcoders)
     assert main(["eval", str(ct), "--corpus", str(corpus), "--tokens", "30", "--ctx", "16",
                  "--quiet", "--json", str(tmp_path / "ct.json")]) == 0
     assert json.loads((tmp_path / "ct.json").read_text())["set_kind"] == "clt"
     capsys.readouterr()
+
+
+def test_cli_saes_and_a_crosscoder(tiny_cli, tmp_path, capsys):
+    """SET a folder of SAEs (attn_out) or a crosscoder in the Gemma Scope 2 layout: the same
+    numbers as the API; bad sets (another model's, a hook point that is no site, a layer the
+    set lacks) are one line, exit 2, before any pass."""
+    from cltrace.training.corpus import token_rows
+    from cltrace.transcoders import load_transcoders
+    from cltrace.transcoders.write import save_gemmascope
+
+    rm, corpus = tiny_cli
+    rows = _rows()
+    saes = save_gemmascope(random_saes(rm.model, rows, "attn_out"), tmp_path / "attn_out")
+    cc = save_gemmascope(random_saes(rm.model, rows, "resid_post", sites=[1, 3]),
+                         tmp_path / "crosscoder" / "layer_1_3_width_48_l0_small")
+    docs = [d.strip() for d in TEXT.split("\n\n\n") if d.strip()]
+    for folder, what, layers in ((saes, "SAEs at attn_out", [0, 1, 2, 3]),
+                                 (cc, "crosscoder at resid_post", [1, 3])):
+        js = tmp_path / "e.json"
+        assert main(["eval", str(folder), "--corpus", str(corpus), "--tokens", "40", "--ctx",
+                     "16", "--quiet", "--json", str(js)]) == 0
+        out = capsys.readouterr().out
+        assert f"({what}, 48 features)" in out.splitlines()[0]
+        data = json.loads(js.read_text())
+        assert data["set_what"] == what and [d["layer"] for d in data["layers"]] == layers
+        ts = load_transcoders(folder, model_config=rm.model)
+        report = evaluate_set(rm.model, ts, token_rows(CharTokenizer(), docs, 16, max_tokens=40),
+                              EvalSettings(tokens=40, ctx=16), bos_token_id=BOS)
+        for d, e in zip(data["layers"], report.layers):
+            assert d["fvu"] == pytest.approx(e.fvu, rel=1e-6) and d["l0"] == e.l0
+            assert d["loss_recovered"] == pytest.approx(e.loss_recovered, rel=1e-5, abs=1e-7)
+
+    other = save_gemmascope(random_transcoders(site="resid_post", n_layers=4, d_model=32),
+                            tmp_path / "other")
+    odd = save_gemmascope(random_transcoders(site="mlp_out", n_layers=4, d_model=64, layers=[2]),
+                          tmp_path / "odd")
+    cfg = next(odd.glob("layer_2_*")) / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()),
+                               "hf_hook_point_in": "model.layers.2.mlp.down_proj.input"}))
+    for args, needles in (([str(other)], ["d_model 32", "hidden_size 64"]),
+                          ([str(odd)], ["down_proj.input", "not a hook point"]),
+                          ([str(cc), "--layers", "2"], ["crosscoder at resid_post", "layer(s) 2",
+                                                        "1,3"]),
+                          ([str(saes), "--layers", "4-5"], ["SAEs at attn_out", "4-5"])):
+        assert main(["eval", *args, "--corpus", str(corpus), "--quiet"]) == 2, args
+        out = capsys.readouterr()
+        assert out.out == "" and "\n" not in out.err.strip() and "Traceback" not in out.err
+        for n in needles:
+            assert n in out.err, (n, out.err)
 
 
 def _one_line(capsys, *needles):

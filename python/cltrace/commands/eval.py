@@ -1,5 +1,6 @@
-"""``cltrace eval [SET] --corpus FILE``: how well a transcoder set reconstructs the MLP outputs
-of a model on a text, and what splicing it in costs in next-token loss, layer by layer."""
+"""``cltrace eval [SET] --corpus FILE``: how well a dictionary set (transcoders, CLT, SAEs,
+crosscoder) reconstructs its site of a model on a text, and what splicing it in costs in
+next-token loss, layer by layer."""
 from __future__ import annotations
 
 import argparse
@@ -12,24 +13,30 @@ from ._common import add_model_arguments, messenger, read_text_file
 from ..errors import UsageError
 
 NAME = "eval"
-HELP = "evaluate a transcoder set on a text corpus: FVU, L0, dead/dense features, loss when spliced in"
+HELP = ("evaluate a dictionary set (transcoders, SAEs, crosscoder) on a text corpus: FVU, L0, "
+        "dead/dense features, loss when spliced in")
 DESCRIPTION = """\
-Evaluate a transcoder set (per-layer, with or without affine skip, or cross-layer; Gemma
-Scope 2 or circuit-tracer layout; default: the starter set, as `cltrace attribute`) on the
-first --tokens tokens of a text corpus cut into rows of --ctx tokens, each starting with
-<bos>. Per layer (docs/method.md, "Evaluating a dictionary"):
+Evaluate a dictionary set on the first --tokens tokens of a text corpus cut into rows of
+--ctx tokens, each starting with <bos>. SET is a folder or hub reference in the Gemma Scope 2
+or circuit-tracer layout (default: the starter set, as `cltrace attribute`): transcoders
+(per-layer, with or without affine skip, or cross-layer: they read the MLP input and
+reconstruct the MLP output), SAEs (resid_post: the block output; attn_out: o_proj's input;
+mlp_out: the MLP output after post_feedforward_layernorm: each reads and reconstructs its
+site) or a crosscoder (resid_post of a few layers; a layer's reconstruction sums the features
+read there and at its earlier layers). Per layer (docs/method.md, "Evaluating a dictionary"):
 
-  FVU        fraction of variance of the MLP output the reconstruction leaves unexplained
+  FVU        fraction of variance of the site the reconstruction leaves unexplained
   L0         active features per token: mean, 10th/50th/90th percentile, max
   dead       features that never fire on the evaluated tokens
   dense      features firing on more than --dense-threshold of them
-  CE splice  next-token cross-entropy (nats/token) with this layer's MLP output replaced by
-             the reconstruction (a CLT's: the features of every layer <= it), one layer at a time
+  CE splice  next-token cross-entropy (nats/token) with this layer's site replaced by the
+             reconstruction (a CLT's: the features of every layer <= it), one layer at a time
   dCE        CE splice - the clean model's CE
-  CE zero    the CE with this layer's MLP output zero-ablated
+  CE zero    the CE with this layer's site set to 0 (for resid_post: the whole residual
+             stream after the block, the SAELens / Gemma Scope convention)
   recovered  (CE zero - CE splice) / (CE zero - clean CE): the fraction of loss recovered
 
-<bos> positions enter no statistic and keep their MLP output. It prints one row per layer and
+<bos> positions enter no statistic and keep their activation. It prints one row per layer and
 the mean; --json writes every number with the settings, --plot an SVG of FVU and loss
 recovered, and L0, per layer. Each evaluated layer costs two extra forward passes.
 
@@ -37,6 +44,8 @@ Examples:
   cltrace eval --corpus notes.txt
   cltrace eval google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small \\
       --corpus notes.txt --layers 0-5 --json eval.json --plot eval.svg
+  cltrace eval google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_small \\
+      --corpus notes.txt
 """
 
 
@@ -45,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..settings import add_options
 
     p.add_argument("transcoders", metavar="SET", nargs="?", default=None,
-                   help="transcoder folder or hub reference (default: the trained starter set)")
+                   help="dictionary folder or hub reference: transcoders, SAEs or a crosscoder "
+                   "(default: the trained starter set)")
     p.add_argument("--corpus", required=True, metavar="FILE",
                    help="UTF-8 text file; documents separated by two blank lines")
     add_model_arguments(p)
@@ -116,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..transcoders import load_transcoders
 
-        say(f"loading transcoders {args.transcoders} ...")
+        say(f"loading dictionaries {args.transcoders} ...")
         ts = load_transcoders(args.transcoders, model_config=loaded.model)
     from ..transcoders.checks import check_fits
 

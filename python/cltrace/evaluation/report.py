@@ -19,7 +19,7 @@ class LayerEval:
     """The measurements of one layer (docs/method.md, "Evaluating a dictionary")."""
 
     layer: int
-    fvu: float  # fraction of variance unexplained of the MLP-output reconstruction
+    fvu: float  # fraction of variance unexplained of the output site's reconstruction
     l0: float  # mean active features per token (features read at this layer)
     l0_p10: float  # percentiles of the active features per token
     l0_p50: float
@@ -27,8 +27,8 @@ class LayerEval:
     l0_max: float
     dead: float  # fraction of the features that never fire on the evaluated tokens
     dense: float  # fraction firing on more than dense_threshold of them
-    ce_splice: float  # next-token CE (nats/token), this layer's MLP output reconstructed
-    ce_zero: float  # next-token CE, this layer's MLP output zero-ablated
+    ce_splice: float  # next-token CE (nats/token), this layer's output site reconstructed
+    ce_zero: float  # next-token CE, this layer's output site set to 0
     delta_ce: float  # ce_splice - clean CE
     loss_recovered: float  # (ce_zero - ce_splice) / (ce_zero - clean CE); NaN when they are equal
 
@@ -55,7 +55,10 @@ class EvalReport:
     settings: Any  # EvalSettings
     model_name: str = ""
     set_name: str = ""
-    set_kind: str = ""
+    set_kind: str = ""  # "plt" or "clt" (a crosscoder is "clt")
+    set_what: str = "transcoders"  # TranscoderSet.what: "transcoders", "CLT", "SAEs at resid_post", ...
+    site_in: str = "mlp_in"  # the site the features read (cltrace.models.sites)
+    site_out: str = "mlp_out"  # the site reconstructed, spliced and zero-ablated
     d_sae: int = 0
     skip: bool = False
 
@@ -69,7 +72,8 @@ class EvalReport:
     def to_json(self) -> dict:
         """Every number, the settings and the names (NaN written as null)."""
         return {
-            "set": self.set_name, "set_kind": self.set_kind, "d_sae": self.d_sae,
+            "set": self.set_name, "set_kind": self.set_kind, "set_what": self.set_what,
+            "site_in": self.site_in, "site_out": self.site_out, "d_sae": self.d_sae,
             "affine_skip": self.skip, "model": self.model_name, "tokens": self.tokens,
             "ce_tokens": self.ce_tokens, "rows": self.rows, "ctx": self.ctx,
             "settings": as_dict(self.settings), "clean_ce": _json_number(self.clean_ce),
@@ -102,7 +106,7 @@ class EvalReport:
     def summary(self) -> str:
         """One line: the set, the model, the tokens and the clean CE."""
         ce = f"{self.clean_ce:.3f}" if math.isfinite(self.clean_ce) else "-"
-        return (f"set {self.set_name or 'transcoders'} ({self.set_kind}, {self.d_sae} features"
+        return (f"set {self.set_name or 'transcoders'} ({self.set_what}, {self.d_sae} features"
                 f"{', affine skip' if self.skip else ''}) on {self.model_name or 'the model'}: "
                 f"{self.tokens} tokens ({self.rows} rows of {self.ctx}); clean CE {ce} nats/token "
                 f"over {self.ce_tokens} predictions")

@@ -1,39 +1,51 @@
 """The passes of an evaluation: one clean pass per batch of rows, then per evaluated layer one
-pass with its MLP output spliced and one with it zero-ablated.
+pass with its output site spliced and one with it zero-ablated.
 
-The clean pass records every needed layer's MLP input ``x_L`` (``pre_feedforward_layernorm``
-output) and MLP output ``m_L`` (``post_feedforward_layernorm`` output), the Gemma Scope 2 hook
-points. The features of each source layer are encoded once from it (the compiled
-``jumprelu_encode``) and decoded (``sparse_decode``) into the reconstruction of every layer
+A set reads the site ``site_in`` and writes ``site_out`` (:mod:`cltrace.models.sites`): a
+transcoder reads the MLP input (``pre_feedforward_layernorm`` output) and writes the MLP output
+(``post_feedforward_layernorm`` output); an SAE reads and writes one site: ``resid_post`` (the
+block's output), ``attn_out`` (``o_proj``'s input, the heads' concatenated outputs) or
+``mlp_out``; a crosscoder reads and writes ``resid_post`` of its layers. The clean pass records
+(:func:`cltrace.models.sites.site_hooks`) the input site ``x_S`` of every source layer needed and
+the output site ``y_L`` of every evaluated layer. The features of each source layer are encoded
+once from it (the compiled ``jumprelu_encode``) and decoded into the reconstruction of every
+evaluated layer (:func:`cltrace.transcoders.reconstruct.reconstruct`)
 
-    recon_L = sum_{S <= L} acts_S @ W_dec_S[:, L - S] + b_dec_L (+ x_L @ W_skip_L)
+    recon_L = sum_{S writing to L} acts_S @ W_dec_S[:, k(S, L)] + b_dec_L (+ x_L @ W_skip_L)
 
-A spliced pass replaces the output of ``post_feedforward_layernorm`` of layer L by
-``recon_L``; the zero-ablated pass by 0. Splicing layer L changes nothing before L's MLP
-output, so the MLP inputs of layers <= L in the spliced pass are those of the clean pass, and
-``recon_L`` computed from the clean pass is the reconstruction from the spliced pass's own
-inputs. Evaluated positions are all but those holding ``<bos>`` (position 0 of every row and
+(S <= L: a CLT's every earlier layer, a crosscoder's earlier layers, else S = L). A spliced
+pass replaces the output site of layer L by ``recon_L``; the zero-ablated pass by 0 (for
+``attn_out`` that removes the layer's attention output, as o_proj has no bias and the norm of
+0 is 0; for ``resid_post`` it zeroes the whole residual stream after the block: the
+SAELens / Gemma Scope convention, a far larger damage than zeroing one block's write, see
+docs/method.md). Splicing layer L changes nothing before L's output site, and every input
+site ``x_S`` with S <= L comes before it in the forward pass (an SAE's input is its own output
+site, read before the replacement), so the inputs in the spliced pass are those of the clean
+pass and ``recon_L`` computed from the clean pass is the reconstruction from the spliced pass's
+own inputs. Evaluated positions are all but those holding ``<bos>`` (position 0 of every row and
 document starts inside a row): only they enter a statistic, and only they are spliced or
-ablated (``<bos>`` keeps the model's own MLP output, as the replacement model keeps it at
+ablated (``<bos>`` keeps the model's own activation, as the replacement model keeps it at
 positions without nodes). The cross-entropy is that of the next token predicted at each
 evaluated position whose next token is in the row and is not ``<bos>``; the logits are made
 in chunks of positions (never ``[rows, ctx, vocab]`` at once).
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import UsageError
 from ..settings import format_layers
-from ..models.anatomy import module_output, text_parts
-from ..ops import jumprelu_encode, sparse_decode
+from ..models.anatomy import text_parts
+from ..models.sites import site_hooks
+from ..ops import jumprelu_encode
 from ..transcoders.base import TranscoderSet
 from ..transcoders.checks import check_fits
+from ..transcoders.reconstruct import reconstruct
 from .metrics import FVUSums, percentiles
 from .report import EvalReport, LayerEval
 from .settings import EvalSettings
@@ -43,51 +55,26 @@ LOGIT_CHUNK = 256  # positions per unembedding chunk in the cross-entropy
 
 
 def evaluated_layers(ts: TranscoderSet, layers: Optional[Sequence[int]] = None) -> list[int]:
-    """The layers evaluated: ``layers`` (each must have a transcoder in the set), default every
+    """The layers evaluated: ``layers`` (each must be a source layer of the set), default every
     source layer of the set."""
     have = sorted(ts.layers)
     if layers is None:
         return have
     missing = sorted(set(layers) - set(have))
     if missing:
-        raise UsageError(f"--layers: the set has no transcoder at layer(s) {format_layers(missing)} "
-                         f"(it has {format_layers(have)})")
+        raise UsageError(f"--layers: the set ({ts.what}) has no dictionary at layer(s) "
+                         f"{format_layers(missing)} (it has {format_layers(have)})")
     return sorted(set(layers))
 
 
-@contextlib.contextmanager
-def _hooks(parts, record_in: Sequence[int] = (), record_out: Sequence[int] = (),
-           replace: Optional[tuple[int, Tensor, Tensor]] = None) -> Iterator[dict]:
-    """Forward hooks recording MLP inputs/outputs of some layers, and replacing one layer's MLP
-    output at the masked positions: ``replace = (layer, mask [B, ctx], values [n_masked, d])``."""
-    rec: dict = {}
-    handles = []
-
-    def keep(key):
-        def hook(_mod, _args, out):
-            rec[key] = module_output(out).detach()
-        return hook
-
-    def splice(mask: Tensor, values: Tensor):
-        def hook(_mod, _args, out):
-            out = module_output(out).clone()
-            out[mask] = values.to(out.dtype)
-            return out
-        return hook
-
-    try:
-        for L in record_in:
-            handles.append(parts.layers[L].pre_feedforward_layernorm.register_forward_hook(keep(("x", L))))
-        for L in record_out:
-            handles.append(parts.layers[L].post_feedforward_layernorm.register_forward_hook(keep(("y", L))))
-        if replace is not None:
-            L, mask, values = replace
-            handles.append(parts.layers[L].post_feedforward_layernorm.register_forward_hook(
-                splice(mask, values)))
-        yield rec
-    finally:
-        for h in handles:
-            h.remove()
+def _put(mask: Tensor, values: Tensor) -> Callable[[Tensor], Tensor]:
+    """An edit for :func:`site_hooks`: the activation with ``values [n_masked, width]`` at the
+    positions ``mask [B, ctx]`` (a zero-dimensional ``values`` is broadcast)."""
+    def edit(a: Tensor) -> Tensor:
+        a = a.clone()
+        a[mask] = values.to(a.dtype)
+        return a
+    return edit
 
 
 def _body(model):
@@ -114,7 +101,7 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
                  settings: Optional[EvalSettings] = None, *, bos_token_id: Optional[int] = None,
                  model_name: str = "", set_name: str = "", bar: bool = False,
                  progress: Optional[Callable[[int], None]] = None) -> EvalReport:
-    """Evaluate ``transcoders`` on the token rows ``tokens [n_rows, ctx]`` (each row starting
+    """Evaluate the dictionary set ``transcoders`` (transcoders, CLT, SAEs, crosscoder) on the token rows ``tokens [n_rows, ctx]`` (each row starting
     with ``<bos>``, e.g. :func:`cltrace.training.corpus.token_rows`) of ``model`` (a Gemma 3
     causal LM, or a :class:`cltrace.models.LoadedModel`, whose tokenizer then gives
     ``bos_token_id`` and whose name ``model_name``). ``settings.layers`` restricts the layers,
@@ -132,7 +119,7 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
         model_name = model_name or getattr(model, "name", "")
         model = model.model
     parts = text_parts(model)
-    ts = transcoders
+    ts = full = transcoders
     check_fits(ts, model, set_name or ts.source or "transcoders")
     layers = evaluated_layers(ts, settings.layers)
     tokens = torch.as_tensor(tokens)
@@ -141,9 +128,11 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
         raise UsageError(f"expected token rows [n_rows, ctx >= 2], got shape {tuple(tokens.shape)}")
     device = parts.lm_head.weight.device
-    sources = [S for S, tc in sorted(ts.layers.items())
-               if any(0 <= L - S < tc.n_out for L in layers)]
-    tcs = {S: ts.layers[S].to(device=device) for S in sources}
+    sources = sorted({S for L in layers for S in ts.sources_writing_to(L)})
+    # the sources needed, on the model's device (tensors already there are not copied)
+    ts = dataclasses.replace(ts, layers={S: ts.layers[S].to(device=device) for S in sources})
+    tcs = ts.layers
+    site_in, site_out = ts.site_in, ts.site_out
     body = _body(model)
 
     fvu = {L: FVUSums() for L in layers}
@@ -194,40 +183,33 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
             n_tokens += T
             n_ce += n
 
-            with _hooks(parts, record_in=sources, record_out=layers) as rec:
+            record = [(site_in, S) for S in sources] + [(site_out, L) for L in layers]
+            with site_hooks(parts, record=record) as rec:
                 ce_clean += _nll_sum(parts, body, ids, ce_mask)
             step()
 
-            recon = {}
-            for L in layers:
-                tc = tcs[L]
-                r = tc.b_dec.expand(T, -1).clone()
-                if tc.W_skip is not None:
-                    r += rec[("x", L)][mask].to(tc.W_skip.dtype) @ tc.W_skip
-                recon[L] = r
+            acts = {}
             for S in sources:
                 tc = tcs[S]
-                x = rec[("x", S)][mask].to(tc.W_enc.dtype)  # [T, d]
-                a = jumprelu_encode(x, tc.W_enc, tc.b_enc, tc.threshold)
+                x = rec[(site_in, S)][mask].to(tc.W_enc.dtype)  # [T, d_in]
+                a = acts[S] = jumprelu_encode(x, tc.W_enc, tc.b_enc, tc.threshold)
                 if S in fires:
                     nz = a.acts != 0
                     cs = torch.cat([nz.new_zeros(1, dtype=torch.int64), nz.long().cumsum(0)])
                     counts[S].append((cs[a.row_offsets[1:]] - cs[a.row_offsets[:-1]]).cpu())
                     fires[S] += torch.bincount(a.feat_idx[nz], minlength=tc.d_sae)
-                if a.feat_idx.numel():
-                    dec = sparse_decode(a.row_offsets, a.feat_idx, a.acts, tc.W_dec)  # [T, n_out, d]
-                    for o in range(tc.n_out):
-                        if S + o in recon:
-                            recon[S + o] += dec[:, o]
+            recon = {}
             for L in layers:
-                fvu[L].add(recon[L], rec[("y", L)][mask])
-            del rec
+                x = rec[(site_in, L)][mask] if tcs[L].W_skip is not None else None
+                recon[L] = reconstruct(ts, L, acts, x)  # [T, d_out]
+                fvu[L].add(recon[L], rec[(site_out, L)][mask])
+            del rec, acts
 
             for L in layers:
-                with _hooks(parts, replace=(L, mask, recon[L])):
+                with site_hooks(parts, edit={(site_out, L): _put(mask, recon[L])}):
                     ce_splice[L] += _nll_sum(parts, body, ids, ce_mask)
                 step()
-                with _hooks(parts, replace=(L, mask, recon[L].new_zeros(()).expand_as(recon[L]))):
+                with site_hooks(parts, edit={(site_out, L): _put(mask, recon[L].new_zeros(()))}):
                     ce_zero[L] += _nll_sum(parts, body, ids, ce_mask)
                 step()
     finally:
@@ -252,5 +234,7 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
             loss_recovered=(zero - splice) / gap if gap != 0 and math.isfinite(gap) else float("nan")))
     return EvalReport(layers=out, clean_ce=clean, tokens=n_tokens, ce_tokens=n_ce, rows=n_rows,
                       ctx=int(tokens.shape[1]), settings=settings, model_name=model_name,
-                      set_name=set_name or str(ts.info.get("set_id", "") or ts.source),
-                      set_kind=ts.kind, d_sae=ts.d_sae, skip=any(tc.W_skip is not None for tc in ts.layers.values()))
+                      set_name=set_name or str(full.info.get("set_id", "") or full.source),
+                      set_kind=full.kind, set_what=full.what, site_in=full.site_in,
+                      site_out=full.site_out, d_sae=full.d_sae,
+                      skip=any(tc.W_skip is not None for tc in full.layers.values()))
