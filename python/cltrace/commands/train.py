@@ -1,4 +1,5 @@
-"""``cltrace train``: train JumpReLU transcoders on a model's MLP activations over a text corpus."""
+"""``cltrace train``: train JumpReLU transcoders on a model's MLP activations over a text corpus,
+or SAEs on the activation at one site (``--site``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ from ._common import add_model_arguments, messenger
 from ..errors import UsageError
 
 NAME = "train"
-HELP = "train per-layer or cross-layer JumpReLU transcoders (Gemma Scope 2 layout)"
+HELP = "train JumpReLU transcoders (per-layer or cross-layer) or SAEs (Gemma Scope 2 layout)"
 DESCRIPTION = """\
 Stream the model's MLP inputs and outputs (the Gemma Scope 2 hook points
 pre_feedforward_layernorm / post_feedforward_layernorm outputs) over a text corpus and
@@ -20,7 +21,14 @@ what unseen text fires when the corpus is passed over more than once (the batche
 falls below it as the encoder learns them). The compiled sparse kernels do the
 encoder/decoder forward and backward.
 
-The result is written to --out in the Gemma Scope 2 layout (load it with --transcoders OUT).
+--site resid_post|attn_out|mlp_out trains SAEs instead, with the same recipe: each layer's
+SAE reads the activation at that site (model.layers.L.output, the heads' outputs before
+o_proj, or the post_feedforward_layernorm output) and reconstructs it; the FVU is that of
+the site. Written in the Gemma Scope 2 SAE layout (config.json names hf_hook_point_in), for
+`cltrace steer --sae OUT`, `cltrace eval OUT`.
+
+The result is written to --out in the Gemma Scope 2 layout (load transcoders with
+--transcoders OUT).
 Training checkpoints to OUT.checkpoint.pt every --checkpoint-every seconds and on Ctrl-C;
 --resume continues an interrupted run exactly where it stopped.
 
@@ -35,6 +43,7 @@ too short to mean anything.
 Examples:
   cltrace train --kind plt --affine-skip --width 4096 --l0 32 --tokens 300000 --out tc/
   cltrace train --layers 0-5 --corpus notes/ --width 2048 --l0 16 --tokens 100000 --out tc2/
+  cltrace train --site resid_post --layers 6 --width 2048 --l0 32 --tokens 100000 --out sae/
   cltrace train --out tc/ --resume ...same options...
 """
 
@@ -92,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     held = "; ".join(f"{n} FVU {e['fvu_mean']:.3f}, L0 {e['l0_mean']:.1f}"
                      for n, e in info["evals"].items())
     short = "" if info["meaningful"] else " (TOO SHORT to mean anything: raise --tokens)"
-    print(f"trained {len(r.fvu)} layer(s) on {r.tokens} tokens in {r.train_seconds:.0f}s: "
+    what = "layer(s)" if cfg.site is None else f"SAE layer(s) at {cfg.site}"
+    print(f"trained {len(r.fvu)} {what} on {r.tokens} tokens in {r.train_seconds:.0f}s: "
           f"held-out FVU {info['fvu_mean']:.3f}, L0 {info['l0_mean']:.1f} ({held}){short}; "
           f"wrote {args.out}")
     return 0

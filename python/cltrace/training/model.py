@@ -1,4 +1,7 @@
-"""Trainable JumpReLU transcoders (per-layer or cross-layer) and their training loss.
+"""Trainable JumpReLU transcoders (per-layer or cross-layer) or SAEs, and their training loss.
+
+An SAE (``TrainConfig.site``) is the per-layer case whose input and target are the same
+activation, the one at that site: same weights, loss and controller, no skip.
 
 The recipe follows Gemma Scope 2 (and the JumpReLU SAE paper, Rajamanoharan et al. 2024,
 https://arxiv.org/abs/2407.14435):
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import UsageError
+from ..models.sites import SAE_SITES
 from ..settings import option, parse_layers, parse_sizes
 from ..transcoders.base import LayerTranscoder, TranscoderSet
 
@@ -55,6 +59,10 @@ class TrainConfig:
 
     kind: str = option("plt", "per-layer (plt) or cross-layer (clt: source S writes to S..n-1) "
                        "transcoders", choices=("plt", "clt"))
+    site: Optional[str] = option(
+        None, "train SAEs instead: read and reconstruct the activation at this site "
+        "(resid_post, attn_out, mlp_out; per layer, no skip); none: transcoders MLP input -> "
+        "MLP output", metavar="SITE", type=str, choices=SAE_SITES)
     affine_skip: bool = option(False, "learn an affine skip connection x @ W_skip")
     width: int = option(4096, "features per layer (d_sae)", metavar="W")
     l0: float = option(32.0, "target active features per token, per source layer", metavar="TARGET")
@@ -99,6 +107,12 @@ class TrainConfig:
     def check(self) -> None:
         if self.kind not in ("plt", "clt"):
             raise UsageError(f"kind must be 'plt' or 'clt', got {self.kind!r}")
+        if self.site is not None:
+            if self.site not in SAE_SITES:
+                raise UsageError(f"--site must be one of {', '.join(SAE_SITES)}, got {self.site!r}")
+            if self.kind != "plt" or self.affine_skip:
+                raise UsageError(f"--site {self.site} trains one SAE per layer: it takes no "
+                                 "--kind clt and no --affine-skip")
         if not 0 < self.l0 < self.width:
             raise UsageError(f"--l0 must be in (0, width={self.width}), got {self.l0}")
         if self.tokens < 1 or self.batch_size < 1 or self.buffer_tokens < self.batch_size:
@@ -181,7 +195,8 @@ class StepStats:
 
 
 class TranscoderParams(nn.Module):
-    """The trainable weights of all source layers, in normalised units."""
+    """The trainable weights of all source layers, in normalised units (``d_model``: the width
+    of the activation read, the site's width for an SAE)."""
 
     def __init__(self, cfg: TrainConfig, layers: list[int], n_layers: int, d_model: int):
         super().__init__()
@@ -331,5 +346,6 @@ class TranscoderParams(nn.Module):
                 W_enc=(self.W_enc[i].detach() * sx).clone(), b_enc=self.b_enc[i].detach().clone(),
                 threshold=self.log_threshold[i].detach().exp(), W_dec=W_dec.contiguous(),
                 b_dec=(self.b_dec[i].detach() / float(self.y_scale[i])).clone(), W_skip=W_skip)
+        site = {} if self.cfg.site is None else {"site_in": self.cfg.site, "site_out": self.cfg.site}
         return TranscoderSet(kind=self.cfg.kind, n_layers=self.n_layers, layers=layers,
-                             model_name=model_name, info=dict(info or {}))
+                             model_name=model_name, info=dict(info or {}), **site)

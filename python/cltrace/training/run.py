@@ -1,4 +1,7 @@
-"""End to end: text -> token rows -> model activations -> trained transcoders (-> files).
+"""End to end: text -> token rows -> model activations -> trained transcoders or SAEs (-> files).
+
+With ``TrainConfig.site`` set, the activations are those at that site and the result is a set of
+SAEs at it (written in the Gemma Scope 2 layout with ``hf_hook_point_in`` = the site).
 
 Used by ``cltrace train`` and by the trained starter set (:mod:`cltrace.training.starter`).
 """
@@ -15,6 +18,8 @@ import torch
 from ..models.activations import ActivationSource
 from .corpus import token_rows
 from .loop import Trainer, TrainResult
+from .site_source import SiteActivationSource
+from ..models.sites import site_width
 from .model import TrainConfig
 
 
@@ -34,7 +39,8 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
                       out: Optional[os.PathLike] = None, corpus_name: str = "",
                       resume: bool = False, checkpoint_every: float = 120.0,
                       log: Callable[[str], None] = print, bar: bool = True) -> TrainResult:
-    """Train transcoders for ``loaded`` (a :class:`cltrace.models.LoadedModel`) on ``texts``.
+    """Train transcoders for ``loaded`` (a :class:`cltrace.models.LoadedModel`) on ``texts``,
+    or SAEs at ``cfg.site`` (``TrainConfig(site="resid_post", ...)``).
 
     ``eval_texts`` names held-out texts (never trained on) to measure the final FVU and L0 on;
     without it the last rows of ``texts`` are held out. With ``out``, the set is written there
@@ -45,7 +51,8 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
     cfg.check()
     model, tok = loaded.model, loaded.tokenizer
     config = getattr(model.config, "text_config", model.config)
-    n_layers, d_model = config.num_hidden_layers, config.hidden_size
+    n_layers = config.num_hidden_layers
+    d_model = config.hidden_size if cfg.site is None else site_width(config, cfg.site)
     ckpt = checkpoint_path(out) if out is not None else None
     if out is not None and Path(out).exists():
         raise FileExistsError(f"{out} already exists; choose a new --out folder or remove it")
@@ -63,8 +70,8 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
         rows = token_rows(tok, texts, cfg.ctx, max_tokens=(cfg.corpus_tokens or cfg.tokens)
                           + (0 if held else cfg.eval_tokens))
     layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
-    source = ActivationSource(model, rows, layers, tok.bos_token_id,
-                              cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
+    source = activation_source(cfg, model, rows, layers, tok.bos_token_id,
+                               cache_dtype=torch.bfloat16 if cfg.cache_activations else None)
     corpus_tokens = rows.shape[0] * source.tokens_per_row
     log(f"corpus {corpus_name or 'texts'}: {len(texts)} documents, {corpus_tokens} tokens in "
         f"{rows.shape[0]} rows of {cfg.ctx} (tokenized in {time.perf_counter() - t0:.1f}s)")
@@ -77,14 +84,14 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
         if ev_rows is None:
             log(f"held-out text {k!r} is too short for one row of {cfg.ctx} tokens: not evaluated")
             continue
-        evals[k] = ActivationSource(model, ev_rows, layers, tok.bos_token_id)
+        evals[k] = activation_source(cfg, model, ev_rows, layers, tok.bos_token_id)
     name = getattr(loaded, "name", "") or getattr(config, "_name_or_path", "")
     trainer = Trainer(cfg, source, n_layers, d_model, model_name=name, log=log, bar=bar,
                       eval_sources=evals)
     if state is not None:
         trainer.load_state(state)
         log(f"resumed from {ckpt} at step {trainer.step}/{cfg.total_steps}")
-    log(f"training {len(layers)} {cfg.kind.upper()} layer(s){' with affine skip' if cfg.affine_skip else ''}: "
+    log(f"training {len(layers)} {what(cfg)} layer(s){' with affine skip' if cfg.affine_skip else ''}: "
         f"width {cfg.width}, target L0 {cfg.l0:g}, {cfg.tokens} tokens in {cfg.total_steps} "
         f"steps of {cfg.batch_size} ({cfg.tokens / max(1, trainer.n_train_rows * source.tokens_per_row):.2f} "
         f"pass(es) over the {trainer.n_train_rows * source.tokens_per_row} training tokens)")
@@ -116,13 +123,26 @@ def train_transcoders(loaded, cfg: TrainConfig, texts: Sequence[str], *,
     return result
 
 
+def activation_source(cfg: TrainConfig, model, rows, layers, bos, cache_dtype=None):
+    """The source of training activations: MLP inputs and outputs (transcoders) or the
+    activation at ``cfg.site`` as input and target (SAEs)."""
+    if cfg.site is None:
+        return ActivationSource(model, rows, layers, bos, cache_dtype=cache_dtype)
+    return SiteActivationSource(model, rows, cfg.site, layers, bos, cache_dtype=cache_dtype)
+
+
+def what(cfg: TrainConfig) -> str:
+    """"PLT", "CLT" or "SAE at resid_post": what ``cfg`` trains."""
+    return cfg.kind.upper() if cfg.site is None else f"SAE at {cfg.site}"
+
+
 def provenance(cfg: TrainConfig, r: TrainResult, corpus: str, corpus_tokens: int) -> dict:
     """The ``info`` of a trained set (also written to config.json as ``cltrace_info``)."""
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
     meaningful = r.steps >= MIN_MEANINGFUL_STEPS and all(v < 1 for v in r.fvu.values())
     # (judged on the first held-out text, the training-like one: other texts may be far off)
     held = "; ".join(f"{n}: FVU {e.fvu_mean:.3f}, L0 {e.l0_mean:.1f}" for n, e in r.evals.items())
-    desc = (f"TRAINED by cltrace: {cfg.kind.upper()}{' + affine skip' if cfg.affine_skip else ''}"
+    desc = (f"TRAINED by cltrace: {what(cfg)}{' + affine skip' if cfg.affine_skip else ''}"
             f"{' Matryoshka' if cfg.matryoshka else ''}, width {cfg.width}, JumpReLU, target L0 "
             f"{cfg.l0:g}, {r.tokens} training tokens from {corpus_tokens} tokens of {corpus}; "
             f"{held or 'not evaluated'}{'' if meaningful else ' (TOO SHORT to mean anything)'}")
