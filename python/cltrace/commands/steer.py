@@ -8,7 +8,7 @@ from ._common import add_prompt_arguments, add_replacement_arguments
 from ..errors import UsageError
 
 NAME = "steer"
-HELP = "set, scale or add to transcoder features and compare next-token predictions and text"
+HELP = "set, scale or add to transcoder features or SAE latents and compare predictions and text"
 DESCRIPTION = """\
 Intervene on transcoder features and show what changes: the top next tokens after the
 prompt and the generated continuation, before and after the intervention.
@@ -27,7 +27,14 @@ MLP output of every layer the feature writes to; everything downstream is recomp
 norm denominators and error nodes frozen, downstream features re-encoded (--freeze-features
 holds them fixed too). Generation always uses free mode.
 
-With no --transcoders, the starter set of `cltrace attribute` is used (small transcoders that
+--sae SET steers with SAE latents instead (a Gemma Scope 2 SAE folder or reference at
+resid_post, attn_out or mlp_out, e.g. one made by `cltrace train --site resid_post`): the
+same L:F[@POS] syntax names layer L's SAE and its latent F, and free mode changes the
+activation at that SAE's site by (new - old activation) x W_dec[F]: +4 adds 4 x W_dec[F],
+=4 clamps the latent at 4 (adds (4 - a) x W_dec[F], a from encoding the site), *2 doubles it.
+The SAE's reconstruction error stays; everything downstream is the real model.
+
+With no --transcoders (and no --sae), the starter set of `cltrace attribute` is used (small transcoders that
 cltrace trains on the first run and caches; see `cltrace attribute --help`).
 
 Examples:
@@ -35,6 +42,7 @@ Examples:
   cltrace steer "The capital of France is" --feature '12:77*4' --feature 3:10@2:5+20 \\
       --max-new-tokens 30 --steer-generated
   cltrace steer "Fact: Paris is in" --feature 5:42=0 --mode frozen --max-new-tokens 0
+  cltrace steer "The weather today is" --sae sae/ --feature 6:123+40 --steer-generated
 """
 
 _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*([^=*+\s]*))?\s*([=*+])\s*(\S.*?)\s*$")
@@ -82,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    required=True, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given)")
     add_replacement_arguments(p)
+    p.add_argument("--sae", default=None, metavar="SET",
+                   help="steer with the latents of these SAEs (folder or reference; "
+                        "resid_post, attn_out or mlp_out) instead of transcoder features")
     p.add_argument("--mode", choices=("free", "frozen"), default="free",
                    help="free: the real model (default); frozen: the replacement model of the graph")
     p.add_argument("--freeze-features", action="store_true",
@@ -128,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if args.freeze_features and args.mode != "frozen":
         raise UsageError("--freeze-features needs --mode frozen")
     say = messenger(args.quiet)
+    if args.sae is not None:
+        return run_sae(args, text, say)
 
     loaded, rm = load_replacement(args, say)
     transcoders = rm.transcoders
@@ -156,4 +169,49 @@ def run(args: argparse.Namespace) -> int:
         print(f"generated after:  {after.text!r}")
     if transcoders.info.get("synthetic"):
         print("note: SYNTHETIC starter transcoders (not trained): their features have no learned meaning")
+    return 0
+
+
+def run_sae(args: argparse.Namespace, text: str, say) -> int:
+    """``--sae SET``: steer with SAE latents in the real model (free mode), same output."""
+    from ..models import load_model, prompt_tokens
+    from ..steering import SaeSteering, generate
+    from ..steering.sae import check_latents, check_sae_set
+    from ..transcoders import load_transcoders
+
+    if args.transcoders is not None:
+        raise UsageError("give --sae or --transcoders, not both")
+    if args.mode != "free":
+        raise UsageError("--sae steers the real model: --mode frozen needs transcoders")
+    say(f"loading SAEs {args.sae} ...")
+    saes = load_transcoders(args.sae)
+    check_sae_set(saes, args.sae)
+    check_latents(args.features, saes, args.sae)
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    st = SaeSteering(loaded.model, saes, tokenizer=loaded.tokenizer, model_name=loaded.name,
+                     skip_positions=args.skip_positions)
+    tok = loaded.tokenizer
+    prompt, ids = prompt_tokens(tok, text, args.chat)
+    tokens = st.tokenize(ids)
+    ivs = st.check(args.features, tokens)  # positions against the prompt, before any pass
+    clean, steered = st.logits(tokens), st.logits(tokens, ivs)  # [n_pos, vocab] each
+    decode = lambda t: tok.decode([t])  # noqa: E731
+    k = min(args.top_k, clean.shape[-1])
+    print(f"prompt: {prompt!r} ({tokens.numel()} tokens)")
+    print(f"interventions (free mode, SAE latents at {st.site}): " + ", ".join(map(str, ivs)))
+    print(f"top {k} next tokens:")
+    print("\n".join(top_table(clean[-1], steered[-1], decode, k)))
+    top = int(clean[-1].argmax())
+    pb, pa = float(clean[-1].float().softmax(-1)[top]), float(steered[-1].float().softmax(-1)[top])
+    print(f"top token before, {decode(top)!r}: p {pb:.4f} -> {pa:.4f}, logit "
+          f"{float(clean[-1, top]):.3f} -> {float(steered[-1, top]):.3f}")
+    if args.max_new_tokens:
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        before = generate(st, tokens, [], **kw)
+        after = generate(st, tokens, ivs, steer_generated=args.steer_generated, **kw)
+        print(f"generated before: {before.text!r}")
+        print(f"generated after:  {after.text!r}")
+    if saes.info.get("synthetic"):
+        print("note: SYNTHETIC SAEs (not trained): their latents have no learned meaning")
     return 0

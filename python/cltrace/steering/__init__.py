@@ -1,8 +1,10 @@
 """Steering: feature interventions in the frozen replacement model or the real model, and
 steered generation. :mod:`.interventions` says what an intervention is, :func:`.modes.intervene`
-runs them, :mod:`.generation` generates with them."""
+runs them, :mod:`.generation` generates with them; :mod:`.sae` steers with SAE latents at
+their site."""
 from .generation import Generation, generate
 from .modes import intervene
 from .interventions import Intervention, InterventionResult
+from .sae import SaeSteering
 
-__all__ = ["Generation", "Intervention", "InterventionResult", "generate", "intervene"]
+__all__ = ["Generation", "Intervention", "InterventionResult", "SaeSteering", "generate", "intervene"]

@@ -2,7 +2,9 @@
 
 Each step runs the real Gemma 3 model on the whole sequence so far (no KV cache, batch 1)
 with the free-mode hooks of :mod:`.modes`: for every intervened feature, ``(new − old) ·
-W_dec`` is added to the MLP outputs it decodes to. By default the interventions act on the
+W_dec`` is added to the MLP outputs it decodes to (with an
+:class:`~cltrace.steering.sae.SaeSteering` as ``rm``: to the activation at its SAEs' site,
+see :mod:`.sae`). By default the interventions act on the
 prompt's positions only (their positions are resolved against the prompt); with
 ``steer_generated=True`` they are resolved against the current sequence, so ``pos=None`` or an
 open-ended slice also steers every generated token. ``temperature=0`` is greedy; otherwise
@@ -62,7 +64,9 @@ def next_token(logits: Tensor, temperature: float, top_k: Optional[int],
 def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tokens: int = 20,
              temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None,
              steer_generated: bool = False, stop_at_eos: bool = True) -> Generation:
-    """Generate up to ``max_new_tokens`` after ``prompt`` under ``interventions`` (free mode).
+    """Generate up to ``max_new_tokens`` after ``prompt`` under ``interventions`` (free mode);
+    ``rm`` is a :class:`~cltrace.replacement.ReplacementModel` (transcoder features) or a
+    :class:`~cltrace.steering.sae.SaeSteering` (SAE latents).
 
     Deterministic: greedy, or sampled with a generator seeded by ``seed`` (0 when None)."""
     _check(max_new_tokens, temperature, top_k)
@@ -73,7 +77,9 @@ def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tok
     eos = _eos_ids(rm) if stop_at_eos else set()
     limit = getattr(rm.parts.config, "max_position_embeddings", None)
     seq = tokens
-    with steering_hooks(rm, ivs, skip_positions, n_ref=None if steer_generated else n_prompt):
+    hooks = getattr(rm, "steering_hooks", None)  # an SaeSteering steers at its SAEs' site
+    hooks = hooks or (lambda *a, **kw: steering_hooks(rm, *a, **kw))
+    with hooks(ivs, skip_positions, n_ref=None if steer_generated else n_prompt):
         for _ in range(max_new_tokens):
             if limit is not None and seq.numel() >= limit:
                 break
