@@ -513,3 +513,73 @@ def test_circuit_tracers_gemma_scope_2_loaders_read_what_cltrace_writes(tmp_path
         torch.testing.assert_close(theirs.encode(x), torch.stack(ours), atol=1e-5, rtol=1e-5)
         for i in range(3):
             torch.testing.assert_close(theirs.W_dec[i], ts.layers[i].W_dec)
+
+
+# --- SAEs at a site (TrainConfig.site, cltrace train --site) --------------------------------
+
+def test_site_source_reads_the_site_without_bos():
+    """SiteActivationSource gives the activation at the site (x and y the same), BOS dropped,
+    as a plain hook on the site's module records it."""
+    from cltrace.training.site_source import SiteActivationSource
+    from support.sae_steering import site_activations
+
+    model = tiny_gemma()
+    rows = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(0))
+    rows[:, 0] = 2
+    rows[1, 4] = 2  # a document boundary inside a row
+    for site in ("resid_post", "attn_out", "mlp_out"):
+        act = SiteActivationSource(model, rows, site, [1, 3], bos_token_id=2).read(torch.tensor([0, 1]))
+        assert act.x is act.y and act.x.shape == (2, 9 + 8, 64)
+        want = site_activations(model, rows[1], site)  # [n_layers, 10, 64]
+        torch.testing.assert_close(act.x[:, 9:], want[[1, 3]][:, rows[1] != 2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("site", ["resid_post", "attn_out", "mlp_out"])
+def test_sae_training_writes_saes_at_the_site(tmp_path, site):
+    """TrainConfig(site=...) trains SAEs reconstructing the site (held-out FVU < 1 at the
+    target L0) and writes them in the Gemma Scope 2 layout: config.json names only
+    hf_hook_point_in, and the folder loads back as SAEs at that site with the same FVU."""
+    import json
+
+    import cltrace.models
+    from cltrace.models.sites import hook_point
+    from cltrace.training import train_transcoders
+    from cltrace.training.site_source import SiteActivationSource
+
+    loaded = cltrace.models.LoadedModel(tiny_gemma(), CharTokenizer(), "tiny")
+    cfg = TrainConfig(site=site, layers=[1, 2], width=128, l0=8, tokens=120 * 128, batch_size=128,
+                      buffer_tokens=2048, ctx=33, eval_tokens=512, seed=0)
+    r = train_transcoders(loaded, cfg, stdlib_texts(["json", "textwrap"]), out=tmp_path / "sae",
+                          bar=False, log=lambda *a: None)
+    assert all(v < 0.8 for v in r.fvu.values()) and all(abs(v - 8) < 3 for v in r.l0.values()), r
+    folders = sorted(p.name for p in (tmp_path / "sae").iterdir())
+    assert folders == ["layer_1_width_128_l0_8", "layer_2_width_128_l0_8"]
+    conf = json.loads((tmp_path / "sae" / folders[1] / "config.json").read_text())
+    assert conf["hf_hook_point_in"] == hook_point(site, 2) and "hf_hook_point_out" not in conf
+    assert f"SAE at {site}" in conf["cltrace_info"]["description"]
+    ts = load_transcoders(tmp_path / "sae", model_config=loaded.model)
+    assert (ts.what, sorted(ts.layers), ts.d_sae) == (f"SAEs at {site}", [1, 2], 128)
+    assert all(tc.W_skip is None for tc in ts.layers.values())
+    # the held-out rows are the last ones of the corpus: the same FVU from the files
+    from cltrace.training.corpus import token_rows
+
+    rows = token_rows(loaded.tokenizer, stdlib_texts(["json", "textwrap"]), 33,
+                      max_tokens=cfg.tokens + cfg.eval_tokens)
+    src = SiteActivationSource(loaded.model, rows, site, [1, 2], 2)
+    n_eval = -(-cfg.eval_tokens // src.tokens_per_row)
+    fvu, _, _ = evaluate(ts, src, torch.arange(src.n_rows - n_eval, src.n_rows))
+    assert all(abs(fvu[L] - r.fvu[L]) < 1e-5 for L in fvu), (fvu, r.fvu)
+
+
+def test_cli_site_errors(capsys, tmp_path):
+    from cltrace.cli import main
+
+    out = str(tmp_path / "o")
+    assert main(["train", "--site", "resid_post", "--kind", "clt", "--out", out]) == 2
+    assert main(["train", "--site", "attn_out", "--affine-skip", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("trains one SAE per layer: it takes no --kind clt and no --affine-skip") == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--site", "resid_pre", "--out", out])
+    assert "invalid choice: 'resid_pre'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
