@@ -551,7 +551,7 @@ def test_cli_builds_labelled_pages(cli_inputs, tmp_path, capsys):
     ("empty", "is empty"),
     ("binary", "blob.txt: a binary file, not text"),
     ("other_model", "trained for another model"),
-    ("layers", "layers [3, 4, 5] are not in the transcoder set"),
+    ("layers", "layers [3, 4, 5] are not in the set (transcoders)"),
     ("out_not_empty", "exists and is not empty"),
 ])
 def test_cli_bad_inputs_exit_2_before_any_work(cli_inputs, tmp_path, capsys, case, message):
@@ -772,3 +772,91 @@ def test_cli_ray_errors_exit_2(cli_inputs, tmp_path, capsys, monkeypatch, extra,
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("cltrace features: error: ") \
         and message in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --- SAEs and crosscoders --------------------------------------------------------------------
+
+@pytest.mark.parametrize("site, sites", [("resid_post", None), ("attn_out", None),
+                                         ("mlp_out", None), ("resid_post", [0, 2])])
+def test_sae_pages_top_activations_are_a_direct_encode(setup, tmp_path, site, sites):
+    """Pages of SAEs at each site (and a crosscoder): each page's top examples are the largest
+    activations of a dense encode of the site (plain module hooks, support.dictionaries) over
+    every scanned token, their windows that encode around them, and the logits those of the
+    site's residual direction (o_proj and post_attention_layernorm's gain for attn_out)."""
+    from cltrace.features import build_pages
+    from cltrace.features.logits import feature_logits
+    from cltrace.features.store import cantor
+    from cltrace.models.anatomy import text_parts
+    from support.dictionaries import random_saes, site_acts
+
+    model, rows, _ = setup
+    ts = random_saes(model, rows[:6], site, d_sae=24, active=0.1, sites=sites)
+    layers = sorted(ts.layers)
+    s = FeatureSettings(top_k=4, n_samples=3, window=2, batch_rows=4, seed=1)
+    build_pages(model, CharTok(), ts, rows, layers, tmp_path / "p", settings=s, bar=False)
+    acts = site_acts(model, rows, site, layers)  # {L: [n_rows, ctx, width]}
+    keep = rows != BOS
+    parts = text_parts(model)
+    checked = 0
+    for L in layers:
+        tc = ts.layers[L]
+        z = acts[L] @ tc.W_enc + tc.b_enc
+        dense = torch.where((z > tc.threshold) & keep[..., None], z, torch.zeros(()))  # [R, ctx, d_sae]
+        fired = (dense > 0).flatten(0, 1).any(0)
+        files = {f: tmp_path / "p" / "features" / f"{cantor(L, f)}.json" for f in range(24)}
+        assert [f for f in range(24) if files[f].exists()] == torch.nonzero(fired).flatten().tolist()
+        for f in torch.nonzero(fired).flatten().tolist():
+            page = json.loads(files[f].read_text())
+            top = page["examples_quantiles"][0]["examples"]
+            centres = [ex["tokens_acts_list"][ex["train_token_ind"]] for ex in top]
+            want = dense[..., f].flatten().sort(descending=True).values[:len(top)]
+            np.testing.assert_allclose(centres, want.tolist(), rtol=1e-5, atol=1e-5)
+            assert len(top) == min(4, int((dense[..., f] > 0).sum()))
+            ex = top[0]
+            row = int(torch.nonzero((dense[..., f] == dense[..., f].max())).flatten()[0])
+            pos = int(torch.nonzero(dense[row, :, f] == dense[..., f].max()).flatten()[0])
+            lo = max(0, pos - 2)
+            np.testing.assert_allclose(ex["tokens_acts_list"],
+                                       dense[row, lo:min(CTX, pos + 3), f].tolist(), rtol=6e-4, atol=1e-5)
+            checked += 1
+        # logits: the residual direction of each feature through the final norm and unembedding
+        d = tc.W_dec[:, -1] if site == "resid_post" else tc.W_dec[:, 0]  # [d_sae, d_out]
+        if site == "attn_out":
+            block = parts.layers[L]
+            d = block.self_attn.o_proj(d) * (1 + block.post_attention_layernorm.weight)
+        lg = (d * (1 + parts.norm.weight)) @ parts.lm_head.weight.T  # [d_sae, vocab]
+        feats = torch.arange(24)
+        fl = feature_logits(model, ts, L, feats, n=5)
+        assert torch.equal(fl.top, lg.detach().topk(5, dim=1).indices)
+    assert checked >= 10
+
+
+def test_cli_sae_pages_and_bad_sae_inputs(cli_inputs, setup, tmp_path, capsys):
+    """`cltrace features --transcoders` a folder of attn_out SAEs: pages carry the set's id;
+    an SAE set for another model and a layer it lacks: one line, exit 2, nothing written."""
+    from cltrace.cli import main
+    from cltrace.transcoders.write import save_gemmascope
+    from support.dictionaries import random_saes
+
+    model, rows, _ = setup
+    saes = save_gemmascope(random_saes(model, rows[:6], "attn_out", d_sae=16, layers=[1]),
+                           tmp_path / "attn_out_all")
+    other = save_gemmascope(random_transcoders(site="resid_post", n_layers=3, d_model=32, d_sae=8),
+                            tmp_path / "resid_other")
+    base = ["features", "--model", str(cli_inputs / "model"), "--corpus",
+            str(cli_inputs / "corpus.txt"), "--tokens", "100", "--ctx", "24", "--top-k", "3",
+            "--samples", "2", "--window", "2", "--quiet"]
+    assert main([*base, "--transcoders", str(saes), "--out", str(tmp_path / "p")]) == 0
+    pages = FeaturePages(tmp_path / "p")
+    assert pages.layers == [1] and pages.meta["site_in"] == "attn_out"
+    page = next(json.loads(p.read_text()) for p in sorted((tmp_path / "p" / "features").glob("*.json"))
+                if p.name[0].isdigit())
+    assert page["transcoder_id"] == "attn_out_all" and page["layer"] == 1
+    capsys.readouterr()
+    for args, message in (([str(other)], "trained for another model"),
+                          ([str(saes), "--layers", "0"], "not in the set (SAEs at attn_out)")):
+        out = tmp_path / "bad"
+        assert main([*base, "--transcoders", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+        assert not out.exists()

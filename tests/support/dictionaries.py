@@ -47,12 +47,13 @@ def site_acts(model, rows: Tensor, site: str, layers: Sequence[int]) -> dict[int
 
 
 def random_saes(model, rows: Tensor, site: str, *, d_sae: int = 48, active: float = 0.15,
-                seed: int = 1, sites: Optional[Sequence[int]] = None):
+                seed: int = 1, sites: Optional[Sequence[int]] = None,
+                layers: Optional[Sequence[int]] = None):
     """Random JumpReLU SAEs at ``site`` of every layer of ``model`` (or a crosscoder over the
-    layers ``sites``), thresholds calibrated on the activations at the site on ``rows`` so that
+    layers ``sites``; SAEs at ``layers`` only when given), thresholds calibrated on the activations at the site on ``rows`` so that
     about ``active`` of the features fire (support.transcoders.random_transcoders)."""
     n_layers = len(model.model.layers)
     acts = site_acts(model, rows, site, range(n_layers))
     x = torch.stack([acts[L].flatten(0, 1) for L in range(n_layers)])  # [n_layers, B*T, width]
     return random_transcoders(mlp_in=x, d_sae=d_sae, active=active, seed=seed, site=site,
-                              sites=sites, model_name="test/tiny-gemma-3")
+                              sites=sites, layers=layers, model_name="test/tiny-gemma-3")

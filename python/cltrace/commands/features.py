@@ -1,4 +1,5 @@
-"""``cltrace features``: feature pages and automatic labels for a transcoder set, offline."""
+"""``cltrace features``: feature pages and automatic labels for a dictionary set (transcoders,
+CLT, SAEs, crosscoder), offline."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,13 @@ from pathlib import Path
 from ..errors import UsageError
 
 NAME = "features"
-HELP = "build feature pages (top examples, logits, histogram) and labels for a transcoder set"
+HELP = ("build feature pages (top examples, logits, histogram) and labels for a dictionary set "
+        "(transcoders, SAEs, crosscoder)")
 DESCRIPTION = """\
 Stream a corpus through the model (one forward pass up to the last layer asked for, one
-encode per layer per token), keep per feature its top activating examples, a uniform sample
+encode per layer per token of the activation the set reads: the MLP input for transcoders,
+the SAE's site for SAEs at resid_post, attn_out or mlp_out, resid_post for a crosscoder),
+keep per feature its top activating examples, a uniform sample
 of its firings, its frequency, range and histogram, then recompute the kept contexts to cut
 the windows around each example, and write --out:
 
@@ -21,7 +25,10 @@ the windows around each example, and write --out:
   features/index.json.gz, layer_{L}.bin   the hosted layout (records of length + zlib JSON)
   labels.json.gz                    the labels cltrace reads (`cltrace attribute --features`)
 
-Interrupted runs resume (rerun the same command); identical inputs give identical files.
+A page's top and bottom logits are its decoder direction pushed through the final norm and
+the unembedding (for attn_out SAEs: through o_proj and post_attention_layernorm's gain first;
+for a crosscoder: its last layer's row; docs/method.md). Interrupted runs resume (rerun the
+same command); identical inputs give identical files.
 With no --corpus/--dataset, the Python standard library's docstrings are the corpus.
 
 --ray [ADDRESS] distributes the scan (pass 1, the dominant cost on a large corpus) over Ray
@@ -36,6 +43,8 @@ Examples:
   cltrace features --tokens 5000000 --ray auto --workers 8 --out pages/starter-5m
   cltrace features --transcoders google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small \\
       --corpus notes.txt --layers 0-5 --out pages/gs2-16k
+  cltrace features --transcoders google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_small \\
+      --corpus notes.txt --out pages/gs2-resid9
 """
 
 
@@ -125,7 +134,7 @@ def check_out_early(out: Path) -> None:
 def _check_layers(layers, ts, text) -> None:
     bad = [L for L in layers or [] if L not in ts.layers]
     if bad:
-        raise UsageError(f"--layers: layers {bad} are not in the transcoder set "
+        raise UsageError(f"--layers: layers {bad} are not in the set ({ts.what}) "
                          f"{ts.source or ''} (it has layers {sorted(ts.layers)})")
 
 
@@ -161,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     ts = None
     if args.transcoders is not None:  # checked against the model's config, before its weights load
-        say(f"loading transcoders {args.transcoders} ...")
+        say(f"loading dictionaries {args.transcoders} ...")
         ts = load_transcoders(args.transcoders, model_config=load_config(args.model))
         _check_layers(layers, ts, args.layers)
     say(f"loading model {args.model} ...")
@@ -180,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     rows = rows[:int((per_row < settings.tokens).sum()) + 1]
     corpus = (f"files {', '.join(args.corpus)}" if args.corpus else
               f"dataset {args.dataset}" if args.dataset else "Python standard-library docstrings")
-    meta = {"model": loaded.name, "transcoders": ts.source or "starter",
+    meta = {"model": loaded.name, "transcoders": ts.source or "starter", "what": ts.what,
+            "site_in": ts.site_in, "site_out": ts.site_out,
             "transcoder_info": {k: v for k, v in ts.info.items() if isinstance(v, (str, int, float, bool))},
             "corpus": corpus}
     say(f"scanning {rows.shape[0]} rows x {rows.shape[1]} tokens on layers {layers} ...")

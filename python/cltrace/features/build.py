@@ -1,4 +1,5 @@
-"""Build the feature pages of a transcoder set over a corpus: scan, windows, logits, write.
+"""Build the feature pages of a dictionary set (transcoders, CLT, SAEs, crosscoder) over a
+corpus: scan, windows, logits, write.
 
 ``build_pages`` runs pass 1 (:mod:`.scan`, checkpointed atomically to ``DIR/.work/state.pt``
 so an interrupted run resumes where it stopped; with ``ray``, sharded over Ray actors by
@@ -89,7 +90,8 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     batch_rows, n_logits = s.batch_rows, s.n_logits
     out = Path(out)
     meta = dict(meta or {})
-    inputs = dict(meta, layers=list(layers), top_k=top_k, n_samples=n_samples, seed=seed,
+    inputs = dict(meta, layers=list(layers), site_in=transcoders.site_in,
+                  site_out=transcoders.site_out, top_k=top_k, n_samples=n_samples, seed=seed,
                     window=window, ctx=rows.shape[1], version=VERSION)
     fp = fingerprint(rows, inputs)
     resume = check_out(out, fp)
@@ -125,7 +127,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
                 raise ValueError(f"the interrupted scan in {out} ran with --ray; rerun with --ray "
                                  "to resume it (or remove the folder)")
             scan(model, rows, encoders, state, bos=bos, batch_rows=batch_rows,
-                 checkpoint=lambda s: s.save(state_path), bar=bar)
+                 checkpoint=lambda s: s.save(state_path), bar=bar, site=transcoders.site_in)
         state.meta["scan_done"] = True
         state.save(state_path)
     times["scan"] = time.perf_counter() - t0
@@ -133,7 +135,7 @@ def build_pages(model, tokenizer, transcoders, rows: Tensor, layers: Sequence[in
     t0 = time.perf_counter()
     n_win = sum(st.d_sae for st in state.layers.values()) * (top_k + n_samples) * (2 * window + 1)
     windows = cut_windows(model, rows, encoders, state, bos=bos, window=window,
-                          batch_rows=batch_rows, bar=bar,
+                          batch_rows=batch_rows, bar=bar, site=transcoders.site_in,
                           folder=work if n_win > _MEMMAP_ELEMENTS else None)
     times["windows"] = time.perf_counter() - t0
 

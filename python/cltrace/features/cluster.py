@@ -53,6 +53,7 @@ class ScanWorker:
             torch.set_num_threads(threads)
         self.model, ts = loader()
         self.encoders = layer_encoders(ts, layers)
+        self.site = ts.site_in
         self.d_sae = {L: ts.layers[L].d_sae for L in layers}
         self.rows = rows  # [n_rows, ctx]
         self.settings = settings
@@ -61,7 +62,8 @@ class ScanWorker:
         s = self.settings
         state = FeatureState.empty(self.d_sae, self.rows.shape[1], s["top_k"], s["n_samples"], s["seed"])
         scan(self.model, self.rows, self.encoders, state, bos=s["bos"],
-             row_ids=torch.arange(start, stop), batch_rows=s["batch_rows"], bar=False)
+             row_ids=torch.arange(start, stop), batch_rows=s["batch_rows"], bar=False,
+             site=self.site)
         state.meta = {}
         return state
 

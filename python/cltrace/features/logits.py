@@ -5,9 +5,18 @@ final RMSNorm's weight (Gemma scales by ``1 + w``; the RMS denominator is a posi
 does not change the ranking) and ``W_U [vocab, d_model]`` the (tied) unembedding. Pages list
 the tokens only, and subtracting the vocabulary mean (one constant per feature) does not change
 which tokens are top or bottom, so the mean is not subtracted from the logits themselves.
-``d_f`` is the feature's total write to the residual stream: for a per-layer transcoder its
-decoder row; for a CLT the SUM of its decoder rows over all the layers it writes to (every
-write is added to the residual stream, so the sum is its whole direct path to the logits).
+``d_f`` is the feature's write to the residual stream (:func:`decoder_directions`): for a
+per-layer transcoder its decoder row; for a CLT the SUM of its decoder rows over all the layers
+it writes to (every write is added to the residual stream, so the sum is its whole direct path
+to the logits). For SAEs: at ``resid_post`` and ``mlp_out`` (after
+``post_feedforward_layernorm``, added to the stream as it is) the decoder row is a residual
+direction; for a crosscoder (``resid_post`` of several layers, each row reconstructing the
+whole stream at its layer, not adding to it) the row of its LAST layer, the stream nearest the
+unembedding; at ``attn_out`` (``o_proj``'s input) the row pushed through ``o_proj`` and the gain
+of ``post_attention_layernorm``: ``(W_O w) * (1 + w_attn_norm)``. That RMSNorm divides the
+whole attention output by its RMS, a positive scalar per token shared by every write, so the
+feature's share of what is added to the stream is that direction times a positive factor:
+exact for the ranking of tokens and the score (both scale-free), not for the magnitude.
 Cost: ``2 * d_model * vocab`` FLOP per feature (335 MFLOP for Gemma 3), features in chunks.
 
 How far the top logit stands out (``score``, what decides whether a label shows it, see
@@ -69,10 +78,25 @@ def unembedding(model, chunk: int = 16384) -> Unembedding:
     return Unembedding(W_U, gain, mean, cov / vocab)
 
 
-def decoder_directions(transcoders, layer: int, feats: Tensor) -> Tensor:
-    """``d_f`` of the features ``feats [n]`` of ``layer``: ``[n, d_model]`` float32."""
-    W = transcoders.layers[layer].W_dec  # [d_sae, n_out, d_model]
-    return W[feats].float().sum(1)
+def decoder_directions(transcoders, layer: int, feats: Tensor, model=None) -> Tensor:
+    """``d_f`` of the features ``feats [n]`` of ``layer`` (module doc): ``[n, d_model]``
+    float32. ``model`` (its ``o_proj`` and ``post_attention_layernorm``) is needed for an
+    ``attn_out`` set only."""
+    ts = transcoders
+    W = ts.layers[layer].W_dec[feats].float()  # [n, n_out, d_out]
+    site = getattr(ts, "site_out", "mlp_out")
+    if site == "resid_post":
+        return W[:, -1]  # an SAE's one row; a crosscoder's row for its last layer
+    if site == "attn_out":
+        from ..models.anatomy import text_parts
+
+        if model is None:
+            raise ValueError("the logit directions of attn_out features need the model")
+        block = text_parts(model).layers[layer]
+        W_O = block.self_attn.o_proj.weight.detach().float().to(W.device)  # [d_model, heads*hd]
+        gain = 1.0 + block.post_attention_layernorm.weight.detach().float().to(W.device)
+        return (W[:, 0] @ W_O.T) * gain
+    return W.sum(1)  # mlp_out: transcoders, CLTs (their writes add up), mlp_out SAEs
 
 
 def outlier_score(top: Tensor, g: Tensor, U: Unembedding) -> Tensor:
@@ -106,7 +130,7 @@ def feature_logits(model, transcoders, layer: int, feats: Tensor, n: int = 10,
     n = min(n, W_U.shape[0])
     tops, bottoms, scores = [], [], []
     for c in torch.split(feats, chunk):
-        g = decoder_directions(transcoders, layer, c).to(W_U.device) * gain  # [c, d_model]
+        g = decoder_directions(transcoders, layer, c, model).to(W_U.device) * gain  # [c, d_model]
         lg = g @ W_U.T  # [c, vocab]  (the demeaned logits + a per-row constant)
         top = lg.topk(n, dim=1)
         tops.append(top.indices.cpu())

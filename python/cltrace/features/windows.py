@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .scan import Encoder, encode_batch, token_ids
+from .scan import Encoder, SiteSource, encode_batch, token_ids
 from .selection import EMPTY_TOK
 from .state import FeatureState
 
@@ -48,17 +48,17 @@ def window_arrays(state: FeatureState, window: int, folder: Optional[Path]) -> d
 
 def cut_windows(model, rows: Tensor, encoders: dict[int, Encoder], state: FeatureState, *,
                 bos: Optional[int], window: int = 16, batch_rows: int = 16,
-                folder: Optional[Path] = None, bar: bool = True) -> dict[int, np.ndarray]:
-    """The windows of every kept example (see the module docstring): ``{layer: array}``."""
+                folder: Optional[Path] = None, bar: bool = True,
+                site: str = "mlp_in") -> dict[int, np.ndarray]:
+    """The windows of every kept example (see the module docstring), the features encoded
+    from the activations at ``site``: ``{layer: array}``."""
     from tqdm.auto import tqdm
-
-    from ..models.activations import ActivationSource
 
     ctx = state.ctx
     ex = {L: kept_examples(state, L) for L in encoders}
     needed = torch.unique(torch.cat([t // ctx for _, _, t in ex.values()] + [torch.zeros(0, dtype=torch.long)]))
     out = window_arrays(state, window, folder)
-    src = ActivationSource(model, rows, list(encoders), bos, batch_rows=batch_rows, outputs=False)
+    src = SiteSource(model, rows, list(encoders), bos, site, batch_rows)
     offsets = torch.arange(-window, window + 1)
     for idx in tqdm(torch.split(needed, batch_rows), desc="example windows", unit="batch",
                     disable=not bar, dynamic_ncols=True):
