@@ -191,3 +191,92 @@ def test_lazy_export():
 
     assert cltrace.lens is lens or cltrace.lens.lens is lens
     assert callable(cltrace.lens)
+
+
+def test_cli_labels_and_pages(tiny_cli, tmp_path, capsys):
+    """--features DIR (one per --dict, 'none' to skip one): labels in the table and the JSON,
+    and the pages of the latents shown copied beside the JSON, named as the viewer reads them."""
+    from support.lens import write_pages
+
+    model, sets = tiny_cli
+    pages = write_pages(tmp_path / "pages", [0, 1, 2], 40)
+    js = tmp_path / "out" / "lens.json"
+    js.parent.mkdir()
+    assert main(["lens", "abc", "--dict", "starter", "--dict", sets["attn_out"].source,
+                 "--features", str(pages), "--features", "none", "--top-k", "2", "--json", str(js),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert '"L0 f' in out and '"L2 f' in out
+    data = json.loads(js.read_text())
+    assert [s["pages"] for s in data["sets"]] == ["./lens-pages/set0", None]
+    for c in data["cells"]:
+        for lat in c["latents"]:
+            if c["set"] == 0:
+                assert lat["label"] == f"L{c['layer']} f{lat['index']}"
+                page = json.loads((js.parent / lat["page"]).read_text())
+                assert page["label"] == lat["label"]
+            else:
+                assert "label" not in lat and "page" not in lat
+
+
+@pytest.mark.browser
+def test_lens_page_in_a_browser(tiny_cli, tmp_path, capsys):
+    """``cltrace serve`` of a folder holding a lens (with pages): /lens.html draws the token x
+    layer grid (each cell the top latent), a click on a cell lists its latents and opens the
+    feature card with the page's label and examples; no JS error, no request off the server;
+    the graph list does not take the lens for a graph."""
+    import urllib.request
+
+    from support.lens import write_pages
+    from support.serve import browser_missing, cleanup, launch_chromium, serving
+
+    why = browser_missing()
+    if why:
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    model, sets = tiny_cli
+    pages = write_pages(tmp_path / "pages", [0, 1, 2], 40)
+    root = tmp_path / "served"
+    root.mkdir()
+    assert main(["lens", "nodes here", "--dict", "starter", "--features", str(pages),
+                 "--json", str(root / "lens.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    data = json.loads((root / "lens.json").read_text())
+    with serving(root) as url, sync_playwright() as pw:
+        graphs = json.loads(urllib.request.urlopen(f"{url}/api/graphs").read())["graphs"]
+        assert graphs == []  # ("nodes" is in the text, yet it is no graph)
+        ctx, profile = launch_chromium(pw)
+        try:
+            pg = ctx.new_page()
+            errors, foreign = [], []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.on("console", lambda m: errors.append(m.text) if m.type == "error"  # (HTTP 4xx answers
+                  and not m.text.startswith("Failed to load resource") else None)  # are counted below)
+            missing = []
+            pg.on("response", lambda r: missing.append(r.url) if r.status >= 400 else None)
+            pg.on("request", lambda r: None if r.url.startswith(url + "/") or r.url.startswith(("data:", "about:"))
+                  else foreign.append(r.url))
+            pg.goto(f"{url}/lens.html")
+            pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
+            n_tok = len(data["tokens"])
+            assert pg.locator("#lens-table tbody tr").count() == 3  # layers 2, 1, 0
+            assert pg.locator("#lens-table thead th").count() == 1 + n_tok
+            assert pg.locator("td.lens-cell.empty").count() == 3  # the <bos> column
+            cell = next(c for c in data["cells"] if c["layer"] == 1 and c["pos"] == 3)
+            td = pg.locator('td.lens-cell[data-layer="1"][data-pos="3"]')
+            assert td.inner_text() == str(cell["latents"][0]["index"])
+            td.click()
+            pg.wait_for_selector("#feature-body h3.feature-label")
+            assert not pg.locator("#cell-card").is_hidden()
+            assert pg.locator(".lens-latents li").count() == len(cell["latents"])
+            assert pg.locator("#feature-body h3.feature-label").inner_text() == cell["latents"][0]["label"]
+            pg.wait_for_selector("#feature-body .quantile.top .example")
+            pg.locator(".lens-latents button").nth(1).click()  # another latent of the cell
+            pg.wait_for_function(f"document.querySelector('#feature-body h3').textContent === "
+                                 f"{json.dumps(cell['latents'][1]['label'])}")
+            assert errors == [] and foreign == []
+            assert [u for u in missing if not u.endswith("/favicon.ico")] == []
+        finally:
+            ctx.close()
+            cleanup(profile)

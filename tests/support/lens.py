@@ -69,3 +69,20 @@ def lens_setup(tmp_path, n_layers: int = 3, d_sae: int = 40):
     root = save_gemmascope(cc, tmp_path / "crosscoder" / f"layer_0_2_width_{d_sae}_l0_medium")
     out["crosscoder"] = load_transcoders(root, model_config=model)
     return model, out
+
+
+def write_pages(folder, layers, d_sae: int):
+    """A feature pages folder (as ``cltrace features`` writes) whose every latent has a page
+    labelled ``"L{layer} f{index}"`` (the hand-written page of :func:`support.serve.feature_page`)."""
+    from cltrace.features.store import PageWriter
+
+    from .serve import feature_page
+
+    w = PageWriter(folder, json_files=False)
+    for L in layers:
+        w.begin_layer(L, d_sae)
+        for f in range(d_sae):
+            w.add(f, {**feature_page(f), "label": f"L{L} f{f}", "label_examples": 2})
+        w.end_layer()
+    w.close({"model": "tiny"})
+    return folder

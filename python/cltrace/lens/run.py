@@ -70,11 +70,19 @@ def _tokens(tokenizer, text: Union[str, Tensor, Sequence[int]], chat: bool) -> T
 
 def _top_k(sp, n_rows: int, d_sae: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(index [N, k], activation [N, k], count [N]) of the ``k`` largest active latents of each
-    row of the CSR ``sp`` (count: how many of the k are active; the rest are padding)."""
-    dense = torch.full((n_rows, d_sae), float("-inf"), dtype=sp.acts.dtype)
-    dense[sp.rows(), sp.feat_idx] = sp.acts  # only active latents leave -inf
+    row of the CSR ``sp`` (count: how many of the k are active; the rest are padding -1 / 0).
+    Sorted within the CSR (nnz entries), never densified: [N, d_sae] is not made."""
+    rows = sp.rows()  # [nnz]
+    order = torch.argsort(sp.acts, descending=True, stable=True)  # by activation ...
+    order = order[torch.argsort(rows[order], stable=True)]  # ... within each row
+    rank = torch.arange(order.numel()) - sp.row_offsets[rows[order]]  # place within its row
+    keep = order[rank < k]
     k = min(k, d_sae)
-    act, idx = dense.topk(k, dim=1)  # [N, k], sorted descending
+    idx = torch.full((n_rows, k), -1, dtype=torch.long)
+    act = sp.acts.new_zeros(n_rows, k)
+    r, c = rows[keep], (rank[rank < k])
+    idx[r, c] = sp.feat_idx[keep]
+    act[r, c] = sp.acts[keep]
     count = sp.row_offsets.diff().clamp_max(k)
     return idx, act, count
 

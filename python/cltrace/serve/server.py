@@ -6,6 +6,9 @@ Routes (all answered from this machine; the page makes no request to another hos
   GET  /assets/<name>         its script and style sheet
   GET  /api/graphs            the graphs in DIR: entries of every ``graph-metadata.json``
                               (DIR and its sub-folders, 2 levels) plus other graph JSONs
+  GET  /lens.html              the lens page: a ``cltrace lens --json`` file as a token x layer
+                              grid whose cells open the feature card
+  GET  /api/lenses            the lens JSONs in DIR and its sub-folders (1 level)
   GET  /api/model             whether experiments are available (model loaded) and its sizes
   GET  /data/<path>           a file inside DIR (graphs, feature pages); ``..``, absolute
                               paths and symlinks leading out of DIR get 404
@@ -41,7 +44,8 @@ DATA_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "ima
               ".dot": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 MAX_BODY = 1 << 20  # save/intervene requests are small
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-ASSETS = ("viewer.js", "panels.js", "viewer.css")  # what index.html loads
+ASSETS = ("viewer.js", "panels.js", "viewer.css", "lens.js")  # what index.html and lens.html load
+LENS_HEAD = b'{"format":"cltrace.lens/'  # how a lens JSON (cltrace lens --json) starts
 
 
 def asset(name: str) -> bytes:
@@ -73,7 +77,7 @@ def _peek_is_graph(path: Path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    return b'"nodes"' in head or b'"metadata"' in head
+    return not head.startswith(LENS_HEAD) and (b'"nodes"' in head or b'"metadata"' in head)
 
 
 def list_graphs(root: Path) -> list[dict]:
@@ -102,6 +106,24 @@ def list_graphs(root: Path) -> list[dict]:
                 continue
             if _peek_is_graph(f):
                 out.append({"path": rel, "slug": f.stem, "prompt": ""})
+    return out
+
+
+def list_lenses(root: Path) -> list[dict]:
+    """``{path}`` of every lens JSON (``cltrace lens --json``) in ``root`` and its sub-folders."""
+    out = []
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    for folder in folders:
+        for f in sorted(folder.glob("*.json")):
+            if f.is_symlink():
+                continue
+            try:
+                with open(f, "rb") as fh:
+                    head = fh.read(len(LENS_HEAD))
+            except OSError:
+                continue
+            if head == LENS_HEAD:
+                out.append({"path": f.relative_to(root).as_posix()})
     return out
 
 
@@ -205,6 +227,8 @@ class Handler(BaseHTTPRequestHandler):
         root: Path = self.server.root
         if url in ("/", "/index.html"):
             return self._send(200, asset("index.html"), ASSET_TYPES[".html"])
+        if url == "/lens.html":
+            return self._send(200, asset("lens.html"), ASSET_TYPES[".html"])
         if url.startswith("/assets/"):
             name = url[len("/assets/"):]
             if name in ASSETS:
@@ -212,6 +236,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "not found")
         if url == "/api/graphs":
             return self._json({"graphs": list_graphs(root)})
+        if url == "/api/lenses":
+            return self._json({"lenses": list_lenses(root)})
         if url == "/api/model":
             ex = self.server.experiments
             return self._json(ex.info() if ex is not None else {"available": False})

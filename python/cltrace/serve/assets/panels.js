@@ -223,6 +223,7 @@
   }
 
   function wire() {
+    if (!$("group-btn")) return;  // lens.html: only the feature card is used
     $("group-btn").addEventListener("click", group);
     $("save-btn").addEventListener("click", save);
     $("target-selected").addEventListener("click", () => setTargets(S.selected >= 0 ? [S.nodes[S.selected].node_id] : []));

@@ -364,6 +364,7 @@ async function openGraph(path) {
 }
 
 async function boot() {
+  if (document.body.dataset.page === "lens") return;  // lens.html: lens.js draws the page
   wire();
   const inline = document.getElementById("cltrace-inline");
   if (inline) {  // notebook: graph (and feature pages) inlined, no server
