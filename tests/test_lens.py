@@ -280,3 +280,30 @@ def test_lens_page_in_a_browser(tiny_cli, tmp_path, capsys):
         finally:
             ctx.close()
             cleanup(profile)
+
+
+@pytest.mark.real_model
+def test_real_model(real_gemma):
+    """The 270M with random resid_post SAEs (calibrated on the sentence) at layers 3 and 9 and
+    the sites read by a forward hook: the lens's latents are the reference's top-k; the chat
+    turn is tokenized with its own <bos> (flagged, not encoded)."""
+    from support.transcoders import random_transcoders
+
+    text = "The capital of France is Paris."
+    tok = real_gemma.tokenizer
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    acts = hook_activations(real_gemma.model, "resid_post", ids)  # [18, T, 640]
+    ts = random_transcoders(mlp_in=acts, d_sae=512, site="resid_post", seed=5, layers=[3, 9],
+                            model_name="gemma-3-270m")
+    rep = lens(real_gemma, ts, text, top_k=4)
+    assert rep.tokens[0] == "<bos>" and rep.bos[0] and rep.positions == list(range(1, ids.numel()))
+    assert "".join(rep.tokens[1:]) == text
+    for L in (3, 9):
+        ref = reference_encode(acts[L], ts.layers[L])
+        for pos in rep.positions:
+            got = rep.top(0, L, pos)
+            want = ref[pos].topk(min(4, int((ref[pos] > 0).sum())))
+            assert [i for i, _ in got] == want.indices.tolist()
+            torch.testing.assert_close(torch.tensor([a for _, a in got]), want.values, rtol=1e-4, atol=1e-4)
+    chat = lens(real_gemma, ts, text, top_k=2, chat=True)
+    assert chat.tokens[:2] == ["<bos>", "<start_of_turn>"] and chat.bos[0] and 0 not in chat.positions

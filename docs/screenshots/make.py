@@ -15,7 +15,13 @@ of a layer selected, layer 0 at " France": its nodes outlined in the graph and l
 paris-qk-edge.png (the Edge card of the link from the " France" token to the " Paris" logit, its
 weight split by heads: layer 12 head 2 the largest), paris-qk-head.png (the Heads tab on layer 12
 head 2, opened from that split: its pattern, the trace query 5 " is" -> key 4 " France", its
-pairs and marginals). The run fails on a page error or a failed request. Without ``--only``: both.
+pairs and marginals). The run fails on a page error or a failed request.
+
+``lens``: lens.png, the lens page (/lens.html) of ``cltrace lens`` on the real 270M with the
+starter transcoders and their cached feature pages (``cltrace attribute`` builds them), the
+sentence LENS_TEXT, the cell of layer 12 at " Paris" opened (its top latents and feature card).
+
+Without ``--only``: all.
 
 (big-graph.png and feature-card.png come from
 ``CLTRACE_SCREENSHOTS=docs/screenshots pytest --full tests/test_serve.py``, and so do the
@@ -35,17 +41,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 QK_GRAPH = "the-capital-of-france-is-paris-qk.json"
+LENS_TEXT = "The capital of France is Paris, and the river that runs through it is the Seine."
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent, help="where the PNGs go")
-    ap.add_argument("--only", choices=("main", "paris-qk"), help="make only these screenshots")
+    ap.add_argument("--only", choices=("main", "paris-qk", "lens"), help="make only these screenshots")
     a = ap.parse_args()
     if a.only != "paris-qk":
         main_shots(a.out)
-    if a.only != "main":
+    if a.only in (None, "paris-qk"):
         paris_qk_shots(a.out)
+    if a.only in (None, "lens"):
+        lens_shots(a.out)
     print(f"screenshots in {a.out}")
     return 0
 
@@ -167,6 +176,40 @@ def paris_qk_shots(out: Path) -> None:
         cleanup(profile)
     srv.shutdown()
     srv.server_close()
+    assert not errors, errors
+
+
+def lens_shots(out: Path) -> None:
+    """lens.png: the lens page with a cell opened (see the docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    from cltrace.cli import main as cli
+    from cltrace.serve import make_server, serve_in_thread
+    from support.serve import cleanup, launch_chromium
+
+    tmp = Path(tempfile.mkdtemp())
+    assert cli(["lens", LENS_TEXT, "--json", str(tmp / "lens.json"), "--quiet"]) == 0
+    data = json.loads((tmp / "lens.json").read_text())
+    pos = next(t["pos"] for t in data["tokens"] if t["token"] == " Paris")
+    srv = make_server(tmp, port=0)
+    serve_in_thread(srv)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    errors = []
+    with sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        pg = ctx.new_page()
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.on("requestfailed", lambda r: errors.append(f"failed: {r.url}"))
+        pg.goto(f"{url}/lens.html")
+        pg.wait_for_function("document.body.dataset.ready === '1'", timeout=20000)
+        pg.locator(f'td.lens-cell[data-layer="12"][data-pos="{pos}"]').click()
+        pg.wait_for_selector("#feature-body h3.feature-label")
+        pg.wait_for_timeout(300)
+        pg.screenshot(path=str(out / "lens.png"))
+        ctx.close()
+        cleanup(profile)
+    srv.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     assert not errors, errors
 
 

@@ -14,7 +14,8 @@ NAME = "lens"
 HELP = "the top active latents of dictionaries at each token of a text (a feature lens)"
 DESCRIPTION = """\
 For each token of a text, the top --top-k active latents of each dictionary set at each of
-its layers, with their activation (and label, from feature pages given with --features): one
+its layers, with their activation (and label, from feature pages given with --features, or
+the starter set's own pages when `cltrace attribute` has built them): one
 forward pass, then a JumpReLU encode per layer. Sets: --dict SET, repeated (SAEs at
 resid_post, attn_out or mlp_out, transcoders, CLTs, crosscoders; a folder in the Gemma Scope 2
 or circuit-tracer layout, or a hub reference); default: the starter transcoders. Each set
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     report = lens(loaded, sets, text, top_k=args.top_k, layers=args.layers, names=names,
                   chat=args.chat, include_bos=args.bos)
     report.text = text
-    pages = _pages(features, len(sets))
+    pages = _pages(features, sets, refs)
     label = (lambda s, L, i: pages[s].label(L, i) if pages[s] is not None else None) if any(pages) else None
     print(report.summary())
     print(report.table(label=label))
@@ -119,14 +120,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pages(features: list[str], n_sets: int) -> list:
-    """Per set, its FeaturePages or None."""
+def _pages(features: list[str], sets: list, refs: list[str]) -> list:
+    """Per set, its FeaturePages or None: --features DIR; for the starter set without one, its
+    own pages when they are cached (`cltrace attribute` builds them; the lens does not)."""
     from ..features import FeaturePages
+    from ..features.store import LABELS_FILE
+    from ..models import cache_root
 
-    out = [None] * n_sets
-    for s, f in enumerate(features):
-        if f != "none":
-            out[s] = FeaturePages(f)
+    out = [None] * len(sets)
+    for s, (ts, ref) in enumerate(zip(sets, refs)):
+        if s < len(features):
+            out[s] = FeaturePages(features[s]) if features[s] != "none" else None
+            continue
+        set_id = str(ts.info.get("set_id", ""))
+        if ref == "starter" and set_id.startswith("cltrace-starter/"):
+            folder = cache_root() / "starter" / (set_id.split("/", 1)[1] + "-pages")
+            if (folder / LABELS_FILE).is_file():
+                fp = FeaturePages(folder)
+                out[s] = fp if fp.current else None
     return out
 
 
