@@ -128,7 +128,7 @@ def test_clamping_a_latent_adds_the_difference_at_the_positions_named(steering, 
 @pytest.fixture(scope="module")
 def cli_root(tmp_path_factory):
     """A saved tiny model with a word tokenizer, SAEs at resid_post of layers 0 and 2 for it,
-    SAEs for another model (width 32) and transcoders."""
+    SAEs for another model (width 32), transcoders and a crosscoder."""
     root = tmp_path_factory.mktemp("cli")
     m = tiny_gemma(n_layers=3)
     m.save_pretrained(root / "model")
@@ -140,6 +140,8 @@ def cli_root(tmp_path_factory):
     save_gemmascope(random_transcoders(n_layers=3, d_model=32, d_sae=16, site="resid_post"),
                     root / "other")
     save_gemmascope(random_transcoders(n_layers=3, d_model=64, d_sae=16), root / "tc")
+    save_gemmascope(random_transcoders(n_layers=3, d_model=64, d_sae=16, sites=[0, 2]),
+                    root / "crosscoder" / "layer_0_2_width_16_l0_small")
     return root
 
 
@@ -165,6 +167,7 @@ def test_cli_steers_with_a_latent(cli_root, capsys):
     ("sae", "1:3+4", "has no SAE at layer 1 (it has layers [0, 2])"),
     ("tc", "1:3+4", "holds transcoders (MLP input -> MLP output), not SAEs"),
     ("other", "1:3+4", "trained for another model"),
+    ("crosscoder/layer_0_2_width_16_l0_small", "0:3+4", "holds a crosscoder"),
 ])
 def test_cli_errors_are_one_line_before_the_work(cli_root, capsys, sae, feature, message):
     assert _steer(cli_root, "--sae", str(cli_root / sae), "--feature", feature) == 2
