@@ -50,6 +50,7 @@ def test_lens_equals_a_hook_based_reference_encode(setup):
                 checked += 1
                 short += active < k
     assert checked == len(rep.positions) * (3 * 3 + 2) and short > 0  # some cells have < k
+    assert sets["attn_out"].d_model == 96 and sets["resid_post"].d_model == 64  # heads x head_dim
     assert all(rep.top(s, L, 0) == [] for s in range(4) for L in rep.sets[s].layers)  # <bos>
 
 
@@ -91,6 +92,7 @@ def test_json_and_table(setup):
     data = json.loads(json.dumps(rep.to_json(label=lambda s, L, i: f"lab{s}.{L}.{i}",
                                              page=lambda s, L, i: None)))
     assert data["format"] == LENS_FORMAT and data["top_k"] == 2 and data["include_bos"] is False
+    assert data["text"] == "abc"
     assert [t["pos"] for t in data["tokens"]] == [0, 1, 2, 3] and data["tokens"][0]["bos"] is True
     assert [(s["name"], s["site"], s["layers"]) for s in data["sets"]] == [
         ("a", "attn_out", [0, 1, 2]), ("c", "resid_post", [0, 2])]
@@ -161,6 +163,7 @@ def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     other = save_gemmascope(random_transcoders(n_layers=3, d_model=16, site="resid_post"), tmp_path / "other")
+    narrow = save_gemmascope(random_transcoders(n_layers=3, d_model=64, site="attn_out"), tmp_path / "narrow")
     cases = [
         ([" "], ["empty"]),
         (["--prompt-file", str(binary)], ["bin.txt", "binary"]),
@@ -168,6 +171,7 @@ def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
         (["--prompt-file", str(tmp_path / "missing.txt")], ["missing.txt"]),
         (["x", "--layers", "5"], ["--layers", "layer(s) 5", "0-2"]),
         (["x", "--dict", str(other)], ["d_model 16", "another model"]),
+        (["x", "--dict", str(narrow)], ["input width 64", "heads x head_dim 96"]),
         (["x", "--dict", str(tmp_path / "no-set")], ["no-set"]),
         (["x", "--top-k", "0"], ["--top-k"]),
         (["x", "--layers", "a-b"], ["--layers", "a-b"]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .tiny_gemma import TOKENS, tiny_gemma
+from .tiny_gemma import TOKENS
 from .transcoders import random_transcoders
 
 LENS_TOKENS = TOKENS + [77, 140, 2, 63]  # a second <bos> inside: flagged like the first
@@ -50,14 +50,35 @@ def reference_encode(x: Tensor, tc) -> Tensor:
     return torch.relu(pre) * (pre > tc.threshold)
 
 
+def wide_heads_gemma(n_layers: int = 3, head_dim: int = 24):
+    """The tiny Gemma 3 of :func:`support.tiny_gemma.tiny_gemma` (same seed and init) but with
+    4 heads of ``head_dim``: its attn_out site (heads x head_dim = 96) is wider than d_model (64)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    types = ["full_attention" if L % 3 == 2 else "sliding_attention" for L in range(n_layers)]
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=head_dim, sliding_window=3, layer_types=types,
+                           max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+            elif p.ndim == 2:
+                p.normal_(0.0, 0.15 if "embed" in name else 1.0 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
 def lens_setup(tmp_path, n_layers: int = 3, d_sae: int = 40):
-    """(tiny model, {name: set loaded back from the Gemma Scope 2 layout}): SAEs at resid_post,
-    attn_out and mlp_out, and a crosscoder over layers 0 and 2, each calibrated so that about
-    15 % of its latents fire."""
+    """(tiny model with attn_out 96 wide and d_model 64, {name: set loaded back from the Gemma
+    Scope 2 layout}): SAEs at resid_post, attn_out and mlp_out, and a crosscoder over layers 0
+    and 2, each calibrated so that about 15 % of its latents fire."""
     from cltrace.transcoders import load_transcoders
     from cltrace.transcoders.write import save_gemmascope
 
-    model = tiny_gemma(n_layers=n_layers)
+    model = wide_heads_gemma(n_layers=n_layers)
     out = {}
     for site in ("resid_post", "attn_out", "mlp_out"):
         acts = hook_activations(model, site, torch.tensor(LENS_TOKENS))

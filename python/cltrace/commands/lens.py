@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     say(f"lens: {len(sets)} set(s), one forward pass ...")
     report = lens(loaded, sets, text, top_k=args.top_k, layers=args.layers, names=names,
                   chat=args.chat, include_bos=args.bos)
-    report.text = text
     pages = _pages(features, sets, refs)
     label = (lambda s, L, i: pages[s].label(L, i) if pages[s] is not None else None) if any(pages) else None
     print(report.summary())

@@ -72,19 +72,21 @@ def _top_k(sp, n_rows: int, d_sae: int, k: int) -> tuple[Tensor, Tensor, Tensor]
     """(index [N, k], activation [N, k], count [N]) of the ``k`` largest active latents of each
     row of the CSR ``sp`` (count: how many of the k are active; the rest are padding -1 / 0).
     Sorted within the CSR (nnz entries), never densified: [N, d_sae] is not made."""
+    dev = sp.acts.device
     rows = sp.rows()  # [nnz]
     order = torch.argsort(sp.acts, descending=True, stable=True)  # by activation ...
     order = order[torch.argsort(rows[order], stable=True)]  # ... within each row
-    rank = torch.arange(order.numel()) - sp.row_offsets[rows[order]]  # place within its row
-    keep = order[rank < k]
+    rank = torch.arange(order.numel(), device=dev) - sp.row_offsets[rows[order]]  # place in its row
     k = min(k, d_sae)
-    idx = torch.full((n_rows, k), -1, dtype=torch.long)
+    kept = rank < k
+    keep = order[kept]
+    idx = torch.full((n_rows, k), -1, dtype=torch.long, device=dev)
     act = sp.acts.new_zeros(n_rows, k)
-    r, c = rows[keep], (rank[rank < k])
+    r, c = rows[keep], rank[kept]
     idx[r, c] = sp.feat_idx[keep]
     act[r, c] = sp.acts[keep]
     count = sp.row_offsets.diff().clamp_max(k)
-    return idx, act, count
+    return idx.cpu(), act.float().cpu(), count.cpu()
 
 
 @torch.no_grad()
@@ -119,7 +121,7 @@ def lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
     for ts, name in zip(sets, names):
         check_fits(ts, model, name)
     read = [lens_layers(ts, layers, name) for ts, name in zip(sets, names)]
-    ids = _tokens(tokenizer, text, chat)
+    ids = _tokens(tokenizer, text, chat).cpu()
     device = next(model.parameters()).device
 
     sites = sorted({(ts.site_in, L) for ts, ls in zip(sets, read) for L in ls})
@@ -144,7 +146,7 @@ def lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
         per_layer = {}
         for L in ls:
             tc = ts.layers[L]
-            x = rec[(ts.site_in, L)][0].to(device=tc.W_enc.device, dtype=tc.W_enc.dtype)[rows]  # [N, d_in]
+            x = rec[(ts.site_in, L)][0][rows.to(device)].to(device=tc.W_enc.device, dtype=tc.W_enc.dtype)  # [N, d_in]
             sp = jumprelu_encode(x.contiguous(), tc.W_enc, tc.b_enc, tc.threshold)
             per_layer[L] = _top_k(sp, rows.numel(), tc.d_sae, int(top_k))
         out.append(LensSet(name=name, what=ts.what, site=ts.site_in, d_sae=ts.d_sae, layers=ls,
@@ -152,7 +154,7 @@ def lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
     tokens = _decode(tokenizer, ids)
     return LensReport(token_ids=ids.tolist(), tokens=tokens, bos=bos.tolist(),
                       positions=rows.tolist(), sets=out, top_k=int(top_k), model=model_name,
-                      include_bos=include_bos)
+                      include_bos=include_bos, text=text if isinstance(text, str) else "")
 
 
 def _decode(tokenizer, ids: Tensor) -> list[str]:
