@@ -210,7 +210,7 @@ def test_cli_labels_and_pages(tiny_cli, tmp_path, capsys):
                  "--features", str(pages), "--features", "none", "--top-k", "2", "--json", str(js),
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert '"L0 f' in out and '"L2 f' in out
+    assert "[L0 f" in out and "[L2 f" in out
     data = json.loads(js.read_text())
     assert [s["pages"] for s in data["sets"]] == ["./lens-pages/set0", None]
     for c in data["cells"]:

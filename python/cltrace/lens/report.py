@@ -98,7 +98,7 @@ class LensReport:
 
     def table(self, label: Optional[Labeler] = None, width: int = 40) -> str:
         """One line per (token, set, layer): position, token, set, layer and the top latents
-        as ``index:activation`` (with ``label`` quoted after each when given); a <bos> token is
+        as ``index:activation`` (with ``label`` in brackets after each when given); a <bos> token is
         one line saying it is not encoded."""
         multi = len(self.sets) > 1
         head = f"{'pos':>4}  {'token':<14} " + (f"{'set':<4}" if multi else "") + f"{'layer':>5}  top latents (index:activation)"
@@ -114,7 +114,7 @@ class LensReport:
                     items = []
                     for i, a in self.top(s, L, p):
                         text = label(s, L, i) if label else None
-                        items.append(f"{i}:{a:.2f}" + (f' "{_cut(text, width)}"' if text else ""))
+                        items.append(f"{i}:{a:.2f}" + (f" [{_cut(text, width)}]" if text else ""))
                     lines.append((f"{p:>4}  {tok:<14} " if first else " " * 21)
                                  + (f"{s:<4}" if multi else "") + f"{L:>5}  " + ("  ".join(items) or "-"))
                     first = False
