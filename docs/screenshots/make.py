@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent, help="where the PNGs go")
     ap.add_argument("--only", choices=("main", "paris-qk", "lens"), help="make only these screenshots")
     a = ap.parse_args()
-    if a.only != "paris-qk":
+    if a.only in (None, "main"):
         main_shots(a.out)
     if a.only in (None, "paris-qk"):
         paris_qk_shots(a.out)
