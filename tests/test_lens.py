@@ -1,4 +1,4 @@
-"""``cltrace lens`` and :func:`cltrace.lens.lens`: the top latents of SAEs at every site and of
+"""``cltrace lens`` and :func:`cltrace.lens.feature_lens`: the top latents of SAEs at every site and of
 a crosscoder (written in the Gemma Scope 2 layout, loaded back) against a hook-based dense
 reference encode on the tiny model; <bos> handling, layers, the JSON and the table; the command
 end to end and its bad inputs; the real model; the viewer's lens page in a browser."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cltrace.cli import main
-from cltrace.lens import LENS_FORMAT, lens
+from cltrace.lens import LENS_FORMAT, feature_lens
 from support.lens import LENS_TOKENS, hook_activations, lens_setup, reference_encode
 from support.tiny_gemma import CharTokenizer
 
@@ -28,7 +28,7 @@ def test_lens_equals_a_hook_based_reference_encode(setup):
     model, sets = setup
     names = list(sets)
     k = 6
-    rep = lens(model, [sets[n] for n in names], torch.tensor(LENS_TOKENS), top_k=k,
+    rep = feature_lens(model, [sets[n] for n in names], torch.tensor(LENS_TOKENS), top_k=k,
                names=names, bos_token_id=BOS)
     assert rep.positions == [p for p, t in enumerate(LENS_TOKENS) if t != BOS]
     assert rep.bos == [t == BOS for t in LENS_TOKENS]
@@ -62,7 +62,7 @@ def test_bos_layers_and_one_pass(setup):
 
     model, sets = setup
     ts = sets["resid_post"]
-    rep = lens(model, ts, torch.tensor(LENS_TOKENS), top_k=3, bos_token_id=BOS, include_bos=True)
+    rep = feature_lens(model, ts, torch.tensor(LENS_TOKENS), top_k=3, bos_token_id=BOS, include_bos=True)
     assert rep.positions == list(range(len(LENS_TOKENS)))
     ref = reference_encode(hook_activations(model, "resid_post", torch.tensor(LENS_TOKENS))[1],
                            ts.layers[1])
@@ -72,7 +72,7 @@ def test_bos_layers_and_one_pass(setup):
     hooks = [b.register_forward_hook(lambda m, a, o, L=L: calls.append(L))
              for L, b in enumerate(model.model.layers)]
     try:
-        rep = lens(model, [ts, sets["crosscoder"]], torch.tensor(LENS_TOKENS), layers=[0],
+        rep = feature_lens(model, [ts, sets["crosscoder"]], torch.tensor(LENS_TOKENS), layers=[0],
                    bos_token_id=BOS)
     finally:
         for h in hooks:
@@ -80,14 +80,14 @@ def test_bos_layers_and_one_pass(setup):
     assert calls == [0]  # one pass, layers 1 and 2 never run
     assert [s.layers for s in rep.sets] == [[0], [0]]
     with pytest.raises(UsageError, match=r"has no dictionary at layer\(s\) 1 \(it has 0,2\)"):
-        lens(model, [ts, sets["crosscoder"]], torch.tensor(LENS_TOKENS), layers=[1])
+        feature_lens(model, [ts, sets["crosscoder"]], torch.tensor(LENS_TOKENS), layers=[1])
     with pytest.raises(UsageError, match="empty"):
-        lens(model, ts, "  ", tokenizer=CharTokenizer())
+        feature_lens(model, ts, "  ", tokenizer=CharTokenizer())
 
 
 def test_json_and_table(setup):
     model, sets = setup
-    rep = lens(model, [sets["attn_out"], sets["crosscoder"]], "abc", top_k=2, names=["a", "c"],
+    rep = feature_lens(model, [sets["attn_out"], sets["crosscoder"]], "abc", top_k=2, names=["a", "c"],
                tokenizer=CharTokenizer())
     data = json.loads(json.dumps(rep.to_json(label=lambda s, L, i: f"lab{s}.{L}.{i}",
                                              page=lambda s, L, i: None)))
@@ -136,7 +136,7 @@ def test_cli(tiny_cli, tmp_path, capsys):
     assert lines[1].split()[:4] == ["pos", "token", "set", "layer"] and f"wrote {js}" in out
     data = json.loads(js.read_text())
     assert data["sources"] == [sae, "starter"] and data["text"] == "hello"
-    ref = lens(model, [sets["resid_post"], sets["mlp_out"]], "hello", top_k=3, layers=[1, 2],
+    ref = feature_lens(model, [sets["resid_post"], sets["mlp_out"]], "hello", top_k=3, layers=[1, 2],
                tokenizer=CharTokenizer())
     assert data["cells"] == ref.to_json()["cells"]
     assert main(["lens", "hi", "--quiet"]) == 0  # default: the starter set
@@ -192,9 +192,9 @@ def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
 
 def test_lazy_export():
     import cltrace
+    from cltrace.lens import LensReport
 
-    assert cltrace.lens is lens or cltrace.lens.lens is lens
-    assert callable(cltrace.lens)
+    assert cltrace.feature_lens is feature_lens and cltrace.LensReport is LensReport
 
 
 def test_cli_labels_and_pages(tiny_cli, tmp_path, capsys):
@@ -299,7 +299,7 @@ def test_real_model(real_gemma):
     acts = hook_activations(real_gemma.model, "resid_post", ids)  # [18, T, 640]
     ts = random_transcoders(mlp_in=acts, d_sae=512, site="resid_post", seed=5, layers=[3, 9],
                             model_name="gemma-3-270m")
-    rep = lens(real_gemma, ts, text, top_k=4)
+    rep = feature_lens(real_gemma, ts, text, top_k=4)
     assert rep.tokens[0] == "<bos>" and rep.bos[0] and rep.positions == list(range(1, ids.numel()))
     assert "".join(rep.tokens[1:]) == text
     for L in (3, 9):
@@ -309,5 +309,5 @@ def test_real_model(real_gemma):
             want = ref[pos].topk(min(4, int((ref[pos] > 0).sum())))
             assert [i for i, _ in got] == want.indices.tolist()
             torch.testing.assert_close(torch.tensor([a for _, a in got]), want.values, rtol=1e-4, atol=1e-4)
-    chat = lens(real_gemma, ts, text, top_k=2, chat=True)
+    chat = feature_lens(real_gemma, ts, text, top_k=2, chat=True)
     assert chat.tokens[:2] == ["<bos>", "<start_of_turn>"] and chat.bos[0] and 0 not in chat.positions

@@ -82,7 +82,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
 
-    from cltrace.lens import lens
+    from cltrace.lens import feature_lens
     from cltrace.lens.run import _body, _top_k
     from cltrace.models import load_model
     from cltrace.models.anatomy import text_parts
@@ -102,7 +102,7 @@ def main() -> None:
     ts = random_saes(acts, a.d_sae, n_layers)
 
     def run_lens():
-        return lens(loaded, ts, ids, top_k=5)
+        return feature_lens(loaded, ts, ids, top_k=5)
 
     def run_forward():
         with torch.no_grad(), site_hooks(parts, record=sites) as r:

@@ -65,7 +65,8 @@ _LAZY = {
     "evaluate_set": "cltrace.evaluation",
     "EvalSettings": "cltrace.evaluation",
     "EvalReport": "cltrace.evaluation",
-    "lens": "cltrace.lens",
+    "feature_lens": "cltrace.lens",
+    "LensReport": "cltrace.lens",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .attribution import AttributionSettings, attribute  # noqa: F401
     from .errors import UsageError  # noqa: F401
     from .evaluation import EvalReport, EvalSettings, evaluate_set  # noqa: F401
+    from .lens import LensReport, feature_lens  # noqa: F401
     from .features import FeaturePages  # noqa: F401
     from .frozen import FrozenLinearModel, Seeds  # noqa: F401
     from .graph import Graph, PruneSettings, graph_scores, prune  # noqa: F401

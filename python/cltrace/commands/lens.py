@@ -1,5 +1,5 @@
 """``cltrace lens "text"``: the top active latents of dictionary sets (SAEs, transcoders, CLTs,
-crosscoders) at every token of a text, layer by layer (:func:`cltrace.lens.lens`)."""
+crosscoders) at every token of a text, layer by layer (:func:`cltrace.lens.feature_lens`)."""
 from __future__ import annotations
 
 import argparse
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = check_output_file(args.json, "--json")
     say = messenger(args.quiet)
 
-    from ..lens import lens
+    from ..lens import feature_lens
     from ..models import load_model
 
     say(f"loading model {args.model} ...")
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     sets = _load_sets(refs, loaded, say)
     names = [str(ts.info.get("set_id", "") or ref) for ts, ref in zip(sets, refs)]
     say(f"lens: {len(sets)} set(s), one forward pass ...")
-    report = lens(loaded, sets, text, top_k=args.top_k, layers=args.layers, names=names,
+    report = feature_lens(loaded, sets, text, top_k=args.top_k, layers=args.layers, names=names,
                   chat=args.chat, include_bos=args.bos)
     pages = _pages(features, sets, refs)
     label = (lambda s, L, i: pages[s].label(L, i) if pages[s] is not None else None) if any(pages) else None

@@ -38,7 +38,7 @@ class LensSet:
 
 @dataclass
 class LensReport:
-    """The top latents of each set at each token (:func:`cltrace.lens.lens`)."""
+    """The top latents of each set at each token (:func:`cltrace.lens.feature_lens`)."""
 
     token_ids: list[int]
     tokens: list[str]

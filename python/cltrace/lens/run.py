@@ -90,7 +90,7 @@ def _top_k(sp, n_rows: int, d_sae: int, k: int) -> tuple[Tensor, Tensor, Tensor]
 
 
 @torch.no_grad()
-def lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
+def feature_lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSet]],
          text: Union[str, Tensor, Sequence[int]], *, top_k: int = 5,
          layers: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
          tokenizer=None, chat: bool = False, include_bos: bool = False,
