@@ -77,15 +77,10 @@ def _put(mask: Tensor, values: Tensor) -> Callable[[Tensor], Tensor]:
     return edit
 
 
-def _body(model):
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", inner)  # the decoder stack (final norm included)
-
-
-def _nll_sum(parts, body, ids: Tensor, ce_mask: Tensor) -> float:
+def _nll_sum(parts, ids: Tensor, ce_mask: Tensor) -> float:
     """Sum of next-token negative log-likelihoods (nats, fp64) at the positions ``ce_mask
     [B, ctx - 1]`` of one pass of ``ids [B, ctx]`` (hooks in place)."""
-    h = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][ce_mask]  # [N, d]
+    h = parts.body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][ce_mask]  # [N, d]
     targets = ids[:, 1:][ce_mask]
     total = 0.0
     for c in range(0, h.shape[0], LOGIT_CHUNK):
@@ -133,7 +128,6 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
     ts = dataclasses.replace(ts, layers={S: ts.layers[S].to(device=device) for S in sources})
     tcs = ts.layers
     site_in, site_out = ts.site_in, ts.site_out
-    body = _body(model)
 
     fvu = {L: FVUSums() for L in layers}
     counts: dict[int, list[Tensor]] = {L: [] for L in layers}  # active features per token
@@ -185,7 +179,7 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
 
             record = [(site_in, S) for S in sources] + [(site_out, L) for L in layers]
             with site_hooks(parts, record=record) as rec:
-                ce_clean += _nll_sum(parts, body, ids, ce_mask)
+                ce_clean += _nll_sum(parts, ids, ce_mask)
             step()
 
             acts = {}
@@ -207,10 +201,10 @@ def evaluate_set(model, transcoders: TranscoderSet, tokens: Tensor,
 
             for L in layers:
                 with site_hooks(parts, edit={(site_out, L): _put(mask, recon[L])}):
-                    ce_splice[L] += _nll_sum(parts, body, ids, ce_mask)
+                    ce_splice[L] += _nll_sum(parts, ids, ce_mask)
                 step()
                 with site_hooks(parts, edit={(site_out, L): _put(mask, recon[L].new_zeros(()))}):
-                    ce_zero[L] += _nll_sum(parts, body, ids, ce_mask)
+                    ce_zero[L] += _nll_sum(parts, ids, ce_mask)
                 step()
     finally:
         if tq is not None:

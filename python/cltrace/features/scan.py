@@ -4,9 +4,9 @@ and one JumpReLU encode per layer per token, folded into the bounded :class:`Fea
 The features read the set's input site (``site_in``, :mod:`cltrace.models.sites`): the MLP
 input for transcoders, ``resid_post``, ``attn_out`` or ``mlp_out`` for SAEs and crosscoders.
 Rows of tokens (``[n_rows, ctx]``, each starting with BOS, from
-:func:`cltrace.training.corpus.token_rows`) are read in batches by :class:`SiteSource`
-(decoder stack only, stopped after the last site needed, recorded by
-:func:`cltrace.models.sites.site_hooks`); BOS positions get no activations (as in the graphs). A token is named by its global
+:func:`cltrace.training.corpus.token_rows`) are read in batches by
+:class:`cltrace.models.activations.ActivationSource` (input sites only: decoder stack only,
+stopped after the last site needed); BOS positions get no activations (as in the graphs). A token is named by its global
 id ``row * ctx + pos``, so shards (disjoint row subsets) and resumed runs address the same
 tokens; the state after each batch depends only on which rows were folded in.
 """
@@ -18,55 +18,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..models.activations import ActivationSource
 from ..ops import jumprelu_encode
 from .state import FeatureState
-
-
-class _Stop(Exception):
-    """Raised by the hook of the last site needed: the rest of the forward pass is skipped."""
-
-
-class SiteActs(NamedTuple):
-    x: Tensor  # [n_layers_kept, T, width] float32 (CPU), the non-BOS tokens of the rows read
-
-
-class SiteSource:
-    """The activation at ``site`` of ``layers`` of ``model`` on token ``rows [n_rows, ctx]``,
-    read by row index: ``read(idx)`` runs the rows ``idx [n]`` (in batches of ``batch_rows``)
-    through the decoder stack only, up to the last layer's site."""
-
-    def __init__(self, model, rows: Tensor, layers: Sequence[int], bos: Optional[int],
-                 site: str = "mlp_in", batch_rows: int = 16):
-        from ..models.anatomy import text_parts
-
-        self.parts = text_parts(model)
-        inner = getattr(model, "model", None)
-        self.body = getattr(inner, "language_model", inner)  # the decoder stack
-        self.rows, self.layers, self.bos = rows, list(layers), bos
-        self.site, self.batch_rows = site, batch_rows
-        self.device = self.parts.lm_head.weight.device
-
-    @torch.no_grad()
-    def read(self, idx: Tensor) -> SiteActs:
-        from ..models.sites import site_hooks
-
-        out = []
-        sites = [(self.site, L) for L in self.layers]
-        for chunk in torch.split(torch.as_tensor(idx).long(), self.batch_rows):
-            ids = self.rows[chunk]  # [n, ctx]
-
-            def stop(a):
-                raise _Stop
-
-            with site_hooks(self.parts, record=sites, edit={sites[-1]: stop}) as rec:
-                try:
-                    self.body(input_ids=ids.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
-            keep = (ids != self.bos) if self.bos is not None else torch.ones_like(ids, dtype=torch.bool)
-            x = torch.stack([rec[s] for s in sites])  # [n_layers_kept, n, ctx, width]
-            out.append(x[:, keep.to(x.device)].to("cpu", torch.float32))
-        return SiteActs(torch.cat(out, 1))
 
 
 class Encoder(NamedTuple):
@@ -117,7 +71,8 @@ def scan(model, rows: Tensor, encoders: dict[int, Encoder], state: FeatureState,
     if rows.shape[1] != state.ctx:
         raise ValueError(f"rows of {rows.shape[1]} tokens but the state was made for ctx {state.ctx}")
     row_ids = torch.arange(rows.shape[0]) if row_ids is None else row_ids.long()
-    src = SiteSource(model, rows, list(encoders), bos, site, batch_rows)
+    src = ActivationSource(model, rows, list(encoders), bos, batch_rows, outputs=False,
+                           site_in=site)
     batches = list(torch.split(row_ids, batch_rows))
     start = int(state.meta.get("next_batch", 0))
     per_row = tokens_per_row(rows, bos)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .scan import Encoder, SiteSource, encode_batch, token_ids
+from ..models.activations import ActivationSource
+from .scan import Encoder, encode_batch, token_ids
 from .selection import EMPTY_TOK
 from .state import FeatureState
 
@@ -58,7 +59,8 @@ def cut_windows(model, rows: Tensor, encoders: dict[int, Encoder], state: Featur
     ex = {L: kept_examples(state, L) for L in encoders}
     needed = torch.unique(torch.cat([t // ctx for _, _, t in ex.values()] + [torch.zeros(0, dtype=torch.long)]))
     out = window_arrays(state, window, folder)
-    src = SiteSource(model, rows, list(encoders), bos, site, batch_rows)
+    src = ActivationSource(model, rows, list(encoders), bos, batch_rows, outputs=False,
+                           site_in=site)
     offsets = torch.arange(-window, window + 1)
     for idx in tqdm(torch.split(needed, batch_rows), desc="example windows", unit="batch",
                     disable=not bar, dynamic_ncols=True):

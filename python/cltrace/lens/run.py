@@ -2,7 +2,7 @@
 and the top-k latents of every position.
 
 The pass runs the decoder stack only up to the last layer any set reads (no later layer, no
-unembedding): a hook on that block stops it. Each set's layer L is encoded from its
+unembedding): :func:`cltrace.models.sites.run_sites`. Each set's layer L is encoded from its
 ``site_in`` at L (``resid_post`` for crosscoders and resid_post SAEs, the ``heads x head_dim``
 input of ``o_proj`` for attn_out SAEs, the MLP input for transcoders), exactly as
 ``acts = z * (z > threshold)``, ``z = x @ W_enc + b_enc`` (:func:`cltrace.ops.jumprelu_encode`).
@@ -20,16 +20,12 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..models.anatomy import text_parts
-from ..models.sites import site_hooks
+from ..models.sites import run_sites
 from ..ops import jumprelu_encode
 from ..settings import format_layers
 from ..transcoders.base import TranscoderSet
 from ..transcoders.checks import check_fits
 from .report import LensReport, LensSet
-
-
-class _Stop(Exception):
-    """Raised by the hook after the last needed layer: the rest of the pass is not needed."""
 
 
 def lens_layers(ts: TranscoderSet, layers: Optional[Sequence[int]], name: str) -> list[int]:
@@ -43,11 +39,6 @@ def lens_layers(ts: TranscoderSet, layers: Optional[Sequence[int]], name: str) -
         raise UsageError(f"--layers: {name} ({ts.what}) has no dictionary at layer(s) "
                          f"{format_layers(missing)} (it has {format_layers(have)})")
     return sorted(set(int(L) for L in layers))
-
-
-def _body(model):
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", inner)  # the decoder stack, without the unembedding
 
 
 def _tokens(tokenizer, text: Union[str, Tensor, Sequence[int]], chat: bool) -> Tensor:
@@ -124,20 +115,8 @@ def feature_lens(model, dictionaries: Union[TranscoderSet, Sequence[TranscoderSe
     ids = _tokens(tokenizer, text, chat).cpu()
     device = next(model.parameters()).device
 
-    sites = sorted({(ts.site_in, L) for ts, ls in zip(sets, read) for L in ls})
-    last = max(L for _, L in sites)
-
-    def stop(_m, _a, _out):
-        raise _Stop
-
-    with site_hooks(parts, record=sites) as rec:  # {(site, L): [1, T, width]}
-        handle = parts.layers[last].register_forward_hook(stop)
-        try:
-            _body(model)(input_ids=ids[None].to(device), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+    sites = {(ts.site_in, L) for ts, ls in zip(sets, read) for L in ls}
+    rec = run_sites(parts, ids[None], sites)  # {(site, L): [1, T, width]}
 
     bos = (ids == bos_token_id) if bos_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
     rows = torch.arange(ids.numel()) if include_bos else (~bos).nonzero()[:, 0]  # encoded positions

@@ -1,11 +1,13 @@
-"""MLP activations of a model on batches of token rows, at the Gemma Scope 2 hook points.
+"""Activations of a model on batches of token rows, at the sites a dictionary reads and writes.
 
-:class:`ActivationSource` runs the model on a batch of rows and records, per layer, the MLP
-input (``pre_feedforward_layernorm`` output) and output (``post_feedforward_layernorm``
-output); BOS positions are dropped (their activations are outliers that no transcoder should
-fit). It stops after the last layer asked for (no unembedding); with ``outputs=False`` it records
-only the MLP inputs and stops before the last layer's MLP (what an encoder needs). Reading is deterministic:
-rows are addressed by index, so a resumed run reads the same data.
+:class:`ActivationSource` runs the model on a batch of rows and records, per layer, the
+dictionary's input site (default the MLP input, ``pre_feedforward_layernorm`` output) and
+output site (default the MLP output, ``post_feedforward_layernorm`` output; for an SAE, whose
+sites are one, the input itself); see :mod:`cltrace.models.sites`. BOS positions are dropped
+(their activations are outliers that no dictionary should fit). It stops after the last site
+needed (no unembedding); with ``outputs=False`` it records only the input sites (what an
+encoder needs). Reading is deterministic: rows are addressed by index, so a resumed run reads
+the same data.
 """
 from __future__ import annotations
 
@@ -20,33 +22,29 @@ from torch import Tensor
 class Activations:
     """MLP inputs and outputs of some layers on a batch of tokens (BOS positions dropped)."""
 
-    x: Tensor  # [n_layers_kept, T, d_model]  pre_feedforward_layernorm output (transcoder input)
-    y: Optional[Tensor]  # [n_layers_kept, T, d_model]  post_feedforward_layernorm output (target);
-    #                      None when the source was made with outputs=False
-
-
-class _Stop(Exception):
-    pass
+    x: Tensor  # [n_layers_kept, T, width]  the input site (the MLP input for transcoders)
+    y: Optional[Tensor]  # [n_layers_kept, T, width]  the output site (the target; x itself for
+    #                      an SAE); None when the source was made with outputs=False
 
 
 class ActivationSource:
-    """MLP activations of ``model`` on token ``rows [n_rows, ctx]``, read by row index.
+    """Activations of ``model`` at ``site_in`` (and ``site_out``) of ``layers`` on token
+    ``rows [n_rows, ctx]``, read by row index.
 
     ``read(idx)`` runs the rows ``idx [n]`` through the decoder stack only (no unembedding;
-    it stops after the last layer needed)."""
+    it stops after the last site needed)."""
 
     def __init__(self, model, rows: Tensor, layers: Sequence[int], bos_token_id: Optional[int],
                  batch_rows: int = 8, cache_dtype: Optional[torch.dtype] = None,
-                 outputs: bool = True):
+                 outputs: bool = True, site_in: str = "mlp_in", site_out: str = "mlp_out"):
         from .anatomy import text_parts
+        from .sites import check_site
 
         self.parts = text_parts(model)
         self.rows, self.layers, self.bos = rows, list(layers), bos_token_id
         self.batch_rows = batch_rows
-        self.outputs = outputs  # False: MLP inputs only (y is None), one MLP less per read
-        self.device = self.parts.lm_head.weight.device
-        inner = getattr(model, "model", None)
-        self.body = getattr(inner, "language_model", inner)  # the decoder stack
+        self.outputs = outputs  # False: input sites only (y is None): a shorter pass
+        self.site_in, self.site_out = check_site(site_in), check_site(site_out)
         # With cache_dtype, every row read is kept in memory in that dtype (and always served
         # from there, so a resumed run sees the same values): later epochs cost no model pass.
         self.cache_dtype = cache_dtype
@@ -62,11 +60,12 @@ class ActivationSource:
 
     @property
     def cached_bytes(self) -> int:
-        return sum(x.nbytes + y.nbytes for x, y in self._cache.values())
+        return sum(x.nbytes + (y.nbytes if y is not None and y is not x else 0)
+                   for x, y in self._cache.values())
 
     @torch.no_grad()
     def read(self, idx: Tensor) -> Activations:
-        """Activations of the rows ``idx [n]``: ``x, y [n_layers_kept, T, d_model]`` float32."""
+        """Activations of the rows ``idx [n]``: ``x, y [n_layers_kept, T, width]`` float32."""
         wanted = [int(i) for i in idx]
         store = self._cache if self.cache_dtype is not None else {}
         todo = list(dict.fromkeys(i for i in wanted if i not in store))
@@ -78,7 +77,8 @@ class ActivationSource:
             dt = self.cache_dtype or torch.float32
             for r, i in enumerate(chunk):
                 k = keep[r].to(x.device)
-                store[i] = (x[:, r, k].to("cpu", dt), None if y is None else y[:, r, k].to("cpu", dt))
+                xi = x[:, r, k].to("cpu", dt)
+                store[i] = (xi, None if y is None else xi if y is x else y[:, r, k].to("cpu", dt))
         xs = [store[i][0] for i in wanted]
         if not self.outputs:
             return Activations(torch.cat(xs, 1).float(), None)
@@ -86,29 +86,12 @@ class ActivationSource:
         return Activations(torch.cat(xs, 1).float(), torch.cat(ys, 1).float())
 
     def _run(self, ids: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        rec: dict[tuple[str, int], Tensor] = {}
-        last = max(self.layers)
-        handles = []
+        from .sites import run_sites
 
-        def hook(kind: str, L: int):
-            def fn(_mod, _args, out):
-                rec[(kind, L)] = (out[0] if isinstance(out, tuple) else out).detach()
-                if L == last and (kind == "y" or not self.outputs):
-                    raise _Stop
-            return fn
-
-        try:
-            for L in self.layers:
-                layer = self.parts.layers[L]
-                handles.append(layer.pre_feedforward_layernorm.register_forward_hook(hook("x", L)))
-                if self.outputs:
-                    handles.append(layer.post_feedforward_layernorm.register_forward_hook(hook("y", L)))
-            try:
-                self.body(input_ids=ids.to(self.device), use_cache=False)
-            except _Stop:
-                pass
-        finally:
-            for h in handles:
-                h.remove()
-        x = torch.stack([rec[("x", L)] for L in self.layers])
-        return x, (torch.stack([rec[("y", L)] for L in self.layers]) if self.outputs else None)
+        ins = [(self.site_in, L) for L in self.layers]
+        outs = [(self.site_out, L) for L in self.layers] if self.outputs else []
+        rec = run_sites(self.parts, ids, ins + outs)
+        x = torch.stack([rec[s] for s in ins])  # [L, B, ctx, width]
+        if not self.outputs:
+            return x, None
+        return x, (x if outs == ins else torch.stack([rec[s] for s in outs]))

@@ -21,6 +21,7 @@ class TextParts:
     norm: nn.Module  # final RMSNorm
     lm_head: nn.Module  # unembedding (tied to the embedding in Gemma 3)
     config: object  # Gemma3TextConfig (cltrace's dataclass or transformers')
+    body: nn.Module  # the decoder stack with the final norm, no unembedding (Gemma3TextModel)
 
     @property
     def n_layers(self) -> int:
@@ -51,4 +52,4 @@ def text_parts(model: nn.Module) -> TextParts:
     if getattr(config, "final_logit_softcapping", None) is not None:
         raise ValueError("final logit softcapping is set: the logits would not be linear in the "
                          "residual stream (Gemma 3 has none; is this a Gemma 2 model?)")
-    return TextParts(model, text.layers, text.embed_tokens, text.norm, lm_head, config)
+    return TextParts(model, text.layers, text.embed_tokens, text.norm, lm_head, config, text)

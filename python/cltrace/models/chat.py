@@ -8,7 +8,9 @@ the embedded 270M, ship without a template).
 leading positions whose MLP outputs are constants of every prompt (circuit-tracer's
 ``zero_positions``): ``<bos>``, and for a chat turn its prefix ``<bos><start_of_turn>user\n``
 (:data:`CHAT_PREFIX_TOKENS` tokens). :func:`skip_positions` is the one place that rule lives;
-the count is passed down as ``skip_positions`` everywhere.
+the count is passed down as ``skip_positions`` everywhere. Conversations (several turns, a
+system message, a prefill: :mod:`cltrace.models.conversation`) keep this rule: the 4-token
+prefix of their first user turn, nothing more.
 """
 from __future__ import annotations
 
@@ -34,9 +36,16 @@ def chat_prompt(tokenizer, text: str) -> str:
     return GEMMA_TURN.format(bos=tokenizer.bos_token or "<bos>", text=text)
 
 
-def prompt_tokens(tokenizer, text: str, chat: bool):
+def prompt_tokens(tokenizer, text: str, chat: bool, messages=None):
     """(prompt text, what the replacement model runs on): the text itself, or with ``chat`` the
-    chat turn around it and its token ids (the turn already holds <bos>)."""
+    chat turn around it and its token ids (the turn already holds <bos>). ``messages`` (a
+    conversation checked by :func:`cltrace.models.conversation.check_messages`) replaces
+    ``text`` and ``chat``: its rendering and token ids
+    (:func:`cltrace.models.conversation.messages_tokens`)."""
+    if messages:
+        from .conversation import messages_tokens
+
+        return messages_tokens(tokenizer, messages)
     if not chat:
         return text, text
     prompt = chat_prompt(tokenizer, text)

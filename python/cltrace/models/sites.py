@@ -15,7 +15,8 @@ mlp_out       ``model.layers.{L}.post_feedforward_layernorm.output``  hidden_siz
 ============  =====================================================  ======================
 
 A transcoder reads ``mlp_in`` and writes ``mlp_out``; an SAE reads and writes one site.
-:func:`site_hooks` records the activation at sites during a forward pass, or replaces it.
+:func:`site_hooks` records the activation at sites during a forward pass, or replaces it;
+:func:`run_sites` runs the decoder stack only as far as the last site it records.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ _PATTERNS = {site: re.compile(re.escape(t).replace(re.escape("{L}"), r"(\d+|\{L\
              for site, t in SITES.items()}
 
 Site = tuple[str, int]  # (site name, layer)
+FORWARD_ORDER = {"attn_out": 0, "mlp_in": 1, "mlp_out": 2, "resid_post": 3}  # within a layer
 
 
 def hook_point(site: str, layer) -> str:
@@ -130,3 +132,30 @@ def site_hooks(parts: TextParts, record: Iterable[Site] = (),
     finally:
         for h in handles:
             h.remove()
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last site :func:`run_sites` needs: the rest is not run."""
+
+
+def last_site(sites: Iterable[Site]) -> Site:
+    """The site of ``sites`` a forward pass reaches last."""
+    return max(sites, key=lambda s: (s[1], FORWARD_ORDER[s[0]]))
+
+
+def run_sites(parts: TextParts, ids: Tensor, sites: Iterable[Site]) -> dict[Site, Tensor]:
+    """The activations ``{site: [B, T, width]}`` (detached) of ``sites`` on the token ids
+    ``ids [B, T]`` (moved to the model's device): the decoder stack runs only as far as the
+    last of them (no later layer, no unembedding)."""
+    sites = sorted(set(sites))
+    stop_at = last_site(sites)
+
+    def stop(_a: Tensor) -> Tensor:  # called after the site is recorded
+        raise _Stop
+
+    with site_hooks(parts, record=sites, edit={stop_at: stop}) as rec:
+        try:
+            parts.body(input_ids=ids.to(parts.lm_head.weight.device), use_cache=False)
+        except _Stop:
+            pass
+    return rec
