@@ -146,3 +146,19 @@ def test_inspect_describes_the_sites(tmp_path, capsys):
     assert main(["inspect", str(root), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sites"] == [0, 2, 3] and summary["per_layer"][1]["writes_to"] == [2, 3]
+
+
+def test_attribute_refuses_saes_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import cltrace.models
+    from cltrace.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cltrace.models, "load_model", no_load)
+    root = save_gemmascope(random_transcoders(n_layers=2, d_model=64, d_sae=16, site="mlp_out"),
+                           tmp_path / "mlp_out_all")
+    assert main(["attribute", "hello", "--transcoders", str(root), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the one error line
+    assert "holds SAEs at mlp_out; attribution graphs" in err[-1] and "Traceback" not in str(err), err
+    assert not (tmp_path / "g").exists()
