@@ -40,11 +40,22 @@ characters); the default reports held-out FVU/L0 on held-out documents of the mi
 English prose that is in no training source. A run shorter than 100 steps is reported as
 too short to mean anything.
 
+--finetune SET fine-tunes an existing set instead (transcoders, a CLT, or SAEs at
+resid_post/attn_out/mlp_out; the shape comes from the set, so --kind/--site/--width/--l0/
+--affine-skip/--matryoshka are not taken): per step the training loss above plus --kl-coeff x
+KL(p_clean || p_spliced), the KL between the model's next-token distribution with and without
+the dictionary's reconstruction spliced in at one layer, each layer of --layers in turn (the
+splice whose loss recovered `cltrace eval` reports). The model stays frozen; the gradient flows
+through the layers after the splice into the dictionary. Each layer's L0 is held at its
+starting value. Rows of --ctx tokens, --batch-size tokens per step, --tokens in all. Written
+to --out in the Gemma Scope 2 layout; judge it with `cltrace eval OUT` against `cltrace eval SET`.
+
 Examples:
   cltrace train --kind plt --affine-skip --width 4096 --l0 32 --tokens 300000 --out tc/
   cltrace train --layers 0-5 --corpus notes/ --width 2048 --l0 16 --tokens 100000 --out tc2/
   cltrace train --site resid_post --layers 6 --width 2048 --l0 32 --tokens 100000 --out sae/
   cltrace train --out tc/ --resume ...same options...
+  cltrace train --finetune sae/ --layers 6 --kl-coeff 1 --tokens 4000 --batch-size 126 --ctx 64 --out sae-ft/
 """
 
 
@@ -64,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt")
     p.set_defaults(resume_hint="add --resume to the same command to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--finetune", default=None, metavar="SET",
+                   help="fine-tune this dictionary set end to end (KL term) instead of training one")
+    p.add_argument("--kl-coeff", default="1.0", metavar="X",
+                   help="with --finetune: weight of the KL term, a number >= 0 (default 1)")
 
 
 def corpus_texts(args: argparse.Namespace, tokens: int):
@@ -87,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, train_transcoders
 
     say = messenger(args.quiet)
+    if args.finetune is not None:
+        return run_finetune(args, say)
     cfg = from_args(TrainConfig, args)
     cfg.check()
     texts, evals, name = corpus_texts(args, tokens=cfg.corpus_tokens or cfg.tokens)
@@ -105,4 +122,46 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {len(r.fvu)} {what} on {r.tokens} tokens in {r.train_seconds:.0f}s: "
           f"held-out FVU {info['fvu_mean']:.3f}, L0 {info['l0_mean']:.1f} ({held}){short}; "
           f"wrote {args.out}")
+    return 0
+
+
+SHAPE_OPTIONS = ("kind", "site", "width", "l0", "affine_skip", "matryoshka")  # from the set
+
+
+def run_finetune(args: argparse.Namespace, say) -> int:
+    """``--finetune SET``: every check before the model loads or any file is written."""
+    import dataclasses
+    import os
+
+    from ..models import load_model
+    from ..settings import from_args
+    from ..training import TrainConfig
+    from ..training.finetune import check_finetunable, check_kl_coeff, finetune_set
+    from ..transcoders import load_transcoders
+
+    kl = check_kl_coeff(args.kl_coeff)
+    if args.resume:
+        raise UsageError("--finetune does not resume (it has no checkpoints): run it again")
+    cfg = from_args(TrainConfig, args)
+    default = TrainConfig()
+    given = [k for k in SHAPE_OPTIONS if getattr(cfg, k) != getattr(default, k)]
+    if given:
+        raise UsageError(f"--finetune takes its shape from the set: drop "
+                         f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+    if os.path.exists(args.out):
+        raise UsageError(f"{args.out} already exists; choose a new --out folder or remove it")
+    ts = load_transcoders(args.finetune)
+    check_finetunable(ts, cfg.layers)
+    texts, _evals, name = corpus_texts(args, tokens=cfg.tokens)
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.tokenizer is None:
+        raise UsageError(f"model {args.model} has no tokenizer; fine-tuning reads text")
+    r = finetune_set(loaded, ts, dataclasses.replace(cfg, layers=None), texts, kl_coeff=kl,
+                     layers=cfg.layers, out=args.out, corpus_name=name, log=say,
+                     bar=not args.quiet)
+    kl0, kl1 = (sum(o.kl.values()) for o in (r.first, r.last))
+    print(f"fine-tuned {ts.what} layer(s) {sorted(r.first.kl)} on {r.tokens} tokens in "
+          f"{r.seconds:.0f}s: KL {kl0:.4f} -> {kl1:.4f} (first -> last batch); wrote {args.out}; "
+          f"compare `cltrace eval {args.out}` with `cltrace eval {args.finetune}`")
     return 0

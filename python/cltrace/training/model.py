@@ -217,6 +217,7 @@ class TranscoderParams(nn.Module):
             self.b_dec.append(nn.Parameter(torch.zeros(d)))
             if cfg.affine_skip:
                 self.W_skip.append(nn.Parameter(torch.zeros(d, d)))
+        self.l0_targets: Optional[list[float]] = None  # per source layer (None: cfg.l0 each)
         self.register_buffer("x_scale", torch.ones(len(layers)))
         self.register_buffer("y_scale", torch.ones(len(layers)))
 
@@ -256,6 +257,11 @@ class TranscoderParams(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, StepStats]:
         """Loss on normalised ``x, y [n_src, B, d]`` (one row per source layer)."""
+        return self.loss_and_recon(x, y)[:2]
+
+    def loss_and_recon(self, x: Tensor, y: Tensor) -> tuple[Tensor, StepStats, list[Tensor]]:
+        """(loss, stats, reconstruction of each target layer ``[B, d]`` in normalised units by
+        the full dictionary, with gradients) on normalised ``x, y [n_src, B, d]``."""
         cfg, B = self.cfg, x.shape[1]
         eps, n_src, sizes = cfg.bandwidth, len(self.layer_ids), cfg.prefixes
         base = [self.b_dec[i].expand(B, -1) for i in range(n_src)]
@@ -283,7 +289,7 @@ class TranscoderParams(nn.Module):
                 for o in range(out.shape[1]):
                     recon[k][i + o] = recon[k][i + o] + out[:, o]
             l0 = counts.sum() / B
-            sparsity = sparsity + cfg.l0_coef * (l0 / cfg.l0 - 1).square()
+            sparsity = sparsity + cfg.l0_coef * (l0 / self.l0_target(i) - 1).square()
             if cfg.freq_coef > 0:
                 sparsity = sparsity + cfg.freq_coef * (counts / B - cfg.max_freq).relu().sum()
             l0s.append(float(l0.detach()))
@@ -295,7 +301,12 @@ class TranscoderParams(nn.Module):
         err_f = [float(e.detach()) for e in errs[-1]]  # the full dictionary
         stats = StepStats(float(loss.detach()), err_f,
                           [e / max(float(v), 1e-12) for e, v in zip(err_f, var)], l0s, fired)
-        return loss, stats
+        return loss, stats, recon[-1]
+
+    def l0_target(self, i: int) -> float:
+        """The target L0 of source layer ``i`` (``cfg.l0`` unless ``l0_targets`` is set:
+        fine-tuning holds each layer's own starting L0)."""
+        return self.cfg.l0 if self.l0_targets is None else self.l0_targets[i]
 
     @torch.no_grad()
     def l0_of(self, x: Tensor) -> list[float]:
@@ -323,7 +334,7 @@ class TranscoderParams(nn.Module):
         if cfg.l0_control != "threshold":
             return
         for i, (l0, (log_t, b)) in enumerate(zip(l0s, levels_before)):
-            step = cfg.l0_gain * math.log(min(max((l0 + 1e-3) / cfg.l0, 0.5), 2.0))
+            step = cfg.l0_gain * math.log(min(max((l0 + 1e-3) / self.l0_target(i), 0.5), 2.0))
             self.log_threshold[i].sub_(float(self.log_threshold[i].mean()) - log_t)
             if log_t + min(step, 0.0) < math.log(THRESHOLD_FLOOR):
                 # thresholds at the floor: the bias level is the controller's too, and moves
