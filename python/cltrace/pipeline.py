@@ -60,12 +60,19 @@ class TraceSettings:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """One prompt to trace: its text, graph name, explicit targets and chat wrapping."""
+    """One prompt to trace: its text, graph name, explicit targets and chat wrapping, or a
+    conversation (``messages``, which then replaces ``prompt`` and ``chat``; ``prompt`` holds
+    its last user message, for tables). ``label`` and ``pair`` are carried for the commands
+    that compare groups of prompts (a class name; an id shared by the prompts of a matched
+    pair); tracing ignores them."""
 
     prompt: str
     slug: str
     targets: tuple = ()  # tokens and (a, b) logit differences; empty: the salient logits
     chat: bool = False
+    messages: tuple = ()  # ((role, content), ...) checked by cltrace.models.conversation.check_messages
+    label: Optional[str] = None
+    pair: Optional[str] = None
 
 
 @dataclass
@@ -127,7 +134,7 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         raise UsageError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
-    prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat)
+    prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
     say("attributing ...")
     graph = attribute(ids, rm, **dataclasses.asdict(settings.attribution), prompt_text=prompt,
                       targets=list(spec.targets) or None, verbose=verbose, timings=times)

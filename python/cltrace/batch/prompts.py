@@ -1,5 +1,18 @@
-"""The prompts of a batch: a text file (one prompt per line) or JSONL
-(``prompt``, optional ``slug``, ``target``, ``target_diff``, ``chat``)."""
+"""The prompts of a batch (and of ``cltrace steer --prompts``): a text file (one prompt per
+line) or JSONL, one object a line with these columns (any other is an error naming it):
+
+  prompt       the prompt text; or
+  messages     a conversation instead: [{"role": "system"|"user"|"model"|"assistant",
+               "content": ...}, ...] (:mod:`cltrace.models.conversation`; a last model message
+               is a prefill). Exactly one of prompt and messages.
+  slug         the graph's name (default: from the prompt, or the conversation's last user turn)
+  target       a token or a list of tokens to attribute
+  target_diff  [A, B] or a list of such pairs: logit differences to attribute
+  chat         true: wrap the prompt in Gemma's chat turn (ignored with messages)
+  label        a string: the prompt's class (e.g. "harmful"), for commands comparing groups
+  pair         a string or int: an id shared by the prompts of a matched pair
+
+``label`` and ``pair`` are carried in :class:`~cltrace.pipeline.PromptSpec`; tracing ignores them."""
 from __future__ import annotations
 
 import json
@@ -7,6 +20,8 @@ from pathlib import Path
 
 from ..pipeline import PromptSpec, check_slug, slugify
 from ..errors import UsageError
+
+COLUMNS = ("prompt", "messages", "slug", "target", "target_diff", "chat", "label", "pair")
 
 
 def _targets(obj: dict, where: str) -> tuple:
@@ -42,32 +57,23 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
         raise UsageError(f"PROMPTS {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     jsonl = path.suffix in (".jsonl", ".ndjson") or (lines and lines[0][1].lstrip().startswith("{"))
-    rows = []  # (prompt, slug or None, targets, chat)
+    rows = []  # (PromptSpec fields: prompt, slug or None, targets, chat, messages, label, pair)
     for n, line in lines:
         if not jsonl:
-            rows.append((line, None, (), chat))
+            rows.append((line, None, (), chat, (), None, None))
             continue
-        where = f"PROMPTS {path} line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise UsageError(f"{where}: expected an object with a string 'prompt'")
-        slug = obj.get("slug")
-        if slug is not None:
-            check_slug(slug if isinstance(slug, str) else "", f"{where}: slug")
-        rows.append((obj["prompt"], slug, _targets(obj, where), bool(obj.get("chat", chat))))
+        rows.append(_row(line, f"PROMPTS {path} line {n}", chat))
     if not rows:
         raise UsageError(f"PROMPTS {path}: no prompts in the file")
     taken = set()
-    for n, (_, slug, _, _) in zip([n for n, _ in lines], rows):
+    for n, row in zip([n for n, _ in lines], rows):
+        slug = row[1]
         if slug is not None:
             if slug in taken:
                 raise UsageError(f"PROMPTS {path} line {n}: slug {slug!r} used twice")
             taken.add(slug)
     specs = []
-    for prompt, slug, targets, is_chat in rows:
+    for prompt, slug, *rest in rows:
         if slug is None:
             base = slugify(prompt)
             slug, k = base, 1
@@ -75,5 +81,42 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
                 k += 1
                 slug = f"{base}-{k}"
             taken.add(slug)
-        specs.append(PromptSpec(prompt, slug, targets, is_chat))
+        specs.append(PromptSpec(prompt, slug, *rest))
     return specs
+
+
+def _row(line: str, where: str, chat: bool) -> tuple:
+    """One JSONL line's PromptSpec fields (slug None when not given), checked."""
+    from ..models.conversation import check_messages, messages_title
+
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected an object with a string 'prompt' or a 'messages' list")
+    unknown = [k for k in obj if k not in COLUMNS]
+    if unknown:
+        raise UsageError(f"{where}: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
+    if "prompt" in obj and "messages" in obj:
+        raise UsageError(f"{where}: give 'prompt' or 'messages', not both")
+    if "prompt" not in obj and "messages" not in obj:
+        raise UsageError(f"{where}: expected an object with a string 'prompt' or a 'messages' list")
+    messages = ()
+    if "messages" in obj:
+        messages = check_messages(obj["messages"], f"{where}: messages")
+        prompt = messages_title(messages)
+    elif isinstance(obj["prompt"], str):
+        prompt = obj["prompt"]
+    else:
+        raise UsageError(f"{where}: expected an object with a string 'prompt'")
+    slug = obj.get("slug")
+    if slug is not None:
+        check_slug(slug if isinstance(slug, str) else "", f"{where}: slug")
+    label, pair = obj.get("label"), obj.get("pair")
+    if label is not None and not isinstance(label, str):
+        raise UsageError(f"{where}: 'label' must be a string")
+    if pair is not None and (isinstance(pair, bool) or not isinstance(pair, (str, int))):
+        raise UsageError(f"{where}: 'pair' must be a string or an int")
+    return (prompt, slug, _targets(obj, where), bool(obj.get("chat", chat)), messages, label,
+            None if pair is None else str(pair))

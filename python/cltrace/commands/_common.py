@@ -57,8 +57,9 @@ def _skip_positions(text: str):
     return n
 
 
-def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    """PROMPT or --prompt-file, and --chat: what :func:`read_prompt` and :func:`cltrace.models.prompt_tokens` read."""
+def add_prompt_arguments(p: argparse.ArgumentParser, messages: bool = False) -> None:
+    """PROMPT or --prompt-file, --chat, and with ``messages`` --messages FILE: what
+    :func:`read_prompt_or_messages` and :func:`cltrace.models.prompt_tokens` read."""
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the prompt text (or use --prompt-file)")
     p.add_argument("--prompt-file", metavar="PATH", default=None,
@@ -66,6 +67,12 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                         "longer than a command-line argument allows")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in Gemma's chat turn (for -it models; works on base models too)")
+    if not messages:
+        return
+    p.add_argument("--messages", metavar="FILE", default=None,
+                   help="a conversation instead of PROMPT: a JSON list of {\"role\": system|user|"
+                        "model|assistant, \"content\": ...} (or an object with 'messages'); a last "
+                        "model message is a prefill the model continues")
 
 
 def text_problem(data: bytes, whole: bool = True) -> str | None:
@@ -97,10 +104,45 @@ def read_text_file(path: Path, flag: str) -> str:
     return raw.decode("utf-8")
 
 
+def read_messages_file(path: str | Path, flag: str = "--messages") -> tuple:
+    """The checked conversation of a file: a JSON list of messages, or a JSON object (one JSONL
+    line of a prompts file) with a ``messages`` list
+    (:func:`cltrace.models.conversation.check_messages`)."""
+    import json
+
+    from ..models.conversation import check_messages
+
+    text = read_text_file(Path(path), flag)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):
+        if "messages" not in data:
+            raise UsageError(f"{flag} {path}: an object without 'messages'")
+        data = data["messages"]
+    return check_messages(data, f"{flag} {path}")
+
+
+def read_prompt_or_messages(args: argparse.Namespace) -> tuple[str, tuple]:
+    """(prompt text, conversation): from --messages FILE, (its last user message, the checked
+    messages); else (:func:`read_prompt`, ())."""
+    if getattr(args, "messages", None) is None:
+        return read_prompt(args), ()
+    if args.prompt is not None or args.prompt_file is not None:
+        raise UsageError("give PROMPT, --prompt-file or --messages (one of them)")
+    from ..models.conversation import messages_title
+
+    messages = read_messages_file(args.messages)
+    return messages_title(messages), messages
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from PROMPT or --prompt-file (exactly one), checked non-empty."""
     if (args.prompt is None) == (args.prompt_file is None):
-        raise UsageError("give the prompt either as PROMPT or with --prompt-file PATH (one of them)")
+        also = ", or a conversation with --messages FILE" if hasattr(args, "messages") else ""
+        raise UsageError("give the prompt either as PROMPT or with --prompt-file PATH (one of "
+                         f"them){also}")
     if args.prompt_file is None:
         text = args.prompt
     elif args.prompt_file == "-":

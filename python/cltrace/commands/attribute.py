@@ -46,11 +46,15 @@ Examples:
   cltrace attribute "The capital of France is" --qk      # + which heads carried each link, and why
   cltrace attribute "How do I pick a lock?" --model google/gemma-3-270m-it --chat \\
       --transcoders google/gemma-scope-2-270m-it/transcoder_all/width_16k_l0_small
+  cltrace attribute --messages chat.json --model google/gemma-3-270m-it --transcoders ...
+      (chat.json: [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+       {"role": "model", "content": "Sure, here is"}]: a conversation, the last model turn a
+       prefill; nodes on every position after the first turn's <bos><start_of_turn>user\\n)
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_prompt_arguments(p)
+    add_prompt_arguments(p, messages=True)
     add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
@@ -104,12 +108,12 @@ def _peak_memory_gib(device) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ._common import (check_features_dir, check_output_dir, feature_pages, load_replacement,
-                          messenger, read_prompt)
+                          messenger, read_prompt_or_messages)
 
     from ..pipeline import PromptSpec, check_slug, slugify, trace_prompt
 
     settings = trace_settings(args)
-    text = read_prompt(args)
+    text, messages = read_prompt_or_messages(args)
     out = check_output_dir(args.out)
     slug = check_slug(args.slug or slugify(text))
     check_features_dir(args.features)
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if pages is not None:
         times["pages"] = time.perf_counter() - t0
     targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)
-    record = trace_prompt(rm, loaded.tokenizer, PromptSpec(text, slug, targets, args.chat), settings,
+    record = trace_prompt(rm, loaded.tokenizer, PromptSpec(text, slug, targets, args.chat, messages), settings,
                           out, verbose=not args.quiet, times=times, pages=pages, say=say)
     for w in record.warnings:
         say(f"warning: {w}")

@@ -15,7 +15,10 @@ DESCRIPTION = """\
 Trace every prompt of PROMPTS as 'cltrace attribute' would, with worker processes that each
 load the model and transcoders once. PROMPTS is a text file (one prompt a line) or JSONL, one
 object a line: {"prompt": ..., "slug": ..., "target": " Paris" or [...],
-"target_diff": [" France", " Spain"], "chat": true}.
+"target_diff": [" France", " Spain"], "chat": true}; "messages": [{"role": "system"|"user"|
+"model"|"assistant", "content": ...}, ...] instead of "prompt" traces a conversation (a last
+model message is a prefill); "label" (a string) and "pair" (an id) are carried for the
+commands that compare groups, and ignored here. Any other column is an error.
 
 Written to --out (a folder, or an fsspec URL such as s3://bucket/run, gs://..., memory://):
   {slug}.json ...        each prompt's outputs (--format, default json), written whole or not at all

@@ -34,6 +34,22 @@ activation at that SAE's site by (new - old activation) x W_dec[F]: +4 adds 4 x 
 =4 clamps the latent at 4 (adds (4 - a) x W_dec[F], a from encoding the site), *2 doubles it.
 The SAE's reconstruction error stays; everything downstream is the real model.
 
+A set of prompts (the causal test of an intervention on a behaviour): --prompts SET (the
+batch format: text lines, or JSONL with "prompt" or "messages", "slug", ...) and --metric M,
+measured on each prompt before and after the interventions:
+  logit-diff:"A","B"   logit of token A minus token B at the last position (one token each)
+  logprob:"TEXT"       log-probability of the continuation TEXT given the prompt (teacher-forced)
+  match:REGEX          1 if the generated text (--max-new-tokens) matches REGEX, else 0: the
+                       mean is the fraction of generations that match (e.g. a refusal phrase)
+It prints each prompt's metric before and after, the mean change with a 95% percentile
+bootstrap interval (--resamples, seeded by --seed) and a two-sided paired sign-flip test
+(exact over all 2^n sign flips up to 12 prompts), and --out FILE.json/.jsonl writes them. A
+plain loop in this process (no Ray). --mode frozen measures logit-diff only.
+
+A conversation instead of PROMPT: --messages FILE, a JSON list of {"role", "content"}
+messages (system, user, model/assistant; a last model message is a prefill); in a SET, a
+"messages" column.
+
 With no --transcoders (and no --sae), the starter set of `cltrace attribute` is used (small transcoders that
 cltrace trains on the first run and caches; see `cltrace attribute --help`).
 
@@ -43,6 +59,8 @@ Examples:
       --max-new-tokens 30 --steer-generated
   cltrace steer "Fact: Paris is in" --feature 5:42=0 --mode frozen --max-new-tokens 0
   cltrace steer "The weather today is" --sae sae/ --feature 6:123+40 --steer-generated
+  cltrace steer --prompts capitals.jsonl --feature '8:1234*0' --metric 'logit-diff:" Paris"," London"'
+  cltrace steer --prompts harmful.jsonl --feature 6:77+8 --metric 'match:(?i)I cannot' --out r.json
 """
 
 _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*([^=*+\s]*))?\s*([=*+])\s*(\S.*?)\s*$")
@@ -85,7 +103,7 @@ def parse_feature(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_prompt_arguments(p)
+    add_prompt_arguments(p, messages=True)
     p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
                    required=True, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given)")
@@ -106,7 +124,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer-generated", action="store_true",
                    help="apply the interventions to generated tokens too (POS resolved against "
                         "the growing text: no @POS or an open slice covers new tokens)")
+    g = p.add_argument_group("a set of prompts (the causal test; see above)")
+    g.add_argument("--prompts", metavar="SET", default=None,
+                   help="a prompts file (batch format: text lines or JSONL with prompt or messages)")
+    g.add_argument("--metric", metavar="M", default=None, type=_metric,
+                   help='logit-diff:"A","B", logprob:"CONTINUATION" or match:REGEX')
+    g.add_argument("--out", metavar="FILE", default=None,
+                   help="write each prompt's metric and the summary to FILE (.json or .jsonl)")
+    g.add_argument("--resamples", type=int, default=10_000, metavar="B",
+                   help="bootstrap resamples (and random sign flips above 12 prompts; default "
+                        "10000), seeded by --seed")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def _metric(text: str):
+    from ..steering.metrics import parse_metric
+
+    try:
+        return parse_metric(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--metric {text!r}: ")) from None
 
 
 def top_table(before, after, decode, k: int) -> list[str]:
@@ -129,9 +166,13 @@ def top_table(before, after, decode, k: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..steering import generate, intervene
     from ..models import prompt_tokens
-    from ._common import load_replacement, messenger, read_prompt
+    from ._common import load_replacement, messenger, read_prompt_or_messages
 
-    text = read_prompt(args)
+    if args.prompts is not None or args.metric is not None:
+        return run_set(args)
+    if args.out is not None:
+        raise UsageError("--out writes the results of --prompts SET --metric M")
+    text, messages = read_prompt_or_messages(args)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 0:
@@ -140,12 +181,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--freeze-features needs --mode frozen")
     say = messenger(args.quiet)
     if args.sae is not None:
-        return run_sae(args, text, say)
+        return run_sae(args, text, say, messages)
 
     loaded, rm = load_replacement(args, say)
     transcoders = rm.transcoders
     tok = loaded.tokenizer
-    prompt, ids = prompt_tokens(tok, text, args.chat)
+    prompt, ids = prompt_tokens(tok, text, args.chat, messages)
 
     state = rm.run(ids)
     res = intervene(rm, None, args.features, mode=args.mode, freeze_features=args.freeze_features,
@@ -172,27 +213,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sae(args: argparse.Namespace, text: str, say) -> int:
+def run_sae(args: argparse.Namespace, text: str, say, messages=()) -> int:
     """``--sae SET``: steer with SAE latents in the real model (free mode), same output."""
-    from ..models import load_model, prompt_tokens
-    from ..steering import SaeSteering, generate
-    from ..steering.sae import check_latents, check_sae_set
-    from ..transcoders import load_transcoders
+    from ..models import prompt_tokens
+    from ..steering import generate
 
-    if args.transcoders is not None:
-        raise UsageError("give --sae or --transcoders, not both")
-    if args.mode != "free":
-        raise UsageError("--sae steers the real model: --mode frozen needs transcoders")
-    say(f"loading SAEs {args.sae} ...")
-    saes = load_transcoders(args.sae)
-    check_sae_set(saes, args.sae)
-    check_latents(args.features, saes, args.sae)
-    say(f"loading model {args.model} ...")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    st = SaeSteering(loaded.model, saes, tokenizer=loaded.tokenizer, model_name=loaded.name,
-                     skip_positions=args.skip_positions)
-    tok = loaded.tokenizer
-    prompt, ids = prompt_tokens(tok, text, args.chat)
+    st, saes = load_sae_steering(args, say)
+    tok = st.tokenizer
+    prompt, ids = prompt_tokens(tok, text, args.chat, messages)
     tokens = st.tokenize(ids)
     ivs = st.check(args.features, tokens)  # positions against the prompt, before any pass
     clean, steered = st.logits(tokens), st.logits(tokens, ivs)  # [n_pos, vocab] each
@@ -214,4 +242,84 @@ def run_sae(args: argparse.Namespace, text: str, say) -> int:
         print(f"generated after:  {after.text!r}")
     if saes.info.get("synthetic"):
         print("note: SYNTHETIC SAEs (not trained): their latents have no learned meaning")
+    return 0
+
+
+def load_sae_steering(args: argparse.Namespace, say):
+    """(SaeSteering, SAE set) of --sae SET on --model, checked (SAEs and latents before the
+    model loads)."""
+    from ..models import load_model
+    from ..steering import SaeSteering
+    from ..steering.sae import check_latents, check_sae_set
+    from ..transcoders import load_transcoders
+
+    if args.transcoders is not None:
+        raise UsageError("give --sae or --transcoders, not both")
+    if args.mode != "free":
+        raise UsageError("--sae steers the real model: --mode frozen needs transcoders")
+    say(f"loading SAEs {args.sae} ...")
+    saes = load_transcoders(args.sae)
+    check_sae_set(saes, args.sae)
+    check_latents(args.features, saes, args.sae)
+    say(f"loading model {args.model} ...")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    st = SaeSteering(loaded.model, saes, tokenizer=loaded.tokenizer, model_name=loaded.name,
+                     skip_positions=args.skip_positions)
+    return st, saes
+
+
+def run_set(args: argparse.Namespace) -> int:
+    """``--prompts SET --metric M``: the metric before and after on every prompt, the mean
+    change with its bootstrap interval and the paired sign-flip test
+    (:func:`cltrace.steering.prompt_set.run_set`)."""
+    from pathlib import Path
+
+    from ..batch.prompts import read_prompts
+    from ..steering.prompt_set import run_set as measure_set, write_result
+    from ._common import load_replacement, messenger
+
+    if args.prompts is None or args.metric is None:
+        raise UsageError("a prompt set needs both --prompts SET and --metric M")
+    if args.prompt is not None or args.prompt_file is not None or args.messages is not None:
+        raise UsageError("give PROMPT (or --prompt-file, --messages) or --prompts SET, not both")
+    if args.out is not None and Path(args.out).suffix not in (".json", ".jsonl"):
+        raise UsageError(f"--out {args.out}: name a .json or .jsonl file")
+    if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out}: its folder does not exist")
+    if args.resamples < 1:
+        raise UsageError(f"--resamples must be >= 1, got {args.resamples}")
+    if args.max_new_tokens < 1 and args.metric.generates:
+        raise UsageError("match:REGEX reads generated text: --max-new-tokens must be >= 1")
+    if args.freeze_features and args.mode != "frozen":
+        raise UsageError("--freeze-features needs --mode frozen")
+    if args.mode == "frozen" and args.metric.kind != "logit-diff":
+        raise UsageError("--mode frozen measures logit-diff only")
+    specs = read_prompts(args.prompts, chat=args.chat)
+    say = messenger(args.quiet)
+    if args.sae is not None:
+        rm, dictionaries = load_sae_steering(args, say)
+    else:
+        _, rm = load_replacement(args, say)
+        dictionaries = rm.transcoders
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    res = measure_set(rm, rm.tokenizer, specs, args.metric, args.features, mode=args.mode,
+                      freeze_features=args.freeze_features, steer_generated=args.steer_generated,
+                      generation=gen, n_resamples=args.resamples, seed=args.seed, say=say)
+    print(f"metric {args.metric.text} ({args.mode} mode), interventions: "
+          + ", ".join(res.interventions))
+    width = max(len(r.slug) for r in res.rows)
+    print(f"{'prompt':<{width}}  {'before':>10}  {'after':>10}  {'change':>10}")
+    for r in res.rows:
+        print(f"{r.slug:<{width}}  {r.before:>10.4f}  {r.after:>10.4f}  {r.after - r.before:>+10.4f}")
+    sm = res.summary
+    print(f"mean over {sm.n} prompts: {sm.mean_before:.4f} -> {sm.mean_after:.4f}, change "
+          f"{sm.mean_change:+.4f}, {sm.level:.0%} bootstrap interval [{sm.ci_low:+.4f}, "
+          f"{sm.ci_high:+.4f}] ({sm.n_resamples} resamples, seed {sm.seed})")
+    how = f"exact, all 2^{sm.n} sign flips" if sm.p_exact else f"{sm.n_resamples} random sign flips"
+    print(f"paired sign-flip test of no change: p = {sm.p_value:.4g} ({how}, two-sided)")
+    if args.out is not None:
+        write_result(res, args.out)
+        print(f"wrote {args.out}")
+    if dictionaries.info.get("synthetic"):
+        print("note: SYNTHETIC dictionaries (not trained): their features have no learned meaning")
     return 0
