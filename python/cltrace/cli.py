@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .errors import UsageError
 
-COMMANDS = ["attribute", "batch", "steer", "features", "serve", "inspect", "train", "eval", "lens"]  # modules of cltrace.commands, in --help order
+COMMANDS = ["attribute", "batch", "contrast", "steer", "features", "serve", "inspect", "train", "eval", "lens"]  # modules of cltrace.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

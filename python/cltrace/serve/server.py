@@ -9,6 +9,9 @@ Routes (all answered from this machine; the page makes no request to another hos
   GET  /lens.html              the lens page: a ``cltrace lens --json`` file as a token x layer
                               grid whose cells open the feature card
   GET  /api/lenses            the lens JSONs in DIR and its sub-folders (1 level)
+  GET  /contrast.html         the contrast page: a ``cltrace contrast`` report (plots, ranked
+                              table, feature cards, links to the sets' common circuits)
+  GET  /api/contrasts         the contrast reports in DIR and its sub-folders (1 level)
   GET  /api/model             whether experiments are available (model loaded) and its sizes
   GET  /data/<path>           a file inside DIR (graphs, feature pages); ``..``, absolute
                               paths and symlinks leading out of DIR get 404
@@ -44,8 +47,9 @@ DATA_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "ima
               ".dot": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 MAX_BODY = 1 << 20  # save/intervene requests are small
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-ASSETS = ("viewer.js", "panels.js", "viewer.css", "lens.js")  # what index.html and lens.html load
+ASSETS = ("viewer.js", "panels.js", "viewer.css", "lens.js", "contrast.js")  # what the pages load
 LENS_HEAD = b'{"format":"cltrace.lens/'  # how a lens JSON (cltrace lens --json) starts
+CONTRAST_HEAD = b'{"format":"cltrace.contrast/'  # how a contrast report (cltrace contrast) starts
 
 
 def asset(name: str) -> bytes:
@@ -77,7 +81,7 @@ def _peek_is_graph(path: Path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    return not head.startswith(LENS_HEAD) and (b'"nodes"' in head or b'"metadata"' in head)
+    return not head.startswith((LENS_HEAD, CONTRAST_HEAD)) and (b'"nodes"' in head or b'"metadata"' in head)
 
 
 def list_graphs(root: Path) -> list[dict]:
@@ -109,8 +113,9 @@ def list_graphs(root: Path) -> list[dict]:
     return out
 
 
-def list_lenses(root: Path) -> list[dict]:
-    """``{path}`` of every lens JSON (``cltrace lens --json``) in ``root`` and its sub-folders."""
+def list_lenses(root: Path, head_: bytes = LENS_HEAD) -> list[dict]:
+    """``{path}`` of every lens JSON (``cltrace lens --json``) in ``root`` and its sub-folders
+    (``head_``: of every JSON starting so)."""
     out = []
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     for folder in folders:
@@ -119,12 +124,17 @@ def list_lenses(root: Path) -> list[dict]:
                 continue
             try:
                 with open(f, "rb") as fh:
-                    head = fh.read(len(LENS_HEAD))
+                    head = fh.read(len(head_))
             except OSError:
                 continue
-            if head == LENS_HEAD:
+            if head == head_:
                 out.append({"path": f.relative_to(root).as_posix()})
     return out
+
+
+def list_contrasts(root: Path) -> list[dict]:
+    """``{path}`` of every contrast report (``cltrace contrast``) in ``root`` and its sub-folders."""
+    return list_lenses(root, CONTRAST_HEAD)
 
 
 def save_qparams(root: Path, rel: str, qparams: dict) -> dict:
@@ -227,8 +237,8 @@ class Handler(BaseHTTPRequestHandler):
         root: Path = self.server.root
         if url in ("/", "/index.html"):
             return self._send(200, asset("index.html"), ASSET_TYPES[".html"])
-        if url == "/lens.html":
-            return self._send(200, asset("lens.html"), ASSET_TYPES[".html"])
+        if url in ("/lens.html", "/contrast.html"):
+            return self._send(200, asset(url[1:]), ASSET_TYPES[".html"])
         if url.startswith("/assets/"):
             name = url[len("/assets/"):]
             if name in ASSETS:
@@ -238,6 +248,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json({"graphs": list_graphs(root)})
         if url == "/api/lenses":
             return self._json({"lenses": list_lenses(root)})
+        if url == "/api/contrasts":
+            return self._json({"contrasts": list_contrasts(root)})
         if url == "/api/model":
             ex = self.server.experiments
             return self._json(ex.info() if ex is not None else {"available": False})

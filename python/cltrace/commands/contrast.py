@@ -1,0 +1,165 @@
+"""``cltrace contrast A B --out DIR``: the features that tell two sets of prompts apart."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+
+from ._common import add_features_argument, add_replacement_arguments
+from .attribute import add_trace_arguments, trace_settings
+from ..errors import UsageError
+
+NAME = "contrast"
+HELP = "trace two sets of prompts and rank the features that differ between them"
+DESCRIPTION = """\
+Trace the prompts of two sets as 'cltrace batch' does (worker processes or --ray; resumable;
+bad prompts recorded), then for every feature kept in at least --min-count pruned graphs:
+per set the mean of its activation (largest over its kept positions, 0 where the pruned graph
+drops it) and of its influence on the prompt's targets, the share of graphs that keep it;
+between the sets the difference of means, Hedges' g, a two-sided permutation p-value
+(--permutations relabellings, exact when there are fewer) and a Benjamini-Hochberg q-value.
+
+The sets: two files A and B (text, one prompt a line, or the JSONL of 'cltrace batch': prompt,
+slug, target, target_diff, chat), named by their file names (--names to rename them), or one
+JSONL whose 'label' column takes two values. Graphs are written as {set}-{slug}.json.
+
+Written to --out DIR:
+  contrast.json          the features ranked by the q-value of --by (activation or influence)
+  common-{set}.json      each set's common circuit: the nodes and edges in at least
+                         --min-share of its graphs (positions counted from the end), one graph
+  {set}-{slug}.json ...  the prompts' graphs, features/, manifest.jsonl (as cltrace batch)
+Open the report with 'cltrace serve DIR' and the page /contrast.html.
+
+Exit status: 0, 3 some prompts failed (the report is written from the others), 2 bad input
+(an unknown column, a set too small for the test: before any tracing), 130 interrupted (rerun
+to resume).
+
+Examples:
+  cltrace contrast opposites.jsonl synonyms.jsonl --out runs/opp-syn --workers 2
+  cltrace contrast tense.jsonl --out runs/tense --by influence
+  cltrace contrast --report runs/tense --min-share 0.75
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sets", metavar="SET", nargs="*", help="two prompt files, or one JSONL with a 'label' column")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder or fsspec URL")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="rebuild the report of DIR from its stored graphs (no tracing)")
+    p.add_argument("--names", nargs=2, metavar=("A", "B"), default=None, help="the two sets' names")
+    p.add_argument("--by", choices=("activation", "influence"), default="activation",
+                   help="the measure that ranks the features (default activation)")
+    p.add_argument("--permutations", type=int, default=10000, metavar="N",
+                   help="random relabellings of the permutation test (exact enumeration when "
+                        "there are at most N; default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the relabellings (default 0)")
+    p.add_argument("--alpha", type=float, default=0.05, help="q-value called significant (default 0.05)")
+    p.add_argument("--min-count", type=int, default=2, metavar="K",
+                   help="test the features kept in at least K graphs of the two sets (default 2)")
+    p.add_argument("--min-share", type=float, default=0.5, metavar="S",
+                   help="common circuit: nodes and edges in at least this share of a set's graphs (default 0.5)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="as cltrace batch")
+    p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS", help="as cltrace batch")
+    p.add_argument("--threads", type=int, default=0, metavar="T", help="as cltrace batch")
+    p.add_argument("--chat", action="store_true", help="wrap every prompt in Gemma's chat turn")
+    add_replacement_arguments(p)
+    add_trace_arguments(p, formats="json")
+    add_features_argument(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _settings(args):
+    from ..contrast import ContrastSettings
+
+    if args.permutations < 1:
+        raise UsageError(f"--permutations must be >= 1, got {args.permutations}")
+    if not 0 < args.alpha < 1 or not 0 < args.min_share <= 1:
+        raise UsageError("--alpha must be in (0, 1) and --min-share in (0, 1]")
+    return ContrastSettings(by=args.by, n_perm=args.permutations, seed=args.seed,
+                            min_count=args.min_count, alpha=args.alpha)
+
+
+def read_sets(args) -> tuple[list[str], list[list]]:
+    """(the two names, each set's PromptSpecs with set-prefixed slugs), checked before tracing."""
+    from pathlib import Path
+
+    from ..batch.prompts import read_prompts
+    from ..contrast.sets import check_sizes, labels_of, read_rows, set_prefix
+
+    if len(args.sets) not in (1, 2):
+        raise UsageError(f"give two prompt files, or one JSONL with a 'label' column (got {len(args.sets)})")
+    rows = [read_rows(f) for f in args.sets]
+    specs = [read_prompts(f, chat=args.chat) for f in args.sets]  # (the rows' order: non-blank lines)
+    if len(args.sets) == 2:
+        names = [Path(f).stem for f in args.sets]
+        sets = specs
+    else:
+        names, member = labels_of(args.sets[0], rows[0])
+        sets = [[s for s, m in zip(specs[0], member) if m == i] for i in range(2)]
+    names = list(args.names) if args.names else names
+    if set_prefix(names[0]) == set_prefix(names[1]):
+        raise UsageError(f"the two sets need different names (got {names[0]!r} and {names[1]!r}): use --names A B")
+    check_sizes(names, [len(s) for s in sets], args.permutations, args.alpha)
+    return names, [[dataclasses.replace(s, slug=f"{set_prefix(n)}-{s.slug}") for s in ss]
+                   for n, ss in zip(names, sets)]
+
+
+def _print(report: dict, location: str) -> None:
+    a, b = (s["name"] for s in report["sets"])
+    by = report["settings"]["by"]
+    print(f"{a} ({len(report['sets'][0]['prompts'])} prompts) vs {b} ({len(report['sets'][1]['prompts'])}): "
+          f"{report['n_tested']} of {report['n_features']} features tested, {report['n_significant']} "
+          f"with q <= {report['settings']['alpha']} ({by})")
+    for r in report["features"][:10]:
+        m = r[by]
+        g = m["g"] if isinstance(m["g"], str) else f"{m['g']:.3g}"
+        print(f"  L{r['layer']} #{r['feature']}: {by} {m['mean'][0]:.3g} vs {m['mean'][1]:.3g}, g {g}, "
+              f"p {m['p']:.3g}, q {m['q']:.3g}, kept "
+              f"{r['kept_share'][0]:.0%}/{r['kept_share'][1]:.0%}  {r['label']}")
+    print(f"wrote {location}/contrast.json and {', '.join(c['graph'] for c in report['common'])} "
+          f"in {report['seconds']:.2f}s; open with: cltrace serve {location}  (page /contrast.html)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..batch.store import Store
+    from ..contrast import build_report
+
+    settings = _settings(args)
+    if args.report is not None:
+        store = Store(args.report)
+        if store.get("contrast-sets.json") is None:
+            raise UsageError(f"--report {args.report}: no contrast-sets.json (not a cltrace contrast folder)")
+        report = build_report(store, settings, args.min_share)
+        _print(report, store.location)
+        return 0
+    from ..batch.runner import run_batch
+    from ..contrast.report import SETS_FILE, sets_json
+    from ._common import check_features_dir
+    from .batch import load_for_worker
+
+    if args.out is None:
+        raise UsageError("give --out DIR (or --report DIR)")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    names, sets = read_sets(args)
+    trace = trace_settings(args)
+    check_features_dir(args.features)
+    store = Store(args.out).check_writable()
+    store.put(SETS_FILE, sets_json(names, [[s.slug for s in ss] for ss in sets]))
+    loader = functools.partial(load_for_worker, args.model, args.transcoders, args.device,
+                               args.dtype, args.skip_positions, args.features)
+    try:
+        res = run_batch(sets[0] + sets[1], store, trace, loader, workers=args.workers, ray=args.ray,
+                        threads=args.threads, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("cltrace contrast: interrupted; the prompts done are recorded, rerun to resume", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"cltrace contrast: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{res.ok} ok, {res.failed} failed, {res.skipped} skipped (done before) of {res.total} prompts "
+          f"in {res.seconds:.1f}s")
+    report = build_report(store, settings, args.min_share)
+    _print(report, store.location)
+    return 0 if res.failed == 0 else 3

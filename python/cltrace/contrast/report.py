@@ -1,0 +1,55 @@
+"""The contrast of a traced folder: ``contrast.json`` (the ranked features), the common circuit
+of each set (``common-{set}.json``, graphs the viewer opens), from the graphs and manifest of
+the batch. The folder is read through an object with ``get(name) -> bytes | None``,
+``records()`` and ``put(name, bytes)`` (:class:`cltrace.batch.store.Store`)."""
+from __future__ import annotations
+
+import json
+import time
+
+from .analyze import ContrastSettings, contrast
+from .collect import collect
+from .common import common_circuit
+from .sets import set_prefix
+
+SETS_FILE = "contrast-sets.json"  # the sets, written before tracing: the report is rebuilt from it
+REPORT = "contrast.json"
+
+
+def sets_json(names: list[str], slugs: list[list[str]]) -> bytes:
+    return (json.dumps({"format": "cltrace.contrast-sets/1",
+                        "sets": [{"name": n, "slugs": s} for n, s in zip(names, slugs)]}, indent=1) + "\n").encode()
+
+
+def build_report(store, settings: ContrastSettings = ContrastSettings(), min_share: float = 0.5) -> dict:
+    """Read the sets (``contrast-sets.json``), the manifest and the graphs of ``store``; write
+    ``contrast.json`` and ``common-{set}.json``; return the report (its ``seconds``: the time
+    taken)."""
+    t0 = time.perf_counter()
+    spec = json.loads(store.get(SETS_FILE))
+    names = [s["name"] for s in spec["sets"]]
+    records: dict = {}
+    for r in store.records():
+        records[r["slug"]] = r  # the last record of each slug
+    ok = {s for s, r in records.items() if r.get("status") == "ok"}
+    prompts = [(slug, i) for i, s in enumerate(spec["sets"]) for slug in s["slugs"] if slug in ok]
+
+    def graph(slug: str):
+        raw = store.get(f"{slug}.json")
+        return json.loads(raw) if raw else None
+
+    table = collect(prompts, records, graph)
+    report = contrast(table, (names[0], names[1]), settings)
+    report["failed"] = [{"slug": slug, "set": names[i], "error": records.get(slug, {}).get("error", "not traced")}
+                        for i, s in enumerate(spec["sets"]) for slug in s["slugs"] if slug not in ok]
+    report["common"] = []
+    for i, s in enumerate(spec["sets"]):
+        name = f"common-{set_prefix(names[i])}"
+        g = common_circuit((x for x in (graph(slug) for slug in s["slugs"] if slug in ok) if x), name, min_share)
+        if g is not None:
+            store.put(f"{name}.json", json.dumps(g).encode())
+            report["common"].append({"set": names[i], "graph": f"{name}.json", "nodes": len(g["nodes"]),
+                                     "links": len(g["links"]), "min_share": min_share})
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    store.put(REPORT, (json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n").encode())
+    return report

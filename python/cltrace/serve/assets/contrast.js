@@ -1,0 +1,107 @@
+// cltrace contrast page: the JSON of `cltrace contrast` (format cltrace.contrast/1) as plots
+// (effect size against -log10 p; the top features' means in each set) and the ranked table;
+// a feature opens the viewer's feature card (panels.js's fillFeature).
+// Written for cltrace; plain JavaScript + SVG, no third-party code, no request off this machine.
+"use strict";
+(function () {
+  const S = window.cltrace, { el, $, fmt } = S;
+  const C = { data: null, path: null, selected: null };
+  const COLORS = ["#3b6fb6", "#d1762a"];  // set A, set B
+  const num = (x) => (x === "inf" ? Infinity : x === "-inf" ? -Infinity : Number(x));
+  const fmtG = (x) => (typeof x === "string" ? (x.startsWith("-") ? "−∞" : "∞") : fmt(x, 2));
+  const fmtP = (x) => (x < 1e-3 ? Number(x).toExponential(1) : fmt(x, 3));
+  function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
+
+  function volcano(d) {  // x: Hedges' g (clipped to ±G), y: -log10 p
+    const by = d.settings.by, W = 420, H = 260, M = 36, rows = d.features;
+    const gs = rows.map((r) => num(r[by].g)), G = Math.max(1, ...gs.filter(Number.isFinite).map(Math.abs).map((v) => Math.min(v, 20)));
+    const ys = rows.map((r) => -Math.log10(Math.max(r[by].p, 1e-12))), Y = Math.max(1, ...ys);
+    const X = (g) => M + ((Math.max(-G, Math.min(G, g)) + G) / (2 * G)) * (W - 2 * M), Yp = (y) => H - M - (y / Y) * (H - 2 * M);
+    const svg = el("svg", { id: "volcano", width: W, height: H, role: "img", "aria-label": `effect size against -log10 p (${by})` });
+    svg.append(el("line", { x1: M, y1: H - M, x2: W - M, y2: H - M, stroke: "#888" }), el("line", { x1: X(0), y1: M / 2, x2: X(0), y2: H - M, stroke: "#ccc" }),
+      el("text", { x: W / 2, y: H - 6, "text-anchor": "middle", "font-size": 11, text: `Hedges' g of ${by} (${d.sets[0].name} − ${d.sets[1].name})` }),
+      el("text", { x: 10, y: M / 2 + 4, "font-size": 11, text: "−log10 p" }));
+    rows.forEach((r, i) => {
+      const c = el("circle", { class: "dot", cx: X(gs[i]).toFixed(1), cy: Yp(ys[i]).toFixed(1), r: r.significant ? 4 : 2.5,
+        fill: r.significant ? COLORS[gs[i] > 0 ? 0 : 1] : "#aaa", "fill-opacity": 0.8, on: { click: () => openFeature(r) } });
+      c.append(el("title", { text: `L${r.layer} #${r.feature} ${r.label}\ng ${fmtG(r[by].g)}, p ${fmtP(r[by].p)}, q ${fmtP(r[by].q)}` }));
+      svg.append(c);
+    });
+    return el("figure", {}, svg, el("figcaption", { class: "muted", text: "each dot a feature; coloured: q ≤ α" }));
+  }
+
+  function bars(d, k = 12) {  // the top k features: mean of `by` in each set
+    const by = d.settings.by, rows = d.features.slice(0, k), W = 420, rowH = 18, M = 120, H = rows.length * rowH + 30;
+    const vmax = Math.max(1e-12, ...rows.flatMap((r) => r[by].mean.map(Math.abs)));
+    const svg = el("svg", { id: "top-bars", width: W, height: H, role: "img", "aria-label": `mean ${by} per set, top features` });
+    rows.forEach((r, i) => {
+      const y = 4 + i * rowH;
+      svg.append(el("text", { x: M - 6, y: y + 12, "text-anchor": "end", "font-size": 11, text: `L${r.layer} #${r.feature}` }));
+      r[by].mean.forEach((v, s) => svg.append(el("rect", { class: "bar", x: M, y: y + s * 8, height: 7,
+        width: Math.max(0.5, (Math.abs(v) / vmax) * (W - M - 10)).toFixed(1), fill: COLORS[s] },
+        el("title", { text: `${d.sets[s].name}: ${fmt(v, 4)}` }))));
+    });
+    d.sets.forEach((s, i) => svg.append(el("rect", { x: M + i * 140, y: H - 14, width: 10, height: 10, fill: COLORS[i] }),
+      el("text", { x: M + 14 + i * 140, y: H - 5, "font-size": 11, text: s.name })));
+    return el("figure", {}, svg, el("figcaption", { class: "muted", text: `mean ${by} per set, top ${rows.length}` }));
+  }
+
+  function table(d) {
+    const [a, b] = d.sets.map((s) => s.name), t = el("table", { id: "contrast-table", class: "contrast" });
+    const head = ["#", "feature", "label", `act ${a}`, `act ${b}`, `infl ${a}`, `infl ${b}`, `kept ${a}`, `kept ${b}`, "g", "p", "q"];
+    t.append(el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))));
+    const by = d.settings.by, body = el("tbody", {});
+    d.features.forEach((r, i) => {
+      const link = el("a", { href: "#", text: `L${r.layer} #${r.feature}`, on: { click: (ev) => { ev.preventDefault(); openFeature(r); } } });
+      body.append(el("tr", { class: r.significant ? "sig" : "" }, el("td", { text: i + 1 }), el("td", {}, link), el("td", { text: r.label || "" }),
+        ...r.activation.mean.map((v) => el("td", { text: fmt(v, 3) })), ...r.influence.mean.map((v) => el("td", { text: fmt(v, 4) })),
+        ...r.kept_share.map((v) => el("td", { text: `${Math.round(100 * v)}%` })),
+        el("td", { text: fmtG(r[by].g) }), el("td", { text: fmtP(r[by].p) }), el("td", { text: fmtP(r[by].q), style: r.significant ? "font-weight: bold" : null })));
+    });
+    t.append(body);
+    return t;
+  }
+
+  function openFeature(r) {
+    C.selected = r;
+    S.graph = { metadata: { scan: "./features" } }; S.path = C.path;  // pages beside the report
+    $("feature-card").hidden = false;
+    S.fillFeature($("feature-body"), { feature: r.id, clerp: r.label || "", layerNum: r.layer, featIdx: r.feature }, () => C.selected === r);
+  }
+
+  function draw() {
+    const d = C.data, by = d.settings.by, dir = C.path.includes("/") ? C.path.slice(0, C.path.lastIndexOf("/") + 1) : "";
+    $("summary").textContent = `${d.sets[0].name} (${d.sets[0].prompts.length} prompts) vs ${d.sets[1].name} (${d.sets[1].prompts.length}): ` +
+      `${d.n_tested} of ${d.n_features} features tested (kept in ≥ ${d.settings.min_count} graphs), ${d.n_significant} with q ≤ ${d.settings.alpha} by ${by}; ` +
+      `${d.settings.exact ? "exact permutation test" : `${d.settings.n_perm} permutations`}` + (d.failed.length ? `; ${d.failed.length} prompts failed` : "");
+    $("plots").replaceChildren(volcano(d), bars(d));
+    $("contrast-tables").replaceChildren(table(d));
+    $("common-links").replaceChildren(...(d.common || []).map((c) => el("a", { href: `/#graph=${encodeURIComponent(dir + c.graph)}`, text: `common circuit: ${c.set}`, style: "margin-right: 8px" })));
+  }
+
+  async function open(path) {
+    document.body.dataset.ready = "0"; showError("");
+    try {
+      const r = await fetch(`/data/${path.split("/").map(encodeURIComponent).join("/")}`);
+      if (!r.ok) throw new Error(`cannot read ${path}: HTTP ${r.status}`);
+      const d = await r.json();
+      if (d.format !== "cltrace.contrast/1") throw new Error(`${path} is not a cltrace contrast JSON`);
+      C.data = d; C.path = path; draw();
+      history.replaceState(null, "", `#report=${encodeURIComponent(path)}`);
+      document.body.dataset.ready = "1";
+    } catch (e) { showError(String(e.message || e)); document.body.dataset.ready = "error"; }
+  }
+
+  async function boot() {
+    $("report-select").addEventListener("change", (ev) => open(ev.target.value));
+    try {
+      const reports = (await (await fetch("/api/contrasts")).json()).contrasts || [];
+      for (const x of reports) $("report-select").append(el("option", { value: x.path, text: x.path }));
+      if (!reports.length) { showError("No contrast report in this folder: run `cltrace contrast A B --out DIR` first."); return; }
+      const m = /report=([^&]+)/.exec(location.hash), want = m ? decodeURIComponent(m[1]) : reports[0].path;
+      $("report-select").value = want;
+      await open(want);
+    } catch (e) { showError(String(e.message || e)); }
+  }
+  document.addEventListener("DOMContentLoaded", boot);
+})();

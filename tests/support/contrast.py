@@ -1,0 +1,50 @@
+"""A tiny model with a planted feature for the contrast tests: layer 0 feature PLANT fires
+(activation ~10, nearly constant) on the last position of a prompt ending in 'q' and nowhere
+else on the prompts of SET_A / SET_B, and writes the target 'x' logit up strongly, so the
+pruned graphs of set A keep it and those of set B never see it."""
+from __future__ import annotations
+
+import torch
+
+from .batch import CrashingTokenizer
+from .tiny_gemma import mlp_inputs, tiny_replacement
+
+PLANT = 7  # layer 0
+WORDS = ["the cat sat", "a dog ran", "hello world", "abc def", "on the mat", "big red box",
+         "one two", "sun and rain", "fish swim", "cold tea"]
+SET_A = [w + " q" for w in WORDS]  # ends in 'q': the planted feature fires there
+SET_B = [w + " z" for w in WORDS]
+TARGET = "x"
+
+
+def planted_replacement():
+    """(ReplacementModel, tokenizer) of the tiny CLT with feature PLANT of layer 0 planted."""
+    rm = tiny_replacement("clt", dtype=torch.float32)
+    tok = CrashingTokenizer()  # a CharTokenizer with encode()
+    on, off = [], []
+    for text in SET_A + SET_B:
+        ids = tok(text)["input_ids"]
+        x = mlp_inputs(rm.model, ids)[0]  # [n_pos, d_model] at layer 0
+        for pos in range(len(ids)):
+            (on if text.endswith("q") and pos == len(ids) - 1 else off).append(x[pos])
+    on, off = torch.stack(on), torch.stack(off)
+    w = on.mean(0) - off.mean(0)
+    w = w / w.norm()
+    lo, hi = (off @ w).max(), (on @ w).min()
+    assert hi > lo, "the 'q' positions are not separable along the planted direction"
+    scale = 0.1 / (hi - lo)  # pre-activation = 10 + a small spread; the jump at 10 + mid gap
+    tc = rm.transcoders.layers[0]
+    with torch.no_grad():
+        tc.W_enc[:, PLANT] = w * scale
+        tc.b_enc[PLANT] = 10.0 - scale * (lo + hi) / 2
+        tc.threshold[PLANT] = 10.0
+        unembed = rm.model.lm_head.weight[tok(TARGET, add_special_tokens=False)["input_ids"][0]]
+        tc.W_dec[PLANT] = 0.0
+        tc.W_dec[PLANT, -1] = 0.5 * unembed / unembed.norm()  # into the last layer's MLP output
+    return rm, tok
+
+
+def save_planted(path) -> str:
+    rm, _ = planted_replacement()
+    torch.save({"model": rm.model, "transcoders": rm.transcoders}, path)
+    return str(path)
