@@ -220,7 +220,7 @@ def test_report_page_in_a_browser(planted):
             report = json.loads((planted / "contrast.json").read_text())
             assert pg.locator("#contrast-table tbody tr").count() == len(report["features"])
             assert pg.locator("#volcano circle.dot").count() == len(report["features"])
-            assert pg.locator("#top-bars rect.bar").count() == 2 * min(12, len(report["features"]))
+            assert pg.locator("#top-bars rect.set-bar").count() == 2 * min(12, len(report["features"]))
             first = pg.locator("#contrast-table tbody tr").first
             assert f"L0 #{P.PLANT}" in first.inner_text()
             first.locator("a").click()

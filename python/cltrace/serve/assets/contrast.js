@@ -37,7 +37,7 @@
     rows.forEach((r, i) => {
       const y = 4 + i * rowH;
       svg.append(el("text", { x: M - 6, y: y + 12, "text-anchor": "end", "font-size": 11, text: `L${r.layer} #${r.feature}` }));
-      r[by].mean.forEach((v, s) => svg.append(el("rect", { class: "bar", x: M, y: y + s * 8, height: 7,
+      r[by].mean.forEach((v, s) => svg.append(el("rect", { class: "set-bar", x: M, y: y + s * 8, height: 7,
         width: Math.max(0.5, (Math.abs(v) / vmax) * (W - M - 10)).toFixed(1), fill: COLORS[s] },
         el("title", { text: `${d.sets[s].name}: ${fmt(v, 4)}` }))));
     });
