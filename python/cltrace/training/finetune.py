@@ -171,7 +171,8 @@ class FineTuner:
 
     def _lr_factor(self, step: int) -> float:
         cfg, total = self.cfg, self.total_steps
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, min(cfg.warmup_steps, total // 10)))  # short runs
+        # warm up over a tenth of the run at most
         decay_start = total * (1 - cfg.decay_frac)
         if step < decay_start:
             return warm
