@@ -9,7 +9,7 @@ import time
 
 from .analyze import ContrastSettings, contrast
 from .collect import collect
-from .common import common_circuit
+from .common import CommonCircuit
 from .sets import set_prefix
 
 SETS_FILE = "contrast-sets.json"  # the sets, written before tracing: the report is rebuilt from it
@@ -34,18 +34,24 @@ def build_report(store, settings: ContrastSettings = ContrastSettings(), min_sha
     ok = {s for s, r in records.items() if r.get("status") == "ok"}
     prompts = [(slug, i) for i, s in enumerate(spec["sets"]) for slug in s["slugs"] if slug in ok]
 
+    merged = [CommonCircuit(), CommonCircuit()]  # filled while the table is read: one pass over the graphs
+    member = dict(prompts)
+
     def graph(slug: str):
         raw = store.get(f"{slug}.json")
-        return json.loads(raw) if raw else None
+        g = json.loads(raw) if raw else None
+        if g is not None:
+            merged[member[slug]].add(g)
+        return g
 
     table = collect(prompts, records, graph)
     report = contrast(table, (names[0], names[1]), settings)
     report["failed"] = [{"slug": slug, "set": names[i], "error": records.get(slug, {}).get("error", "not traced")}
                         for i, s in enumerate(spec["sets"]) for slug in s["slugs"] if slug not in ok]
     report["common"] = []
-    for i, s in enumerate(spec["sets"]):
+    for i in range(2):
         name = f"common-{set_prefix(names[i])}"
-        g = common_circuit((x for x in (graph(slug) for slug in s["slugs"] if slug in ok) if x), name, min_share)
+        g = merged[i].graph(name, min_share)
         if g is not None:
             store.put(f"{name}.json", json.dumps(g).encode())
             report["common"].append({"set": names[i], "graph": f"{name}.json", "nodes": len(g["nodes"]),
