@@ -145,7 +145,7 @@ def test_report_rebuilds_from_the_stored_graphs(planted, capsys):
     ("column", "line 2: unknown column 'lable'"),
     ("small", "set 'a' has 3 prompts: a permutation test against 3 prompts cannot reach p <= 0.05"),
     ("labels", "'label' must take exactly two values, found 3"),
-    ("nolabel", "line 1: no 'label'"),
+    ("nolabel", "prompt 'the-cat-sat-q' has no 'label'"),
 ])
 def test_bad_input_is_one_line_before_tracing(tmp_path, capsys, monkeypatch, case, message):
     import cltrace.models

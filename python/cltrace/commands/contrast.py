@@ -20,9 +20,9 @@ drops it) and of its influence on the prompt's targets, the share of graphs that
 between the sets the difference of means, Hedges' g, a two-sided permutation p-value
 (--permutations relabellings, exact when there are fewer) and a Benjamini-Hochberg q-value.
 
-The sets: two files A and B (text, one prompt a line, or the JSONL of 'cltrace batch': prompt,
-slug, target, target_diff, chat), named by their file names (--names to rename them), or one
-JSONL whose 'label' column takes two values. Graphs are written as {set}-{slug}.json.
+The sets: two files A and B (text, one prompt a line, or the JSONL of 'cltrace batch': prompt
+or messages, slug, target, target_diff, chat, label, pair), named by their file names (--names
+to rename them), or one JSONL whose 'label' column takes two values. Graphs are written as {set}-{slug}.json.
 
 Written to --out DIR:
   contrast.json          the features ranked by the q-value of --by (activation or influence)
@@ -85,17 +85,16 @@ def read_sets(args) -> tuple[list[str], list[list]]:
     from pathlib import Path
 
     from ..batch.prompts import read_prompts
-    from ..contrast.sets import check_sizes, labels_of, read_rows, set_prefix
+    from ..contrast.sets import check_sizes, labels_of, set_prefix
 
     if len(args.sets) not in (1, 2):
         raise UsageError(f"give two prompt files, or one JSONL with a 'label' column (got {len(args.sets)})")
-    rows = [read_rows(f) for f in args.sets]
-    specs = [read_prompts(f, chat=args.chat) for f in args.sets]  # (the rows' order: non-blank lines)
+    specs = [read_prompts(f, chat=args.chat) for f in args.sets]  # unknown columns: refused there
     if len(args.sets) == 2:
         names = [Path(f).stem for f in args.sets]
         sets = specs
     else:
-        names, member = labels_of(args.sets[0], rows[0])
+        names, member = labels_of(args.sets[0], specs[0])
         sets = [[s for s, m in zip(specs[0], member) if m == i] for i in range(2)]
     names = list(args.names) if args.names else names
     if set_prefix(names[0]) == set_prefix(names[1]):
