@@ -91,21 +91,32 @@ def _write_sets(folder, n=N, **extra):
     return a, b
 
 
+TRACE = ["--workers", "0", "--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
+
+
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """The contrast folder of the planted model's two sets (traced in this process)."""
+def planted_model():
+    return P.planted_replacement()
+
+
+def _use(mp, rm, tok):
+    """The commands load the planted model whatever model they are asked for."""
     import cltrace.models
     import cltrace.training.starter
 
-    rm, tok = P.planted_replacement()
+    mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
+    mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, planted_model):
+    """The contrast folder of the planted model's two sets (traced in this process)."""
     folder = tmp_path_factory.mktemp("contrast")
     a, b = _write_sets(folder)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
-        mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+        _use(mp, *planted_model)
         out = folder / "out"
-        assert main(["contrast", str(a), str(b), "--out", str(out), "--workers", "0", "--max-feature-nodes", "32",
-                     "--batch-size", "16", "--quiet"]) == 0
+        assert main(["contrast", str(a), str(b), "--out", str(out), *TRACE]) == 0
     return out
 
 
@@ -129,6 +140,17 @@ def test_planted_feature_ranks_first_and_significant(planted):
     ids = {n["node_id"] for n in ca["nodes"]}
     assert ca["links"] and all(l["source"] in ids and l["target"] in ids for l in ca["links"])
     assert ca["metadata"]["info"]["common_circuit"] == {"prompts": N, "min_share": 0.5, "min_count": N // 2}
+
+
+def test_rerun_resumes_and_traces_nothing_again(planted, planted_model, monkeypatch, capsys):
+    before = json.loads((planted / "contrast.json").read_text())
+    _use(monkeypatch, *planted_model)
+    a, b = (planted.parent / f"{s}.jsonl" for s in "ab")
+    assert main(["contrast", str(a), str(b), "--out", str(planted), *TRACE]) == 0
+    assert f"0 ok, 0 failed, {2 * N} skipped" in capsys.readouterr().out
+    records = [json.loads(l) for l in (planted / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * N and len({r["slug"] for r in records}) == 2 * N  # each prompt once
+    assert json.loads((planted / "contrast.json").read_text())["features"] == before["features"]
 
 
 def test_report_rebuilds_from_the_stored_graphs(planted, capsys):
