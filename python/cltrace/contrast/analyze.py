@@ -9,7 +9,7 @@ import numpy as np
 
 from ..export.neuronpedia import cantor_pair
 from .collect import FeatureTable
-from .stats import bh_qvalues, hedges_g, min_attainable_p, permutation_p
+from .stats import bh_qvalues, hedges_g, min_attainable_p, permutation_p, relabellings
 
 MEASURES = ("activation", "influence")
 
@@ -39,10 +39,11 @@ def contrast(table: FeatureTable, names: tuple[str, str], settings: ContrastSett
     count = table.kept.sum(0)
     tested = np.flatnonzero(count >= settings.min_count) if n_a and n_b else np.array([], int)
     stats = {}
+    drawn = relabellings(n_a, n_b, settings.n_perm, settings.seed) if len(tested) else None  # both measures
     for m in MEASURES:
         x = getattr(table, m)[order][:, tested]  # [n, T]
         diff, g = hedges_g(x, n_a) if len(tested) and n_a > 1 and n_b > 1 else (np.zeros(len(tested)),) * 2
-        p = permutation_p(x, n_a, settings.n_perm, settings.seed) if len(tested) else np.zeros(0)
+        p = permutation_p(x, n_a, settings.n_perm, settings.seed, drawn=drawn) if len(tested) else np.zeros(0)
         stats[m] = dict(mean_a=x[:n_a].mean(0) if n_a else diff, mean_b=x[n_a:].mean(0) if n_b else diff,
                         diff=diff, g=g, p=p, q=bh_qvalues(p))
     kept = table.kept[order][:, tested]

@@ -54,12 +54,13 @@ def relabellings(n_a: int, n_b: int, n_perm: int, seed: int = 0) -> tuple[np.nda
 
 
 def permutation_p(x: np.ndarray, n_a: int, n_perm: int = 10000, seed: int = 0,
-                  chunk: int = 4096) -> np.ndarray:
+                  chunk: int = 4096, drawn: tuple | None = None) -> np.ndarray:
     """Two-sided permutation p-values of the difference of means, per column of ``x [n, F]``
-    (see the module docstring)."""
+    (see the module docstring); ``drawn``: :func:`relabellings`' result for these arguments,
+    when the caller tests several tables of the same prompts."""
     n, n_feat = x.shape
     n_b = n - n_a
-    rows, exact = relabellings(n_a, n_b, n_perm, seed)
+    rows, exact = drawn if drawn is not None else relabellings(n_a, n_b, n_perm, seed)
     total = x.sum(0)  # [F]
     obs = np.abs(x[:n_a].sum(0) / n_a - x[n_a:].sum(0) / n_b)
     tol = TIE * np.maximum(np.abs(x).max(0, initial=0.0), 1e-300)
