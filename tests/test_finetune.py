@@ -33,14 +33,14 @@ def _set(model, rows, what: str):
     return random_transcoders("plt", mlp_in=x, skip=True, d_sae=48, layers=[1, 2])
 
 
-def _direct_kl(model, ts, rows, L: int) -> float:
+def _direct_kl(model, ts, rows, L: int, bos: int = BOS) -> float:
     """KL(p_clean || p_spliced) per scored position, fp64: two plain passes, the second with a
     forward hook putting the dictionary's reconstruction (from that pass's own input site) at
     the output site of L."""
     tc = ts.layers[L]
     mask = torch.ones_like(rows, dtype=torch.bool)
     mask[:, 0] = False
-    mask &= rows != BOS
+    mask &= rows != bos
     with torch.no_grad():
         clean = model(input_ids=rows).logits.double().log_softmax(-1)[mask]
         got = {}
@@ -210,3 +210,22 @@ def test_crosscoder_is_refused():
     ts = random_saes(model, _rows(), "resid_post", sites=[0, 2])
     with pytest.raises(UsageError, match="fine-tuning a crosscoder at resid_post is not supported"):
         FineTuner(model, ts, TrainConfig())
+
+
+@pytest.mark.real_model
+def test_real_model_kl_term_and_one_step(real_gemma):
+    """On the 270M (fp32, CPU): a random resid_post SAE at layer 6, calibrated on the model's
+    own activations: the KL term equals two plain passes with a splicing hook, and one step
+    moves the decoder."""
+    model = real_gemma.model
+    rows = real_gemma.tokenizer("The capital of France is Paris, and the capital of Italy is "
+                                "Rome.", return_tensors="pt")["input_ids"][:, :16]
+    acts = site_acts(model, rows, "resid_post", [6])[6].flatten(0, 1)  # [T, 640]
+    ts = random_transcoders(mlp_in=acts[None].expand(18, -1, -1).contiguous(), d_sae=256,
+                            site="resid_post", layers=[6], model_name="gemma-3-270m")
+    ft = FineTuner(model, ts, TrainConfig(lr=5e-6), layers=[6],
+                   bos_token_id=real_gemma.tokenizer.bos_token_id)
+    want = _direct_kl(model, ts, rows, 6, bos=real_gemma.tokenizer.bos_token_id)
+    obj = ft.step(rows)
+    assert obj.kl[6] == pytest.approx(want, rel=1e-4) and want > 1e-3
+    assert not torch.equal(ft.result().layers[6].W_dec, ts.layers[6].W_dec)
