@@ -518,9 +518,8 @@ def test_circuit_tracers_gemma_scope_2_loaders_read_what_cltrace_writes(tmp_path
 # --- SAEs at a site (TrainConfig.site, cltrace train --site) --------------------------------
 
 def test_site_source_reads_the_site_without_bos():
-    """SiteActivationSource gives the activation at the site (x and y the same), BOS dropped,
-    as a plain hook on the site's module records it."""
-    from cltrace.training.site_source import SiteActivationSource
+    """ActivationSource with site_in = site_out gives the activation at the site (x and y the
+    same), BOS dropped, as a plain hook on the site's module records it."""
     from support.sae_steering import site_activations
 
     model = tiny_gemma()
@@ -528,7 +527,8 @@ def test_site_source_reads_the_site_without_bos():
     rows[:, 0] = 2
     rows[1, 4] = 2  # a document boundary inside a row
     for site in ("resid_post", "attn_out", "mlp_out"):
-        act = SiteActivationSource(model, rows, site, [1, 3], bos_token_id=2).read(torch.tensor([0, 1]))
+        act = ActivationSource(model, rows, [1, 3], bos_token_id=2, site_in=site,
+                               site_out=site).read(torch.tensor([0, 1]))
         assert act.x is act.y and act.x.shape == (2, 9 + 8, 64)
         want = site_activations(model, rows[1], site)  # [n_layers, 10, 64]
         torch.testing.assert_close(act.x[:, 9:], want[[1, 3]][:, rows[1] != 2], rtol=0, atol=0)
@@ -544,7 +544,6 @@ def test_sae_training_writes_saes_at_the_site(tmp_path, site):
     import cltrace.models
     from cltrace.models.sites import hook_point
     from cltrace.training import train_transcoders
-    from cltrace.training.site_source import SiteActivationSource
 
     loaded = cltrace.models.LoadedModel(tiny_gemma(), CharTokenizer(), "tiny")
     cfg = TrainConfig(site=site, layers=[1, 2], width=128, l0=8, tokens=120 * 128, batch_size=128,
@@ -565,7 +564,7 @@ def test_sae_training_writes_saes_at_the_site(tmp_path, site):
 
     rows = token_rows(loaded.tokenizer, stdlib_texts(["json", "textwrap"]), 33,
                       max_tokens=cfg.tokens + cfg.eval_tokens)
-    src = SiteActivationSource(loaded.model, rows, site, [1, 2], 2)
+    src = ActivationSource(loaded.model, rows, [1, 2], 2, site_in=site, site_out=site)
     n_eval = -(-cfg.eval_tokens // src.tokens_per_row)
     fvu, _, _ = evaluate(ts, src, torch.arange(src.n_rows - n_eval, src.n_rows))
     assert all(abs(fvu[L] - r.fvu[L]) < 1e-5 for L in fvu), (fvu, r.fvu)

@@ -82,6 +82,9 @@ class ActivationSource:
         xs = [store[i][0] for i in wanted]
         if not self.outputs:
             return Activations(torch.cat(xs, 1).float(), None)
+        if self.site_out == self.site_in:  # an SAE: the target is the input itself
+            x = torch.cat(xs, 1).float()
+            return Activations(x, x)
         ys = [store[i][1] for i in wanted]
         return Activations(torch.cat(xs, 1).float(), torch.cat(ys, 1).float())
 

@@ -81,11 +81,6 @@ def check_finetunable(ts: TranscoderSet, layers: Optional[Sequence[int]] = None)
     return spliced
 
 
-def _body(model):
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", inner)  # the decoder stack (final norm included)
-
-
 @contextlib.contextmanager
 def _frozen(model):
     """The model's parameters take no gradient inside (restored after)."""
@@ -128,7 +123,7 @@ class FineTuner:
         self.spliced = check_finetunable(ts, layers)
         check_fits(ts, model, ts.source or "the set")
         self.model, self.ts, self.bos = model, ts, bos_token_id
-        self.parts, self.body = text_parts(model), _body(model)
+        self.parts = text_parts(model)
         self.trained = sorted(ts.layers) if ts.kind == "clt" else self.spliced
         first = ts.layers[self.trained[0]]
         self.cfg = dataclasses.replace(
@@ -199,7 +194,7 @@ class FineTuner:
         record = [(ts.site_in, L) for L in self.trained] + [(ts.site_out, L) for L in self.trained]
         with _frozen(self.model):
             with torch.no_grad(), site_hooks(self.parts, record=record) as rec:
-                h = self.body(input_ids=ids, use_cache=False).last_hidden_state[mask]  # [N, d]
+                h = self.parts.body(input_ids=ids, use_cache=False).last_hidden_state[mask]  # [N, d]
                 lp_clean = [_log_probs(self.parts.lm_head, h[c:c + LOGIT_CHUNK])
                             for c in range(0, h.shape[0], LOGIT_CHUNK)]  # [n, vocab] each
             x = torch.stack([rec[(ts.site_in, L)][mask] for L in self.trained]).to(self.dtype)
@@ -236,7 +231,7 @@ class FineTuner:
 
         n = int(mask.sum())
         with torch.set_grad_enabled(backward), site_hooks(self.parts, edit={site: splice}):
-            h = self.body(input_ids=ids, use_cache=False).last_hidden_state[mask]  # [N, d]
+            h = self.parts.body(input_ids=ids, use_cache=False).last_hidden_state[mask]  # [N, d]
         hd = h.detach().requires_grad_(backward)
         kl = 0.0
         for k, c in enumerate(range(0, n, LOGIT_CHUNK)):

@@ -18,7 +18,6 @@ import torch
 from ..models.activations import ActivationSource
 from .corpus import token_rows
 from .loop import Trainer, TrainResult
-from .site_source import SiteActivationSource
 from ..models.sites import site_width
 from .model import TrainConfig
 
@@ -128,7 +127,8 @@ def activation_source(cfg: TrainConfig, model, rows, layers, bos, cache_dtype=No
     activation at ``cfg.site`` as input and target (SAEs)."""
     if cfg.site is None:
         return ActivationSource(model, rows, layers, bos, cache_dtype=cache_dtype)
-    return SiteActivationSource(model, rows, cfg.site, layers, bos, cache_dtype=cache_dtype)
+    return ActivationSource(model, rows, layers, bos, cache_dtype=cache_dtype,
+                            site_in=cfg.site, site_out=cfg.site)
 
 
 def what(cfg: TrainConfig) -> str:
