@@ -21,6 +21,10 @@ Routes (all answered from this machine; the page makes no request to another hos
                               (temporary file in the same folder, then ``os.replace``)
   POST /api/intervene         ``{"graph": path, "interventions": [...], "mode", ...}``: see
                               :mod:`cltrace.serve.experiments` (400 with a message if invalid)
+  GET  /api/sae               whether lens-page steering is available (``--sae`` sets loaded)
+  POST /api/steer_sae         ``{"lens": path, "set", "layer", "latent", "op", "value", ...}``:
+                              steer one SAE latent on the lens's prompt; see
+                              :mod:`cltrace.serve.lens_steer` (400 with a message if invalid)
 
 Any other method or path answers 404/405. The server binds 127.0.0.1 unless told otherwise;
 then it answers only requests addressed to a loopback name (no DNS rebinding), and a write
@@ -40,6 +44,7 @@ from typing import Optional
 from urllib.parse import unquote, urlsplit
 
 from .experiments import Experiments, RequestError
+from .lens_steer import LensSteering
 
 ASSET_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8"}
@@ -253,6 +258,9 @@ class Handler(BaseHTTPRequestHandler):
         if url == "/api/model":
             ex = self.server.experiments
             return self._json(ex.info() if ex is not None else {"available": False})
+        if url == "/api/sae":
+            ls = self.server.lens_steering
+            return self._json(ls.info() if ls is not None else {"available": False})
         if url.startswith("/data/"):
             path = safe_path(root, url[len("/data/"):])
             if path is None:
@@ -278,10 +286,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._error(403, why)
         url = urlsplit(self.path).path
-        if url not in ("/api/save", "/api/intervene"):
+        if url not in ("/api/save", "/api/intervene", "/api/steer_sae"):
             return self._error(405, "the server accepts no write other than /api/save")
         try:
             body = self._body()
+            if url == "/api/steer_sae":
+                return self._steer_sae(body)
             rel = body.get("graph") if isinstance(body, dict) else None
             if not isinstance(rel, str):
                 raise RequestError("name the graph: {\"graph\": \"path/in/DIR.json\", ...}")
@@ -300,6 +310,26 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug, not the user's: say it on the page, keep serving
             self.log_error("error in %s: %r", url, e)
             return self._error(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _steer_sae(self, body) -> None:
+        """POST /api/steer_sae: one SAE latent steered on the prompt of a lens JSON."""
+        rel = body.get("lens") if isinstance(body, dict) else None
+        if not isinstance(rel, str):
+            raise RequestError("name the lens: {\"lens\": \"path/in/DIR.json\", ...}")
+        ls = self.server.lens_steering
+        if ls is None:
+            return self._error(409, "no SAE loaded: start `cltrace serve DIR --sae SET` (the "
+                                    "lens's set) to steer from the lens page")
+        path = safe_path(self.server.root, rel)
+        if path is None or path.suffix != ".json":
+            return self._error(404, "no such lens in the served folder")
+        try:
+            lens = json.loads(path.read_text())
+        except ValueError as e:
+            raise RequestError(f"{rel} is not valid JSON ({e})") from None
+        if not isinstance(lens, dict) or not str(lens.get("format", "")).startswith("cltrace.lens/"):
+            raise RequestError(f"{rel} is not a lens JSON (cltrace lens --json)")
+        return self._json(ls.run(lens, body))
 
     def _graph(self, rel: str) -> dict:
         """The parsed graph JSON at ``rel``, cached while the file is unchanged."""
@@ -329,9 +359,11 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(root, host: str = "127.0.0.1", port: int = 8000,
                 experiments: Optional[Experiments] = None, rm=None,
-                verbose: bool = False) -> ThreadingHTTPServer:
+                verbose: bool = False, saes=None) -> ThreadingHTTPServer:
     """A ready (not yet serving) server for folder ``root``; ``port=0`` picks a free port.
-    Pass a loaded ReplacementModel as ``rm`` (or an :class:`Experiments`) to enable experiments."""
+    Pass a loaded ReplacementModel as ``rm`` (or an :class:`Experiments`) to enable experiments,
+    and :class:`~cltrace.steering.SaeSteering` objects as ``saes`` (a list, or a
+    :class:`LensSteering`) to enable steering from the lens page."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
@@ -339,6 +371,7 @@ def make_server(root, host: str = "127.0.0.1", port: int = 8000,
     srv.daemon_threads = True
     srv.root = root.resolve()
     srv.experiments = experiments if experiments is not None else (Experiments(rm) if rm is not None else None)
+    srv.lens_steering = saes if isinstance(saes, LensSteering) or saes is None else LensSteering(saes)
     srv.save_lock = threading.Lock()
     srv.graph_cache = {}  # path -> ((mtime_ns, size), graph) for experiments
     srv.verbose = verbose
