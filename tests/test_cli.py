@@ -17,6 +17,7 @@ import torch
 from cltrace.cli import main
 from cltrace.steering import Intervention
 from support import layouts as S
+from support.cli import one_line_error
 from support.tiny_gemma import tiny_replacement, use_tiny_model
 from support.transcoders import random_transcoders
 
@@ -94,15 +95,6 @@ def test_parse_feature():
     assert parse_feature("3:7*0.5") == Intervention(3, 7, scale=0.5)
     assert parse_feature("3:7@:4+-2") == Intervention(3, 7, pos=slice(None, 4), add=-2.0)
     assert parse_feature("3:7@2:=1").pos == slice(2, None)
-
-
-def one_line_error(capsys, *needles):
-    """stderr is one line holding every needle (and no traceback)."""
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 # --- prompts, output folders: checked before any work --------------------------------------

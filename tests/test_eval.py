@@ -13,6 +13,7 @@ import torch
 from cltrace.cli import main
 from cltrace.errors import UsageError
 from cltrace.evaluation import EvalSettings, evaluate_set
+from support.cli import one_line_error
 from support.dictionaries import random_saes, site_hook
 from support.tiny_gemma import CharTokenizer, tiny_gemma, tiny_replacement, use_tiny_model
 from support.transcoders import random_transcoders
@@ -375,13 +376,6 @@ def test_cli_saes_and_a_crosscoder(tiny_cli, tmp_path, capsys):
             assert n in out.err, (n, out.err)
 
 
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-
-
 def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
     from cltrace.transcoders.write import save_gemmascope
 
@@ -420,12 +414,12 @@ def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
         except SystemExit as e:  # argparse: a bad option value
             rc = e.code
         assert rc == 2, args
-        _one_line(capsys, *needles)
+        one_line_error(capsys, *needles)
         assert list(out.iterdir()) == [], args  # nothing written
     # a corpus too short for one row
     (tmp_path / "short.txt").write_text("hi")
     assert main(["eval", "--corpus", str(tmp_path / "short.txt"), "--json", str(js), "--quiet"]) == 2
-    _one_line(capsys, "too short")
+    one_line_error(capsys, "too short")
     assert list(out.iterdir()) == []
 
 

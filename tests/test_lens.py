@@ -11,6 +11,7 @@ import torch
 
 from cltrace.cli import main
 from cltrace.lens import LENS_FORMAT, feature_lens
+from support.cli import one_line_error
 from support.lens import LENS_TOKENS, hook_activations, lens_setup, reference_encode
 from support.tiny_gemma import CharTokenizer
 
@@ -143,13 +144,6 @@ def test_cli(tiny_cli, tmp_path, capsys):
     assert "SAEs at mlp_out" in capsys.readouterr().out
 
 
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-
-
 def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
     from cltrace.transcoders.write import save_gemmascope
     from support.transcoders import random_transcoders
@@ -186,7 +180,7 @@ def test_cli_bad_inputs(tiny_cli, tmp_path, capsys):
         except SystemExit as e:  # argparse: a bad option value
             rc = e.code
         assert rc == 2, args
-        _one_line(capsys, *needles)
+        one_line_error(capsys, *needles)
         assert list(out.iterdir()) == [], args  # nothing written
 
 
