@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     root.mkdir()
     rep = feature_lens(model, [sets["resid_post"], sets["mlp_out"]], torch.tensor(LENS_TOKENS),
                        top_k=4, bos_token_id=2)
-    (root / "lens.json").write_text(json.dumps(rep.to_json()))
+    (root / "lens.json").write_text(json.dumps(rep.to_json(), separators=(",", ":")))  # as cltrace lens writes
     return root, model, sets
 
 
@@ -116,3 +116,62 @@ def test_bad_requests(setup, steerer):
         with pytest.raises(urllib.error.HTTPError) as e:  # the shared guard: JSON only
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 403
+
+
+def test_cli_refuses_a_set_that_is_not_saes(setup, tmp_path, capsys):
+    """``cltrace serve --sae`` of a crosscoder: one line, exit 2, before any model loads."""
+    from cltrace.cli import main
+
+    root, _, sets = setup
+    assert main(["serve", str(root), "--sae", sets["crosscoder"].source, "--port", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crosscoder" in err[0]
+
+
+@pytest.mark.browser
+def test_lens_page_steers_in_a_browser(setup, steerer):
+    """The lens page of a server with a tiny model and the resid_post SAEs: a click on a cell,
+    then steer: the before/after continuations drawn are the server's; no JS error, no
+    request off the server."""
+    from support.serve import browser_missing, cleanup, launch_chromium
+
+    why = browser_missing()
+    if why:
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    root, _, _ = setup
+    with serving(root, saes=[steerer]) as url, sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        try:
+            pg = ctx.new_page()
+            errors, foreign = [], []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.on("console", lambda m: errors.append(m.text) if m.type == "error"
+                  and not m.text.startswith("Failed to load resource") else None)
+            pg.on("request", lambda r: None if r.url.startswith(url + "/") or r.url.startswith(("data:", "about:"))
+                  else foreign.append(r.url))
+            pg.goto(f"{url}/lens.html")
+            pg.wait_for_function("['1', 'error'].includes(document.body.dataset.ready)", timeout=15000)
+            assert errors == [] and pg.locator("#error").is_hidden(), (errors, pg.locator("#error").inner_text())
+            pg.locator('td.lens-cell[data-layer="1"][data-pos="3"]').click()
+            assert not pg.locator("#steer-card").is_hidden()
+            assert pg.locator("#steer-hint").is_hidden() and not pg.locator("#steer-run").is_disabled()
+            pg.locator("#steer-value").fill("12")
+            pg.locator("#steer-pos").select_option("from")
+            pg.locator("#steer-tokens").fill("5")
+            pg.locator("#steer-run").click()
+            pg.wait_for_function("['done', 'error'].includes(document.body.dataset.steer)", timeout=30000)
+            assert pg.locator("#steer-error").is_hidden(), pg.locator("#steer-error").inner_text()
+            lens = json.loads((root / "lens.json").read_text())
+            lat = next(c for c in lens["cells"] if c["set"] == 0 and c["layer"] == 1 and c["pos"] == 3)["latents"][0]
+            _, out = http(f"{url}/api/steer_sae", {"lens": "lens.json", "set": lens["sets"][0]["name"], "layer": 1,
+                                                  "latent": lat["index"], "op": "add", "value": 12, "positions": "from",
+                                                  "pos": 3, "max_new_tokens": 5})
+            assert pg.locator("#steer-before").inner_text() == out["continuation"]["before"]
+            assert pg.locator("#steer-after").inner_text() == out["continuation"]["after"]
+            assert pg.locator("#steer-top tr").count() == 1 + len(out["top"])
+            assert errors == [] and foreign == []
+        finally:
+            ctx.close()
+            cleanup(profile)

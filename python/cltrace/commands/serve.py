@@ -21,11 +21,19 @@ ablate, scale or steer the selected features or a supernode: it shows the next-t
 probabilities before and after, a generated continuation, and (frozen mode, other features
 held) the change of each target logit next to the change the graph's edges predict.
 
+With --sae SET (repeatable; SAEs at resid_post, attn_out or mlp_out, as for `cltrace steer
+--sae`), the lens page (/lens.html) can steer a latent of a cell: add to it or clamp it at the
+layer's site, from the whole prompt, the clicked token onward or the prompt only, and shows
+the next-token probabilities and the greedy continuation before and after. The lens's set
+must be one of the --sae sets (same set id or reference); the model is --model
+(default gemma-3-270m; with --sae, graph experiments need --transcoders too).
+
 The server binds 127.0.0.1 (reachable from this machine only) unless --host says otherwise.
 
 Examples:
   cltrace serve graphs/
   cltrace serve graphs/ --port 8080 --model gemma-3-270m      (experiments, starter transcoders)
+  cltrace serve lenses/ --sae sae/                             (steering from the lens page)
 """
 
 
@@ -41,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if a.dest == "model":
             a.help = ("model for experiments: 'gemma-3-270m', a hub id, a folder or a .gguf "
                       "(default: none; gemma-3-270m when only --transcoders is given)")
+    p.add_argument("--sae", action="append", default=None, metavar="SET",
+                   help="SAE set (folder or reference) to steer from the lens page (repeatable)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -52,16 +62,33 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
     say = messenger(args.quiet)
-    rm = None
-    if args.model is not None or args.transcoders is not None:
+    rm = loaded = None
+    if args.model is not None or args.transcoders is not None or args.sae:
         if args.model is None:
             args.model = "gemma-3-270m"
-        _, rm = load_replacement(args, say)
-    srv = make_server(args.dir, host=args.host, port=args.port, rm=rm, verbose=args.verbose)
+    saes = load_saes(args.sae or [], say)
+    if args.transcoders is not None or (args.model is not None and not saes):
+        loaded, rm = load_replacement(args, say)
+    steering = None
+    if saes:
+        from ..steering import SaeSteering
+        from ..models import load_model
+        from ..serve.lens_steer import LensSteering
+
+        if loaded is None:
+            say(f"loading model {args.model} ...")
+            loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        steering = LensSteering([SaeSteering(loaded.model, s, tokenizer=loaded.tokenizer,
+                                             model_name=loaded.name,
+                                             skip_positions=args.skip_positions) for s in saes],
+                                refs=args.sae)
+    srv = make_server(args.dir, host=args.host, port=args.port, rm=rm, verbose=args.verbose,
+                      saes=steering)
     host, port = srv.server_address[:2]
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"cltrace serve: http://{shown}:{port}/  (folder {srv.root}; "
-          f"experiments {'on' if rm is not None else 'off: no --model/--transcoders'}; Ctrl-C stops)",
+          f"experiments {'on' if rm is not None else 'off: no --model/--transcoders'}; "
+          f"lens steering {'on' if steering is not None else 'off: no --sae'}; Ctrl-C stops)",
           flush=True)
     try:
         srv.serve_forever()
@@ -70,3 +97,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         srv.server_close()
     return 0
+
+
+def load_saes(refs: list, say) -> list:
+    """The --sae sets, each checked to hold per-layer SAEs (one-line UsageError otherwise)."""
+    from ..steering.sae import check_sae_set
+    from ..transcoders import load_transcoders
+
+    out = []
+    for ref in refs:
+        say(f"loading SAEs {ref} ...")
+        ts = load_transcoders(ref)
+        check_sae_set(ts, ref)
+        out.append(ts)
+    return out

@@ -5,7 +5,7 @@
 "use strict";
 (function () {
   const S = window.cltrace, { el, $, fmt } = S;
-  const L = { data: null, path: null, set: 0, cell: null };
+  const L = { data: null, path: null, set: 0, cell: null, lat: null, sae: { available: false } };
   const cantor = (l, f) => ((l + f) * (l + f + 1)) / 2 + f;  // feature page file names (cltrace features)
 
   function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
@@ -43,7 +43,7 @@
     table.append(body);
     grid.replaceChildren(table);
     $("prompt").textContent = `“${d.text || d.tokens.map((t) => t.token).join("")}” · ${set.name} (${set.what}, ${set.d_sae} latents) · top ${d.top_k}`;
-    $("cell-card").hidden = true; $("feature-card").hidden = true; L.cell = null;
+    $("cell-card").hidden = true; $("feature-card").hidden = true; $("steer-card").hidden = true; L.cell = null;
   }
 
   function openCell(c) {
@@ -69,7 +69,50 @@
     S.graph = { metadata: { scan: set.pages || "" } }; S.path = L.path;
     const n = { feature: cantor(c.layer, lat.index), clerp: lat.label || "", layerNum: c.layer, featIdx: lat.index };
     $("feature-card").hidden = false;
+    showSteer(c, lat);
     S.fillFeature($("feature-body"), n, () => L.cell === c);
+  }
+
+  // --- steering a latent (POST /api/steer_sae; needs `cltrace serve --sae SET`) -------------
+  function steerError(msg) { const e = $("steer-error"); e.textContent = msg; e.hidden = !msg; }
+
+  function showSteer(c, lat) {
+    L.lat = { cell: c, lat };
+    const set = L.data.sets[c.set], on = L.sae.available;
+    $("steer-card").hidden = false;
+    $("steer-target").textContent = `latent #${lat.index} of ${set.name}, layer ${c.layer}; “from this token”: position ${c.pos}`;
+    $("steer-hint").hidden = on;
+    for (const id of ["steer-op", "steer-value", "steer-pos", "steer-tokens", "steer-run"]) $(id).disabled = !on;
+    steerError(""); $("steer-result").replaceChildren();
+  }
+
+  function steerResult(out) {
+    const div = $("steer-result"); div.replaceChildren();
+    div.append(el("p", { class: "muted", text: `${out.intervention} at ${out.site}${out.steer_generated ? ", generated tokens too" : ", prompt only"}` }));
+    const t = el("table", { id: "steer-top" }, el("tr", {}, el("th", { text: "token" }), el("th", { text: "p before" }), el("th", { text: "p after" }), el("th", { text: "Δp" })));
+    for (const r of out.top) t.append(el("tr", { "data-token": r.token },
+      el("td", { text: S.tokenText(r.text) }), el("td", { text: fmt(r.before, 4) }), el("td", { text: fmt(r.after, 4) }),
+      el("td", { class: r.after >= r.before ? "w pos" : "w neg", text: fmt(r.after - r.before, 4) })));
+    div.append(el("h4", { text: "continuation" }),
+      el("p", { class: "cont" }, el("b", { text: "before: " }), el("span", { id: "steer-before", text: out.continuation.before })),
+      el("p", { class: "cont" }, el("b", { text: "after: " }), el("span", { id: "steer-after", text: out.continuation.after })),
+      el("h4", { text: "next-token probabilities" }), t);
+  }
+
+  async function steer() {
+    if (!L.lat) return;
+    const { cell, lat } = L.lat;
+    const req = { lens: L.path, set: L.data.sets[cell.set].name, layer: cell.layer, latent: lat.index,
+      op: $("steer-op").value, value: Number($("steer-value").value), positions: $("steer-pos").value,
+      pos: cell.pos, max_new_tokens: Math.round(Number($("steer-tokens").value)) };
+    steerError(""); $("steer-result").replaceChildren(el("p", { class: "muted", text: "running…" }));
+    document.body.dataset.steer = "running";
+    try {
+      const r = await fetch("/api/steer_sae", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(req) });
+      const out = await r.json();
+      if (!r.ok) throw new Error(out.error || `HTTP ${r.status}`);
+      steerResult(out); document.body.dataset.steer = "done";
+    } catch (e) { $("steer-result").replaceChildren(); steerError(String(e.message || e)); document.body.dataset.steer = "error"; }
   }
 
   async function openLens(path) {
@@ -90,7 +133,9 @@
   async function boot() {
     $("lens-select").addEventListener("change", (ev) => openLens(ev.target.value));
     $("set-select").addEventListener("change", (ev) => { L.set = Number(ev.target.value); draw(); });
+    $("steer-run").addEventListener("click", steer);
     try {
+      L.sae = await (await fetch("/api/sae")).json();
       const lenses = (await (await fetch("/api/lenses")).json()).lenses || [];
       for (const x of lenses) $("lens-select").append(el("option", { value: x.path, text: x.path }));
       if (!lenses.length) { showError("No lens in this folder: run `cltrace lens \"...\" --json DIR/lens.json` first."); return; }
