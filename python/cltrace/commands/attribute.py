@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if pages is not None:
         times["pages"] = time.perf_counter() - t0
     targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)
-    record = trace_prompt(rm, loaded.tokenizer, PromptSpec(text, slug, targets, args.chat, messages), settings,
+    spec = PromptSpec(text, slug, targets, args.chat, messages)
+    record = trace_prompt(rm, loaded.tokenizer, spec, settings,
                           out, verbose=not args.quiet, times=times, pages=pages, say=say)
     for w in record.warnings:
         say(f"warning: {w}")
