@@ -1,7 +1,7 @@
 """The feature lens against its floor: 64 tokens of text, 18 layers of 16k random JumpReLU
 SAEs at resid_post on the real Gemma 3 270M (CPU, fp32).
 
-Timed warm (after two untimed runs), median of --repeat: the whole :func:`cltrace.lens.lens`
+Timed warm (after two untimed runs), median of --repeat: the whole :func:`cltrace.lens.feature_lens`
 call, and its two parts alone (the forward pass to the last layer with the sites recorded; the
 18 encodes with top-k), plus a dense alternative of the encode (x @ W_enc + b_enc, mask, top-k)
 for comparison. The floor beside it, with this machine's rates measured in the same process
@@ -83,7 +83,7 @@ def main() -> None:
     load_before = os.getloadavg()
 
     from cltrace.lens import feature_lens
-    from cltrace.lens.run import _body, _top_k
+    from cltrace.lens.run import _top_k
     from cltrace.models import load_model
     from cltrace.models.anatomy import text_parts
     from cltrace.models.sites import site_hooks
@@ -97,7 +97,7 @@ def main() -> None:
     n_layers = parts.n_layers
     sites = [("resid_post", L) for L in range(n_layers)]
     with torch.no_grad(), site_hooks(parts, record=sites) as rec:
-        _body(model)(input_ids=ids[None], use_cache=False)
+        parts.body(input_ids=ids[None], use_cache=False)
     acts = {L: rec["resid_post", L][0, 1:] for L in range(n_layers)}
     ts = random_saes(acts, a.d_sae, n_layers)
 
@@ -106,7 +106,7 @@ def main() -> None:
 
     def run_forward():
         with torch.no_grad(), site_hooks(parts, record=sites) as r:
-            _body(model)(input_ids=ids[None], use_cache=False)
+            parts.body(input_ids=ids[None], use_cache=False)
         return r
 
     def run_encode():
