@@ -203,7 +203,7 @@ def test_one_file_with_labels_splits_the_sets(tmp_path):
     one = tmp_path / "one.jsonl"
     rows = [{"prompt": p, "label": "past" if i % 2 else "present"} for i, p in enumerate(P.SET_A)]
     one.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    names, sets = read_sets(Namespace(sets=[str(one)], chat=False, names=None, permutations=10000, alpha=0.05))
+    names, sets = read_sets(Namespace(sets=[str(one)], chat=False, names=None, n_perm=10000, alpha=0.05))
     assert names == ["present", "past"]
     assert [s.prompt for s in sets[0]] == P.SET_A[0::2] and [s.prompt for s in sets[1]] == P.SET_A[1::2]
     assert all(s.slug.startswith("present-") for s in sets[0]) and all(s.slug.startswith("past-") for s in sets[1])

@@ -9,6 +9,7 @@ import sys
 from ._common import add_features_argument, add_replacement_arguments
 from .attribute import add_trace_arguments, trace_settings
 from ..errors import UsageError
+from ..settings import add_options, from_args
 
 NAME = "contrast"
 HELP = "trace two sets of prompts and rank the features that differ between them"
@@ -43,22 +44,14 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..contrast import ContrastSettings
+
     p.add_argument("sets", metavar="SET", nargs="*", help="two prompt files, or one JSONL with a 'label' column")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder or fsspec URL")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="rebuild the report of DIR from its stored graphs (no tracing)")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), default=None, help="the two sets' names")
-    p.add_argument("--by", choices=("activation", "influence"), default="activation",
-                   help="the measure that ranks the features (default activation)")
-    p.add_argument("--permutations", type=int, default=10000, metavar="N",
-                   help="random relabellings of the permutation test (exact enumeration when "
-                        "there are at most N; default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the relabellings (default 0)")
-    p.add_argument("--alpha", type=float, default=0.05, help="q-value called significant (default 0.05)")
-    p.add_argument("--min-count", type=int, default=2, metavar="K",
-                   help="test the features kept in at least K graphs of the two sets (default 2)")
-    p.add_argument("--min-share", type=float, default=0.5, metavar="S",
-                   help="common circuit: nodes and edges in at least this share of a set's graphs (default 0.5)")
+    add_options(p, ContrastSettings)
     p.add_argument("--workers", type=int, default=None, metavar="N", help="as cltrace batch")
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS", help="as cltrace batch")
     p.add_argument("--threads", type=int, default=0, metavar="T", help="as cltrace batch")
@@ -72,12 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(args):
     from ..contrast import ContrastSettings
 
-    if args.permutations < 1:
-        raise UsageError(f"--permutations must be >= 1, got {args.permutations}")
-    if not 0 < args.alpha < 1 or not 0 < args.min_share <= 1:
-        raise UsageError("--alpha must be in (0, 1) and --min-share in (0, 1]")
-    return ContrastSettings(by=args.by, n_perm=args.permutations, seed=args.seed,
-                            min_count=args.min_count, alpha=args.alpha)
+    return from_args(ContrastSettings, args).check()
 
 
 def read_sets(args) -> tuple[list[str], list[list]]:
@@ -99,7 +87,7 @@ def read_sets(args) -> tuple[list[str], list[list]]:
     names = list(args.names) if args.names else names
     if set_prefix(names[0]) == set_prefix(names[1]):
         raise UsageError(f"the two sets need different names (got {names[0]!r} and {names[1]!r}): use --names A B")
-    check_sizes(names, [len(s) for s in sets], args.permutations, args.alpha)
+    check_sizes(names, [len(s) for s in sets], args.n_perm, args.alpha)
     return names, [[dataclasses.replace(s, slug=f"{set_prefix(n)}-{s.slug}") for s in ss]
                    for n, ss in zip(names, sets)]
 
@@ -129,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         store = Store(args.report)
         if store.get("contrast-sets.json") is None:
             raise UsageError(f"--report {args.report}: no contrast-sets.json (not a cltrace contrast folder)")
-        report = build_report(store, settings, args.min_share)
+        report = build_report(store, settings)
         _print(report, store.location)
         return 0
     from ..batch.runner import run_batch
@@ -159,6 +147,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{res.ok} ok, {res.failed} failed, {res.skipped} skipped (done before) of {res.total} prompts "
           f"in {res.seconds:.1f}s")
-    report = build_report(store, settings, args.min_share)
+    report = build_report(store, settings)
     _print(report, store.location)
     return 0 if res.failed == 0 else 3

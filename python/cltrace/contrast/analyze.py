@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
 from ..export.neuronpedia import cantor_pair
+from ..settings import option
 from .collect import FeatureTable
 from .stats import bh_qvalues, hedges_g, min_attainable_p, permutation_p, relabellings
 
@@ -16,11 +18,26 @@ MEASURES = ("activation", "influence")
 
 @dataclass(frozen=True)
 class ContrastSettings:
-    by: str = "activation"  # the measure that ranks the features
-    n_perm: int = 10000  # relabellings (exact enumeration when there are at most this many)
-    seed: int = 0
-    min_count: int = 2  # test the features kept in at least this many prompts (both sets)
-    alpha: float = 0.05  # the q-value called significant
+    """How two sets are compared: the one source of these defaults, for :func:`contrast`,
+    :func:`cltrace.contrast.build_report` and the options of ``cltrace contrast``."""
+
+    by: str = option("activation", "the measure that ranks the features", choices=MEASURES)
+    n_perm: int = option(10000, "relabellings of the permutation test (every one, exact, when "
+                         "there are at most N)", metavar="N", flag="--permutations")
+    seed: int = option(0, "seed of the relabellings")
+    min_count: int = option(2, "test the features kept in at least K graphs of the two sets",
+                            metavar="K")
+    alpha: float = option(0.05, "q-value called significant")
+    min_share: float = option(0.5, "common circuit: nodes and edges in at least this share of a "
+                              "set's graphs", metavar="S")
+
+    def check(self) -> "ContrastSettings":
+        """``self``, or a UsageError naming the option out of range."""
+        if self.n_perm < 1:
+            raise UsageError(f"--permutations must be >= 1, got {self.n_perm}")
+        if not 0 < self.alpha < 1 or not 0 < self.min_share <= 1:
+            raise UsageError("--alpha must be in (0, 1) and --min-share in (0, 1]")
+        return self
 
 
 def _num(x: float):

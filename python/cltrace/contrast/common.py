@@ -70,7 +70,7 @@ class CommonCircuit:
                 e[0] += 1
                 e[1] += float(link["weight"])
 
-    def graph(self, name: str, min_share: float = 0.5) -> Optional[dict]:
+    def graph(self, name: str, min_share: float) -> Optional[dict]:
         """The merged graph JSON (slug ``name``), or None without graphs."""
         n, meta, n_layers, tokens, labels = self.n, self.meta, self.n_layers, self.tokens, self.labels
         if not n:
@@ -111,7 +111,7 @@ class CommonCircuit:
                 "nodes": out_nodes, "links": links}
 
 
-def common_circuit(graphs: Iterable[dict], name: str, min_share: float = 0.5) -> Optional[dict]:
+def common_circuit(graphs: Iterable[dict], name: str, min_share: float) -> Optional[dict]:
     """The merged graph JSON (slug ``name``) of ``graphs`` (each a prompt's graph JSON), or
     None without graphs."""
     acc = CommonCircuit()

@@ -21,7 +21,7 @@ def sets_json(names: list[str], slugs: list[list[str]]) -> bytes:
                         "sets": [{"name": n, "slugs": s} for n, s in zip(names, slugs)]}, indent=1) + "\n").encode()
 
 
-def build_report(store, settings: ContrastSettings = ContrastSettings(), min_share: float = 0.5) -> dict:
+def build_report(store, settings: ContrastSettings = ContrastSettings()) -> dict:
     """Read the sets (``contrast-sets.json``), the manifest and the graphs of ``store``; write
     ``contrast.json`` and ``common-{set}.json``; return the report (its ``seconds``: the time
     taken)."""
@@ -51,11 +51,11 @@ def build_report(store, settings: ContrastSettings = ContrastSettings(), min_sha
     report["common"] = []
     for i in range(2):
         name = f"common-{set_prefix(names[i])}"
-        g = merged[i].graph(name, min_share)
+        g = merged[i].graph(name, settings.min_share)
         if g is not None:
             store.put(f"{name}.json", json.dumps(g).encode())
             report["common"].append({"set": names[i], "graph": f"{name}.json", "nodes": len(g["nodes"]),
-                                     "links": len(g["links"]), "min_share": min_share})
+                                     "links": len(g["links"]), "min_share": settings.min_share})
     report["seconds"] = round(time.perf_counter() - t0, 3)
     store.put(REPORT, (json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n").encode())
     return report
