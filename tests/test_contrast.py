@@ -216,7 +216,7 @@ def test_report_page_in_a_browser(planted):
     no request off the server; the report is not listed as a graph, the common circuits are."""
     import urllib.request
 
-    from support.serve import browser_missing, cleanup, launch_chromium, serving
+    from support.serve import browser_missing, cleanup, launch_chromium, serving, watch_page
 
     why = browser_missing()
     if why:
@@ -231,12 +231,7 @@ def test_report_page_in_a_browser(planted):
         ctx, profile = launch_chromium(pw)
         try:
             pg = ctx.new_page()
-            errors, foreign = [], []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error"
-                  and not m.text.startswith("Failed to load resource") else None)
-            pg.on("request", lambda r: None if r.url.startswith(url + "/") or r.url.startswith(("data:", "about:"))
-                  else foreign.append(r.url))
+            errors, foreign = watch_page(pg, url)
             pg.goto(f"{url}/contrast.html")
             pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
             report = json.loads((planted / "contrast.json").read_text())

@@ -226,7 +226,7 @@ def test_lens_page_in_a_browser(tiny_cli, tmp_path, capsys):
     import urllib.request
 
     from support.lens import write_pages
-    from support.serve import browser_missing, cleanup, launch_chromium, serving
+    from support.serve import browser_missing, cleanup, launch_chromium, serving, watch_page
 
     why = browser_missing()
     if why:
@@ -247,14 +247,9 @@ def test_lens_page_in_a_browser(tiny_cli, tmp_path, capsys):
         ctx, profile = launch_chromium(pw)
         try:
             pg = ctx.new_page()
-            errors, foreign = [], []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error"  # (HTTP 4xx answers
-                  and not m.text.startswith("Failed to load resource") else None)  # are counted below)
-            missing = []
+            errors, foreign = watch_page(pg, url)
+            missing = []  # HTTP 4xx answers, counted below
             pg.on("response", lambda r: missing.append(r.url) if r.status >= 400 else None)
-            pg.on("request", lambda r: None if r.url.startswith(url + "/") or r.url.startswith(("data:", "about:"))
-                  else foreign.append(r.url))
             pg.goto(f"{url}/lens.html")
             pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
             n_tok = len(data["tokens"])

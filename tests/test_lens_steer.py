@@ -133,7 +133,7 @@ def test_lens_page_steers_in_a_browser(setup, steerer):
     """The lens page of a server with a tiny model and the resid_post SAEs: a click on a cell,
     then steer: the before/after continuations drawn are the server's; no JS error, no
     request off the server."""
-    from support.serve import browser_missing, cleanup, launch_chromium
+    from support.serve import browser_missing, cleanup, launch_chromium, watch_page
 
     why = browser_missing()
     if why:
@@ -145,12 +145,7 @@ def test_lens_page_steers_in_a_browser(setup, steerer):
         ctx, profile = launch_chromium(pw)
         try:
             pg = ctx.new_page()
-            errors, foreign = [], []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error"
-                  and not m.text.startswith("Failed to load resource") else None)
-            pg.on("request", lambda r: None if r.url.startswith(url + "/") or r.url.startswith(("data:", "about:"))
-                  else foreign.append(r.url))
+            errors, foreign = watch_page(pg, url)
             pg.goto(f"{url}/lens.html")
             pg.wait_for_function("['1', 'error'].includes(document.body.dataset.ready)", timeout=15000)
             assert errors == [] and pg.locator("#error").is_hidden(), (errors, pg.locator("#error").inner_text())

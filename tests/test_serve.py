@@ -18,7 +18,7 @@ import torch
 from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
 from support.serve import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
-                            qk_graph, serving, synthetic_graph, tiny_setup)
+                           qk_graph, serving, synthetic_graph, tiny_setup, watch_page)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")
 
@@ -173,12 +173,7 @@ def recording_page(browser, server):
     """A fresh tab that records JS errors and every request that leaves 127.0.0.1:port; checks
     there were none when the test is done."""
     pg = browser.new_page()
-    pg.errors, pg.foreign = [], []
-    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error"  # (HTTP 4xx answers
-          and not m.text.startswith("Failed to load resource") else None)  # are expected, not JS errors)
-    pg.on("request", lambda r: None if r.url.startswith(server + "/") or r.url.startswith(("data:", "about:"))
-          else pg.foreign.append(r.url))
+    pg.errors, pg.foreign = watch_page(pg, server)
     yield pg
     assert pg.errors == [] and pg.foreign == []
     pg.close()

@@ -291,6 +291,18 @@ def tiny_setup(per_cell: int = 2):
     return rm, g
 
 
+def watch_page(pg, origin: str) -> tuple[list, list]:
+    """(errors, foreign): lists that fill with ``pg``'s JS errors (page errors and console
+    errors; HTTP 4xx answers are not JS errors) and the URLs it requests outside ``origin``."""
+    errors, foreign = [], []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error"
+          and not m.text.startswith("Failed to load resource") else None)
+    pg.on("request", lambda r: None if r.url.startswith(origin + "/") or r.url.startswith(("data:", "about:"))
+          else foreign.append(r.url))
+    return errors, foreign
+
+
 def launch_chromium(playwright):
     """The system Chromium, headless, fresh profile; returns (browser context, profile dir)."""
     profile = tempfile.mkdtemp(prefix="cltrace-chromium-")
