@@ -13,7 +13,7 @@ import pytest
 
 from cltrace.attribution import AttributionSettings
 from cltrace.pipeline import PromptSpec, TraceSettings
-from cltrace.batch.prompts import read_prompts
+from cltrace.batch.prompts import read_prompts, spec_from_row, spec_to_row
 from cltrace.batch.runner import run_batch
 from cltrace.batch.store import Store
 from cltrace.batch.summary import summarize
@@ -132,6 +132,20 @@ def test_read_prompts(tmp_path):
         (tmp_path / "e.jsonl").write_text(text + "\n")
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("'", "'")):
             read_prompts(tmp_path / "e.jsonl")
+
+
+def test_a_spec_round_trips_through_its_jsonl_row(tmp_path):
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a b", "target": " x", "target_diff": [[" F", " S"], [" G", " H"]], "label": "A", "pair": 3}\n'
+        '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, '
+        '{"role": "model", "content": "Sure"}], "slug": "conv", "chat": true}\n'
+        '{"prompt": "plain"}\n')
+    specs = read_prompts(tmp_path / "p.jsonl")
+    rows = [json.loads(json.dumps(spec_to_row(s))) for s in specs]
+    assert [spec_from_row(r, "row") for r in rows] == specs
+    assert rows[0]["pair"] == "3" and rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    with pytest.raises(ValueError, match="row: no 'slug'"):
+        spec_from_row({"prompt": "x"}, "row")
 
 
 @pytest.mark.slow

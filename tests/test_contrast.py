@@ -6,6 +6,7 @@ the same ranking from the stored graphs, refuses bad input before tracing; the r
 headless Chromium."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,10 @@ import os
 import numpy as np
 import pytest
 
+from cltrace.batch.prompts import read_prompts
+from cltrace.batch.store import Store
 from cltrace.cli import main
+from cltrace.contrast.report import load_sets
 from cltrace.contrast.stats import bh_qvalues, hedges_g, permutation_p, relabellings
 from support import contrast as P
 
@@ -161,6 +165,13 @@ def test_report_rebuilds_from_the_stored_graphs(planted, capsys):
     assert "L0 #7" in capsys.readouterr().out
     full = json.loads((planted / "common-a.json").read_text())
     assert full["metadata"]["info"]["common_circuit"]["min_count"] == N
+
+
+def test_the_folder_keeps_each_sets_prompts(planted):
+    names, sets = load_sets(Store(str(planted)))
+    a, b = (read_prompts(planted.parent / f"{s}.jsonl") for s in "ab")
+    assert names == ["a", "b"]
+    assert sets == [[dataclasses.replace(s, slug=f"{n}-{s.slug}") for s in ss] for n, ss in zip("ab", (a, b))]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -85,14 +85,45 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
     return specs
 
 
+def spec_to_row(spec: PromptSpec) -> dict:
+    """The JSONL object of ``spec`` (the columns above; the inverse of :func:`spec_from_row`)."""
+    row: dict = ({"messages": [{"role": r, "content": c} for r, c in spec.messages]} if spec.messages
+                 else {"prompt": spec.prompt})
+    row["slug"] = spec.slug
+    tokens = [t for t in spec.targets if isinstance(t, str)]
+    diffs = [list(t) for t in spec.targets if not isinstance(t, str)]
+    if tokens:
+        row["target"] = tokens
+    if diffs:
+        row["target_diff"] = diffs
+    row["chat"] = spec.chat
+    for k in ("label", "pair"):
+        if getattr(spec, k) is not None:
+            row[k] = getattr(spec, k)
+    return row
+
+
+def spec_from_row(obj: dict, where: str) -> PromptSpec:
+    """The PromptSpec of one JSONL object with a ``slug`` (as :func:`spec_to_row` writes it), checked."""
+    prompt, slug, *rest = _fields(obj, where, False)
+    if slug is None:
+        raise UsageError(f"{where}: no 'slug'")
+    return PromptSpec(prompt, slug, *rest)
+
+
 def _row(line: str, where: str, chat: bool) -> tuple:
     """One JSONL line's PromptSpec fields (slug None when not given), checked."""
-    from ..models.conversation import check_messages, messages_title
-
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UsageError(f"{where}: not JSON ({e.msg})") from None
+    return _fields(obj, where, chat)
+
+
+def _fields(obj, where: str, chat: bool) -> tuple:
+    """One JSONL object's PromptSpec fields (slug None when not given), checked."""
+    from ..models.conversation import check_messages, messages_title
+
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected an object with a string 'prompt' or a 'messages' list")
     unknown = [k for k in obj if k not in COLUMNS]

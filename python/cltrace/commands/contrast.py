@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     trace = trace_settings(args)
     check_features_dir(args.features)
     store = Store(args.out).check_writable()
-    store.put(SETS_FILE, sets_json(names, [[s.slug for s in ss] for ss in sets]))
+    store.put(SETS_FILE, sets_json(names, sets))
     loader = functools.partial(load_for_worker, args.model, args.transcoders, args.device,
                                args.dtype, args.skip_positions, args.features)
     try:

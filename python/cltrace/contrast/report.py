@@ -16,9 +16,32 @@ SETS_FILE = "contrast-sets.json"  # the sets, written before tracing: the report
 REPORT = "contrast.json"
 
 
-def sets_json(names: list[str], slugs: list[list[str]]) -> bytes:
-    return (json.dumps({"format": "cltrace.contrast-sets/1",
-                        "sets": [{"name": n, "slugs": s} for n, s in zip(names, slugs)]}, indent=1) + "\n").encode()
+def sets_json(names: list[str], sets: list[list]) -> bytes:
+    """``contrast-sets.json``: each set's name, its graphs' slugs and its prompts (PromptSpecs,
+    as batch JSONL objects: what ``cltrace steer --contrast`` measures again)."""
+    from ..batch.prompts import spec_to_row
+
+    return (json.dumps({"format": "cltrace.contrast-sets/1", "sets": [
+        {"name": n, "slugs": [s.slug for s in ss], "prompts": [spec_to_row(s) for s in ss]}
+        for n, ss in zip(names, sets)]}, indent=1) + "\n").encode()
+
+
+def load_sets(store) -> tuple[list[str], list[list]]:
+    """(the two set names, each set's PromptSpecs) of a contrast folder's ``contrast-sets.json``;
+    a UsageError when the folder has none (or one written before the prompts were stored)."""
+    from ..batch.prompts import spec_from_row
+    from ..errors import UsageError
+
+    raw = store.get(SETS_FILE)
+    if raw is None:
+        raise UsageError(f"{store.location}: no {SETS_FILE} (not a cltrace contrast folder)")
+    spec = json.loads(raw)
+    if any("prompts" not in s for s in spec["sets"]):
+        raise UsageError(f"{store.location}/{SETS_FILE}: no prompts stored (written by an older "
+                         f"cltrace): rerun cltrace contrast on the same sets and --out")
+    where = f"{store.location}/{SETS_FILE}"
+    return ([s["name"] for s in spec["sets"]],
+            [[spec_from_row(r, f"{where} set {s['name']!r}") for r in s["prompts"]] for s in spec["sets"]])
 
 
 def build_report(store, settings: ContrastSettings = ContrastSettings()) -> dict:
