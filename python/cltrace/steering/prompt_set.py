@@ -2,8 +2,9 @@
 prompt, then the mean change with its bootstrap interval and a paired sign-flip test
 (:mod:`.stats`).
 
-A plain loop in this process (no Ray, no worker processes): each prompt costs two forward
-passes (logit-diff, logprob) or two generations (match). The interventions act as in
+:func:`run_set` is a plain loop in this process; :func:`cltrace.steering.set_ray.run_set_ray`
+runs the same per-prompt measurement (:func:`measure_prompt`) on Ray actors. Each prompt costs
+two forward passes (logit-diff, logprob) or two generations (match). The interventions act as in
 ``cltrace steer``: free mode (the real model with the decoder deltas; transcoder features of a
 :class:`~cltrace.replacement.ReplacementModel` or SAE latents of a
 :class:`~cltrace.steering.sae.SaeSteering`), or frozen mode (transcoders, logit-diff only).
@@ -105,6 +106,32 @@ def measure(rm, tokens: Tensor, metric: Metric, ids, interventions: Sequence[Int
     return hit(before), hit(after), (before.text, after.text)
 
 
+def measure_prompt(rm, tokenizer, spec, metric: Metric, ids, interventions: Sequence[Intervention],
+                   **opts) -> SetRow:
+    """The :class:`SetRow` of one prompt (``spec``: a :class:`~cltrace.pipeline.PromptSpec`;
+    ``ids`` from :func:`~cltrace.steering.metrics.metric_ids`; ``opts``: :func:`measure`'s
+    keywords). What :func:`run_set` does for each prompt, here or in a Ray actor
+    (:mod:`.set_ray`); a problem with the prompt is a UsageError naming its slug."""
+    from ..models import prompt_tokens
+
+    _, prompt = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
+    try:
+        tokens = rm.tokenize(prompt)
+        b, a, texts = measure(rm, tokens, metric, ids, interventions, **opts)
+    except UsageError as e:
+        raise UsageError(f"prompt {spec.slug!r}: {e}") from None
+    return SetRow(spec.slug, b, a, texts)
+
+
+def summarize(metric: Metric, rows: list[SetRow], interventions: Sequence, mode: str = "free", *,
+              n_resamples: int = 10_000, seed: int = 0) -> SetResult:
+    """The :class:`SetResult` of the rows (in prompt order): their paired summary
+    (:func:`~cltrace.steering.stats.paired_summary`, ``n_resamples`` seeded by ``seed``)."""
+    summary = paired_summary([r.before for r in rows], [r.after for r in rows],
+                             n_resamples=n_resamples, seed=seed)
+    return SetResult(metric, rows, summary, [str(iv) for iv in interventions], mode)
+
+
 def run_set(rm, tokenizer, specs, metric: Metric, interventions: Sequence[Intervention], *,
             mode: str = "free", freeze_features: bool = False, steer_generated: bool = False,
             generation: Optional[dict] = None, n_resamples: int = 10_000, seed: int = 0,
@@ -113,27 +140,18 @@ def run_set(rm, tokenizer, specs, metric: Metric, interventions: Sequence[Interv
     (:class:`~cltrace.pipeline.PromptSpec`, e.g. from a batch JSONL), then summarize the
     changes (:func:`~cltrace.steering.stats.paired_summary`, ``n_resamples`` seeded by
     ``seed``). A problem with one prompt (a position it does not have, too long) is an error
-    naming its slug."""
-    from ..models import prompt_tokens
-
+    naming its slug. :func:`cltrace.steering.set_ray.run_set_ray` deals the prompts out to
+    Ray actors and gives the same result."""
     if not specs:
         raise UsageError("the prompt set is empty")
     ids = metric_ids(metric, tokenizer)
+    opts = dict(mode=mode, freeze_features=freeze_features, steer_generated=steer_generated,
+                generation=generation)
     rows = []
     for i, spec in enumerate(specs, 1):
         say(f"[{i}/{len(specs)}] {spec.slug}")
-        _, prompt = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
-        try:
-            tokens = rm.tokenize(prompt)
-            b, a, texts = measure(rm, tokens, metric, ids, interventions, mode=mode,
-                                  freeze_features=freeze_features,
-                                  steer_generated=steer_generated, generation=generation)
-        except UsageError as e:
-            raise UsageError(f"prompt {spec.slug!r}: {e}") from None
-        rows.append(SetRow(spec.slug, b, a, texts))
-    summary = paired_summary([r.before for r in rows], [r.after for r in rows],
-                             n_resamples=n_resamples, seed=seed)
-    return SetResult(metric, rows, summary, [str(iv) for iv in interventions], mode)
+        rows.append(measure_prompt(rm, tokenizer, spec, metric, ids, interventions, **opts))
+    return summarize(metric, rows, interventions, mode, n_resamples=n_resamples, seed=seed)
 
 
 def write_result(result: SetResult, path) -> None:
