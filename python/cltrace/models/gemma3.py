@@ -196,10 +196,14 @@ class Gemma3TextModel(nn.Module):
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
                 inputs_embeds: Optional[Tensor] = None, use_cache: Optional[bool] = None,
-                cache: Optional[KVCache] = None, **_ignored) -> TextModelOutput:
+                cache: Optional[KVCache] = None, image_groups: Optional[Tensor] = None,
+                **_ignored) -> TextModelOutput:
         """``attention_mask [B, T_past + T]`` (1: a real token, 0: padding), ``position_ids
         [B, T]`` (default: ``T_past + arange(T)``); with ``use_cache`` the keys and values are
-        kept in ``past_key_values`` (a :class:`KVCache`, created when None)."""
+        kept in ``past_key_values`` (a :class:`KVCache`, created when None). ``image_groups
+        [B, T_past + T]``: which image each position's soft token belongs to (-1: text), for
+        the bidirectional attention among one image's soft tokens (multimodal prompts, whose
+        ``inputs_embeds`` carry the soft tokens: :mod:`.vision`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -209,7 +213,7 @@ class Gemma3TextModel(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
-        masks = attention_masks(self.config, x, attention_mask, past)
+        masks = attention_masks(self.config, x, attention_mask, past, image_groups)
         ropes = {t: self.rotary_emb(x, position_ids, t) for t in set(self.config.layer_types)}
         for layer in self.layers:
             t = layer.attention_type
@@ -263,12 +267,13 @@ class Gemma3ForCausalLM(nn.Module):
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
                 inputs_embeds: Optional[Tensor] = None, use_cache: Optional[bool] = None,
                 logits_to_keep: Union[int, Tensor] = 0, cache: Optional[KVCache] = None,
-                **_ignored) -> CausalLMOutput:
+                image_groups: Optional[Tensor] = None, **_ignored) -> CausalLMOutput:
         """Logits ``[B, T, vocab]`` (the last ``logits_to_keep`` positions when > 0); the
         arguments as :meth:`Gemma3TextModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
+                         image_groups=image_groups)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h

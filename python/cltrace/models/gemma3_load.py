@@ -8,7 +8,7 @@ checkpoint's tensor: safetensors files (``model.safetensors`` or the shards list
 the mapping, so a float32 checkpoint loaded in float32 on the CPU is not copied at all; another
 dtype or device costs exactly one cast/copy per tensor. Multimodal ``gemma3`` checkpoints keep
 their language model (``model.language_model.*`` in transformers 5, ``language_model.model.*``
-in older hub checkpoints); the vision tower is never read.
+in older hub checkpoints); their vision tower and projector are :mod:`.vision`'s.
 """
 from __future__ import annotations
 
@@ -81,19 +81,30 @@ def text_weights(tensors: dict[str, Tensor], multimodal: bool) -> dict[str, Tens
     return out
 
 
-def load_gemma3(folder: Union[str, Path], dtype: torch.dtype, *, name_or_path: str = "",
-                where: Optional[str] = None) -> Gemma3ForCausalLM:
-    """The Gemma 3 text model of the safetensors checkpoint in ``folder`` (CPU, eval mode)."""
+def read_checkpoint(folder: Union[str, Path], where: Optional[str] = None) -> tuple[dict, dict[str, Tensor]]:
+    """(the ``config.json`` dict, every tensor of the safetensors checkpoint in ``folder``,
+    memory-mapped)."""
     folder = Path(folder)
     where = where or str(folder)
     raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    cfg = read_config(folder, where)
     files = safetensors_files(folder)
     if files is None:
         raise FileNotFoundError(f"{where}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(read_safetensors(f))
+    return raw, tensors
+
+
+def load_gemma3(folder: Union[str, Path], dtype: torch.dtype, *, name_or_path: str = "",
+                where: Optional[str] = None,
+                checkpoint: Optional[tuple[dict, dict[str, Tensor]]] = None) -> Gemma3ForCausalLM:
+    """The Gemma 3 text model of the safetensors checkpoint in ``folder`` (CPU, eval mode);
+    ``checkpoint``: what :func:`read_checkpoint` read from it already."""
+    folder = Path(folder)
+    where = where or str(folder)
+    cfg = read_config(folder, where)
+    raw, tensors = checkpoint or read_checkpoint(folder, where)
     return build(cfg, text_weights(tensors, raw.get("model_type") == "gemma3"), dtype,
                  name_or_path=name_or_path, where=where)
 

@@ -7,7 +7,9 @@ with ``inv_freq[i] = 1 / theta^(2i / head_dim)``; Gemma 3 uses theta 10k on slid
 
 Masks are indexed by position in the key/value sequence (past + current tokens, left padding
 included): query ``q`` may attend key ``k`` when ``k <= q``, ``k`` is not padding and, on
-sliding layers, ``k > q - sliding_window``.
+sliding layers, ``k > q - sliding_window``. Images (multimodal checkpoints) add one rule, as
+transformers' ``Gemma3Model`` does: the soft tokens of one image see each other both ways
+(``group[q] == group[k] >= 0`` also allows ``k > q``), within the window on sliding layers.
 """
 from __future__ import annotations
 
@@ -86,14 +88,24 @@ class KVCache:
 
 
 def attention_masks(cfg: Gemma3TextConfig, x: Tensor, attention_mask: Optional[Tensor],
-                    past: int) -> dict[str, Optional[Tensor]]:
+                    past: int, image_groups: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:
     """Per layer type the mask of queries ``past..past+T`` over keys ``0..past+T``.
 
     eager: additive float ``[B, 1, T, T_kv]`` (0 or the dtype's min), always; SDPA: boolean
     (True: attend), or None where SDPA's own causal mask is the same (no padding, and no key
-    outside the window) -- the choices transformers makes, so the kernels see the same inputs."""
+    outside the window) -- the choices transformers makes, so the kernels see the same inputs.
+    ``image_groups [B, T_kv]``: the image each position's soft token belongs to (0, 1, ...; -1
+    for text); positions of one image attend each other both ways
+    (sliding: ``window & (causal | same image)``, global: ``causal | same image``)."""
     B, T = x.shape[:2]
     n_kv = past + T
+    if image_groups is not None:
+        if image_groups.shape[-1] != n_kv:
+            raise ValueError(f"image_groups covers {image_groups.shape[-1]} positions, "
+                             f"expected past + current = {n_kv}")
+        image_groups = image_groups.to(x.device)
+        if not bool((image_groups >= 0).any()):
+            image_groups = None  # no image: the text masks
     pad = None
     if attention_mask is not None:
         if attention_mask.shape[-1] != n_kv:
@@ -105,16 +117,18 @@ def attention_masks(cfg: Gemma3TextConfig, x: Tensor, attention_mask: Optional[T
     out: dict[str, Optional[Tensor]] = {}
     for t in set(cfg.layer_types):
         window = cfg.sliding_window if t == "sliding_attention" else None
-        if (not eager and no_pad and (T == 1 or n_kv == T)
+        if (not eager and no_pad and image_groups is None and (T == 1 or n_kv == T)
                 and (window is None or n_kv < window)):
             out[t] = None
             continue
         q_pos = torch.arange(past, n_kv, device=x.device)[:, None]  # [T, 1]
         k_pos = torch.arange(n_kv, device=x.device)[None]  # [1, T_kv]
-        m = k_pos <= q_pos
+        m = (k_pos <= q_pos)[None, None]  # [1, 1, T, T_kv]
+        if image_groups is not None:
+            g_q, g_k = image_groups[:, None, past:, None], image_groups[:, None, None, :]
+            m = m | ((g_q == g_k) & (g_q >= 0))  # [B, 1, T, T_kv]
         if window is not None:
             m = m & (k_pos > q_pos - window)
-        m = m[None, None]  # [1, 1, T, T_kv]
         m = m & pad[:, None, None, :] if pad is not None else m.expand(B, 1, T, n_kv)
         if eager:
             zero = torch.tensor(0.0, device=x.device, dtype=x.dtype)

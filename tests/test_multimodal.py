@@ -1,0 +1,229 @@
+"""Images in the prompt: a multimodal Gemma 3 loaded by cltrace computes what transformers'
+``Gemma3ForConditionalGeneration`` computes.
+
+The oracle is transformers itself, on a tiny random checkpoint saved in the hub layout
+(:mod:`support.tiny_gemma_vision`): the same logits (fp32 rounding), the same attention masks
+(its ``create_masks_for_vision_model``), the same weights read back from both tensor layouts.
+The bidirectional mask among one image's soft tokens is shown to matter: with it dropped the
+logits at image positions move far beyond rounding.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from cltrace.errors import UsageError
+from cltrace.models.gemma3_parts import attention_masks
+from cltrace.models.images import ImagePreprocessor, read_image
+from cltrace.models.multimodal import check_multimodal, load_multimodal
+from support.tiny_gemma_vision import (IMAGE_SIZE, SOFT, SOFT_TOKENS, save_tiny_gemma_vision,
+                                       transformers5_layout)
+
+PROMPT = "what is in this picture <start_of_image> the cat sat on a <start_of_image> mat"
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory):
+    """{layout or window: (folder, transformers model)}: the hub layout (window 6), the same
+    weights in transformers 5's layout, and a model whose window (3) is shorter than an image."""
+    root = tmp_path_factory.mktemp("tiny-gemma-vision")
+    hf = save_tiny_gemma_vision(root / "hub")
+    transformers5_layout(root / "hub", root / "tf5")
+    narrow = save_tiny_gemma_vision(root / "narrow", seed=1, window=3)
+    return {"hub": (root / "hub", hf), "tf5": (root / "tf5", hf), "narrow": (root / "narrow", narrow)}
+
+
+def _images(n: int = 2):
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 70), (IMAGE_SIZE, IMAGE_SIZE), (90, 33)]
+    return [torch.randint(0, 256, (3, *sizes[i % 3]), generator=g, dtype=torch.uint8) for i in range(n)]
+
+
+def _transformers_logits(hf, prompt):
+    token_type_ids = (prompt.input_ids == SOFT).long()  # what Gemma 3's processor returns
+    with torch.no_grad():
+        return hf(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values,
+                  token_type_ids=token_type_ids).logits
+
+
+@pytest.mark.parametrize("which", ["hub", "tf5", "narrow"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logits_equal_transformers(tiny_vision, which, attn):
+    folder, hf = tiny_vision[which]
+    lm = load_multimodal(folder, device="cpu")
+    lm.model.set_attn_implementation(attn)
+    prompt = lm.prompt(PROMPT, _images(2))
+    assert int((prompt.input_ids == SOFT).sum()) == 2 * SOFT_TOKENS
+    ours, ref = lm.logits(prompt), _transformers_logits(hf, prompt)
+    assert ours.shape == ref.shape == (1, prompt.input_ids.shape[1], hf.config.text_config.vocab_size)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bidirectional_mask_matters(tiny_vision):
+    """Causal attention among the soft tokens is a different function: the first soft token
+    of each image (which sees its image's later tokens only through the image rule) moves."""
+    folder, hf = tiny_vision["hub"]
+    lm = load_multimodal(folder, device="cpu")
+    prompt = lm.prompt(PROMPT, _images(2))
+    ref = _transformers_logits(hf, prompt)
+    causal = lm.logits(prompt, bidirectional=False)
+    first = [int(i) for i in torch.nonzero(prompt.image_groups[0] >= 0).flatten()
+             if prompt.image_groups[0, i - 1] < 0]
+    assert len(first) == 2
+    gap = (causal - ref)[0, first].abs().amax(-1)  # [2]
+    assert (gap > 1e-2 * ref.abs().max()).all()
+    before = int(torch.nonzero(prompt.image_groups[0] >= 0).min())
+    assert (causal - ref)[0, :before].abs().max() <= 1e-5 * ref.abs().max()  # text before: same
+
+
+@pytest.mark.parametrize("window", [3, 6])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_masks_equal_transformers(window, attn):
+    """cltrace's masks with image groups are transformers' (global: causal | same image;
+    sliding: window & (causal | same image)), two images, one longer than the window."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
+                                                            get_block_sequence_ids_for_mask)
+
+    from cltrace.models.gemma3_config import config_from_dict
+    from cltrace.models.vision import ImageTokenIds, VisionInput
+
+    hf_cfg = Gemma3TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                              sliding_window=window, hidden_size=8, head_dim=4,
+                              num_attention_heads=2, num_key_value_heads=1)
+    hf_cfg._attn_implementation = attn
+    cfg = config_from_dict(hf_cfg.to_dict(), "test")
+    cfg._attn_implementation = attn
+    ids = torch.tensor([[2, 9, 4, 6, 6, 6, 6, 5, 9, 4, 6, 6, 6, 6, 6, 5, 9]])  # images of 4 and 5
+    x = torch.zeros(1, ids.shape[1], 8)
+    ref = create_masks_for_vision_model(
+        config=hf_cfg, inputs_embeds=x, attention_mask=None, cache=None,
+        position_ids=torch.arange(ids.shape[1])[None],
+        block_sequence_ids=get_block_sequence_ids_for_mask((ids == 6).long()))
+    vision = VisionInput(torch.nn.Identity(), torch.nn.Identity(), ImageTokenIds(4, 5, 6, 4), 56)
+    ours = attention_masks(cfg, x, None, 0, vision.image_groups(ids))
+    for t in ("sliding_attention", "full_attention"):
+        assert torch.equal(ours[t], ref[t].expand_as(ours[t])), t
+
+
+def test_loader_reads_both_layouts(tiny_vision):
+    """Every weight of the language model, vision tower and projector comes back from the
+    hub layout and from transformers 5's layout, equal to the saved model's."""
+    _, hf = tiny_vision["hub"]
+    want = {k: v for k, v in hf.state_dict().items()}
+    for which in ("hub", "tf5"):
+        lm = load_multimodal(tiny_vision[which][0], device="cpu")
+        text = {"model.language_model." + k[len("model."):]: v
+                for k, v in lm.model.state_dict().items() if k.startswith("model.")}
+        vision = {"model." + k: v for k, v in lm.vision.state_dict().items()}
+        got = {**text, **vision, "lm_head.weight": lm.model.lm_head.weight}
+        assert set(got) == set(want), which
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (which, k)
+
+
+def test_text_path_unchanged(tiny_vision):
+    """A prompt without an image gives the same logits as transformers on its tokens (the
+    masks without image groups are the text masks)."""
+    folder, hf = tiny_vision["hub"]
+    lm = load_multimodal(folder, device="cpu")
+    prompt = lm.prompt("the cat sat on a mat what is in this picture", [])
+    assert (prompt.image_groups < 0).all()
+    ours = lm.logits(prompt)
+    with torch.no_grad():
+        ref = hf(input_ids=prompt.input_ids).logits
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_placeholder_count_must_match(tiny_vision):
+    lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
+    with pytest.raises(UsageError, match="1 <start_of_image> placeholder.*2 image"):
+        lm.prompt("the <start_of_image> cat", _images(2))
+
+
+def test_text_only_checkpoint_refused(tmp_path):
+    from support.tiny_gemma import tiny_gemma
+
+    tiny_gemma(n_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="text-only"):
+        check_multimodal(tmp_path)
+    with pytest.raises(UsageError, match="text-only"):
+        load_multimodal("gemma-3-270m")
+
+
+def test_not_an_image(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image\n")
+    with pytest.raises(UsageError, match="notes.png"):
+        read_image(bad)
+    with pytest.raises(UsageError, match="missing.png"):
+        read_image(tmp_path / "missing.png")
+
+
+# --- image files and preprocessing ----------------------------------------------------------
+
+def _png(pixels: np.ndarray, colour: int, filters) -> bytes:
+    """An 8-bit PNG of ``pixels [H, W, C]`` with each row filtered by ``filters[y]`` (0-4),
+    encoded from the PNG specification's filter definitions."""
+    h, w, c = pixels.shape
+    flat = pixels.reshape(h, w * c).astype(np.int32)
+    rows = []
+    for y in range(h):
+        cur, prev = flat[y], flat[y - 1] if y else np.zeros(w * c, np.int32)
+        left = np.concatenate([np.zeros(c, np.int32), cur[:-c]])
+        upleft = np.concatenate([np.zeros(c, np.int32), prev[:-c]])
+        f = filters[y % len(filters)]
+        if f == 0:
+            pred = np.zeros_like(cur)
+        elif f == 1:
+            pred = left
+        elif f == 2:
+            pred = prev
+        elif f == 3:
+            pred = (left + prev) // 2
+        else:
+            p = left + prev - upleft
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        rows.append(bytes([f]) + ((cur - pred) & 255).astype(np.uint8).tobytes())
+
+    def chunk(kind, body):
+        return (len(body).to_bytes(4, "big") + kind + body
+                + zlib.crc32(kind + body).to_bytes(4, "big"))
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, colour, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("colour,channels", [(2, 3), (6, 4), (0, 1), (4, 2)])
+def test_png_decoder(tmp_path, colour, channels):
+    rng = np.random.default_rng(colour)
+    pixels = rng.integers(0, 256, (7, 5, channels), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    path.write_bytes(_png(pixels, colour, filters=[0, 1, 2, 3, 4]))
+    got = read_image(path)
+    want = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=2)
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want).permute(2, 0, 1))
+
+
+def test_ppm(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    path = tmp_path / "x.ppm"
+    path.write_bytes(b"P6\n# a comment\n6 4\n255\n" + pixels.tobytes())
+    assert torch.equal(read_image(path), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_preprocess_normalises_at_size():
+    """At the tower's size there is no resize: ``(x / 255 - mean) / std``; other sizes
+    come out at the tower's size."""
+    pre = ImagePreprocessor((IMAGE_SIZE, IMAGE_SIZE), [0.5, 0.4, 0.3], [0.5, 0.2, 0.1])
+    im = _images(2)[1]
+    x = pre([im, _images(1)[0]])
+    assert x.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    mean = torch.tensor([0.5, 0.4, 0.3])[:, None, None]
+    std = torch.tensor([0.5, 0.2, 0.1])[:, None, None]
+    assert torch.allclose(x[0], (im.double() / 255 - mean.double()).div(std.double()).float(), atol=1e-6)
