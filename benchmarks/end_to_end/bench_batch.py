@@ -7,6 +7,9 @@ its wall time, as a user would see it):
   separate     one ``cltrace attribute`` process per prompt (the model loaded each time)
   local-1/2    ``cltrace batch --workers 1|2`` (spawned workers, the model loaded once each)
   ray-1/2      ``cltrace batch --ray --workers 1|2`` (a local Ray cluster started by the command)
+  contrast-local-N, contrast-ray-N
+               ``cltrace contrast`` on the same prompts (one JSONL, ``label`` a/b alternating):
+               the same tracing runner, then the report; its per-prompt cost against batch's
 
 Reported per mode: prompts/min over the wall time, the mean traced seconds per prompt inside
 the workers (the manifest's ``times.total``: what Ray's overhead is measured against), and
@@ -62,20 +65,28 @@ def separate(prompts, flags, out: Path) -> dict:
     return {"wall_s": wall, "prompts_per_min": 60 * len(prompts) / wall, "peak_rss_mib": max(peaks)}
 
 
-def batch(prompts, flags, out: Path, workers: int, ray: bool, threads: int = 0) -> dict:
-    listing = out.with_suffix(".txt")
-    listing.write_text("".join(p + "\n" for p in prompts))
+def batch(prompts, flags, out: Path, workers: int, ray: bool, threads: int = 0, command: str = "batch") -> dict:
+    """One ``cltrace batch`` (or ``contrast``: the prompts labelled a/b alternating) command."""
+    if command == "batch":
+        listing = out.with_suffix(".txt")
+        listing.write_text("".join(p + "\n" for p in prompts))
+    else:
+        listing = out.with_suffix(".jsonl")
+        listing.write_text("".join(json.dumps({"prompt": p, "label": "ab"[i % 2]}) + "\n" for i, p in enumerate(prompts)))
     t0 = time.perf_counter()
-    subprocess.run(_cli("batch", str(listing), "--out", str(out), "--workers", str(workers), "--quiet",
+    subprocess.run(_cli(command, str(listing), "--out", str(out), "--workers", str(workers), "--quiet",
                         "--threads", str(threads), *(["--ray"] if ray else []), *flags), check=True, capture_output=True)
     wall = time.perf_counter() - t0
     records = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == len(prompts) and all(r["status"] == "ok" for r in records), records
-    return {"wall_s": wall, "prompts_per_min": 60 * len(prompts) / wall,
-            "traced_s_per_prompt": sum(r["times"]["total"] for r in records) / len(records),
-            "worker_load_s": max(r["load_s"] for r in records),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in records),
-            "workers_seen": len({r["worker"] for r in records})}
+    r = {"wall_s": wall, "prompts_per_min": 60 * len(prompts) / wall,
+         "traced_s_per_prompt": sum(r["times"]["total"] for r in records) / len(records),
+         "worker_load_s": max(r["load_s"] for r in records),
+         "peak_rss_mib": max(r["peak_rss_mib"] for r in records),
+         "workers_seen": len({r["worker"] for r in records})}
+    if command == "contrast":
+        r["report_s"] = json.loads((out / "contrast.json").read_text())["seconds"]
+    return r
 
 
 def main() -> None:
@@ -99,13 +110,14 @@ def main() -> None:
             if mode == "separate":
                 r = separate(prompts, flags, out)
             else:
-                kind, n = mode.split("-")
-                r = batch(prompts, flags, out, int(n), kind == "ray", args.threads)
+                *command, kind, n = mode.split("-")
+                r = batch(prompts, flags, out, int(n), kind == "ray", args.threads, (command or ["batch"])[0])
             r["load_before"], r["load_after"] = load_before, _load()
             results["modes"][mode] = r
             print(f"{mode:9s} {r['prompts_per_min']:6.2f} prompts/min  wall {r['wall_s']:6.1f}s  "
                   f"traced {r.get('traced_s_per_prompt', float('nan')):5.2f}s/prompt  "
-                  f"peak {r['peak_rss_mib']:.0f} MiB/worker  load {load_before} -> {r['load_after']}", flush=True)
+                  f"peak {r['peak_rss_mib']:.0f} MiB/worker  load {load_before} -> {r['load_after']}"
+                  + (f"  report {r['report_s']:.2f}s" if "report_s" in r else ""), flush=True)
     path = Path(args.out or Path(__file__).parent / "results" / f"batch-{time.strftime('%Y-%m-%d-%H%M')}.json")
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")
