@@ -221,10 +221,13 @@ def test_one_file_with_labels_splits_the_sets(tmp_path):
 
 
 @pytest.mark.browser
-def test_report_page_in_a_browser(planted):
+def test_report_page_in_a_browser(planted, planted_model, monkeypatch):
     """/contrast.html of the planted folder: the plots and the ranked table drawn, the planted
-    feature first, its card opens, the common-circuit links open in the viewer; no JS error,
-    no request off the server; the report is not listed as a graph, the common circuits are."""
+    feature first, its card opens, the common-circuit links open in the viewer; with the
+    ablation.json of `cltrace steer --contrast`, its section: a table per set (the prompts,
+    mean before/after, change, interval, p) and a line per prompt before -> after; no JS
+    error, no request off the server; the report and the ablation are not listed as graphs,
+    the common circuits are."""
     import urllib.request
 
     from support.serve import browser_missing, cleanup, launch_chromium, serving, watch_page
@@ -236,9 +239,14 @@ def test_report_page_in_a_browser(planted):
         pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
+    _use(monkeypatch, *planted_model)
+    assert main(["steer", "--contrast", str(planted), "--top", "1", "--metric", 'logit-diff:"x","y"',
+                 "--resamples", "500", "--quiet"]) == 0
+    ablation = json.loads((planted / "ablation.json").read_text())
     with serving(planted) as url, sync_playwright() as pw:
         graphs = {g["path"] for g in json.loads(urllib.request.urlopen(f"{url}/api/graphs").read())["graphs"]}
         assert "contrast.json" not in graphs and {"common-a.json", "common-b.json"} <= graphs
+        assert "ablation.json" not in graphs
         ctx, profile = launch_chromium(pw)
         try:
             pg = ctx.new_page()
@@ -251,6 +259,20 @@ def test_report_page_in_a_browser(planted):
             assert pg.locator("#top-bars rect.set-bar").count() == 2 * min(12, len(report["features"]))
             first = pg.locator("#contrast-table tbody tr").first
             assert f"L0 #{P.PLANT}" in first.inner_text()
+            # the ablation section: one table per set, a line per prompt, the summaries
+            assert pg.locator("#ablation").is_visible()
+            assert pg.locator("#ablation-plot line.prompt-line").count() == 2 * N
+            assert pg.locator("#ablation-plot line.mean-line").count() == 2
+            assert pg.locator("table.ablation-table").count() == 2
+            for i, s in enumerate(ablation["sets"]):
+                table = pg.locator(f"#ablation-table-{i}")
+                assert table.locator("tbody tr").count() == N
+                foot = table.locator("tfoot").inner_text()
+                sm = s["summary"]
+                assert f"{sm['mean_before']:.4f}" in foot and f"{sm['mean_after']:.4f}" in foot
+                assert f"{sm['mean_change']:.4f}" in foot and f"[{sm['ci_low']:.4f}, {sm['ci_high']:.4f}]" in foot
+                assert "paired sign-flip test" in foot
+            assert f"0:{P.PLANT}=0" in pg.locator("#ablation-summary").inner_text()
             first.locator("a").click()
             pg.wait_for_selector("#feature-body h3.feature-label")
             assert f"feature {P.PLANT}" in pg.locator("#feature-body").inner_text()

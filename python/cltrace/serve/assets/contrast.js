@@ -1,6 +1,9 @@
 // cltrace contrast page: the JSON of `cltrace contrast` (format cltrace.contrast/1) as plots
 // (effect size against -log10 p; the top features' means in each set) and the ranked table;
-// a feature opens the viewer's feature card (panels.js's fillFeature).
+// a feature opens the viewer's feature card (panels.js's fillFeature). When the folder also has
+// ablation.json (`cltrace steer --contrast DIR`, format cltrace.ablation/1): the features
+// ablated, a table per set (each prompt's metric before and after; the mean change, its
+// bootstrap interval, the paired test) and a plot of every prompt's metric before -> after.
 // Written for cltrace; plain JavaScript + SVG, no third-party code, no request off this machine.
 "use strict";
 (function () {
@@ -62,6 +65,74 @@
     return t;
   }
 
+  function ablationTable(ab, s, i) {  // one set: its prompts, then the summary in the foot
+    const sm = s.summary, t = el("table", { class: "contrast ablation-table", id: `ablation-table-${i}` });
+    t.append(el("caption", { text: `set ${s.name}: ${sm.n} prompts`, style: `text-align: left; color: ${COLORS[i]}; font-weight: bold` }),
+      el("thead", {}, el("tr", {}, ...["prompt", "before", "after", "change"].map((h) => el("th", { text: h })))));
+    const body = el("tbody", {});
+    s.prompts.forEach((r) => body.append(el("tr", {}, el("td", { text: r.slug }), el("td", { text: fmt(r.before, 4) }),
+      el("td", { text: fmt(r.after, 4) }), el("td", { text: fmt(r.change, 4) }))));
+    const how = sm.p_exact ? `exact, 2^${sm.n} sign flips` : `${sm.n_resamples} random sign flips`;
+    const foot = el("tfoot", {},
+      el("tr", { class: "ablation-summary" }, el("th", { text: "mean" }), el("td", { text: fmt(sm.mean_before, 4) }),
+        el("td", { text: fmt(sm.mean_after, 4) }), el("td", { text: fmt(sm.mean_change, 4), style: "font-weight: bold" })),
+      el("tr", {}, el("th", { text: `${Math.round(100 * sm.level)}% interval` }),
+        el("td", { colspan: 3, text: `[${fmt(sm.ci_low, 4)}, ${fmt(sm.ci_high, 4)}] (percentile bootstrap, ${sm.n_resamples} resamples)` })),
+      el("tr", {}, el("th", { text: "p" }), el("td", { colspan: 3, text: `${fmtP(sm.p_value)} (paired sign-flip test, ${how}, two-sided)` })));
+    t.append(body, foot);
+    return el("div", { style: "max-height: 420px; overflow: auto" }, t);
+  }
+
+  function slopes(ab) {  // each prompt's metric before -> after, one panel per set, one y scale
+    const W = 260, H = 260, M = 40, vals = ab.sets.flatMap((s) => s.prompts.flatMap((r) => [r.before, r.after])).filter(Number.isFinite);
+    let lo = Math.min(...vals), hi = Math.max(...vals);
+    if (!(hi > lo)) { lo -= 1; hi += 1; }
+    const Y = (v) => H - M - ((v - lo) / (hi - lo)) * (H - 2 * M), xb = M + 20, xa = W - 30;
+    const svg = el("svg", { id: "ablation-plot", width: W * ab.sets.length, height: H, role: "img",
+      "aria-label": `each prompt's ${ab.metric} before and after the ablation` });
+    ab.sets.forEach((s, i) => {
+      const g = el("g", { transform: `translate(${i * W},0)` });
+      g.append(el("line", { x1: xb, y1: M / 2, x2: xb, y2: H - M, stroke: "#ccc" }), el("line", { x1: xa, y1: M / 2, x2: xa, y2: H - M, stroke: "#ccc" }),
+        el("text", { x: xb, y: H - M + 16, "text-anchor": "middle", "font-size": 11, text: "before" }),
+        el("text", { x: xa, y: H - M + 16, "text-anchor": "middle", "font-size": 11, text: "after" }),
+        el("text", { x: (xb + xa) / 2, y: H - 6, "text-anchor": "middle", "font-size": 12, fill: COLORS[i], text: `set ${s.name}` }));
+      if (i === 0) [lo, hi].forEach((v) => g.append(el("text", { x: xb - 6, y: Y(v) + 4, "text-anchor": "end", "font-size": 10, text: fmt(v, 2) })));
+      if (lo < 0 && hi > 0) g.append(el("line", { x1: xb, y1: Y(0), x2: xa, y2: Y(0), stroke: "#eee", "stroke-dasharray": "3 3" }));
+      s.prompts.forEach((r) => {
+        const line = el("line", { class: "prompt-line", x1: xb, y1: Y(r.before).toFixed(1), x2: xa, y2: Y(r.after).toFixed(1),
+          stroke: COLORS[i], "stroke-opacity": 0.7, "stroke-width": 1.5 });
+        line.append(el("title", { text: `${r.slug}: ${fmt(r.before, 4)} → ${fmt(r.after, 4)} (${fmt(r.change, 4)})` }));
+        g.append(line, el("circle", { cx: xb, cy: Y(r.before).toFixed(1), r: 2.5, fill: COLORS[i] }),
+          el("circle", { cx: xa, cy: Y(r.after).toFixed(1), r: 2.5, fill: COLORS[i] }));
+      });
+      const sm = s.summary;  // the means, thick
+      g.append(el("line", { class: "mean-line", x1: xb, y1: Y(sm.mean_before).toFixed(1), x2: xa, y2: Y(sm.mean_after).toFixed(1), stroke: "#222", "stroke-width": 3 },
+        el("title", { text: `mean: ${fmt(sm.mean_before, 4)} → ${fmt(sm.mean_after, 4)}` })));
+      svg.append(g);
+    });
+    return el("figure", {}, svg, el("figcaption", { class: "muted", text: `${ab.metric} of each prompt before → after (a line each; black: the mean)` }));
+  }
+
+  function drawAblation(ab) {
+    const box = $("ablation");
+    if (!ab) { box.hidden = true; box.replaceChildren(); return; }
+    const feats = ab.features.map((f) => `L${f.layer} #${f.feature}` + (f.label ? ` (${f.label})` : ""));
+    box.replaceChildren(el("h2", { text: "Ablation on both sets" }),
+      el("p", { id: "ablation-summary", text: `${ab.interventions.join(", ")} — the top ${ab.features.length} feature(s) by ${ab.by}: ${feats.join(", ")}; ` +
+        `metric ${ab.metric} (${ab.mode} mode)` + (ab.note ? `; note: ${ab.note}` : "") }),
+      slopes(ab), el("div", { style: "display: flex; flex-wrap: wrap; gap: 24px" }, ...ab.sets.map((s, i) => ablationTable(ab, s, i))),
+      el("p", { class: "muted", text: "change: after − before per prompt; interval: percentile bootstrap of the mean change over prompts; " +
+        "p: two-sided paired sign-flip permutation test of no change. Written by cltrace steer --contrast DIR." }));
+    box.hidden = false;
+  }
+
+  async function loadAblation(dir) {  // ablation.json beside the report, if there is one
+    const r = await fetch(`/data/${(dir + "ablation.json").split("/").map(encodeURIComponent).join("/")}`);
+    if (!r.ok) return null;
+    const ab = await r.json();
+    return ab.format === "cltrace.ablation/1" ? ab : null;
+  }
+
   function openFeature(r) {
     C.selected = r;
     S.graph = { metadata: { scan: "./features" } }; S.path = C.path;  // pages beside the report
@@ -87,6 +158,7 @@
       const d = await r.json();
       if (d.format !== "cltrace.contrast/1") throw new Error(`${path} is not a cltrace contrast JSON`);
       C.data = d; C.path = path; draw();
+      drawAblation(await loadAblation(path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : ""));
       history.replaceState(null, "", `#report=${encodeURIComponent(path)}`);
       document.body.dataset.ready = "1";
     } catch (e) { showError(String(e.message || e)); document.body.dataset.ready = "error"; }
