@@ -1,5 +1,7 @@
 // cltrace viewer: the attribution graph on a grid (x: token position, y: layer; tokens at the
-// bottom, logits on top), pruning by cumulative influence, hover, selection, search.
+// bottom, logits on top), pruning by cumulative influence, hover, selection, search; for a
+// minimal pair's difference graph (`cltrace contrast`, pair-{id}.json: nodes and links carry
+// `pair` = {in: "a"|"b"|"both", a, b, diff}), a diff mode colouring by carrier or difference.
 // Written for cltrace; plain JavaScript + SVG, no third-party code, no request off this machine.
 "use strict";
 
@@ -12,6 +14,7 @@ const S = window.cltrace = {
   graph: null, path: null, nodes: [], byId: new Map(), links: [], inL: [], outL: [], cell: null, edge: null,
   nLayers: 0, nPos: 0, selected: -1, pinned: new Set(), supernodes: [], threshold: 1,
   pinnedOnly: false, inline: null, model: { available: false }, hooks: {},
+  diff: null,  // a pair difference graph: {info (metadata.info.pair_diff), mode: "kind" | "carrier" | "diff", scale}
 };
 
 function el(tag, attrs, ...kids) {
@@ -85,7 +88,7 @@ function setGraph(g, path) {
   for (const l of g.links || []) {
     const s = S.byId.get(l.source), t = S.byId.get(l.target);
     if (s === undefined || t === undefined) continue;
-    const k = links.length; links.push({ s, t, w: Number(l.weight), h: l.heads || null });  // h: its split by heads (--qk)
+    const k = links.length; links.push({ s, t, w: Number(l.weight), h: l.heads || null, d: l.pair || null });  // h: its split by heads (--qk); d: its pair values
     outL[s].push(k); inL[t].push(k);
   }
   S.sortedLinks = new Set();  // nodes whose link lists are sorted (lazily, on selection)
@@ -98,6 +101,7 @@ function setGraph(g, path) {
   // Default threshold: everything the (already pruned) JSON holds is shown.
   S.threshold = Math.min(1, Math.ceil(Math.max(Number(meta.node_threshold) || 0, maxInf) * 1000) / 1000) || 1;
   $("threshold").value = S.threshold; $("threshold-value").textContent = fmt(S.threshold);
+  setDiff(meta);
   layout();
 }
 
@@ -163,7 +167,7 @@ function render() {
     if (n.kind === "feature") e = el("circle", { cx: n.x, cy: n.y, r: radius(n) });
     else if (n.kind === "error") e = el("polygon", { points: `${n.x},${n.y - 5} ${n.x + 5},${n.y} ${n.x},${n.y + 5} ${n.x - 5},${n.y}` });
     else e = el("rect", { x: n.x - 5, y: n.y - 5, width: 10, height: 10 });
-    e.setAttribute("class", cls); e.setAttribute("data-id", n.node_id); n.elem = e;
+    e.setAttribute("class", cls + (n.pair ? ` in-${n.pair.in}` : "")); e.setAttribute("data-id", n.node_id); n.elem = e;
     e.setAttribute("aria-label", `${n.kind} ${n.label} (${n.node_id})`);
     g.append(e);
     if (n.kind === "logit") {
@@ -172,6 +176,7 @@ function render() {
     }
   }
   applyVisibility();
+  colourDiff();
   drawLinks();
   drawMarks();
 }
@@ -246,10 +251,15 @@ function drawLinks() {
     ks = all.sort((a, b) => Math.abs(S.links[b].w) - Math.abs(S.links[a].w)).slice(0, LINK_CAP);
   }
   const maxW = Math.max(1e-12, ...ks.map((k) => Math.abs(S.links[k].w)));
+  const mode = S.diff ? S.diff.mode : "kind";
+  const maxD = Math.max(1e-12, ...ks.map((k) => Math.abs((S.links[k].d || {}).diff || 0)));
   for (const k of ks) {
     const l = S.links[k];
-    g.append(el("path", { d: linkPath(S.nodes[l.s], S.nodes[l.t]), class: l.w >= 0 ? "link pos" : "link neg",
-      "stroke-width": (0.4 + 3.2 * Math.abs(l.w) / maxW).toFixed(2) }));
+    const cls = mode === "carrier" && l.d ? `link in-${l.d.in}` : mode === "diff" && l.d ? "link diff" : l.w >= 0 ? "link pos" : "link neg";
+    const p = el("path", { d: linkPath(S.nodes[l.s], S.nodes[l.t]), class: cls,
+      "stroke-width": (0.4 + 3.2 * Math.abs(l.w) / maxW).toFixed(2) });
+    if (cls === "link diff") p.style.stroke = diverging(l.d.diff / maxD);
+    g.append(p);
   }
   document.body.dataset.linksDrawn = ks.length;
   const note = total > ks.length ? `drawing the ${ks.length} strongest of ${total} links` : ks.length ? `${ks.length} links` : "";
@@ -272,6 +282,71 @@ function select(i) {
   document.body.dataset.selected = i >= 0 ? S.nodes[i].node_id : "";
   drawLinks();
   if (S.hooks.onSelect) S.hooks.onSelect(i);
+  if (S.diff && i >= 0) pairCard(S.nodes[i]);
+}
+
+// --- diff mode: a minimal pair's difference graph --------------------------------------------
+// Carrier colours (A only, B only, both: CSS classes in-a / in-b / in-both under body.diff-carrier)
+// or a diverging scale of the difference B − A (blue: A larger, red: B larger), scaled per
+// compared quantity (activation, out_weight, token_prob) by its largest |difference| in the graph.
+function setDiff(meta) {
+  const info = meta.info && meta.info.pair_diff;
+  const keep = S.diff ? S.diff.mode : "carrier";  // (the mode chosen stays from pair to pair)
+  S.diff = info ? { info, mode: keep, scale: {} } : null;
+  if (S.diff) for (const n of S.nodes) if (n.pair) {
+    const v = n.pair.value; S.diff.scale[v] = Math.max(S.diff.scale[v] || 1e-12, Math.abs(Number(n.pair.diff) || 0));
+  }
+  $("diff-control").hidden = !S.diff; $("diff-legend").hidden = !S.diff;
+  if (S.diff) $("diff-mode").value = S.diff.mode;
+}
+
+function setName(which) {
+  const sets = (S.diff && S.diff.info.sets) || [];
+  return which === "a" ? `A (${sets[0] ?? "first set"})` : `B (${sets[1] ?? "second set"})`;
+}
+function carrierText(c) { return c === "both" ? "in both prompts" : `in ${setName(c)} only`; }
+
+// t in [-1, 1] -> a colour from blue (-1) through light grey (0) to red (+1).
+function diverging(t) {
+  t = Math.max(-1, Math.min(1, Number(t) || 0));
+  const [r0, g0, b0] = [240, 240, 240], [r1, g1, b1] = t < 0 ? [33, 102, 172] : [178, 24, 43], a = Math.abs(t);
+  return `rgb(${Math.round(r0 + (r1 - r0) * a)}, ${Math.round(g0 + (g1 - g0) * a)}, ${Math.round(b0 + (b1 - b0) * a)})`;
+}
+
+function colourDiff() {
+  const mode = S.diff ? S.diff.mode : "kind";
+  document.body.classList.toggle("diff-carrier", mode === "carrier");
+  document.body.dataset.diffMode = S.diff ? mode : "";
+  for (const n of S.nodes) {
+    if (!n.elem) continue;
+    n.elem.style.fill = mode === "diff" && n.pair ? diverging(Number(n.pair.diff) / S.diff.scale[n.pair.value]) : "";
+  }
+  diffLegend();
+}
+
+function diffLegend() {
+  const box = $("diff-legend"); box.replaceChildren();
+  if (!S.diff) return;
+  const info = S.diff.info, c = info.nodes || {};
+  if (S.diff.mode === "carrier") {
+    for (const w of ["a", "b", "both"]) box.append(el("span", { class: `lg in-${w}`, text: `${w === "both" ? "both" : setName(w) + " only"} (${c[w] ?? 0})` }));
+  } else if (S.diff.mode === "diff") {
+    const sc = S.diff.scale;
+    box.append(el("span", { text: "A larger" }), el("span", { class: "diverging", title: "B − A, each quantity scaled by its largest |difference|" }),
+      el("span", { text: "B larger" }),
+      el("span", { class: "muted", text: "B − A of " + Object.keys(sc).sort().map((k) => `${k} (±${fmt(sc[k], 3)})`).join(", ") }));
+  } else box.append(el("span", { class: "muted", text: `pair ${info.pair}: ${setName("a")} vs ${setName("b")}` }));
+}
+
+// The node card's pair values (appended under the card panels.js draws).
+function pairCard(n) {
+  const card = $("node-card"); if (!card || !n.pair) return;
+  const p = n.pair, dl = el("dl", { class: "pair-values" });
+  const add = (k, v) => dl.append(el("dt", { text: k }), el("dd", { text: v }));
+  add("carried", carrierText(p.in)); add("compared", String(p.value));
+  add(setName("a"), fmt(p.a, 4)); add(setName("b"), fmt(p.b, 4)); add("B − A", fmt(p.diff, 4));
+  if (Array.isArray(p.influence)) add("influence A / B", `${fmt(p.influence[0], 4)} / ${fmt(p.influence[1], 4)}`);
+  card.append(el("section", { id: "pair-card" }, el("h4", { text: "A vs B (minimal pair)" }), dl));
 }
 
 function togglePin(id) {
@@ -293,7 +368,8 @@ function showTip(ev, text) {
 
 function tooltip(ev, n) {
   showTip(ev, n && `${n.label}\n${n.node_id} · ${n.kind}` + (typeof n.influence === "number" ? ` · influence ${fmt(n.influence)}` : "") +
-    (typeof n.activation === "number" ? ` · act ${fmt(n.activation)}` : ""));
+    (typeof n.activation === "number" ? ` · act ${fmt(n.activation)}` : "") +
+    (S.diff && n.pair ? `\n${carrierText(n.pair.in)} · ${n.pair.value}: A ${fmt(n.pair.a)} · B ${fmt(n.pair.b)} · B − A ${fmt(n.pair.diff)}` : ""));
 }
 
 function nodeOf(ev) { const id = ev.target && ev.target.getAttribute && ev.target.getAttribute("data-id"); return id ? S.nodes[S.byId.get(id)] : null; }
@@ -327,6 +403,7 @@ function wire() {
   });
   $("pinned-only").addEventListener("change", (ev) => { S.pinnedOnly = ev.target.checked; applyVisibility(); drawLinks(); });
   $("search").addEventListener("input", (ev) => search(ev.target.value));
+  $("diff-mode").addEventListener("change", (ev) => { if (!S.diff) return; S.diff.mode = ev.target.value; colourDiff(); drawLinks(); });
   document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && S.selected >= 0) select(-1); });
   $("search").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { const h = search(ev.target.value); if (h.length) select(h[0].idx); } });
   $("graph-select").addEventListener("change", (ev) => openGraph(ev.target.value));
