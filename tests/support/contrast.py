@@ -4,6 +4,8 @@ else on the prompts of SET_A / SET_B, and writes the target 'x' logit up strongl
 pruned graphs of set A keep it and those of set B never see it."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .batch import CrashingTokenizer
@@ -48,3 +50,26 @@ def save_planted(path) -> str:
     rm, _ = planted_replacement()
     torch.save({"model": rm.model, "transcoders": rm.transcoders}, path)
     return str(path)
+
+
+def write_sets(folder, n: int, pairs: bool = False, **extra):
+    """(a.jsonl, b.jsonl) in ``folder``: the first ``n`` prompts of SET_A / SET_B with the
+    target TARGET; ``pairs``: each prompt's 'pair' is the index of its WORDS entry, so "w q" in
+    A and "w z" in B (the same length) form a minimal pair. ``extra``: more columns of every row."""
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    for path, prompts in ((a, SET_A[:n]), (b, SET_B[:n])):
+        path.write_text("".join(json.dumps({"prompt": p, "target": TARGET, **({"pair": i} if pairs else {}),
+                                            **extra}) + "\n" for i, p in enumerate(prompts)))
+    return a, b
+
+
+def use_planted(mp, rm, tok) -> None:
+    """The commands load the planted model (and its tokenizer, for the pair checks) whatever
+    model they are asked for (``mp``: a pytest MonkeyPatch)."""
+    import cltrace.contrast.pairs
+    import cltrace.models
+    import cltrace.training.starter
+
+    mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
+    mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
+    mp.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: tok)

@@ -25,15 +25,26 @@ The sets: two files A and B (text, one prompt a line, or the JSONL of 'cltrace b
 or messages, slug, target, target_diff, chat, label, pair), named by their file names (--names
 to rename them), or one JSONL whose 'label' column takes two values. Graphs are written as {set}-{slug}.json.
 
+Minimal pairs: prompts that share a 'pair' id (JSONL column; e.g. "the cat sat" in A and "the
+dog sat" in B) are compared position by position. Each pair id needs exactly one prompt in each
+set, and the two prompts the same number of tokens (checked with the model's tokenizer before
+any tracing); prompts without 'pair' are not paired. For every pair, pair-{id}.json holds the
+union of the two pruned graphs (features keyed by layer, index and position; tokens and error
+nodes by position; logits by token), each node and edge marked as in A only, B only or both,
+with its value in A, in B and the difference B - A; differing tokens read "a|b". The viewer
+opens it with a diff mode: colour by carrier (A / B / both) or by the difference.
+
 Written to --out DIR:
   contrast.json          the features ranked by the q-value of --by (activation or influence)
   common-{set}.json      each set's common circuit: the nodes and edges in at least
                          --min-share of its graphs (positions counted from the end), one graph
+  pair-{id}.json         each minimal pair's difference graph (listed in contrast.json "pairs")
   {set}-{slug}.json ...  the prompts' graphs, features/, manifest.jsonl (as cltrace batch)
 Open the report with 'cltrace serve DIR' and the page /contrast.html.
 
 Exit status: 0, 3 some prompts failed (the report is written from the others), 2 bad input
-(an unknown column, a set too small for the test: before any tracing), 130 interrupted (rerun
+(an unknown column, a set too small for the test, a pair id without one prompt in each set,
+a pair whose prompts differ in length: before any tracing), 130 interrupted (rerun
 to resume).
 
 Examples:
@@ -88,8 +99,25 @@ def read_sets(args) -> tuple[list[str], list[list]]:
     if set_prefix(names[0]) == set_prefix(names[1]):
         raise UsageError(f"the two sets need different names (got {names[0]!r} and {names[1]!r}): use --names A B")
     check_sizes(names, [len(s) for s in sets], args.n_perm, args.alpha)
-    return names, [[dataclasses.replace(s, slug=f"{set_prefix(n)}-{s.slug}") for s in ss]
-                   for n, ss in zip(names, sets)]
+    sets = [[dataclasses.replace(s, slug=f"{set_prefix(n)}-{s.slug}") for s in ss] for n, ss in zip(names, sets)]
+    _check_pairs(args, names, sets)
+    return names, sets
+
+
+def _check_pairs(args, names: list[str], sets: list[list]) -> None:
+    """The minimal pairs (prompts with a ``pair`` id): one prompt in each set, the same number
+    of tokens (counted with the model's tokenizer alone, no weights loaded)."""
+    from ..contrast.pairs import check_lengths, check_pairs, load_tokenizer, n_tokens
+    from ..contrast.sets import set_prefix
+    from ..models import DEFAULT_MODEL
+
+    pairs = check_pairs(names, sets)
+    if not pairs:
+        return
+    if any(set_prefix(n) == "pair" for n in names):
+        raise UsageError("a set named 'pair' would share the pair graphs' names (pair-{id}.json): use --names A B")
+    tokenizer = load_tokenizer(getattr(args, "model", None) or DEFAULT_MODEL)
+    check_lengths(pairs, lambda spec: n_tokens(tokenizer, spec))
 
 
 def _print(report: dict, location: str) -> None:
@@ -104,7 +132,13 @@ def _print(report: dict, location: str) -> None:
         print(f"  L{r['layer']} #{r['feature']}: {by} {m['mean'][0]:.3g} vs {m['mean'][1]:.3g}, g {g}, "
               f"p {m['p']:.3g}, q {m['q']:.3g}, kept "
               f"{r['kept_share'][0]:.0%}/{r['kept_share'][1]:.0%}  {r['label']}")
-    print(f"wrote {location}/contrast.json and {', '.join(c['graph'] for c in report['common'])} "
+    pairs = report.get("pairs", [])
+    built = [p for p in pairs if p["graph"]]
+    for p in pairs:
+        if not p["graph"]:
+            print(f"  pair {p['id']!r}: no difference graph ({p['error']})")
+    extra = f", {len(built)} pair graphs (pair-{{id}}.json)" if pairs else ""
+    print(f"wrote {location}/contrast.json and {', '.join(c['graph'] for c in report['common'])}{extra} "
           f"in {report['seconds']:.2f}s; open with: cltrace serve {location}  (page /contrast.html)")
 
 

@@ -1,6 +1,7 @@
 """The contrast of a traced folder: ``contrast.json`` (the ranked features), the common circuit
-of each set (``common-{set}.json``, graphs the viewer opens), from the graphs and manifest of
-the batch. The folder is read through an object with ``get(name) -> bytes | None``,
+of each set (``common-{set}.json``, graphs the viewer opens) and the difference graph of each
+minimal pair (``pair-{id}.json``, :mod:`.pairs`), from the graphs and manifest of the batch.
+The folder is read through an object with ``get(name) -> bytes | None``,
 ``records()`` and ``put(name, bytes)`` (:class:`cltrace.batch.store.Store`)."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from .analyze import ContrastSettings, contrast
 from .collect import collect
 from .common import CommonCircuit
+from .pairs import pair_file, pair_graph
 from .sets import set_prefix
 
 SETS_FILE = "contrast-sets.json"  # the sets, written before tracing: the report is rebuilt from it
@@ -46,8 +48,8 @@ def load_sets(store) -> tuple[list[str], list[list]]:
 
 def build_report(store, settings: ContrastSettings = ContrastSettings()) -> dict:
     """Read the sets (``contrast-sets.json``), the manifest and the graphs of ``store``; write
-    ``contrast.json`` and ``common-{set}.json``; return the report (its ``seconds``: the time
-    taken)."""
+    ``contrast.json``, ``common-{set}.json`` and ``pair-{id}.json``; return the report (its
+    ``seconds``: the time taken)."""
     t0 = time.perf_counter()
     spec = json.loads(store.get(SETS_FILE))
     names = [s["name"] for s in spec["sets"]]
@@ -79,6 +81,44 @@ def build_report(store, settings: ContrastSettings = ContrastSettings()) -> dict
             store.put(f"{name}.json", json.dumps(g).encode())
             report["common"].append({"set": names[i], "graph": f"{name}.json", "nodes": len(g["nodes"]),
                                      "links": len(g["links"]), "min_share": settings.min_share})
+    report["pairs"] = write_pairs(store, spec, ok)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     store.put(REPORT, (json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n").encode())
     return report
+
+
+def pairs_of(spec: dict) -> list[tuple]:
+    """[(pair id, slug in set A, slug in set B)] of ``contrast-sets.json`` (its prompts'
+    ``pair``, checked before tracing: one prompt in each set), in set A's order."""
+    found: dict = {}
+    for i, s in enumerate(spec["sets"][:2]):
+        for row in s.get("prompts", []):
+            if row.get("pair") is not None:
+                found.setdefault(str(row["pair"]), [None, None])[i] = row["slug"]
+    return [(pid, a, b) for pid, (a, b) in found.items() if a is not None and b is not None]
+
+
+def write_pairs(store, spec: dict, ok: set) -> list[dict]:
+    """Write ``pair-{id}.json`` for every pair of ``spec`` whose two prompts were traced
+    (``ok``); the list of ``contrast.json``'s ``"pairs"``: id, slugs, graph (null with an
+    ``error`` when it could not be built), counts of nodes and links by carrier."""
+    names = tuple(s["name"] for s in spec["sets"])
+    out, taken = [], set()
+    for pid, sa, sb in pairs_of(spec):
+        entry = {"id": pid, "slugs": [sa, sb], "graph": None}
+        name = pair_file(pid, taken)
+        missing = [s for s in (sa, sb) if s not in ok]
+        raw = [None if missing else store.get(f"{s}.json") for s in (sa, sb)]
+        if missing or None in raw:
+            entry["error"] = "not traced: " + ", ".join(missing or [s for s, r in zip((sa, sb), raw) if r is None])
+        else:
+            try:
+                g = pair_graph(*(json.loads(r) for r in raw), pair=pid, name=name, sets=names, slugs=(sa, sb))
+            except ValueError as e:
+                entry["error"] = str(e)
+            else:
+                store.put(f"{name}.json", json.dumps(g).encode())
+                info = g["metadata"]["info"]["pair_diff"]
+                entry.update(graph=f"{name}.json", nodes=info["nodes"], links=info["links"])
+        out.append(entry)
+    return out
