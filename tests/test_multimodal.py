@@ -227,3 +227,78 @@ def test_preprocess_normalises_at_size():
     mean = torch.tensor([0.5, 0.4, 0.3])[:, None, None]
     std = torch.tensor([0.5, 0.2, 0.1])[:, None, None]
     assert torch.allclose(x[0], (im.double() / 255 - mean.double()).div(std.double()).float(), atol=1e-6)
+
+
+# --- the frozen linear model of an image prompt -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def frozen_image_prompt(tiny_vision):
+    """(multimodal model in fp64 with exact norms, its image prompt, the capture, the frozen
+    linear model): the window-3 model, whose images overflow the sliding window."""
+    from cltrace.frozen.capture import capture
+    from cltrace.frozen.model import FrozenLinearModel
+    from cltrace.models.anatomy import text_parts
+    from support.tiny_gemma import exact_norms
+
+    lm = load_multimodal(tiny_vision["narrow"][0], device="cpu", dtype=torch.float64)
+    exact_norms(lm.model)
+    prompt = lm.prompt(PROMPT, _images(2))
+    parts = text_parts(lm.model)
+    cap = capture(parts, prompt.input_ids[0], inputs_embeds=lm.embed(prompt)[0],
+                  image_groups=prompt.image_groups[0])
+    return lm, prompt, cap, FrozenLinearModel(parts, cap, torch.float64)
+
+
+def test_capture_of_image_prompt(frozen_image_prompt):
+    """The capture runs the model with the image mask (its logits are the model's), keeps the
+    soft tokens as the embeddings, and the frozen model replays it exactly."""
+    lm, prompt, cap, fz = frozen_image_prompt
+    lm.model.set_attn_implementation("eager")  # the capture's (softmax in fp32, as transformers)
+    try:
+        ref = lm.logits(prompt)[0]
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    assert cap.has_images and not fz.causal
+    assert (cap.logits - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert torch.equal(cap.embed, lm.embed(prompt)[0])
+    P = cap.layers[0].pattern  # sliding layer: soft tokens see later soft tokens of their image
+    first = int(torch.nonzero(prompt.image_groups[0] >= 0).min())
+    assert P[:, first, first + 1].min() > 0 and P[:, first - 1, first].max() == 0
+    out = fz(cap.embed, torch.stack([c.mlp_out for c in cap.layers]))
+    assert (out.logits - cap.logits).abs().max() <= 1e-9 * ref.abs().max()
+
+
+def _completeness_gap(fz, cap, positions):
+    """max over seeds of |seed . output - Σ (gradient . input)|, relative to the outputs: the
+    frozen model is linear in (embeddings, MLP outputs), so the backward's gradients dotted
+    with them must give back each seed's output."""
+    from cltrace.frozen.model import EMBED, Seeds
+
+    pos = torch.tensor(positions)
+    tok = cap.logits[pos].argmax(-1)
+    vec = fz.logit_direction(tok)
+    seeds = Seeds(torch.full_like(pos, fz.n_layers), pos, vec)
+    out = (fz.k_final(cap.resid_final)[pos] * vec).sum(-1)  # [B]
+    total = torch.zeros_like(out)
+    for step in fz.iter_backward_live(seeds):
+        n = step.start + step.grad.shape[1]
+        x = cap.embed if step.layer == EMBED else cap.layers[step.layer].mlp_out
+        total[:step.grad.shape[0]] += (step.grad * x[step.start:n]).sum((1, 2))
+    return ((total - out).abs().max() / out.abs().max()).item()
+
+
+def test_completeness_at_image_positions(frozen_image_prompt):
+    """Seeds at the first soft token of each image, inside an image and at the last position:
+    the identity holds; a backward that assumed causal attention (positions after the seed
+    dropped) breaks it at the image positions."""
+    lm, prompt, cap, fz = frozen_image_prompt
+    groups = prompt.image_groups[0]
+    soft = torch.nonzero(groups >= 0).flatten().tolist()
+    firsts = [i for i in soft if groups[i - 1] < 0]
+    positions = firsts + [soft[1], prompt.input_ids.shape[1] - 1]
+    assert _completeness_gap(fz, cap, positions) < 1e-9
+    fz.causal = True
+    try:
+        assert _completeness_gap(fz, cap, [firsts[0]]) > 1e-3
+    finally:
+        fz.causal = False

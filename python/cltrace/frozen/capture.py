@@ -16,12 +16,17 @@ with forward hooks and keeps, per layer L (Gemma 3 block, transformers ``modelin
 An RMSNorm here is ``y = x * scale * (1 + w)`` with ``scale = rsqrt(mean(x^2) + eps)`` in fp32;
 the scales are stored in fp32 (fp64 for an fp64 model). The layer's rotary embedding (cos, sin) is
 kept for the query and key maps of :mod:`cltrace.attention.maps`.
+
+A prompt with images (a multimodal Gemma 3, :mod:`cltrace.models.vision`) is captured from its
+input embeddings (the soft tokens in place) with its ``image_groups``: the model runs with the
+bidirectional mask among one image's soft tokens, so its patterns have mass above the diagonal
+there and are kept dense (the banded form holds causal bands only).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +64,12 @@ class Capture:
     resid_final: Tensor  # [n_pos, d_model]  input of the final norm
     scale_final: Tensor  # [n_pos] fp32  1/rms of resid_final
     logits: Tensor  # [n_pos, vocab]  the real model's logits (or [1, vocab]: the last only)
+    image_groups: Optional[Tensor] = None  # [n_pos] int64: image of each soft token, -1 text;
+    #                                        None: a text prompt (causal attention)
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_groups is not None and bool((self.image_groups >= 0).any())
 
     @property
     def n_pos(self) -> int:
@@ -93,11 +104,17 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Capture:
+def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True, *,
+            inputs_embeds: Optional[Tensor] = None, image_groups: Optional[Tensor] = None) -> Capture:
     """Run the model once on ``tokens [n_pos]`` and record the frozen quantities per layer
-    (``all_logits=False``: the logits of the last position only, [1, vocab])."""
+    (``all_logits=False``: the logits of the last position only, [1, vocab]). A prompt with
+    images: ``inputs_embeds [n_pos, d_model]`` (the embeddings with the soft tokens in place,
+    :meth:`cltrace.models.vision.VisionInput.embed`) and ``image_groups [n_pos]``."""
     if tokens.ndim != 1 or tokens.numel() == 0:
         raise ValueError(f"expected a non-empty 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
+    if inputs_embeds is not None and inputs_embeds.shape[0] != tokens.numel():
+        raise ValueError(f"inputs_embeds has {inputs_embeds.shape[0]} positions, tokens {tokens.numel()}")
+    images = image_groups is not None and bool((image_groups >= 0).any())
     eps = parts.config.rms_norm_eps
     rec: dict[tuple[str, int], Tensor] = {}
     handles = []
@@ -124,7 +141,7 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
             P = out[1][0].detach()  # [n_heads, n_pos, n_pos]
             window = getattr(parts.layers[idx].self_attn, "sliding_window", None)
             # a sliding-window layer keeps only its band (linear in n_pos, :class:`.attention.BandedPattern`)
-            banded = window and BandedPattern.saves_memory(P.shape[-1], window)
+            banded = window and not images and BandedPattern.saves_memory(P.shape[-1], window)
             rec[("pattern", idx)] = BandedPattern.from_dense(P, window) if banded else P
         return hook
 
@@ -143,7 +160,14 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
         device = parts.lm_head.weight.device
         with eager_attention(parts.model):
             kw = {} if all_logits else {"logits_to_keep": 1}
-            out = parts.model(input_ids=tokens.to(device)[None], use_cache=False, **kw)
+            if inputs_embeds is None:
+                kw["input_ids"] = tokens.to(device)[None]
+            else:
+                kw["inputs_embeds"] = inputs_embeds.to(device)[None]
+                rec[("embed", 0)] = inputs_embeds.detach().to(device)
+            if images:
+                kw["image_groups"] = image_groups.to(device)[None]
+            out = parts.model(use_cache=False, **kw)
     finally:
         for h in handles:
             h.remove()
@@ -159,4 +183,5 @@ def capture(parts: TextParts, tokens: Tensor, all_logits: bool = True) -> Captur
             scale_pre=rms_scale(h, eps), scale_post=rms_scale(rec[("ln_post", i)], eps)))
     return Capture(tokens=tokens.detach().to(device), embed=rec[("embed", 0)], layers=layers,
                    resid_final=rec[("final", 0)], scale_final=rms_scale(rec[("final", 0)], eps),
-                   logits=out.logits[0].detach())
+                   logits=out.logits[0].detach(),
+                   image_groups=image_groups.to(device) if images else None)

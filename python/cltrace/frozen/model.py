@@ -117,7 +117,8 @@ class FrozenLinearModel:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dtype = dtype
-        self.causal = not getattr(cfg, "use_bidirectional_attention", False)
+        # images attend both ways among their soft tokens: then every position can matter
+        self.causal = not getattr(cfg, "use_bidirectional_attention", False) and not cap.has_images
         W_skip = W_skip or [None] * self.n_layers
         self.layers: list[FrozenLayer] = []
         for L, (layer, c) in enumerate(zip(parts.layers, cap.layers)):

@@ -11,7 +11,8 @@
 * a local directory written by ``save_pretrained`` (or holding a single ``.gguf`` file);
 * a ``.gguf`` file.
 
-Multimodal ``Gemma3ForConditionalGeneration`` checkpoints are reduced to their text tower: the
+Multimodal ``Gemma3ForConditionalGeneration`` checkpoints are reduced to their text tower here
+(:func:`.multimodal.load_multimodal` keeps the vision tower for prompts with images): the
 result is always cltrace's own ``Gemma3ForCausalLM`` (:mod:`.gemma3`; the same modules, names
 and function as transformers' class) in eval mode (docs/gemma3.md describes the block).
 Safetensors checkpoints are read without importing transformers' modeling stack
