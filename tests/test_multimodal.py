@@ -142,6 +142,8 @@ def test_placeholder_count_must_match(tiny_vision):
     lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
     with pytest.raises(UsageError, match="1 <start_of_image> placeholder.*2 image"):
         lm.prompt("the <start_of_image> cat", _images(2))
+    with pytest.raises(UsageError, match="image 0: .*uint8"):
+        lm.prompt("the <start_of_image> cat", [_images(1)[0].float()])
 
 
 def test_text_only_checkpoint_refused(tmp_path):
@@ -165,7 +167,7 @@ def test_not_an_image(tmp_path):
 
 # --- image files and preprocessing ----------------------------------------------------------
 
-def _png(pixels: np.ndarray, colour: int, filters) -> bytes:
+def _png(pixels: np.ndarray, colour: int, filters, palette: bytes = b"") -> bytes:
     """An 8-bit PNG of ``pixels [H, W, C]`` with each row filtered by ``filters[y]`` (0-4),
     encoded from the PNG specification's filter definitions."""
     h, w, c = pixels.shape
@@ -195,7 +197,8 @@ def _png(pixels: np.ndarray, colour: int, filters) -> bytes:
                 + zlib.crc32(kind + body).to_bytes(4, "big"))
 
     ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, colour, 0, 0, 0])
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+    plte = chunk(b"PLTE", palette) if palette else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte
             + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
 
 
@@ -208,6 +211,16 @@ def test_png_decoder(tmp_path, colour, channels):
     got = read_image(path)
     want = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=2)
     assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want).permute(2, 0, 1))
+
+
+def test_png_palette(tmp_path):
+    rng = np.random.default_rng(1)
+    palette = rng.integers(0, 256, (5, 3), dtype=np.uint8)
+    index = rng.integers(0, 5, (6, 9, 1), dtype=np.uint8)
+    path = tmp_path / "p.png"
+    path.write_bytes(_png(index, 3, filters=[1, 4, 0], palette=palette.tobytes()))
+    want = torch.from_numpy(palette[index[..., 0]]).permute(2, 0, 1)
+    assert torch.equal(read_image(path), want)
 
 
 def test_ppm(tmp_path):

@@ -7,7 +7,8 @@ is a :class:`~cltrace.errors.UsageError` naming it, raised before any model is l
 
 :class:`ImagePreprocessor` does what Gemma 3's image processor does without pan-and-scan, with
 the numbers of the checkpoint's ``preprocessor_config.json``: convert to RGB, resize to
-``size`` (bilinear, antialiased, rounded back to 8 bits), ``x * rescale_factor``, then
+``size`` (bilinear, antialiased, on the 8-bit image: torch's uint8 kernel, which torchvision's
+resize also runs on CPUs with AVX2), ``x * rescale_factor``, then
 ``(x - image_mean) / image_std`` per channel -> ``[3, S, S]`` float32.
 """
 from __future__ import annotations
@@ -126,37 +127,44 @@ def _decode_png(data: bytes) -> Tensor:
     if raw.size != h * (stride + 1):
         raise ValueError("pixel data of the wrong size")
     rows = raw.reshape(h, stride + 1)
-    out = np.zeros((h, stride), dtype=np.int32)
-    prev = np.zeros(stride, dtype=np.int32)
+    out = np.zeros((h, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.uint8)
     for y in range(h):
-        f, line = int(rows[y, 0]), rows[y, 1:].astype(np.int32)
+        f, line = int(rows[y, 0]), rows[y, 1:]
         if f == 0:
             cur = line
+        elif f == 1:  # sub: a running sum per channel, modulo 256
+            cur = np.cumsum(line.reshape(w, c), axis=0, dtype=np.uint8).reshape(stride)
         elif f == 2:  # up
-            cur = (line + prev) & 255
-        elif f in (1, 3, 4):  # sub, average, paeth: depend on the pixel to the left
-            cur = np.zeros(stride, dtype=np.int32)
-            for x in range(stride):
-                a = cur[x - c] if x >= c else 0
-                b, d = prev[x], (prev[x - c] if x >= c else 0)
-                if f == 1:
-                    pred = a
-                elif f == 3:
-                    pred = (a + b) >> 1
-                else:
-                    p = a + b - d
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - d)
-                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else d)
-                cur[x] = (line[x] + pred) & 255
+            cur = line + prev  # uint8 arithmetic wraps modulo 256
+        elif f in (3, 4):  # average, paeth: sequential along the row
+            cur = np.frombuffer(_unfilter_row(f, line.tolist(), prev.tolist(), c), dtype=np.uint8)
         else:
             raise ValueError(f"unknown PNG filter {f}")
         out[y], prev = cur, cur
-    pixels = out.astype(np.uint8).reshape(h, w, c)
+    pixels = out.reshape(h, w, c)
     if colour == 3:
         if palette is None:
             raise ValueError("palette image without PLTE")
         pixels = palette[pixels[..., 0]]
     return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def _unfilter_row(f: int, line: list, prev: list, c: int) -> bytes:
+    """One row of PNG filter 3 (average) or 4 (Paeth), undone: ``c`` bytes per pixel."""
+    cur = [0] * len(line)
+    for x, v in enumerate(line):
+        a = cur[x - c] if x >= c else 0
+        b = prev[x]
+        if f == 3:
+            pred = (a + b) >> 1
+        else:
+            d = prev[x - c] if x >= c else 0
+            p = a + b - d
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - d)
+            pred = a if pa <= pb and pa <= pc else (b if pb <= pc else d)
+        cur[x] = (v + pred) & 255
+    return bytes(cur)
 
 
 class ImagePreprocessor:
@@ -185,9 +193,9 @@ class ImagePreprocessor:
         """RGB ``[3, H, W]`` uint8 images -> ``pixel_values [N, 3, S_h, S_w]`` float32."""
         out = []
         for im in images:
-            x = im.float()[None]  # [1, 3, H, W]
-            if tuple(x.shape[-2:]) != self.size:
+            x = im[None]  # [1, 3, H, W] uint8
+            if tuple(x.shape[-2:]) != self.size:  # torch's 8-bit kernel: rounds as it resizes
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
-                                  antialias=True).round().clamp(0, 255)
-            out.append((x[0] * self.rescale - self.mean) / self.std)
+                                  antialias=True)
+            out.append((x[0].float() * self.rescale - self.mean) / self.std)
         return torch.stack(out) if out else torch.zeros(0, 3, *self.size)

@@ -65,7 +65,8 @@ class LoadedMultimodal(NamedTuple):
         if n != len(images):
             raise UsageError(f"the prompt has {n} {boi} placeholder(s) for {len(images)} "
                              f"image(s): put one {boi} where each image goes")
-        pixels = self.preprocess([im if isinstance(im, Tensor) else read_image(im) for im in images])
+        pixels = self.preprocess([_rgb(im, i) if isinstance(im, Tensor) else read_image(im)
+                                  for i, im in enumerate(images)])
         soft, eoi = tk.convert_ids_to_tokens(ids.soft), tk.convert_ids_to_tokens(ids.end)
         expanded = text.replace(boi, f"\n\n{boi}{soft * ids.per_image}{eoi}\n\n")
         input_ids = torch.as_tensor(tk(expanded)["input_ids"], dtype=torch.long)[None]  # [1, T]
@@ -87,6 +88,14 @@ class LoadedMultimodal(NamedTuple):
         the mask (plain causal attention: not the model's function, for comparisons)."""
         groups = prompt.image_groups.to(self.model.device) if bidirectional else None
         return self.model(inputs_embeds=self.embed(prompt), image_groups=groups).logits
+
+
+def _rgb(image: Tensor, i: int) -> Tensor:
+    """An image given as a tensor, checked: RGB ``[3, H, W]`` uint8."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise UsageError(f"image {i}: a tensor image must be RGB [3, H, W] uint8, got "
+                         f"{image.dtype} of shape {tuple(image.shape)}")
+    return image
 
 
 def check_multimodal(name_or_path: Union[str, os.PathLike]) -> None:
