@@ -315,3 +315,20 @@ def test_completeness_at_image_positions(frozen_image_prompt):
         assert _completeness_gap(fz, cap, [firsts[0]]) > 1e-3
     finally:
         fz.causal = False
+
+
+def test_cached_decoding_after_an_image_prompt(tiny_vision):
+    """Generation: the prompt's pass (image groups) fills the KV cache; a new text token then
+    needs no image rule (it is not a soft token), and its logits equal a full pass over the
+    prompt and that token."""
+    lm = load_multimodal(tiny_vision["narrow"][0], device="cpu")
+    prompt = lm.prompt(PROMPT, _images(2))
+    with torch.no_grad():
+        first = lm.model(inputs_embeds=lm.embed(prompt), image_groups=prompt.image_groups,
+                         use_cache=True)
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        step = lm.model(input_ids=nxt, past_key_values=first.past_key_values).logits[0, -1]
+        ids = torch.cat([prompt.input_ids, nxt], 1)
+        full = lm.model(inputs_embeds=lm.vision.embed(lm.model, ids, prompt.pixel_values),
+                        image_groups=lm.vision.image_groups(ids)).logits[0, -1]
+    assert (step - full).abs().max() <= 1e-5 * full.abs().max()
