@@ -138,6 +138,21 @@ def test_text_path_unchanged(tiny_vision):
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_chat_turn_with_an_image(tiny_vision):
+    """With ``chat`` the prompt is one user turn (the tiny tokenizer has no template: Gemma 3's
+    fixed turn format), one <bos>, the image expanded inside the turn."""
+    from cltrace.models.chat import chat_prompt
+
+    lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
+    prompt = lm.prompt("the cat <start_of_image>", _images(1), chat=True)
+    ids = prompt.input_ids[0].tolist()
+    assert ids.count(2) == 1 and ids[0] == 2
+    assert ids.count(SOFT) == SOFT_TOKENS and ids[ids.index(SOFT) - 1] == 4
+    want = lm.tokenizer(chat_prompt(lm.tokenizer, "the cat <start_of_image>"),
+                        add_special_tokens=False)["input_ids"]
+    assert [i for i in ids if i not in (SOFT, 5)] == want  # the turn around the image tokens
+
+
 def test_placeholder_count_must_match(tiny_vision):
     lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
     with pytest.raises(UsageError, match="1 <start_of_image> placeholder.*2 image"):

@@ -56,9 +56,13 @@ class LoadedMultimodal(NamedTuple):
         """The token that marks an image in a prompt: ``<start_of_image>``."""
         return self.tokenizer.convert_ids_to_tokens(self.vision.tokens.begin)
 
-    def prompt(self, text: str, images: Sequence[ImageLike]) -> ImagePrompt:
+    def prompt(self, text: str, images: Sequence[ImageLike], chat: bool = False) -> ImagePrompt:
         """Tokenize ``text`` with one ``<start_of_image>`` per image of ``images`` (files or
-        RGB uint8 tensors ``[3, H, W]``), expanded as Gemma 3's processor does."""
+        RGB uint8 tensors ``[3, H, W]``), expanded as Gemma 3's processor does; ``chat``: as
+        one user turn (:func:`.chat.chat_prompt`: Gemma 3's chat template writes an image of
+        the turn as this same placeholder)."""
+        from .chat import chat_prompt
+
         tk, ids = self.tokenizer, self.vision.tokens
         boi = self.placeholder()
         n = text.count(boi)
@@ -68,8 +72,11 @@ class LoadedMultimodal(NamedTuple):
         pixels = self.preprocess([_rgb(im, i) if isinstance(im, Tensor) else read_image(im)
                                   for i, im in enumerate(images)])
         soft, eoi = tk.convert_ids_to_tokens(ids.soft), tk.convert_ids_to_tokens(ids.end)
+        if chat:
+            text = chat_prompt(tk, text)  # holds <bos> already
         expanded = text.replace(boi, f"\n\n{boi}{soft * ids.per_image}{eoi}\n\n")
-        input_ids = torch.as_tensor(tk(expanded)["input_ids"], dtype=torch.long)[None]  # [1, T]
+        input_ids = tk(expanded, add_special_tokens=not chat)["input_ids"]
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)[None]  # [1, T]
         found = int((input_ids == ids.soft).sum())
         if found != len(images) * ids.per_image:
             raise UsageError(f"the prompt tokenizes to {found} image soft tokens, expected "
