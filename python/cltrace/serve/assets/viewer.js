@@ -306,10 +306,10 @@ function setName(which) {
 }
 function carrierText(c) { return c === "both" ? "in both prompts" : `in ${setName(c)} only`; }
 
-// t in [-1, 1] -> a colour from blue (-1) through light grey (0) to red (+1).
+// t in [-1, 1] -> a colour from blue (-1) through grey (0: still visible on white) to red (+1).
 function diverging(t) {
   t = Math.max(-1, Math.min(1, Number(t) || 0));
-  const [r0, g0, b0] = [240, 240, 240], [r1, g1, b1] = t < 0 ? [33, 102, 172] : [178, 24, 43], a = Math.abs(t);
+  const [r0, g0, b0] = [215, 215, 215], [r1, g1, b1] = t < 0 ? [33, 102, 172] : [178, 24, 43], a = Math.abs(t);
   return `rgb(${Math.round(r0 + (r1 - r0) * a)}, ${Math.round(g0 + (g1 - g0) * a)}, ${Math.round(b0 + (b1 - b0) * a)})`;
 }
 
