@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.contrast is not None:
         return run_contrast(args)
+    from ..steering.ablation import AblationSettings
+
+    if from_args(AblationSettings, args) != AblationSettings():
+        raise UsageError("--top, --op and --all-ranked choose a contrast report's features: give --contrast DIR")
     if args.prompts is not None or args.metric is not None:
         return run_set(args)
     if args.out is not None:
@@ -429,9 +433,7 @@ def run_set(args: argparse.Namespace) -> int:
     from ..steering.prompt_set import write_result
     from ._common import messenger
 
-    if args.prompts is None:
-        raise UsageError("a prompt set needs both --prompts SET and --metric M")
-    if args.metric is None:
+    if args.prompts is None or args.metric is None:
         raise UsageError("a prompt set needs both --prompts SET and --metric M")
     if not args.features:
         raise UsageError("give at least one --feature L:F[@POS]{=V|*S|+A} to measure")
