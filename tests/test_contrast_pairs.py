@@ -206,6 +206,26 @@ def test_prompts_without_pair_are_not_paired(tmp_path):
         ("p", "a-the-cat-sat-q", "b-big-red-box-z")]
 
 
+def test_one_file_with_label_and_pair(tmp_path, monkeypatch):
+    """One JSONL with 'label' and 'pair' columns: pairs across the two labels, in set A's order."""
+    from argparse import Namespace
+
+    import cltrace.contrast.pairs
+    from cltrace.commands.contrast import read_sets
+    from cltrace.contrast.pairs import check_pairs
+    from support.tiny_gemma import CharTokenizer
+
+    monkeypatch.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: CharTokenizer())
+    one = tmp_path / "one.jsonl"  # set "zed" first (its prompts in reverse order), then "queue"
+    rows = ([{"prompt": P.SET_B[i], "label": "zed", "pair": f"w{i}"} for i in reversed(range(N))] +
+            [{"prompt": P.SET_A[i], "label": "queue", "pair": f"w{i}"} for i in range(N)])
+    _write(one, rows)
+    names, sets = read_sets(Namespace(sets=[str(one)], chat=False, names=None, n_perm=10000, alpha=0.05, model="x"))
+    assert names == ["zed", "queue"]
+    got = [(pid, x.prompt, y.prompt) for pid, x, y in check_pairs(names, sets)]
+    assert got == [(f"w{i}", P.SET_B[i], P.SET_A[i]) for i in reversed(range(N))]
+
+
 def test_lengths_counted_by_the_tokenizer_alone(tmp_path, capsys):
     """A model folder with its config and tokenizer but no weights (load_model cannot run on
     it): the pair check reads the tokenizer alone (a word-level one: one token a word, no
