@@ -85,17 +85,7 @@ def test_hedges_g_against_the_formula():
     assert hedges_g(const, 2)[1][0] == np.inf and hedges_g(np.zeros((4, 1)), 2)[1][0] == 0.0
 
 
-N = 8  # prompts per set
-
-
-def _write_sets(folder, n=N, **extra):
-    a, b = folder / "a.jsonl", folder / "b.jsonl"
-    for path, prompts in ((a, P.SET_A[:n]), (b, P.SET_B[:n])):
-        path.write_text("".join(json.dumps({"prompt": p, "target": P.TARGET, **extra}) + "\n" for p in prompts))
-    return a, b
-
-
-TRACE = ["--workers", "0", "--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
+N, TRACE = P.N, P.TRACE
 
 
 @pytest.fixture(scope="module")
@@ -103,25 +93,10 @@ def planted_model():
     return P.planted_replacement()
 
 
-def _use(mp, rm, tok):
-    """The commands load the planted model whatever model they are asked for."""
-    import cltrace.models
-    import cltrace.training.starter
-
-    mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
-    mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, planted_model):
     """The contrast folder of the planted model's two sets (traced in this process)."""
-    folder = tmp_path_factory.mktemp("contrast")
-    a, b = _write_sets(folder)
-    with pytest.MonkeyPatch.context() as mp:
-        _use(mp, *planted_model)
-        out = folder / "out"
-        assert main(["contrast", str(a), str(b), "--out", str(out), *TRACE]) == 0
-    return out
+    return P.traced_folder(tmp_path_factory.mktemp("contrast"), *planted_model)
 
 
 def test_planted_feature_ranks_first_and_significant(planted):
@@ -148,7 +123,7 @@ def test_planted_feature_ranks_first_and_significant(planted):
 
 def test_rerun_resumes_and_traces_nothing_again(planted, planted_model, monkeypatch, capsys):
     before = json.loads((planted / "contrast.json").read_text())
-    _use(monkeypatch, *planted_model)
+    P.use_planted(monkeypatch, *planted_model)
     a, b = (planted.parent / f"{s}.jsonl" for s in "ab")
     assert main(["contrast", str(a), str(b), "--out", str(planted), *TRACE]) == 0
     assert f"0 ok, 0 failed, {2 * N} skipped" in capsys.readouterr().out
@@ -184,13 +159,13 @@ def test_bad_input_is_one_line_before_tracing(tmp_path, capsys, monkeypatch, cas
     import cltrace.models
 
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: pytest.fail("it started tracing"))
-    a, b = _write_sets(tmp_path)
+    a, b = P.write_sets(tmp_path)
     if case == "column":
         lines = a.read_text().splitlines()
         lines[1] = json.dumps({"prompt": "x", "lable": "a"})
         a.write_text("\n".join(lines) + "\n")
     elif case == "small":  # 3 against 3: p >= 2/20
-        a, b = _write_sets(tmp_path, n=3)
+        a, b = P.write_sets(tmp_path, n=3)
     argv = [str(a), str(b)]
     if case in ("labels", "nolabel"):
         one = tmp_path / "one.jsonl"
@@ -239,7 +214,7 @@ def test_report_page_in_a_browser(planted, planted_model, monkeypatch):
         pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
-    _use(monkeypatch, *planted_model)
+    P.use_planted(monkeypatch, *planted_model)
     assert main(["steer", "--contrast", str(planted), "--top", "1", "--metric", 'logit-diff:"x","y"',
                  "--resamples", "500", "--quiet"]) == 0
     ablation = json.loads((planted / "ablation.json").read_text())

@@ -19,7 +19,18 @@ from cltrace.batch.store import Store
 from cltrace.cli import main
 from cltrace.contrast.report import load_sets
 from support import contrast as P
-from test_contrast import N, _use, planted, planted_model  # noqa: F401  (fixtures)
+
+N = P.N
+
+
+@pytest.fixture(scope="module")
+def planted_model():
+    return P.planted_replacement()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, planted_model):
+    return P.traced_folder(tmp_path_factory.mktemp("contrast"), *planted_model)
 
 METRIC = 'logit-diff:"x","y"'
 
@@ -55,9 +66,9 @@ def direct_logit_diff(rm, tok, text: str, ablate: bool) -> float:
     return float(logits[x_] - logits[y_])
 
 
-def test_ablating_the_top_feature_moves_set_a_only(planted, planted_model, monkeypatch, capsys):  # noqa: F811
+def test_ablating_the_top_feature_moves_set_a_only(planted, planted_model, monkeypatch, capsys):
     rm, tok = planted_model
-    _use(monkeypatch, rm, tok)
+    P.use_planted(monkeypatch, rm, tok)
     assert main(["steer", "--contrast", str(planted), "--top", "1", "--metric", METRIC,
                  "--resamples", "2000", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -88,7 +99,7 @@ def test_ablating_the_top_feature_moves_set_a_only(planted, planted_model, monke
     assert "intervening on 1 feature(s)" in out and f"L0 #{P.PLANT} (rank 1)" in out
 
 
-def test_fewer_significant_than_asked_is_said(planted, planted_model, monkeypatch, capsys, tmp_path):  # noqa: F811
+def test_fewer_significant_than_asked_is_said(planted, planted_model, monkeypatch, capsys, tmp_path):
     """--top 50: only the significant features are taken, and the note says how many; the
     first is PLANT; --op @-1=0 ablates at the last position only (the same A change: PLANT
     fires only there)."""
@@ -96,7 +107,7 @@ def test_fewer_significant_than_asked_is_said(planted, planted_model, monkeypatc
     n_sig = sum(r["significant"] for r in report["features"])
     assert 1 <= n_sig < 50
     folder = _copy_report(planted, tmp_path)
-    _use(monkeypatch, *planted_model)
+    P.use_planted(monkeypatch, *planted_model)
     assert main(["steer", "--contrast", str(folder), "--top", "50", "--op", "@-1=0", "--metric", METRIC,
                  "--resamples", "200", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -106,7 +117,7 @@ def test_fewer_significant_than_asked_is_said(planted, planted_model, monkeypatc
     assert data["interventions"][0] == f"0:{P.PLANT}@-1=0" and data["note"].startswith(f"only {n_sig}")
 
 
-def _copy_report(planted, tmp_path):  # noqa: F811
+def _copy_report(planted, tmp_path):
     """contrast.json and contrast-sets.json of the planted folder in a folder of their own."""
     folder = tmp_path / "report"
     folder.mkdir()
@@ -123,7 +134,7 @@ def _copy_report(planted, tmp_path):  # noqa: F811
     ("op", ["--op", "=zero"], "--op '=zero'"),
     ("workers", ["--workers", "2"], "give --ray [ADDRESS] too"),
 ])
-def test_bad_input_is_one_line_before_the_model_loads(planted, tmp_path, monkeypatch, capsys,  # noqa: F811
+def test_bad_input_is_one_line_before_the_model_loads(planted, tmp_path, monkeypatch, capsys,
                                                       case, argv, message):
     import cltrace.models
 
@@ -142,11 +153,11 @@ def test_bad_input_is_one_line_before_the_model_loads(planted, tmp_path, monkeyp
     assert not (folder / "ablation.json").exists()
 
 
-def test_a_metric_token_of_several_tokens_is_refused(planted, planted_model, monkeypatch, capsys, tmp_path):  # noqa: F811
+def test_a_metric_token_of_several_tokens_is_refused(planted, planted_model, monkeypatch, capsys, tmp_path):
     """'xy' is two tokens: one line, exit 2, before any prompt is measured, nothing written
     (checked with the tokenizer, which comes with the model)."""
     folder = _copy_report(planted, tmp_path)
-    _use(monkeypatch, *planted_model)
+    P.use_planted(monkeypatch, *planted_model)
     assert main(["steer", "--contrast", str(folder), "--metric", 'logit-diff:"xy","z"', "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'xy' is 2 tokens, not one" in err[0], err
@@ -154,7 +165,7 @@ def test_a_metric_token_of_several_tokens_is_refused(planted, planted_model, mon
 
 
 @pytest.mark.ray
-def test_ray_rows_equal_the_local_loop(planted, planted_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_ray_rows_equal_the_local_loop(planted, planted_model, tmp_path, monkeypatch, capsys):
     """2 Ray actors, each loading the saved planted model once: the rows and summaries of both
     sets equal the local loop's exactly (run_sets_ray and the CLI's --ray), for --contrast and
     for --prompts."""

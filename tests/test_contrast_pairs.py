@@ -14,20 +14,13 @@ from cltrace.cli import main
 from cltrace.pipeline import slugify
 from support import contrast as P
 
-N = 8  # prompts per set (and pairs)
-TRACE = ["--workers", "0", "--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]
+N, TRACE = P.N, P.TRACE
 
 
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory):
     """The contrast folder of the planted model's two sets, prompt i of A paired with prompt i of B."""
-    folder = tmp_path_factory.mktemp("pairs")
-    a, b = P.write_sets(folder, N, pairs=True)
-    rm, tok = P.planted_replacement()
-    with pytest.MonkeyPatch.context() as mp:
-        P.use_planted(mp, rm, tok)
-        assert main(["contrast", str(a), str(b), "--out", str(folder / "out"), *TRACE]) == 0
-    return folder / "out"
+    return P.traced_folder(tmp_path_factory.mktemp("pairs"), *P.planted_replacement(), pairs=True)
 
 
 # --- the direct computation: keys, values and carriers read straight off the two graphs -------

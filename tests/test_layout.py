@@ -34,8 +34,9 @@ RANK = {
     "attribution": 5, "steering": 5, "training": 5,
     "features": 6, "attention": 6,
     "pipeline": 7,  # one prompt end to end: strings the stages above together
-    "batch": 8, "serve": 8, "contrast": 8,  # contrast: the statistics and report of traced graphs (the command runs the batch)
-    "commands": 9, "cli": 10,  # cli dispatches to the commands
+    "batch": 8, "serve": 8,
+    "contrast": 9,  # the statistics and report of a batch's graphs (its prompt rows, store, manifest)
+    "commands": 10, "cli": 11,  # cli dispatches to the commands
 }
 
 

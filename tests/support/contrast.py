@@ -52,7 +52,11 @@ def save_planted(path) -> str:
     return str(path)
 
 
-def write_sets(folder, n: int, pairs: bool = False, **extra):
+N = 8  # prompts per set in the contrast tests
+TRACE = ["--workers", "0", "--max-feature-nodes", "32", "--batch-size", "16", "--quiet"]  # cheap tracing
+
+
+def write_sets(folder, n: int = N, pairs: bool = False, **extra):
     """(a.jsonl, b.jsonl) in ``folder``: the first ``n`` prompts of SET_A / SET_B with the
     target TARGET; ``pairs``: each prompt's 'pair' is the index of its WORDS entry, so "w q" in
     A and "w z" in B (the same length) form a minimal pair. ``extra``: more columns of every row."""
@@ -73,3 +77,17 @@ def use_planted(mp, rm, tok) -> None:
     mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
     mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
     mp.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: tok)
+
+
+def traced_folder(folder, rm, tok, pairs: bool = False):
+    """``folder``/out: ``cltrace contrast`` of the planted model's two sets of N prompts (traced
+    in this process; ``pairs``: prompt i of A paired with prompt i of B)."""
+    import pytest
+
+    from cltrace.cli import main
+
+    a, b = write_sets(folder, N, pairs=pairs)
+    with pytest.MonkeyPatch.context() as mp:
+        use_planted(mp, rm, tok)
+        assert main(["contrast", str(a), str(b), "--out", str(folder / "out"), *TRACE]) == 0
+    return folder / "out"

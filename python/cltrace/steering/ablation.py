@@ -7,9 +7,9 @@ operation as ``--feature`` does); the set test
 metric and each set's rows and summary. The report and the sets are read by the caller (this
 module takes their JSON and PromptSpecs; it imports nothing of :mod:`cltrace.contrast`).
 
-``ablation.json`` (format ``cltrace.ablation/1``)::
+``ablation.json`` (its ``format``: :data:`FORMAT`)::
 
-    {"format": "cltrace.ablation/1", "report": "contrast.json", "by": "activation",
+    {"format": FORMAT, "report": "contrast.json", "by": "activation",
      "features": [{"layer", "feature", "rank", "label", "q", "significant"}, ...],
      "op": "=0", "interventions": ["0:7=0", ...], "metric": "logit-diff:...", "mode": "free",
      "note": "only 1 of the top 3 ... significant" | null,
