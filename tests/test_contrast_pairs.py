@@ -272,7 +272,7 @@ def test_gemma_tokenizer_counts_chat_and_messages_as_traced(real_gemma):
 
 @pytest.mark.browser
 def test_pair_graph_diff_mode_in_a_browser(paired):
-    """pair-0.json opens; the diff control shows with its legend; colouring by carrier, by
+    """the report page's pair table links pair-0.json, which opens; the diff control shows with its legend; colouring by carrier, by
     difference and by kind gives the planted (A-only) node three different computed fills, and
     A-only and B-only nodes differ by carrier; the node card shows both values; an ordinary graph
     hides the control; no JS error, no request off the server."""
@@ -296,7 +296,11 @@ def test_pair_graph_diff_mode_in_a_browser(paired):
         try:
             pg = ctx.new_page()
             errors, foreign = watch_page(pg, url)
-            pg.goto(f"{url}/#graph=pair-0.json")
+            pg.goto(f"{url}/contrast.html")  # the report lists the pairs and links their graphs
+            pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
+            assert pg.locator("#pair-table tbody tr").count() == N
+            pg.locator("#pair-table a", has_text="pair-0.json").click()
+            pg.wait_for_url("**/#graph=pair-0.json")
             pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
             assert pg.locator("#diff-control").is_visible() and pg.locator("#diff-legend").is_visible()
             assert pg.evaluate("document.body.dataset.diffMode") == "carrier"

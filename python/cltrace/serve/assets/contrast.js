@@ -4,6 +4,7 @@
 // ablation.json (`cltrace steer --contrast DIR`, format cltrace.ablation/1): the features
 // ablated, a table per set (each prompt's metric before and after; the mean change, its
 // bootstrap interval, the paired test) and a plot of every prompt's metric before -> after.
+// Minimal pairs (contrast.json "pairs"): a table linking each pair's difference graph.
 // Written for cltrace; plain JavaScript + SVG, no third-party code, no request off this machine.
 "use strict";
 (function () {
@@ -140,6 +141,17 @@
     S.fillFeature($("feature-body"), { feature: r.id, clerp: r.label || "", layerNum: r.layer, featIdx: r.feature }, () => C.selected === r);
   }
 
+  function pairTable(d, dir) {  // the minimal pairs: prompts, nodes by carrier, a link to the difference graph
+    const t = el("table", { class: "contrast", id: "pair-table" });
+    t.append(el("thead", {}, el("tr", {}, ...["pair", d.sets[0].name, d.sets[1].name, `nodes ${d.sets[0].name} only`,
+      `${d.sets[1].name} only`, "both", "difference graph"].map((h) => el("th", { text: h })))));
+    t.append(el("tbody", {}, ...d.pairs.map((p) => el("tr", {}, el("td", { text: p.id }), el("td", { text: p.slugs[0] }), el("td", { text: p.slugs[1] }),
+      ...(p.graph ? [el("td", { text: p.nodes.a }), el("td", { text: p.nodes.b }), el("td", { text: p.nodes.both }),
+        el("td", {}, el("a", { href: `/#graph=${encodeURIComponent(dir + p.graph)}`, text: p.graph }))]
+        : [el("td", { colspan: 4, text: p.error || "not built" })])))));
+    return t;
+  }
+
   function draw() {
     const d = C.data, by = d.settings.by, dir = C.path.includes("/") ? C.path.slice(0, C.path.lastIndexOf("/") + 1) : "";
     $("summary").textContent = `${d.sets[0].name} (${d.sets[0].prompts.length} prompts) vs ${d.sets[1].name} (${d.sets[1].prompts.length}): ` +
@@ -148,6 +160,10 @@
     $("plots").replaceChildren(volcano(d), bars(d));
     $("contrast-tables").replaceChildren(table(d));
     $("common-links").replaceChildren(...(d.common || []).map((c) => el("a", { href: `/#graph=${encodeURIComponent(dir + c.graph)}`, text: `common circuit: ${c.set}`, style: "margin-right: 8px" })));
+    $("pairs").hidden = !(d.pairs && d.pairs.length);
+    $("pairs").replaceChildren(...(d.pairs && d.pairs.length ? [el("h2", { text: `Minimal pairs (${d.pairs.length})` }),
+      el("p", { class: "muted", text: "Each pair's difference graph: the union of its two pruned graphs on aligned positions; open it and pick the viewer's colour by prompt or by difference." }),
+      pairTable(d, dir)] : []));
   }
 
   async function open(path) {
