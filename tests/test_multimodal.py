@@ -153,6 +153,18 @@ def test_chat_turn_with_an_image(tiny_vision):
     assert [i for i in ids if i not in (SOFT, 5)] == want  # the turn around the image tokens
 
 
+def test_token_labels_name_patch_cells(tiny_vision):
+    lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
+    two = lm.prompt(PROMPT, _images(2))
+    labels = lm.token_labels(two)
+    soft = [lab for lab, t in zip(labels, two.input_ids[0].tolist()) if t == SOFT]
+    assert soft == [f"<img {i}:{r},{c}>" for i in (1, 2) for r in range(2) for c in range(2)]
+    assert labels[1] == "what" and len(labels) == two.input_ids.shape[1]
+    one = lm.token_labels(lm.prompt("the <start_of_image> cat", _images(1)))
+    assert [lab for lab in one if lab.startswith("<img")] == ["<img 0,0>", "<img 0,1>",
+                                                             "<img 1,0>", "<img 1,1>"]
+
+
 def test_placeholder_count_must_match(tiny_vision):
     lm = load_multimodal(tiny_vision["hub"][0], device="cpu")
     with pytest.raises(UsageError, match="1 <start_of_image> placeholder.*2 image"):

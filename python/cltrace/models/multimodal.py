@@ -83,6 +83,23 @@ class LoadedMultimodal(NamedTuple):
                              f"{len(images) * ids.per_image} (does the text contain {soft}?)")
         return ImagePrompt(input_ids, pixels, self.vision.image_groups(input_ids))
 
+    def token_labels(self, prompt: ImagePrompt) -> list[str]:
+        """One label per position: the token's text, and for a soft token its cell on the
+        image's pooled grid, ``<img r,c>`` (row r, column c from 0), or ``<img i:r,c>`` (image
+        i from 1) when the prompt has several images."""
+        ids = prompt.input_ids[0].tolist()
+        groups = prompt.image_groups[0].tolist()
+        several = max(groups, default=-1) > 0
+        labels, seen = [], {}  # seen[g]: soft tokens of image g so far
+        for t, g in zip(ids, groups):
+            if g < 0:
+                labels.append(self.tokenizer.decode([t]))
+                continue
+            r, c = self.vision.patch_of(seen.get(g, 0))
+            seen[g] = seen.get(g, 0) + 1
+            labels.append(f"<img {g + 1}:{r},{c}>" if several else f"<img {r},{c}>")
+        return labels
+
     def embed(self, prompt: ImagePrompt) -> Tensor:
         """The language model's input ``[1, T, d_model]`` (scaled token embeddings, unscaled
         soft tokens at the soft-token positions)."""
