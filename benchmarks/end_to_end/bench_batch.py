@@ -99,12 +99,15 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="prefix every prompt with PREAMBLE (~64 tokens each)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/batch-<date>.json)")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if len(set(modes)) < len(modes):
+        ap.error("a mode given twice would resume its own folder (run the command again instead)")
     prompts = [(PREAMBLE if args.long else "") + p for p in PROMPTS[: args.prompts]]
     flags = ["--max-feature-nodes", str(args.max_feature_nodes)]
     results = {"prompts": len(prompts), "long": args.long, "max_feature_nodes": args.max_feature_nodes, "threads": args.threads,
                "cores": len(os.sched_getaffinity(0)), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
+        for mode in modes:
             load_before = _load()
             out = Path(tmp, mode)
             if mode == "separate":
