@@ -147,12 +147,11 @@ def _write(path, rows):
     ("named", "a set named 'pair' would share the pair graphs' names"),
 ])
 def test_bad_pairs_are_one_line_before_tracing(tmp_path, capsys, monkeypatch, case, message):
-    import cltrace.contrast.pairs
     import cltrace.models
     from support.tiny_gemma import CharTokenizer
 
     monkeypatch.setattr(cltrace.models, "load_model", lambda *a, **k: pytest.fail("it started tracing"))
-    monkeypatch.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: CharTokenizer())
+    monkeypatch.setattr(cltrace.models, "load_tokenizer", lambda *a, **k: CharTokenizer())
     a, b = P.write_sets(tmp_path, N, pairs=True)
     ra, rb = _rows(a), _rows(b)
     if case == "twice":
@@ -176,14 +175,14 @@ def test_prompts_without_pair_are_not_paired(tmp_path):
     paired ones are checked."""
     from argparse import Namespace
 
-    import cltrace.contrast.pairs
+    import cltrace.models
     from cltrace.commands.contrast import read_sets
     from cltrace.contrast.pairs import check_pairs
 
     a, b = P.write_sets(tmp_path, N)
     args = Namespace(sets=[str(a), str(b)], chat=False, names=None, n_perm=10000, alpha=0.05, model="none")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+        mp.setattr(cltrace.models, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
         names, sets = read_sets(args)
     assert check_pairs(names, sets) == []
     ra, rb = _rows(a), _rows(b)
@@ -193,7 +192,7 @@ def test_prompts_without_pair_are_not_paired(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         from support.tiny_gemma import CharTokenizer
 
-        mp.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: CharTokenizer())
+        mp.setattr(cltrace.models, "load_tokenizer", lambda *a, **k: CharTokenizer())
         names, sets = read_sets(args)
     assert [(pid, x.slug, y.slug) for pid, x, y in check_pairs(names, sets)] == [
         ("p", "a-the-cat-sat-q", "b-big-red-box-z")]
@@ -203,12 +202,12 @@ def test_one_file_with_label_and_pair(tmp_path, monkeypatch):
     """One JSONL with 'label' and 'pair' columns: pairs across the two labels, in set A's order."""
     from argparse import Namespace
 
-    import cltrace.contrast.pairs
+    import cltrace.models
     from cltrace.commands.contrast import read_sets
     from cltrace.contrast.pairs import check_pairs
     from support.tiny_gemma import CharTokenizer
 
-    monkeypatch.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: CharTokenizer())
+    monkeypatch.setattr(cltrace.models, "load_tokenizer", lambda *a, **k: CharTokenizer())
     one = tmp_path / "one.jsonl"  # set "zed" first (its prompts in reverse order), then "queue"
     rows = ([{"prompt": P.SET_B[i], "label": "zed", "pair": f"w{i}"} for i in reversed(range(N))] +
             [{"prompt": P.SET_A[i], "label": "queue", "pair": f"w{i}"} for i in range(N)])
@@ -225,7 +224,8 @@ def test_lengths_counted_by_the_tokenizer_alone(tmp_path, capsys):
     <bos> added), and refuses a pair of 3 against 4 tokens."""
     from support.tiny_gemma import save_word_tokenizer, tiny_replacement
 
-    from cltrace.contrast.pairs import load_tokenizer, n_tokens
+    from cltrace.contrast.pairs import n_tokens
+    from cltrace.models import load_tokenizer
     from cltrace.pipeline import PromptSpec
 
     model = tmp_path / "model"
@@ -253,7 +253,8 @@ def test_gemma_tokenizer_counts_chat_and_messages_as_traced(real_gemma):
     """The 270M's tokenizer loaded alone (no weights) gives as many tokens as tracing runs on
     with the loaded model's tokenizer (the replacement model's tokenize: plain prompts with
     <bos>, --chat turns, conversations with a system message and a prefill)."""
-    from cltrace.contrast.pairs import load_tokenizer, n_tokens
+    from cltrace.contrast.pairs import n_tokens
+    from cltrace.models import load_tokenizer
     from cltrace.models import DEFAULT_MODEL, prompt_tokens
     from cltrace.pipeline import PromptSpec
 

@@ -70,13 +70,12 @@ def write_sets(folder, n: int = N, pairs: bool = False, **extra):
 def use_planted(mp, rm, tok) -> None:
     """The commands load the planted model (and its tokenizer, for the pair checks) whatever
     model they are asked for (``mp``: a pytest MonkeyPatch)."""
-    import cltrace.contrast.pairs
     import cltrace.models
     import cltrace.training.starter
 
     mp.setattr(cltrace.models, "load_model", lambda *a, **k: cltrace.models.LoadedModel(rm.model, tok, "tiny"))
     mp.setattr(cltrace.training.starter, "starter_transcoders", lambda *a, **k: rm.transcoders)
-    mp.setattr(cltrace.contrast.pairs, "load_tokenizer", lambda *a, **k: tok)
+    mp.setattr(cltrace.models, "load_tokenizer", lambda *a, **k: tok)
 
 
 def traced_folder(folder, rm, tok, pairs: bool = False):

@@ -107,9 +107,9 @@ def read_sets(args) -> tuple[list[str], list[list]]:
 def _check_pairs(args, names: list[str], sets: list[list]) -> None:
     """The minimal pairs (prompts with a ``pair`` id): one prompt in each set, the same number
     of tokens (counted with the model's tokenizer alone, no weights loaded)."""
-    from ..contrast.pairs import check_lengths, check_pairs, load_tokenizer, n_tokens
+    from ..contrast.pairs import check_lengths, check_pairs, n_tokens
     from ..contrast.sets import set_prefix
-    from ..models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL, load_tokenizer
 
     pairs = check_pairs(names, sets)
     if not pairs:

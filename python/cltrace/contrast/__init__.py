@@ -3,7 +3,8 @@
 Modules: :mod:`.sets` (the two sets, checked before tracing), :mod:`.collect` (per prompt and
 feature: activation, influence, kept, from the batch's graphs and manifest), :mod:`.stats`
 (Hedges' g, permutation p-values, Benjamini-Hochberg q-values), :mod:`.analyze` (the ranked
-table), :mod:`.common` (a set's common circuit as one graph), :mod:`.report` (the files).
+table), :mod:`.common` (a set's common circuit as one graph), :mod:`.pairs` (minimal pairs:
+the checks before tracing, each pair's difference graph), :mod:`.report` (the files).
 Tracing itself is ``cltrace batch``'s runner, called by the command."""
 from .analyze import ContrastSettings, contrast
 from .collect import FeatureTable, collect

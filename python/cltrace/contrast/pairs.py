@@ -81,20 +81,6 @@ def check_lengths(pairs: list[tuple], count: Callable[[object], int]) -> None:
                              f"prompts the same number of tokens)")
 
 
-def load_tokenizer(name):
-    """The tokenizer ``cltrace.models.load_model(name)`` returns, without loading the model's
-    weights (a hub model: its tokenizer files only)."""
-    from ..models import load as L
-
-    folder, gguf = L._resolve(str(name), L._print_progress)
-    cached = None if isinstance(folder, str) else L._cached_tokenizer(folder)
-    if cached is not None:
-        return cached
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-
-
 def pair_file(pid: str, taken: set) -> str:
     """``pair-{id}`` with the id made file-safe, ``-2``, ``-3`` ... when taken (added to ``taken``)."""
     base = "pair-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", str(pid)).strip("-.") or "x")

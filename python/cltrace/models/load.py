@@ -107,6 +107,19 @@ def load_model(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     return LoadedModel(model, tokenizer, name)
 
 
+def load_tokenizer(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
+                   progress: Optional[Callable[[str], None]] = None):
+    """The tokenizer :func:`load_model` returns for ``name_or_path``, without loading the
+    model's weights (a hub model: its tokenizer files only)."""
+    folder, gguf = _resolve(str(name_or_path), progress or _print_progress)
+    cached = None if isinstance(folder, str) else _cached_tokenizer(folder)
+    if cached is not None:
+        return cached
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+
+
 def load_config(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
                 progress: Optional[Callable[[str], None]] = None):
     """The text config (:class:`.gemma3_config.Gemma3TextConfig`) of a model, without loading
