@@ -58,7 +58,8 @@ def attribute(prompt, model: ReplacementModel, *,
               update_interval: int = 4, verbose: bool = False,
               timings: Optional[dict] = None, bounded: Optional[bool] = None,
               dense_limit_bytes: int = 1 << 30) -> Graph:
-    """The unpruned attribution graph of ``prompt`` (text or token ids) for ``model``.
+    """The unpruned attribution graph of ``prompt`` (text, token ids, or an image prompt of
+    ``model.images.prompt``) for ``model``.
 
     The settings are those of :class:`AttributionSettings` (defaults there):
     ``max_feature_nodes`` (None: every active feature) features are visited, chosen by
@@ -134,15 +135,17 @@ def _decoder(model: ReplacementModel):
 
 def _assemble(state: ReplacementState, model: ReplacementModel, prompt_text: Optional[str], af,
               logit_targets, edges: Tensor, selected: Tensor, decode) -> Graph:
-    """The Graph of the visited features (rows: features, then logits)."""
+    """The Graph of the visited features (rows: features, then logits); the tokens are named
+    by the state's labels when it has them (image prompts: ``<img r,c>`` for soft tokens)."""
     n_logits = len(logit_targets)
     n_sel = selected.numel()
     logit_start = n_sel + (state.n_layers + 1) * state.n_pos
     tokens = state.tokens.cpu()
     tcs = state.transcoders
+    names = list(state.labels) if state.labels is not None else [decode(t) for t in tokens]
     return Graph(
-        prompt=prompt_text if prompt_text is not None else "".join(decode(t) for t in tokens),
-        tokens=tokens, token_strs=[decode(t) for t in tokens], n_layers=state.n_layers,
+        prompt=prompt_text if prompt_text is not None else "".join(names),
+        tokens=tokens, token_strs=names, n_layers=state.n_layers,
         features=torch.stack([af.layer[selected], af.pos[selected], af.feature[selected]], 1).cpu(),
         activations=af.value[selected].float().cpu(),
         logit_tokens=torch.tensor([t.token_id for t in logit_targets], dtype=torch.int64),

@@ -7,6 +7,12 @@ into the linear model of :mod:`cltrace.frozen`. With the error nodes added back,
 reproduces the real logits; its linearised backward gives the gradients from which the
 attribution graph's edges are contracted. Method: Ameisen et al. (2025), "Circuit Tracing",
 https://transformer-circuits.pub/2025/attribution-graphs/methods.html
+
+Images (:meth:`ReplacementModel.from_multimodal`): the prompt is an
+:class:`~cltrace.models.multimodal.ImagePrompt`; its embeddings (token embeddings, the image
+soft tokens in place) are the model's input, the capture keeps the bidirectional mask among
+one image's soft tokens, and features and error nodes at the soft-token positions are nodes
+like any other (the frozen model is then not causal).
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ class ReplacementModel:
 
     def __init__(self, model: nn.Module, transcoders: TranscoderSet, tokenizer=None,
                  dtype: Optional[torch.dtype] = None, skip_positions: Union[int, str] = "auto",
-                 model_name: str = ""):
+                 model_name: str = "", images=None):
+        self.images = images  # a LoadedMultimodal whose .model is ``model``, or None (text only)
         self.parts: TextParts = text_parts(model)
         self.model_name = model_name or getattr(model.config, "name_or_path", "") or ""
         self.model = model
@@ -67,6 +74,15 @@ class ReplacementModel:
         model.eval()
         return cls(model, transcoders, tokenizer=tokenizer, dtype=dtype,
                    skip_positions=skip_positions, model_name=name)
+
+    @classmethod
+    def from_multimodal(cls, loaded, transcoders: TranscoderSet, dtype: Optional[torch.dtype] = None,
+                        skip_positions: Union[int, str] = "auto") -> "ReplacementModel":
+        """The replacement model of a multimodal Gemma 3's language model
+        (:class:`~cltrace.models.multimodal.LoadedMultimodal`): :meth:`run` then also takes
+        the image prompts of ``loaded.prompt``."""
+        return cls(loaded.model, transcoders, tokenizer=loaded.tokenizer, dtype=dtype,
+                   skip_positions=skip_positions, model_name=loaded.name, images=loaded)
 
     # --- prompt handling -------------------------------------------------------------------
 
@@ -109,12 +125,27 @@ class ReplacementModel:
     # --- the replacement state -------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, prompt: Union[str, Tensor, Sequence[int]], all_logits: bool = True) -> ReplacementState:
+    def run(self, prompt: Union[str, Tensor, Sequence[int], "ImagePrompt"],
+            all_logits: bool = True) -> ReplacementState:
         """One forward pass: capture, encode, reconstruct, errors, frozen linear model.
         ``all_logits=False`` keeps the logits of the last position only ([1, vocab]: at 4096
-        tokens all of them take 4 GB)."""
-        tokens = self.tokenize(prompt)
-        cap = capture(self.parts, tokens, all_logits=all_logits)
+        tokens all of them take 4 GB). An :class:`ImagePrompt` (models built by
+        :meth:`from_multimodal`) runs on its embeddings with its image groups."""
+        from ..models.multimodal import ImagePrompt  # lazily: image decoding is not needed for text
+
+        labels = groups = None
+        if isinstance(prompt, ImagePrompt):
+            if self.images is None:
+                raise UsageError("an image prompt needs a multimodal model (ReplacementModel.from_multimodal)")
+            tokens = self.tokenize(prompt.input_ids[0])
+            groups = prompt.image_groups[0].to(self.device)  # [n_pos]
+            embeds = self.images.embed(prompt)[0]  # [n_pos, d_model], soft tokens in place
+            cap = capture(self.parts, tokens, all_logits=all_logits, inputs_embeds=embeds,
+                          image_groups=groups)
+            labels = self.images.token_labels(prompt)
+        else:
+            tokens = self.tokenize(prompt)
+            cap = capture(self.parts, tokens, all_logits=all_logits)
         skip_positions = self.skip_positions_for(tokens)
         mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
         mlp_out = torch.stack([c.mlp_out for c in cap.layers])
@@ -130,4 +161,4 @@ class ReplacementModel:
                                    W_skip=skip_matrices(self.transcoders, self.parts.n_layers))
         return ReplacementState(tokens=tokens, logits=cap.logits, capture=cap, acts=acts,
                                 recon=recon, errors=errors, skip_positions=skip_positions, frozen=frozen,
-                                transcoders=self.transcoders)
+                                transcoders=self.transcoders, image_groups=groups, labels=labels)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +37,10 @@ class ReplacementState:
     skip_positions: int  # leading positions without features
     frozen: FrozenLinearModel  # the frozen linear model (forward and linearised backward)
     transcoders: TranscoderSet
+    image_groups: Optional[Tensor] = None  # [n_pos] image index of each soft token, -1 text;
+    #                                        None: a text prompt
+    labels: Optional[list] = None  # one name per position (``<img r,c>`` for soft tokens), or
+    #                                None: the decoded tokens
 
     @property
     def n_pos(self) -> int:

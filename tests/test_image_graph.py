@@ -1,0 +1,199 @@
+"""Attribution graphs of image + text prompts on a tiny random multimodal Gemma 3.
+
+The replacement model runs an :class:`~cltrace.models.multimodal.ImagePrompt` (the soft tokens
+in place, the bidirectional image mask kept); the oracles are independent of the graph: the
+frozen linear model run forward (the completeness identity: each target's value = its incoming
+edges + bias terms), the frozen model rerun with a feature removed (interventions), and the
+real model's logits. A graph computed under a causal mask breaks them at image positions.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltrace.attribution import attribute
+from cltrace.models.multimodal import load_multimodal
+from cltrace.replacement import ReplacementModel
+from support.tiny_gemma import exact_norms
+from support.tiny_gemma_vision import IMAGE_SIZE, SOFT, SOFT_TOKENS, save_tiny_gemma_vision
+from support.transcoders import random_transcoders
+
+PROMPT = "what is in this picture <start_of_image> the cat sat on a <start_of_image> mat"
+
+
+def images(n: int = 2):
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 70), (IMAGE_SIZE, IMAGE_SIZE), (90, 33)]
+    return [torch.randint(0, 256, (3, *sizes[i % 3]), generator=g, dtype=torch.uint8) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(multimodal model in fp64 with exact norms, its two-image prompt, replacement model with
+    a CLT calibrated on the prompt's own MLP inputs): the window-3 model, whose images overflow
+    the sliding window."""
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
+
+    folder = tmp_path_factory.mktemp("tiny-vision") / "narrow"
+    save_tiny_gemma_vision(folder, seed=1, window=3)
+    lm = load_multimodal(folder, device="cpu", dtype=torch.float64)
+    exact_norms(lm.model)
+    prompt = lm.prompt(PROMPT, images(2))
+    cap = capture(text_parts(lm.model), prompt.input_ids[0], inputs_embeds=lm.embed(prompt)[0],
+                  image_groups=prompt.image_groups[0])
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
+    tcs = random_transcoders("clt", mlp_in=mlp_in, d_sae=48, skip=True)
+    return lm, prompt, ReplacementModel.from_multimodal(lm, tcs, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def graph(setup):
+    _, prompt, rm = setup
+    return attribute(prompt, rm, batch_size=16, max_feature_nodes=None, prompt_text=PROMPT)
+
+
+def soft_positions(prompt) -> list[int]:
+    return torch.nonzero(prompt.image_groups[0] >= 0).flatten().tolist()
+
+
+def target_values(state, graph):
+    """Each target's value (feature pre-activation, logit-direction value at the last position)
+    from the frozen model run forward, and the part of it from bias terms alone (b_enc, and
+    b_dec / constants through the frozen model with no embeddings, features or errors)."""
+    fz = state.frozen
+    full = fz(state.embed, state.sources())
+    bias_only = fz(torch.zeros_like(state.embed), state.recon.bias)
+    values, biases = [], []
+    for l, p, f in graph.features.tolist():
+        tc = state.transcoders.layers[l]
+        w = tc.W_enc[:, f]
+        values.append(full.mlp_in[l, p] @ w + tc.b_enc[f])
+        biases.append(bias_only.mlp_in[l, p] @ w + tc.b_enc[f])
+    last = state.n_pos - 1
+    for i in range(graph.n_logits):
+        d = fz.logit_direction(graph.logit_tokens[i:i + 1])[0]
+        values.append(fz.k_final(full.resid_final)[last] @ d)
+        biases.append(fz.k_final(bias_only.resid_final)[last] @ d)
+    return torch.stack(values), torch.stack(biases)
+
+
+def test_state_of_an_image_prompt(setup):
+    """The capture ran on the soft tokens with the image mask: the frozen model is not causal,
+    its logits (errors added back) are the real model's, the embeddings are the soft tokens,
+    and there are features and error vectors at image positions."""
+    lm, prompt, rm = setup
+    state = rm.run(prompt)
+    assert not state.frozen.causal and torch.equal(state.image_groups.cpu(), prompt.image_groups[0])
+    lm.model.set_attn_implementation("eager")
+    try:
+        ref = lm.logits(prompt)[0]  # [n_pos, vocab]
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    assert (state.logits - ref).abs().max() <= 1e-9 * ref.abs().max()
+    out = state.replacement_forward().logits
+    assert (out - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert torch.equal(state.embed, lm.embed(prompt)[0])
+    soft = soft_positions(prompt)
+    pos = state.active_features().pos
+    assert torch.isin(pos, torch.tensor(soft)).sum() > 10
+    assert state.errors[:, soft].abs().amax() > 0
+    labels = state.labels
+    assert [labels[i] for i in soft[:SOFT_TOKENS]] == ["<img 1:0,0>", "<img 1:0,1>", "<img 1:1,0>", "<img 1:1,1>"]
+
+
+def test_graph_nodes_of_an_image_prompt(setup, graph):
+    """One embedding node per position (soft tokens included, named by their cell), every
+    active feature a node, the prompt text as given."""
+    _, prompt, rm = setup
+    n_pos = prompt.input_ids.shape[1]
+    state = rm.run(prompt)
+    assert graph.n_features == state.active_features().layer.numel()
+    assert graph.n_nodes == graph.n_features + (graph.n_layers + 1) * n_pos + graph.n_logits
+    assert graph.prompt == PROMPT and len(graph.token_strs) == n_pos
+    soft = soft_positions(prompt)
+    assert graph.token_strs == rm.images.token_labels(prompt)
+    assert all(graph.token_strs[i].startswith("<img ") for i in soft)
+    assert graph.token_strs[1] == "what"
+    assert int((graph.tokens == SOFT).sum()) == 2 * SOFT_TOKENS
+
+
+def test_completeness_identity_at_image_positions(setup, graph):
+    """Every target's value = the sum of its incoming direct effects + bias terms, for the
+    features at, between and after the image positions and for the logits."""
+    _, prompt, rm = setup
+    state = rm.run(prompt)
+    values, biases = target_values(state, graph)
+    pre = torch.cat([a.pre_acts for a in state.acts])
+    torch.testing.assert_close(values[:graph.n_features], pre.double(), rtol=1e-9, atol=1e-9)
+    total = graph.edges.double().sum(1) + biases
+    rel = (total - values).abs() / values.abs().clamp_min(1e-3)  # edges are stored in fp32
+    soft = torch.tensor(soft_positions(prompt))
+    at_image = torch.isin(graph.features[:, 1], soft)
+    after = graph.features[:, 1] > soft.max()
+    assert at_image.sum() > 10 and after.sum() > 5
+    assert rel.max() <= 1e-5, f"completeness identity off by {rel.max():.2e}"
+
+
+def test_intervention_at_an_image_position(setup, graph):
+    """Removing a feature at an image position from the frozen model (attention and norms
+    frozen) changes every target by its edge, including targets at EARLIER soft tokens of the
+    same image, which only the bidirectional image mask connects."""
+    _, prompt, rm = setup
+    state = rm.run(prompt)
+    values, _ = target_values(state, graph)
+    groups = prompt.image_groups[0]
+    feats = graph.features
+    soft = set(soft_positions(prompt))
+    has_out = (graph.edges[:, :graph.n_features] != 0).any(0)
+    candidates = [s for s in has_out.nonzero().flatten().tolist() if feats[s, 1].item() in soft]
+    # prefer sources with an edge into an earlier position of their image
+    backward = [s for s in candidates
+                if ((feats[:, 1] < feats[s, 1]) & (groups[feats[:, 1]] == groups[feats[s, 1]])
+                    & (graph.edges[:graph.n_features, s] != 0)).any()]
+    assert len(backward) >= 3
+    for s in backward[:4] + candidates[:2]:
+        layer, pos, feat = feats[s].tolist()
+        act = float(graph.activations[s])
+        tc = state.transcoders.layers[layer]
+        n_out = min(tc.n_out, state.n_layers - layer)
+        saved = state.recon
+        removed = saved.features.clone()
+        removed[layer:layer + n_out, pos] -= act * tc.W_dec[feat, :n_out]
+        state.recon = saved._replace(features=removed)
+        after, _ = target_values(state, graph)
+        state.recon = saved
+        change = values - after  # [n_targets]: the edge of s into every target
+        torch.testing.assert_close(change.float(), graph.edges[:, s], rtol=1e-4, atol=1e-6)
+
+
+def test_graph_needs_the_bidirectional_mask(setup, graph):
+    """The graph has edges from later to earlier soft tokens of one image (impossible under a
+    causal mask), and rows computed with the frozen model made causal break the completeness
+    identity of the features at the first soft token of each image."""
+    from cltrace.attribution.rows import EdgeRows
+
+    _, prompt, rm = setup
+    state = rm.run(prompt)
+    groups = prompt.image_groups[0]
+    feats = graph.features
+    nz = (graph.edges[:graph.n_features, :graph.n_features] != 0).nonzero()  # [k, 2]: target, source
+    tpos, spos = feats[nz[:, 0], 1], feats[nz[:, 1], 1]
+    later = spos > tpos
+    assert later.sum() > 0  # and only inside one image: the image rule is the only way back
+    assert ((groups[tpos[later]] >= 0) & (groups[tpos[later]] == groups[spos[later]])).all()
+
+    soft = soft_positions(prompt)
+    firsts = [p for p in soft if groups[p - 1] < 0]
+    idx = torch.nonzero(torch.isin(feats[:, 1], torch.tensor(firsts))).flatten()
+    assert idx.numel() >= 2
+    values, biases = target_values(state, graph)
+    seeds = state.feature_seeds(feats[idx, 0], feats[idx, 1], feats[idx, 2])
+    good = EdgeRows(state)(seeds).sum(1) + biases[idx]
+    assert ((good - values[idx]).abs() / values[idx].abs().clamp_min(1e-3)).max() <= 1e-9
+    state.frozen.causal = True
+    try:
+        bad = EdgeRows(state)(seeds).sum(1) + biases[idx]
+    finally:
+        state.frozen.causal = False
+    assert ((bad - values[idx]).abs() / values[idx].abs().clamp_min(1e-3)).max() > 1e-3
