@@ -171,7 +171,7 @@ def test_ray_rows_equal_the_local_loop(planted, planted_model, tmp_path, monkeyp
     for --prompts."""
     ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")
     import cltrace
-    import cltrace.commands.steer as steer_cmd
+    import cltrace.commands.steer_set as steer_cmd
     from cltrace.steering.ablation import AblationSettings, select_features
     from cltrace.steering.metrics import parse_metric
     from cltrace.steering.prompt_set import run_set
