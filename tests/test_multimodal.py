@@ -5,11 +5,12 @@ The oracle is transformers itself, on a tiny random checkpoint saved in the hub 
 (:mod:`support.tiny_gemma_vision`): the same logits (fp32 rounding), the same attention masks
 (its ``create_masks_for_vision_model``), the same weights read back from both tensor layouts.
 The bidirectional mask among one image's soft tokens is shown to matter: with it dropped the
-logits at image positions move far beyond rounding.
+logits at image positions move far beyond rounding. Image files (Pillow: RGB of several sizes,
+RGBA, gray, palette, JPEG) give the pixel values of transformers' ``Gemma3Processor`` loaded
+from the checkpoint folder, bit for bit, and an image file + text prompt the logits of
+``Gemma3ForConditionalGeneration`` fed by that processor.
 """
 from __future__ import annotations
-
-import zlib
 
 import numpy as np
 import pytest
@@ -183,90 +184,169 @@ def test_text_only_checkpoint_refused(tmp_path):
         load_multimodal("gemma-3-270m")
 
 
-def test_not_an_image(tmp_path):
+# --- image files and preprocessing: transformers' own processor is the oracle ------------------
+
+def _pattern(h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """``[H, W, C]`` uint8: smooth waves plus noise (resizing it rounds differently per pixel)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    waves = np.stack([127 + 120 * np.sin(x / (7 + k) + y / (5 + 2 * k) + k) for k in range(c)], -1)
+    return np.clip(waves + rng.normal(0, 10, (h, w, c)), 0, 255).astype(np.uint8)
+
+
+_KINDS = ("wide_large.png", "tall_small.png", "at_size.png", "rgba.png", "gray.png",
+          "gray_alpha.png", "palette.png", "palette_transparent.png", "photo.jpg")
+
+
+def _image_kinds():
+    """{file name: Pillow image}: RGB larger / smaller / at the tower's size, non-square, RGBA,
+    gray, gray + alpha, palette (with and without a transparent entry), JPEG."""
+    from PIL import Image
+
+    alpha = _pattern(45, 70, 4, 4)
+    alpha[:5, :, 3] = 0  # fully transparent rows: white after the conversion
+    alpha[5:10, :, 3] = 255  # opaque rows: the colour itself
+    transparent = Image.fromarray(_pattern(64, 64, 3, 7)).quantize(colors=16)
+    transparent.info["transparency"] = 3
+    kinds = {"wide_large.png": Image.fromarray(_pattern(170, 300, 3, 0)),
+            "tall_small.png": Image.fromarray(_pattern(70, 40, 3, 1)),
+            "at_size.png": Image.fromarray(_pattern(IMAGE_SIZE, IMAGE_SIZE, 3, 2)),
+            "rgba.png": Image.fromarray(alpha),
+            "gray.png": Image.fromarray(_pattern(80, 60, 1, 3)[..., 0]),
+            "gray_alpha.png": Image.fromarray(_pattern(80, 60, 4, 5)).convert("LA"),
+            "palette.png": Image.fromarray(_pattern(100, 75, 3, 6)).quantize(colors=32),
+            "palette_transparent.png": transparent,
+            "photo.jpg": Image.fromarray(_pattern(120, 160, 3, 8))}
+    assert tuple(kinds) == _KINDS
+    return kinds
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory):
+    """{file name: path} of :func:`_image_kinds`, saved by Pillow."""
+    root = tmp_path_factory.mktemp("images")
+    out = {}
+    for name, im in _image_kinds().items():
+        extra = {"transparency": im.info["transparency"]} if "transparency" in im.info else {}
+        im.save(root / name, **extra)
+        out[name] = root / name
+    return out
+
+
+def test_processor_files_load_with_transformers(tiny_vision):
+    """The tiny checkpoint's processor files load with transformers' Auto classes, as the
+    image processor cltrace uses (PIL backend) and Gemma 3's full processor."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from cltrace.models.images import ImagePreprocessor
+
+    folder = tiny_vision["hub"][0]
+    assert type(AutoImageProcessor.from_pretrained(folder)).__name__ == "Gemma3ImageProcessorPil"
+    assert type(AutoProcessor.from_pretrained(folder)).__name__ == "Gemma3Processor"
+    pre = ImagePreprocessor.from_folder(folder, IMAGE_SIZE)
+    assert type(pre.processor).__name__ == "Gemma3ImageProcessorPil"
+    assert pre.size == (IMAGE_SIZE, IMAGE_SIZE)
+    with pytest.raises(UsageError, match="preprocessor_config.json: the processor makes 56x56"):
+        ImagePreprocessor.from_folder(folder, 2 * IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("name", _KINDS)
+def test_pixel_values_equal_transformers_processor(tiny_vision, image_files, name):
+    """cltrace's pixel values of an image file are those of transformers' Gemma3Processor
+    loaded from the checkpoint folder, bit for bit, for every kind of file; for RGB files also
+    those of the bare image processor with the checkpoint's settings untouched."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    folder = tiny_vision["hub"][0]
+    lm_pre = ImagePreprocessor.from_folder(folder, IMAGE_SIZE)
+    ours = lm_pre([read_image(image_files[name])])
+    assert ours.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and ours.dtype == torch.float32
+    with Image.open(image_files[name]) as im:
+        ref = AutoProcessor.from_pretrained(folder)(text="<start_of_image>", images=[[im]],
+                                                    return_tensors="pt")["pixel_values"]
+        assert torch.equal(ours, ref)
+        if im.mode == "RGB":
+            bare = AutoImageProcessor.from_pretrained(folder)(im, return_tensors="pt")
+            assert torch.equal(ours, bare["pixel_values"])
+
+
+def test_pixel_values_by_formula(image_files):
+    """Independent of transformers: at the tower's size there is no resize, and the values are
+    ``(x / 255 - 0.5) / 0.5``; RGBA is composited onto white (transparent -> 255, opaque ->
+    its colour); gray is repeated over the three channels."""
+    from PIL import Image
+
+    pre = ImagePreprocessor.from_folder(None, IMAGE_SIZE)  # Gemma 3's defaults
+    x = _pattern(IMAGE_SIZE, IMAGE_SIZE, 3, 2)
+    want = (torch.from_numpy(x).permute(2, 0, 1).double() / 255 - 0.5) / 0.5
+    got = pre([read_image(image_files["at_size.png"])])[0]
+    assert (got.double() - want).abs().max() < 1e-6
+    rgba = np.asarray(Image.open(image_files["rgba.png"]))  # [H, W, 4]
+    rgb = read_image(image_files["rgba.png"]).permute(1, 2, 0).numpy()
+    assert (rgb[:5] == 255).all() and np.array_equal(rgb[5:10], rgba[5:10, :, :3])
+    gray = np.asarray(Image.open(image_files["gray.png"]))
+    assert np.array_equal(read_image(image_files["gray.png"]).numpy(), np.stack([gray] * 3))
+
+
+def test_tensor_image_equals_its_file(tiny_vision, image_files):
+    """An image given as RGB uint8 tensor is preprocessed exactly as the file it came from."""
+    lm_pre = ImagePreprocessor.from_folder(tiny_vision["hub"][0], IMAGE_SIZE)
+    for name in ("wide_large.png", "rgba.png", "palette.png"):
+        t = read_image(image_files[name])
+        assert t.dtype == torch.uint8 and t.shape[0] == 3
+        assert torch.equal(lm_pre([t]), lm_pre([read_image(image_files[name])]))
+    assert lm_pre([]).shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_image_files_end_to_end_equal_transformers(tiny_vision, image_files, attn):
+    """Two image FILES (an RGBA PNG larger than the tower's size, a small JPEG) in a prompt:
+    cltrace's tokens and pixel values are Gemma3Processor's, and its logits are those of
+    transformers' Gemma3ForConditionalGeneration fed by that processor (fp32 rounding)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    folder, hf = tiny_vision["hub"]
+    files = [image_files["rgba.png"], image_files["tall_small.png"]]
+    lm = load_multimodal(folder, device="cpu")
+    lm.model.set_attn_implementation(attn)
+    prompt = lm.prompt(PROMPT, files)
+    images = [Image.open(f) for f in files]
+    ref_in = AutoProcessor.from_pretrained(folder)(text=PROMPT, images=[images], return_tensors="pt")
+    assert torch.equal(prompt.input_ids, ref_in["input_ids"])
+    assert torch.equal(prompt.pixel_values, ref_in["pixel_values"])
+    with torch.no_grad():
+        ref = hf(**ref_in).logits
+    ours = lm.logits(prompt)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_not_an_image(tmp_path, image_files):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image\n")
-    with pytest.raises(UsageError, match="notes.png"):
+    with pytest.raises(UsageError, match="notes.png: not an image Pillow can read"):
         read_image(bad)
-    with pytest.raises(UsageError, match="missing.png"):
+    with pytest.raises(UsageError, match="missing.png: no such image file"):
         read_image(tmp_path / "missing.png")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image_files["wide_large.png"].read_bytes()[:2000])
+    with pytest.raises(UsageError, match="cut.png: not an image Pillow can read"):
+        read_image(cut)
 
 
-# --- image files and preprocessing ----------------------------------------------------------
+def test_without_pillow(tiny_vision, image_files, monkeypatch):
+    """Without Pillow: one line saying what to install, from reading an image and from the
+    checkpoint check that runs before a multimodal model loads."""
+    import sys
 
-def _png(pixels: np.ndarray, colour: int, filters, palette: bytes = b"") -> bytes:
-    """An 8-bit PNG of ``pixels [H, W, C]`` with each row filtered by ``filters[y]`` (0-4),
-    encoded from the PNG specification's filter definitions."""
-    h, w, c = pixels.shape
-    flat = pixels.reshape(h, w * c).astype(np.int32)
-    rows = []
-    for y in range(h):
-        cur, prev = flat[y], flat[y - 1] if y else np.zeros(w * c, np.int32)
-        left = np.concatenate([np.zeros(c, np.int32), cur[:-c]])
-        upleft = np.concatenate([np.zeros(c, np.int32), prev[:-c]])
-        f = filters[y % len(filters)]
-        if f == 0:
-            pred = np.zeros_like(cur)
-        elif f == 1:
-            pred = left
-        elif f == 2:
-            pred = prev
-        elif f == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        rows.append(bytes([f]) + ((cur - pred) & 255).astype(np.uint8).tobytes())
-
-    def chunk(kind, body):
-        return (len(body).to_bytes(4, "big") + kind + body
-                + zlib.crc32(kind + body).to_bytes(4, "big"))
-
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, colour, 0, 0, 0])
-    plte = chunk(b"PLTE", palette) if palette else b""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte
-            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
-
-
-@pytest.mark.parametrize("colour,channels", [(2, 3), (6, 4), (0, 1), (4, 2)])
-def test_png_decoder(tmp_path, colour, channels):
-    rng = np.random.default_rng(colour)
-    pixels = rng.integers(0, 256, (7, 5, channels), dtype=np.uint8)
-    path = tmp_path / "x.png"
-    path.write_bytes(_png(pixels, colour, filters=[0, 1, 2, 3, 4]))
-    got = read_image(path)
-    want = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=2)
-    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want).permute(2, 0, 1))
-
-
-def test_png_palette(tmp_path):
-    rng = np.random.default_rng(1)
-    palette = rng.integers(0, 256, (5, 3), dtype=np.uint8)
-    index = rng.integers(0, 5, (6, 9, 1), dtype=np.uint8)
-    path = tmp_path / "p.png"
-    path.write_bytes(_png(index, 3, filters=[1, 4, 0], palette=palette.tobytes()))
-    want = torch.from_numpy(palette[index[..., 0]]).permute(2, 0, 1)
-    assert torch.equal(read_image(path), want)
-
-
-def test_ppm(tmp_path):
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    path = tmp_path / "x.ppm"
-    path.write_bytes(b"P6\n# a comment\n6 4\n255\n" + pixels.tobytes())
-    assert torch.equal(read_image(path), torch.from_numpy(pixels).permute(2, 0, 1))
-
-
-def test_preprocess_normalises_at_size():
-    """At the tower's size there is no resize: ``(x / 255 - mean) / std``; other sizes
-    come out at the tower's size."""
-    pre = ImagePreprocessor((IMAGE_SIZE, IMAGE_SIZE), [0.5, 0.4, 0.3], [0.5, 0.2, 0.1])
-    im = _images(2)[1]
-    x = pre([im, _images(1)[0]])
-    assert x.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    mean = torch.tensor([0.5, 0.4, 0.3])[:, None, None]
-    std = torch.tensor([0.5, 0.2, 0.1])[:, None, None]
-    assert torch.allclose(x[0], (im.double() / 255 - mean.double()).div(std.double()).float(), atol=1e-6)
+    for mod in [m for m in sys.modules if m == "PIL" or m.startswith("PIL.")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # import PIL.X raises ImportError
+    with pytest.raises(UsageError, match=r"needs Pillow: pip install 'cltrace\[models\]'"):
+        read_image(image_files["gray.png"])
+    with pytest.raises(UsageError, match="needs Pillow"):
+        check_multimodal(tiny_vision["hub"][0])
 
 
 # --- the frozen linear model of an image prompt -----------------------------------------------

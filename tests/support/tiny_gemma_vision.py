@@ -9,8 +9,10 @@ random norm gains so every scale matters. Its folder holds what a hub checkpoint
 (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
 ``lm_head`` tied), a word-level tokenizer with Gemma 3's image tokens (``<start_of_image>``,
 ``<end_of_image>``, ``<image_soft_token>``) and ``preprocessor_config.json`` /
-``processor_config.json`` as Gemma 3's processor writes them (written by hand: the processor's
-image half needs Pillow or torchvision, which this machine lacks).
+``processor_config.json`` with the fields of google/gemma-3-4b-it's (``do_convert_rgb`` and
+``do_pan_and_scan`` null, as there: ``Gemma3Processor`` supplies them). transformers'
+``AutoImageProcessor`` / ``AutoProcessor`` load them (``Gemma3ImageProcessorPil``,
+``Gemma3Processor``): tests/test_multimodal.py checks it.
 """
 from __future__ import annotations
 

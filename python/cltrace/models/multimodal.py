@@ -8,8 +8,9 @@ in the prompt.
   replacement model and the frozen attribution work on), from ``model.language_model.*``
   (transformers 5) or ``language_model.model.*`` (hub checkpoints);
 * the vision tower and projector: transformers' modules (:mod:`.vision`);
-* the image preprocessing with the checkpoint's ``preprocessor_config.json`` (:mod:`.images`)
-  and its tokenizer.
+* the image preprocessing: the checkpoint's own image processor, loaded by transformers from
+  its ``preprocessor_config.json`` (:mod:`.images`: cltrace's ``pixel_values`` are
+  ``Gemma3Processor``'s exactly), image files read with Pillow; and its tokenizer.
 
 A prompt marks where each image goes with Gemma 3's ``<start_of_image>``; as Gemma 3's
 processor does, each one becomes ``"\\n\\n<start_of_image>" + n_soft x "<image_soft_token>" +
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .images import ImagePreprocessor, read_image
+from .images import ImagePreprocessor, read_image, require_pillow
 from .vision import VisionInput
 
 ImageLike = Union[str, os.PathLike, Tensor]  # a file, or RGB [3, H, W] uint8
@@ -123,8 +124,9 @@ def _rgb(image: Tensor, i: int) -> Tensor:
 
 
 def check_multimodal(name_or_path: Union[str, os.PathLike]) -> None:
-    """UsageError (one line) unless ``name_or_path`` is a multimodal Gemma 3 checkpoint; reads
-    its ``config.json`` only (hub ids: that one file), so it runs before any model loads."""
+    """UsageError (one line) unless ``name_or_path`` is a multimodal Gemma 3 checkpoint and
+    Pillow (which reads the images) is installed; reads its ``config.json`` only (hub ids: that
+    one file), so it runs before any model loads."""
     from .load import _EMBEDDED_NAMES, _hub_download, _HUB_ID
 
     name = str(name_or_path)
@@ -148,6 +150,7 @@ def check_multimodal(name_or_path: Union[str, os.PathLike]) -> None:
     if model_type != "gemma3":
         raise UsageError(f"model {name} is a text-only checkpoint (model_type {model_type!r}): "
                          "images need a multimodal Gemma 3 (model_type 'gemma3': 4B, 12B, 27B)")
+    require_pillow()
 
 
 def load_multimodal(name_or_path: Union[str, os.PathLike], *,
