@@ -197,3 +197,123 @@ def test_graph_needs_the_bidirectional_mask(setup, graph):
     finally:
         state.frozen.causal = False
     assert ((bad - values[idx]).abs() / values[idx].abs().clamp_min(1e-3)).max() > 1e-3
+
+
+# --- cltrace attribute --image ------------------------------------------------------------------
+
+def write_ppm(path, image) -> None:
+    """``image`` (RGB uint8 [3, H, W]) as a binary PPM file."""
+    _, h, w = image.shape
+    path.write_bytes(f"P6\n{w} {h}\n255\n".encode() + image.permute(1, 2, 0).contiguous().numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, setup):
+    """(model folder, transcoders folder in circuit-tracer's CLT layout, two PPM images)."""
+    from support.layouts import write_circuit_tracer_clt
+
+    lm, _, rm = setup
+    root = tmp_path_factory.mktemp("image-cli")
+    model = root / "model"
+    save_tiny_gemma_vision(model, seed=1, window=3)
+    tcs = write_circuit_tracer_clt(root / "tcs", rm.transcoders.to(dtype=torch.float32))
+    files = []
+    for i, im in enumerate(images(2)):
+        files.append(root / f"pic{i}.ppm")
+        write_ppm(files[-1], im)
+    return model, tcs, files
+
+
+def test_attribute_cli_with_images(cli_files, tmp_path, capsys):
+    """The graph JSON of ``cltrace attribute --image A --image B``: valid against the schema,
+    soft tokens as <img i:r,c> prompt tokens and embedding nodes, metadata.info.images naming
+    the copies (byte-equal to the inputs) and the positions and grid of each image's soft
+    tokens in the prompt the Python API builds."""
+    import json
+
+    import jsonschema
+
+    from cltrace.cli import main
+    from cltrace.export import GRAPH_SCHEMA_PATH
+
+    model, tcs, files = cli_files
+    out = tmp_path / "out"
+    argv = ["attribute", PROMPT, "--model", str(model), "--transcoders", str(tcs), "--out", str(out),
+            "--slug", "pics", "--quiet", "--format", "json", "--device", "cpu"]
+    for f in files:
+        argv += ["--image", str(f)]
+    assert main(argv) == 0
+    data = json.loads((out / "pics.json").read_text())
+    jsonschema.validate(data, json.loads(GRAPH_SCHEMA_PATH.read_text()))
+    lm = load_multimodal(model, device="cpu")
+    prompt = lm.prompt(PROMPT, [str(f) for f in files])
+    meta = data["metadata"]
+    assert meta["prompt"] == PROMPT and meta["prompt_tokens"] == lm.token_labels(prompt)
+    soft = soft_positions(prompt)
+    want = []
+    for g in range(2):
+        pos = torch.nonzero(prompt.image_groups[0] == g).flatten().tolist()
+        want.append({"file": f"pics.image{g + 1}.ppm", "grid": [2, 2], "positions": [pos[0], pos[-1]]})
+    assert meta["info"]["images"] == want
+    for g, f in enumerate(files):
+        assert (out / want[g]["file"]).read_bytes() == f.read_bytes()
+    emb = {n["ctx_idx"]: n for n in data["nodes"] if n["feature_type"] == "embedding"}
+    assert sorted(emb) == list(range(prompt.input_ids.shape[1]))
+    assert emb[soft[0]]["clerp"] == 'Emb: "<img 1:0,0>"' and emb[soft[-1]]["clerp"] == 'Emb: "<img 2:1,1>"'
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(set(ids)) == len(ids)
+
+
+def test_attribute_cli_prepends_placeholders(cli_files, tmp_path, capsys):
+    """No <start_of_image> in the text: one per image first; --chat puts it in the user turn."""
+    import json
+
+    from cltrace.cli import main
+
+    model, tcs, files = cli_files
+    out = tmp_path / "out"
+    base = ["attribute", "--model", str(model), "--transcoders", str(tcs), "--out", str(out),
+            "--quiet", "--format", "json", "--device", "cpu", "--image", str(files[0])]
+    assert main(base + ["the cat sat on a", "--slug", "plain"]) == 0
+    assert main(base + ["what is in this picture", "--slug", "chat", "--chat"]) == 0
+    lm = load_multimodal(model, device="cpu")
+    for slug, text, chat in (("plain", "<start_of_image> the cat sat on a", False),
+                             ("chat", "<start_of_image> what is in this picture", True)):
+        meta = json.loads((out / f"{slug}.json").read_text())["metadata"]
+        prompt = lm.prompt(text, [str(files[0])], chat=chat)
+        assert meta["prompt_tokens"] == lm.token_labels(prompt), slug
+        pos = soft_positions(prompt)
+        assert meta["info"]["images"] == [{"file": f"{slug}.image1.ppm", "grid": [2, 2],
+                                           "positions": [pos[0], pos[-1]]}]
+
+
+def test_attribute_cli_bad_images(cli_files, tmp_path, capsys, monkeypatch):
+    """One line, exit 2, before any model loads: not an image, a text-only model, more images
+    than placeholders."""
+    import cltrace.models.multimodal as mm
+    from cltrace.cli import main
+    from support.cli import one_line_error
+    from support.tiny_gemma import tiny_gemma
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mm, "load_multimodal", no_loading)
+    model, tcs, files = cli_files
+    text_only = tmp_path / "text-only"
+    tiny_gemma(n_layers=2).save_pretrained(text_only)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image\n")
+    base = ["attribute", "--transcoders", str(tcs), "--out", str(tmp_path / "out"), "--quiet"]
+    capsys.readouterr()  # what saving the model printed
+    cases = [
+        (["the <start_of_image> cat", "--model", str(model), "--image", str(bad)], ["notes.png"]),
+        (["the <start_of_image> cat", "--model", str(text_only), "--image", str(files[0])], ["text-only"]),
+        (["the cat", "--image", str(files[0])], ["gemma-3-270m", "text-only"]),
+        (["the <start_of_image> cat", "--model", str(model), "--image", str(files[0]),
+          "--image", str(files[1])], ["1 <start_of_image>", "2 image"]),
+    ]
+    for argv, needles in cases:
+        assert main(base + argv) == 2, argv
+        one_line_error(capsys, *needles)
+    assert not (tmp_path / "out" / "graph-metadata.json").exists()

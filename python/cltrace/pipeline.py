@@ -22,6 +22,21 @@ from .export.neuronpedia import check_slug
 from .graph.pruning import PruneSettings
 
 FORMATS = ("json", "dot", "svg", "png", "pt")
+IMAGE_PLACEHOLDER = "<start_of_image>"  # where an image goes in a Gemma 3 prompt (its processor's)
+
+
+def image_prompt_text(text: str, n_images: int) -> str:
+    """The prompt text for ``n_images`` images: as given when it holds one
+    ``<start_of_image>`` per image; with no placeholder, one per image prepended; any other
+    count is a UsageError (before any model loads)."""
+    n = text.count(IMAGE_PLACEHOLDER)
+    if n_images and n == 0:
+        return IMAGE_PLACEHOLDER * n_images + " " + text
+    if n != n_images:
+        raise UsageError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} "
+                         f"image(s) (--image): put one {IMAGE_PLACEHOLDER} where each image goes, "
+                         "or none to have the images first")
+    return text
 
 
 def slugify(text: str) -> str:
@@ -73,6 +88,7 @@ class PromptSpec:
     messages: tuple = ()  # ((role, content), ...) checked by cltrace.models.conversation.check_messages
     label: Optional[str] = None
     pair: Optional[str] = None
+    images: tuple = ()  # image files, one per <start_of_image> of ``prompt`` (a multimodal model)
 
 
 @dataclass
@@ -123,6 +139,11 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
     feature nodes carry their labels and the pages of the kept features go to
     ``out/features/`` (the ``./data/features`` scan both viewers read).
 
+    With ``spec.images`` (``rm`` built by :meth:`~cltrace.replacement.ReplacementModel.from_multimodal`)
+    the prompt holds one ``<start_of_image>`` per image (:func:`image_prompt_text`); the
+    images are copied beside the JSON and described in its ``metadata.info.images``
+    (:mod:`cltrace.export.images`).
+
     ``times`` (a dict) receives the seconds per phase, after what it already holds. Raises
     UsageError for a bad prompt (empty, too long, a target that is not one token)."""
     from .attribution import attribute
@@ -134,10 +155,24 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         raise UsageError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
-    prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
+    if spec.images:
+        if getattr(rm, "images", None) is None or spec.messages:
+            raise UsageError("images need a multimodal model and a PROMPT (not --messages)"
+                             if spec.messages else "images need a multimodal Gemma 3 model")
+        if settings.attention.qk:
+            raise UsageError("--qk does not take image prompts yet")
+        prompt = spec.prompt
+        ids = rm.images.prompt(prompt, list(spec.images), chat=spec.chat)  # an ImagePrompt
+    else:
+        prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
     say("attributing ...")
     graph = attribute(ids, rm, **dataclasses.asdict(settings.attribution), prompt_text=prompt,
                       targets=list(spec.targets) or None, verbose=verbose, timings=times)
+    if spec.images:
+        from .export.images import image_copy_name, image_entries
+
+        names = [image_copy_name(spec.slug, i, p) for i, p in enumerate(spec.images)]
+        graph.info["images"] = image_entries(ids.image_groups[0], graph.token_strs, names)
 
     t0 = time.perf_counter()
     result = prune(graph, settings.pruning.node_threshold, settings.pruning.edge_threshold)
@@ -156,6 +191,10 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
 
     t0 = time.perf_counter()
     slug, formats = spec.slug, settings.formats
+    if "json" in formats and spec.images:
+        from .export.images import copy_images
+
+        record.written += copy_images(spec.images, out, slug)
     if "json" in formats:
         labelled = {}
         if pages is not None:

@@ -224,3 +224,53 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
     return loaded, ReplacementModel(loaded.model, transcoders, tokenizer=loaded.tokenizer,
                                     model_name=loaded.name,
                                     skip_positions=getattr(args, "skip_positions", "auto"))
+
+
+def add_image_argument(p: argparse.ArgumentParser) -> None:
+    """--image PATH (repeatable): what :func:`check_images` reads."""
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image in the prompt (PNG, PPM ...; repeatable, in prompt order): it goes "
+                        "where the prompt has <start_of_image> (one per image; with none, the images "
+                        "come first); --chat puts them in the user turn. Needs a multimodal Gemma 3 "
+                        "(--model: a 4B/12B/27B checkpoint folder or hub id) and --transcoders")
+
+
+def check_images(args: argparse.Namespace) -> tuple:
+    """Before any model loads: the --image files (each read and decoded: a file that is not an
+    image is a one-line UsageError naming it), with a multimodal --model (its config.json),
+    --transcoders given and no --messages. Returns the files, as strings."""
+    images = tuple(getattr(args, "image", None) or ())
+    if not images:
+        return ()
+    from ..models.images import read_image
+    from ..models.multimodal import check_multimodal
+
+    if getattr(args, "messages", None) is not None:
+        raise UsageError("--image goes with PROMPT or --prompt-file (and --chat), not --messages")
+    for path in images:
+        if Path(path).is_dir():
+            raise UsageError(f"--image {path}: a folder, not an image file")
+        read_image(path)  # UsageError naming the file if it cannot be decoded
+    check_multimodal(args.model)
+    if getattr(args, "transcoders", None) is None:
+        raise UsageError("--image needs --transcoders (transcoders of the multimodal model's "
+                         "language model; the starter set is text-only)")
+    return images
+
+
+def load_multimodal_replacement(args: argparse.Namespace, say: Callable[..., None]):
+    """(LoadedMultimodal, ReplacementModel) from a multimodal --model, --transcoders,
+    --device and --dtype: the replacement model of its language model, which also runs image
+    prompts (:meth:`cltrace.replacement.ReplacementModel.from_multimodal`)."""
+    from ..models.multimodal import load_multimodal
+    from ..replacement import ReplacementModel
+    from ..transcoders import load_transcoders
+    from ..transcoders.checks import check_transcoders
+
+    say(f"loading transcoders {args.transcoders} ...")
+    transcoders = load_transcoders(args.transcoders)
+    check_transcoders(transcoders, args.transcoders, "attribution graphs and features")
+    say(f"loading multimodal model {args.model} ...")
+    loaded = load_multimodal(args.model, device=args.device, dtype=args.dtype)
+    return loaded, ReplacementModel.from_multimodal(
+        loaded, transcoders, skip_positions=getattr(args, "skip_positions", "auto"))

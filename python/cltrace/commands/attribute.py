@@ -5,7 +5,9 @@ import argparse
 import resource
 import time
 
-from ._common import add_features_argument, add_prompt_arguments, add_replacement_arguments
+from ..errors import UsageError
+from ._common import (add_features_argument, add_image_argument, add_prompt_arguments,
+                      add_replacement_arguments)
 
 NAME = "attribute"
 HELP = "compute the attribution graph of a prompt and export it (JSON, DOT, SVG, full graph)"
@@ -50,11 +52,17 @@ Examples:
       (chat.json: [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
        {"role": "model", "content": "Sure, here is"}]: a conversation, the last model turn a
        prefill; nodes on every position after the first turn's <bos><start_of_turn>user\\n)
+  cltrace attribute --model google/gemma-3-4b-it --transcoders T --image cat.png --chat \\
+      "What is in <start_of_image> this picture?"
+      (an image + text prompt: its 256 soft tokens are embedding nodes named <img r,c> by their
+       cell on the 16x16 grid, with features and error nodes at their positions; the JSON's
+       metadata.info.images and a copy of each image beside it, docs/interop.md "Images")
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prompt_arguments(p, messages=True)
+    add_image_argument(p)
     add_replacement_arguments(p)
     p.add_argument("--out", default="graphs", help="output folder (default: graphs)")
     p.add_argument("--slug", default=None, help="graph name (default: from the prompt)")
@@ -107,22 +115,29 @@ def _peak_memory_gib(device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import (check_features_dir, check_output_dir, feature_pages, load_replacement,
-                          messenger, read_prompt_or_messages)
+    from ._common import (check_features_dir, check_images, check_output_dir, feature_pages,
+                          load_multimodal_replacement, load_replacement, messenger,
+                          read_prompt_or_messages)
 
-    from ..pipeline import PromptSpec, check_slug, slugify, trace_prompt
+    from ..pipeline import (IMAGE_PLACEHOLDER, PromptSpec, check_slug, image_prompt_text, slugify,
+                            trace_prompt)
 
     settings = trace_settings(args)
     text, messages = read_prompt_or_messages(args)
+    images = check_images(args)
+    if images:
+        text = image_prompt_text(text, len(images))
+        if settings.attention.qk:
+            raise UsageError("--qk does not take image prompts yet")
     out = check_output_dir(args.out)
-    slug = check_slug(args.slug or slugify(text))
+    slug = check_slug(args.slug or slugify(text.replace(IMAGE_PLACEHOLDER, " ")))
     check_features_dir(args.features)
     say = messenger(args.quiet)
     t_start = time.perf_counter()
     times = {}
 
     t0 = time.perf_counter()
-    loaded, rm = load_replacement(args, say)
+    loaded, rm = (load_multimodal_replacement if images else load_replacement)(args, say)
     transcoders = rm.transcoders
     times["load"] = time.perf_counter() - t0
 
@@ -131,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if pages is not None:
         times["pages"] = time.perf_counter() - t0
     targets = tuple(args.target) + tuple(tuple(d) for d in args.target_diff)
-    spec = PromptSpec(text, slug, targets, args.chat, messages)
+    spec = PromptSpec(text, slug, targets, args.chat, messages, images=images)
     record = trace_prompt(rm, loaded.tokenizer, spec, settings,
                           out, verbose=not args.quiet, times=times, pages=pages, say=say)
     for w in record.warnings:
