@@ -129,8 +129,8 @@ class ReplacementModel:
             all_logits: bool = True) -> ReplacementState:
         """One forward pass: capture, encode, reconstruct, errors, frozen linear model.
         ``all_logits=False`` keeps the logits of the last position only ([1, vocab]: at 4096
-        tokens all of them take 4 GB). An :class:`ImagePrompt` (models built by
-        :meth:`from_multimodal`) runs on its embeddings with its image groups."""
+        tokens all of them take 4 GB). An :class:`~cltrace.models.multimodal.ImagePrompt`
+        (models built by :meth:`from_multimodal`) runs on its embeddings with its image groups."""
         from ..models.multimodal import ImagePrompt  # lazily: image decoding is not needed for text
 
         labels = groups = None
