@@ -21,6 +21,7 @@ from cltrace.cli import main
 from cltrace.contrast.report import load_sets
 from cltrace.contrast.stats import bh_qvalues, hedges_g, permutation_p, relabellings
 from support import contrast as P
+from support.contrast import planted, planted_model  # noqa: F401  (fixtures)
 
 
 def _direct_p(x, n_a, splits):
@@ -86,17 +87,6 @@ def test_hedges_g_against_the_formula():
 
 
 N, TRACE = P.N, P.TRACE
-
-
-@pytest.fixture(scope="module")
-def planted_model():
-    return P.planted_replacement()
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory, planted_model):
-    """The contrast folder of the planted model's two sets (traced in this process)."""
-    return P.traced_folder(tmp_path_factory.mktemp("contrast"), *planted_model)
 
 
 def test_planted_feature_ranks_first_and_significant(planted):

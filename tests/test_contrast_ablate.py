@@ -19,18 +19,9 @@ from cltrace.batch.store import Store
 from cltrace.cli import main
 from cltrace.contrast.report import load_sets
 from support import contrast as P
+from support.contrast import planted, planted_model  # noqa: F401  (fixtures)
 
 N = P.N
-
-
-@pytest.fixture(scope="module")
-def planted_model():
-    return P.planted_replacement()
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory, planted_model):
-    return P.traced_folder(tmp_path_factory.mktemp("contrast"), *planted_model)
 
 METRIC = 'logit-diff:"x","y"'
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from .batch import CrashingTokenizer
@@ -81,8 +82,6 @@ def use_planted(mp, rm, tok) -> None:
 def traced_folder(folder, rm, tok, pairs: bool = False):
     """``folder``/out: ``cltrace contrast`` of the planted model's two sets of N prompts (traced
     in this process; ``pairs``: prompt i of A paired with prompt i of B)."""
-    import pytest
-
     from cltrace.cli import main
 
     a, b = write_sets(folder, N, pairs=pairs)
@@ -90,3 +89,15 @@ def traced_folder(folder, rm, tok, pairs: bool = False):
         use_planted(mp, rm, tok)
         assert main(["contrast", str(a), str(b), "--out", str(folder / "out"), *TRACE]) == 0
     return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def planted_model():
+    """(ReplacementModel, tokenizer) of the planted model (import the fixture into a test module)."""
+    return planted_replacement()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, planted_model):
+    """The contrast folder of the planted model's two sets (traced in this process)."""
+    return traced_folder(tmp_path_factory.mktemp("contrast"), *planted_model)
