@@ -53,8 +53,9 @@ def page_html(graph: dict, name: str = "graph", pages: Union[dict, None] = None)
     css = asset("viewer.css").decode()
     data = _script(json.dumps({"graph": graph, "pages": pages or {}, "name": name}))
     doc = doc.replace('<link rel="stylesheet" href="/assets/viewer.css">', f"<style>\n{css}\n</style>")
-    scripts = "".join(f"<script>\n{_script(asset(n).decode())}\n</script>\n" for n in ("viewer.js", "panels.js"))
-    doc = doc.replace('<script src="/assets/viewer.js"></script>\n<script src="/assets/panels.js"></script>\n',
+    scripts = "".join(f"<script>\n{_script(asset(n).decode())}\n</script>\n" for n in ("viewer.js", "panels.js", "images.js"))
+    doc = doc.replace('<script src="/assets/viewer.js"></script>\n<script src="/assets/panels.js"></script>\n'
+                      '<script src="/assets/images.js"></script>\n',
                       f'<script type="application/json" id="cltrace-inline">{data}</script>\n{scripts}')
     return doc
 

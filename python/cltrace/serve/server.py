@@ -15,6 +15,11 @@ Routes (all answered from this machine; the page makes no request to another hos
   GET  /api/model             whether experiments are available (model loaded) and its sizes
   GET  /data/<path>           a file inside DIR (graphs, feature pages); ``..``, absolute
                               paths and symlinks leading out of DIR get 404
+  GET  /image/<path>          an image file inside DIR (the copies ``attribute --image`` writes
+                              beside a graph), as the viewer shows it: PNG, JPEG, GIF, WebP and
+                              BMP as they are; other formats Pillow reads (PPM, TIFF, ...)
+                              converted to PNG; the same path rules as /data/, 404 for a file
+                              that is not an image, 415 when it cannot be converted
   POST /api/save              ``{"graph": path, "qParams": {"pinnedIds": [...],
                               "supernodes": [[name, id, ...], ...]}}``: the only write; it
                               replaces those two fields of the graph's ``qParams`` atomically
@@ -50,9 +55,13 @@ ASSET_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
                ".css": "text/css; charset=utf-8"}
 DATA_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png",
               ".dot": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
+BROWSER_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+                  ".webp": "image/webp", ".bmp": "image/bmp"}  # raster formats every browser shows
+CONVERTED_IMAGES = (".ppm", ".pgm", ".pbm", ".pnm", ".tif", ".tiff", ".tga", ".ico")  # sent as PNG
+MAX_IMAGE_PIXELS = 50_000_000  # larger files are not decoded (a decompression bomb guard)
 MAX_BODY = 1 << 20  # save/intervene requests are small
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-ASSETS = ("viewer.js", "panels.js", "viewer.css", "lens.js", "contrast.js")  # what the pages load
+ASSETS = ("viewer.js", "panels.js", "images.js", "viewer.css", "lens.js", "contrast.js")  # what the pages load
 LENS_HEAD = b'{"format":"cltrace.lens/'  # how a lens JSON (cltrace lens --json) starts
 CONTRAST_HEAD = b'{"format":"cltrace.contrast/'  # how a contrast report (cltrace contrast) starts
 
@@ -78,6 +87,28 @@ def safe_path(root: Path, rel: str) -> Optional[Path]:
     if not real.is_file() or not real.is_relative_to(root.resolve()):
         return None
     return real
+
+
+def image_as_png(path: Path) -> bytes:
+    """The image file at ``path`` as PNG bytes, decoded with Pillow (RGB or RGBA kept, other
+    modes converted to RGB). ValueError when Pillow is missing, the file is not an image it
+    reads, or it holds more than MAX_IMAGE_PIXELS pixels."""
+    import io
+
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("Pillow is not installed (pip install pillow): cannot convert the image") from None
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{path.name}: {im.width}x{im.height} pixels is too large to show")
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path.name}: not an image Pillow can read ({e})") from None
+    return buf.getvalue()
 
 
 def _peek_is_graph(path: Path) -> bool:
@@ -204,10 +235,10 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._json({"error": message}, status)
 
-    def _file(self, path: Path) -> None:
+    def _file(self, path: Path, ctype: Optional[str] = None) -> None:
         size = path.stat().st_size
         self.send_response(200)
-        self.send_header("Content-Type", DATA_TYPES.get(path.suffix, "application/octet-stream"))
+        self.send_header("Content-Type", ctype or DATA_TYPES.get(path.suffix, "application/octet-stream"))
         self.send_header("Content-Length", str(size))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -266,7 +297,30 @@ class Handler(BaseHTTPRequestHandler):
             if path is None:
                 return self._error(404, "not found")
             return self._file(path)
+        if url.startswith("/image/"):
+            return self._image(safe_path(root, url[len("/image/"):]))
         return self._error(404, "not found")
+
+    def _image(self, path: Optional[Path]) -> None:
+        """GET /image/<path>: an image inside DIR as a browser shows it (see the module doc)."""
+        suffix = path.suffix.lower() if path is not None else ""
+        if suffix in BROWSER_IMAGES:
+            return self._file(path, BROWSER_IMAGES[suffix])
+        if suffix not in CONVERTED_IMAGES:
+            return self._error(404, "not an image in the served folder")
+        try:
+            body = image_as_png(path)
+        except ValueError as e:
+            return self._error(415, str(e))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'none'")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     do_HEAD = do_GET
 

@@ -1,0 +1,61 @@
+"""Image + text graph JSONs for the viewer tests: ``cltrace attribute --image`` run on the tiny
+random multimodal Gemma 3 of :mod:`support.tiny_gemma_vision`, with a cross-layer transcoder
+calibrated on the prompt's own MLP inputs (so features fire at image positions).
+
+* :func:`picture` — a drawn RGB picture (a red square and a green disc on blue), saved by Pillow;
+* :func:`image_graph_folder` — a served folder holding the graph JSON that ``cltrace attribute
+  --image`` wrote, the copy of the image beside it and ``graph-metadata.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PROMPT = "what is in this picture <start_of_image> red square on a blue"
+
+
+def picture(path: Path, size: int = 224) -> Path:
+    """Write a picture to ``path`` (its suffix picks the format: .png, .ppm, ...): blue
+    background, a red square in the upper left, a green disc in the lower right."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (40, 70, 170))
+    d = ImageDraw.Draw(im)
+    s = size // 8
+    d.rectangle([s, s, 4 * s, 4 * s], fill=(210, 30, 30))
+    d.ellipse([5 * s, 5 * s, 7 * s, 7 * s], fill=(40, 170, 60))
+    im.save(path)
+    return path
+
+
+def image_graph_folder(root: Path, suffix: str = ".png", slug: str = "picture") -> tuple[Path, Path]:
+    """(served folder, graph JSON path): the tiny multimodal checkpoint and a CLT calibrated on
+    the prompt's MLP inputs saved under ``root``, then ``cltrace attribute --image`` on
+    :data:`PROMPT` with a :func:`picture` (``suffix``: its file format) into ``root/served``."""
+    from cltrace.cli import main
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
+    from cltrace.models.multimodal import load_multimodal
+
+    from .layouts import write_circuit_tracer_clt
+    from .tiny_gemma_vision import save_tiny_gemma_vision
+    from .transcoders import random_transcoders
+
+    root = Path(root)
+    model = root / "model"
+    save_tiny_gemma_vision(model, seed=1)
+    image = picture(root / f"picture{suffix}")
+    lm = load_multimodal(model, device="cpu", dtype=torch.float32)
+    prompt = lm.prompt(PROMPT, [str(image)])
+    cap = capture(text_parts(lm.model), prompt.input_ids[0], inputs_embeds=lm.embed(prompt)[0],
+                  image_groups=prompt.image_groups[0])
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
+    tcs = random_transcoders("clt", mlp_in=mlp_in, d_sae=48, skip=True)
+    tc_dir = write_circuit_tracer_clt(root / "tcs", tcs.to(dtype=torch.float32))
+    out = root / "served"
+    argv = ["attribute", PROMPT, "--model", str(model), "--transcoders", str(tc_dir), "--out", str(out),
+            "--slug", slug, "--quiet", "--format", "json", "--device", "cpu", "--image", str(image)]
+    if main(argv) != 0:
+        raise RuntimeError(f"cltrace {' '.join(argv)} failed")
+    return out, out / f"{slug}.json"
