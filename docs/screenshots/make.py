@@ -21,6 +21,14 @@ pairs and marginals). The run fails on a page error or a failed request.
 starter transcoders and their cached feature pages (``cltrace attribute`` builds them), the
 sentence LENS_TEXT, the cell of layer 12 at " Paris" opened (its top latents and feature card).
 
+``image``: image-graph.png, the image panel on a graph of an image + text prompt: ``cltrace
+attribute --image`` on a drawn picture (a red square and a green disc on blue) with the tiny
+random multimodal Gemma 3 of tests/support/tiny_gemma_vision.py sized to 224-pixel images and
+an 8 x 8 grid of soft tokens (no real multimodal Gemma 3 can be downloaded here), its CLT
+calibrated on the prompt (tests/support/image_graphs.py), pruned with ``--node-threshold 0.9
+--edge-threshold 0.98`` (more links kept than by default); the node with the most links from
+the image's soft tokens selected, the heatmap showing those links' weights.
+
 Without ``--only``: all.
 
 (big-graph.png and feature-card.png come from
@@ -47,7 +55,7 @@ LENS_TEXT = "The capital of France is Paris, and the river that runs through it 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent, help="where the PNGs go")
-    ap.add_argument("--only", choices=("main", "paris-qk", "lens"), help="make only these screenshots")
+    ap.add_argument("--only", choices=("main", "paris-qk", "lens", "image"), help="make only these screenshots")
     a = ap.parse_args()
     if a.only in (None, "main"):
         main_shots(a.out)
@@ -55,6 +63,8 @@ def main() -> int:
         paris_qk_shots(a.out)
     if a.only in (None, "lens"):
         lens_shots(a.out)
+    if a.only in (None, "image"):
+        image_shots(a.out)
     print(f"screenshots in {a.out}")
     return 0
 
@@ -211,6 +221,42 @@ def lens_shots(out: Path) -> None:
     srv.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
     assert not errors, errors
+
+
+def image_shots(out: Path) -> None:
+    """image-graph.png: the image panel with a node selected (see the docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    from support.image_graphs import image_graph_folder
+    from support.serve import cleanup, launch_chromium, serving, watch_page
+
+    tmp = Path(tempfile.mkdtemp())
+    folder, path = image_graph_folder(tmp, image_size=224, soft_tokens=64,
+                                      extra=["--node-threshold", "0.9", "--edge-threshold", "0.98"])
+    g = json.loads(path.read_text())
+    info = g["metadata"]["info"]["images"][0]
+    first, last = info["positions"]
+    soft = {n["node_id"] for n in g["nodes"] if n["feature_type"] == "embedding" and first <= n["ctx_idx"] <= last}
+    fed: dict[str, int] = {}
+    for lk in g["links"]:
+        if lk["source"] in soft:
+            fed[lk["target"]] = fed.get(lk["target"], 0) + 1
+    target = max(fed, key=lambda t: (fed[t], t))
+    with serving(folder) as url, sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        pg = ctx.new_page()
+        errors, foreign = watch_page(pg, url)
+        pg.set_viewport_size({"width": 1500, "height": 900})
+        pg.goto(f"{url}/#graph={path.name}")
+        pg.wait_for_function("document.body.dataset.ready === '1'")
+        pg.wait_for_function("document.querySelector('#image-list img').complete")
+        pg.click(f'[data-id="{target}"]')
+        pg.mouse.move(5, 895)  # (no tooltip over the screenshot)
+        pg.screenshot(path=str(out / "image-graph.png"))
+        ctx.close()
+        cleanup(profile)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert not errors and not foreign, (errors, foreign)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ calibrated on the prompt's own MLP inputs (so features fire at image positions).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,11 +17,11 @@ PROMPT = "what is in this picture <start_of_image> red square on a blue"
 
 
 def picture(path: Path, size: int = 224) -> Path:
-    """Write a picture to ``path`` (its suffix picks the format: .png, .ppm, ...): blue
+    """Write a picture to ``path`` (its suffix picks the format: .png, .ppm, ...): light grey
     background, a red square in the upper left, a green disc in the lower right."""
     from PIL import Image, ImageDraw
 
-    im = Image.new("RGB", (size, size), (40, 70, 170))
+    im = Image.new("RGB", (size, size), (225, 225, 215))
     d = ImageDraw.Draw(im)
     s = size // 8
     d.rectangle([s, s, 4 * s, 4 * s], fill=(210, 30, 30))
@@ -29,10 +30,13 @@ def picture(path: Path, size: int = 224) -> Path:
     return path
 
 
-def image_graph_folder(root: Path, suffix: str = ".png", slug: str = "picture") -> tuple[Path, Path]:
-    """(served folder, graph JSON path): the tiny multimodal checkpoint and a CLT calibrated on
+def image_graph_folder(root: Path, suffix: str = ".png", slug: str = "picture",
+                       extra: Sequence[str] = (), **size) -> tuple[Path, Path]:
+    """(served folder, graph JSON path): the tiny multimodal checkpoint (``size``: its
+    ``image_size`` / ``soft_tokens``, default 56 pixels, a 2 x 2 grid) and a CLT calibrated on
     the prompt's MLP inputs saved under ``root``, then ``cltrace attribute --image`` on
-    :data:`PROMPT` with a :func:`picture` (``suffix``: its file format) into ``root/served``."""
+    :data:`PROMPT` with a :func:`picture` (``suffix``: its file format) into ``root/served``;
+    ``extra``: more arguments of the command."""
     from cltrace.cli import main
     from cltrace.frozen.capture import capture
     from cltrace.models.anatomy import text_parts
@@ -44,7 +48,7 @@ def image_graph_folder(root: Path, suffix: str = ".png", slug: str = "picture") 
 
     root = Path(root)
     model = root / "model"
-    save_tiny_gemma_vision(model, seed=1)
+    save_tiny_gemma_vision(model, seed=1, **size)
     image = picture(root / f"picture{suffix}")
     lm = load_multimodal(model, device="cpu", dtype=torch.float32)
     prompt = lm.prompt(PROMPT, [str(image)])
@@ -55,7 +59,7 @@ def image_graph_folder(root: Path, suffix: str = ".png", slug: str = "picture") 
     tc_dir = write_circuit_tracer_clt(root / "tcs", tcs.to(dtype=torch.float32))
     out = root / "served"
     argv = ["attribute", PROMPT, "--model", str(model), "--transcoders", str(tc_dir), "--out", str(out),
-            "--slug", slug, "--quiet", "--format", "json", "--device", "cpu", "--image", str(image)]
+            "--slug", slug, "--quiet", "--format", "json", "--device", "cpu", "--image", str(image), *extra]
     if main(argv) != 0:
         raise RuntimeError(f"cltrace {' '.join(argv)} failed")
     return out, out / f"{slug}.json"

@@ -29,20 +29,23 @@ IMAGE_SIZE, PATCH, SOFT_TOKENS = 56, 14, 4
 VOCAB = 32  # > len(SPECIAL) + len(WORDS): a few unused rows, as real vocabularies have
 
 
-def tiny_gemma_vision(seed: int = 0, dtype: torch.dtype = torch.float32, window: int = 6):
+def tiny_gemma_vision(seed: int = 0, dtype: torch.dtype = torch.float32, window: int = 6,
+                      image_size: int = IMAGE_SIZE, soft_tokens: int = SOFT_TOKENS):
     """A random transformers ``Gemma3ForConditionalGeneration`` (eval mode); ``window``: the
-    sliding window of its sliding layers (below 4, one image's soft tokens overflow it)."""
+    sliding window of its sliding layers (below 4, one image's soft tokens overflow it);
+    ``image_size`` / ``soft_tokens``: a larger input and grid (the viewer's screenshot: 224
+    pixels, 64 soft tokens on an 8 x 8 grid)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH,
+                                num_attention_heads=2, image_size=image_size, patch_size=PATCH,
                                 vision_use_head=False)
     types = ["full_attention" if L == 2 else "sliding_attention" for L in range(4)]
     text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
                 layer_types=types, max_position_embeddings=256)
     cfg = Gemma3Config(text_config=text, vision_config=vision.to_dict(),
-                       mm_tokens_per_image=SOFT_TOKENS, boi_token_index=BOI, eoi_token_index=EOI,
+                       mm_tokens_per_image=soft_tokens, boi_token_index=BOI, eoi_token_index=EOI,
                        image_token_index=SOFT)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(cfg)
@@ -77,28 +80,28 @@ def save_tokenizer(folder) -> None:
             "image_token": "<image_soft_token>"}).save_pretrained(folder)
 
 
-def save_processor_configs(folder) -> None:
+def save_processor_configs(folder, image_size: int = IMAGE_SIZE, soft_tokens: int = SOFT_TOKENS) -> None:
     """``preprocessor_config.json`` and ``processor_config.json`` with the fields (and
     defaults) of google/gemma-3-4b-it's, sized for the tiny tower."""
     folder = Path(folder)
     pre = {"do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None,
            "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
-           "image_processor_type": "Gemma3ImageProcessor", "image_seq_length": SOFT_TOKENS,
+           "image_processor_type": "Gemma3ImageProcessor", "image_seq_length": soft_tokens,
            "image_std": [0.5, 0.5, 0.5], "processor_class": "Gemma3Processor", "resample": 2,
-           "rescale_factor": 1 / 255, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+           "rescale_factor": 1 / 255, "size": {"height": image_size, "width": image_size}}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (folder / "processor_config.json").write_text(json.dumps(
-        {"image_seq_length": SOFT_TOKENS, "processor_class": "Gemma3Processor"}, indent=2))
+        {"image_seq_length": soft_tokens, "processor_class": "Gemma3Processor"}, indent=2))
 
 
-def save_tiny_gemma_vision(folder, seed: int = 0, window: int = 6):
+def save_tiny_gemma_vision(folder, seed: int = 0, window: int = 6, **size):
     """Save the tiny model, its tokenizer and processor configs into ``folder`` (the tensor
     names ``save_pretrained`` writes: those of hub checkpoints, ``language_model.model.*``,
     ``vision_tower.*``, ``multi_modal_projector.*``); returns the transformers model (float32)."""
-    model = tiny_gemma_vision(seed, window=window)
+    model = tiny_gemma_vision(seed, window=window, **size)
     model.save_pretrained(folder)
     save_tokenizer(folder)
-    save_processor_configs(folder)
+    save_processor_configs(folder, **size)
     return model
 
 
