@@ -1,5 +1,6 @@
 """The viewer on a graph of an image + text prompt (``cltrace attribute --image``, written by the
-real CLI on the tiny random multimodal Gemma 3): the server's /image/ route, and the image panel
+real CLI on the tiny random multimodal Gemma 3): the DOT and SVG pictures (an image's soft
+tokens as one block), the server's /image/ route, and the image panel
 in headless Chromium — the picture drawn, a heatmap over its soft tokens whose cells carry the
 graph JSON's own numbers (link weights into the selected node, or the tokens' relevance), a
 click on a cell selecting that soft token's embedding node; no JS error, no foreign request.
@@ -25,7 +26,7 @@ def served(tmp_path_factory):
     naming a PPM copy of the picture, ``pruned.json``: without the node of soft token (0, 1),
     ``text.json``: an ordinary text graph; a file outside the folder linked from inside it."""
     root = tmp_path_factory.mktemp("image-viewer")
-    folder, path = image_graph_folder(root)
+    folder, path = image_graph_folder(root, extra=["--format", "json,dot,svg"])
     g = json.loads(path.read_text())
     info = g["metadata"]["info"]["images"][0]
     picture(folder / "picture.image1.ppm")
@@ -72,6 +73,42 @@ def test_image_route(served):
                     "/etc/passwd", "nope.png", ""]:
             assert get(f"{url}/image/{bad}")[0] == 404, bad
         assert get(f"{url}/assets/images.js")[0] == 200
+
+
+def test_dot_and_svg_draw_an_image_as_one_block(served):
+    """The .dot and .svg the CLI wrote beside the JSON: no soft token drawn on its own, one
+    labelled block for the image whose edge into a node is the sum of the JSON's links from the
+    image's soft tokens into it (the same kept edges), the other nodes as usual."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    folder, g = served
+    info = g["metadata"]["info"]["images"][0]
+    soft = set(soft_nodes(g).values())
+    summed, count = {}, {}
+    for lk in g["links"]:
+        if lk["source"] in soft:
+            summed[lk["target"]] = summed.get(lk["target"], 0.0) + lk["weight"]
+            count[lk["target"]] = count.get(lk["target"], 0) + 1
+    assert summed
+    dot = (folder / "picture.dot").read_text()
+    assert not any(f'"{s}"' in dot or f"\t{s} " in dot for s in soft)
+    assert re.search(r'image1 \[label="image 1: “picture.image1.png”\n2×2 soft tokens\n@%d–%d"' % tuple(info["positions"]), dot)
+    drawn = {m.group(1): (float(m.group(2)), int(m.group(3)))
+             for m in re.finditer(r'image1 -> "?([\w-]+)"? \[[^]]*tooltip="([-\d.e+]+) \(sum of (\d+) soft-token edges\)"', dot)}
+    assert drawn and set(drawn) <= set(summed)
+    for t, (w, n) in drawn.items():
+        assert n == count[t] and w == pytest.approx(summed[t], rel=1e-3, abs=1e-6)
+    svg = ET.parse(folder / "picture.svg").getroot()
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    ids = [e.get("data-id") for e in svg.iterfind(".//s:g[@class]", ns) if e.get("class", "").startswith("node")]
+    assert "image1" in ids and not soft & set(ids)
+    tips = [e.findtext("s:title", namespaces=ns) for e in svg.iterfind(".//s:path[@class='edge']", ns)]
+    from_block = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in
+                  (re.match(r"image1 → (\S+): ([-\d.e+]+) \(sum of (\d+) soft-token edges\)", t) for t in tips) if m}
+    assert from_block == drawn
+    labels = [e.text for e in svg.iterfind(".//s:text", ns)]
+    assert "image 1" in labels and f"{info['positions'][0]}–{info['positions'][1]}" in labels
 
 
 # --- the image panel in a real browser ------------------------------------------------------

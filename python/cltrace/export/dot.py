@@ -5,7 +5,10 @@ labels give the feature id, position/token and activation; edges are coloured by
 (blue positive, red negative) with width growing with |weight|. Pictures of thousands of
 nodes are unreadable (and slow to lay out), so at most ``max_nodes`` nodes are drawn (the
 tokens and logits, then the pruned graph's features and errors of highest influence) and at
-most ``max_edges`` edges among them, the strongest by |weight| (:func:`.selection.select`).
+most ``max_edges`` edges among them, the strongest by |weight|
+(:func:`.selection.select_blocks`).
+An image + text graph draws each image's soft tokens as one labelled block in the token rank
+(``image1``, ...: file, grid, positions) whose edge into a node sums its soft tokens' edges.
 ``render`` writes the DOT source, an SVG drawn in Python (:mod:`.svg`, no Graphviz needed), or
 calls the ``dot`` binary (Debian package ``graphviz``) for PNG/PDF.
 """
@@ -18,7 +21,7 @@ from typing import Optional
 from ..graph.graph import Graph, NodeKind
 from ..atomic import atomic_write_text
 from ..graph.pruning import PruneResult, prune
-from .selection import FILL, NEGATIVE, POSITIVE, select
+from .selection import FILL, NEGATIVE, POSITIVE, select_blocks
 
 
 def _quote(text: str) -> str:
@@ -35,14 +38,14 @@ def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
 
     result = result if result is not None else prune(graph)
     table, ids = graph.nodes(), graph.node_ids()
-    nodes, edges, capped = select(graph, result, max_nodes, max_edges)
+    (nodes, edges, capped), images = select_blocks(graph, result, max_nodes, max_edges)
     dot = graphviz.Digraph(name="attribution", graph_attr={
         "rankdir": "BT", "ranksep": "0.5", "nodesep": "0.15", "fontname": "Helvetica",
         "label": f"{graph.prompt!r} — {graph.model_name}"
                  + (f" (top {max_nodes} nodes, {max_edges} edges)" if capped else ""), "labelloc": "t"},
         node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
         edge_attr={"arrowsize": "0.4"})
-    by_rank: dict[int, list[int]] = {}
+    by_rank: dict[int, list[int | str]] = {}  # (str: an image block's id)
     for i in nodes:
         kind = NodeKind(int(table.kind[i]))
         layer, pos = int(table.layer[i]), int(table.pos[i])
@@ -59,6 +62,10 @@ def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
         dot.node(ids[i], label=label, fillcolor=FILL[kind],
                  shape="ellipse" if kind in (NodeKind.TOKEN, NodeKind.LOGIT) else "box")
         by_rank.setdefault(layer, []).append(i)
+    for b in images.blocks:  # an image's soft tokens: one block in the token rank
+        dot.node(b.node_id, label=f"{b.label}: {_quote(b.file)}\n{b.rows}×{b.cols} soft tokens\n@{b.first}–{b.last}",
+                 fillcolor=FILL[NodeKind.TOKEN], shape="box3d", style="filled")
+        by_rank.setdefault(-1, []).append(b.node_id)
     # One rank per layer, stacked bottom (tokens) to top (logits) by an invisible chain.
     ranks = sorted(by_rank)
     for layer in ranks:
@@ -67,14 +74,18 @@ def to_dot(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
             s.node(f"rank_{layer}", label="E" if layer == -1 else "out" if layer == graph.n_layers
                    else f"L{layer}", shape="plaintext", style="", fontcolor="#888888")
             for i in by_rank[layer]:
-                s.node(ids[i])
+                s.node(i if isinstance(i, str) else ids[i])
     for lo, hi in zip(ranks, ranks[1:]):
         dot.edge(f"rank_{lo}", f"rank_{hi}", style="invis")
-    scale = max((abs(w) for _, _, w in edges), default=1.0)
+    scale = max([abs(w) for _, _, w in edges] + [abs(e[2]) for e in images.edges], default=1.0)
     for t, s, w in edges:
         width = 0.3 + 3.7 * abs(w) / scale
         dot.edge(ids[s], ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
                  penwidth=f"{width:.2f}", tooltip=f"{w:.4g}")
+    for t, k, w, n in images.edges:
+        width = 0.3 + 3.7 * abs(w) / scale
+        dot.edge(images.blocks[k].node_id, ids[t], color=POSITIVE if w >= 0 else NEGATIVE,
+                 penwidth=f"{width:.2f}", tooltip=f"{w:.4g} (sum of {n} soft-token edges)")
     return dot
 
 

@@ -15,6 +15,10 @@ most influential features/errors, the strongest edges). Edges are curves from th
 source to the bottom of the target, blue for positive and red for negative weights, of width
 ``0.3 + 3.7 |w| / max |w|`` (as Graphviz penwidth in :mod:`.dot`), weakest drawn first, under
 the nodes. Identical inputs give byte-identical output.
+
+An image + text graph draws each image's positions as one column labelled with the image and
+its positions: its soft tokens as one block in the token row (their edges into a node summed,
+:class:`.selection.Block`), the features and errors at its soft tokens in that column's cells.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from xml.sax.saxutils import escape
 from ..atomic import atomic_write_text
 from ..graph.graph import Graph, NodeKind
 from ..graph.pruning import PruneResult, prune
-from .selection import FILL, NEGATIVE, POSITIVE, select
+from .selection import FILL, NEGATIVE, POSITIVE, select_blocks
 
 W, H, GAP, VPAD = 80, 28, 6, 12  # node box, space between boxes, space above/below a row's boxes
 PER_LINE = 4  # nodes side by side in one cell before a new line
@@ -120,19 +124,27 @@ def to_svg(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
     doc)."""
     result = result if result is not None else prune(graph)
     table, ids = graph.nodes(), graph.node_ids()
-    nodes, edges, capped = select(graph, result, max_nodes, max_edges)
+    (nodes, edges, capped), images = select_blocks(graph, result, max_nodes, max_edges)
+    blocks = images.blocks
     n_rows = graph.n_layers + 2  # tokens, layers, logits
+    col_of, starts, n_cols = [], {b.first: b for b in blocks}, 0  # position -> column
+    for p in range(graph.n_pos):
+        inside = [b for b in blocks if b.first < p <= b.last]  # (an image: one column)
+        col_of.append(col_of[inside[0].first] if inside else n_cols)
+        n_cols += not inside
     cells: dict[tuple[int, int], list[int]] = {}
     for i in nodes:
-        cells.setdefault((int(table.pos[i]), int(table.layer[i]) + 1), []).append(i)
+        cells.setdefault((col_of[int(table.pos[i])], int(table.layer[i]) + 1), []).append(i)
     for cell in cells.values():  # features by index, then errors; tokens and logits in node order
         cell.sort(key=lambda i: (int(table.kind[i]), int(table.feature[i]), i))
+    for b in blocks:  # the image's block: -1 - its index, alone in its token cell
+        cells[(col_of[b.first], 0)] = [-1 - b.index]
 
-    per_line = [1] * graph.n_pos
+    per_line = [1] * n_cols
     for (p, _), cell in cells.items():
         per_line[p] = max(per_line[p], min(PER_LINE, len(cell)))
     col_w = [k * (W + GAP) + GAP for k in per_line]
-    col_x = [ML + sum(col_w[:p]) for p in range(graph.n_pos)]
+    col_x = [ML + sum(col_w[:p]) for p in range(n_cols)]
     lines = [0] * n_rows
     for (p, r), cell in cells.items():
         lines[r] = max(lines[r], math.ceil(len(cell) / per_line[p]))
@@ -153,7 +165,7 @@ def to_svg(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
 
     title = f"“{shown(graph.prompt, token=False)}”"
     title += f" — {shown(graph.model_name, False)}" if graph.model_name else ""
-    sub = (f"{len(nodes)} nodes, {len(edges)} edges"
+    sub = (f"{len(nodes) + len(blocks)} nodes, {len(edges) + len(images.edges)} edges"
            + (f" (top {max_nodes} nodes, {max_edges} edges of the pruned graph)" if capped else "")
            + f" · pruned at node/edge thresholds {result.settings.node_threshold:g}/"
            f"{result.settings.edge_threshold:g} · edges: blue positive, red negative, width ∝ |weight|")
@@ -169,22 +181,43 @@ def to_svg(graph: Graph, result: Optional[PruneResult] = None, *, max_nodes: int
         out.append(f'<line x1="{ML}" x2="{width - MR:.0f}" y1="{row_y[r]:.1f}" y2="{row_y[r]:.1f}" stroke="#eeeeee"/>')
         out.append(_text(ML - 8, row_y[r] + row_h[r] / 2 + 3.5, name, 9 if lines[r] == 0 else 10, "end", "#888"))
     for p in range(graph.n_pos):
-        out.append(f'<line x1="{col_x[p]:.1f}" x2="{col_x[p]:.1f}" y1="{MT - 6}" y2="{height - MB + 4:.0f}" '
+        c, b = col_of[p], starts.get(p)
+        if p and col_of[p - 1] == c:
+            continue  # (an image's later positions: its column is drawn at its first)
+        out.append(f'<line x1="{col_x[c]:.1f}" x2="{col_x[c]:.1f}" y1="{MT - 6}" y2="{height - MB + 4:.0f}" '
                    'stroke="#f0f0f0"/>')
+        if b is not None:
+            out.append(_text(col_x[c] + col_w[c] / 2, height - MB + 18, f"{b.first}–{b.last}", 10, fill="#888"))
+            out.append(_text(col_x[c] + col_w[c] / 2, height - MB + 34, fit(b.label, col_w[c] - 4, 11), 11,
+                             title=f"positions {b.first}–{b.last}: the soft tokens of {b.label} ({b.file})"))
+            continue
         tok = shown(graph.token_strs[p])
-        out.append(_text(col_x[p] + col_w[p] / 2, height - MB + 18, str(p), 10, fill="#888"))
-        out.append(_text(col_x[p] + col_w[p] / 2, height - MB + 34, fit(tok, col_w[p] - 4, 11) or "“”", 11,
+        out.append(_text(col_x[c] + col_w[c] / 2, height - MB + 18, str(p), 10, fill="#888"))
+        out.append(_text(col_x[c] + col_w[c] / 2, height - MB + 34, fit(tok, col_w[c] - 4, 11) or "“”", 11,
                          title=f"position {p}: “{tok}”"))
     out.append('</g>\n<g id="edges" fill="none" stroke-linecap="round">')
-    scale = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
-    for t, s, w in reversed(edges):  # weakest first: the strongest end up on top
+    drawn = [(t, s, w, f"{ids[s]} → {ids[t]}: {w:.4g}") for t, s, w in edges]
+    drawn += [(t, -1 - k, w, f"{blocks[k].node_id} → {ids[t]}: {w:.4g} (sum of {n} soft-token edges)")
+              for t, k, w, n in images.edges]
+    drawn.sort(key=lambda e: -abs(e[2]))  # (stable: a text graph's edges keep their order)
+    scale = max((abs(w) for _, _, w, _ in drawn), default=1.0) or 1.0
+    for t, s, w, tip in reversed(drawn):  # weakest first: the strongest end up on top
         sx, sy = box[s][0] + W / 2, box[s][1]
         tx, ty = box[t][0] + W / 2, box[t][1] + H
         my = (sy + ty) / 2
         out.append(f'<path class="edge" d="M{sx:.1f},{sy:.1f} C{sx:.1f},{my:.1f} {tx:.1f},{my:.1f} {tx:.1f},{ty:.1f}" '
                    f'stroke="{POSITIVE if w >= 0 else NEGATIVE}" stroke-width="{0.3 + 3.7 * abs(w) / scale:.2f}" '
-                   f'stroke-opacity="0.6"><title>{_esc(f"{ids[s]} → {ids[t]}: {w:.4g}")}</title></path>')
+                   f'stroke-opacity="0.6"><title>{_esc(tip)}</title></path>')
     out.append('</g>\n<g id="nodes">')
+    for b in blocks:
+        x, y = box[-1 - b.index]
+        tip = (f"{b.label}: {b.file}, {b.rows}×{b.cols} soft tokens at positions {b.first}–{b.last} "
+               "(one block: their edges into a node summed)")
+        out.append(f'<g class="node image" data-id="{_esc(b.node_id)}"><title>{_esc(tip)}</title>'
+                   f'<rect x="{x:.1f}" y="{y:.1f}" width="{W}" height="{H}" rx="4" fill="{FILL[NodeKind.TOKEN]}" '
+                   f'stroke="{STROKE[NodeKind.TOKEN]}" stroke-width="2.4"/>'
+                   + _text(x + W / 2, y + 12, fit(b.label, W - 6))
+                   + _text(x + W / 2, y + 23, fit(f"{b.rows}×{b.cols} tokens", W - 6), 9, fill="#555") + "</g>")
     for i in nodes:
         kind = NodeKind(int(table.kind[i]))
         first, second, tip = _describe(graph, table, ids, result.influence, i)
