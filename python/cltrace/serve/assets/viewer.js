@@ -82,6 +82,11 @@ function setGraph(g, path) {
   });
   S.nLayers = maxLogitLayer > 0 ? maxLogitLayer - 1 : maxLayer + 1;
   S.nPos = maxPos + 1;
+  S.softPos = new Map();  // an image's soft-token positions (metadata.info.images) -> [image, first]
+  for (const [k, im] of ((meta.info || {}).images || []).entries()) {
+    const a = Number((im.positions || [])[0]), b = Number((im.positions || [])[1]);
+    if (Number.isInteger(a) && Number.isInteger(b) && b - a < 4096) for (let p = a; p <= b; p++) S.softPos.set(p, [k, a]);
+  }
   nodes.forEach((n) => { n.label = nodeLabel(n); n.row = n.kind === "embedding" ? 0 : n.kind === "logit" ? S.nLayers + 1 : n.layerNum + 1; });
   const inL = S.inL = nodes.map(() => []), outL = S.outL = nodes.map(() => []);
   const links = S.links = [];
@@ -119,7 +124,8 @@ function layout() {
   }
   const perPos = new Array(S.nPos).fill(1);
   for (const [k, c] of count) { const p = Math.floor(k / 1000); perPos[p] = Math.max(perPos[p], c); }
-  S.colX = []; S.colW = perPos.map((c) => Math.max(64, Math.min(420, c * 11 + 16)));
+  // (a soft token's column holding its token node alone is narrow: 256 of them per image)
+  S.colX = []; S.colW = perPos.map((c, p) => (S.softPos.has(p) && c <= 1 ? 12 : Math.max(64, Math.min(420, c * 11 + 16))));
   let x = MARGIN_L; for (const w of S.colW) { S.colX.push(x); x += w; }
   S.width = x + 16; S.height = MARGIN_T + (S.nLayers + 1) * ROW_H + MARGIN_B;
   const cells = new Map();
@@ -155,9 +161,13 @@ function render() {
   }
   const toks = S.graph.metadata.prompt_tokens || [];
   for (let p = 0; p < S.nPos; p++) {
+    const soft = S.softPos.get(p);
+    if (soft && soft[1] !== p) continue;  // an image's soft tokens: one line and label, at its first
     grid.append(el("line", { x1: S.colX[p], x2: S.colX[p], y1: MARGIN_T - 30, y2: S.height - MARGIN_B + 8, class: "colline" }));
-    grid.append(el("text", { x: S.colX[p] + S.colW[p] / 2, y: S.height - MARGIN_B + 26, class: "toklabel", "text-anchor": "middle",
-      text: tokenText(toks[p] ?? `#${p}`) }));
+    grid.append(soft ? el("text", { x: S.colX[p] + 2, y: S.height - MARGIN_B + 26, class: "toklabel imagelabel", "text-anchor": "start",
+      text: `image ${soft[0] + 1} ▸` })
+      : el("text", { x: S.colX[p] + S.colW[p] / 2, y: S.height - MARGIN_B + 26, class: "toklabel", "text-anchor": "middle",
+        text: tokenText(toks[p] ?? `#${p}`) }));
   }
   svg.append(grid, el("g", { id: "marks" }), el("g", { id: "groups" }), el("g", { id: "links" }), el("g", { id: "nodes" }));
   const g = svg.lastChild;
