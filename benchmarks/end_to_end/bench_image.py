@@ -17,9 +17,10 @@ transformers' ``Gemma3ForConditionalGeneration`` with Gemma 3 4B's shapes
 Weights random (no multimodal Gemma 3 checkpoint can be downloaded here): transformers' init
 (N(0, 0.02)), the projector's input matrix N(0, 1/1152). Transcoders random too: one per-layer
 transcoder (PLT, no skip) of width ``--d-sae`` on each of the 4 layers, W_enc ~ N(0, 1/d),
-W_dec ~ N(0, 1/d_sae), thresholds at the 1 - ``--active`` quantile of each feature's
-pre-activation over the image prompt's positions (about ``active`` x d_sae features per
-position and layer fire).
+W_dec ~ N(0, 1/d_sae), each feature's threshold the larger of the 1 - ``--active`` quantiles
+of its pre-activation over the image's 256 soft tokens and over the 15 text tokens (after
+<bos>) of the baseline (at most about ``active`` x d_sae features per position and layer
+fire, at soft-token and text positions alike).
 
 Phases, each timed once (after one untimed warm-up run of the whole pipeline; ``--repeat``
 for medians), each with the process's peak RSS during that phase (``VmHWM`` reset by
@@ -112,18 +113,22 @@ def build(folder: Path) -> None:
 
 # --- random transcoders ------------------------------------------------------------------------
 
-def random_plt(mlp_in: torch.Tensor, d_sae: int, active: float, seed: int = 0):
-    """A random PLT on every layer of ``mlp_in [n_layers, n_pos, d]``, thresholds calibrated on it."""
+def random_plt(calib: list[torch.Tensor], d_sae: int, active: float, seed: int = 0):
+    """A random PLT on every layer; ``calib``: MLP inputs ``[n_layers, n_pos, d]`` of groups of
+    positions (the soft tokens, the text tokens): each feature's threshold is the largest of
+    its ``1 - active`` quantiles over each group, so at most about ``active`` of the features
+    fire per position in every group (one pooled quantile would let the 256 soft tokens set
+    thresholds that text positions, of another scale, cross far more often)."""
     from cltrace.transcoders.base import LayerTranscoder, TranscoderSet
 
-    n_layers, _, d = mlp_in.shape
+    n_layers, _, d = calib[0].shape
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for L in range(n_layers):
         W_enc = torch.randn(d, d_sae, generator=g) / d ** 0.5
         b_enc = torch.zeros(d_sae)
-        pre = mlp_in[L].float().cpu() @ W_enc  # [n_pos, d_sae]
-        thr = torch.quantile(pre, 1 - active, dim=0).clamp_min(1e-3)
+        thr = torch.stack([torch.quantile(x[L].float().cpu() @ W_enc, 1 - active, dim=0)
+                           for x in calib]).amax(0).clamp_min(1e-3)  # [d_sae]
         W_dec = torch.randn(d_sae, 1, d, generator=g) / d_sae ** 0.5
         layers[L] = LayerTranscoder(W_enc, b_enc, thr, W_dec, torch.zeros(d))
     return TranscoderSet("plt", n_layers, layers, model_name="random/gemma-3-4b-shape-L4",
@@ -267,12 +272,16 @@ def main() -> None:
     assert len(text_ids) == 16, len(text_ids)
     img_text = f"{lm.placeholder()}{PROMPT}"  # the image first, as the CLI places it
     prompt = lm.prompt(img_text, [image])
+    from cltrace.models.anatomy import text_parts
+    parts, dev = text_parts(lm.model), lm.model.device
     with torch.no_grad():
-        from cltrace.models.anatomy import text_parts
-        cap = capture(text_parts(lm.model), prompt.input_ids[0].to(lm.model.device), all_logits=False,
-                      inputs_embeds=lm.embed(prompt)[0], image_groups=prompt.image_groups[0].to(lm.model.device))
-    tcs = random_plt(torch.stack([c.mlp_in for c in cap.layers]), a.d_sae, a.active)
-    del cap
+        cap = capture(parts, prompt.input_ids[0].to(dev), all_logits=False,
+                      inputs_embeds=lm.embed(prompt)[0], image_groups=prompt.image_groups[0].to(dev))
+        soft = torch.stack([c.mlp_in for c in cap.layers])[:, prompt.image_groups[0] >= 0]
+        cap = capture(parts, torch.as_tensor(text_ids, device=dev), all_logits=False)
+        text = torch.stack([c.mlp_in for c in cap.layers])[:, 1:]  # <bos> has no features
+    tcs = random_plt([soft, text], a.d_sae, a.active)
+    del cap, soft, text
     rm = ReplacementModel.from_multimodal(lm, tcs.to(device=a.device) if a.device != "cpu" else tcs)
     out_dir = ROOT / "benchmarks" / "out" / "image-graphs"  # the exported graphs (not kept)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +325,9 @@ def main() -> None:
            "settings": {"max_feature_nodes": a.max_feature_nodes, "batch_size": a.batch_size,
                         "repeat": a.repeat},
            "prompt": PROMPT, "cases": cases, "image_over_text_only": ratio,
-           "peak_rss_mib_process": peak_rss_mib()}
+           "peak_rss_mib_max_over_phases": max(
+               v["peak_rss_mib"] for summ in [ph.summary()] + [c["phases"] for c in cases.values()]
+               for v in summ.values() if "peak_rss_mib" in v)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1, default=float) + "\n")
     print(json.dumps(out, indent=1, default=float))
