@@ -320,7 +320,7 @@ def main() -> None:
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
            "sgemm_gflops": machine.gemm_gflops, "copy_gbs": machine.copy_gbs,
            "model": {"text": TEXT, "vision": VISION, "soft_tokens": SOFT_TOKENS,
-                     "weights": "random", "load_phase": cases and ph.summary()["load"]},
+                     "weights": "random", "load_phase": ph.summary()["load"]},
            "transcoders": {"kind": "plt", "layers": 4, "d_sae": a.d_sae, "active": a.active},
            "settings": {"max_feature_nodes": a.max_feature_nodes, "batch_size": a.batch_size,
                         "repeat": a.repeat},
