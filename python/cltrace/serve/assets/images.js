@@ -11,25 +11,18 @@
   const S = window.cltrace, { el, $, fmt } = S;
   const BOX = 300;  // px: each image drawn as a BOX x BOX square, as the model sees it
   let images = [];  // the open graph's images: {file, rows, cols, first, svg, img}
-
-  // Weight of the link source -> target (node indices), or null when the JSON has none.
-  function linkWeight(s, t) {
-    for (const k of S.inL[t]) if (S.links[k].s === s) return S.links[k].w;
-    return null;
-  }
+  let embAt = new Map();  // prompt position -> index of its embedding node
 
   // The embedding node at prompt position p (its index), or -1 when the graph has none.
-  function embeddingAt(p) {
-    for (const n of S.nodes) if (n.kind === "embedding" && n.pos === p) return n.idx;
-    return -1;
-  }
+  function embeddingAt(p) { return embAt.has(p) ? embAt.get(p) : -1; }
 
   // What the heatmap shows now: {mode, caption, value(p) for a soft-token position p (or null)}.
   function measure() {
     if (S.selected >= 0) {
-      const t = S.selected, n = S.nodes[t];
+      const t = S.selected, n = S.nodes[t], into = new Map();  // source -> weight of its link into t
+      for (const k of S.inL[t]) into.set(S.links[k].s, S.links[k].w);
       return { mode: "edges", signed: true, caption: `link weight into ${n.label}`,
-        value: (p) => { const s = embeddingAt(p); return s < 0 ? null : linkWeight(s, t); } };
+        value: (p) => { const s = embeddingAt(p); return s < 0 || !into.has(s) ? null : into.get(s); } };
     }
     const rel = S.graph.relevance;
     const row = rel && Array.isArray(rel.rows) ? rel.rows.indexOf("E") : -1;
@@ -109,6 +102,7 @@
   function build() {
     const pane = $("image-pane"), list = $("image-list");
     list.replaceChildren(); images = [];
+    embAt = new Map(S.nodes.filter((n) => n.kind === "embedding").map((n) => [n.pos, n.idx]));
     const info = (S.graph.metadata.info || {}).images;
     const ok = Array.isArray(info) ? info.filter((e) => e && typeof e.file === "string" && Array.isArray(e.grid) && Array.isArray(e.positions)) : [];
     pane.hidden = !ok.length || !!S.inline;
