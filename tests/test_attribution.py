@@ -6,6 +6,7 @@ import torch
 
 from cltrace.attribution import attribute
 from cltrace.replacement import ReplacementModel
+from support.completeness import target_values
 from support.frozen import backward, logit_seeds
 from support.tiny_gemma import TOKENS, mlp_inputs, tiny_gemma, tiny_replacement
 from support.transcoders import random_transcoders
@@ -14,26 +15,6 @@ from support.transcoders import random_transcoders
 @pytest.fixture(scope="module", params=["plt", "plt+skip", "clt"])
 def replacement(request):
     return tiny_replacement(request.param)
-
-
-def target_values(state, graph):
-    """Each target row's value (feature pre-activation or logit-direction value) and the part
-    of it that comes from bias terms (b_enc, and b_dec through the frozen linear model)."""
-    fz = state.frozen
-    full = fz(state.embed, state.sources())
-    bias_only = fz(torch.zeros_like(state.embed), state.recon.bias)
-    values, biases = [], []
-    for l, p, f in graph.features.tolist():
-        tc = state.transcoders.layers[l]
-        w = tc.W_enc[:, f]
-        values.append(full.mlp_in[l, p] @ w + tc.b_enc[f])
-        biases.append(bias_only.mlp_in[l, p] @ w + tc.b_enc[f])
-    last = state.n_pos - 1
-    for i in range(graph.n_logits):
-        d = state.frozen.logit_direction(graph.logit_tokens[i:i + 1])[0]
-        values.append(fz.k_final(full.resid_final)[last] @ d)
-        biases.append(fz.k_final(bias_only.resid_final)[last] @ d)
-    return torch.stack(values), torch.stack(biases)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from cltrace.export.selection import NEGATIVE, POSITIVE, select
 from cltrace.export.svg import fit, shown
 from cltrace.graph import Graph, prune
 from support.graphs import random_graph
-from support.serve import browser_missing, cleanup, launch_chromium
+from support.serve import browser  # noqa: F401  (fixture)
 
 NASTY = ['"quoted"', "new\nline", "ünï 😀", "", "tab\t\\"]
 # ... and for the SVG: markup, entities, quotes, control characters (C0, DEL, C1), CR, an emoji
@@ -244,16 +244,6 @@ def test_svg_needs_no_graphviz_png_says_what_to_install(graph, tmp_path, monkeyp
         assert not (tmp_path / f"g.{fmt}").exists()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    need(browser_missing())
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        ctx, profile = launch_chromium(pw)
-        yield ctx
-        ctx.close()
-        cleanup(profile)
 
 
 BOXES = """() => {

@@ -14,6 +14,7 @@ import torch
 from cltrace.attribution import attribute
 from cltrace.models.multimodal import load_multimodal
 from cltrace.replacement import ReplacementModel
+from support.completeness import target_values
 from support.tiny_gemma import exact_norms
 from support.tiny_gemma_vision import IMAGE_SIZE, SOFT, SOFT_TOKENS, save_tiny_gemma_vision
 from support.transcoders import random_transcoders
@@ -55,27 +56,6 @@ def graph(setup):
 
 def soft_positions(prompt) -> list[int]:
     return torch.nonzero(prompt.image_groups[0] >= 0).flatten().tolist()
-
-
-def target_values(state, graph):
-    """Each target's value (feature pre-activation, logit-direction value at the last position)
-    from the frozen model run forward, and the part of it from bias terms alone (b_enc, and
-    b_dec / constants through the frozen model with no embeddings, features or errors)."""
-    fz = state.frozen
-    full = fz(state.embed, state.sources())
-    bias_only = fz(torch.zeros_like(state.embed), state.recon.bias)
-    values, biases = [], []
-    for l, p, f in graph.features.tolist():
-        tc = state.transcoders.layers[l]
-        w = tc.W_enc[:, f]
-        values.append(full.mlp_in[l, p] @ w + tc.b_enc[f])
-        biases.append(bias_only.mlp_in[l, p] @ w + tc.b_enc[f])
-    last = state.n_pos - 1
-    for i in range(graph.n_logits):
-        d = fz.logit_direction(graph.logit_tokens[i:i + 1])[0]
-        values.append(fz.k_final(full.resid_final)[last] @ d)
-        biases.append(fz.k_final(bias_only.resid_final)[last] @ d)
-    return torch.stack(values), torch.stack(biases)
 
 
 def test_state_of_an_image_prompt(setup):

@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 
 from support.image_graphs import image_graph_folder, picture
-from support.serve import browser_missing, cleanup, launch_chromium, serving, tiny_setup, watch_page
+from support.serve import serving, tiny_setup, watch_page
+from support.serve import browser  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +114,6 @@ def test_dot_and_svg_draw_an_image_as_one_block(served):
 
 # --- the image panel in a real browser ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    import os
-
-    why = browser_missing()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run on CI: {why}")
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        ctx, profile = launch_chromium(pw)
-        yield ctx
-        ctx.close()
-        cleanup(profile)
 
 
 @pytest.fixture

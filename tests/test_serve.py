@@ -17,8 +17,9 @@ import torch
 
 from cltrace import Intervention, generate, intervene
 from cltrace.serve import make_server, serve_in_thread, show
-from support.serve import (TOKENS, browser_missing, cleanup, feature_page, launch_chromium,
-                           qk_graph, serving, synthetic_graph, tiny_setup, watch_page)
+from support.serve import browser  # noqa: F401  (fixture)
+from support.serve import (TOKENS, feature_page, qk_graph, serving, synthetic_graph, tiny_setup,
+                           watch_page)
 
 SHOTS = os.environ.get("CLTRACE_SCREENSHOTS")
 
@@ -153,20 +154,6 @@ def test_cltrace_serve_command(folder):
 
 # --- the viewer in a real browser ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    why = browser_missing()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run on CI: {why}")
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        ctx, profile = launch_chromium(pw)
-        yield ctx
-        ctx.close()
-        cleanup(profile)
 
 
 def recording_page(browser, server):

@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 
+import pytest
 import torch
 
 from cltrace.export.neuronpedia import cantor_pair as cantor
@@ -325,6 +326,24 @@ def browser_missing() -> str:
 
 def cleanup(profile):
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium context for a test module (import the fixture): skipped where the
+    browser or Playwright is missing, failed under ``CI=true``."""
+    why = browser_missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run on CI: {why}")
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        yield ctx
+        ctx.close()
+        cleanup(profile)
 
 
 @contextlib.contextmanager
