@@ -65,3 +65,50 @@ def load_tiny_with_pages(path: str, pages: str):
     from cltrace.features import FeaturePages
 
     return (*load_tiny(path), FeaturePages(pages))
+
+
+# --- image rows: the tiny multimodal Gemma 3 --------------------------------------------------
+
+IMAGE_PROMPT = "what is in this picture <start_of_image> red square on a blue"
+
+
+def second_picture(path: Path, size: int = 70) -> Path:
+    """A picture unlike :func:`support.image_graphs.picture`: a yellow bar and a blue triangle on
+    dark grey, not square (``path``'s suffix picks the format)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size // 2 + 9), (40, 40, 48))
+    d = ImageDraw.Draw(im)
+    d.rectangle([4, 6, size - 6, 14], fill=(235, 200, 20))
+    d.polygon([(10, size // 2 + 4), (size // 2, 18), (size - 8, size // 2 + 4)], fill=(30, 80, 220))
+    im.save(path)
+    return path
+
+
+def multimodal_files(root: Path) -> tuple[Path, Path, list[Path]]:
+    """(model folder, transcoders folder, two pictures) under ``root``: the tiny random
+    multimodal checkpoint in the hub layout (seed 1), a CLT in circuit-tracer's layout
+    calibrated on the MLP inputs of :data:`IMAGE_PROMPT` with the first picture (features fire
+    at image positions), the pictures as PNG and PPM."""
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
+    from cltrace.models.multimodal import load_multimodal
+
+    from .image_graphs import picture
+    from .layouts import write_circuit_tracer_clt
+    from .tiny_gemma_vision import save_tiny_gemma_vision
+    from .transcoders import random_transcoders
+
+    root = Path(root)
+    model = root / "model"
+    save_tiny_gemma_vision(model, seed=1)
+    pics = root / "pics"
+    pics.mkdir(parents=True, exist_ok=True)
+    images = [picture(pics / "a.png"), second_picture(pics / "b.ppm")]
+    lm = load_multimodal(model, device="cpu", dtype=torch.float32)
+    prompt = lm.prompt(IMAGE_PROMPT, [str(images[0])])
+    cap = capture(text_parts(lm.model), prompt.input_ids[0], inputs_embeds=lm.embed(prompt)[0],
+                  image_groups=prompt.image_groups[0])
+    mlp_in = torch.stack([c.mlp_in for c in cap.layers])  # [n_layers, n_pos, d_model]
+    tcs = random_transcoders("clt", mlp_in=mlp_in, d_sae=48, skip=True)
+    return model, write_circuit_tracer_clt(root / "tcs", tcs.to(dtype=torch.float32)), images

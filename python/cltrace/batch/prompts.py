@@ -11,17 +11,26 @@ line) or JSONL, one object a line with these columns (any other is an error nami
   chat         true: wrap the prompt in Gemma's chat turn (ignored with messages)
   label        a string: the prompt's class (e.g. "harmful"), for commands comparing groups
   pair         a string or int: an id shared by the prompts of a matched pair
+  images       an image file or a list of them (with ``prompt``, not ``messages``; only where
+               the reader allows images: ``read_prompts(..., images_allowed=True)``, as
+               ``cltrace batch`` does): relative paths are resolved against the prompts file's
+               folder; the prompt holds one ``<start_of_image>`` per image, or none to have
+               the images first (:func:`cltrace.pipeline.image_prompt_text`). Each file is
+               read and decoded when the prompts are read; a multimodal model traces the row.
 
-``label`` and ``pair`` are carried in :class:`~cltrace.pipeline.PromptSpec`; tracing ignores them."""
+``label`` and ``pair`` are carried in :class:`~cltrace.pipeline.PromptSpec`; tracing ignores them.
+``images`` become ``PromptSpec.images``: absolute paths (what :func:`spec_to_row` writes back)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Optional
 
-from ..pipeline import PromptSpec, check_slug, slugify
+from ..pipeline import IMAGE_PLACEHOLDER, PromptSpec, check_slug, image_prompt_text, slugify
 from ..errors import UsageError
 
-COLUMNS = ("prompt", "messages", "slug", "target", "target_diff", "chat", "label", "pair")
+COLUMNS = ("prompt", "messages", "slug", "target", "target_diff", "chat", "label", "pair", "images")
 
 
 def _targets(obj: dict, where: str) -> tuple:
@@ -43,11 +52,54 @@ def _targets(obj: dict, where: str) -> tuple:
     return tuple(out)
 
 
-def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
+def _images(obj: dict, where: str, prompt: str, base: Optional[Path]) -> tuple[str, tuple]:
+    """``images``: (the prompt with one ``<start_of_image>`` per image, the absolute file
+    paths), each file read and decoded (a UsageError naming ``where`` and the file)."""
+    from ..models.images import read_image
+
+    value = obj.get("images")
+    if value is None:
+        return prompt, ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(f, str) and f.strip() for f in items):
+        raise UsageError(f"{where}: 'images' must be an image file or a list of image files")
+    if not items:
+        return prompt, ()
+    if "messages" in obj:
+        raise UsageError(f"{where}: 'images' go with 'prompt' (with <start_of_image> where each "
+                         "image goes), not with 'messages'")
+    files = []
+    for f in items:
+        path = Path(f).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        path = Path(os.path.abspath(path))  # absolute, symlinks kept (their name is the copy's suffix)
+        if path.is_dir():
+            raise UsageError(f"{where}: images: {path}: a folder, not an image file")
+        try:
+            read_image(path)  # decoded now: a bad file fails here, not in a worker
+        except UsageError as e:
+            raise UsageError(f"{where}: images: {str(e).splitlines()[0]}") from None
+        files.append(str(path))
+    try:
+        prompt = image_prompt_text(prompt, len(files))
+    except UsageError:
+        n = prompt.count(IMAGE_PLACEHOLDER)
+        raise UsageError(f"{where}: the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for "
+                         f"{len(files)} image(s) ('images'): put one {IMAGE_PLACEHOLDER} where "
+                         "each image goes, or none to have the images first") from None
+    return prompt, tuple(files)
+
+
+def read_prompts(path: str | Path, chat: bool = False, images_allowed: bool = False) -> list[PromptSpec]:
     """The prompts of ``path`` with unique slugs (explicit ones kept; the others from the text,
     ``-2``, ``-3`` ... on repeats). Text files: each non-blank line is a prompt. JSONL (a
     ``.jsonl``/``.ndjson`` name, or a first line starting with '{'): one object a line; an empty
-    ``prompt`` is kept (and fails in the batch). ``chat``: the default of ``chat``."""
+    ``prompt`` is kept (and fails in the batch). ``chat``: the default of ``chat``.
+
+    ``images_allowed``: rows may have an ``images`` column (checked and resolved against the
+    file's folder, module docstring); without it such a row is a UsageError naming the line,
+    for the commands that do not run image prompts."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -57,12 +109,13 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
         raise UsageError(f"PROMPTS {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     jsonl = path.suffix in (".jsonl", ".ndjson") or (lines and lines[0][1].lstrip().startswith("{"))
-    rows = []  # (PromptSpec fields: prompt, slug or None, targets, chat, messages, label, pair)
+    rows = []  # (PromptSpec fields: prompt, slug or None, targets, chat, messages, label, pair, images)
+    base = path.parent
     for n, line in lines:
         if not jsonl:
-            rows.append((line, None, (), chat, (), None, None))
+            rows.append((line, None, (), chat, (), None, None, ()))
             continue
-        rows.append(_row(line, f"PROMPTS {path} line {n}", chat))
+        rows.append(_row(line, f"PROMPTS {path} line {n}", chat, base if images_allowed else None))
     if not rows:
         raise UsageError(f"PROMPTS {path}: no prompts in the file")
     taken = set()
@@ -75,11 +128,12 @@ def read_prompts(path: str | Path, chat: bool = False) -> list[PromptSpec]:
     specs = []
     for prompt, slug, *rest in rows:
         if slug is None:
-            base = slugify(prompt)
-            slug, k = base, 1
+            images = rest[-1]
+            base_slug = slugify(prompt.replace(IMAGE_PLACEHOLDER, " ") if images else prompt)
+            slug, k = base_slug, 1
             while slug in taken:
                 k += 1
-                slug = f"{base}-{k}"
+                slug = f"{base_slug}-{k}"
             taken.add(slug)
         specs.append(PromptSpec(prompt, slug, *rest))
     return specs
@@ -100,28 +154,32 @@ def spec_to_row(spec: PromptSpec) -> dict:
     for k in ("label", "pair"):
         if getattr(spec, k) is not None:
             row[k] = getattr(spec, k)
+    if spec.images:
+        row["images"] = [str(f) for f in spec.images]  # absolute: read back from anywhere
     return row
 
 
 def spec_from_row(obj: dict, where: str) -> PromptSpec:
-    """The PromptSpec of one JSONL object with a ``slug`` (as :func:`spec_to_row` writes it), checked."""
-    prompt, slug, *rest = _fields(obj, where, False)
+    """The PromptSpec of one JSONL object with a ``slug`` (as :func:`spec_to_row` writes it),
+    checked (its ``images`` too: relative ones against the working folder)."""
+    prompt, slug, *rest = _fields(obj, where, False, Path.cwd())
     if slug is None:
         raise UsageError(f"{where}: no 'slug'")
     return PromptSpec(prompt, slug, *rest)
 
 
-def _row(line: str, where: str, chat: bool) -> tuple:
+def _row(line: str, where: str, chat: bool, base: Optional[Path]) -> tuple:
     """One JSONL line's PromptSpec fields (slug None when not given), checked."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UsageError(f"{where}: not JSON ({e.msg})") from None
-    return _fields(obj, where, chat)
+    return _fields(obj, where, chat, base)
 
 
-def _fields(obj, where: str, chat: bool) -> tuple:
-    """One JSONL object's PromptSpec fields (slug None when not given), checked."""
+def _fields(obj, where: str, chat: bool, base: Optional[Path]) -> tuple:
+    """One JSONL object's PromptSpec fields (slug None when not given), checked; ``base``: the
+    folder relative image paths are resolved against, None where images are not allowed."""
     from ..models.conversation import check_messages, messages_title
 
     if not isinstance(obj, dict):
@@ -129,6 +187,9 @@ def _fields(obj, where: str, chat: bool) -> tuple:
     unknown = [k for k in obj if k not in COLUMNS]
     if unknown:
         raise UsageError(f"{where}: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
+    if base is None and obj.get("images") not in (None, []):
+        raise UsageError(f"{where}: this command does not take image prompts (column 'images'; "
+                         "`cltrace batch` traces them)")
     if "prompt" in obj and "messages" in obj:
         raise UsageError(f"{where}: give 'prompt' or 'messages', not both")
     if "prompt" not in obj and "messages" not in obj:
@@ -149,5 +210,7 @@ def _fields(obj, where: str, chat: bool) -> tuple:
         raise UsageError(f"{where}: 'label' must be a string")
     if pair is not None and (isinstance(pair, bool) or not isinstance(pair, (str, int))):
         raise UsageError(f"{where}: 'pair' must be a string or an int")
-    return (prompt, slug, _targets(obj, where), bool(obj.get("chat", chat)), messages, label,
-            None if pair is None else str(pair))
+    targets = _targets(obj, where)
+    prompt, images = _images(obj, where, prompt, base) if base is not None else (prompt, ())
+    return (prompt, slug, targets, bool(obj.get("chat", chat)), messages, label,
+            None if pair is None else str(pair), images)

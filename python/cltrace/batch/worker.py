@@ -1,8 +1,9 @@
 """A batch worker: the replacement model loaded once, then one prompt per call.
 
 The same code runs in a local worker process (:mod:`.local`), in a Ray actor (:mod:`.cluster`) and
-in-process (``workers=0``). A prompt's outputs are traced into a private temporary folder and
-returned as bytes, with the manifest record, so the coordinator alone writes the batch's
+in-process (``workers=0``). A prompt's outputs (with images: the copies of its image files
+beside the JSON) are traced into a private temporary folder and returned as bytes, with the
+manifest record, so the coordinator alone writes the batch's
 folder; a failure of the prompt (a ValueError for an empty or over-long prompt, a target that
 is not one token, or any other error) is returned as a failed record, never raised.
 """
@@ -48,6 +49,8 @@ class Worker:
         record = {"slug": spec.slug, "prompt": spec.prompt, "chat": spec.chat,
                   "targets": [list(t) if isinstance(t, tuple) else t for t in spec.targets],
                   "worker": self.name, "attempt": attempt}
+        if spec.images:  # the files read (their copies beside the graph are in "files")
+            record["images"] = list(spec.images)
         files = {}
         try:
             with tempfile.TemporaryDirectory(prefix="cltrace-batch-") as tmp:

@@ -18,14 +18,22 @@ object a line: {"prompt": ..., "slug": ..., "target": " Paris" or [...],
 "target_diff": [" France", " Spain"], "chat": true}; "messages": [{"role": "system"|"user"|
 "model"|"assistant", "content": ...}, ...] instead of "prompt" traces a conversation (a last
 model message is a prefill); "label" (a string) and "pair" (an id) are carried for the
-commands that compare groups, and ignored here. Any other column is an error.
+commands that compare groups, and ignored here; "images": "cat.png" or ["a.png", "b.png"]
+puts images in the prompt (as 'cltrace attribute --image'): one <start_of_image> in "prompt"
+where each goes, or none to have them first; relative paths are taken from the PROMPTS file's
+folder; every file is read and decoded before any model loads. A batch with image rows needs
+a multimodal Gemma 3 (--model: a 4B/12B/27B checkpoint folder or hub id) and --transcoders;
+its text rows run on the same model. Any other column is an error.
 
 Written to --out (a folder, or an fsspec URL such as s3://bucket/run, gs://..., memory://):
   {slug}.json ...        each prompt's outputs (--format, default json), written whole or not at all
+  {slug}.image1.png ...  with images: a copy of each image beside its graph JSON (the viewer's
+                         image panel reads it; metadata.info.images names it)
   features/{c}.json      the feature pages of the features the graphs keep (--features; by
                          default the starter set's own pages), as `cltrace attribute` writes them
   manifest.jsonl         one line per prompt traced: status, error, seconds per phase, node and
-                         edge counts, scores, kept features, worker
+                         edge counts, scores, kept features, worker, the files written (image
+                         copies included) and the image files read ("images", absolute paths)
   graph-metadata.json    every graph of the folder, for the viewers (cltrace serve DIR)
 Run it again to resume: prompts done are skipped, failed ones are retried once. A bad prompt
 (empty, too long, a target that is not one token) is recorded as failed; the batch goes on.
@@ -39,6 +47,9 @@ nothing is left half-written; rerun to resume), 2 bad arguments.
 Examples:
   cltrace batch prompts.txt --out runs/facts --workers 2
   cltrace batch prompts.jsonl --out s3://bucket/facts --ray auto --max-feature-nodes 2000
+  cltrace batch pictures.jsonl --out runs/pics --model google/gemma-3-4b-it --transcoders T
+      (pictures.jsonl: {"prompt": "What is in <start_of_image> this picture?", "images":
+       "cat.png", "chat": true} ...)
   cltrace batch --summary runs/facts
 """
 
@@ -91,6 +102,41 @@ def load_for_worker(model, transcoders, device, dtype, skip_positions, features=
     return rm, loaded.tokenizer, pages
 
 
+def load_multimodal_for_worker(model, transcoders, device, dtype, skip_positions, features=None):
+    """(ReplacementModel, tokenizer, FeaturePages or None) of a multimodal --model, in a worker
+    (picklable): the replacement model of its language model, which runs the image rows and
+    the text rows (:func:`~cltrace.commands._common.load_multimodal_replacement`), as
+    ``cltrace attribute --image`` builds it."""
+    from ._common import feature_pages, load_multimodal_replacement
+
+    args = argparse.Namespace(model=model, transcoders=transcoders, device=device, dtype=dtype,
+                              skip_positions=skip_positions)
+    loaded, rm = load_multimodal_replacement(args, lambda *a: None)
+    pages = feature_pages(features, loaded, rm.transcoders, lambda *a: None)
+    return rm, loaded.tokenizer, pages
+
+
+def check_image_rows(specs, args: argparse.Namespace) -> bool:
+    """Whether a row of PROMPTS has images; if so, before any model loads: a multimodal
+    --model (its config.json), --transcoders given, no --qk (UsageError otherwise)."""
+    rows = [s for s in specs if s.images]
+    if not rows:
+        return False
+    from ..models.multimodal import check_multimodal
+
+    where = f"PROMPTS {args.prompts} (row {rows[0].slug!r} has images)"
+    try:
+        check_multimodal(args.model)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    if args.transcoders is None:
+        raise UsageError(f"{where}: image rows need --transcoders (transcoders of the multimodal "
+                         "model's language model; the starter set is text-only)")
+    if getattr(args, "qk", False):
+        raise UsageError(f"{where}: --qk does not take image prompts yet")
+    return True
+
+
 def _summary(args) -> int:
     from ..batch.runner import write_graph_index
     from ..batch.store import Store
@@ -122,10 +168,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     settings = trace_settings(args)
     check_features_dir(args.features)
-    specs = read_prompts(args.prompts, chat=args.chat)
+    specs = read_prompts(args.prompts, chat=args.chat, images_allowed=True)
+    images = check_image_rows(specs, args)
     store = Store(args.out).check_writable()
-    loader = functools.partial(load_for_worker, args.model, args.transcoders, args.device,
-                               args.dtype, args.skip_positions, args.features)
+    loader = functools.partial(load_multimodal_for_worker if images else load_for_worker,
+                               args.model, args.transcoders, args.device, args.dtype,
+                               args.skip_positions, args.features)
     try:
         res = run_batch(specs, store, settings, loader, workers=args.workers, ray=args.ray,
                         threads=args.threads, progress=not args.quiet)
