@@ -155,16 +155,10 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         raise UsageError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
-    if spec.images:
-        if getattr(rm, "images", None) is None or spec.messages:
-            raise UsageError("images need a multimodal model and a PROMPT (not --messages)"
-                             if spec.messages else "images need a multimodal Gemma 3 model")
-        if settings.attention.qk:
-            raise UsageError("--qk does not take image prompts yet")
-        prompt = spec.prompt
-        ids = rm.images.prompt(prompt, list(spec.images), chat=spec.chat)  # an ImagePrompt
-    else:
-        prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
+    if spec.images and settings.attention.qk:
+        raise UsageError("--qk does not take image prompts yet")
+    prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages, spec.images,
+                                getattr(rm, "images", None))  # ids: an ImagePrompt with images
     say("attributing ...")
     graph = attribute(ids, rm, **dataclasses.asdict(settings.attribution), prompt_text=prompt,
                       targets=list(spec.targets) or None, verbose=verbose, timings=times)

@@ -238,7 +238,8 @@ def add_image_argument(p: argparse.ArgumentParser) -> None:
 def check_images(args: argparse.Namespace) -> tuple:
     """Before any model loads: the --image files (each read and decoded: a file that is not an
     image is a one-line UsageError naming it), with a multimodal --model (its config.json),
-    --transcoders given and no --messages. Returns the files, as strings."""
+    no --messages, and for a command with --transcoders (and --sae) one of them given (the
+    starter set is text-only). Returns the files, as strings."""
     images = tuple(getattr(args, "image", None) or ())
     if not images:
         return ()
@@ -252,9 +253,10 @@ def check_images(args: argparse.Namespace) -> tuple:
             raise UsageError(f"--image {path}: a folder, not an image file")
         read_image(path)  # UsageError naming the file if it cannot be decoded
     check_multimodal(args.model)
-    if getattr(args, "transcoders", None) is None:
-        raise UsageError("--image needs --transcoders (transcoders of the multimodal model's "
-                         "language model; the starter set is text-only)")
+    flags = [f for f in ("transcoders", "sae") if hasattr(args, f)]
+    if flags and all(getattr(args, f) is None for f in flags):
+        raise UsageError(f"--image needs {' or '.join('--' + f for f in flags)} (dictionaries of "
+                         "the multimodal model's language model; the starter set is text-only)")
     return images
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ._common import add_prompt_arguments, add_replacement_arguments
+from ._common import add_image_argument, add_prompt_arguments, add_replacement_arguments
 from ..errors import UsageError
 from ..settings import add_options, from_args
 
@@ -61,6 +61,14 @@ DIR/ablation.json (the features, the metric, each set's rows and summary), which
 page (cltrace serve DIR, /contrast.html) shows. Give the same --model and --transcoders
 (or --sae) the folder was traced with.
 
+An image in the prompt (multimodal Gemma 3, 4B/12B/27B): --image PATH (repeatable; one
+<start_of_image> in PROMPT per image, or none to have the images first) with --transcoders or
+--sae for the checkpoint's language model. The command prints each image's positions (its
+soft tokens, <img r,c> on the image's grid), which @POS can name: an intervention there acts on
+that patch's soft token, and as one image's soft tokens attend to each other both ways, it
+changes the image's earlier positions too. Free and frozen mode, SAE latents and generation
+work as for text (the generated tokens are text after the image).
+
 A conversation instead of PROMPT: --messages FILE, a JSON list of {"role", "content"}
 messages (system, user, model/assistant; a last model message is a prefill); in a SET, a
 "messages" column.
@@ -78,6 +86,8 @@ Examples:
   cltrace steer --prompts harmful.jsonl --feature 6:77+8 --metric 'match:(?i)I cannot' --out r.json
   cltrace steer --prompts capitals.jsonl -f 8:1234=0 --metric 'logprob:" Paris"' --ray --workers 4
   cltrace steer --contrast runs/opp-syn --top 3 --metric 'logit-diff:" hot"," cold"'
+  cltrace steer --model google/gemma-3-4b-it --transcoders T --image cat.png --chat \
+      "What is in <start_of_image> this picture?" --feature 10:321=0
 """
 
 _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*([^=*+\s]*))?\s*([=*+])\s*(\S.*?)\s*$")
@@ -123,6 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..steering.ablation import AblationSettings
 
     add_prompt_arguments(p, messages=True)
+    add_image_argument(p)
     p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
                    default=None, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given; needed "
@@ -197,12 +208,18 @@ def top_table(before, after, decode, k: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..pipeline import image_prompt_text
     from ..steering import generate, intervene
+    from ..steering.inputs import state_input
     from ..models import prompt_tokens
-    from ._common import load_replacement, messenger, read_prompt_or_messages
+    from ._common import (check_images, load_multimodal_replacement, load_replacement, messenger,
+                          read_prompt_or_messages)
 
     from .steer_set import run_contrast, run_set
 
+    if args.image and (args.prompts is not None or args.contrast is not None):
+        raise UsageError("--image goes with one PROMPT (or --prompt-file); a set's prompts name "
+                         "their images in the 'images' column of the prompts file")
     if args.contrast is not None:
         return run_contrast(args)
     from ..steering.ablation import AblationSettings
@@ -218,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.features:
         raise UsageError("give at least one --feature L:F[@POS]{=V|*S|+A}")
     text, messages = read_prompt_or_messages(args)
+    images = check_images(args)
+    if images:
+        text = image_prompt_text(text, len(images))
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 0:
@@ -226,12 +246,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--freeze-features needs --mode frozen")
     say = messenger(args.quiet)
     if args.sae is not None:
-        return run_sae(args, text, say, messages)
+        return run_sae(args, text, say, messages, images)
 
-    loaded, rm = load_replacement(args, say)
+    loaded, rm = (load_multimodal_replacement if images else load_replacement)(args, say)
     transcoders = rm.transcoders
     tok = loaded.tokenizer
-    prompt, ids = prompt_tokens(tok, text, args.chat, messages)
+    prompt, ids = prompt_tokens(tok, text, args.chat, messages, images, loaded if images else None)
 
     state = rm.run(ids)
     res = intervene(rm, None, args.features, mode=args.mode, freeze_features=args.freeze_features,
@@ -239,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     decode = lambda t: tok.decode([t])  # noqa: E731
     k = min(args.top_k, res.logits.shape[-1])
     print(f"prompt: {prompt!r} ({state.n_pos} tokens)")
+    print_images(images, state.image_groups, state.labels)
     print(f"interventions ({args.mode} mode): " + ", ".join(str(iv) for iv in res.interventions))
     print(f"top {k} next tokens:")
     print("\n".join(top_table(res.clean_logits[-1], res.logits[-1], decode, k)))
@@ -249,8 +270,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"top token before, {decode(top)!r}: p {pb:.4f} -> {pa:.4f}, logit {lb:.3f} -> {la:.3f}")
     if args.max_new_tokens:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-        before = generate(rm, ids, [], **kw)
-        after = generate(rm, ids, args.features, steer_generated=args.steer_generated, **kw)
+        start = state_input(state)  # (an image prompt's soft tokens computed once)
+        before = generate(rm, start, [], **kw)
+        after = generate(rm, start, args.features, steer_generated=args.steer_generated, **kw)
         print(f"generated before: {before.text!r}")
         print(f"generated after:  {after.text!r}")
     if transcoders.info.get("synthetic"):
@@ -258,20 +280,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sae(args: argparse.Namespace, text: str, say, messages=()) -> int:
+def run_sae(args: argparse.Namespace, text: str, say, messages=(), images=()) -> int:
     """``--sae SET``: steer with SAE latents in the real model (free mode), same output."""
     from ..models import prompt_tokens
     from ..steering import generate
+    from ..steering.inputs import model_input
 
-    st, saes = load_sae_steering(args, say)
+    st, saes = load_sae_steering(args, say, images)
     tok = st.tokenizer
-    prompt, ids = prompt_tokens(tok, text, args.chat, messages)
-    tokens = st.tokenize(ids)
+    prompt, ids = prompt_tokens(tok, text, args.chat, messages, images, st.images)
+    start = model_input(st, ids)  # token ids, or an image prompt's embeddings (computed once)
+    tokens = start.tokens
     ivs = st.check(args.features, tokens)  # positions against the prompt, before any pass
-    clean, steered = st.logits(tokens), st.logits(tokens, ivs)  # [n_pos, vocab] each
+    clean, steered = st.logits(start), st.logits(start, ivs)  # [n_pos, vocab] each
     decode = lambda t: tok.decode([t])  # noqa: E731
     k = min(args.top_k, clean.shape[-1])
     print(f"prompt: {prompt!r} ({tokens.numel()} tokens)")
+    if images:
+        print_images(images, start.image_groups, st.images.token_labels(ids))
     print(f"interventions (free mode, SAE latents at {st.site}): " + ", ".join(map(str, ivs)))
     print(f"top {k} next tokens:")
     print("\n".join(top_table(clean[-1], steered[-1], decode, k)))
@@ -281,8 +307,8 @@ def run_sae(args: argparse.Namespace, text: str, say, messages=()) -> int:
           f"{float(clean[-1, top]):.3f} -> {float(steered[-1, top]):.3f}")
     if args.max_new_tokens:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-        before = generate(st, tokens, [], **kw)
-        after = generate(st, tokens, ivs, steer_generated=args.steer_generated, **kw)
+        before = generate(st, start, [], **kw)
+        after = generate(st, start, ivs, steer_generated=args.steer_generated, **kw)
         print(f"generated before: {before.text!r}")
         print(f"generated after:  {after.text!r}")
     if saes.info.get("synthetic"):
@@ -290,10 +316,10 @@ def run_sae(args: argparse.Namespace, text: str, say, messages=()) -> int:
     return 0
 
 
-def load_sae_steering(args: argparse.Namespace, say):
-    """(SaeSteering, SAE set) of --sae SET on --model, checked (SAEs and latents before the
-    model loads)."""
-    from ..models import load_model
+def load_sae_steering(args: argparse.Namespace, say, images=()):
+    """(SaeSteering, SAE set) of --sae SET on --model (with ``images``: the multimodal model,
+    which also runs image prompts), checked (SAEs and latents before the model loads)."""
+    from ..models import load_model, load_multimodal
     from ..steering import SaeSteering
     from ..steering.sae import check_latents, check_sae_set
     from ..transcoders import load_transcoders
@@ -306,8 +332,18 @@ def load_sae_steering(args: argparse.Namespace, say):
     saes = load_transcoders(args.sae)
     check_sae_set(saes, args.sae)
     check_latents(args.features, saes, args.sae)
-    say(f"loading model {args.model} ...")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    say(f"loading {'multimodal ' if images else ''}model {args.model} ...")
+    loaded = (load_multimodal if images else load_model)(args.model, device=args.device,
+                                                          dtype=args.dtype)
     st = SaeSteering(loaded.model, saes, tokenizer=loaded.tokenizer, model_name=loaded.name,
-                     skip_positions=args.skip_positions)
+                     skip_positions=args.skip_positions, images=loaded if images else None)
     return st, saes
+
+
+def print_images(images, groups, labels) -> None:
+    """One line per image of the prompt: its file and the positions of its soft tokens (what
+    @POS names), with their first and last labels (``<img r,c>``)."""
+    for i, path in enumerate(images):
+        pos = (groups == i).nonzero().flatten().tolist()  # groups [n_pos]: image of each position
+        print(f"image {i + 1} ({path}): positions {pos[0]}:{pos[-1] + 1} ({labels[pos[0]]} .. "
+              f"{labels[pos[-1]]})")

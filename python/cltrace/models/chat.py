@@ -36,12 +36,23 @@ def chat_prompt(tokenizer, text: str) -> str:
     return GEMMA_TURN.format(bos=tokenizer.bos_token or "<bos>", text=text)
 
 
-def prompt_tokens(tokenizer, text: str, chat: bool, messages=None):
+def prompt_tokens(tokenizer, text: str, chat: bool, messages=None, images=(), multimodal=None):
     """(prompt text, what the replacement model runs on): the text itself, or with ``chat`` the
     chat turn around it and its token ids (the turn already holds <bos>). ``messages`` (a
     conversation checked by :func:`cltrace.models.conversation.check_messages`) replaces
     ``text`` and ``chat``: its rendering and token ids
-    (:func:`cltrace.models.conversation.messages_tokens`)."""
+    (:func:`cltrace.models.conversation.messages_tokens`). ``images`` (image files, one per
+    ``<start_of_image>`` of ``text``) with ``multimodal`` (a
+    :class:`~cltrace.models.multimodal.LoadedMultimodal`): (``text``, its
+    :class:`~cltrace.models.multimodal.ImagePrompt`, in the chat turn with ``chat``)."""
+    if images:
+        from ..errors import UsageError
+
+        if multimodal is None:
+            raise UsageError("images need a multimodal Gemma 3 model")
+        if messages:
+            raise UsageError("images go with a PROMPT (and chat), not with messages")
+        return text, multimodal.prompt(text, list(images), chat=chat)
     if messages:
         from .conversation import messages_tokens
 

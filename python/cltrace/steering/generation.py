@@ -1,7 +1,8 @@
 """Steered text generation: the real model with feature interventions applied by hooks.
 
-Each step runs the real Gemma 3 model on the whole sequence so far (no KV cache, batch 1)
-with the free-mode hooks of :mod:`.modes`: for every intervened feature, ``(new − old) ·
+Each step runs the real Gemma 3 model on the whole sequence so far (no KV cache, batch 1;
+after an image prompt, its input embeddings with the soft tokens, then the generated tokens:
+:mod:`.inputs`) with the free-mode hooks of :mod:`.modes`: for every intervened feature, ``(new − old) ·
 W_dec`` is added to the MLP outputs it decodes to (with an
 :class:`~cltrace.steering.sae.SaeSteering` as ``rm``: to the activation at its SAEs' site,
 see :mod:`.sae`). By default the interventions act on the
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .inputs import model_input
 from .interventions import Intervention, check_interventions
 from .modes import steering_hooks
 from ..errors import UsageError
@@ -64,13 +66,15 @@ def next_token(logits: Tensor, temperature: float, top_k: Optional[int],
 def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tokens: int = 20,
              temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None,
              steer_generated: bool = False, stop_at_eos: bool = True) -> Generation:
-    """Generate up to ``max_new_tokens`` after ``prompt`` under ``interventions`` (free mode);
+    """Generate up to ``max_new_tokens`` after ``prompt`` (text, ids, or an
+    :class:`~cltrace.models.multimodal.ImagePrompt`) under ``interventions`` (free mode);
     ``rm`` is a :class:`~cltrace.replacement.ReplacementModel` (transcoder features) or a
     :class:`~cltrace.steering.sae.SaeSteering` (SAE latents).
 
     Deterministic: greedy, or sampled with a generator seeded by ``seed`` (0 when None)."""
     _check(max_new_tokens, temperature, top_k)
-    tokens = rm.tokenize(prompt)
+    start = model_input(rm, prompt)  # token ids, or an image prompt's embeddings
+    tokens = start.tokens
     n_prompt, skip_positions = tokens.numel(), rm.skip_positions_for(tokens)
     ivs = check_interventions(interventions, rm.transcoders, n_prompt, skip_positions)
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
@@ -83,7 +87,7 @@ def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tok
         for _ in range(max_new_tokens):
             if limit is not None and seq.numel() >= limit:
                 break
-            logits = rm.model(input_ids=seq[None], use_cache=False).logits[0, -1]  # [vocab]
+            logits = start.extend(rm.model, seq[n_prompt:]).logits(rm.model)[-1]  # [vocab]
             tok = next_token(logits, temperature, top_k, gen)
             seq = torch.cat([seq, seq.new_tensor([tok])])
             if tok in eos:

@@ -41,6 +41,7 @@ from torch import Tensor
 from ..frozen.capture import eager_attention
 from ..ops import SparseActs, gather_columns, sparse_decode
 from ..replacement.encoding import encode_layer
+from .inputs import state_input
 from .interventions import Intervention, InterventionResult, by_layer, check_interventions, new_values
 from ..errors import UsageError
 
@@ -226,7 +227,7 @@ def intervene_free(rm, state, interventions: Sequence[Intervention]) -> Interven
     tcs, n, skip_positions = rm.transcoders, state.n_pos, state.skip_positions
     ivs = check_interventions(interventions, tcs, n, skip_positions)
     with steering_hooks(rm, ivs, skip_positions) as rec, eager_attention(rm.model):
-        out = rm.model(input_ids=state.tokens[None], use_cache=False)
+        logits = state_input(state).logits(rm.model)  # [n_pos, vocab]
     mlp_in = torch.stack(rec["mlp_in"]).to(rm.dtype)  # [n_layers, n_pos, d_model]
     acts = []
     for L in range(rm.parts.n_layers):
@@ -237,13 +238,13 @@ def intervene_free(rm, state, interventions: Sequence[Intervention]) -> Interven
         a = encode_layer(tc, mlp_in[L], skip_positions)
         new = {f: v for (S, f), v in rec["values"].items() if S == L}
         acts.append(with_pre_acts(with_columns(a, new, tc.d_sae), tc, mlp_in[L]))
-    return InterventionResult("free", state.tokens, out.logits[0], state.logits, acts, mlp_in,
+    return InterventionResult("free", state.tokens, logits, state.logits, acts, mlp_in,
                               rec["resid_final"], ivs)
 
 
 def intervene(rm, prompt, interventions: Sequence[Intervention], mode: str = "frozen",
               freeze_features: bool = False, state=None) -> InterventionResult:
-    """Run ``prompt`` (text, ids, or None with ``state``) under ``interventions``.
+    """Run ``prompt`` (text, ids, an image prompt, or None with ``state``) under ``interventions``.
 
     ``mode``: "frozen" (replacement model, see module doc) or "free" (the real model).
     ``freeze_features`` (frozen mode only): hold every non-intervened feature at its clean

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from .generation import generate
+from .inputs import ModelInput, model_input
 from .interventions import Intervention, check_interventions
 from .metrics import Metric, metric_ids
 from .modes import intervene, steering_hooks
@@ -57,23 +58,25 @@ class SetResult:
 
 
 @torch.no_grad()
-def forward_logits(rm, seq: Tensor, ivs: Sequence[Intervention], skip: int,
+def forward_logits(rm, seq: ModelInput, ivs: Sequence[Intervention], skip: int,
                    n_ref: Optional[int]) -> Tensor:
-    """The real model's logits ``[n_pos, vocab]`` on ``seq [n_pos]`` with the free-mode hooks of
+    """The real model's logits ``[n_pos, vocab]`` on ``seq`` with the free-mode hooks of
     ``ivs`` (positions resolved against ``n_ref`` tokens; None: the whole sequence)."""
     if not ivs:
-        return rm.model(input_ids=seq[None], use_cache=False).logits[0]
+        return seq.logits(rm.model)
     hooks = getattr(rm, "steering_hooks", None) or (lambda *a, **kw: steering_hooks(rm, *a, **kw))
     with hooks(list(ivs), skip, n_ref=n_ref):
-        return rm.model(input_ids=seq[None], use_cache=False).logits[0]
+        return seq.logits(rm.model)
 
 
-def measure(rm, tokens: Tensor, metric: Metric, ids, interventions: Sequence[Intervention], *,
+def measure(rm, prompt, metric: Metric, ids, interventions: Sequence[Intervention], *,
             mode: str = "free", freeze_features: bool = False, steer_generated: bool = False,
             generation: Optional[dict] = None) -> tuple[float, float, tuple]:
-    """(before, after, texts) of ``metric`` on the prompt ``tokens [n_prompt]`` (``ids`` from
+    """(before, after, texts) of ``metric`` on ``prompt`` (token ids [n_prompt] or an
+    :class:`~cltrace.models.multimodal.ImagePrompt`; ``ids`` from
     :func:`~cltrace.steering.metrics.metric_ids`); ``generation``: generate()'s keywords."""
-    n = tokens.numel()
+    start = model_input(rm, prompt)
+    tokens, n = start.tokens, start.n_pos
     skip = rm.skip_positions_for(tokens)
     ivs = check_interventions(interventions, rm.transcoders, n, skip)
     if mode == "frozen":
@@ -81,17 +84,17 @@ def measure(rm, tokens: Tensor, metric: Metric, ids, interventions: Sequence[Int
             raise UsageError("--mode frozen measures logit-diff only (the frozen replacement "
                              "model has no continuation)")
         res = intervene(rm, None, ivs, mode="frozen", freeze_features=freeze_features,
-                        state=rm.run(tokens))
+                        state=rm.run(prompt))
         a, b = ids
         return (float(res.clean_logits[-1, a] - res.clean_logits[-1, b]),
                 float(res.logits[-1, a] - res.logits[-1, b]), ())
     if metric.kind == "logit-diff":
         a, b = ids
-        out = [forward_logits(rm, tokens, v, skip, n)[-1].double() for v in ([], ivs)]  # [vocab]
+        out = [forward_logits(rm, start, v, skip, n)[-1].double() for v in ([], ivs)]  # [vocab]
         return float(out[0][a] - out[0][b]), float(out[1][a] - out[1][b]), ()
     if metric.kind == "logprob":
         cont = torch.tensor(ids, dtype=tokens.dtype, device=tokens.device)  # [n_cont]
-        seq = torch.cat([tokens, cont])
+        seq = start.extend(rm.model, cont)
         n_ref = None if steer_generated else n
         vals = []
         for v in ([], ivs):
@@ -99,8 +102,8 @@ def measure(rm, tokens: Tensor, metric: Metric, ids, interventions: Sequence[Int
             vals.append(float(lp.gather(1, cont[:, None]).sum()))  # [n_cont, vocab] -> sum
         return vals[0], vals[1], ()
     kw = generation or {}
-    before = generate(rm, tokens, [], **kw)
-    after = generate(rm, tokens, ivs, steer_generated=steer_generated, **kw)
+    before = generate(rm, start, [], **kw)
+    after = generate(rm, start, ivs, steer_generated=steer_generated, **kw)
     pattern = re.compile(metric.args[0])
     hit = lambda g: float(pattern.search(g.text) is not None)  # noqa: E731
     return hit(before), hit(after), (before.text, after.text)
@@ -114,10 +117,10 @@ def measure_prompt(rm, tokenizer, spec, metric: Metric, ids, interventions: Sequ
     (:mod:`.set_ray`); a problem with the prompt is a UsageError naming its slug."""
     from ..models import prompt_tokens
 
-    _, prompt = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages)
     try:
-        tokens = rm.tokenize(prompt)
-        b, a, texts = measure(rm, tokens, metric, ids, interventions, **opts)
+        _, prompt = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages,
+                                  getattr(spec, "images", ()), getattr(rm, "images", None))
+        b, a, texts = measure(rm, prompt, metric, ids, interventions, **opts)
     except UsageError as e:
         raise UsageError(f"prompt {spec.slug!r}: {e}") from None
     return SetRow(spec.slug, b, a, texts)

@@ -30,6 +30,7 @@ from ..models.sites import SAE_SITES, site_hooks
 from ..replacement.model import ReplacementModel
 from ..transcoders.base import TranscoderSet
 from ..transcoders.checks import check_fits
+from .inputs import model_input
 from .interventions import Intervention, by_layer, check_interventions, new_values
 
 
@@ -63,7 +64,8 @@ class SaeSteering:
     """A Gemma 3 model and an SAE set at one site, for steering with its latents."""
 
     def __init__(self, model, saes: TranscoderSet, tokenizer=None,
-                 skip_positions: Union[int, str] = "auto", model_name: str = ""):
+                 skip_positions: Union[int, str] = "auto", model_name: str = "", images=None):
+        self.images = images  # a LoadedMultimodal whose .model is ``model`` (image prompts), or None
         self.parts = text_parts(model)
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name or getattr(model.config, "name_or_path", "") or ""
@@ -127,8 +129,10 @@ class SaeSteering:
 
     @torch.no_grad()
     def logits(self, prompt, interventions: Sequence[Intervention] = ()) -> Tensor:
-        """Logits ``[n_pos, vocab]`` of the real model on ``prompt`` under the interventions."""
-        tokens = self.tokenize(prompt)
-        ivs = self.check(interventions, tokens)
-        with self.steering_hooks(ivs, self.skip_positions_for(tokens)):
-            return self.model(input_ids=tokens[None], use_cache=False).logits[0]
+        """Logits ``[n_pos, vocab]`` of the real model on ``prompt`` (text, ids, an
+        :class:`~cltrace.models.multimodal.ImagePrompt` with ``images``, or a
+        :class:`~.inputs.ModelInput`) under the interventions."""
+        seq = model_input(self, prompt)
+        ivs = self.check(interventions, seq.tokens)
+        with self.steering_hooks(ivs, self.skip_positions_for(seq.tokens)):
+            return seq.logits(self.model)

@@ -1,0 +1,241 @@
+"""Steering with an image in the prompt (issue 29): feature and SAE-latent interventions on a
+multimodal Gemma 3 compute what transformers' ``Gemma3ForConditionalGeneration`` computes with
+the same change made by plain hooks on its own modules.
+
+The oracle is transformers on the tiny random checkpoint of :mod:`support.image_graphs` (its
+vision tower, projector and language model, fed by ``input_ids``, ``pixel_values`` and
+``token_type_ids`` as Gemma 3's processor returns them): logits at every position, and greedy
+continuations step by step. An intervention at an image position moves the logits at the
+image's *earlier* positions (one image's soft tokens attend both ways) and leaves the text
+before the image exactly as it was. The command: ``cltrace steer --image`` prints the image's
+positions, the before/after table of the API's numbers, and refuses bad input in one line.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from cltrace.cli import main
+from cltrace.replacement import ReplacementModel
+from cltrace.steering import Intervention, SaeSteering, generate, intervene
+from cltrace.steering.inputs import model_input, state_input
+from cltrace.steering.modes import column
+from cltrace.transcoders.write import save_gemmascope
+from support.image_graphs import PROMPT, image_setup
+from support.tiny_gemma_vision import SOFT
+from support.transcoders import random_transcoders
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return image_setup(tmp_path_factory.mktemp("image-steering"))
+
+
+@pytest.fixture(scope="module")
+def prompt(setup):
+    return setup.loaded.prompt(PROMPT, [str(setup.image)])
+
+
+@pytest.fixture(scope="module")
+def rm(setup):
+    return ReplacementModel.from_multimodal(setup.loaded, setup.transcoders)
+
+
+def _soft_positions(prompt) -> list[int]:
+    return (prompt.image_groups[0] >= 0).nonzero().flatten().tolist()
+
+
+def _reference(hf, ids, pixel_values) -> torch.Tensor:
+    """transformers' logits [n_pos, vocab] on ``ids [n_pos]`` with the image."""
+    with torch.no_grad():
+        return hf(input_ids=ids[None], pixel_values=pixel_values,
+                  token_type_ids=(ids[None] == SOFT).long()).logits[0]
+
+
+@contextlib.contextmanager
+def _ablation_hooks(hf, tcs, layer: int, feature: int, pos: int):
+    """On transformers' language model: feature ``feature`` of ``layer`` set to 0 at ``pos``,
+    i.e. its activation on this pass's MLP input taken back out of the MLP outputs it decodes
+    to (a CLT: layers ``layer`` .. last)."""
+    layers = hf.model.language_model.layers
+    tc = tcs.layers[layer]
+    delta = {}
+
+    def read(_m, _a, out):  # the MLP input of ``layer``: [1, n_pos, d_model]
+        z = out[0, pos] @ tc.W_enc[:, feature] + tc.b_enc[feature]
+        delta["a"] = z * (z > tc.threshold[feature])
+
+    def write(o):
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[0, pos] -= delta["a"] * tc.W_dec[feature, o]
+            return out
+        return hook
+
+    handles = [layers[layer].pre_feedforward_layernorm.register_forward_hook(read)]
+    for o in range(min(tc.n_out, len(layers) - layer)):
+        handles.append(layers[layer + o].post_feedforward_layernorm.register_forward_hook(write(o)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _strongest_image_feature(state, positions):
+    """(layer, pos, feature) of the largest activation at the image's last soft token, in the
+    first layer (its decodes reach every later layer)."""
+    a, pos = state.acts[0], positions[-1]
+    rows = a.rows()
+    hit = (rows == pos).nonzero().flatten()
+    best = hit[a.acts[hit].argmax()]
+    return 0, pos, int(a.feat_idx[best])
+
+
+def test_free_ablation_at_an_image_position_equals_transformers_with_hooks(setup, prompt, rm):
+    soft = _soft_positions(prompt)
+    state = rm.run(prompt)
+    L, pos, f = _strongest_image_feature(state, soft)
+    res = intervene(rm, None, [Intervention(L, f, pos=pos, set=0.0)], mode="free", state=state)
+    hf = setup.reference
+    clean_ref = _reference(hf, prompt.input_ids[0], prompt.pixel_values)
+    with _ablation_hooks(hf, setup.transcoders, L, f, pos):
+        want = _reference(hf, prompt.input_ids[0], prompt.pixel_values)
+    scale = want.abs().max()
+    assert (res.clean_logits - clean_ref).abs().max() <= 1e-5 * scale
+    assert (res.logits - want).abs().max() <= 1e-5 * scale
+    moved = (res.logits - res.clean_logits).abs().amax(-1)  # [n_pos]
+    assert moved[soft[0]] > 1e-3 * scale  # an earlier soft token: the image attends both ways
+    assert moved[:soft[0]].max() == 0  # the text before the image: untouched, exactly
+    n = state.n_pos
+    assert column(state.acts[L], f, n)[pos] > 0 and column(res.acts[L], f, n)[pos] == 0
+
+
+@pytest.mark.parametrize("steer_generated", [False, True])
+def test_steered_generation_after_an_image_equals_transformers_greedy(setup, prompt, rm, steer_generated):
+    """Greedy continuation from the image prompt, clean and with the ablation (on the prompt's
+    position; ``steer_generated`` changes nothing for a fixed position): transformers' model,
+    re-run on the whole sequence at each step with the same hooks, picks the same tokens."""
+    soft = _soft_positions(prompt)
+    L, pos, f = _strongest_image_feature(rm.run(prompt), soft)
+    hf, n_new = setup.reference, 5
+    for ivs in ([], [Intervention(L, f, pos=pos, set=0.0)]):
+        got = generate(rm, prompt, ivs, max_new_tokens=n_new, stop_at_eos=False,
+                       steer_generated=steer_generated)
+        seq = prompt.input_ids[0]
+        hooks = _ablation_hooks(hf, setup.transcoders, L, f, pos) if ivs else contextlib.nullcontext()
+        with hooks:
+            for _ in range(n_new):
+                nxt = _reference(hf, seq, prompt.pixel_values)[-1].argmax()
+                seq = torch.cat([seq, nxt[None]])
+        assert got.tokens.tolist() == seq.tolist()
+        assert got.n_prompt == prompt.input_ids.shape[1]
+
+
+def test_model_input_extends_with_text_tokens(setup, prompt, rm):
+    """An image prompt's input followed by text tokens is what transformers reads for the
+    longer sequence: its logits equal transformers' at every position."""
+    start = model_input(rm, prompt)
+    assert torch.equal(start.tokens, prompt.input_ids[0])
+    new = torch.tensor([7, 8, 9])
+    longer = start.extend(rm.model, new)
+    assert longer.n_pos == start.n_pos + 3 and (longer.image_groups[-3:] == -1).all()
+    want = _reference(setup.reference, longer.tokens, prompt.pixel_values)
+    assert (longer.logits(rm.model) - want).abs().max() <= 1e-5 * want.abs().max()
+    state = rm.run(prompt)
+    assert torch.equal(state_input(state).embeds, start.embeds)
+
+
+@pytest.fixture(scope="module")
+def saes(setup, prompt):
+    """Random JumpReLU SAEs at resid_post of every layer, calibrated on the image prompt's
+    residual stream (transformers' hidden states), so latents fire at image positions."""
+    with torch.no_grad():
+        out = setup.reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values,
+                              token_type_ids=(prompt.input_ids == SOFT).long(),
+                              output_hidden_states=True)
+    resid = torch.stack(out.hidden_states[1:])[:, 0]  # [n_layers, n_pos, d_model] resid_post
+    return random_transcoders(mlp_in=resid, site="resid_post", d_sae=32, active=0.3)
+
+
+def test_sae_latent_added_after_an_image_equals_a_hook_adding_its_decoder_row(setup, prompt, saes):
+    """+4 on latent f of layer 1's resid_post SAE at every position but <bos>: transformers'
+    logits with ``4 W_dec[f]`` added to layer 1's output there, and the same greedy tokens."""
+    st = SaeSteering(setup.loaded.model, saes, tokenizer=setup.loaded.tokenizer,
+                     images=setup.loaded)
+    iv = Intervention(1, 5, add=4.0)
+    v = 4.0 * saes.layers[1].W_dec[5, 0]  # [d_model]
+    layer = setup.reference.model.language_model.layers[1]
+
+    def add(_m, _a, out):
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[0, 1:] += v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = layer.register_forward_hook(add)
+    try:
+        want = _reference(setup.reference, prompt.input_ids[0], prompt.pixel_values)
+        seq = prompt.input_ids[0]
+        for _ in range(4):
+            seq = torch.cat([seq, _reference(setup.reference, seq, prompt.pixel_values)[-1].argmax()[None]])
+    finally:
+        handle.remove()
+    got = st.logits(prompt, [iv])
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    gen = generate(st, prompt, [iv], max_new_tokens=4, stop_at_eos=False, steer_generated=True)
+    assert gen.tokens.tolist() == seq.tolist()
+
+
+def _steer(setup, *extra):
+    return ["steer", PROMPT, "--model", str(setup.model), "--image", str(setup.image),
+            "--device", "cpu", "--quiet", "--max-new-tokens", "3", *extra]
+
+
+def test_steer_command_with_an_image(setup, prompt, rm, capsys):
+    soft = _soft_positions(prompt)
+    L, pos, f = _strongest_image_feature(rm.run(prompt), soft)
+    iv = Intervention(L, f, pos=pos, set=0.0)
+    for mode in ("free", "frozen"):
+        assert main(_steer(setup, "--transcoders", str(setup.transcoder_dir), "--mode", mode,
+                           "--feature", f"{L}:{f}@{pos}=0")) == 0
+        out = capsys.readouterr().out
+        assert f"image 1 ({setup.image}): positions {soft[0]}:{soft[-1] + 1} (<img 0,0> .. <img 1,1>)" in out
+        res = intervene(rm, prompt, [iv], mode=mode)
+        top = int(res.clean_logits[-1].argmax())
+        want = (f"logit {float(res.clean_logits[-1, top]):.3f} -> {float(res.logits[-1, top]):.3f}")
+        assert want in out, out
+        clean = generate(rm, prompt, [], max_new_tokens=3)
+        assert f"generated before: {clean.text!r}" in out
+
+
+def test_steer_command_with_an_image_and_sae_latents(setup, prompt, saes, tmp_path, capsys):
+    root = tmp_path / "resid_post_all"
+    save_gemmascope(saes, root, l0="small")
+    sae_dir = root / "width_32_l0_small"  # the whole set (one folder per layer inside root)
+    assert main(_steer(setup, "--sae", str(sae_dir), "--feature", "1:5+4")) == 0
+    out = capsys.readouterr().out
+    assert "image 1 (" in out and "SAE latents at resid_post" in out
+    st = SaeSteering(setup.loaded.model, saes, tokenizer=setup.loaded.tokenizer, images=setup.loaded)
+    after = st.logits(prompt, [Intervention(1, 5, add=4.0)])[-1]
+    top = int(st.logits(prompt)[-1].argmax())
+    assert f"-> {float(after[top]):.3f}" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "--image needs --transcoders or --sae"),
+    (("--transcoders", "T", "--prompts", "p.txt", "--metric", 'logit-diff:"a","b"'),
+     "--image goes with one PROMPT"),
+])
+def test_steer_image_errors(setup, extra, message, capsys):
+    assert main(_steer(setup, "--feature", "0:1=0", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_steer_image_on_a_text_only_model(setup, capsys):
+    argv = _steer(setup, "--feature", "0:1=0", "--transcoders", "T")
+    argv[argv.index("--model") + 1] = "gemma-3-270m"
+    assert main(argv) == 2
+    assert "text-only" in capsys.readouterr().err
