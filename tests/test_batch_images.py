@@ -22,6 +22,7 @@ from cltrace.errors import UsageError
 from support import batch as F
 from support.cli import one_line_error
 from support.numerics import torch_threads
+from support.serve import browser  # noqa: F401  (fixture)
 
 THREADS = 1  # the workers' torch threads (2 workers on 2 cores): the reference runs at the same
 ROWS = [  # relative image paths: from the prompts file's folder

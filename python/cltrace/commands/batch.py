@@ -37,6 +37,9 @@ Written to --out (a folder, or an fsspec URL such as s3://bucket/run, gs://..., 
   graph-metadata.json    every graph of the folder, for the viewers (cltrace serve DIR)
 Run it again to resume: prompts done are skipped, failed ones are retried once. A bad prompt
 (empty, too long, a target that is not one token) is recorded as failed; the batch goes on.
+A malformed row (an unknown column; an image file missing or not an image; more or fewer
+<start_of_image> than images) stops the command before any model loads (exit 2), naming the
+line and the file. Image rows do not take --qk yet.
 
   --summary DIR          the features kept in the pruned graphs of at least --min-count prompts
                          (layer, feature, count, mean influence, label) -> features-summary.csv/.json
