@@ -239,3 +239,76 @@ def test_steer_image_on_a_text_only_model(setup, capsys):
     argv[argv.index("--model") + 1] = "gemma-3-270m"
     assert main(argv) == 2
     assert "text-only" in capsys.readouterr().err
+
+
+# --- experiments from the viewer on an image graph -----------------------------------------
+
+def _http(url, data):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
+    """``cltrace serve`` with the multimodal model replays an image graph with the copy of its
+    image: ablating a feature at a soft-token position (frozen mode, other features held)
+    moves every logit node by exactly what the graph's edges predict, and the measured change
+    equals the API's on the image prompt; a text-only server refuses the graph in one message."""
+    import json
+
+    from cltrace.serve import make_server
+    from cltrace.serve.server import serve_in_thread
+    from support.image_graphs import image_graph_folder
+
+    root = tmp_path_factory.mktemp("image-experiment")
+    folder, path = image_graph_folder(root, extra=("--max-feature-nodes", "1000",
+                                                   "--edge-threshold", "1", "--node-threshold", "1"))
+    graph = json.loads(path.read_text())
+    s = image_setup(root / "again")  # the same seeds: the same model, picture and CLT
+    rm = ReplacementModel.from_multimodal(s.loaded, s.transcoders)
+    info = graph["metadata"]["info"]["images"][0]
+    first, last = info["positions"]
+    feats = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"
+             and first <= int(n["node_id"].split("_")[2]) <= last]
+    assert feats, "no feature at an image position in the graph"
+    L, f, p = map(int, feats[0]["node_id"].split("_"))
+    req = {"graph": path.name, "mode": "frozen", "freeze_features": True, "max_new_tokens": 2,
+           "interventions": [{"layer": L, "feature": f, "pos": p, "op": "set", "value": 0}]}
+    srv = make_server(folder, port=0, rm=rm)
+    serve_in_thread(srv)
+    try:
+        code, body = _http(f"http://127.0.0.1:{srv.server_address[1]}/api/intervene", req)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert code == 200, body
+    prompt = s.loaded.prompt(PROMPT, [str(s.image)])
+    res = intervene(rm, prompt, [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
+    after, before = res.logits[-1].double(), res.clean_logits[-1].double()  # [vocab]
+    d = (after - after.mean()) - (before - before.mean())
+    rows = body["logits"]
+    assert rows and all(not r["pruned"] for r in rows)
+    scale = max(abs(r["measured"]) for r in rows)
+    assert scale > 0
+    for r in rows:
+        assert abs(r["predicted"] - r["measured"]) <= 1e-4 * scale, r
+        assert abs(r["measured"] - float(d[r["token"]])) <= 1e-6 * scale
+    assert body["continuation"]["before"] == generate(rm, prompt, [], max_new_tokens=2, seed=0).text
+
+    text_only = make_server(folder, port=0, rm=ReplacementModel(s.loaded.model, s.transcoders,
+                                                                 tokenizer=s.loaded.tokenizer))
+    serve_in_thread(text_only)
+    try:
+        code, body = _http(f"http://127.0.0.1:{text_only.server_address[1]}/api/intervene", req)
+    finally:
+        text_only.shutdown()
+        text_only.server_close()
+    assert code == 400 and "multimodal --model" in body["error"]

@@ -20,6 +20,8 @@ With --model and/or --transcoders, the model is loaded once at start and the pag
 ablate, scale or steer the selected features or a supernode: it shows the next-token
 probabilities before and after, a generated continuation, and (frozen mode, other features
 held) the change of each target logit next to the change the graph's edges predict.
+A multimodal --model (Gemma 3 4B/12B/27B; give its --transcoders) runs the experiments of
+image + text graphs too, on the copies of their images beside the JSON.
 
 With --sae SET (repeatable; SAEs at resid_post, attn_out or mlp_out, as for `cltrace steer
 --sae`), the lens page (/lens.html) can steer a latent of a cell: add to it or clamp it at the
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..serve import make_server
-    from ._common import load_replacement, messenger
+    from ._common import load_multimodal_replacement, load_replacement, messenger
 
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
@@ -68,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
             args.model = "gemma-3-270m"
     saes = load_saes(args.sae or [], say)
     if args.transcoders is not None or (args.model is not None and not saes):
-        loaded, rm = load_replacement(args, say)
+        multimodal = _is_multimodal(args.model)
+        if multimodal and args.transcoders is None:
+            raise UsageError(f"--model {args.model} is multimodal: give its --transcoders (the "
+                             "starter set is text-only)")
+        loaded, rm = (load_multimodal_replacement if multimodal else load_replacement)(args, say)
     steering = None
     if saes:
         from ..steering import SaeSteering
@@ -111,3 +117,15 @@ def load_saes(refs: list, say) -> list:
         check_sae_set(ts, ref)
         out.append(ts)
     return out
+
+
+def _is_multimodal(model: str) -> bool:
+    """Whether --model is a multimodal Gemma 3 checkpoint (its config.json; False for the
+    text-only ones and for anything :func:`cltrace.models.check_multimodal` refuses)."""
+    from ..models import check_multimodal
+
+    try:
+        check_multimodal(model)
+    except UsageError:
+        return False
+    return True

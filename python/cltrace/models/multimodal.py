@@ -70,8 +70,7 @@ class LoadedMultimodal(NamedTuple):
         if n != len(images):
             raise UsageError(f"the prompt has {n} {boi} placeholder(s) for {len(images)} "
                              f"image(s): put one {boi} where each image goes")
-        pixels = self.preprocess([_rgb(im, i) if isinstance(im, Tensor) else read_image(im)
-                                  for i, im in enumerate(images)])
+        pixels = self.pixel_values(images)
         soft, eoi = tk.convert_ids_to_tokens(ids.soft), tk.convert_ids_to_tokens(ids.end)
         if chat:
             text = chat_prompt(tk, text)  # holds <bos> already
@@ -83,6 +82,23 @@ class LoadedMultimodal(NamedTuple):
             raise UsageError(f"the prompt tokenizes to {found} image soft tokens, expected "
                              f"{len(images) * ids.per_image} (does the text contain {soft}?)")
         return ImagePrompt(input_ids, pixels, self.vision.image_groups(input_ids))
+
+    def prompt_from_ids(self, input_ids: Sequence[int], images: Sequence[ImageLike]) -> ImagePrompt:
+        """The :class:`ImagePrompt` of already expanded token ids (a graph's prompt: its
+        ``<image_soft_token>`` runs in place) and its ``images`` (files or RGB uint8 tensors), one
+        per run of soft tokens, each run ``mm_tokens_per_image`` long."""
+        ids = torch.as_tensor(list(input_ids), dtype=torch.long)[None]  # [1, T]
+        groups = self.vision.image_groups(ids)
+        runs = [int((groups == g).sum()) for g in range(int(groups.max()) + 1)]
+        if len(runs) != len(images) or any(n != self.vision.tokens.per_image for n in runs):
+            raise UsageError(f"the prompt has {len(runs)} run(s) of image soft tokens ({runs}) for "
+                             f"{len(images)} image(s) of {self.vision.tokens.per_image} soft tokens")
+        return ImagePrompt(ids, self.pixel_values(images), groups)
+
+    def pixel_values(self, images: Sequence[ImageLike]) -> Tensor:
+        """``[N, 3, S, S]``: the images (files or RGB uint8 tensors) as the vision tower reads them."""
+        return self.preprocess([_rgb(im, i) if isinstance(im, Tensor) else read_image(im)
+                                for i, im in enumerate(images)])
 
     def token_labels(self, prompt: ImagePrompt) -> list[str]:
         """One label per position: the token's text, and for a soft token its cell on the

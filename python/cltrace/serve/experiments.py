@@ -22,14 +22,21 @@ interventions and returns:
   linear in the intervened activations and the two agree exactly (Ameisen et al. 2025,
   "Circuit Tracing", § interventions) — unless pruning removed a link from the JSON, which
   the result says (``pruned``: the sources whose link to ``t`` is absent).
+
+A graph with images (``metadata.info.images``) is replayed with them: the copies of its images
+beside the JSON, on a replacement model of a multimodal Gemma 3
+(:meth:`~cltrace.replacement.ReplacementModel.from_multimodal`), so its soft tokens are the
+ones the graph was computed on; the continuations are text after the image.
 """
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from ..steering import generate, intervene
+from ..steering.inputs import state_input
 
 OPS = ("set", "scale", "add")
 MODES = ("frozen", "free")
@@ -55,6 +62,27 @@ def prompt_tokens(graph: dict) -> list[int]:
     return [by_pos[p] for p in range(len(by_pos))]
 
 
+def graph_images(graph: dict, folder: Optional[Path]) -> list[Path]:
+    """The files of a graph's images (``metadata.info.images``: names beside its JSON in
+    ``folder``), checked: plain file names that exist; [] for a text graph."""
+    info = (graph.get("metadata") or {}).get("info") or {}
+    entries = info.get("images") or []
+    if not entries:
+        return []
+    if folder is None:
+        raise RequestError("the graph has images, but its folder is unknown")
+    files = []
+    for i, e in enumerate(entries):
+        name = e.get("file") if isinstance(e, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            raise RequestError(f"image {i + 1} of the graph: {name!r} is not a file name")
+        path = folder / name
+        if not path.is_file():
+            raise RequestError(f"image {i + 1} of the graph: {name} is not beside its JSON")
+        files.append(path)
+    return files
+
+
 def _number(x: Any, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
         raise RequestError(f"{what} must be a finite number, got {x!r}")
@@ -78,6 +106,7 @@ class Experiments:
         self.top_k = top_k
         self._lock = threading.Lock()
         self._clean: dict = {}  # (tokens, mode) -> clean InterventionResult; (tokens, n) -> Generation
+        self._state: tuple = (None, None)  # (key, ReplacementState) of the last graph run
 
     def _cached(self, key, compute):
         if key not in self._clean:
@@ -143,21 +172,42 @@ class Experiments:
             raise RequestError(f"the graph's token id {max(tokens)} is outside the server model's "
                                f"vocabulary of {vocab}: a graph of another model?")
 
-    def run(self, graph: dict, req: dict) -> dict:
-        """Before/after probabilities, continuations and measured vs predicted logit changes."""
+    def prompt(self, graph: dict, tokens: list[int], folder: Optional[Path]):
+        """What the model runs: the token ids, or with images an ImagePrompt of the ids and the
+        images beside the graph."""
+        images = graph_images(graph, folder)
+        if not images:
+            return tokens
+        loaded = getattr(self.rm, "images", None)
+        if loaded is None:
+            raise RequestError("the graph has an image: start `cltrace serve` with the multimodal "
+                               "--model (and --transcoders) it was computed with")
+        try:
+            return loaded.prompt_from_ids(tokens, [str(p) for p in images])
+        except ValueError as e:  # (UsageError included)
+            raise RequestError(str(e)) from None
+
+    def run(self, graph: dict, req: dict, folder: Optional[Path] = None) -> dict:
+        """Before/after probabilities, continuations and measured vs predicted logit changes
+        (``folder``: the graph's, where its images are)."""
         tokens = prompt_tokens(graph)
         self.check_graph(graph, tokens)
         ivs, mode, freeze, max_new = self.parse(req, len(tokens))
         with self._lock:
             try:
-                key = tuple(tokens)
-                res = intervene(self.rm, tokens, ivs, mode=mode, freeze_features=freeze)
-                clean = self._cached(("run", key, mode), lambda: intervene(self.rm, tokens, [], mode=mode))
+                key = (tuple(tokens), tuple(graph_images(graph, folder)))
+                if self._state[0] != key:  # the last graph's replacement state, reused
+                    self._state = (key, self.rm.run(self.prompt(graph, tokens, folder)))
+                state = self._state[1]
+                res = intervene(self.rm, None, ivs, mode=mode, freeze_features=freeze, state=state)
+                clean = self._cached(("run", key, mode),
+                                     lambda: intervene(self.rm, None, [], mode=mode, state=state))
                 gens = None
                 if max_new:
+                    start = state_input(state)  # (an image's soft tokens: computed once)
                     gens = (self._cached(("gen", key, max_new), lambda: generate(
-                                self.rm, tokens, [], max_new_tokens=max_new, seed=0)),
-                            generate(self.rm, tokens, ivs, max_new_tokens=max_new, seed=0))
+                                self.rm, start, [], max_new_tokens=max_new, seed=0)),
+                            generate(self.rm, start, ivs, max_new_tokens=max_new, seed=0))
             except ValueError as e:  # the library's own checks (positions without features ...)
                 raise RequestError(str(e)) from None
         out = {"mode": mode, "freeze_features": freeze,

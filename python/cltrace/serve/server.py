@@ -356,7 +356,7 @@ class Handler(BaseHTTPRequestHandler):
             if ex is None:
                 return self._error(409, "no model loaded: start `cltrace serve` with --model/"
                                         "--transcoders to run experiments")
-            return self._json(ex.run(self._graph(rel), body))
+            return self._json(ex.run(self._graph(rel), body, safe_path(self.server.root, rel).parent))
         except FileNotFoundError:
             return self._error(404, "no such graph in the served folder")
         except RequestError as e:
