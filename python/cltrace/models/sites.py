@@ -16,7 +16,8 @@ mlp_out       ``model.layers.{L}.post_feedforward_layernorm.output``  hidden_siz
 
 A transcoder reads ``mlp_in`` and writes ``mlp_out``; an SAE reads and writes one site.
 :func:`site_hooks` records the activation at sites during a forward pass, or replaces it;
-:func:`run_sites` runs the decoder stack only as far as the last site it records.
+:func:`run_sites` runs the decoder stack only as far as the last site it records (on token ids,
+or on an image + text prompt's embeddings with its bidirectional image mask).
 """
 from __future__ import annotations
 
@@ -143,19 +144,42 @@ def last_site(sites: Iterable[Site]) -> Site:
     return max(sites, key=lambda s: (s[1], FORWARD_ORDER[s[0]]))
 
 
-def run_sites(parts: TextParts, ids: Tensor, sites: Iterable[Site]) -> dict[Site, Tensor]:
+def run_sites(parts: TextParts, ids: Optional[Tensor], sites: Iterable[Site], *,
+              inputs_embeds: Optional[Tensor] = None,
+              image_groups: Optional[Tensor] = None) -> dict[Site, Tensor]:
     """The activations ``{site: [B, T, width]}`` (detached) of ``sites`` on the token ids
     ``ids [B, T]`` (moved to the model's device): the decoder stack runs only as far as the
-    last of them (no later layer, no unembedding)."""
+    last of them (no later layer, no unembedding).
+
+    An image + text prompt (:class:`cltrace.models.multimodal.ImagePrompt`) gives instead
+    ``inputs_embeds [B, T, d_model]`` (its embeddings with the soft tokens in place,
+    :meth:`~cltrace.models.multimodal.LoadedMultimodal.embed`; ``ids`` is then None) and
+    ``image_groups [B, T]`` (image of each soft-token position, -1 elsewhere): the image's
+    soft tokens attend to each other both ways, as in the multimodal model. Only cltrace's
+    own Gemma 3 (:mod:`.gemma3`) takes ``image_groups``; another model is a ValueError."""
+    if (ids is None) == (inputs_embeds is None):
+        raise ValueError("run_sites: give exactly one of ids or inputs_embeds")
     sites = sorted(set(sites))
     stop_at = last_site(sites)
+    device = parts.lm_head.weight.device
+    if inputs_embeds is None:
+        kw = {"input_ids": ids.to(device)}
+    else:
+        kw = {"inputs_embeds": inputs_embeds.to(device)}
+    if image_groups is not None and bool((image_groups >= 0).any()):
+        from .gemma3 import Gemma3TextModel
+
+        if not isinstance(parts.body, Gemma3TextModel):
+            raise ValueError(f"run_sites: image_groups need cltrace's Gemma 3 (load_multimodal), "
+                             f"not {type(parts.body).__name__}, which would attend causally")
+        kw["image_groups"] = image_groups.to(device)
 
     def stop(_a: Tensor) -> Tensor:  # called after the site is recorded
         raise _Stop
 
     with site_hooks(parts, record=sites, edit={stop_at: stop}) as rec:
         try:
-            parts.body(input_ids=ids.to(parts.lm_head.weight.device), use_cache=False)
+            parts.body(use_cache=False, **kw)
         except _Stop:
             pass
     return rec
