@@ -1,11 +1,15 @@
 // cltrace lens page: the JSON of `cltrace lens --json` (format cltrace.lens/1) as a token ×
 // layer grid of the top latent per cell; a click lists the cell's top latents and opens the
-// feature card of the viewer (panels.js's fillFeature) for the one chosen.
+// feature card of the viewer (panels.js's fillFeature) for the one chosen. A lens of an image +
+// text prompt (`cltrace lens --image`: the JSON's `images`) shows each image with a heatmap of
+// the selected latent's activation over its soft tokens (patches), from the image's `maps`.
 // Written for cltrace; plain JavaScript, no third-party code, no request off this machine.
 "use strict";
 (function () {
   const S = window.cltrace, { el, $, fmt } = S;
-  const L = { data: null, path: null, set: 0, cell: null, lat: null, sae: { available: false } };
+  const L = { data: null, path: null, set: 0, cell: null, lat: null, sae: { available: false },
+    img: null };  // img: the heatmap's latent {set, layer, index}
+  const BOX = 300;  // px: each image drawn BOX x BOX, as the model sees it (as images.js does)
   const cantor = (l, f) => ((l + f) * (l + f + 1)) / 2 + f;  // feature page file names (cltrace features)
 
   function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
@@ -22,7 +26,13 @@
     for (const c of cells.values()) if (c.latents.length) layerMax.set(c.layer, Math.max(layerMax.get(c.layer) || 0, c.latents[0].act));
     const table = el("table", { id: "lens-table", class: "lens", role: "grid", "aria-label": `${set.name}: top latent per layer and token` });
     const head = el("tr", {}, el("th", { text: "layer" }));
-    d.tokens.forEach((t) => head.append(el("th", { class: "lens-tok" + (t.bos ? " lens-bos" : ""), title: `position ${t.pos}`, text: S.tokenText(t.token) })));
+    const img = imageOf(d);
+    d.tokens.forEach((t) => {
+      const g = img.get(t.pos);
+      if (g === undefined) head.append(el("th", { class: "lens-tok" + (t.bos ? " lens-bos" : ""), title: `position ${t.pos}`, text: S.tokenText(t.token) }));
+      else head.append(el("th", { class: "lens-img" + (t.pos === d.images[g].positions[0] ? " first" : ""), title: `${t.token} · image ${g + 1} · position ${t.pos}`,
+        text: t.pos === d.images[g].positions[0] ? `image ${g + 1}` : "" }));
+    });
     table.append(el("thead", {}, head));
     const body = el("tbody", {});
     for (const layer of [...set.layers].reverse()) {
@@ -31,8 +41,8 @@
         const c = cells.get(`${layer}:${t.pos}`);
         if (!c) { tr.append(el("td", { class: "lens-cell empty" + (t.bos ? " lens-bos" : ""), text: t.bos ? "bos" : "" })); continue; }
         const top = c.latents[0], mx = layerMax.get(layer) || 1;
-        const td = el("td", { class: "lens-cell", tabindex: 0, "data-layer": layer, "data-pos": t.pos,
-          title: top ? `${top.label || "#" + top.index} (${fmt(top.act, 2)})` : "no active latent",
+        const td = el("td", { class: "lens-cell" + (img.has(t.pos) ? " lens-imgcell" : ""), tabindex: 0, "data-layer": layer, "data-pos": t.pos,
+          title: (img.has(t.pos) ? `${t.token} · ` : "") + (top ? `${top.label || "#" + top.index} (${fmt(top.act, 2)})` : "no active latent"),
           text: top ? String(top.index) : "–", on: { click: () => openCell(c), keydown: (ev) => { if (ev.key === "Enter") openCell(c); } } });
         if (top) td.style.background = `rgba(59, 111, 182, ${(0.08 + 0.8 * Math.max(0, top.act) / mx).toFixed(3)})`;
         if (top && top.act / mx > 0.55) td.style.color = "#fff";
@@ -44,6 +54,130 @@
     grid.replaceChildren(table);
     $("prompt").textContent = `“${d.text || d.tokens.map((t) => t.token).join("")}” · ${set.name} (${set.what}, ${set.d_sae} latents) · top ${d.top_k}`;
     $("cell-card").hidden = true; $("feature-card").hidden = true; $("steer-card").hidden = true; L.cell = null;
+    buildImages();
+  }
+
+  // --- images (cltrace lens --image) ----------------------------------------------------
+  function imageOf(d) {  // soft-token position -> image index
+    const m = new Map();
+    (d.images || []).forEach((e, g) => { for (let p = e.positions[0]; p <= e.positions[1]; p++) m.set(p, g); });
+    return m;
+  }
+
+  // The image's entry for (set, layer): {top, maps: Map(latent -> Map(patch -> act))}, or null.
+  function imageLayer(e, set, layer) {
+    const x = (e.layers || []).find((y) => y.set === set && y.layer === layer);
+    if (!x) return null;
+    if (!x.byLatent) x.byLatent = new Map(x.maps.map((m) => [m.index, new Map(m.patches.map((k, j) => [k, m.acts[j]]))]));
+    return x;
+  }
+
+  function imageUrl(file) {  // /image/<the lens's folder>/<file>: the server's image route
+    const dir = L.path && L.path.includes("/") ? L.path.slice(0, L.path.lastIndexOf("/") + 1) : "";
+    return "/image/" + (dir + file).split("/").map(encodeURIComponent).join("/");
+  }
+
+  function cellFill(v, max) {  // blue, opacity by v / max (the graph viewer's image colours)
+    if (v === null || !(v > 0) || !(max > 0)) return "rgba(0, 0, 0, 0)";
+    return `rgba(33, 102, 172, ${(Math.min(1, v / max) * 0.75).toFixed(3)})`;
+  }
+
+  function labelOf(set, layer, index) {  // a latent's label, from any cell that lists it
+    for (const c of L.data.cells) if (c.set === set && c.layer === layer) for (const x of c.latents) if (x.index === index && x.label) return x.label;
+    return "";
+  }
+
+  function buildImages() {
+    const d = L.data, sec = $("lens-images"), list = $("lens-image-list");
+    list.replaceChildren();
+    const ok = (d.images || []).filter((e) => e && typeof e.file === "string" && !/[\/\\]/.test(e.file) && Array.isArray(e.grid) && Array.isArray(e.positions));
+    sec.hidden = !ok.length; document.body.dataset.images = String(ok.length);
+    if (!ok.length) { L.img = null; return; }
+    const set = d.sets[L.set], layers = [...set.layers].reverse();
+    $("image-layer").replaceChildren(...layers.map((l) => el("option", { value: l, text: `L${l}` })));
+    d.images.forEach((e, g) => {
+      if (!ok.includes(e)) return;
+      const [rows, cols] = e.grid.map(Number), first = Number(e.positions[0]);
+      const fig = el("figure", { class: "image-fig", "data-image": g });
+      const img = el("img", { class: "image-pic", src: imageUrl(e.file), alt: `image ${g + 1} of the prompt`, width: BOX, height: BOX, draggable: "false" });
+      img.addEventListener("error", () => { fig.classList.add("broken"); showError(`cannot show ${e.file}: the server could not read it`); });
+      const svg = el("svg", { class: "image-grid", width: BOX, height: BOX, viewBox: `0 0 ${BOX} ${BOX}`, role: "img", "aria-label": `latent heatmap of image ${g + 1}` });
+      for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+        svg.append(el("rect", { class: "icell", x: c * BOX / cols, y: r * BOX / rows, width: BOX / cols, height: BOX / rows,
+          "data-r": r, "data-c": c, "data-k": r * cols + c, "data-pos": first + r * cols + c, "data-image": g }));
+      }
+      const cellOf = (ev) => (ev.target.classList && ev.target.classList.contains("icell") ? ev.target : null);
+      svg.addEventListener("mousemove", (ev) => { const c = cellOf(ev); S.tooltip(ev, c && patchTip(c)); });
+      svg.addEventListener("mouseleave", (ev) => S.tooltip(ev, ""));
+      svg.addEventListener("click", (ev) => {
+        const c = cellOf(ev); if (!c || !L.img) return;
+        const cell = cellsOf(L.img.set).get(`${L.img.layer}:${c.dataset.pos}`);
+        if (cell) openCell(cell);
+      });
+      fig.append(el("figcaption", { text: `image ${g + 1}: ${e.file} · ${rows} × ${cols} soft tokens, positions ${first}–${e.positions[1]}` }),
+        el("div", { class: "image-box" }, img, svg), el("ul", { class: "image-top", "data-image": g }));
+      list.append(fig);
+    });
+    const layer = layers[0], x = imageLayer(ok[0], L.set, layer);
+    setImageLatent(L.set, layer, x && x.top.length ? x.top[0] : null);
+  }
+
+  function patchTip(rect) {
+    const e = L.data.images[Number(rect.dataset.image)], v = rect.dataset.v;
+    return `<img ${rect.dataset.r},${rect.dataset.c}> · position ${rect.dataset.pos}` + (L.img && L.img.index !== null ? ` · #${L.img.index} L${L.img.layer}: ${v === "" ? "not recorded" : fmt(Number(v), 3)}` : "") + ` · ${e.file}`;
+  }
+
+  // Show latent `index` of (set, layer) on every image (index null: the layer's images have no active latent).
+  function setImageLatent(set, layer, index) {
+    if (!L.data.images || $("lens-images").hidden) return;
+    L.img = { set, layer, index };
+    $("image-layer").value = String(layer);
+    let max = 0;
+    const vals = L.data.images.map((e) => {  // per image: patch -> act (0: does not fire), or null (latent not recorded)
+      const x = imageLayer(e, set, layer), m = x && index !== null ? x.byLatent.get(index) : undefined;
+      if (m) for (const v of m.values()) max = Math.max(max, v);
+      return m === undefined ? null : m;
+    });
+    L.data.images.forEach((e, g) => {
+      const fig = document.querySelector(`#lens-image-list figure[data-image="${g}"]`);
+      if (!fig) return;
+      for (const rect of fig.querySelectorAll(".icell")) {
+        const k = Number(rect.dataset.k), v = vals[g] === null ? null : (vals[g].get(k) || 0);
+        rect.setAttribute("fill", cellFill(v, max));
+        rect.dataset.v = v === null ? "" : String(v);
+      }
+      const x = imageLayer(e, set, layer), ul = fig.querySelector("ul.image-top");
+      ul.replaceChildren(el("li", { class: "muted", text: `top at L${layer}:` }));
+      for (const i of (x ? x.top : [])) {
+        const best = Math.max(...x.byLatent.get(i).values()), lab = labelOf(set, layer, i);
+        ul.append(el("li", {}, el("button", { type: "button", class: "linkish" + (i === index ? " current" : ""), "data-latent": i,
+          title: `${lab ? lab + " · " : ""}largest activation on the image ${fmt(best, 3)}, fires on ${x.byLatent.get(i).size} patches`,
+          text: `#${i}`, on: { click: () => pickImageLatent(g, layer, i) } })));
+      }
+      if (!x || !x.top.length) ul.append(el("li", { class: "muted", text: "no latent fires on this image" }));
+    });
+    const lab = index === null ? "" : labelOf(set, layer, index);
+    $("image-caption").textContent = index === null ? `L${layer}: no latent fires on the images` :
+      `latent #${index}${lab ? " " + lab : ""} of ${L.data.sets[set].name}, layer ${layer}` + (vals.every((v) => v === null) ? " (not recorded on the images)" : "");
+    const lg = $("lens-image-legend"); lg.replaceChildren(scaleBar(max));
+    document.body.dataset.imageLatent = index === null ? "" : `${set}:${layer}:${index}`;
+    document.body.dataset.imageMax = String(max);
+  }
+
+  function scaleBar(max) {
+    const W = 160, H = 10, N = 40;
+    const svg = el("svg", { class: "img-scale", width: W + 8, height: H + 14, role: "img", "aria-label": "activation colour scale" });
+    svg.append(el("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff", stroke: "#ccc" }));
+    for (let j = 0; j < N; j++) svg.append(el("rect", { x: j * W / N, y: 0, width: W / N + 0.5, height: H, fill: cellFill(max * (j + 0.5) / N, max) }));
+    svg.append(el("text", { x: 0, y: H + 12, class: "lab", text: "0" }), el("text", { x: W, y: H + 12, class: "lab", "text-anchor": "end", text: fmt(max, 3) }));
+    return svg;
+  }
+
+  // A top latent of an image: on the heatmap, and its feature card.
+  function pickImageLatent(g, layer, index) {
+    const e = L.data.images[g];
+    setImageLatent(L.set, layer, index);
+    openFeature({ set: L.set, layer, pos: Number(e.positions[0]), latents: [] }, { index, label: labelOf(L.set, layer, index) }, false);
   }
 
   function openCell(c) {
@@ -63,8 +197,9 @@
     if (c.latents.length) openFeature(c, c.latents[0]); else $("feature-card").hidden = true;
   }
 
-  function openFeature(c, lat) {
+  function openFeature(c, lat, heat = true) {
     const set = L.data.sets[c.set];
+    if (heat) setImageLatent(c.set, c.layer, lat.index);
     // the feature card reads the page at {scan}/{cantor(layer, index)}.json beside the lens JSON
     S.graph = { metadata: { scan: set.pages || "" } }; S.path = L.path;
     const n = { feature: cantor(c.layer, lat.index), clerp: lat.label || "", layerNum: c.layer, featIdx: lat.index };
@@ -78,10 +213,11 @@
 
   function showSteer(c, lat) {
     L.lat = { cell: c, lat };
-    const set = L.data.sets[c.set], on = L.sae.available;
+    const set = L.data.sets[c.set], images = (L.data.images || []).length > 0, on = L.sae.available && !images;
     $("steer-card").hidden = false;
     $("steer-target").textContent = `latent #${lat.index} of ${set.name}, layer ${c.layer}; “from this token”: position ${c.pos}`;
-    $("steer-hint").hidden = on;
+    $("steer-hint").hidden = on || images;
+    $("steer-image-hint").hidden = !images;
     for (const id of ["steer-op", "steer-value", "steer-pos", "steer-tokens", "steer-run"]) $(id).disabled = !on;
     steerError(""); $("steer-result").replaceChildren();
   }
@@ -133,6 +269,10 @@
   async function boot() {
     $("lens-select").addEventListener("change", (ev) => openLens(ev.target.value));
     $("set-select").addEventListener("change", (ev) => { L.set = Number(ev.target.value); draw(); });
+    $("image-layer").addEventListener("change", (ev) => {
+      const layer = Number(ev.target.value), e = (L.data.images || [])[0], x = e && imageLayer(e, L.set, layer);
+      setImageLatent(L.set, layer, x && x.top.length ? x.top[0] : null);
+    });
     $("steer-run").addEventListener("click", steer);
     try {
       L.sae = await (await fetch("/api/sae")).json();
