@@ -1,7 +1,11 @@
 """What the lens tests build on: a tiny Gemma 3 with random dictionaries at every SAE site
 (and a crosscoder), calibrated on the model's own activations, written in the Gemma Scope 2
-layout and loaded back; and a plain hook-based reference encode."""
+layout and loaded back; and a plain hook-based reference encode. For image prompts: the tiny
+multimodal checkpoint with dictionaries calibrated on an image prompt, and the site activations
+of transformers' own Gemma3ForConditionalGeneration from hooks."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -107,3 +111,74 @@ def write_pages(folder, layers, d_sae: int):
         w.end_layer()
     w.close({"model": "tiny"})
     return folder
+
+
+IMAGE_PROMPT = "what is in this picture <start_of_image> the cat sat on a mat"
+LM_SITES = ("resid_post", "attn_out", "mlp_out", "mlp_in")
+
+
+def hf_multimodal_sites(hf, prompt, bidirectional: bool = True) -> dict[str, Tensor]:
+    """``{site: [n_layers, T, width]}`` at every layer of the language model of transformers'
+    ``Gemma3ForConditionalGeneration`` ``hf`` on an image prompt (``prompt``: input_ids and
+    pixel_values), from plain forward hooks on its modules. ``bidirectional``: with the
+    processor's ``token_type_ids`` (1 at soft tokens: transformers' bidirectional image
+    mask); False: without them (transformers then attends causally everywhere)."""
+    from .tiny_gemma_vision import SOFT
+
+    layers = hf.model.language_model.layers
+    got: dict[tuple[str, int], Tensor] = {}
+
+    def out_hook(site, L):
+        def hook(_m, _a, out):
+            got[(site, L)] = (out[0] if isinstance(out, tuple) else out).detach()
+        return hook
+
+    def in_hook(site, L):
+        def hook(_m, args):
+            got[(site, L)] = args[0].detach()
+        return hook
+
+    handles = []
+    for L, block in enumerate(layers):
+        handles += [block.register_forward_hook(out_hook("resid_post", L)),
+                    block.self_attn.o_proj.register_forward_pre_hook(in_hook("attn_out", L)),
+                    block.pre_feedforward_layernorm.register_forward_hook(out_hook("mlp_in", L)),
+                    block.post_feedforward_layernorm.register_forward_hook(out_hook("mlp_out", L))]
+    kw = {"token_type_ids": (prompt.input_ids == SOFT).long()} if bidirectional else {}
+    try:
+        with torch.no_grad():
+            hf(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return {s: torch.stack([got[(s, L)][0] for L in range(len(layers))]) for s in LM_SITES}
+
+
+def image_lens_setup(root, d_sae: int = 48, **size):
+    """(folder of the tiny multimodal checkpoint, transformers model, picture file, {site:
+    dictionary set loaded back from the Gemma Scope 2 layout}): SAEs at resid_post, attn_out
+    and mlp_out and per-layer transcoders (mlp_in -> mlp_out) over all 4 layers, each
+    calibrated on transformers' activations at :data:`IMAGE_PROMPT` with the picture (about
+    15 % of latents fire at image and text positions). ``size``: the checkpoint's
+    ``image_size`` / ``soft_tokens`` (default 56 pixels, 2 x 2 soft tokens)."""
+    from cltrace.models.multimodal import load_multimodal
+    from cltrace.transcoders import load_transcoders
+    from cltrace.transcoders.write import save_gemmascope
+
+    from .image_graphs import picture
+    from .tiny_gemma_vision import save_tiny_gemma_vision
+    from .transcoders import random_transcoders
+
+    root = Path(root)
+    folder = root / "model"
+    hf = save_tiny_gemma_vision(folder, seed=1, **size)
+    image = picture(root / "picture.png")
+    lm = load_multimodal(folder, device="cpu", dtype=torch.float32)
+    acts = hf_multimodal_sites(hf, lm.prompt(IMAGE_PROMPT, [str(image)]))
+    sets = {}
+    for seed, site in enumerate(("resid_post", "attn_out", "mlp_out")):
+        ts = random_transcoders(mlp_in=acts[site], d_sae=d_sae, site=site, seed=20 + seed)
+        sets[site] = load_transcoders(save_gemmascope(ts, root / f"{site}_all"), model_config=lm.model)
+    ts = random_transcoders(mlp_in=acts["mlp_in"], d_sae=d_sae, seed=30)
+    sets["transcoder"] = load_transcoders(save_gemmascope(ts, root / "transcoder_all"), model_config=lm.model)
+    return folder, hf, image, sets
