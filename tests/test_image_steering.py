@@ -243,7 +243,7 @@ def test_steer_image_on_a_text_only_model(setup, capsys):
 
 # --- experiments from the viewer on an image graph -----------------------------------------
 
-def _http(url, data):
+def _post(url, data):
     import json
     import urllib.error
     import urllib.request
@@ -264,9 +264,8 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     equals the API's on the image prompt; a text-only server refuses the graph in one message."""
     import json
 
-    from cltrace.serve import make_server
-    from cltrace.serve.server import serve_in_thread
     from support.image_graphs import image_graph_folder
+    from support.serve import serving
 
     root = tmp_path_factory.mktemp("image-experiment")
     folder, path = image_graph_folder(root, extra=("--max-feature-nodes", "1000",
@@ -274,21 +273,15 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     graph = json.loads(path.read_text())
     s = image_setup(root / "again")  # the same seeds: the same model, picture and CLT
     rm = ReplacementModel.from_multimodal(s.loaded, s.transcoders)
-    info = graph["metadata"]["info"]["images"][0]
-    first, last = info["positions"]
+    first, last = graph["metadata"]["info"]["images"][0]["positions"]
     feats = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"
              and first <= int(n["node_id"].split("_")[2]) <= last]
     assert feats, "no feature at an image position in the graph"
     L, f, p = map(int, feats[0]["node_id"].split("_"))
     req = {"graph": path.name, "mode": "frozen", "freeze_features": True, "max_new_tokens": 2,
            "interventions": [{"layer": L, "feature": f, "pos": p, "op": "set", "value": 0}]}
-    srv = make_server(folder, port=0, rm=rm)
-    serve_in_thread(srv)
-    try:
-        code, body = _http(f"http://127.0.0.1:{srv.server_address[1]}/api/intervene", req)
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(folder, rm=rm) as url:
+        code, body = _post(f"{url}/api/intervene", req)
     assert code == 200, body
     prompt = s.loaded.prompt(PROMPT, [str(s.image)])
     res = intervene(rm, prompt, [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
@@ -303,12 +296,7 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
         assert abs(r["measured"] - float(d[r["token"]])) <= 1e-6 * scale
     assert body["continuation"]["before"] == generate(rm, prompt, [], max_new_tokens=2, seed=0).text
 
-    text_only = make_server(folder, port=0, rm=ReplacementModel(s.loaded.model, s.transcoders,
-                                                                 tokenizer=s.loaded.tokenizer))
-    serve_in_thread(text_only)
-    try:
-        code, body = _http(f"http://127.0.0.1:{text_only.server_address[1]}/api/intervene", req)
-    finally:
-        text_only.shutdown()
-        text_only.server_close()
+    text_only = ReplacementModel(s.loaded.model, s.transcoders, tokenizer=s.loaded.tokenizer)
+    with serving(folder, rm=text_only) as url:
+        code, body = _post(f"{url}/api/intervene", req)
     assert code == 400 and "multimodal --model" in body["error"]

@@ -223,3 +223,65 @@ def test_image_panel_ppm_pruned_and_text(page, served):
     open_graph(page, "text.json")
     assert page.is_hidden("#image-pane") and page.evaluate("document.body.dataset.images") == "0"
     assert page.locator("#image-list .icell").count() == 0
+
+
+@pytest.mark.browser
+def test_ablation_at_an_image_position_from_the_page(browser, served):
+    """The viewer's experiment panel on the image graph, served with the multimodal model and
+    transcoders loaded from the saved files (as ``cltrace serve --model M --transcoders T``):
+    ablating a feature at a soft-token position shows the API's probabilities before and after,
+    its continuation, and logit changes equal to what the graph's edges predict."""
+    import torch
+
+    from cltrace.models import load_multimodal
+    from cltrace.replacement import ReplacementModel
+    from cltrace.steering import Intervention, generate, intervene
+    from cltrace.transcoders import load_transcoders
+    from support.image_graphs import PROMPT
+
+    from cltrace.cli import main
+
+    folder = served[0]
+    root = folder.parent
+    argv = ["attribute", PROMPT, "--model", str(root / "model"), "--transcoders", str(root / "tcs"),
+            "--image", str(root / "picture.png"), "--out", str(folder), "--slug", "wide",
+            "--format", "json", "--device", "cpu", "--quiet", "--max-feature-nodes", "1000",
+            "--node-threshold", "1", "--edge-threshold", "1"]  # (features at image positions kept)
+    assert main(argv) == 0
+    g = json.loads((folder / "wide.json").read_text())
+    loaded = load_multimodal(root / "model", device="cpu")
+    rm = ReplacementModel.from_multimodal(loaded, load_transcoders(root / "tcs"))
+    first, last = g["metadata"]["info"]["images"][0]["positions"]
+    feat = next(n["node_id"] for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"
+                and first <= n["ctx_idx"] <= last)
+    with serving(folder, rm=rm) as url:
+        pg = browser.new_page()
+        errors, foreign = watch_page(pg, url)
+        pg.goto(f"{url}/#graph=wide.json")
+        pg.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
+        pg.click(f'[data-id="{feat}"]', modifiers=["Shift"])
+        pg.locator("#pin-list .pin-check").nth(0).check()
+        pg.click("#target-checked")
+        pg.select_option("#exp-op", "ablate")
+        pg.fill("#exp-tokens", "3")
+        pg.click("#exp-run")
+        pg.wait_for_function("document.body.dataset.experiment === 'done'", timeout=60000)
+        top = [(int(r.get_attribute("data-token")), float(r.get_attribute("data-before")),
+                float(r.get_attribute("data-after"))) for r in pg.locator("#exp-top tr[data-token]").all()]
+        logit_rows = [(float(r.get_attribute("data-measured")), float(r.get_attribute("data-predicted")))
+                      for r in pg.locator("#exp-logits tr[data-node]").all()]
+        after_text = pg.inner_text("#cont-after")
+        pg.close()
+    assert errors == [] and foreign == []
+    L, f, p = map(int, feat.split("_"))
+    ivs = [Intervention(L, f, pos=p, set=0.0)]
+    prompt = loaded.prompt(PROMPT, [str(root / "picture.png")])
+    res = intervene(rm, prompt, ivs, mode="frozen", freeze_features=True)
+    p0, p1 = torch.softmax(res.clean_logits[-1].double(), -1), torch.softmax(res.logits[-1].double(), -1)
+    assert len(top) >= 10
+    assert all(b == float(p0[t]) and a == float(p1[t]) for t, b, a in top)
+    assert any(b != a for _, b, a in top)
+    assert after_text == generate(rm, prompt, ivs, max_new_tokens=3, seed=0).text.strip()
+    scale = max(abs(m) for m, _ in logit_rows)
+    assert logit_rows and scale > 0
+    assert all(abs(m - pr) <= 1e-4 * scale for m, pr in logit_rows)
