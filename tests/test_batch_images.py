@@ -215,6 +215,21 @@ def test_image_rows_round_trip(files, tmp_path, monkeypatch):
     assert [spec_from_row(r, "row") for r in rows] == specs
 
 
+def test_each_image_file_is_decoded_once_per_read(files, tmp_path, monkeypatch):
+    """Many questions about one picture: the file is read and decoded once when PROMPTS is read."""
+    import cltrace.models.images as images
+
+    root, _, _, _ = files
+    decoded = []
+    real = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda path: decoded.append(str(path)) or real(path))
+    a, b = str(root / "pics" / "a.png"), str(root / "pics" / "b.ppm")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"prompt": f"what {w}", "images": im}) + "\n" for w, im in
+                                              [("red", a), ("blue", a), ("green", [b, a]), ("square", a)]))
+    specs = read_prompts(tmp_path / "q.jsonl", images_allowed=True)
+    assert sorted(decoded) == [a, b] and [len(s.images) for s in specs] == [1, 1, 2, 1]
+
+
 @pytest.mark.browser
 def test_serve_shows_the_batch_images(files, tmp_path, browser):
     """cltrace serve of a batch folder: each image graph draws its picture (the PNG as it is,

@@ -52,9 +52,11 @@ def _targets(obj: dict, where: str) -> tuple:
     return tuple(out)
 
 
-def _images(obj: dict, where: str, prompt: str, base: Optional[Path]) -> tuple[str, tuple]:
+def _images(obj: dict, where: str, prompt: str, base: Optional[Path],
+            checked: Optional[set] = None) -> tuple[str, tuple]:
     """``images``: (the prompt with one ``<start_of_image>`` per image, the absolute file
-    paths), each file read and decoded (a UsageError naming ``where`` and the file)."""
+    paths), each file read and decoded (a UsageError naming ``where`` and the file) unless
+    already in ``checked`` (the files this read has decoded; the new ones are added)."""
     from ..models.images import read_image
 
     value = obj.get("images")
@@ -74,12 +76,15 @@ def _images(obj: dict, where: str, prompt: str, base: Optional[Path]) -> tuple[s
         if not path.is_absolute() and base is not None:
             path = base / path
         path = Path(os.path.abspath(path))  # absolute, symlinks kept (their name is the copy's suffix)
-        if path.is_dir():
-            raise UsageError(f"{where}: images: {path}: a folder, not an image file")
-        try:
-            read_image(path)  # decoded now: a bad file fails here, not in a worker
-        except UsageError as e:
-            raise UsageError(f"{where}: images: {str(e).splitlines()[0]}") from None
+        if checked is None or str(path) not in checked:
+            if path.is_dir():
+                raise UsageError(f"{where}: images: {path}: a folder, not an image file")
+            try:
+                read_image(path)  # decoded now: a bad file fails here, not in a worker
+            except UsageError as e:
+                raise UsageError(f"{where}: images: {str(e).splitlines()[0]}") from None
+            if checked is not None:
+                checked.add(str(path))
         files.append(str(path))
     try:
         prompt = image_prompt_text(prompt, len(files))
@@ -110,12 +115,13 @@ def read_prompts(path: str | Path, chat: bool = False, images_allowed: bool = Fa
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     jsonl = path.suffix in (".jsonl", ".ndjson") or (lines and lines[0][1].lstrip().startswith("{"))
     rows = []  # (PromptSpec fields: prompt, slug or None, targets, chat, messages, label, pair, images)
-    base = path.parent
+    base, checked = path.parent, set()  # checked: the image files decoded (once each)
     for n, line in lines:
         if not jsonl:
             rows.append((line, None, (), chat, (), None, None, ()))
             continue
-        rows.append(_row(line, f"PROMPTS {path} line {n}", chat, base if images_allowed else None))
+        rows.append(_row(line, f"PROMPTS {path} line {n}", chat, base if images_allowed else None,
+                         checked))
     if not rows:
         raise UsageError(f"PROMPTS {path}: no prompts in the file")
     taken = set()
@@ -168,18 +174,19 @@ def spec_from_row(obj: dict, where: str) -> PromptSpec:
     return PromptSpec(prompt, slug, *rest)
 
 
-def _row(line: str, where: str, chat: bool, base: Optional[Path]) -> tuple:
+def _row(line: str, where: str, chat: bool, base: Optional[Path], checked: Optional[set] = None) -> tuple:
     """One JSONL line's PromptSpec fields (slug None when not given), checked."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UsageError(f"{where}: not JSON ({e.msg})") from None
-    return _fields(obj, where, chat, base)
+    return _fields(obj, where, chat, base, checked)
 
 
-def _fields(obj, where: str, chat: bool, base: Optional[Path]) -> tuple:
+def _fields(obj, where: str, chat: bool, base: Optional[Path], checked: Optional[set] = None) -> tuple:
     """One JSONL object's PromptSpec fields (slug None when not given), checked; ``base``: the
-    folder relative image paths are resolved against, None where images are not allowed."""
+    folder relative image paths are resolved against, None where images are not allowed;
+    ``checked``: :func:`_images`'."""
     from ..models.conversation import check_messages, messages_title
 
     if not isinstance(obj, dict):
@@ -211,6 +218,6 @@ def _fields(obj, where: str, chat: bool, base: Optional[Path]) -> tuple:
     if pair is not None and (isinstance(pair, bool) or not isinstance(pair, (str, int))):
         raise UsageError(f"{where}: 'pair' must be a string or an int")
     targets = _targets(obj, where)
-    prompt, images = _images(obj, where, prompt, base) if base is not None else (prompt, ())
+    prompt, images = _images(obj, where, prompt, base, checked) if base is not None else (prompt, ())
     return (prompt, slug, targets, bool(obj.get("chat", chat)), messages, label,
             None if pair is None else str(pair), images)
