@@ -161,19 +161,35 @@ def _chosen_traces(graph: Graph, result, report_edges: Tensor, loads: HeadLoadin
     return out
 
 
+def _rerun(model, graph: Graph, prompt):
+    """The replacement state of the graph's prompt: ``prompt`` (an image prompt: its soft
+    tokens are in no token id) or else the graph's tokens."""
+    if prompt is None:
+        images = getattr(model, "images", None)
+        if images is not None and bool((graph.tokens == images.vision.tokens.soft).any()):
+            raise UsageError("the graph's prompt has images: pass the image prompt it was traced "
+                             "on (explain_attention(..., prompt=model.images.prompt(text, images)))")
+        prompt = graph.tokens
+    return model.run(prompt, all_logits=False)
+
+
 def explain_attention(model, graph: Graph, result, settings: QKSettings = QKSettings(), *,
                       targets: Optional[Sequence] = None, edges: Optional[Tensor] = None,
-                      timings: Optional[dict] = None) -> AttentionReport:
+                      timings: Optional[dict] = None, prompt=None) -> AttentionReport:
     """Head loadings of ``edges`` (``[E, 2]`` (target, source) node indices; default: the
     edges ``result`` kept) and QK traces of the heads that carry the top ones (and of
     ``settings.qk_trace``), for ``graph`` traced with ``model`` (a ReplacementModel).
     ``targets``: the targets the graph was traced with, if they were custom directions.
+    ``prompt``: the graph's prompt when its tokens do not say it all, an image prompt
+    (:class:`cltrace.models.multimodal.ImagePrompt`: soft tokens at their positions, both-way
+    attention among one image's soft tokens); soft tokens are sources like token embeddings,
+    and a traced key may follow its query inside one image.
     ``timings`` (a dict), if given, receives the seconds of the forward, the head loadings and
     the QK traces."""
     settings.check()
     times = timings if timings is not None else {}
     t0 = time.perf_counter()
-    state = model.run(graph.tokens, all_logits=False)
+    state = _rerun(model, graph, prompt)
     if not torch.equal(state.tokens.cpu(), graph.tokens.cpu()):
         raise UsageError("the graph's tokens differ from the model's tokenization")
     maps = QKMaps(state, model.parts)
@@ -250,9 +266,9 @@ def _contributor(rows: EdgeRows, state, af, layer: int, col: int, pos: int, node
 
 
 def qk_attribution(model, prompt, layer: int, head: int, query: int, key: int) -> QKDecomposition:
-    """The whole split of one head's score on ``prompt`` (text or token ids) at (``query``,
-    ``key``): both sides' matrices over every source (:class:`.qk.QKDecomposition`; its
-    ``summary`` gives the top pairs and marginals)."""
+    """The whole split of one head's score on ``prompt`` (text, token ids, or an image prompt
+    of ``model.images.prompt``) at (``query``, ``key``): both sides' matrices over every source
+    (:class:`.qk.QKDecomposition`; its ``summary`` gives the top pairs and marginals)."""
     state = model.run(prompt, all_logits=False)
     maps = QKMaps(state, model.parts)
     maps.check(layer, head, query, key)

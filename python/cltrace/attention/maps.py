@@ -14,6 +14,12 @@ norm's, and QK-norm's per position and head), every step is linear, so
 form of the two residual streams. RoPE is ``x cos + rotate_half(x) sin`` with the (cos, sin)
 the layer received on the prompt (:class:`cltrace.frozen.LayerCapture` ``rope``), so sliding
 and global layers, and any RoPE scaling, are whatever the model used.
+
+A score exists wherever the model's mask lets the query see the key: earlier keys, and in a
+prompt with images (multimodal Gemma 3) also LATER keys among the soft tokens of the query's
+own image, which attend both ways (:meth:`QKMaps.key_after_query_allowed`). The maps are the
+same at text and image positions: a soft token's residual stream starts from the soft token
+vector (the state's ``embed``) instead of a scaled token embedding.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ class QKMaps:
         self.rep = self.n_heads // self.n_kv
         self.scaling = float(cfg.query_pre_attn_scalar) ** -0.5
         self.eps = cfg.rms_norm_eps
+        self.bidirectional = bool(getattr(cfg, "use_bidirectional_attention", False))  # every key
         self.dtype = fz.dtype
         for L, layer in enumerate(parts.layers):
             attn = layer.self_attn
@@ -58,9 +65,23 @@ class QKMaps:
             if attn.q_proj.bias is not None or attn.k_proj.bias is not None:
                 raise UsageError(f"layer {L}: Q/K biases (Gemma 3 has none): scores would not be bilinear")
 
+    def key_after_query_allowed(self, query: int, key: int) -> bool:
+        """Whether the mask lets ``query`` attend to a LATER ``key``: never in a causal model;
+        in an image prompt only among the soft tokens of one image (Gemma 3's bidirectional
+        image rule; text positions stay causal); everywhere in a bidirectional model."""
+        if self.state.frozen.causal:
+            return False
+        if self.bidirectional:
+            return True
+        groups = self.state.image_groups  # [n_pos]: image of each soft token, -1 text
+        if groups is None:
+            return False
+        g = int(groups[query])
+        return g >= 0 and int(groups[key]) == g
+
     def check(self, layer: int, head: int, query: int, key: int) -> None:
         """A UsageError naming the bad value: layer, head or position out of range, or a key
-        after the query (a causal model)."""
+        after the query that the mask hides from it (:meth:`key_after_query_allowed`)."""
         n_pos = self.state.n_pos
         if not 0 <= layer < self.n_layers:
             raise UsageError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
@@ -69,9 +90,13 @@ class QKMaps:
         for name, p in (("query", query), ("key", key)):
             if not 0 <= p < n_pos:
                 raise UsageError(f"{name} position {p} is out of range: the prompt has positions 0..{n_pos - 1}")
-        if key > query and self.state.frozen.causal:
-            raise UsageError(f"key position {key} comes after query position {query}: "
-                             "a causal model's query attends only to earlier keys")
+        if key > query and not self.key_after_query_allowed(query, key):
+            if self.state.image_groups is None:
+                raise UsageError(f"key position {key} comes after query position {query}: "
+                                 "a causal model's query attends only to earlier keys")
+            raise UsageError(f"key position {key} comes after query position {query} and they are not "
+                             "soft tokens of one image: only those attend both ways, text attends "
+                             "only to earlier keys")
 
     def _map(self, layer: int, proj: str, norm: str, index: int, pos: int,
              resid: Optional[Tensor] = None) -> Tensor:

@@ -3,8 +3,9 @@
 With the frozen maps of :mod:`.maps`, ``s = scaling · (A_q r_L[q]) · (A_k r_L[k])``. Under the
 frozen linear model each residual stream is a sum of the contributions of the sources (the
 columns of :class:`cltrace.attribution.EdgeRows`: active features, error vectors, token
-embeddings) plus a constant (``b_dec`` and the MLP outputs of the positions without nodes,
-carried by the same frozen paths). So with
+embeddings, in an image prompt the soft token vectors at their positions) plus a constant
+(``b_dec`` and the MLP outputs of the positions without nodes, carried by the same frozen
+paths). So with
 
     Q[:, i] = A_q · (contribution of source i to r_L[q])    [head_dim, n_cols], and Q_c the constant's
     K[:, j] = A_k · (contribution of source j to r_L[k])
@@ -100,12 +101,16 @@ class QKDecomposition:
 
     def source_name(self, col: int, decode=lambda t: f"<{t}>") -> str:
         """What column ``col`` (or ``CONST``) is, e.g. ``token 4 ' France'``, ``error L3@4``,
-        ``feature L5#123@4 (a=1.21)``, ``constants`` (``decode``: a token id's text)."""
+        ``feature L5#123@4 (a=1.21)``, ``constants`` (``decode``: a token id's text; an image
+        prompt's soft token is named by its cell, ``token 9 '<img 0,1>'``)."""
         if col == CONST:
             return f"constants into layer {self.layer}"
         st = self.rows.state
         if col >= self.rows.token_start:
             p = col - self.rows.token_start
+            groups = st.image_groups
+            if groups is not None and st.labels is not None and int(groups[p]) >= 0:
+                return f"token {p} {st.labels[p]!r}"
             return f"token {p} {decode(int(st.tokens[p]))!r}"
         if col >= self.rows.error_start:
             L, p = divmod(col - self.rows.error_start, st.n_pos)
@@ -198,7 +203,8 @@ def decompose(rows: EdgeRows, maps: QKMaps, layer: int, head: int, query: int, k
               const: Optional[Tensor] = None, sides: Optional[dict] = None) -> QKDecomposition:
     """The split of head ``head`` of layer ``layer``'s score at (``query``, ``key``).
     ``rows`` must carry every position (``EdgeRows(state, carry_prefix=True)``): a key may
-    lie among the positions without nodes (``<bos>`` often takes most of the attention).
+    lie among the positions without nodes (``<bos>`` often takes most of the attention), and in
+    an image prompt after the query among the soft tokens of its image (both-way attention).
     ``const``: :func:`constant_streams` of the layer, if already computed; ``sides``: a dict
     keeping the sides computed, shared by the traces of one prompt (a query side is the
     head's at its position, a key side the KV head's: GQA heads share it)."""
