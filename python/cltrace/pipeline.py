@@ -155,8 +155,6 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         raise UsageError("the prompt is empty")
     check_slug(spec.slug)
     times = {} if times is None else times
-    if spec.images and settings.attention.qk:
-        raise UsageError("--qk does not take image prompts yet")
     prompt, ids = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages, spec.images,
                                 getattr(rm, "images", None))  # ids: an ImagePrompt with images
     say("attributing ...")
@@ -180,7 +178,8 @@ def trace_prompt(rm, tokenizer, spec: PromptSpec, settings: TraceSettings, out: 
         say("explaining attention (head loadings, QK traces) ...")
         t0 = time.perf_counter()
         record.attention = explain_attention(rm, graph, result, settings.attention,
-                                             targets=list(spec.targets) or None)
+                                             targets=list(spec.targets) or None,
+                                             prompt=ids if spec.images else None)
         times["attention"] = time.perf_counter() - t0  # its forward, head loadings and QK traces
 
     t0 = time.perf_counter()

@@ -127,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     images = check_images(args)
     if images:
         text = image_prompt_text(text, len(images))
-        if settings.attention.qk:
-            raise UsageError("--qk does not take image prompts yet")
     out = check_output_dir(args.out)
     slug = check_slug(args.slug or slugify(text.replace(IMAGE_PLACEHOLDER, " ")))
     check_features_dir(args.features)
