@@ -36,7 +36,8 @@ class QKSettings:
                            "probable logit, then the kept features by influence)", metavar="N")
     qk_edges: int = option(2, "edges per node whose main head is traced", metavar="K")
     qk_trace: tuple = option((), "trace these heads as well: LAYER.HEAD@QUERY:KEY[,...] "
-                             "(positions count from 0)", metavar="L.H@Q:K", type=parse_traces,
+                             "(positions count from 0; KEY <= QUERY, or after it among the soft "
+                             "tokens of the query's image)", metavar="L.H@Q:K", type=parse_traces,
                              default_text="none")
     qk_pairs: int = option(12, "pair-wise contributors written per trace", metavar="N")
     qk_marginals: int = option(10, "marginal contributors written per side of a trace", metavar="N")
