@@ -141,6 +141,32 @@ def test_lens_differs_from_a_causal_mask_run(setup, report):
     assert moved >= len(sets) * 3  # nearly every (set, layer) at the first soft token
 
 
+def test_two_images(setup):
+    """Two images (one a file, one an RGB tensor): soft tokens named <img i:r,c>, one entry
+    per image at its own positions, each image's maps those of transformers' activations."""
+    _, hf, image, sets, lm, _ = setup
+    g = torch.Generator().manual_seed(3)
+    pic = torch.randint(0, 256, (3, 40, 70), generator=g, dtype=torch.uint8)
+    text = "the cat <start_of_image> sat on <start_of_image> a mat"
+    ts = sets["mlp_out"]
+    rep = feature_lens(lm, ts, text, images=[str(image), pic], top_k=K)
+    prompt = lm.prompt(text, [str(image), pic])
+    groups = prompt.image_groups[0]
+    assert [im.file for im in rep.images] == ["picture.png", "image2"]
+    dense = {L: reference_encode(hf_multimodal_sites(hf, prompt)["mlp_out"][L], ts.layers[L]) for L in ts.layers}
+    for n, im in enumerate(rep.images):
+        pos = torch.nonzero(groups == n).flatten().tolist()
+        assert im.positions == pos and rep.tokens[pos[-1]] == f"<img {n + 1}:1,1>"
+        for L in ts.layers:
+            for i, (patches, acts) in im.per_layer[(0, L)].maps.items():
+                col = dense[L][pos, i]
+                assert patches == torch.nonzero(col > 0).flatten().tolist()
+                torch.testing.assert_close(torch.tensor(acts), col[patches], rtol=1e-5, atol=1e-5)
+    lines = rep.table().splitlines()
+    assert sum("<image 1>" in ln for ln in lines) == sum("<image 2>" in ln for ln in lines) == 1
+    assert "image 2 (image2): 2x2 soft tokens" in rep.image_table()
+
+
 def test_text_path_unchanged(setup):
     """A text prompt on the same language model: run_sites on token ids gives what it gave
     before images existed, bit for bit (the pass on ``input_ids``; its embeddings passed as
