@@ -347,5 +347,6 @@ def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
         pos = e["positions"][0] + k
         page.wait_for_selector(f'td.lens-cell.selected[data-layer="{top_layer}"][data-pos="{pos}"]')
         assert not page.locator("#cell-card").is_hidden()
+        assert page.eval_on_selector_all("#lens-image-list .icell.on", "cs => cs.map(c => Number(c.dataset.k))") == [k]
         assert page.is_visible("#steer-image-hint") and page.locator("#steer-run").is_disabled()
         assert errors == [] and foreign == []

@@ -185,6 +185,7 @@
     document.querySelectorAll(".lens-cell.selected").forEach((x) => x.classList.remove("selected"));
     const td = document.querySelector(`.lens-cell[data-layer="${c.layer}"][data-pos="${c.pos}"]`);
     if (td) td.classList.add("selected");
+    document.querySelectorAll("#lens-image-list .icell").forEach((r) => r.classList.toggle("on", Number(r.dataset.pos) === c.pos));
     const tok = L.data.tokens[c.pos], body = $("cell-body");
     body.replaceChildren(el("p", { class: "muted", text: `layer ${c.layer}, position ${c.pos} “${S.tokenText(tok.token)}”` }));
     if (!c.latents.length) body.append(el("p", { class: "muted", text: "no latent fires here" }));
