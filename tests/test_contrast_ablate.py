@@ -191,7 +191,7 @@ def test_ray_rows_equal_the_local_loop(planted, planted_model, tmp_path, monkeyp
             assert re_.summary == lo.summary and re_.interventions == lo.interventions
         assert any(r.after != r.before for r in remote[0].rows)
         # the command: --contrast and --prompts with --ray, actors loading the same file
-        monkeypatch.setattr(steer_cmd, "worker_loader", lambda args, ivs: loader)
+        monkeypatch.setattr(steer_cmd, "worker_loader", lambda args, ivs, images=False: loader)
         folder = _copy_report(planted, tmp_path)
         assert main(["steer", "--contrast", str(folder), "--top", "3", "--metric", METRIC,
                      "--resamples", "500", "--ray", "--workers", "2", "--quiet"]) == 0

@@ -24,6 +24,7 @@ from cltrace.steering.inputs import model_input, state_input
 from cltrace.steering.modes import column
 from cltrace.transcoders.write import save_gemmascope
 from support.image_graphs import PROMPT, image_setup
+from support.numerics import torch_threads
 from support.tiny_gemma_vision import SOFT
 from support.transcoders import random_transcoders
 
@@ -300,3 +301,99 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     with serving(folder, rm=text_only) as url:
         code, body = _post(f"{url}/api/intervene", req)
     assert code == 400 and "multimodal --model" in body["error"]
+
+
+# --- the causal test on a set of prompts with images ----------------------------------------
+
+def _image_set(setup, folder):
+    """A prompts file of three rows: the picture with two questions (relative path, and the
+    image first for lack of a placeholder) and a text-only row."""
+    import json
+    import shutil
+
+    folder.mkdir(exist_ok=True)
+    shutil.copy(setup.image, folder / "pic.png")
+    rows = [{"prompt": PROMPT, "images": "pic.png", "slug": "q1"},
+            {"prompt": "what is in this picture", "images": ["pic.png"], "slug": "q2"},
+            {"prompt": "the cat sat on a", "slug": "text"}]
+    path = folder / "set.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _set_oracle(setup, rm, iv, a, b):
+    """{slug: (before, after)} of logit(a) - logit(b) at the last position, free mode, each
+    prompt built by hand."""
+    lm = setup.loaded
+    prompts = {"q1": lm.prompt(PROMPT, [str(setup.image)]),
+               "q2": lm.prompt("<start_of_image> what is in this picture", [str(setup.image)]),
+               "text": "the cat sat on a"}
+    out = {}
+    for slug, p in prompts.items():
+        res = intervene(rm, p, [iv], mode="free")
+        lg = [res.clean_logits[-1].double(), res.logits[-1].double()]
+        out[slug] = tuple(float(x[a] - x[b]) for x in lg)
+    return out
+
+
+def test_steer_set_with_image_rows(setup, rm, tmp_path):
+    """``steer --prompts SET`` with an ``images`` column: each row's metric before and after
+    equals the intervention run by hand on that prompt (with its image, or text only)."""
+    import json
+
+    prompts = _image_set(setup, tmp_path / "set")
+    soft_first = int((setup.loaded.prompt(PROMPT, [str(setup.image)]).image_groups[0] >= 0).nonzero()[0])
+    out = tmp_path / "r.json"
+    argv = ["steer", "--prompts", str(prompts), "--model", str(setup.model), "--transcoders",
+            str(setup.transcoder_dir), "--device", "cpu", "--feature", "0:3*0", "--metric",
+            'logit-diff:"a","square"', "--resamples", "200", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    rows = {r["slug"]: r for r in json.loads(out.read_text())["prompts"]}
+    tok = setup.loaded.tokenizer
+    a, b = (tok.convert_tokens_to_ids(t) for t in ("a", "square"))
+    want = _set_oracle(setup, rm, Intervention(0, 3, scale=0.0), a, b)
+    assert set(rows) == set(want)
+    for slug, (before, after) in want.items():  # (fp32: the loop's attention is SDPA, eager here)
+        assert rows[slug]["before"] == pytest.approx(before, abs=1e-5)
+        assert rows[slug]["after"] == pytest.approx(after, abs=1e-5)
+    assert soft_first > 0 and any(r["before"] != r["after"] for r in rows.values())
+
+
+def test_steer_set_image_rows_need_a_multimodal_model(setup, tmp_path, capsys):
+    prompts = _image_set(setup, tmp_path / "set")
+    argv = ["steer", "--prompts", str(prompts), "--feature", "0:3*0", "--metric",
+            'logit-diff:"a","square"', "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prompt 'q1' has images" in err and "text-only" in err and len(err.splitlines()) == 1
+    assert main(argv + ["--model", str(setup.model)]) == 2
+    assert "give --transcoders or --sae" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_steer_set_with_image_rows_on_ray(setup, rm, tmp_path):
+    """The same set on two Ray actors of a local cluster, each loading the multimodal model
+    from its files (the command's picklable loader): the same rows as the local loop."""
+    import json
+    import os
+    from pathlib import Path
+
+    ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")
+    import cltrace
+
+    prompts = _image_set(setup, tmp_path / "set")
+    base = ["steer", "--prompts", str(prompts), "--model", str(setup.model), "--transcoders",
+            str(setup.transcoder_dir), "--device", "cpu", "--feature", "0:3*0", "--metric",
+            'logit-diff:"a","square"', "--resamples", "200", "--quiet"]
+    with torch_threads(1):  # as each actor (2 CPUs, 2 actors): the same float32 sums
+        assert main(base + ["--out", str(tmp_path / "local.json")]) == 0
+    package_root = str(Path(cltrace.__file__).resolve().parents[1])
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, runtime_env={"env_vars": {
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), package_root,
+                                       os.environ.get("PYTHONPATH", "")])}})
+    try:
+        assert main(base + ["--ray", "--workers", "2", "--out", str(tmp_path / "ray.json")]) == 0
+    finally:
+        ray.shutdown()
+    local, remote = (json.loads((tmp_path / f).read_text()) for f in ("local.json", "ray.json"))
+    assert remote["prompts"] == local["prompts"] and remote["summary"] == local["summary"]

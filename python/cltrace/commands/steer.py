@@ -67,7 +67,9 @@ An image in the prompt (multimodal Gemma 3, 4B/12B/27B): --image PATH (repeatabl
 soft tokens, <img r,c> on the image's grid), which @POS can name: an intervention there acts on
 that patch's soft token, and as one image's soft tokens attend to each other both ways, it
 changes the image's earlier positions too. Free and frozen mode, SAE latents and generation
-work as for text (the generated tokens are text after the image).
+work as for text (the generated tokens are text after the image). In a SET (--prompts), a
+row names its images in an "images" column (files relative to the SET's folder), as for
+`cltrace batch`; the model is then loaded as the multimodal one for every row.
 
 A conversation instead of PROMPT: --messages FILE, a JSON list of {"role", "content"}
 messages (system, user, model/assistant; a last model message is a prefill); in a SET, a

@@ -38,26 +38,48 @@ def check_set_args(args: argparse.Namespace) -> None:
         import_ray()  # installed? (one line if not)
 
 
-def load_sae_for_worker(model, sae, device, dtype, skip_positions, features):
-    """(SaeSteering, tokenizer) of --sae SET on --model, in a Ray actor (picklable)."""
+def load_sae_for_worker(model, sae, device, dtype, skip_positions, features, images=False):
+    """(SaeSteering, tokenizer) of --sae SET on --model (``images``: the multimodal model), in a
+    Ray actor (picklable)."""
     ns = argparse.Namespace(model=model, sae=sae, device=device, dtype=dtype, transcoders=None,
                             skip_positions=skip_positions, mode="free", features=features)
-    st, _ = load_sae_steering(ns, lambda *a: None)
+    st, _ = load_sae_steering(ns, lambda *a: None, images=images)
     return st, st.tokenizer
 
 
-def worker_loader(args: argparse.Namespace, interventions):
+def worker_loader(args: argparse.Namespace, interventions, images: bool = False):
     """The picklable loader each Ray actor calls once: (model, tokenizer) of the command's
-    --model, --transcoders or --sae, --device, --dtype, --skip-positions."""
+    --model (``images``: as a multimodal model), --transcoders or --sae, --device, --dtype,
+    --skip-positions."""
     import functools
 
-    from .batch import load_for_worker
+    from .batch import load_for_worker, load_multimodal_for_worker
 
     if args.sae is not None:
         return functools.partial(load_sae_for_worker, args.model, args.sae, args.device, args.dtype,
-                                 args.skip_positions, list(interventions))
-    return functools.partial(load_for_worker, args.model, args.transcoders, args.device, args.dtype,
+                                 args.skip_positions, list(interventions), images)
+    load = load_multimodal_for_worker if images else load_for_worker
+    return functools.partial(load, args.model, args.transcoders, args.device, args.dtype,
                              args.skip_positions)
+
+
+def check_image_rows(args: argparse.Namespace, sets: list) -> bool:
+    """Whether a prompt of the sets has images; if so, before any model loads: a multimodal
+    --model (its config.json) and --transcoders or --sae (one-line UsageErrors)."""
+    spec = next((s for specs in sets for s in specs if s.images), None)
+    if spec is None:
+        return False
+    from ..models import check_multimodal
+
+    where = f"prompt {spec.slug!r} has images"
+    try:
+        check_multimodal(args.model)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    if args.transcoders is None and args.sae is None:
+        raise UsageError(f"{where}: give --transcoders or --sae (dictionaries of the multimodal "
+                         "model's language model; the starter set is text-only)")
+    return True
 
 
 def measure_sets(args: argparse.Namespace, sets: list, interventions, say) -> tuple[list, bool, str]:
@@ -67,22 +89,24 @@ def measure_sets(args: argparse.Namespace, sets: list, interventions, say) -> tu
     opts = dict(mode=args.mode, freeze_features=args.freeze_features,
                 steer_generated=args.steer_generated, generation=gen,
                 n_resamples=args.resamples, seed=args.seed, say=say)
+    images = check_image_rows(args, sets)
     if args.ray is not None:
         from ..steering.set_ray import run_sets_ray
 
         if args.sae is not None:  # the SAEs and latents checked here, before the actors start
             _check_sae_set(args, interventions)
-        results = run_sets_ray(worker_loader(args, interventions), sets, args.metric, interventions,
-                               address=args.ray, workers=args.workers, threads=args.threads, **opts)
+        results = run_sets_ray(worker_loader(args, interventions, images), sets, args.metric,
+                               interventions, address=args.ray, workers=args.workers,
+                               threads=args.threads, **opts)
         return results, False, str(args.model)
     from ..steering.prompt_set import run_set as measure_set
-    from ._common import load_replacement
+    from ._common import load_multimodal_replacement, load_replacement
 
     if args.sae is not None:
-        rm, dictionaries = load_sae_steering(_with_features(args, interventions), say)
+        rm, dictionaries = load_sae_steering(_with_features(args, interventions), say, images)
         name = str(args.model)
     else:
-        loaded, rm = load_replacement(args, say)
+        loaded, rm = (load_multimodal_replacement if images else load_replacement)(args, say)
         dictionaries, name = rm.transcoders, loaded.name
     results = [measure_set(rm, rm.tokenizer, specs, args.metric, interventions, **opts) for specs in sets]
     return results, bool(dictionaries.info.get("synthetic")), name
@@ -142,7 +166,7 @@ def run_set(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: name a .json or .jsonl file")
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out {args.out}: its folder does not exist")
-    specs = read_prompts(args.prompts, chat=args.chat)
+    specs = read_prompts(args.prompts, chat=args.chat, images_allowed=True)
     say = messenger(args.quiet)
     (res,), synthetic, _ = measure_sets(args, [specs], args.features, say)
     print(f"metric {args.metric.text} ({args.mode} mode), interventions: "

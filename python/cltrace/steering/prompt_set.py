@@ -119,7 +119,7 @@ def measure_prompt(rm, tokenizer, spec, metric: Metric, ids, interventions: Sequ
 
     try:
         _, prompt = prompt_tokens(tokenizer, spec.prompt, spec.chat, spec.messages,
-                                  getattr(spec, "images", ()), getattr(rm, "images", None))
+                                  spec.images, getattr(rm, "images", None))
         b, a, texts = measure(rm, prompt, metric, ids, interventions, **opts)
     except UsageError as e:
         raise UsageError(f"prompt {spec.slug!r}: {e}") from None
