@@ -29,11 +29,11 @@ from cltrace.frozen.model import Seeds
 from cltrace.graph import prune
 from cltrace.models.multimodal import load_multimodal
 from cltrace.replacement import ReplacementModel
+from support.attention import check_attention_json, edge_by_forward, rel, source_write, stream_of, with_heads
 from support.serve import browser  # noqa: F401  (fixture)
 from support.tiny_gemma import exact_norms
 from support.tiny_gemma_vision import IMAGE_SIZE, SOFT, SOFT_TOKENS, save_tiny_gemma_vision
 from support.transcoders import random_transcoders
-from test_attention import check_attention_json, edge_by_forward, rel, source_write, stream_of, with_heads
 
 PROMPT = "what is in this picture <start_of_image> the cat sat on a <start_of_image> mat"
 # <bos> what is in this picture <boi> [7 8 9 10] <eoi> the cat sat on a <boi> [18 19 20 21] <eoi> mat
