@@ -302,7 +302,7 @@ def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
     image from the server with one heatmap cell per soft token coloured by the selected
     latent's activation (cells where it does not fire blank); picking another latent changes
     the heatmap; a click on a patch opens that soft token's cell; no JS error, no foreign
-    request, steering says it does not take images."""
+    request; without --sae the steer card says what to start."""
     from support.serve import serving, watch_page
 
     root = tmp_path / "setup"
@@ -348,5 +348,87 @@ def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
         page.wait_for_selector(f'td.lens-cell.selected[data-layer="{top_layer}"][data-pos="{pos}"]')
         assert not page.locator("#cell-card").is_hidden()
         assert page.eval_on_selector_all("#lens-image-list .icell.on", "cs => cs.map(c => Number(c.dataset.k))") == [k]
-        assert page.is_visible("#steer-image-hint") and page.locator("#steer-run").is_disabled()
+        assert page.is_visible("#steer-hint") and page.locator("#steer-run").is_disabled()  # no --sae
         assert errors == [] and foreign == []
+
+
+def _post(url, data):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(data).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.browser
+def test_lens_page_steers_an_image_lens(setup, tmp_path, browser):  # noqa: F811
+    """``cltrace serve --sae`` on a multimodal model steers a latent of an image lens: the
+    server replays the lens's tokens with the copy of its image, and its probabilities are
+    transformers' with the latent's decoder row added by a plain hook at that layer's output
+    from the clicked soft token on; the page (a click on a patch, then steer) shows the
+    server's continuations; a text-only server refuses the lens in one message."""
+    from cltrace.steering import SaeSteering
+    from support.serve import serving, watch_page
+    from support.tiny_gemma_vision import SOFT
+
+    folder, hf, image, sets, lm, prompt = setup
+    served = tmp_path / "served"
+    served.mkdir()
+    assert main(["lens", IMAGE_PROMPT, "--model", str(folder), "--dict", sets["resid_post"].source,
+                 "--image", str(image), "--top-k", "3", "--json", str(served / "pic.json"),
+                 "--device", "cpu", "--quiet"]) == 0
+    data = json.loads((served / "pic.json").read_text())
+    first = data["images"][0]["positions"][0]
+    cell = next(c for c in data["cells"] if c["pos"] == first + 1 and c["latents"])
+    L, lat = cell["layer"], cell["latents"][0]["index"]
+    req = {"lens": "pic.json", "set": data["sets"][0]["name"], "layer": L, "latent": lat, "op": "add",
+           "value": 6.0, "positions": "from", "pos": first + 1, "max_new_tokens": 3}
+    st = SaeSteering(lm.model, sets["resid_post"], tokenizer=lm.tokenizer, images=lm)
+
+    v = 6.0 * sets["resid_post"].layers[L].W_dec[lat, 0]  # [d_model]
+
+    def add(_m, _a, out):
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[0, first + 1:prompt.input_ids.shape[1]] += v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = hf.model.language_model.layers[L].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values,
+                      token_type_ids=(prompt.input_ids == SOFT).long()).logits[0, -1]
+    finally:
+        handle.remove()
+    p1 = torch.softmax(want.double(), -1)
+
+    with serving(served, saes=[st]) as url:
+        status, out = _post(f"{url}/api/steer_sae", req)
+        assert status == 200, out
+        assert len(out["top"]) >= 10 and any(abs(r["after"] - r["before"]) > 1e-4 for r in out["top"])
+        for row in out["top"]:
+            assert row["after"] == pytest.approx(float(p1[row["token"]]), abs=1e-6)
+        page = browser.new_page()
+        errors, foreign = watch_page(page, url)
+        page.goto(f"{url}/lens.html")
+        page.wait_for_function("document.body.dataset.ready === '1'", timeout=15000)
+        page.locator(f'td.lens-cell[data-layer="{L}"][data-pos="{first + 1}"]').click()
+        assert page.locator("#steer-hint").is_hidden() and not page.locator("#steer-run").is_disabled()
+        page.locator("#steer-value").fill("6")
+        page.locator("#steer-pos").select_option("from")
+        page.locator("#steer-tokens").fill("3")
+        page.locator("#steer-run").click()
+        page.wait_for_function("['done', 'error'].includes(document.body.dataset.steer)", timeout=30000)
+        assert page.locator("#steer-error").is_hidden(), page.locator("#steer-error").inner_text()
+        assert page.locator("#steer-before").inner_text() == out["continuation"]["before"].strip()
+        assert page.locator("#steer-after").inner_text() == out["continuation"]["after"].strip()
+        assert errors == [] and foreign == []
+        page.close()
+    text_only = SaeSteering(lm.model, sets["resid_post"], tokenizer=lm.tokenizer)
+    with serving(served, saes=[text_only]) as url:
+        status, out = _post(f"{url}/api/steer_sae", req)
+    assert status == 400 and "multimodal --model" in out["error"]

@@ -21,7 +21,8 @@ ablate, scale or steer the selected features or a supernode: it shows the next-t
 probabilities before and after, a generated continuation, and (frozen mode, other features
 held) the change of each target logit next to the change the graph's edges predict.
 A multimodal --model (Gemma 3 4B/12B/27B; give its --transcoders) runs the experiments of
-image + text graphs too, on the copies of their images beside the JSON.
+image + text graphs too, on the copies of their images beside the JSON (and with --sae, the
+steering of image + text lenses).
 
 With --sae SET (repeatable; SAEs at resid_post, attn_out or mlp_out, as for `cltrace steer
 --sae`), the lens page (/lens.html) can steer a latent of a cell: add to it or clamp it at the
@@ -69,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None:
             args.model = "gemma-3-270m"
     saes = load_saes(args.sae or [], say)
+    multimodal = args.model is not None and _is_multimodal(args.model)
     if args.transcoders is not None or (args.model is not None and not saes):
-        multimodal = _is_multimodal(args.model)
         if multimodal and args.transcoders is None:
             raise UsageError(f"--model {args.model} is multimodal: give its --transcoders (the "
                              "starter set is text-only)")
@@ -78,15 +79,17 @@ def run(args: argparse.Namespace) -> int:
     steering = None
     if saes:
         from ..steering import SaeSteering
-        from ..models import load_model
+        from ..models import load_model, load_multimodal
         from ..serve.lens_steer import LensSteering
 
         if loaded is None:
-            say(f"loading model {args.model} ...")
-            loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+            say(f"loading {'multimodal ' if multimodal else ''}model {args.model} ...")
+            loaded = (load_multimodal if multimodal else load_model)(args.model, device=args.device,
+                                                                     dtype=args.dtype)
         steering = LensSteering([SaeSteering(loaded.model, s, tokenizer=loaded.tokenizer,
                                              model_name=loaded.name,
-                                             skip_positions=args.skip_positions) for s in saes],
+                                             skip_positions=args.skip_positions,
+                                             images=loaded if multimodal else None) for s in saes],
                                 refs=args.sae)
     srv = make_server(args.dir, host=args.host, port=args.port, rm=rm, verbose=args.verbose,
                       saes=steering)

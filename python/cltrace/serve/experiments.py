@@ -62,25 +62,42 @@ def prompt_tokens(graph: dict) -> list[int]:
     return [by_pos[p] for p in range(len(by_pos))]
 
 
-def graph_images(graph: dict, folder: Optional[Path]) -> list[Path]:
-    """The files of a graph's images (``metadata.info.images``: names beside its JSON in
-    ``folder``), checked: plain file names that exist; [] for a text graph."""
-    info = (graph.get("metadata") or {}).get("info") or {}
-    entries = info.get("images") or []
+def image_files(entries, folder: Optional[Path], what: str = "graph") -> list[Path]:
+    """The files of the image ``entries`` of a graph's ``metadata.info.images`` or a lens's
+    ``images`` (``{"file": name, ...}``: names beside the JSON in ``folder``), checked: plain
+    file names that exist; [] without entries."""
     if not entries:
         return []
-    if folder is None:
-        raise RequestError("the graph has images, but its folder is unknown")
+    if folder is None or not isinstance(entries, list):
+        raise RequestError(f"the {what}'s images cannot be found")
     files = []
     for i, e in enumerate(entries):
         name = e.get("file") if isinstance(e, dict) else None
         if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
-            raise RequestError(f"image {i + 1} of the graph: {name!r} is not a file name")
+            raise RequestError(f"image {i + 1} of the {what}: {name!r} is not a file name")
         path = folder / name
         if not path.is_file():
-            raise RequestError(f"image {i + 1} of the graph: {name} is not beside its JSON")
+            raise RequestError(f"image {i + 1} of the {what}: {name} is not beside its JSON")
         files.append(path)
     return files
+
+
+def graph_images(graph: dict, folder: Optional[Path]) -> list[Path]:
+    """The files of a graph's images (``metadata.info.images``), [] for a text graph."""
+    return image_files(((graph.get("metadata") or {}).get("info") or {}).get("images"), folder)
+
+
+def image_prompt(model, ids: list[int], files: list[Path], what: str = "graph"):
+    """The ImagePrompt of token ids and image files on ``model`` (a replacement model or an
+    SaeSteering of a multimodal Gemma 3: its ``images``)."""
+    loaded = getattr(model, "images", None)
+    if loaded is None:
+        raise RequestError(f"the {what} has an image: start `cltrace serve` with the multimodal "
+                           "--model it was computed with")
+    try:
+        return loaded.prompt_from_ids(ids, [str(p) for p in files])
+    except ValueError as e:  # (UsageError included)
+        raise RequestError(str(e)) from None
 
 
 def _number(x: Any, what: str) -> float:
@@ -176,16 +193,7 @@ class Experiments:
         """What the model runs: the token ids, or with images an ImagePrompt of the ids and the
         images beside the graph."""
         images = graph_images(graph, folder)
-        if not images:
-            return tokens
-        loaded = getattr(self.rm, "images", None)
-        if loaded is None:
-            raise RequestError("the graph has an image: start `cltrace serve` with the multimodal "
-                               "--model (and --transcoders) it was computed with")
-        try:
-            return loaded.prompt_from_ids(tokens, [str(p) for p in images])
-        except ValueError as e:  # (UsageError included)
-            raise RequestError(str(e)) from None
+        return image_prompt(self.rm, tokens, images) if images else tokens
 
     def run(self, graph: dict, req: dict, folder: Optional[Path] = None) -> dict:
         """Before/after probabilities, continuations and measured vs predicted logit changes

@@ -9,7 +9,9 @@ number of tokens to generate::
 
 ``positions``: ``all`` every position of the prompt and of the generated text, ``from`` the
 clicked token ``pos`` onward (generated text included), ``prompt`` the prompt's positions
-only. The prompt is the lens's own token ids (``tokens[].id``), so no tokenizer is needed.
+only. The prompt is the lens's own token ids (``tokens[].id``), so no tokenizer is needed; a
+lens of an image prompt (its ``images``) is replayed with the copies of its images beside the
+JSON, on a multimodal model (the soft tokens the lens read).
 :meth:`LensSteering.run` runs it through :class:`~cltrace.steering.SaeSteering` of the loaded
 SAE set that the lens's set names (by set id, source or the reference given to ``--sae``;
 same site) and answers the next-token probabilities (union of the top ``k`` before and after)
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..steering import Intervention, generate
-from .experiments import MAX_NEW_TOKENS, RequestError, _int, _number
+from ..steering.inputs import model_input
+from .experiments import MAX_NEW_TOKENS, RequestError, _int, _number, image_files, image_prompt
 
 POSITIONS = ("all", "from", "prompt")
 
@@ -115,8 +118,9 @@ class LensSteering:
         max_new = _int(req.get("max_new_tokens", 20), "max_new_tokens", 0, MAX_NEW_TOKENS + 1)
         return Intervention(layer, latent, pos=pos, **{op: value}), where != "prompt", max_new
 
-    def run(self, lens: dict, req: dict) -> dict:
-        """Next-token probabilities and greedy continuations before and after (module doc)."""
+    def run(self, lens: dict, req: dict, folder: Optional[Path] = None) -> dict:
+        """Next-token probabilities and greedy continuations before and after (module doc);
+        ``folder``: the lens's, where the copies of its images are."""
         if not isinstance(req, dict):
             raise RequestError("the request must be a JSON object")
         name = req.get("set")
@@ -130,13 +134,14 @@ class LensSteering:
         if not ids:
             raise RequestError("the lens JSON has no tokens")
         iv, steer_generated, max_new = self.parse(req, lens, st, entry)
+        files = image_files(lens.get("images"), folder, "lens")
         with self._lock:
             try:
-                tokens = st.tokenize(ids)
-                ivs = st.check([iv], tokens)
-                clean, steered = st.logits(tokens)[-1], st.logits(tokens, ivs)[-1]
-                before = generate(st, tokens, [], max_new_tokens=max_new, seed=0)
-                after = generate(st, tokens, ivs, max_new_tokens=max_new, seed=0,
+                start = model_input(st, image_prompt(st, ids, files, "lens") if files else ids)
+                ivs = st.check([iv], start.tokens)
+                clean, steered = st.logits(start)[-1], st.logits(start, ivs)[-1]
+                before = generate(st, start, [], max_new_tokens=max_new, seed=0)
+                after = generate(st, start, ivs, max_new_tokens=max_new, seed=0,
                                  steer_generated=steer_generated)
             except ValueError as e:  # the library's checks (UsageError): out of vocabulary ...
                 raise RequestError(str(e)) from None

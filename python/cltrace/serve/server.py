@@ -383,7 +383,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"{rel} is not valid JSON ({e})") from None
         if not isinstance(lens, dict) or not str(lens.get("format", "")).startswith("cltrace.lens/"):
             raise RequestError(f"{rel} is not a lens JSON (cltrace lens --json)")
-        return self._json(ls.run(lens, body))
+        return self._json(ls.run(lens, body, path.parent))
 
     def _graph(self, rel: str) -> dict:
         """The parsed graph JSON at ``rel``, cached while the file is unchanged."""

@@ -214,11 +214,10 @@
 
   function showSteer(c, lat) {
     L.lat = { cell: c, lat };
-    const set = L.data.sets[c.set], images = (L.data.images || []).length > 0, on = L.sae.available && !images;
+    const set = L.data.sets[c.set], on = L.sae.available;
     $("steer-card").hidden = false;
     $("steer-target").textContent = `latent #${lat.index} of ${set.name}, layer ${c.layer}; “from this token”: position ${c.pos}`;
-    $("steer-hint").hidden = on || images;
-    $("steer-image-hint").hidden = !images;
+    $("steer-hint").hidden = on;
     for (const id of ["steer-op", "steer-value", "steer-pos", "steer-tokens", "steer-run"]) $(id).disabled = !on;
     steerError(""); $("steer-result").replaceChildren();
   }
