@@ -121,6 +121,20 @@ def test_two_local_workers(files, reference, tmp_path):
     assert len(list(Store(out).records())) == len(SLUGS)
 
 
+def test_qk_on_image_rows(files, tmp_path):
+    """--qk on a batch with image rows: each row's JSON (attention fields included) is the bytes
+    ``cltrace attribute --qk`` writes for it."""
+    root, model, tcs, prompts = files
+    opts = options(model, tcs) + ["--qk"]
+    ref = tmp_path / "ref"
+    assert main(["attribute", F.IMAGE_PROMPT, "--image", str(root / "pics" / "a.png"), "--slug", "pic-a",
+                 "--out", str(ref), *opts]) == 0
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--out", str(out), "--workers", "0", *opts]) == 0
+    assert (out / "pic-a.json").read_bytes() == (ref / "pic-a.json").read_bytes()
+    assert json.loads((out / "pic-a.json").read_text())["qk_traces"]  # (the attention fields are there)
+
+
 def test_resume_after_an_interrupt_at_an_image_row(files, reference, tmp_path, monkeypatch, capsys):
     """Ctrl-C while the second (image) row is traced: exit 130, the first row recorded, nothing
     of the second written; the rerun skips the first and traces the rest, the same files."""
@@ -150,7 +164,7 @@ def test_resume_after_an_interrupt_at_an_image_row(files, reference, tmp_path, m
 def test_bad_rows_are_one_line_errors_before_any_model_loads(files, tmp_path, capsys, monkeypatch):
     """A missing image file, a file that is not an image, a folder, more placeholders than
     images, images with messages, a bad 'images' value: one line naming the prompts file's line
-    and the image file, exit 2; a text-only --model, no --transcoders, --qk: refused too; no
+    and the image file, exit 2; a text-only --model, no --transcoders: refused too; no
     model loaded, nothing written."""
     import cltrace.models
     import cltrace.models.multimodal as mm
@@ -183,8 +197,7 @@ def test_bad_rows_are_one_line_errors_before_any_model_loads(files, tmp_path, ca
     path = tmp_path / "p.jsonl"
     path.write_text(good + "\n")
     for argv, needles in [(["--transcoders", str(tcs)], ["gemma-3-270m is text-only"]),
-                          (["--model", str(model)], ["need --transcoders"]),
-                          (options(model, tcs) + ["--qk"], ["--qk does not take image prompts"])]:
+                          (["--model", str(model)], ["image rows need --transcoders"])]:
         assert main(["batch", str(path), "--out", str(out), *argv]) == 2, argv
         one_line_error(capsys, f"PROMPTS {path}", *needles)
     assert not out.exists()

@@ -365,9 +365,10 @@ def test_steer_set_image_rows_need_a_multimodal_model(setup, tmp_path, capsys):
             'logit-diff:"a","square"', "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "prompt 'q1' has images" in err and "text-only" in err and len(err.splitlines()) == 1
+    assert f"--prompts {prompts} (row 'q1' has images)" in err and "text-only" in err
+    assert len(err.splitlines()) == 1
     assert main(argv + ["--model", str(setup.model)]) == 2
-    assert "give --transcoders or --sae" in capsys.readouterr().err
+    assert "image rows need --transcoders or --sae" in capsys.readouterr().err
 
 
 @pytest.mark.ray

@@ -253,11 +253,35 @@ def check_images(args: argparse.Namespace) -> tuple:
             raise UsageError(f"--image {path}: a folder, not an image file")
         read_image(path)  # UsageError naming the file if it cannot be decoded
     check_multimodal(args.model)
+    _check_dictionaries(args, "--image needs")
+    return images
+
+
+def check_image_rows(specs, args: argparse.Namespace, source: str) -> bool:
+    """Whether a prompt of ``specs`` (PromptSpecs of the prompts file ``source``, e.g.
+    "PROMPTS f") has images; if so, before any model loads, as :func:`check_images`: a
+    multimodal --model and --transcoders (or --sae) given, one line naming the first such row."""
+    spec = next((s for s in specs if s.images), None)
+    if spec is None:
+        return False
+    from ..models.multimodal import check_multimodal
+
+    where = f"{source} (row {spec.slug!r} has images)"
+    try:
+        check_multimodal(args.model)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    _check_dictionaries(args, f"{where}: image rows need")
+    return True
+
+
+def _check_dictionaries(args: argparse.Namespace, what: str) -> None:
+    """One of the command's dictionary options (--transcoders, --sae) is given: the starter set
+    is text-only."""
     flags = [f for f in ("transcoders", "sae") if hasattr(args, f)]
     if flags and all(getattr(args, f) is None for f in flags):
-        raise UsageError(f"--image needs {' or '.join('--' + f for f in flags)} (dictionaries of "
-                         "the multimodal model's language model; the starter set is text-only)")
-    return images
+        raise UsageError(f"{what} {' or '.join('--' + f for f in flags)} (dictionaries of the "
+                         "multimodal model's language model; the starter set is text-only)")
 
 
 def load_multimodal_replacement(args: argparse.Namespace, say: Callable[..., None]):

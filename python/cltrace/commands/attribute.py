@@ -5,7 +5,6 @@ import argparse
 import resource
 import time
 
-from ..errors import UsageError
 from ._common import (add_features_argument, add_image_argument, add_prompt_arguments,
                       add_replacement_arguments)
 

@@ -39,7 +39,7 @@ Run it again to resume: prompts done are skipped, failed ones are retried once. 
 (empty, too long, a target that is not one token) is recorded as failed; the batch goes on.
 A malformed row (an unknown column; an image file missing or not an image; more or fewer
 <start_of_image> than images) stops the command before any model loads (exit 2), naming the
-line and the file. Image rows do not take --qk yet.
+line and the file.
 
   --summary DIR          the features kept in the pruned graphs of at least --min-count prompts
                          (layer, feature, count, mean influence, label) -> features-summary.csv/.json
@@ -119,27 +119,6 @@ def load_multimodal_for_worker(model, transcoders, device, dtype, skip_positions
     return rm, loaded.tokenizer, pages
 
 
-def check_image_rows(specs, args: argparse.Namespace) -> bool:
-    """Whether a row of PROMPTS has images; if so, before any model loads: a multimodal
-    --model (its config.json), --transcoders given, no --qk (UsageError otherwise)."""
-    rows = [s for s in specs if s.images]
-    if not rows:
-        return False
-    from ..models.multimodal import check_multimodal
-
-    where = f"PROMPTS {args.prompts} (row {rows[0].slug!r} has images)"
-    try:
-        check_multimodal(args.model)
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
-    if args.transcoders is None:
-        raise UsageError(f"{where}: image rows need --transcoders (transcoders of the multimodal "
-                         "model's language model; the starter set is text-only)")
-    if getattr(args, "qk", False):
-        raise UsageError(f"{where}: --qk does not take image prompts yet")
-    return True
-
-
 def _summary(args) -> int:
     from ..batch.runner import write_graph_index
     from ..batch.store import Store
@@ -163,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from ..batch.prompts import read_prompts
     from ..batch.runner import run_batch
     from ..batch.store import Store
-    from ._common import check_features_dir
+    from ._common import check_features_dir, check_image_rows
 
     if args.prompts is None or args.out is None:
         raise UsageError("give PROMPTS and --out DIR (or --summary DIR)")
@@ -172,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     settings = trace_settings(args)
     check_features_dir(args.features)
     specs = read_prompts(args.prompts, chat=args.chat, images_allowed=True)
-    images = check_image_rows(specs, args)
+    images = check_image_rows(specs, args, f"PROMPTS {args.prompts}")
     store = Store(args.out).check_writable()
     loader = functools.partial(load_multimodal_for_worker if images else load_for_worker,
                                args.model, args.transcoders, args.device, args.dtype,

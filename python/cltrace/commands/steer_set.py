@@ -8,6 +8,7 @@ import argparse
 
 from ..errors import UsageError
 from ..settings import from_args
+from ._common import check_image_rows
 from .steer import load_sae_steering, parse_feature
 
 
@@ -63,25 +64,6 @@ def worker_loader(args: argparse.Namespace, interventions, images: bool = False)
                              args.skip_positions)
 
 
-def check_image_rows(args: argparse.Namespace, sets: list) -> bool:
-    """Whether a prompt of the sets has images; if so, before any model loads: a multimodal
-    --model (its config.json) and --transcoders or --sae (one-line UsageErrors)."""
-    spec = next((s for specs in sets for s in specs if s.images), None)
-    if spec is None:
-        return False
-    from ..models import check_multimodal
-
-    where = f"prompt {spec.slug!r} has images"
-    try:
-        check_multimodal(args.model)
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
-    if args.transcoders is None and args.sae is None:
-        raise UsageError(f"{where}: give --transcoders or --sae (dictionaries of the multimodal "
-                         "model's language model; the starter set is text-only)")
-    return True
-
-
 def measure_sets(args: argparse.Namespace, sets: list, interventions, say) -> tuple[list, bool, str]:
     """(one SetResult per set of PromptSpecs, synthetic dictionaries?, the model's name) with
     the command's options: here (the model loaded once) or on Ray actors (--ray)."""
@@ -89,7 +71,7 @@ def measure_sets(args: argparse.Namespace, sets: list, interventions, say) -> tu
     opts = dict(mode=args.mode, freeze_features=args.freeze_features,
                 steer_generated=args.steer_generated, generation=gen,
                 n_resamples=args.resamples, seed=args.seed, say=say)
-    images = check_image_rows(args, sets)
+    images = check_image_rows([s for specs in sets for s in specs], args, f"--prompts {args.prompts}")
     if args.ray is not None:
         from ..steering.set_ray import run_sets_ray
 
