@@ -47,15 +47,20 @@ def _script(text: str) -> str:
     return text.replace("</", "<\\/")  # no "</script>" inside an inline script
 
 
+SCRIPTS = ("viewer.js", "panels.js", "heatmap.js", "images.js")  # index.html's, in its order
+
+
 def page_html(graph: dict, name: str = "graph", pages: Union[dict, None] = None) -> str:
     """The viewer as one HTML document with ``graph`` (and feature ``pages``) inlined."""
     doc = asset("index.html").decode()
     css = asset("viewer.css").decode()
     data = _script(json.dumps({"graph": graph, "pages": pages or {}, "name": name}))
     doc = doc.replace('<link rel="stylesheet" href="/assets/viewer.css">', f"<style>\n{css}\n</style>")
-    scripts = "".join(f"<script>\n{_script(asset(n).decode())}\n</script>\n" for n in ("viewer.js", "panels.js", "images.js"))
-    doc = doc.replace('<script src="/assets/viewer.js"></script>\n<script src="/assets/panels.js"></script>\n'
-                      '<script src="/assets/images.js"></script>\n',
+    scripts = "".join(f"<script>\n{_script(asset(n).decode())}\n</script>\n" for n in SCRIPTS)
+    tags = "".join(f'<script src="/assets/{n}"></script>\n' for n in SCRIPTS)
+    if tags not in doc:
+        raise RuntimeError("index.html does not load SCRIPTS in this order: update notebook.SCRIPTS")
+    doc = doc.replace(tags,
                       f'<script type="application/json" id="cltrace-inline">{data}</script>\n{scripts}')
     return doc
 

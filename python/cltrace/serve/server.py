@@ -61,7 +61,7 @@ CONVERTED_IMAGES = (".ppm", ".pgm", ".pbm", ".pnm", ".tif", ".tiff", ".tga", ".i
 MAX_IMAGE_PIXELS = 50_000_000  # larger files are not decoded (a decompression bomb guard)
 MAX_BODY = 1 << 20  # save/intervene requests are small
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-ASSETS = ("viewer.js", "panels.js", "images.js", "viewer.css", "lens.js", "contrast.js")  # what the pages load
+ASSETS = ("viewer.js", "panels.js", "heatmap.js", "images.js", "viewer.css", "lens.js", "contrast.js")  # what the pages load
 LENS_HEAD = b'{"format":"cltrace.lens/'  # how a lens JSON (cltrace lens --json) starts
 CONTRAST_HEAD = b'{"format":"cltrace.contrast/'  # how a contrast report (cltrace contrast) starts
 

@@ -8,7 +8,7 @@
 // Written for cltrace; plain JavaScript + SVG, no third-party code, no request off this machine.
 "use strict";
 (function () {
-  const S = window.cltrace, { el, $, fmt } = S;
+  const S = window.cltrace, { el, $, fmt } = S, { fill: cellFill, scaleBar, imageUrl } = S.heatmap;
   const BOX = 300;  // px: each image drawn as a BOX x BOX square, as the model sees it
   let images = [];  // the open graph's images: {file, rows, cols, first, svg, img}
   let embAt = new Map();  // prompt position -> index of its embedding node
@@ -32,24 +32,6 @@
     }
     return { mode: "outgoing", signed: false, caption: "Σ |outgoing link weight|",
       value: (p) => { const s = embeddingAt(p); return s < 0 ? null : S.outL[s].reduce((a, k) => a + Math.abs(S.links[k].w), 0); } };
-  }
-
-  // Semi-transparent colour of v against max: blue for positive, red for negative (as the links).
-  function cellFill(v, max) {
-    if (v === null || !(max > 0)) return "rgba(0, 0, 0, 0)";
-    const a = Math.min(1, Math.abs(v) / max) * 0.75;
-    return v >= 0 ? `rgba(33, 102, 172, ${a.toFixed(3)})` : `rgba(197, 48, 48, ${a.toFixed(3)})`;
-  }
-
-  function scaleBar(max, signed, caption) {
-    const W = 160, H = 10, N = 40, lo = signed ? -max : 0;
-    const svg = el("svg", { class: "img-scale", width: W + 8, height: H + 14, role: "img", "aria-label": `${caption} colour scale` });
-    svg.append(el("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff", stroke: "#ccc" }));
-    for (let j = 0; j < N; j++) svg.append(el("rect", { x: j * W / N, y: 0, width: W / N + 0.5, height: H, fill: cellFill(lo + (max - lo) * (j + 0.5) / N, max) }));
-    svg.append(el("text", { x: 0, y: H + 12, class: "lab", text: fmt(lo, 3) }),
-      el("text", { x: W, y: H + 12, class: "lab", "text-anchor": "end", text: fmt(max, 3) }));
-    if (signed) svg.append(el("text", { x: W / 2, y: H + 12, class: "lab", "text-anchor": "middle", text: "0" }));
-    return svg;
   }
 
   // (Re)colour every image's cells; one scale for all images of the graph.
@@ -92,13 +74,6 @@
     const n = S.nodes[s]; if (n.elem && n.elem.scrollIntoView) n.elem.scrollIntoView({ block: "nearest", inline: "center" });
   }
 
-  // The image URL: /image/<the graph's folder>/<file> (the server converts formats a browser
-  // cannot show, e.g. PPM, to PNG). The file must be a bare name beside the graph.
-  function imageUrl(file) {
-    const dir = S.path && S.path.includes("/") ? S.path.slice(0, S.path.lastIndexOf("/") + 1) : "";
-    return "/image/" + (dir + file).split("/").map(encodeURIComponent).join("/");
-  }
-
   function build() {
     const pane = $("image-pane"), list = $("image-list");
     list.replaceChildren(); images = [];
@@ -116,7 +91,7 @@
       const fig = el("figure", { class: "image-fig", "data-image": i });
       const title = el("figcaption", { text: `image ${i + 1}: ${e.file} · ${rows} × ${cols} soft tokens, positions ${first}–${e.positions[1]}` });
       if (bad) { fig.append(title, el("p", { class: "muted", text: "(its entry in metadata.info.images is malformed: not drawn)" })); list.append(fig); return; }
-      const img = el("img", { class: "image-pic", src: imageUrl(e.file), alt: `image ${i + 1} of the prompt`, width: BOX, height: BOX, draggable: "false" });
+      const img = el("img", { class: "image-pic", src: imageUrl(S.path, e.file), alt: `image ${i + 1} of the prompt`, width: BOX, height: BOX, draggable: "false" });
       img.addEventListener("error", () => { fig.classList.add("broken"); S.showError(`cannot show ${e.file}: the server could not read it`); });
       const svg = el("svg", { class: "image-grid", width: BOX, height: BOX, viewBox: `0 0 ${BOX} ${BOX}`, role: "img", "aria-label": `soft-token heatmap of image ${i + 1}` });
       const im = { file: e.file, rows, cols, first, svg, img };

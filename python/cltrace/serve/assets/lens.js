@@ -6,7 +6,7 @@
 // Written for cltrace; plain JavaScript, no third-party code, no request off this machine.
 "use strict";
 (function () {
-  const S = window.cltrace, { el, $, fmt } = S;
+  const S = window.cltrace, { el, $, fmt } = S, { fill: cellFill, scaleBar, imageUrl } = S.heatmap;
   const L = { data: null, path: null, set: 0, cell: null, lat: null, sae: { available: false },
     img: null };  // img: the heatmap's latent {set, layer, index}
   const BOX = 300;  // px: each image drawn BOX x BOX, as the model sees it (as images.js does)
@@ -72,16 +72,6 @@
     return x;
   }
 
-  function imageUrl(file) {  // /image/<the lens's folder>/<file>: the server's image route
-    const dir = L.path && L.path.includes("/") ? L.path.slice(0, L.path.lastIndexOf("/") + 1) : "";
-    return "/image/" + (dir + file).split("/").map(encodeURIComponent).join("/");
-  }
-
-  function cellFill(v, max) {  // blue, opacity by v / max (the graph viewer's image colours)
-    if (v === null || !(v > 0) || !(max > 0)) return "rgba(0, 0, 0, 0)";
-    return `rgba(33, 102, 172, ${(Math.min(1, v / max) * 0.75).toFixed(3)})`;
-  }
-
   function labelOf(set, layer, index) {  // a latent's label, from any cell that lists it
     for (const c of L.data.cells) if (c.set === set && c.layer === layer) for (const x of c.latents) if (x.index === index && x.label) return x.label;
     return "";
@@ -99,7 +89,7 @@
       if (!ok.includes(e)) return;
       const [rows, cols] = e.grid.map(Number), first = Number(e.positions[0]);
       const fig = el("figure", { class: "image-fig", "data-image": g });
-      const img = el("img", { class: "image-pic", src: imageUrl(e.file), alt: `image ${g + 1} of the prompt`, width: BOX, height: BOX, draggable: "false" });
+      const img = el("img", { class: "image-pic", src: imageUrl(L.path, e.file), alt: `image ${g + 1} of the prompt`, width: BOX, height: BOX, draggable: "false" });
       img.addEventListener("error", () => { fig.classList.add("broken"); showError(`cannot show ${e.file}: the server could not read it`); });
       const svg = el("svg", { class: "image-grid", width: BOX, height: BOX, viewBox: `0 0 ${BOX} ${BOX}`, role: "img", "aria-label": `latent heatmap of image ${g + 1}` });
       for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
@@ -159,18 +149,9 @@
     const lab = index === null ? "" : labelOf(set, layer, index);
     $("image-caption").textContent = index === null ? `L${layer}: no latent fires on the images` :
       `latent #${index}${lab ? " " + lab : ""} of ${L.data.sets[set].name}, layer ${layer}` + (vals.every((v) => v === null) ? " (not recorded on the images)" : "");
-    const lg = $("lens-image-legend"); lg.replaceChildren(scaleBar(max));
+    const lg = $("lens-image-legend"); lg.replaceChildren(scaleBar(max, false, "activation"));
     document.body.dataset.imageLatent = index === null ? "" : `${set}:${layer}:${index}`;
     document.body.dataset.imageMax = String(max);
-  }
-
-  function scaleBar(max) {
-    const W = 160, H = 10, N = 40;
-    const svg = el("svg", { class: "img-scale", width: W + 8, height: H + 14, role: "img", "aria-label": "activation colour scale" });
-    svg.append(el("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff", stroke: "#ccc" }));
-    for (let j = 0; j < N; j++) svg.append(el("rect", { x: j * W / N, y: 0, width: W / N + 0.5, height: H, fill: cellFill(max * (j + 0.5) / N, max) }));
-    svg.append(el("text", { x: 0, y: H + 12, class: "lab", text: "0" }), el("text", { x: W, y: H + 12, class: "lab", "text-anchor": "end", text: fmt(max, 3) }));
-    return svg;
   }
 
   // A top latent of an image: on the heatmap, and its feature card.
