@@ -87,7 +87,7 @@ def generate(rm, prompt, interventions: Sequence[Intervention] = (), max_new_tok
         for _ in range(max_new_tokens):
             if limit is not None and seq.numel() >= limit:
                 break
-            logits = start.extend(rm.model, seq[n_prompt:]).logits(rm.model)[-1]  # [vocab]
+            logits = start.extend(rm.model, seq[n_prompt:]).logits(rm.model, keep=1)[-1]  # [vocab]
             tok = next_token(logits, temperature, top_k, gen)
             seq = torch.cat([seq, seq.new_tensor([tok])])
             if tok in eos:

@@ -39,12 +39,14 @@ class ModelInput(NamedTuple):
         groups = torch.cat([self.image_groups, self.image_groups.new_full((new.numel(),), -1)])
         return ModelInput(tokens, torch.cat([self.embeds, x.to(self.embeds.dtype)]), groups)
 
-    def logits(self, model) -> Tensor:
-        """The model's logits ``[n_pos, vocab]`` on this sequence (one pass, no cache)."""
+    def logits(self, model, keep: int = 0) -> Tensor:
+        """The model's logits ``[n_pos, vocab]`` on this sequence (one pass, no cache); ``keep``
+        > 0: of the last ``keep`` positions only ``[keep, vocab]`` (the unembedding of the
+        others skipped: generation reads the last)."""
         if self.embeds is None:
-            return model(input_ids=self.tokens[None], use_cache=False).logits[0]
+            return model(input_ids=self.tokens[None], use_cache=False, logits_to_keep=keep).logits[0]
         return model(inputs_embeds=self.embeds[None], image_groups=self.image_groups[None],
-                     use_cache=False).logits[0]
+                     use_cache=False, logits_to_keep=keep).logits[0]
 
 
 def model_input(rm, prompt) -> ModelInput:
