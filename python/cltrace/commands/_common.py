@@ -226,13 +226,14 @@ def load_replacement(args: argparse.Namespace, say: Callable[..., None]):
                                     skip_positions=getattr(args, "skip_positions", "auto"))
 
 
-def add_image_argument(p: argparse.ArgumentParser) -> None:
-    """--image PATH (repeatable): what :func:`check_images` reads."""
+def add_image_argument(p: argparse.ArgumentParser, dictionaries: str = "--transcoders") -> None:
+    """--image PATH (repeatable): what :func:`check_images` reads; ``dictionaries``: what the
+    help says the command needs beside the multimodal --model."""
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image in the prompt (PNG, PPM ...; repeatable, in prompt order): it goes "
                         "where the prompt has <start_of_image> (one per image; with none, the images "
                         "come first); --chat puts them in the user turn. Needs a multimodal Gemma 3 "
-                        "(--model: a 4B/12B/27B checkpoint folder or hub id) and --transcoders")
+                        f"(--model: a 4B/12B/27B checkpoint folder or hub id) and {dictionaries}")
 
 
 def check_images(args: argparse.Namespace) -> tuple:

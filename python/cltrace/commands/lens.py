@@ -67,10 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only these layers, e.g. '0-5,9' (each set must have them); default: all of each set's")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="latents per token and layer (default 5)")
     p.add_argument("--bos", action="store_true", help="encode <bos> positions too")
-    add_image_argument(p)
-    for a in p._actions:  # the lens reads --dict sets, not --transcoders
-        if a.dest == "image":
-            a.help = a.help.replace("and --transcoders", "and --dict sets of its language model")
+    add_image_argument(p, "--dict sets of its language model")
     p.add_argument("--top-patches", type=int, default=TOP_PATCHES, metavar="N",
                    help=f"with --image: the strongest patches listed per latent of an image (default {TOP_PATCHES})")
     p.add_argument("--all-patches", action="store_true",
@@ -96,7 +93,7 @@ def _check_images(args: argparse.Namespace, refs: list[str]) -> tuple:
                          "model; the starter set is the text-only 270M's)")
     from ._common import check_images
 
-    return check_images(argparse.Namespace(image=args.image, model=args.model, transcoders=refs[0]))
+    return check_images(args)
 
 
 def _load_model(args: argparse.Namespace, images: bool, say):

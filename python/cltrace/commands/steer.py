@@ -135,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..steering.ablation import AblationSettings
 
     add_prompt_arguments(p, messages=True)
-    add_image_argument(p)
+    add_image_argument(p, "--transcoders or --sae")
     p.add_argument("--feature", "-f", dest="features", action="append", type=parse_feature,
                    default=None, metavar="L:F[@POS]{=V|*S|+A}",
                    help="an intervention (repeatable; applied in the order given; needed "
