@@ -244,20 +244,6 @@ def test_steer_image_on_a_text_only_model(setup, capsys):
 
 # --- experiments from the viewer on an image graph -----------------------------------------
 
-def _post(url, data):
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     """``cltrace serve`` with the multimodal model replays an image graph with the copy of its
     image: ablating a feature at a soft-token position (frozen mode, other features held)
@@ -266,7 +252,7 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     import json
 
     from support.image_graphs import image_graph_folder
-    from support.serve import serving
+    from support.serve import http_json, serving
 
     root = tmp_path_factory.mktemp("image-experiment")
     folder, path = image_graph_folder(root, extra=("--max-feature-nodes", "1000",
@@ -282,7 +268,7 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
     req = {"graph": path.name, "mode": "frozen", "freeze_features": True, "max_new_tokens": 2,
            "interventions": [{"layer": L, "feature": f, "pos": p, "op": "set", "value": 0}]}
     with serving(folder, rm=rm) as url:
-        code, body = _post(f"{url}/api/intervene", req)
+        code, body = http_json(f"{url}/api/intervene", req)
     assert code == 200, body
     prompt = s.loaded.prompt(PROMPT, [str(s.image)])
     res = intervene(rm, prompt, [Intervention(L, f, pos=p, set=0.0)], mode="frozen", freeze_features=True)
@@ -299,7 +285,7 @@ def test_viewer_experiment_on_an_image_graph(tmp_path_factory):
 
     text_only = ReplacementModel(s.loaded.model, s.transcoders, tokenizer=s.loaded.tokenizer)
     with serving(folder, rm=text_only) as url:
-        code, body = _post(f"{url}/api/intervene", req)
+        code, body = http_json(f"{url}/api/intervene", req)
     assert code == 400 and "multimodal --model" in body["error"]
 
 

@@ -296,6 +296,17 @@ def test_cli_bad_image_inputs(setup, tmp_path, capsys, monkeypatch):
         assert list(out.iterdir()) == [], args
 
 
+def _served_lens(tmp_path, folder, sets, image):
+    """(folder, lens dict): ``cltrace lens --image --json`` of the resid_post SAEs into
+    ``tmp_path/served/pic.json`` (the image copied beside it)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    assert main(["lens", IMAGE_PROMPT, "--model", str(folder), "--dict", sets["resid_post"].source,
+                 "--image", str(image), "--top-k", "3", "--json", str(served / "pic.json"),
+                 "--device", "cpu", "--quiet"]) == 0
+    return served, json.loads((served / "pic.json").read_text())
+
+
 @pytest.mark.browser
 def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
     """cltrace serve of a lens --image JSON (a 4 x 4 soft-token grid): /lens.html draws the
@@ -307,12 +318,7 @@ def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
 
     root = tmp_path / "setup"
     folder, _, image, sets = image_lens_setup(root, image_size=112, soft_tokens=16)
-    served = tmp_path / "served"
-    served.mkdir()
-    assert main(["lens", IMAGE_PROMPT, "--model", str(folder), "--dict", sets["resid_post"].source,
-                 "--image", str(image), "--top-k", "3", "--json", str(served / "pic.json"),
-                 "--device", "cpu", "--quiet"]) == 0
-    data = json.loads((served / "pic.json").read_text())
+    served, data = _served_lens(tmp_path, folder, sets, image)
     [e] = data["images"]
     assert e["grid"] == [4, 4]
     top_layer = max(data["sets"][0]["layers"])
@@ -352,19 +358,6 @@ def test_lens_page_draws_the_image_heatmap(tmp_path, browser):  # noqa: F811
         assert errors == [] and foreign == []
 
 
-def _post(url, data):
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.mark.browser
 def test_lens_page_steers_an_image_lens(setup, tmp_path, browser):  # noqa: F811
     """``cltrace serve --sae`` on a multimodal model steers a latent of an image lens: the
@@ -373,16 +366,11 @@ def test_lens_page_steers_an_image_lens(setup, tmp_path, browser):  # noqa: F811
     from the clicked soft token on; the page (a click on a patch, then steer) shows the
     server's continuations; a text-only server refuses the lens in one message."""
     from cltrace.steering import SaeSteering
-    from support.serve import serving, watch_page
+    from support.serve import http_json, serving, watch_page
     from support.tiny_gemma_vision import SOFT
 
     folder, hf, image, sets, lm, prompt = setup
-    served = tmp_path / "served"
-    served.mkdir()
-    assert main(["lens", IMAGE_PROMPT, "--model", str(folder), "--dict", sets["resid_post"].source,
-                 "--image", str(image), "--top-k", "3", "--json", str(served / "pic.json"),
-                 "--device", "cpu", "--quiet"]) == 0
-    data = json.loads((served / "pic.json").read_text())
+    served, data = _served_lens(tmp_path, folder, sets, image)
     first = data["images"][0]["positions"][0]
     cell = next(c for c in data["cells"] if c["pos"] == first + 1 and c["latents"])
     L, lat = cell["layer"], cell["latents"][0]["index"]
@@ -407,7 +395,7 @@ def test_lens_page_steers_an_image_lens(setup, tmp_path, browser):  # noqa: F811
     p1 = torch.softmax(want.double(), -1)
 
     with serving(served, saes=[st]) as url:
-        status, out = _post(f"{url}/api/steer_sae", req)
+        status, out = http_json(f"{url}/api/steer_sae", req)
         assert status == 200, out
         assert len(out["top"]) >= 10 and any(abs(r["after"] - r["before"]) > 1e-4 for r in out["top"])
         for row in out["top"]:
@@ -430,5 +418,5 @@ def test_lens_page_steers_an_image_lens(setup, tmp_path, browser):  # noqa: F811
         page.close()
     text_only = SaeSteering(lm.model, sets["resid_post"], tokenizer=lm.tokenizer)
     with serving(served, saes=[text_only]) as url:
-        status, out = _post(f"{url}/api/steer_sae", req)
+        status, out = http_json(f"{url}/api/steer_sae", req)
     assert status == 400 and "multimodal --model" in out["error"]

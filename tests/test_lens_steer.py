@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support.lens import LENS_TOKENS, lens_setup
-from support.serve import serving
+from support.serve import http_json as http, serving
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,6 @@ def steerer(setup):
 
     _, model, sets = setup
     return SaeSteering(model, sets["resid_post"])
-
-
-def http(url, data=None):
-    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_answer_equals_generate(setup, steerer):

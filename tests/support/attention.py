@@ -1,5 +1,5 @@
 """Brute-force oracles for the attention decompositions (cltrace.attention), shared by the text
-and image tests (tests/test_qk_images.py; tests/test_attention.py holds the same helpers):
+and image tests (tests/test_attention.py, tests/test_qk_images.py):
 
 * :func:`source_write` / :func:`stream_of` — one source (a column of EdgeRows) alone, and the
   residual stream it gives through the frozen model run forward;

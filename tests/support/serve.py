@@ -359,3 +359,19 @@ def serving(root, **kw):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def http_json(url: str, data=None) -> tuple[int, dict]:
+    """(HTTP status, parsed JSON body) of a GET of ``url``, or with ``data`` a POST of it as
+    JSON (error statuses returned, not raised)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
