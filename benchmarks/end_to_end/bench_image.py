@@ -37,6 +37,15 @@ for medians), each with the process's peak RSS during that phase (``VmHWM`` rese
   prune       ``cltrace.graph.pruning.prune`` (default thresholds)
   export      ``cltrace.export.write_neuronpedia`` (the Neuronpedia JSON)
 
+and the steering of ``cltrace steer --image`` (the same prompt, one feature of the graph
+ablated at the last position: the most influential visited feature there):
+
+  run           ``ReplacementModel.run`` (vision again, capture, encode, the frozen model)
+  steer_free    ``intervene(..., mode="free")`` on that state: the real model with the hooks
+  steer_frozen  ``intervene(..., mode="frozen")``: the frozen replacement model
+  generate      ``generate`` of 4 tokens with the ablation, from the state's input (the soft
+                tokens are not recomputed: a full pass per token, no KV cache)
+
 The baseline is the same text with no image (16 tokens, <bos> included) through the same
 replacement model and phases (no preprocessing or vision). Beside the times, the FLOP floor of
 the vision tower (patch embedding, 27 blocks, the projector), of the language capture forward
@@ -230,9 +239,27 @@ def pipeline(ph: Phases, lm, rm, text: str, image, out_dir: Path, slug: str, a) 
         ph.rows.setdefault(f"attribute.{k}", []).append({"s": v})  # peak: attribute's
     result = ph("prune", lambda: prune(graph))
     ph("export", lambda: write_neuronpedia(graph, out_dir, slug, result))
+    steering(ph, rm, prompt, graph)
     return {"n_pos": graph.n_pos, "n_active": int(graph.settings["n_active_features"]),
             "n_active_encode": n_active, "n_visited": graph.n_features, "n_logits": graph.n_logits,
             "features": graph.features, "skip_positions": graph.settings["skip_positions"]}
+
+
+def steering(ph: Phases, rm, prompt, graph) -> None:
+    """The steering phases (module doc) on ``prompt`` (text or an ImagePrompt): the graph's
+    first visited feature at the last position (else its first), set to 0 there."""
+    from cltrace.steering import Intervention, generate, intervene
+    from cltrace.steering.inputs import state_input
+
+    f = graph.features  # [n_visited, 3]: (layer, pos, feature), in visiting order
+    last = (f[:, 1] == graph.n_pos - 1).nonzero().flatten()
+    L, pos, feat = f[int(last[0]) if last.numel() else 0].tolist()
+    iv = Intervention(L, feat, pos=pos, set=0.0)
+    state = ph("run", lambda: rm.run(prompt))  # (all logits, as cltrace steer)
+    ph("steer_free", lambda: intervene(rm, None, [iv], mode="free", state=state))
+    ph("steer_frozen", lambda: intervene(rm, None, [iv], mode="frozen", state=state))
+    ph("generate", lambda: generate(rm, state_input(state), [iv], max_new_tokens=4,
+                                    stop_at_eos=False))
 
 
 def main() -> None:
