@@ -29,6 +29,11 @@ calibrated on the prompt (tests/support/image_graphs.py), pruned with ``--node-t
 --edge-threshold 0.98`` (more links kept than by default); the node with the most links from
 the image's soft tokens selected, the heatmap showing those links' weights.
 
+``lens-image``: lens-image.png, the lens page of ``cltrace lens --image`` on the same drawn
+picture and tiny model (224 pixels, 8 x 8 soft tokens) with random resid_post SAEs calibrated on
+the prompt (tests/support/lens.py), the image's top latent of the last layer on the heatmap
+and the patch where it fires most opened (its cell's latents and feature card).
+
 Without ``--only``: all.
 
 (big-graph.png and feature-card.png come from
@@ -55,7 +60,8 @@ LENS_TEXT = "The capital of France is Paris, and the river that runs through it 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent, help="where the PNGs go")
-    ap.add_argument("--only", choices=("main", "paris-qk", "lens", "image"), help="make only these screenshots")
+    ap.add_argument("--only", choices=("main", "paris-qk", "lens", "image", "lens-image"),
+                    help="make only these screenshots")
     a = ap.parse_args()
     if a.only in (None, "main"):
         main_shots(a.out)
@@ -65,6 +71,8 @@ def main() -> int:
         lens_shots(a.out)
     if a.only in (None, "image"):
         image_shots(a.out)
+    if a.only in (None, "lens-image"):
+        lens_image_shots(a.out)
     print(f"screenshots in {a.out}")
     return 0
 
@@ -258,6 +266,45 @@ def image_shots(out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     assert not errors and not foreign, (errors, foreign)
 
+
+
+def lens_image_shots(out: Path) -> None:
+    """lens-image.png: the lens page of an image + text prompt (see the docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    from cltrace.cli import main as cli
+    from support.lens import IMAGE_PROMPT, image_lens_setup
+    from support.serve import cleanup, launch_chromium, serving, watch_page
+
+    tmp = Path(tempfile.mkdtemp())
+    folder, _, image, sets = image_lens_setup(tmp / "setup", image_size=224, soft_tokens=64)
+    served = tmp / "served"
+    served.mkdir()
+    assert cli(["lens", IMAGE_PROMPT, "--model", str(folder), "--dict", sets["resid_post"].source,
+                "--image", str(image), "--top-k", "3", "--json", str(served / "picture.json"),
+                "--device", "cpu", "--quiet"]) == 0
+    data = json.loads((served / "picture.json").read_text())
+    e = data["images"][0]
+    top = next(x for x in e["layers"] if x["layer"] == max(data["sets"][0]["layers"]))
+    best = next(m for m in top["maps"] if m["index"] == top["top"][0])
+    k = best["patches"][max(range(len(best["acts"])), key=best["acts"].__getitem__)]
+    with serving(served) as url, sync_playwright() as pw:
+        ctx, profile = launch_chromium(pw)
+        pg = ctx.new_page()
+        errors, foreign = watch_page(pg, url)
+        pg.set_viewport_size({"width": 1500, "height": 900})
+        pg.goto(f"{url}/lens.html")
+        pg.wait_for_function("document.body.dataset.ready === '1'", timeout=20000)
+        pg.wait_for_function("document.querySelector('#lens-image-list img').complete")
+        pg.click(f'#lens-image-list ul.image-top button[data-latent="{best["index"]}"]')
+        pg.click(f'#lens-image-list .icell[data-k="{k}"]')
+        pg.wait_for_timeout(300)
+        pg.mouse.move(5, 895)  # (no tooltip over the screenshot)
+        pg.screenshot(path=str(out / "lens-image.png"))
+        ctx.close()
+        cleanup(profile)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert not errors and not foreign, (errors, foreign)
 
 if __name__ == "__main__":
     sys.exit(main())
