@@ -297,3 +297,57 @@ def test_attribute_cli_bad_images(cli_files, tmp_path, capsys, monkeypatch):
         assert main(base + argv) == 2, argv
         one_line_error(capsys, *needles)
     assert not (tmp_path / "out" / "graph-metadata.json").exists()
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_image_graph_and_steering_on_a_device(tmp_path, device):
+    """The whole image path on ``device`` (fp32: the multimodal model loaded there, the vision
+    tower, the graph, a free-mode intervention at a soft token, a greedy continuation) against
+    the same on the CPU: edges and logits to fp32 rounding, the same tokens. On the CPU this
+    checks that the two runs of the comparison are independent and equal; the CUDA case is
+    what the prepared GPU run (benchmarks/gpu/run.sh) runs."""
+    from cltrace.frozen.capture import capture
+    from cltrace.models.anatomy import text_parts
+    from cltrace.steering import Intervention, generate, intervene
+
+    folder = tmp_path / "model"
+    save_tiny_gemma_vision(folder, seed=1)
+    out = {}
+    for dev in ("cpu", device):
+        lm = load_multimodal(folder, device=dev, dtype=torch.float32)
+        prompt = lm.prompt(PROMPT, images(2))
+        if "tcs" not in out:  # calibrated once, on the CPU run
+            cap = capture(text_parts(lm.model), prompt.input_ids[0], inputs_embeds=lm.embed(prompt)[0],
+                          image_groups=prompt.image_groups[0])
+            out["tcs"] = random_transcoders("clt", mlp_in=torch.stack([c.mlp_in for c in cap.layers]),
+                                            d_sae=48, skip=True)
+        rm = ReplacementModel.from_multimodal(lm, out["tcs"])
+        graph = attribute(prompt, rm, batch_size=64, max_feature_nodes=None, prompt_text=PROMPT)
+        soft = soft_positions(prompt)
+        state = rm.run(prompt)
+        a = state.acts[0]
+        at = (a.rows() == soft[-1]).nonzero().flatten()
+        iv = Intervention(0, int(a.feat_idx[at[a.acts[at].argmax()]]), pos=soft[-1], set=0.0)
+        res = intervene(rm, None, [iv], mode="free", state=state)
+        gen = generate(rm, prompt, [iv], max_new_tokens=3, stop_at_eos=False)
+        out[dev if dev not in out else "again"] = (graph, res.logits.cpu(), gen.tokens.cpu(), iv)
+    (g0, l0, t0, iv0), (g1, l1, t1, iv1) = out["cpu"], out["again" if device == "cpu" else device]
+    (f0, e0), (f1, e1) = _canonical(g0), _canonical(g1)
+    assert iv0 == iv1 and torch.equal(f0, f1)
+    assert (e1 - e0).abs().max() <= 1e-4 * e0.abs().max()
+    assert (l1 - l0).abs().max() <= 1e-4 * l0.abs().max()
+    assert torch.equal(t0, t1)
+
+
+def _canonical(graph):
+    """(features [n, 3] sorted by (layer, pos, feature), the edges [targets, nodes] with the
+    feature rows and columns in that order): a graph whose every feature was visited, compared
+    across devices whatever order near-equal influences put them in."""
+    f = graph.features.cpu()
+    n, N = f.shape[0], graph.n_nodes
+    assert graph.edge_targets[:n].cpu().tolist() == list(range(n))  # every feature a target
+    order = sorted(range(n), key=lambda i: tuple(f[i].tolist()))
+    cols = torch.tensor(order + list(range(n, N)))
+    rows = torch.tensor(order + list(range(n, graph.edges.shape[0])))
+    return f[order], graph.edges.cpu()[rows][:, cols]

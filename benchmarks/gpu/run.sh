@@ -107,7 +107,8 @@ open('$WORK/build_info.json', 'w').write(json.dumps(d, default=str))"
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 have_py pytest_timeout && PYTEST+=(--timeout 120)
 OPS=(tests/test_contract.py tests/test_decode.py tests/test_encode.py
-     tests/test_attention.py)  # attention: --qk's report in fp32/bf16 on the device
+     tests/test_attention.py  # attention: --qk's report in fp32/bf16 on the device
+     tests/test_image_graph.py)  # images: the multimodal model, graph and steering on the device
 if (( DRY )); then
   # the op suites' [cpu] cases; the tests marked cuda are collected and skip
   step tests 240 "${PYTEST[@]}" "${OPS[@]}" tests/test_build.py -k "cuda or cpu" \
