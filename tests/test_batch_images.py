@@ -110,13 +110,16 @@ def test_batch_in_process_writes_the_attribute_files(files, reference, tmp_path,
 @pytest.mark.slow
 def test_two_local_workers(files, reference, tmp_path):
     """2 spawned worker processes, each loading the multimodal replacement model once: the same
-    bytes as cltrace attribute; a rerun does nothing."""
+    bytes as cltrace attribute, traced outside this process; a rerun does nothing."""
     root, model, tcs, prompts = files
     out = tmp_path / "out"
     argv = ["batch", str(prompts), "--out", str(out), "--workers", "2", "--threads", str(THREADS), *options(model, tcs)]
     assert main(argv) == 0
     records = check_folder(out, reference, root)
-    assert len({r["worker"] for r in records}) == 2 and all(r["worker"].split(":")[1] != str(os.getpid()) for r in records)
+    # traced in the spawned workers, not here (which of the 2 takes which row is the scheduler's:
+    # one that loads first may take all 3 rows)
+    assert 1 <= len({r["worker"] for r in records}) <= 2
+    assert all(r["worker"].split(":")[1] != str(os.getpid()) for r in records)
     assert main(argv) == 0
     assert len(list(Store(out).records())) == len(SLUGS)
 
